@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table and is never run as a test (`make bench`)."""

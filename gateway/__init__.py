@@ -1,0 +1,1 @@
+"""The ingress process: the mesh core plus edge concerns (client auth, rate limits, admin)."""

@@ -1,0 +1,1 @@
+"""The ``meshserve`` command line."""

@@ -1,0 +1,89 @@
+"""Entry point of the ``meshserve`` command: builds the parser from command modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import grpc
+from rich.console import Console
+from rich.logging import RichHandler
+
+from mesh.errors import MeshError
+
+#: Modules that add top-level commands: each has ``register(subparsers)``.
+COMMAND_MODULES: tuple[str, ...] = ()
+#: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
+WORKER_MODULES: tuple[str, ...] = ()
+
+err = Console(stderr=True)
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+class _Registrar(Protocol):
+    def __call__(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None: ...
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _registrar(module: str) -> _Registrar:
+    register: _Registrar = importlib.import_module(module).register
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshserve", description="A gRPC service mesh for serving and training PyTorch models."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    worker = sub.add_parser("worker", help="run one worker process")
+    worker_sub = worker.add_subparsers(dest="worker", required=True, metavar="KIND")
+    for module in WORKER_MODULES:
+        _registrar(module)(worker_sub)
+    for module in COMMAND_MODULES:
+        _registrar(module)(sub)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, MeshError, ValueError, OSError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if code is not None else "UNKNOWN"
+        err.print(f"[bold red]error:[/] {name}: {details}", highlight=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The runtime every meshserve gRPC server shares: health, reflection, limits, errors, shutdown."""

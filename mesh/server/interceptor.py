@@ -1,0 +1,95 @@
+"""The one place where domain errors become gRPC statuses."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import grpc
+import grpc.aio
+
+from mesh.errors import MeshError
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
+    Continuation = Callable[
+        [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+    ]
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    if isinstance(exc, MeshError):
+        await context.abort(exc.code, exc.message)
+    # Anything else is a bug: log it whole here, tell the client only a reference
+    # it can quote, never the exception text (it may hold paths or secrets).
+    ref = uuid.uuid4().hex[:12]
+    log.error("unhandled error (ref %s)", ref, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+
+
+def _wrap_unary(
+    behaviour: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behaviour(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context)
+
+    return handler
+
+
+def _wrap_streaming(
+    behaviour: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def handler(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context)
+
+    return handler
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps :class:`MeshError` to its status and anything else to a safe INTERNAL."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        # grpc's stubs type the behaviours as sync callables; on an aio server
+        # they are coroutine functions and async generators.
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(cast(Any, handler.unary_unary)), **kwargs
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(cast(Any, handler.stream_unary)), **kwargs
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_streaming(cast(Any, handler.unary_stream)), **kwargs
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_streaming(cast(Any, handler.stream_stream)), **kwargs
+            )
+        return handler

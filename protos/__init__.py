@@ -1,0 +1,1 @@
+"""Protobuf contracts of meshserve and their generated Python stubs."""

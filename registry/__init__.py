@@ -1,0 +1,1 @@
+"""The discovery store: instances, leases, watches, the model catalog and config."""

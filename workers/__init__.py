@@ -1,0 +1,1 @@
+"""The mesh services: inference, training and data workers."""
