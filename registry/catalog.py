@@ -15,7 +15,14 @@ from elasticsearch import AsyncElasticsearch, ConflictError, NotFoundError
 
 from mesh.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from registry.connect import Sleep
-from registry.instances import MalformedDocument, WallClock, format_time, parse_time, utc_now
+from registry.instances import (
+    MalformedDocument,
+    WallClock,
+    format_time,
+    parse_time,
+    to_millis,
+    utc_now,
+)
 from registry.schema import Indices
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,9 @@ class ModelVersion:
                 raise InvalidArgument(f"model version {name} must not be empty")
         if "/" in self.model:
             raise InvalidArgument(f"model name {self.model!r} must not contain '/'")
+        if self.created_at.tzinfo is None:
+            raise InvalidArgument("created_at must be timezone-aware")
+        object.__setattr__(self, "created_at", to_millis(self.created_at))
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
         object.__setattr__(self, "lineage", MappingProxyType(dict(self.lineage)))
 

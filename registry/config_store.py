@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,7 +14,14 @@ from elasticsearch import AsyncElasticsearch, ConflictError
 
 from mesh.errors import Aborted, InvalidArgument, MeshError, NotFound
 from registry.connect import Sleep, backoff_delays
-from registry.instances import MalformedDocument, WallClock, format_time, parse_time, utc_now
+from registry.instances import (
+    MalformedDocument,
+    WallClock,
+    format_time,
+    parse_time,
+    to_millis,
+    utc_now,
+)
 from registry.schema import Indices
 
 log = logging.getLogger(__name__)
@@ -131,7 +138,7 @@ class ConfigStore:
             version=current_version + 1,
             yaml=text,
             digest=digest(text),
-            applied_at=self._clock(),
+            applied_at=to_millis(self._clock()),
             applied_by=applied_by,
         )
         try:
@@ -162,7 +169,7 @@ class ConfigStore:
         after: int = 0,
         interval: float = DEFAULT_POLL_INTERVAL,
         sleep: Sleep = asyncio.sleep,
-    ) -> AsyncIterator[ConfigVersion]:
+    ) -> AsyncGenerator[ConfigVersion, None]:
         """Yields every version above ``after`` in order, then each new one as it lands.
 
         While the store is unreachable it backs off and keeps the position: nothing is

@@ -103,6 +103,12 @@ class Instance:
 # ---- lease arithmetic (pure) -------------------------------------------------------------
 
 
+def to_millis(moment: datetime) -> datetime:
+    """Drops sub-millisecond digits, so a value equals itself after a round trip through a
+    ``date`` field."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 def lease_expiry(heartbeat_at: datetime, ttl: timedelta) -> datetime:
     return heartbeat_at + ttl
 
@@ -119,6 +125,7 @@ def lease_age(instance: Instance, now: datetime) -> timedelta | None:
 
 def with_lease(instance: Instance, now: datetime, ttl: timedelta) -> Instance:
     """The instance as stored after a heartbeat at ``now``."""
+    now = to_millis(now)
     return replace(
         instance,
         registered_at=instance.registered_at or now,

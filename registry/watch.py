@@ -6,7 +6,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -118,8 +118,8 @@ class ElasticWatcher:
         reference = self._last_good if self._last_good is not None else self._started
         return 0.0 if self.failures == 0 else max(0.0, self.monotonic() - reference)
 
-    @property
     def healthy(self) -> bool:
+        """Whether the last read succeeded."""
         return self._last_good is not None and self.failures == 0
 
     async def poll(self) -> list[Update] | None:
@@ -151,7 +151,7 @@ class ElasticWatcher:
         self._known = snap.instances
         return updates
 
-    async def updates(self) -> AsyncIterator[Update]:
+    async def updates(self) -> AsyncGenerator[Update, None]:
         self._started = self.monotonic()
         delays = backoff_delays(self.interval, 2.0, max(MAX_BACKOFF, self.interval))
         while True:
@@ -209,7 +209,7 @@ class InMemoryRegistry:
         self._publish(diff(self._instances, new))
         self._instances = new
 
-    async def updates(self) -> AsyncIterator[Update]:
+    async def updates(self) -> AsyncGenerator[Update, None]:
         queue: asyncio.Queue[Update] = asyncio.Queue()
         self._subscribers.append(queue)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -46,10 +47,8 @@ async def indices(es: AsyncElasticsearch) -> AsyncIterator[Indices]:
     finally:
         await es.indices.delete(index=",".join(created.all()), ignore_unavailable=True)
         for name in created.all():
-            try:
+            with contextlib.suppress(NotFoundError):
                 await es.indices.delete_index_template(name=name)
-            except NotFoundError:
-                pass
 
 
 async def eventually(
