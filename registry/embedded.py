@@ -62,12 +62,19 @@ class Endpoint:
     pid: int
 
     @classmethod
-    def read(cls, data_dir: Path = DEFAULT_DATA_DIR) -> Endpoint | None:
-        """The advertised endpoint if its process is still alive, else None."""
+    def load(cls, data_dir: Path = DEFAULT_DATA_DIR) -> Endpoint | None:
+        """The advertised endpoint, alive or not; None when there is no readable file."""
         try:
             raw = json.loads((data_dir / ENDPOINT_FILE).read_text())
-            endpoint = cls(url=str(raw["url"]), pid=int(raw["pid"]))
+            return cls(url=str(raw["url"]), pid=int(raw["pid"]))
         except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @classmethod
+    def read(cls, data_dir: Path = DEFAULT_DATA_DIR) -> Endpoint | None:
+        """The advertised endpoint if its process is still alive, else None."""
+        endpoint = cls.load(data_dir)
+        if endpoint is None:
             return None
         try:
             os.kill(endpoint.pid, 0)
@@ -172,7 +179,7 @@ class EmbeddedStore:
         if process is None:
             return
         if self.advertise:
-            current = Endpoint.read(self.data_dir)
+            current = Endpoint.load(self.data_dir)
             if current is not None and current.pid == process.pid:
                 (self.data_dir / ENDPOINT_FILE).unlink(missing_ok=True)
         if process.poll() is None:
