@@ -104,7 +104,15 @@ def test_serve_store_runs_in_the_foreground_and_is_found(
 ) -> None:
     data_dir = tmp_path / ".meshserve" / "store"
     process = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli.main", "registry", "serve-store", "--data-dir", str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "mesh.cli.main",
+            "registry",
+            "serve-store",
+            "--data-dir",
+            str(data_dir),
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
