@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import os
 import signal
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,12 +16,12 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.errors import Unavailable
-from registry.catalog import ANY, Catalog
+from registry.catalog import ANY
 from registry.connect import ES_URL_ENV, StoreSettings, add_store_arguments, settings_from_args
-from registry.directory import read_all
+from registry.directory import DEFAULT_RETENTION, read_all, sweep_dead
 from registry.embedded import DEFAULT_DATA_DIR, EmbeddedStore, Endpoint
 from registry.instances import MalformedDocument, from_document, is_live, lease_age, utc_now
-from registry.schema import Indices, ensure_schema
+from registry.store import Store, open_store
 
 T = TypeVar("T")
 
@@ -45,20 +46,13 @@ def resolve_url(args: argparse.Namespace) -> str:
     return endpoint.url
 
 
-def _run(args: argparse.Namespace, body: Callable[[Any, Indices], Awaitable[T]]) -> T:
+def _run(args: argparse.Namespace, body: Callable[[Store], Awaitable[T]]) -> T:
     settings: StoreSettings = settings_from_args(args, resolve_url(args))
 
     async def main() -> T:
-        from registry.connect import connect
-
-        # A CLI should fail fast: one short retry window, then the error naming the URL.
-        es = await connect(settings, deadline_s=3.0)
-        try:
-            indices = Indices(settings.prefix)
-            await ensure_schema(es, indices)
-            return await body(es, indices)
-        finally:
-            await es.close()
+        # A CLI should fail fast: a short retry window, then the error naming the URL.
+        async with open_store(settings, deadline_s=3.0) as store:
+            return await body(store)
 
     return asyncio.run(main())
 
@@ -111,18 +105,50 @@ def status_table(hits: list[dict[str, Any]], now: datetime) -> Table:
     return table
 
 
+def services_table(hits: list[dict[str, Any]], now: datetime) -> Table:
+    """Per service: how many instances are serving, draining, not serving, or expired."""
+    counts: dict[str, Counter[str]] = {}
+    for hit in hits:
+        try:
+            inst = from_document(hit.get("_source") or {})
+        except MalformedDocument:
+            continue
+        state = inst.status.value if is_live(inst, now) else "EXPIRED"
+        counts.setdefault(inst.service, Counter())[state] += 1
+    table = Table(title="meshserve services")
+    for column in ("service", "serving", "draining", "not serving", "expired"):
+        table.add_column(column, justify="left" if column == "service" else "right")
+    for service, c in sorted(counts.items()):
+        serving = f"[green]{c['SERVING']}[/]" if c["SERVING"] else "[red]0[/]"
+        table.add_row(
+            service, serving, str(c["DRAINING"]), str(c["NOT_SERVING"]), str(c["EXPIRED"])
+        )
+    return table
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    hits = _run(args, lambda es, indices: read_all(es, indices))
+    hits = _run(args, lambda store: read_all(store.es, store.indices))
     console = Console()
     if not hits:
         console.print("no instances registered")
         return 0
-    console.print(status_table(hits, utc_now()))
+    now = utc_now()
+    console.print(services_table(hits, now))
+    console.print(status_table(hits, now))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    retention = timedelta(seconds=args.retention)
+    deleted = _run(args, lambda store: sweep_dead(store.es, store.indices, utc_now(), retention))
+    Console().print(
+        f"removed {deleted} instance documents whose lease ended over {_age(args.retention)} ago"
+    )
     return 0
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    entries = _run(args, lambda es, indices: Catalog(es, indices).list(args.model))
+    entries = _run(args, lambda store: store.catalog().list(args.model))
     console = Console()
     if not entries:
         console.print("no model versions published")
@@ -150,7 +176,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     expected = ANY if args.expect is None else (args.expect or None)
     head = _run(
         args,
-        lambda es, indices: Catalog(es, indices).promote(
+        lambda store: store.catalog().promote(
             args.model, args.version, expected_production=expected
         ),
     )
@@ -162,7 +188,7 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
     expected = ANY if args.expect is None else (args.expect or None)
     head = _run(
         args,
-        lambda es, indices: Catalog(es, indices).rollback(args.model, expected_production=expected),
+        lambda store: store.catalog().rollback(args.model, expected_production=expected),
     )
     Console().print(f"{args.model}: rolled back, production is now version {head.production}")
     return 0
@@ -226,3 +252,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.set_defaults(handler=cmd_serve_store)
+    sweep = registry_sub.add_parser(
+        "sweep", help="delete instance documents whose lease ended long ago (the janitor, once)"
+    )
+    sweep.add_argument(
+        "--retention",
+        type=float,
+        default=DEFAULT_RETENTION.total_seconds(),
+        metavar="SECONDS",
+        help="keep dead instances this long (default: %(default)s)",
+    )
+    add_store_arguments(sweep)
+    sweep.set_defaults(handler=cmd_sweep)

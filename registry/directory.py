@@ -10,6 +10,7 @@ from typing import Any
 
 from elasticsearch import AsyncElasticsearch
 
+from registry.connect import Sleep
 from registry.instances import (
     Instance,
     MalformedDocument,
@@ -110,6 +111,7 @@ async def run_janitor(
     *,
     retention: timedelta = DEFAULT_RETENTION,
     interval: float = 60.0,
+    sleep: Sleep = asyncio.sleep,
 ) -> None:
     """Sweeps forever; several janitors may run at once (delete_by_query is idempotent)."""
     while True:
@@ -119,4 +121,4 @@ async def run_janitor(
                 log.info("janitor removed %d dead instance documents", deleted)
         except Exception as exc:
             log.warning("janitor sweep failed: %s", exc)
-        await asyncio.sleep(interval)
+        await sleep(interval)

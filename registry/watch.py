@@ -111,6 +111,9 @@ class ElasticWatcher:
     failures: int = field(default=0, init=False)
     skipped: int = field(default=0, init=False)
 
+    def __post_init__(self) -> None:
+        self._started = self.monotonic()
+
     def snapshot(self) -> dict[str, Instance]:
         return dict(self._known)
 
@@ -152,7 +155,6 @@ class ElasticWatcher:
         return updates
 
     async def updates(self) -> AsyncGenerator[Update, None]:
-        self._started = self.monotonic()
         delays = backoff_delays(self.interval, 2.0, max(MAX_BACKOFF, self.interval))
         while True:
             result = await self.poll()

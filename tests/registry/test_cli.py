@@ -24,6 +24,15 @@ from registry.schema import Indices, ensure_schema
 REPO = Path(__file__).resolve().parents[2]
 
 
+def table_rows(out: str) -> list[list[str]]:
+    """Cells of every rich table row in ``out``."""
+    return [
+        [cell.strip() for cell in line.strip().strip("│").split("│")]
+        for line in out.splitlines()
+        if line.lstrip().startswith("│")
+    ]
+
+
 @pytest.fixture
 def wide(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "250")  # rich tables must not elide what we assert on
@@ -74,6 +83,16 @@ def test_status_and_models_commands(
     assert "inf-1" in out and "SERVING" in out and "resnet:2" in out
     assert "in-flight 4, queue 2, mem 3.0GiB" in out
     assert "data-1" in out and "EXPIRED" in out
+    services = {row[0]: row[1:] for row in table_rows(out) if len(row) == 5}
+    # service: serving, draining, not serving, expired
+    assert services["inference"] == ["1", "0", "0", "0"]
+    assert services["data"] == ["0", "0", "0", "1"]
+
+    assert main(["registry", "sweep", "--retention", "60", *store]) == 0
+    assert "removed 1 instance" in capsys.readouterr().out
+    assert main(["status", *store]) == 0
+    out = capsys.readouterr().out
+    assert "inf-1" in out and "data-1" not in out
 
     assert main(["models", "promote", "resnet", "2", "--expect", "1", *store]) == 0
     assert "production is now version 2" in capsys.readouterr().out
