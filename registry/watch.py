@@ -15,6 +15,7 @@ from elasticsearch import AsyncElasticsearch
 from registry.connect import Clock, Sleep, backoff_delays
 from registry.directory import read_live
 from registry.instances import Instance, WallClock, is_live, utc_now
+from registry.lease_clock import LeaseClock
 from registry.schema import Indices
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ class ElasticWatcher:
 
     When a read fails the last known good set stays (no endpoint is ever dropped because
     of an error), reads back off exponentially up to ``MAX_BACKOFF``, and ``staleness()``
-    grows; when the store answers again the difference is yielded as usual.
+    grows; when the store answers again the difference is yielded as usual, with leases
+    judged by a ``LeaseClock`` that stood still during the outage (so endpoints whose
+    heartbeats failed only because the store was down are not dropped on recovery).
     """
 
     es: AsyncElasticsearch
@@ -105,6 +108,7 @@ class ElasticWatcher:
     clock: WallClock = utc_now
     monotonic: Clock = time.monotonic
     sleep: Sleep = asyncio.sleep
+    lease_clock: LeaseClock = field(default_factory=LeaseClock)
     _known: dict[str, Instance] = field(default_factory=dict, init=False)
     _last_good: float | None = field(default=None, init=False)
     _started: float = field(default=0.0, init=False)
@@ -127,10 +131,14 @@ class ElasticWatcher:
 
     async def poll(self) -> list[Update] | None:
         """One read: the updates since the last good read, or None when the read failed."""
+        now = self.clock()
         try:
-            snap = await read_live(self.es, self.indices, self.clock(), self.service)
+            snap = await read_live(
+                self.es, self.indices, self.lease_clock.judge_at(now), self.service
+            )
         except Exception as exc:
             self.failures += 1
+            self.lease_clock.read_failed()
             log.warning(
                 "discovery read failed (%d in a row, %.1fs stale); keeping %d known instances: %s",
                 self.failures,
@@ -142,6 +150,7 @@ class ElasticWatcher:
         if self.failures:
             log.info("discovery store reachable again after %d failed reads", self.failures)
         first = self._last_good is None
+        self.lease_clock.read_succeeded(now)
         self.failures = 0
         self.skipped = snap.skipped
         self._last_good = self.monotonic()

@@ -74,3 +74,48 @@ async def test_watch_keeps_last_known_good_and_recovers(own_store: EmbeddedStore
         await reg.deregister()
     finally:
         await client.close()
+
+
+async def test_an_outage_longer_than_the_ttl_drops_only_the_dead(
+    own_store: EmbeddedStore,
+) -> None:
+    """Every heartbeat fails while the store is down; on recovery, live workers must stay."""
+    ttl, beat = 2.0, 0.3
+    client: AsyncElasticsearch = StoreSettings(own_store.url, request_timeout=2.0).client()
+    indices = Indices("outage")
+    survivor = Registration(
+        client, indices, Instance("svc", "alive", "h:1"), ttl=ttl, interval=beat
+    )
+    victim = Registration(client, indices, Instance("svc", "dies", "h:2"), ttl=ttl, interval=beat)
+    try:
+        await ensure_schema(client, indices)
+        for reg in (survivor, victim):
+            await reg.register()
+            reg.start()
+        watcher = ElasticWatcher(client, indices, interval=0.1)
+        await watcher.poll()
+        assert sorted(watcher.snapshot()) == ["alive", "dies"]
+
+        await own_store.__aexit__(None, None, None)
+        await victim.stop_heartbeats()  # this one dies during the outage
+
+        async def outage_outlived_the_leases() -> bool:
+            await watcher.poll()
+            return watcher.staleness() > ttl + 1.0
+
+        assert await eventually(outage_outlived_the_leases, timeout=15)
+        await own_store.__aenter__()
+
+        removed: list[str] = []
+
+        async def victim_removed() -> bool:
+            updates = await watcher.poll() or []
+            removed.extend(u.instance.instance_id for u in updates if u.kind is UpdateKind.REMOVE)
+            return "dies" in removed
+
+        assert await eventually(victim_removed, timeout=20)
+        assert removed == ["dies"]  # the survivor was never dropped
+        assert list(watcher.snapshot()) == ["alive"]
+    finally:
+        await survivor.deregister()
+        await client.close()
