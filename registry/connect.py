@@ -16,7 +16,7 @@ from elasticsearch import AsyncElasticsearch
 from elasticsearch import TransportError as _TransportError
 from elasticsearch.exceptions import ApiError
 
-from mesh.errors import InvalidArgument, Unavailable
+from mesh.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,10 @@ async def connect(
             return client
         except Exception as exc:
             if not is_unreachable(exc):
+                # Wrong credentials or a forbidden cluster: retrying cannot help.
                 await client.close()
-                raise Unavailable(
-                    f"Elasticsearch at {settings.display_url} refused the connection: {exc}"
+                raise FailedPrecondition(
+                    f"Elasticsearch at {settings.display_url} rejected the client: {exc}"
                 ) from exc
             delay = next(delays)
             if clock() - start + delay > deadline_s:

@@ -8,7 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from registry.instances import Instance, Load, Status, with_lease
-from registry.watch import InMemoryRegistry, Update, UpdateKind, apply, diff
+from registry.watch import (
+    Discovery,
+    ElasticWatcher,
+    InMemoryRegistry,
+    Update,
+    UpdateKind,
+    apply,
+    diff,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -74,3 +82,10 @@ async def test_in_memory_registry_streams_reset_then_changes() -> None:
     ]
     assert registry.snapshot() == {} and registry.staleness() == 0.0
     await stream.aclose()
+
+
+def test_both_implementations_satisfy_the_discovery_interface() -> None:
+    # Checked by mypy: assigning a class that lacks a method fails type checking.
+    implementations: list[type[Discovery]] = [InMemoryRegistry, ElasticWatcher]
+    for cls in implementations:
+        assert callable(cls.updates) and callable(cls.snapshot) and callable(cls.staleness)

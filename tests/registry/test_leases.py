@@ -145,3 +145,15 @@ async def test_status_changes_are_published(es: AsyncElasticsearch, indices: Ind
         await es.indices.refresh(index=indices.instances)
         live = (await read_live(es, indices, datetime.now(UTC))).instances
         assert live["w1"].status is Status.DRAINING
+
+
+async def test_heartbeat_recreates_a_document_removed_behind_its_back(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    async with Registration(es, indices, worker(), ttl=TTL, interval=BEAT):
+        await es.delete(index=indices.instances, id="w1", refresh=True)
+
+        async def back() -> bool:
+            return "w1" in (await read_live(es, indices, datetime.now(UTC))).instances
+
+        assert await eventually(back, timeout=TTL + REFRESH_INTERVAL + 2.0)
