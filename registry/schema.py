@@ -131,6 +131,9 @@ def index_template(index: str, properties: dict[str, Any]) -> dict[str, Any]:
         "template": {
             "settings": {
                 "number_of_shards": 1,
+                # One replica where a second node exists, none on a single node (green either
+                # way), as Kibana does for its own system indices.
+                "auto_expand_replicas": "0-1",
                 # Explicit, so readers can rely on heartbeats being searchable within 1 s even
                 # where a cluster default differs (or idle indices skip refreshes).
                 "refresh_interval": f"{REFRESH_INTERVAL:g}s",

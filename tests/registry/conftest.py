@@ -45,10 +45,15 @@ async def indices(es: AsyncElasticsearch) -> AsyncIterator[Indices]:
     try:
         yield created
     finally:
-        await es.indices.delete(index=",".join(created.all()), ignore_unavailable=True)
-        for name in created.all():
-            with contextlib.suppress(NotFoundError):
-                await es.indices.delete_index_template(name=name)
+        await drop(es, created)
+
+
+async def drop(es: AsyncElasticsearch, indices: Indices) -> None:
+    """Removes a test's indices and templates (matters on a shared, real cluster)."""
+    await es.indices.delete(index=",".join(indices.all()), ignore_unavailable=True)
+    for name in indices.all():
+        with contextlib.suppress(NotFoundError):
+            await es.indices.delete_index_template(name=name)
 
 
 async def eventually(

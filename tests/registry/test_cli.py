@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from registry.embedded import ENDPOINT_FILE, answers
 from registry.instances import Instance, Load, ModelRef
 from registry.lease import Registration
 from registry.schema import Indices, ensure_schema
+from tests.registry.conftest import drop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,10 +74,24 @@ async def _seed(url: str, prefix: str) -> None:
         await es.close()
 
 
+@pytest.fixture
+def prefix(store_url: str) -> Iterator[str]:
+    name = f"cli{uuid.uuid4().hex[:10]}"
+    yield name
+
+    async def cleanup() -> None:
+        es = StoreSettings(store_url).client()
+        try:
+            await drop(es, Indices(name))
+        finally:
+            await es.close()
+
+    asyncio.run(cleanup())
+
+
 def test_status_and_models_commands(
-    store_url: str, wide: None, capsys: pytest.CaptureFixture[str]
+    store_url: str, prefix: str, wide: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    prefix = f"cli{os.getpid()}"
     asyncio.run(_seed(store_url, prefix))
     store = ["--es", store_url, "--prefix", prefix]
 
