@@ -96,24 +96,34 @@ class StoreSettings:
 
     @classmethod
     def from_env(
-        cls, env: Mapping[str, str] | None = None, /, **overrides: object
+        cls,
+        env: Mapping[str, str] | None = None,
+        /,
+        *,
+        url: str | None = None,
+        prefix: str | None = None,
+        username: str | None = None,
+        api_key: str | None = None,
+        ca_certs: str | None = None,
+        verify_certs: bool | None = None,
     ) -> StoreSettings:
-        """Settings from ``MESHSERVE_ES_*`` variables; ``overrides`` win over the environment."""
+        """Settings from ``MESHSERVE_ES_*`` variables; arguments that are not None win."""
         env = os.environ if env is None else env
-        values: dict[str, object] = {
-            "url": env.get(ES_URL_ENV, ""),
-            "prefix": env.get("MESHSERVE_ES_PREFIX", DEFAULT_PREFIX),
-            "username": env.get("MESHSERVE_ES_USERNAME"),
-            "password": env.get("MESHSERVE_ES_PASSWORD"),
-            "api_key": env.get("MESHSERVE_ES_API_KEY"),
-            "ca_certs": env.get("MESHSERVE_ES_CA_CERTS"),
-            "verify_certs": env.get("MESHSERVE_ES_VERIFY_CERTS", "true").lower()
-            not in ("0", "false", "no"),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if not values["url"]:
+        chosen_url = url or env.get(ES_URL_ENV, "")
+        if not chosen_url:
             raise InvalidArgument(f"no Elasticsearch URL: set {ES_URL_ENV} or pass --es")
-        return cls(**values)  # type: ignore[arg-type]
+        verify_env = env.get("MESHSERVE_ES_VERIFY_CERTS", "true").lower()
+        return cls(
+            url=chosen_url,
+            prefix=prefix or env.get("MESHSERVE_ES_PREFIX", DEFAULT_PREFIX),
+            username=username or env.get("MESHSERVE_ES_USERNAME"),
+            password=env.get("MESHSERVE_ES_PASSWORD"),
+            api_key=api_key or env.get("MESHSERVE_ES_API_KEY"),
+            ca_certs=ca_certs or env.get("MESHSERVE_ES_CA_CERTS"),
+            verify_certs=(
+                verify_certs if verify_certs is not None else verify_env not in ("0", "false", "no")
+            ),
+        )
 
     def with_prefix(self, prefix: str) -> StoreSettings:
         return replace(self, prefix=prefix)
@@ -140,16 +150,14 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, url: str) -> StoreSettings:
     """Settings from parsed flags (see ``add_store_arguments``) over the environment."""
-    overrides: dict[str, object] = {
-        "url": url,
-        "prefix": args.prefix,
-        "username": args.es_username,
-        "api_key": args.es_api_key,
-        "ca_certs": args.es_ca_certs,
-    }
-    if args.es_insecure:
-        overrides["verify_certs"] = False
-    return StoreSettings.from_env(**overrides)
+    return StoreSettings.from_env(
+        url=url,
+        prefix=args.prefix,
+        username=args.es_username,
+        api_key=args.es_api_key,
+        ca_certs=args.es_ca_certs,
+        verify_certs=False if args.es_insecure else None,
+    )
 
 
 def backoff_delays(

@@ -146,16 +146,16 @@ class Registration:
         publish: bool = True,
     ) -> None:
         """Changes what is advertised; ``publish`` writes now instead of at the next beat."""
-        changes: dict[str, object] = {}
+        instance = self._instance
         if status is not None:
-            changes["status"] = status
+            instance = replace(instance, status=status)
         if models is not None:
-            changes["models"] = models
+            instance = replace(instance, models=models)
         if load is not None:
-            changes["load"] = load
+            instance = replace(instance, load=load)
         if labels is not None:
-            changes["labels"] = labels
-        self._instance = replace(self._instance, **changes)  # type: ignore[arg-type]
+            instance = replace(instance, labels=labels)
+        self._instance = instance
         if publish:
             await self.heartbeat()
 

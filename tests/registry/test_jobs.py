@@ -11,8 +11,12 @@ from registry.jobs import ElasticJobStore
 from registry.schema import Indices
 
 
-def job(job_id: str, minute: int, state: int = training_pb2.JOB_STATE_QUEUED) -> training_pb2.Job:
-    message = training_pb2.Job(id=job_id, state=state, step=minute * 10, total_steps=1000)  # type: ignore[arg-type]
+def job(
+    job_id: str,
+    minute: int,
+    state: training_pb2.JobState.ValueType = training_pb2.JOB_STATE_QUEUED,
+) -> training_pb2.Job:
+    message = training_pb2.Job(id=job_id, state=state, step=minute * 10, total_steps=1000)
     message.spec.model_name = "mlp"
     message.spec.epochs = 3
     message.metrics["val_loss"] = 0.25

@@ -64,7 +64,12 @@ async def test_stopped_heartbeats_drop_the_instance_within_ttl_plus_interval(
     async def renewed() -> bool:
         await watcher.poll()
         seen = watcher.snapshot().get("w1")
-        return seen is not None and seen.expires_at > registered.expires_at  # type: ignore[operator]
+        assert registered.expires_at is not None
+        return (
+            seen is not None
+            and seen.expires_at is not None
+            and (seen.expires_at > registered.expires_at)
+        )
 
     assert await eventually(renewed, timeout=TTL)  # heartbeats extend the lease
     await reg.stop_heartbeats()  # a crash, as far as the store can tell: no delete
