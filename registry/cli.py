@@ -1,0 +1,266 @@
+"""``meshserve status``, ``meshserve models ...`` and ``meshserve registry serve-store``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+from mesh.errors import Unavailable
+from registry.catalog import ANY
+from registry.connect import ES_URL_ENV, StoreSettings, add_store_arguments, settings_from_args
+from registry.directory import DEFAULT_RETENTION, read_all, sweep_dead
+from registry.embedded import DEFAULT_DATA_DIR, EmbeddedStore, Endpoint
+from registry.instances import MalformedDocument, from_document, is_live, lease_age, utc_now
+from registry.store import Store, open_store
+
+T = TypeVar("T")
+
+
+class NoStore(Unavailable):
+    """Neither a URL nor a running local store."""
+
+
+def resolve_url(args: argparse.Namespace) -> str:
+    """--es, else $MESHSERVE_ES_URL, else the local store that ``meshserve up`` runs."""
+    if args.es:
+        return str(args.es)
+    if os.environ.get(ES_URL_ENV):
+        return os.environ[ES_URL_ENV]
+    data_dir = Path(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR)
+    endpoint = Endpoint.read(data_dir)
+    if endpoint is None:
+        raise NoStore(
+            f"no discovery store: {ES_URL_ENV} is unset and no local store runs under "
+            f"{data_dir}/ (start one with `meshserve up` or `meshserve registry serve-store`)"
+        )
+    return endpoint.url
+
+
+def _run(args: argparse.Namespace, body: Callable[[Store], Awaitable[T]]) -> T:
+    settings: StoreSettings = settings_from_args(args, resolve_url(args))
+
+    async def main() -> T:
+        # A CLI should fail fast: a short retry window, then the error naming the URL.
+        async with open_store(settings, deadline_s=3.0) as store:
+            return await body(store)
+
+    return asyncio.run(main())
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n //= 1024
+    return str(n)
+
+
+def status_table(hits: list[dict[str, Any]], now: datetime) -> Table:
+    """The ``meshserve status`` table from raw instance hits; pure, so it is testable."""
+    table = Table(title="meshserve instances")
+    for column in ("service", "instance", "address", "health", "lease age", "models", "load"):
+        table.add_column(column)
+    for hit in hits:
+        try:
+            inst = from_document(hit.get("_source") or {})
+        except MalformedDocument as exc:
+            table.add_row("?", str(hit.get("_id")), "-", f"[red]malformed: {exc}[/]", "-", "-", "-")
+            continue
+        age = lease_age(inst, now)
+        if not is_live(inst, now):
+            health = "[red]EXPIRED[/]"
+        elif inst.status == "SERVING":
+            health = "[green]SERVING[/]"
+        else:
+            health = f"[yellow]{inst.status}[/]"
+        load = (
+            f"in-flight {inst.load.in_flight}, queue {inst.load.queue_depth}, "
+            f"mem {_bytes(inst.load.memory_bytes)}"
+        )
+        table.add_row(
+            inst.service,
+            inst.instance_id,
+            inst.address,
+            health,
+            _age(age.total_seconds() if age is not None else None),
+            ", ".join(str(m) for m in inst.models) or "-",
+            load,
+        )
+    return table
+
+
+def services_table(hits: list[dict[str, Any]], now: datetime) -> Table:
+    """Per service: how many instances are serving, draining, not serving, or expired."""
+    counts: dict[str, Counter[str]] = {}
+    for hit in hits:
+        try:
+            inst = from_document(hit.get("_source") or {})
+        except MalformedDocument:
+            continue
+        state = inst.status.value if is_live(inst, now) else "EXPIRED"
+        counts.setdefault(inst.service, Counter())[state] += 1
+    table = Table(title="meshserve services")
+    for column in ("service", "serving", "draining", "not serving", "expired"):
+        table.add_column(column, justify="left" if column == "service" else "right")
+    for service, c in sorted(counts.items()):
+        serving = f"[green]{c['SERVING']}[/]" if c["SERVING"] else "[red]0[/]"
+        table.add_row(
+            service, serving, str(c["DRAINING"]), str(c["NOT_SERVING"]), str(c["EXPIRED"])
+        )
+    return table
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    hits = _run(args, lambda store: read_all(store.es, store.indices))
+    console = Console()
+    if not hits:
+        console.print("no instances registered")
+        return 0
+    now = utc_now()
+    console.print(services_table(hits, now))
+    console.print(status_table(hits, now))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    retention = timedelta(seconds=args.retention)
+    deleted = _run(args, lambda store: sweep_dead(store.es, store.indices, utc_now(), retention))
+    Console().print(
+        f"removed {deleted} instance documents whose lease ended over {_age(args.retention)} ago"
+    )
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    entries = _run(args, lambda store: store.catalog().list(args.model))
+    console = Console()
+    if not entries:
+        console.print("no model versions published")
+        return 0
+    table = Table(title="model catalog")
+    for column in ("model", "version", "stage", "created", "metrics", "artifact"):
+        table.add_column(column)
+    colors = {"production": "green", "candidate": "cyan", "archived": "dim"}
+    for entry in entries:
+        v = entry.version
+        metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())) or "-"
+        table.add_row(
+            v.model,
+            v.version,
+            f"[{colors[entry.stage.value]}]{entry.stage.value}[/]",
+            v.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            metrics,
+            v.artifact_url,
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    expected = ANY if args.expect is None else (args.expect or None)
+    head = _run(
+        args,
+        lambda store: store.catalog().promote(
+            args.model, args.version, expected_production=expected
+        ),
+    )
+    Console().print(f"{args.model}: production is now version {head.production}")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    expected = ANY if args.expect is None else (args.expect or None)
+    head = _run(
+        args,
+        lambda store: store.catalog().rollback(args.model, expected_production=expected),
+    )
+    Console().print(f"{args.model}: rolled back, production is now version {head.production}")
+    return 0
+
+
+def cmd_serve_store(args: argparse.Namespace) -> int:
+    """Runs the embedded store in the foreground until SIGTERM/SIGINT."""
+    store = EmbeddedStore(args.data_dir, port=args.port, host=args.host)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+        store.terminate()  # wait() below returns once noida has saved its data
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    store.start()
+    # One line on stdout that a supervisor (`meshserve up`) can parse.
+    print(f"elasticsearch {store.url} data {store.data_dir}", flush=True)
+    code = store.wait()
+    store.stop()  # removes the endpoint file
+    return 0 if stop else (code or 1)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = subparsers.add_parser(
+        "status", help="services, instances, health, lease age, loaded versions and load"
+    )
+    add_store_arguments(status)
+    status.set_defaults(handler=cmd_status)
+
+    models = subparsers.add_parser("models", help="the model catalog: list, promote, rollback")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = models_sub.add_parser("list", help="published versions and their stage")
+    listing.add_argument("--model", help="only this model")
+    add_store_arguments(listing)
+    listing.set_defaults(handler=cmd_models_list)
+    promote = models_sub.add_parser("promote", help="make a version production")
+    promote.add_argument("model")
+    promote.add_argument("version")
+    promote.add_argument(
+        "--expect",
+        metavar="VERSION",
+        help="fail unless production is currently VERSION ('' = none): guards against races",
+    )
+    add_store_arguments(promote)
+    promote.set_defaults(handler=cmd_models_promote)
+    rollback = models_sub.add_parser("rollback", help="restore the previous production version")
+    rollback.add_argument("model")
+    rollback.add_argument("--expect", metavar="VERSION", help="fail unless production is VERSION")
+    add_store_arguments(rollback)
+    rollback.set_defaults(handler=cmd_models_rollback)
+
+    registry = subparsers.add_parser("registry", help="the discovery store itself")
+    registry_sub = registry.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    serve = registry_sub.add_parser(
+        "serve-store", help="run the local Elasticsearch-compatible store in the foreground"
+    )
+    serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="data directory")
+    serve.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
+    serve.set_defaults(handler=cmd_serve_store)
+    sweep = registry_sub.add_parser(
+        "sweep", help="delete instance documents whose lease ended long ago (the janitor, once)"
+    )
+    sweep.add_argument(
+        "--retention",
+        type=float,
+        default=DEFAULT_RETENTION.total_seconds(),
+        metavar="SECONDS",
+        help="keep dead instances this long (default: %(default)s)",
+    )
+    add_store_arguments(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
