@@ -26,7 +26,7 @@ CHUNK_BYTES = 256
 class Server:
     serving: Serving
     channel: grpc.aio.Channel
-    stub: data_pb2_grpc.DataServiceStub
+    stub: data_pb2_grpc.DataServiceAsyncStub
     store: DatasetStore
     root: Path
 
