@@ -304,10 +304,17 @@ class DatasetWriter:
         self._chunks: list[ChunkInfo] = []
         self.num_records = 0
         self._closed = False
+        # The servicer may abort (client cancelled) while an append or commit
+        # still runs in a worker thread: abort waits for it instead of racing it.
+        self._lock = threading.RLock()
         store.fs.makedirs(self.staging, exist_ok=True)
 
     def append(self, columns: Mapping[str, Array]) -> None:
         """Adds records: one array per schema column, equal leading dimensions."""
+        with self._lock:
+            self._append(columns)
+
+    def _append(self, columns: Mapping[str, Array]) -> None:
         if self._closed:
             raise RuntimeError("upload already finished")
         lengths = {int(columns[spec.name].shape[0]) for spec in self.schema.columns}
@@ -350,6 +357,10 @@ class DatasetWriter:
 
     def commit(self) -> DatasetInfo:
         """Verifies the staged chunks, computes statistics and publishes the version."""
+        with self._lock:
+            return self._commit()
+
+    def _commit(self) -> DatasetInfo:
         if self._closed:
             raise RuntimeError("upload already finished")
         self._flush(final=True)
@@ -397,10 +408,11 @@ class DatasetWriter:
 
     def abort(self) -> None:
         """Deletes the staging directory; safe to call more than once."""
-        self._closed = True
-        self._pending = []
-        if self.store.fs.exists(self.staging):
-            self.store.fs.rm(self.staging, recursive=True)
+        with self._lock:
+            self._closed = True
+            self._pending = []
+            if self.store.fs.exists(self.staging):
+                self.store.fs.rm(self.staging, recursive=True)
 
 
 class _ChunkCache:

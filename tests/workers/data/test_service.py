@@ -15,11 +15,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
+from mesh.server.app import ServerSettings
+from mesh.server.testing import serve
 from protos.meshserve.data.v1 import data_pb2 as pb
+from protos.meshserve.data.v1 import data_pb2_grpc
 from tests.workers.data.conftest import Server, columns, committed_files, header
 from workers.data import wire
-from workers.data.service import SERVICE_NAME
-from workers.data.storage import chunk_paths
+from workers.data.service import SERVICE_NAME, data_service
+from workers.data.storage import DatasetStore, chunk_paths
 
 
 async def upload(
@@ -430,3 +433,25 @@ async def test_datasets_cli_creates_uploads_lists_and_streams(
     assert [
         d.name for d in (await server.stub.ListDatasets(pb.ListDatasetsRequest())).datasets
     ] == ["blobs"]
+
+
+async def test_batch_over_the_message_limit_is_refused_before_streaming(tmp_path: Path) -> None:
+    limit = 64 * 1024
+    store = DatasetStore(str(tmp_path / "data"))
+    settings = ServerSettings(max_message_bytes=limit)
+    async with serve([data_service(store, limit)], settings) as (_, channel):
+        stub = data_pb2_grpc.DataServiceStub(channel)
+        source = pb.RegressionSource(num_examples=200, num_features=256)  # 1 KiB per example
+        await stub.CreateBuiltinDataset(
+            pb.CreateBuiltinDatasetRequest(name="wide", regression=source)
+        )
+
+        def request(batch_size: int) -> pb.StreamBatchesRequest:
+            return pb.StreamBatchesRequest(
+                dataset="wide", split=pb.SPLIT_ALL, batch_size=batch_size
+            )
+
+        code, details = await status_of(stub.StreamBatches(request(100)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "use a smaller batch_size" in details
+        assert sum([b.size async for b in stub.StreamBatches(request(50))]) == 200

@@ -150,10 +150,9 @@ def test_empty_upload_is_rejected_and_leaves_nothing(store: DatasetStore) -> Non
 
 
 def test_opening_a_store_removes_staging_left_by_a_crash(tmp_path: Path) -> None:
-    store = DatasetStore(str(tmp_path))
+    store = DatasetStore(str(tmp_path), chunk_bytes=CHUNK_BYTES)
     writer = store.begin(upload())
-    writer.append(columns(10))
-    writer._flush(final=True)  # as if the process died after writing chunks
+    writer.append(columns(100))  # chunk files staged; then the process "dies"
     assert committed_files(tmp_path)
     reopened = DatasetStore(str(tmp_path))
     assert committed_files(tmp_path) == []
