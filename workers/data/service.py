@@ -15,13 +15,17 @@ from protos.meshserve.data.v1 import data_pb2_grpc
 from workers.data import builtin, wire
 from workers.data.manifest import DatasetInfo
 from workers.data.schema import DType, RawTensor, decode_chunk
-from workers.data.splits import Indices, SplitSpec, plan_epoch
+from workers.data.splits import Indices, SplitSpec, plan_epoch, windows
 from workers.data.standardize import output_dtype
 from workers.data.storage import DatasetStore, DatasetWriter, UploadHeader
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DataService"].full_name
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+#: StreamBatches reads this many bytes of examples at a time (several batches),
+#: so each chunk file is read once per window rather than once per batch.
+WINDOW_BYTES = 16 * 1024 * 1024
 
 
 class DataServicer(data_pb2_grpc.DataServiceServicer):
@@ -98,11 +102,15 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         if request.standardize:
             types |= {spec.name: output_dtype(spec.dtype) for spec in info.schema.features}
         self._check_batch_fits(info, types, epoch.batch_size)
-        for index, ids in enumerate(plan):
-            batch = await asyncio.to_thread(
-                _read_batch, self.store, info, ids, index, request.standardize, types
+        per_window = max(1, WINDOW_BYTES // max(1, info.schema.example_bytes))
+        index = 0
+        for window in windows(plan, per_window):
+            batches = await asyncio.to_thread(
+                _read_window, self.store, info, window, index, request.standardize, types
             )
-            yield batch
+            for batch in batches:
+                yield batch
+            index += len(batches)
 
     def _check_batch_fits(
         self, info: DatasetInfo, types: dict[str, DType], batch_size: int
@@ -145,16 +153,19 @@ def _create_builtin(
     return store.create(header, generated.columns)
 
 
-def _read_batch(
+def _read_window(
     store: DatasetStore,
     info: DatasetInfo,
-    ids: Indices,
-    index: int,
+    window: list[Indices],
+    first_index: int,
     standardized: bool,
     types: dict[str, DType],
-) -> pb.Batch:
-    columns = store.read_examples(info, ids, standardized=standardized)
-    return wire.batch_to_pb(index, ids, columns, types)
+) -> list[pb.Batch]:
+    read = store.read_batches(info, window, standardized=standardized)
+    return [
+        wire.batch_to_pb(first_index + i, ids, columns, types)
+        for i, (ids, columns) in enumerate(zip(window, read, strict=True))
+    ]
 
 
 def data_service(

@@ -17,6 +17,7 @@ from workers.data.splits import (
     SplitSpec,
     partition,
     plan_epoch,
+    windows,
 )
 
 sizes = st.integers(min_value=0, max_value=300)
@@ -152,3 +153,18 @@ def test_bad_epoch_requests_are_rejected(kwargs: dict[str, int], message: str) -
 
 def _with(request: EpochRequest, **changes: object) -> EpochRequest:
     return replace(request, **changes)  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(min_value=0, max_value=200),
+    batch=st.integers(min_value=1, max_value=30),
+    limit=st.integers(min_value=1, max_value=100),
+)
+def test_windows_keep_batch_order_and_bound_their_size(n: int, batch: int, limit: int) -> None:
+    spec = SplitSpec.of(0.0, 0.0, 0)
+    plan = plan_epoch(n, spec, EpochRequest(SplitKind.ALL, batch_size=batch, shuffle=True))
+    groups = windows(plan, limit)
+    assert [b.tolist() for g in groups for b in g] == [b.tolist() for b in plan]
+    for group in groups:
+        assert len(group) == 1 or sum(len(b) for b in group) <= limit
