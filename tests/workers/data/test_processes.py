@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -99,6 +100,7 @@ async def test_meshserve_up_serves_uploads_streams_and_reflection_until_sigint(
 ) -> None:
     state = tmp_path / "state"
     up = await spawn("up", "--data-port", "0", "--state-dir", str(state))
+    worker_pid: int | None = None
     try:
         banner = await read_until(up, "Ctrl-C stops everything")
         match = re.search(r"data worker\s*│\s*(127\.0\.0\.1:\d+)\s*│\s*(\d+)", banner)
@@ -147,5 +149,10 @@ async def test_meshserve_up_serves_uploads_streams_and_reflection_until_sigint(
         assert "meshserve stopped" in (await up.stdout.read()).decode()
         with pytest.raises(ProcessLookupError):
             os.kill(worker_pid, 0)  # `up` stopped and reaped its worker
+        worker_pid = None
     finally:
         await stop(up)
+        if worker_pid is not None:
+            # The worker runs in its own session: killing `up` does not reach it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker_pid, signal.SIGKILL)
