@@ -99,6 +99,11 @@ class DatasetStore:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def shown(self, path: str) -> str:
+        """``path`` relative to the root, as errors show it: it names the file
+        without telling clients where the server keeps its data."""
+        return posixpath.relpath(path, self.root)
+
     def staging_root(self) -> str:
         return self.path(STAGING)
 
@@ -140,8 +145,8 @@ class DatasetStore:
         except FileNotFoundError as exc:
             raise NotFound(f"dataset {name!r} has no version {version!r}") from exc
         except UnicodeDecodeError as exc:
-            raise DataLoss(f"manifest {path} is corrupt: {exc}") from exc
-        return manifest.from_json(text, path)
+            raise DataLoss(f"manifest {self.shown(path)} is corrupt: {exc}") from exc
+        return manifest.from_json(text, self.shown(path))
 
     def get(self, name: str, version: str = "") -> DatasetInfo:
         """One version; an empty version means the latest (newest creation time)."""
@@ -234,9 +239,11 @@ class DatasetStore:
         try:
             data: bytes = self.fs.cat_file(path)
         except FileNotFoundError as exc:
-            raise DataLoss(f"chunk file {path} is missing") from exc
+            raise DataLoss(f"chunk file {self.shown(path)} is missing") from exc
         if len(data) != chunk.size_bytes or hashlib.sha256(data).hexdigest() != chunk.sha256:
-            raise DataLoss(f"chunk file {path} is corrupt: its sha256 does not match the manifest")
+            raise DataLoss(
+                f"chunk file {self.shown(path)} is corrupt: its sha256 does not match the manifest"
+            )
         return data
 
     def _chunk(self, info: DatasetInfo, index: int) -> dict[str, Array]:

@@ -361,7 +361,8 @@ async def test_corrupted_chunk_on_disk_is_data_loss(server: Server) -> None:
         )
     )
     assert status == grpc.StatusCode.DATA_LOSS
-    assert victim.name in details
+    assert f"chunk file toy/1/{victim.name} is corrupt" in details
+    assert str(server.root) not in details  # the server's paths stay private
 
 
 # -- the parts every server has -------------------------------------------------------------
