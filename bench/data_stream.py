@@ -54,7 +54,7 @@ async def _run(examples: int, features: int, batch_size: int) -> list[tuple[str,
             stub = data_pb2_grpc.DataServiceStub(channel)
 
             async def requests() -> AsyncIterator[pb.CreateDatasetRequest]:
-                for item in wire.upload_requests(_header(features), data, records_per_message=8192):
+                for item in wire.upload_requests(_header(features), data):
                     yield item
 
             start = time.perf_counter()

@@ -289,7 +289,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     upload.add_argument("--version", default="", help="default: next integer")
     upload.add_argument("--description", default="")
-    upload.add_argument("--records-per-message", type=int, default=4096)
+    upload.add_argument(
+        "--records-per-message", type=int, default=None, help="default: about 4 MiB per message"
+    )
     _add_split_options(upload)
     upload.set_defaults(handler=_upload)
 
