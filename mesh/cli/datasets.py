@@ -12,7 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.main import CliError
+from mesh.cli.errors import CliError
 from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
 from protos.meshserve.data.v1 import data_pb2 as pb
 from protos.meshserve.data.v1 import data_pb2_grpc

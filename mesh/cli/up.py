@@ -23,7 +23,7 @@ from types import FrameType
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.main import CliError
+from mesh.cli.errors import CliError
 from workers.data.server import READY_PREFIX as DATA_READY
 
 out = Console()

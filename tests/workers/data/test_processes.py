@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -156,3 +157,33 @@ async def test_meshserve_up_serves_uploads_streams_and_reflection_until_sigint(
             # The worker runs in its own session: killing `up` does not reach it.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker_pid, signal.SIGKILL)
+
+
+async def test_meshserve_up_fails_clearly_when_the_data_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mesh.cli.main",
+            "up",
+            "--data-port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "state"),
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, stderr = await asyncio.wait_for(up.communicate(), START_TIMEOUT)
+        finally:
+            await stop(up)
+    assert up.returncode == 1
+    text = stderr.decode()
+    assert f"cannot listen on 127.0.0.1:{port}" in text
+    assert "data worker exited with status 1 before it was ready" in text
+    assert "Traceback" not in text

@@ -456,3 +456,10 @@ async def test_batch_over_the_message_limit_is_refused_before_streaming(tmp_path
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "use a smaller batch_size" in details
         assert sum([b.size async for b in stub.StreamBatches(request(50))]) == 200
+
+
+async def test_concurrent_uploads_without_version_get_distinct_versions(server: Server) -> None:
+    created = await asyncio.gather(*(upload(server, 30) for _ in range(4)))
+    assert sorted(int(d.version) for d in created) == [1, 2, 3, 4]
+    listed = await server.stub.ListDatasets(pb.ListDatasetsRequest(name="toy"))
+    assert len(listed.datasets) == 4
