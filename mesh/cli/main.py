@@ -12,19 +12,19 @@ from typing import Protocol
 import grpc
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
+from mesh.cli.errors import CliError
 from mesh.errors import MeshError
 
 #: Modules that add top-level commands: each has ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("registry.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("mesh.cli.up", "mesh.cli.datasets", "registry.cli")
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
-WORKER_MODULES: tuple[str, ...] = ()
+WORKER_MODULES: tuple[str, ...] = ("workers.data.cli",)
 
 err = Console(stderr=True)
 
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
+__all__ = ["CliError", "build_parser", "main"]
 
 
 class _Registrar(Protocol):
@@ -75,13 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (CliError, MeshError, ValueError, OSError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 1
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         name = code.name if code is not None else "UNKNOWN"
-        err.print(f"[bold red]error:[/] {name}: {details}", highlight=False)
+        err.print(f"[bold red]error:[/] {name}: {escape(str(details))}", highlight=False)
         return 1
 
 
