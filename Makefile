@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
-	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev,triton]"
+	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev,triton,datasets]"
 	touch $(STAMP)
 
 up: $(STAMP)
