@@ -106,6 +106,22 @@ class MeshConfig:
                 f"({dr.metadata.source}) for host {dest.host!r} (subsets: {known})"
             )
 
+    def merged(self, documents: Sequence[Document], *, version: int, source: str) -> MeshConfig:
+        """A new snapshot: ``documents`` replace resources of the same kind and name, or join.
+
+        This is what applying a file means (as ``kubectl apply``): a canary's
+        VirtualService replaces the running one and leaves the DestinationRules alone.
+        """
+        incoming = {
+            (d.kind, d.resource.metadata.namespace, d.resource.metadata.name) for d in documents
+        }
+        kept = [
+            d
+            for d in self.documents
+            if (d.kind, d.resource.metadata.namespace, d.resource.metadata.name) not in incoming
+        ]
+        return MeshConfig.build([*kept, *documents], version=version, source=source)
+
     # -- lookups --------------------------------------------------------------------------
 
     def virtual_service(self, host: str) -> VirtualService | None:
