@@ -59,6 +59,12 @@ class FakeWorker:
         context.set_trailing_metadata((("x-trailer", "done"),))
         return self._response(request, context)
 
+    async def server_live(
+        self, request: pb.ServerLiveRequest, context: Context
+    ) -> pb.ServerLiveResponse:
+        self._enter(context)
+        return pb.ServerLiveResponse(live=True)
+
     async def model_stream_infer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -97,6 +103,11 @@ class FakeWorker:
                                 request_deserializer=pb.ModelInferRequest.FromString,
                                 response_serializer=pb.ModelInferResponse.SerializeToString,
                             ),
+                            "ServerLive": grpc.unary_unary_rpc_method_handler(
+                                self.server_live,
+                                request_deserializer=pb.ServerLiveRequest.FromString,
+                                response_serializer=pb.ServerLiveResponse.SerializeToString,
+                            ),
                             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                                 self.model_stream_infer,
                                 request_deserializer=pb.ModelInferRequest.FromString,
@@ -123,3 +134,17 @@ class FakeWorker:
             )
 
         return [Service(INFERENCE, register), Service(DATA, lambda server: None)]
+
+
+async def _main(name: str) -> None:
+    from mesh.server.app import ServerSettings, serve_until_signal, start_server
+
+    serving = await start_server(ServerSettings(), FakeWorker(name).services())
+    print(f"{name} listening on {serving.address}", flush=True)
+    await serve_until_signal(serving)
+
+
+if __name__ == "__main__":  # a worker process for multi-process tests
+    import sys
+
+    asyncio.run(_main(sys.argv[1]))

@@ -39,7 +39,12 @@ async def test_unary_sticks_by_version_and_forwards_metadata() -> None:
         assert first["x-tenant"] == "a"
         assert len(first["x-request-id"]) == 32  # generated when absent
         deadline = worker.deadlines[0]
-        assert deadline is not None and 0 < deadline <= 5.0  # the client's deadline travelled
+        # The client's 5 s deadline travelled (grpc rounds timeouts up a little on the wire),
+        # and it won over the route's 60 s timeout and 30 s per-try timeout.
+        assert deadline is not None and 0 < deadline < 5.5
+        await m.inference.ModelInfer(infer("resnet", "3"))  # no client deadline
+        per_try = worker.deadlines[-1]  # without one, config/inference.yaml's perTryTimeout
+        assert per_try is not None and 25 < per_try < 30.5
 
 
 async def test_request_id_is_kept_when_the_client_sends_one() -> None:
