@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.cli.main import CliError
+from mesh.config.loader import parse_yaml
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_GATEWAY = os.environ.get("MESHSERVE_GATEWAY", "127.0.0.1:8080")
@@ -102,9 +103,13 @@ def apply_config(args: argparse.Namespace) -> int:
     texts = []
     for file in args.files:
         try:
-            texts.append(file.read_text(encoding="utf-8"))
+            text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise CliError(f"{file}: {exc.strerror or exc}") from exc
+        # Validated here first so errors name the file; the gateway validates again,
+        # against the running config (cross-references, versions).
+        parse_yaml(text, str(file))
+        texts.append(text)
     request = admin_pb2.ApplyConfigRequest(
         yaml="\n---\n".join(texts), expected_version=args.expected_version, dry_run=args.dry_run
     )

@@ -47,6 +47,17 @@ def process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
             proc.stdout.close()
 
 
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.cli.main", *args],
+        cwd=REPO,
+        env={**ENV, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def triton_script(address: str) -> str:
     return f"""
 import tritonclient.grpc as tc
@@ -98,3 +109,22 @@ async def test_gateway_process_routes_survives_sigkill_and_serves_tritonclient()
             assert out.returncode == 0, out.stderr
             name, version, worker = out.stdout.split()
             assert (name, version) == ("resnet", "4") and worker == after[0]
+
+            # The CLI's admin commands against the running gateway.
+            explain = cli(
+                "route", "explain", "--gateway", gw, "--model", "resnet", "--version", "4"
+            )
+            assert explain.returncode == 0, explain.stderr
+            assert (
+                "resnet/4" in explain.stdout and "fields model_name+model_version" in explain.stdout
+            )
+            rejected = cli("config", "apply", "--gateway", gw, str(REPO / "pyproject.toml"))
+            assert rejected.returncode == 1
+            assert "pyproject.toml: line 2, column 1: not valid YAML" in rejected.stderr
+            applied = cli("config", "apply", "--gateway", gw, "config/examples/canary-90-10.yaml")
+            assert (
+                applied.returncode == 0
+                and "VirtualService/inference: applied as version 2" in applied.stdout
+            )
+            dump = cli("config", "dump", "--gateway", gw)
+            assert "# version 2 from admin" in dump.stdout and "x-model-version" in dump.stdout
