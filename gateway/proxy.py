@@ -211,7 +211,10 @@ class Proxy(grpc.GenericRpcHandler):
         for ops in call.decision.response_headers:
             text = md.apply(ops, tuple((k, v) for k, v in pairs if isinstance(v, str)))
             pairs = (*text, *((k, v) for k, v in pairs if not isinstance(v, str)))
-        await context.send_initial_metadata(pairs)
+        # Sending headers on their own costs a separate write; with nothing to forward,
+        # grpc sends its own with the first message.
+        if pairs:
+            await context.send_initial_metadata(pairs)
 
     async def _fail(self, context: Context, error: grpc.aio.AioRpcError) -> None:
         trailers = tuple(
