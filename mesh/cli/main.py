@@ -18,7 +18,13 @@ from mesh.cli.errors import CliError
 from mesh.errors import MeshError
 
 #: Modules that add top-level commands: each has ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("mesh.cli.up", "mesh.cli.datasets", "registry.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "mesh.cli.up",
+    "mesh.cli.datasets",
+    "registry.cli",
+    "gateway.cli",
+    "mesh.cli.route",
+)
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
 WORKER_MODULES: tuple[str, ...] = ("workers.data.cli",)
 
