@@ -134,9 +134,10 @@ class LoadedModel:
         except Exception as exc:
             # Logged whole here; the client gets only the kind of failure.
             log.warning("model %s version %s raised", self.name, self.version, exc_info=exc)
+            # TorchScript wraps whatever the model raised in torch.jit.Error.
+            kind = "TorchScript error" if isinstance(exc, torch.jit.Error) else type(exc).__name__
             raise ModelError(
-                f"model {self.name!r} version {self.version} failed in forward: "
-                f"{type(exc).__name__}"
+                f"model {self.name!r} version {self.version} failed in forward: {kind}"
             ) from exc
         return self._map_outputs(result, batch_size)
 
