@@ -100,8 +100,13 @@ def torchscript_bytes(module: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def tensor_config(name: str, data_type: int, dims: Sequence[int]) -> tuple[str, int, list[int]]:
-    return name, data_type, list(dims)
+def export_bytes(module: nn.Module, example: torch.Tensor, max_batch_size: int = 16) -> bytes:
+    """A ``torch.export`` archive (``model.pt2``) whose first dim is a dynamic batch."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch_size)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
 
 
 def model_config(
