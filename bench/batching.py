@@ -1,0 +1,231 @@
+"""Dynamic batching benchmark: throughput and p50/p99 latency, batching on vs off, on the CPU.
+
+Run: ``.venv/bin/python -m bench.batching [--seconds 4] [--device cpu]``
+
+Two workers are started as subprocesses (``meshserve worker inference``, one with
+``--no-batching``) over the same repository of two models: an MLP whose batch-1 pass
+is bound by reading its weights, and a small CNN with a dense classifier head. A
+load generator in this process keeps 1, 8 and 64 requests in flight against each
+for a fixed time and prints one table with both modes side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc.aio
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from workers.inference import testing
+
+ROOT = Path(__file__).resolve().parents[1]
+LISTENING = "inference worker listening on "
+CONCURRENCY = (1, 8, 64)
+
+
+class BenchMLP(nn.Module):
+    """FP32 [B, 1024] -> [B, 16]; 21M parameters, so batch 1 is memory-bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 16)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+class BenchCNN(nn.Module):
+    """FP32 [B, 3, 32, 32] -> [B, 10]: two small convolutions and a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 10))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.features(image).flatten(1))
+        return out
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    input_name: str
+    dims: tuple[int, ...]
+
+
+MODELS = (BenchModel("mlp", "x", (1024,)), BenchModel("cnn", "image", (3, 32, 32)))
+
+
+def build_repository(path: Path) -> None:
+    for spec, module in zip(MODELS, (BenchMLP(), BenchCNN()), strict=True):
+        config = testing.model_config(
+            spec.name,
+            [(spec.input_name, testing.FP32, spec.dims)],
+            [("out", testing.FP32, [16 if spec.name == "mlp" else 10])],
+            max_batch_size=64,
+            queue_delay_us=100,
+        )
+        testing.publish(str(path), config, testing.seeded(module, 0))
+
+
+@contextmanager
+def worker(repo: Path, device: str, batching: bool) -> Iterator[str]:
+    command = [sys.executable, "-m", "mesh.cli.main", "worker", "inference", "--port", "0"]
+    command += ["--model-repo", str(repo), "--device", device, "--poll-interval", "0"]
+    if not batching:
+        command.append("--no-batching")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith(LISTENING):
+            raise RuntimeError(f"worker did not start (exit {process.wait()})")
+        yield line[len(LISTENING) :].strip()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@dataclass(frozen=True)
+class Cell:
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float
+
+
+def request_for(spec: BenchModel) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=spec.name)
+    request.inputs.add(name=spec.input_name, datatype="FP32", shape=[1, *spec.dims])
+    data = torch.randn(1, *spec.dims, generator=torch.Generator().manual_seed(1))
+    request.raw_input_contents.append(data.numpy().tobytes())
+    return request
+
+
+async def counts(stub: pb_grpc.GRPCInferenceServiceAsyncStub, name: str) -> tuple[int, int]:
+    reply = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))
+    return reply.model_stats[0].inference_count, reply.model_stats[0].execution_count
+
+
+async def measure(address: str, spec: BenchModel, concurrency: int, seconds: float) -> Cell:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = request_for(spec)
+        latencies: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def client(until: float, record: bool) -> None:
+            while loop.time() < until:
+                started = time.perf_counter()
+                await stub.ModelInfer(request)
+                if record:
+                    latencies.append(time.perf_counter() - started)
+
+        warm_until = loop.time() + min(1.0, seconds / 4)
+        await asyncio.gather(*(client(warm_until, False) for _ in range(concurrency)))
+        before = await counts(stub, spec.name)
+        started = loop.time()
+        await asyncio.gather(*(client(started + seconds, True) for _ in range(concurrency)))
+        elapsed = loop.time() - started
+        after = await counts(stub, spec.name)
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+    return Cell(
+        throughput=len(latencies) / elapsed,
+        p50_ms=quantiles[49] * 1000,
+        p99_ms=quantiles[98] * 1000,
+        mean_batch=inferences / executions if executions else 0.0,
+    )
+
+
+async def run(on: str, off: str, seconds: float) -> dict[tuple[str, int, bool], Cell]:
+    cells: dict[tuple[str, int, bool], Cell] = {}
+    for spec in MODELS:
+        for concurrency in CONCURRENCY:
+            # Interleaved so that load from elsewhere on the machine hits both modes alike.
+            for batching, address in ((False, off), (True, on)):
+                cells[spec.name, concurrency, batching] = await measure(
+                    address, spec, concurrency, seconds
+                )
+    return cells
+
+
+def table(cells: dict[tuple[str, int, bool], Cell], device: str) -> Table:
+    out = Table(title=f"Inference batching on {device} ({torch.get_num_threads()} torch threads)")
+    for column in ("model", "concurrency"):
+        out.add_column(column)
+    for mode in ("off", "on"):
+        out.add_column(f"req/s ({mode})", justify="right")
+        out.add_column(f"p50 ms ({mode})", justify="right")
+        out.add_column(f"p99 ms ({mode})", justify="right")
+    out.add_column("mean batch (on)", justify="right")
+    out.add_column("speed-up", justify="right")
+    for spec in MODELS:
+        for concurrency in CONCURRENCY:
+            off, on = cells[spec.name, concurrency, False], cells[spec.name, concurrency, True]
+            out.add_row(
+                spec.name,
+                str(concurrency),
+                f"{off.throughput:.0f}",
+                f"{off.p50_ms:.2f}",
+                f"{off.p99_ms:.2f}",
+                f"{on.throughput:.0f}",
+                f"{on.p50_ms:.2f}",
+                f"{on.p99_ms:.2f}",
+                f"{on.mean_batch:.1f}",
+                f"{on.throughput / off.throughput:.2f}x",
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per cell")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        build_repository(repo)
+        with worker(repo, args.device, True) as on, worker(repo, args.device, False) as off:
+            cells = asyncio.run(run(on, off, args.seconds))
+    # Wide enough for all columns even when stdout is not a terminal (CI logs, tee).
+    Console(width=150).print(table(cells, args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
