@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from mesh.errors import MeshError, NotFound
+from mesh.errors import InvalidArgument, MeshError, NotFound
 from mesh.server.app import Service
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -186,6 +186,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            # Triton's config/file overrides would bypass the repository's atomic
+            # publishing; versions reach a worker only through the repository.
+            names = ", ".join(sorted(request.parameters))
+            raise InvalidArgument(f"load parameters are not supported (got {names})")
         await self.repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 

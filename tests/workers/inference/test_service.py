@@ -273,6 +273,13 @@ async def test_repository_index_unload_and_load(client: Client) -> None:
         stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="ghost"))
     )
     assert code == grpc.StatusCode.NOT_FOUND
+    override = pb.RepositoryModelLoadRequest(model_name="mlp")
+    override.parameters["config"].string_param = "{}"
+    code, details = await status_of(stub.RepositoryModelLoad(override))
+    assert (code, details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "load parameters are not supported (got config)",
+    )
 
 
 async def test_header_and_explicit_versions(model_repo: Path, template_repo: Template) -> None:
