@@ -83,14 +83,14 @@ class BenchModel:
 MODELS = (BenchModel("mlp", "x", (1024,)), BenchModel("cnn", "image", (3, 32, 32)))
 
 
-def build_repository(path: Path) -> None:
+def build_repository(path: Path, queue_delay_us: int) -> None:
     for spec, module in zip(MODELS, (BenchMLP(), BenchCNN()), strict=True):
         config = testing.model_config(
             spec.name,
             [(spec.input_name, testing.FP32, spec.dims)],
             [("out", testing.FP32, [16 if spec.name == "mlp" else 10])],
             max_batch_size=64,
-            queue_delay_us=100,
+            queue_delay_us=queue_delay_us,
         )
         testing.publish(str(path), config, testing.seeded(module, 0))
 
@@ -216,10 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per cell")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=0,
+        help="max_queue_delay_microseconds (0: batch whatever queued while the last batch ran)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
-        build_repository(repo)
+        build_repository(repo, args.queue_delay_us)
         with worker(repo, args.device, True) as on, worker(repo, args.device, False) as off:
             cells = asyncio.run(run(on, off, args.seconds))
     # Wide enough for all columns even when stdout is not a terminal (CI logs, tee).

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import posixpath
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,10 +16,14 @@ import torch
 
 from mesh.errors import InvalidArgument
 from protos.inference import model_config_pb2 as mc
-from workers.inference.tensors import BytesTensor, Tensor, TensorSpec
+from workers.inference.tensors import DATATYPES, BytesTensor, Tensor, TensorSpec
 from workers.model_repo import DEFAULT_FILENAMES, EXPORT_PLATFORM, TORCHSCRIPT_PLATFORM, ModelRepo
 
 log = logging.getLogger(__name__)
+
+#: On CUDA a load's memory is measured as the allocator's growth, so loads are
+#: serialized there: two at once would each count the other's weights.
+_cuda_load_lock = threading.Lock()
 
 
 class ModelError(Exception):
@@ -165,17 +171,12 @@ class LoadedModel:
 
 def example_inputs(signature: Signature) -> dict[str, Tensor]:
     """Inputs of batch size 1 with every variable dim 1, for the warm-up pass."""
-    from workers.inference.tensors import DATATYPES
-
     inputs: dict[str, Tensor] = {}
     for spec in signature.inputs:
         shape = tuple(1 if d == -1 else d for d in spec.full_shape(signature.max_batch_size))
         dtype = DATATYPES[spec.datatype].torch_dtype
         if dtype is None:
-            count = 1
-            for d in shape:
-                count *= d
-            inputs[spec.name] = BytesTensor((b"",) * count, shape)
+            inputs[spec.name] = BytesTensor((b"",) * math.prod(shape), shape)
         else:
             inputs[spec.name] = torch.zeros(shape, dtype=dtype)
     return inputs
@@ -196,12 +197,14 @@ def load_model(
             f"model {config.name!r} version {version} has no {filename}"
         ) from None
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    forward, module = _deserialize(signature.platform, data, device)
-    if device.type == "cuda":
-        memory = torch.cuda.memory_allocated(device) - before
+        with _cuda_load_lock:
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            forward, module = _deserialize(signature.platform, data, device)
+            torch.cuda.synchronize(device)
+            memory = torch.cuda.memory_allocated(device) - before
     else:
+        forward, module = _deserialize(signature.platform, data, device)
         memory = _module_bytes(module)
     loaded = LoadedModel(signature, version, forward, device, memory)
     # Warm-up: the first pass pays for lazy init, allocator growth and kernel
