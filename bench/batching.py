@@ -1,12 +1,13 @@
 """Dynamic batching benchmark: throughput and p50/p99 latency, batching on vs off, on the CPU.
 
-Run: ``.venv/bin/python -m bench.batching [--seconds 4] [--device cpu]``
+Run: ``.venv/bin/python -m bench.batching [--seconds 2] [--rounds 2] [--device cpu]``
 
 Two workers are started as subprocesses (``meshserve worker inference``, one with
 ``--no-batching``) over the same repository of two models: an MLP whose batch-1 pass
 is bound by reading its weights, and a small CNN with a dense classifier head. A
 load generator in this process keeps 1, 8 and 64 requests in flight against each
-for a fixed time and prints one table with both modes side by side.
+for a fixed time, in interleaved rounds, and prints one table with both modes side by side
+(throughput: the median over rounds; latency percentiles: over all rounds).
 """
 
 from __future__ import annotations
@@ -121,11 +122,34 @@ def worker(repo: Path, device: str, batching: bool) -> Iterator[str]:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One timed round of one cell."""
+
+    latencies: list[float]
+    elapsed: float
+    inferences: int
+    executions: int
+
+
+@dataclass(frozen=True)
 class Cell:
     throughput: float
     p50_ms: float
     p99_ms: float
     mean_batch: float
+
+    @classmethod
+    def of(cls, samples: list[Sample]) -> Cell:
+        """Median throughput over rounds (robust to a noisy neighbour); pooled latencies."""
+        latencies = [x for s in samples for x in s.latencies]
+        quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+        executions = sum(s.executions for s in samples)
+        return cls(
+            throughput=statistics.median(len(s.latencies) / s.elapsed for s in samples),
+            p50_ms=quantiles[49] * 1000,
+            p99_ms=quantiles[98] * 1000,
+            mean_batch=sum(s.inferences for s in samples) / executions if executions else 0.0,
+        )
 
 
 def request_for(spec: BenchModel) -> pb.ModelInferRequest:
@@ -141,7 +165,7 @@ async def counts(stub: pb_grpc.GRPCInferenceServiceAsyncStub, name: str) -> tupl
     return reply.model_stats[0].inference_count, reply.model_stats[0].execution_count
 
 
-async def measure(address: str, spec: BenchModel, concurrency: int, seconds: float) -> Cell:
+async def measure(address: str, spec: BenchModel, concurrency: int, seconds: float) -> Sample:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         request = request_for(spec)
@@ -155,33 +179,26 @@ async def measure(address: str, spec: BenchModel, concurrency: int, seconds: flo
                 if record:
                     latencies.append(time.perf_counter() - started)
 
-        warm_until = loop.time() + min(1.0, seconds / 4)
+        warm_until = loop.time() + min(0.5, seconds / 4)
         await asyncio.gather(*(client(warm_until, False) for _ in range(concurrency)))
         before = await counts(stub, spec.name)
         started = loop.time()
         await asyncio.gather(*(client(started + seconds, True) for _ in range(concurrency)))
         elapsed = loop.time() - started
         after = await counts(stub, spec.name)
-    inferences, executions = after[0] - before[0], after[1] - before[1]
-    quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
-    return Cell(
-        throughput=len(latencies) / elapsed,
-        p50_ms=quantiles[49] * 1000,
-        p99_ms=quantiles[98] * 1000,
-        mean_batch=inferences / executions if executions else 0.0,
-    )
+    return Sample(latencies, elapsed, after[0] - before[0], after[1] - before[1])
 
 
-async def run(on: str, off: str, seconds: float) -> dict[tuple[str, int, bool], Cell]:
-    cells: dict[tuple[str, int, bool], Cell] = {}
-    for spec in MODELS:
-        for concurrency in CONCURRENCY:
-            # Interleaved so that load from elsewhere on the machine hits both modes alike.
-            for batching, address in ((False, off), (True, on)):
-                cells[spec.name, concurrency, batching] = await measure(
-                    address, spec, concurrency, seconds
-                )
-    return cells
+async def run(on: str, off: str, seconds: float, rounds: int) -> dict[tuple[str, int, bool], Cell]:
+    samples: dict[tuple[str, int, bool], list[Sample]] = {}
+    for _ in range(rounds):
+        for spec in MODELS:
+            for concurrency in CONCURRENCY:
+                # Interleaved so that load from elsewhere on the machine hits both modes alike.
+                for batching, address in ((False, off), (True, on)):
+                    sample = await measure(address, spec, concurrency, seconds)
+                    samples.setdefault((spec.name, concurrency, batching), []).append(sample)
+    return {key: Cell.of(values) for key, values in samples.items()}
 
 
 def table(cells: dict[tuple[str, int, bool], Cell], device: str) -> Table:
@@ -214,7 +231,10 @@ def table(cells: dict[tuple[str, int, bool], Cell], device: str) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per cell")
+    parser.add_argument(
+        "--seconds", type=float, default=2.0, help="measured time per cell and round"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all cells")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--queue-delay-us",
@@ -227,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(tmp) / "repo"
         build_repository(repo, args.queue_delay_us)
         with worker(repo, args.device, True) as on, worker(repo, args.device, False) as off:
-            cells = asyncio.run(run(on, off, args.seconds))
+            cells = asyncio.run(run(on, off, args.seconds, args.rounds))
     # Wide enough for all columns even when stdout is not a terminal (CI logs, tee).
     Console(width=150).print(table(cells, args.device))
     return 0
