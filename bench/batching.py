@@ -129,6 +129,7 @@ class Sample:
     elapsed: float
     inferences: int
     executions: int
+    forward_ns: int
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ class Cell:
     p50_ms: float
     p99_ms: float
     mean_batch: float
+    #: Forward-pass time per batch element, from the worker's own statistics.
+    forward_ms_per_item: float
 
     @classmethod
     def of(cls, samples: list[Sample]) -> Cell:
@@ -144,11 +147,13 @@ class Cell:
         latencies = [x for s in samples for x in s.latencies]
         quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
         executions = sum(s.executions for s in samples)
+        inferences = sum(s.inferences for s in samples)
         return cls(
             throughput=statistics.median(len(s.latencies) / s.elapsed for s in samples),
             p50_ms=quantiles[49] * 1000,
             p99_ms=quantiles[98] * 1000,
-            mean_batch=sum(s.inferences for s in samples) / executions if executions else 0.0,
+            mean_batch=inferences / executions if executions else 0.0,
+            forward_ms_per_item=sum(s.forward_ns for s in samples) / 1e6 / max(inferences, 1),
         )
 
 
@@ -160,9 +165,12 @@ def request_for(spec: BenchModel) -> pb.ModelInferRequest:
     return request
 
 
-async def counts(stub: pb_grpc.GRPCInferenceServiceAsyncStub, name: str) -> tuple[int, int]:
+async def counts(stub: pb_grpc.GRPCInferenceServiceAsyncStub, name: str) -> tuple[int, int, int]:
+    """(inferences, executions, total forward ns) so far, from ModelStatistics."""
     reply = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))
-    return reply.model_stats[0].inference_count, reply.model_stats[0].execution_count
+    stats = reply.model_stats[0]
+    forward = sum(b.compute_infer.ns for b in stats.batch_stats)
+    return stats.inference_count, stats.execution_count, forward
 
 
 async def measure(address: str, spec: BenchModel, concurrency: int, seconds: float) -> Sample:
@@ -186,7 +194,9 @@ async def measure(address: str, spec: BenchModel, concurrency: int, seconds: flo
         await asyncio.gather(*(client(started + seconds, True) for _ in range(concurrency)))
         elapsed = loop.time() - started
         after = await counts(stub, spec.name)
-    return Sample(latencies, elapsed, after[0] - before[0], after[1] - before[1])
+    return Sample(
+        latencies, elapsed, after[0] - before[0], after[1] - before[1], after[2] - before[2]
+    )
 
 
 async def run(on: str, off: str, seconds: float, rounds: int) -> dict[tuple[str, int, bool], Cell]:
@@ -210,6 +220,7 @@ def table(cells: dict[tuple[str, int, bool], Cell], device: str) -> Table:
         out.add_column(f"p50 ms ({mode})", justify="right")
         out.add_column(f"p99 ms ({mode})", justify="right")
     out.add_column("mean batch (on)", justify="right")
+    out.add_column("fwd ms/item off→on", justify="right")
     out.add_column("speed-up", justify="right")
     for spec in MODELS:
         for concurrency in CONCURRENCY:
@@ -224,6 +235,7 @@ def table(cells: dict[tuple[str, int, bool], Cell], device: str) -> Table:
                 f"{on.p50_ms:.2f}",
                 f"{on.p99_ms:.2f}",
                 f"{on.mean_batch:.1f}",
+                f"{off.forward_ms_per_item:.2f}→{on.forward_ms_per_item:.2f}",
                 f"{on.throughput / off.throughput:.2f}x",
             )
     return out
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         with worker(repo, args.device, True) as on, worker(repo, args.device, False) as off:
             cells = asyncio.run(run(on, off, args.seconds, args.rounds))
     # Wide enough for all columns even when stdout is not a terminal (CI logs, tee).
-    Console(width=150).print(table(cells, args.device))
+    Console(width=170).print(table(cells, args.device))
     return 0
 
 
