@@ -20,6 +20,7 @@ from workers.inference import testing
 from workers.inference.server import WorkerSettings, run_worker
 from workers.inference.stats import LoadReport
 from workers.inference.tensors import encode_bytes_elements
+from workers.model_repo import ModelRepo
 
 NUMPY: dict[str, type[np.generic]] = {
     "FP32": np.float32,
@@ -214,22 +215,30 @@ async def test_message_over_the_limit_is_resource_exhausted(model_repo: Path) ->
 
 
 async def test_concurrent_requests_batch_visibly_with_unbatched_results(
-    client: Client, template_repo: Template
+    model_repo: Path, template_repo: Template
 ) -> None:
+    # A long queue delay makes the batch form however slowly a loaded machine
+    # delivers the requests; the first batch then holds several of them.
+    config = testing.mlp_config(queue_delay_us=200_000)
+    ModelRepo(str(model_repo)).write_config("mlp", config)
     module = template_repo.modules["mlp"]
     xs = [quarter_inputs(seed, 1 + seed % 3) for seed in range(24)]
-    responses = await asyncio.gather(
-        *(client.stub.ModelInfer(infer_request("mlp", {"x": x})) for x in xs)
-    )
+    settings = WorkerSettings(str(model_repo), device="cpu", poll_interval_s=0)
+    async with run_worker(settings) as running:
+        async with grpc.aio.insecure_channel(running.serving.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            responses = await asyncio.gather(
+                *(stub.ModelInfer(infer_request("mlp", {"x": x})) for x in xs)
+            )
+            stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))
     for x, response in zip(xs, responses, strict=True):
-        assert torch.equal(output(response, "y"), module(x))
-    stats = await client.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))
+        assert torch.equal(output(response, "y"), module(x))  # bit for bit
     [mlp] = stats.model_stats
     assert mlp.inference_count == sum(x.shape[0] for x in xs)
     assert mlp.inference_stats.success.count == len(xs)
     assert 1 <= mlp.execution_count < len(xs)
     assert sum(b.compute_infer.count for b in mlp.batch_stats) == mlp.execution_count
-    assert any(b.batch_size > 3 for b in mlp.batch_stats)
+    assert max(b.batch_size for b in mlp.batch_stats) > 3
     assert mlp.memory_usage[0].byte_size == sum(
         p.numel() * p.element_size() for p in module.parameters()
     )
