@@ -1,6 +1,6 @@
 """Dynamic batching benchmark: throughput and p50/p99 latency, batching on vs off, on the CPU.
 
-Run: ``.venv/bin/python -m bench.batching [--seconds 2] [--rounds 2] [--device cpu]``
+Run: ``.venv/bin/python -m bench.batching [--seconds 2] [--rounds 2] [--threads 1] [--device cpu]``
 
 Two workers are started as subprocesses (``meshserve worker inference``, one with
 ``--no-batching``) over the same repository of two models: an MLP whose batch-1 pass
@@ -97,9 +97,10 @@ def build_repository(path: Path, queue_delay_us: int) -> None:
 
 
 @contextmanager
-def worker(repo: Path, device: str, batching: bool) -> Iterator[str]:
+def worker(repo: Path, device: str, batching: bool, threads: int) -> Iterator[str]:
     command = [sys.executable, "-m", "mesh.cli.main", "worker", "inference", "--port", "0"]
     command += ["--model-repo", str(repo), "--device", device, "--poll-interval", "0"]
+    command += ["--threads", str(threads)]
     if not batching:
         command.append("--no-batching")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -211,8 +212,9 @@ async def run(on: str, off: str, seconds: float, rounds: int) -> dict[tuple[str,
     return {key: Cell.of(values) for key, values in samples.items()}
 
 
-def table(cells: dict[tuple[str, int, bool], Cell], device: str) -> Table:
-    out = Table(title=f"Inference batching on {device} ({torch.get_num_threads()} torch threads)")
+def table(cells: dict[tuple[str, int, bool], Cell], device: str, threads: int) -> Table:
+    per_worker = threads or torch.get_num_threads()
+    out = Table(title=f"Inference batching on {device} ({per_worker} torch threads per worker)")
     for column in ("model", "concurrency"):
         out.add_column(column)
     for mode in ("off", "on"):
@@ -254,14 +256,22 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="max_queue_delay_microseconds (0: batch whatever queued while the last batch ran)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per worker (1: no oversubscription on a small shared box; 0: default)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         build_repository(repo, args.queue_delay_us)
-        with worker(repo, args.device, True) as on, worker(repo, args.device, False) as off:
+        on_worker = worker(repo, args.device, True, args.threads)
+        off_worker = worker(repo, args.device, False, args.threads)
+        with on_worker as on, off_worker as off:
             cells = asyncio.run(run(on, off, args.seconds, args.rounds))
     # Wide enough for all columns even when stdout is not a terminal (CI logs, tee).
-    Console(width=170).print(table(cells, args.device))
+    Console(width=170).print(table(cells, args.device, args.threads))
     return 0
 
 

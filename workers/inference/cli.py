@@ -33,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="how often to scan the repository for new versions (0: never)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads for forward passes (0: torch's default, one per core)",
+    )
+    parser.add_argument(
         "--no-batching", action="store_true", help="run every request alone (for comparison)"
     )
     parser.set_defaults(handler=run)
@@ -45,5 +51,6 @@ def run(args: argparse.Namespace) -> int:
         memory_budget_bytes=args.memory_budget,
         poll_interval_s=args.poll_interval,
         batching=not args.no_batching,
+        threads=args.threads,
     )
     return main(settings, ServerSettings(host=args.host, port=args.port))

@@ -30,6 +30,8 @@ class WorkerSettings:
     poll_interval_s: float = 2.0
     #: False runs every request alone (the benchmark's "batching off").
     batching: bool = True
+    #: torch intra-op threads for forward passes; 0 keeps torch's default (one per core).
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.model_repo:
@@ -40,6 +42,8 @@ class WorkerSettings:
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available")
         if self.memory_budget_bytes < 0:
             raise ValueError(f"memory budget must be >= 0, got {self.memory_budget_bytes}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.poll_interval_s < 0:
             raise ValueError(f"poll interval must be >= 0, got {self.poll_interval_s}")
 
@@ -64,6 +68,9 @@ async def run_worker(
     settings: WorkerSettings, server: ServerSettings | None = None
 ) -> AsyncIterator[RunningWorker]:
     """Starts a worker, loads the repository, yields it; drains and stops on exit."""
+    if settings.threads:
+        # Process-wide: a worker process owns its torch thread pool.
+        torch.set_num_threads(settings.threads)
     stats = Statistics()
     # Forward passes and loads run here, off the event loop. A few threads let one
     # model's pass overlap another's; torch's own intra-op threads do the rest.
