@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from mesh.errors import InvalidArgument, MeshError, NotFound
 from mesh.server.app import Service
@@ -117,7 +118,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._report_load(context)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Runs the stream's requests concurrently (so they can batch); answers as each finishes.
 
@@ -141,6 +142,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    if isinstance(request, Undecodable):
+                        await results.put(
+                            pb.ModelStreamInferResponse(error_message=request.message)
+                        )
+                        continue
                     task = asyncio.create_task(one(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -201,10 +207,66 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     def service(self) -> Service:
-        return Service(
-            SERVICE_NAME,
-            lambda server: pb_grpc.add_GRPCInferenceServiceServicer_to_server(self, server),
+        return Service(SERVICE_NAME, self.register)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Mounts every RPC with a lenient parser (see :class:`Undecodable`).
+
+        Same methods and wire names as ``add_GRPCInferenceServiceServicer_to_server``.
+        """
+        descriptor = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for method in descriptor.methods:
+            request_type = getattr(pb, method.input_type.name)
+            response_type = getattr(pb, method.output_type.name)
+            behaviour = getattr(self, method.name)
+            options: dict[str, Any] = {
+                "request_deserializer": _lenient(request_type),
+                "response_serializer": response_type.SerializeToString,
+            }
+            if method.client_streaming:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(behaviour, **options)
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _refusing_undecodable(behaviour), **options
+                )
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(descriptor.full_name, handlers)]
         )
+
+
+class Undecodable:
+    """A request body that did not parse.
+
+    grpc answers a deserializer's exception with UNKNOWN and an error log; parsing
+    leniently lets the servicer answer INVALID_ARGUMENT, as for any bad input.
+    """
+
+    def __init__(self, type_name: str) -> None:
+        self.message = f"request body is not a valid {type_name}"
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return Undecodable(name)
+
+    return parse
+
+
+def _refusing_undecodable(
+    behaviour: Callable[[Any, Context], Awaitable[Any]],
+) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def handler(request: Any, context: Context) -> Any:
+        if isinstance(request, Undecodable):
+            raise InvalidArgument(request.message)
+        return await behaviour(request, context)
+
+    return handler
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -398,3 +399,62 @@ async def test_a_new_version_on_disk_becomes_the_default_without_failed_requests
             assert [(m.version, m.state) for m in index.models if m.name == "mlp"] == [
                 ("2", "READY")
             ]
+
+
+async def test_garbage_on_the_wire_gets_a_clean_status_and_the_worker_lives(
+    client: Client,
+) -> None:
+    generator = random.Random(7)
+    valid = infer_request("mlp", {"x": torch.zeros(1, 4)}).SerializeToString()
+    bodies = [
+        bytes(generator.getrandbits(8) for _ in range(generator.randint(0, 64))) for _ in range(30)
+    ]
+    # Valid prefixes with corrupted tails reach the decoder, not just the parser.
+    bodies += [
+        valid[: generator.randint(0, len(valid))] + bytes([generator.getrandbits(8)])
+        for _ in range(30)
+    ]
+    raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = client.channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer"
+    )
+    codes = set()
+    for body in bodies:
+        try:
+            await raw(body, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            codes.add(exc.code())
+            assert exc.code() in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}, (
+                body,
+                exc.details(),
+            )
+    assert grpc.StatusCode.INVALID_ARGUMENT in codes
+    code, details = await status_of(raw(b"\xff\xff\xff", timeout=30))
+    assert (code, details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request body is not a valid inference.ModelInferRequest",
+    )
+    assert (await client.stub.ServerLive(pb.ServerLiveRequest())).live
+    await client.stub.ModelInfer(infer_request("mlp", {"x": torch.zeros(1, 4)}))
+
+
+async def test_an_undecodable_stream_message_is_answered_and_the_stream_goes_on(
+    client: Client,
+) -> None:
+    stream: grpc.aio.StreamStreamMultiCallable[bytes, pb.ModelStreamInferResponse] = (
+        client.channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+    )
+    good = infer_request("mlp", {"x": torch.zeros(1, 4)}, request_id="good")
+
+    async def bodies() -> AsyncIterator[bytes]:
+        yield b"\xff\xff\xff"
+        yield good.SerializeToString()
+
+    answers = [a async for a in stream(bodies(), timeout=60)]
+    assert sorted(a.error_message for a in answers) == [
+        "",
+        "request body is not a valid inference.ModelInferRequest",
+    ]
+    assert [a.infer_response.id for a in answers if not a.error_message] == ["good"]
