@@ -90,6 +90,11 @@ class ModelCache(Generic[K, V]):
         finally:
             self._loading.pop(key, None)
         self.loads += 1
+        existing = self._entries.get(key)
+        if existing is not None:
+            # A reload was installed with put() while this load ran: the newer one wins.
+            self._entries.move_to_end(key)
+            return existing
         self._entries[key] = value
         self._entries.move_to_end(key)
         self._enforce_budget(keep=key)
@@ -108,6 +113,12 @@ class ModelCache(Generic[K, V]):
                 )
                 return
             self.evict(victim)
+
+    def put(self, key: K, value: V) -> None:
+        """Installs an already loaded ``value`` (e.g. a reload), replacing any previous one."""
+        self.evict(key)
+        self._entries[key] = value
+        self._enforce_budget(keep=key)
 
     def evict(self, key: K) -> bool:
         """Drops ``key`` if loaded; in-flight users keep their reference until done."""

@@ -54,6 +54,8 @@ class ModelState:
     error: str = ""
     #: Unloaded through RepositoryModelUnload: polling leaves it alone until a Load.
     unloaded: bool = False
+    #: A changed config whose versions failed to load; not retried until it changes again.
+    rejected: mc.ModelConfig | None = None
 
     @property
     def servable(self) -> set[int]:
@@ -143,10 +145,12 @@ class ModelRepository:
             state.error = _reason(exc)
             log.warning("model %s: %s", state.name, state.error)
             return
-        if reload or (state.config is not None and state.config != config):
-            if state.config is not None and not reload:
-                log.info("model %s: config changed; reloading its versions", state.name)
+        if reload:
             self._drop(state)
+        elif state.config is not None and state.config != config:
+            if config != state.rejected:
+                await self._swap_config(state, config, signature, policy, on_disk)
+            return
         state.config, state.signature, state.error = config, signature, ""
         state.policy = (
             policy if self.batching else BatchPolicy(max(config.max_batch_size, 0), enabled=False)
@@ -169,6 +173,53 @@ class ModelRepository:
                 state.failed.pop(version, None)
             state.retiring.clear()
 
+    async def _swap_config(
+        self,
+        state: ModelState,
+        config: mc.ModelConfig,
+        signature: Signature,
+        policy: BatchPolicy,
+        on_disk: list[int],
+    ) -> None:
+        """A changed config: load its versions aside, then swap them in (load before unload).
+
+        If the newest version does not load under the new config, the old config and
+        its versions keep serving and the new config is remembered as rejected.
+        """
+        log.info("model %s: config changed; loading its versions under the new config", state.name)
+        allowed = allowed_versions(config.version_policy, on_disk)
+        batch_policy = (
+            policy if self.batching else BatchPolicy(max(config.max_batch_size, 0), enabled=False)
+        )
+        loaded: dict[int, Served] = {}
+        failed: dict[int, str] = {}
+        for version in sorted(allowed, reverse=True):
+            try:
+                loaded[version] = await self._build(config, version, batch_policy)
+            except Exception as exc:
+                failed[version] = _reason(exc)
+                log.warning("model %s version %s failed to load", state.name, version, exc_info=exc)
+        newest = max(allowed, default=None)
+        if newest is not None and newest not in loaded:
+            state.rejected = config
+            state.error = f"config change rejected: version {newest}: {failed[newest]}"
+            log.warning("model %s: %s; the previous config keeps serving", state.name, state.error)
+            return
+        for version in state.servable | state.ready:
+            if version not in loaded:
+                self.cache.evict((state.name, version))
+        for version, served in loaded.items():
+            self.cache.put((state.name, version), served)
+            self._loaded(state.name, served.model)
+        state.config, state.signature, state.policy, state.error = (
+            config,
+            signature,
+            batch_policy,
+            "",
+        )
+        state.allowed, state.retiring, state.rejected = allowed, set(), None
+        state.ready, state.failed = set(loaded), failed
+
     def _drop(self, state: ModelState) -> None:
         for version in state.servable | state.ready | set(state.failed):
             self.cache.evict((state.name, version))
@@ -181,11 +232,8 @@ class ModelRepository:
         state = self._models.get(name)
         if state is None or state.config is None:
             raise Unavailable(f"model {name!r} is not available")
-        config = state.config
         try:
-            model = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._loader, self.repo, config, version, self.device
-            )
+            served = await self._build(state.config, version, state.policy)
         except Exception as exc:
             state.failed[version] = _reason(exc)
             state.ready.discard(version)
@@ -195,10 +243,21 @@ class ModelRepository:
             ) from None
         state.failed.pop(version, None)
         state.ready.add(version)
+        self._loaded(name, served.model)
+        return served
+
+    async def _build(self, config: mc.ModelConfig, version: int, policy: BatchPolicy) -> Served:
+        """Loads and warms one version off the event loop, with its batcher."""
+        model = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._loader, self.repo, config, version, self.device
+        )
+        return Served(model, DynamicBatcher(model, policy, self.stats, self._executor))
+
+    def _loaded(self, name: str, model: LoadedModel) -> None:
         kind = "GPU" if self.device.type == "cuda" else "CPU"
-        self.stats.record_memory(name, version, model.memory_bytes, kind, self.device.index or 0)
-        log.info("model %s version %s loaded and warmed", name, version)
-        return Served(model, DynamicBatcher(model, state.policy, self.stats, self._executor))
+        index = self.device.index or 0
+        self.stats.record_memory(name, model.version, model.memory_bytes, kind, index)
+        log.info("model %s version %s loaded and warmed", name, model.version)
 
     def _evicted(self, key: Key, served: Served) -> None:
         self.stats.record_memory(key[0], key[1], 0, "CPU", 0)
@@ -300,8 +359,9 @@ class ModelRepository:
                 elif self.cache.is_loading(key):
                     row = (name, str(version), "LOADING", "")
                 elif version in state.ready:
+                    # A loaded version may still carry a model-level note (a rejected config).
                     reason = (
-                        ""
+                        state.error
                         if self.cache.is_loaded(key)
                         else "evicted from the cache; reloads on demand"
                     )

@@ -106,3 +106,49 @@ async def test_torch_export_archives_are_served(tmp_path: Path) -> None:
     x = torch.randn(5, 4)
     y = (await exported.batcher.infer({"x": x}))["y"]
     assert isinstance(y, torch.Tensor) and torch.allclose(y, module(x), atol=1e-6)
+
+
+class CountingLoader:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(
+        self, repo: ModelRepo, config: mc.ModelConfig, version: int, device: torch.device
+    ) -> LoadedModel:
+        self.calls.append((config.name, version))
+        return load_model(repo, config, version, device)
+
+
+async def test_a_changed_config_loads_aside_then_swaps(tmp_path: Path) -> None:
+    testing.publish(str(tmp_path), testing.mlp_config(), testing.seeded(testing.MLP(), 1))
+    loader = CountingLoader()
+    served = repository(tmp_path, loader=loader)
+    await served.poll_once()
+    before = await served.acquire("mlp", "")
+    ModelRepo(str(tmp_path)).write_config("mlp", testing.mlp_config(max_batch_size=8))
+    await served.poll_once()
+    after = await served.acquire("mlp", "")
+    assert after is not before and after.model.signature.max_batch_size == 8
+    assert served.state("mlp").config == testing.mlp_config(max_batch_size=8)
+    assert loader.calls == [("mlp", 1), ("mlp", 1)]
+    await served.poll_once()  # unchanged: nothing reloads
+    assert len(loader.calls) == 2
+
+
+async def test_a_config_its_model_cannot_run_is_rejected_and_the_old_one_serves(
+    tmp_path: Path,
+) -> None:
+    testing.publish(str(tmp_path), testing.mlp_config(), testing.seeded(testing.MLP(), 1))
+    loader = CountingLoader()
+    served = repository(tmp_path, loader=loader)
+    await served.poll_once()
+    wrong = testing.model_config("mlp", [("x", testing.FP32, [5])], [("y", testing.FP32, [3])])
+    ModelRepo(str(tmp_path)).write_config("mlp", wrong)  # the warm-up pass fails on [1, 5]
+    await served.poll_once()
+    still = await served.acquire("mlp", "")
+    assert still.model.signature.inputs[0].dims == (4,)
+    assert served.state("mlp").error.startswith("config change rejected: version 1")
+    [(_, _, state, reason)] = served.index(False)
+    assert (state, reason.startswith("config change rejected")) == ("READY", True)
+    await served.poll_once()  # the rejected config is not retried on every poll
+    assert len(loader.calls) == 2
