@@ -458,3 +458,30 @@ async def test_an_undecodable_stream_message_is_answered_and_the_stream_goes_on(
         "request body is not a valid inference.ModelInferRequest",
     ]
     assert [a.infer_response.id for a in answers if not a.error_message] == ["good"]
+
+
+async def test_load_report_shows_in_flight_and_queued_requests(model_repo: Path) -> None:
+    # A long queue delay holds a lone request in the batcher while we look.
+    ModelRepo(str(model_repo)).write_config("mlp", testing.mlp_config(queue_delay_us=1_500_000))
+    settings = WorkerSettings(str(model_repo), device="cpu", poll_interval_s=0)
+    async with run_worker(settings) as running:
+        async with grpc.aio.insecure_channel(running.serving.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            pending = asyncio.ensure_future(
+                stub.ModelInfer(infer_request("mlp", {"x": torch.zeros(1, 4)}))
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while True:
+                call = stub.ServerReady(pb.ServerReadyRequest())
+                await call
+                report = LoadReport.from_metadata(await call.trailing_metadata() or ())
+                if report.queue_depth or pending.done() or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.01)
+            assert (report.in_flight, report.queue_depth) == (1, 1)
+            await pending
+            call = stub.ServerReady(pb.ServerReadyRequest())
+            await call
+            report = LoadReport.from_metadata(await call.trailing_metadata() or ())
+            assert (report.in_flight, report.queue_depth) == (0, 0)
