@@ -221,11 +221,12 @@ class DynamicBatcher:
                 results: list[dict[str, Tensor] | BaseException] = await loop.run_in_executor(
                     self._executor, self._execute, batch
                 )
-            except BaseException as exc:  # the executor is shutting down, or we are cancelled
+            except asyncio.CancelledError:
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+                    p.future.cancel()  # a future cannot hold a CancelledError
                 raise
+            except Exception as exc:  # e.g. the executor is shut down: fail these, go on
+                results = [exc] * len(batch)
             for p, result in zip(batch, results, strict=True):
                 if p.future.done():
                     continue

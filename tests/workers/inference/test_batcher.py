@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -119,3 +120,12 @@ async def test_requests_with_different_variable_dims_are_not_mixed() -> None:
     for x, result in zip(xs, results, strict=True):
         assert isinstance(result, dict) and torch.equal(result["y"], x * 2)
     assert batcher.executions == 2  # one batch per shape
+
+
+async def test_a_dead_executor_fails_the_queued_requests_instead_of_hanging() -> None:
+    executor = ThreadPoolExecutor(max_workers=1)
+    executor.shutdown()
+    module = testing.seeded(testing.MLP(), 3)
+    batcher = DynamicBatcher(loaded(module), BatchPolicy(16, 0.0), Statistics(), executor)
+    results = await asyncio.wait_for(run_all(batcher, [{"x": torch.ones(1, 4)}] * 3), 30)
+    assert all(isinstance(r, RuntimeError) for r in results)
