@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -35,8 +36,12 @@ class BatchPolicy:
     max_queue_delay_s: float = 0.0
     preferred_sizes: tuple[int, ...] = ()
     enabled: bool = True
+    #: Batches of one version that may run at once (Triton's instance_group count).
+    instances: int = 1
 
     def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError("instances must be >= 1")
         if self.max_batch_size < 0:
             raise ValueError("max_batch_size must be >= 0")
         if self.max_queue_delay_s < 0:
@@ -47,15 +52,23 @@ class BatchPolicy:
 
     @classmethod
     def from_config(cls, config: mc.ModelConfig) -> BatchPolicy:
-        """Triton's rule: a model batches dynamically only with a ``dynamic_batching`` block."""
+        """Triton's rule: a model batches dynamically only with a ``dynamic_batching`` block.
+
+        ``instance_group`` counts add up to the number of concurrent executions (one
+        device here, so kinds and GPU lists do not multiply it).
+        """
+        instances = max(sum(g.count for g in config.instance_group), 1)
         if config.max_batch_size <= 0 or not config.HasField("dynamic_batching"):
-            return cls(max_batch_size=max(config.max_batch_size, 0), enabled=False)
+            return cls(
+                max_batch_size=max(config.max_batch_size, 0), enabled=False, instances=instances
+            )
         db = config.dynamic_batching
         try:
             return cls(
                 max_batch_size=config.max_batch_size,
                 max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
                 preferred_sizes=tuple(sorted(set(db.preferred_batch_size))),
+                instances=instances,
             )
         except ValueError as exc:
             raise InvalidArgument(f"model {config.name!r}: dynamic_batching: {exc}") from None
@@ -63,6 +76,9 @@ class BatchPolicy:
     @property
     def batches(self) -> bool:
         return self.enabled and self.max_batch_size > 0
+
+    def without_batching(self) -> BatchPolicy:
+        return dataclasses.replace(self, enabled=False)
 
 
 @dataclass(frozen=True)
@@ -151,8 +167,9 @@ def _split(name: str, value: Tensor, sizes: Sequence[int]) -> list[Tensor]:
 class DynamicBatcher:
     """Queues requests for one loaded model version and runs them in batches.
 
-    One batch runs at a time per version; requests arriving meanwhile queue up and
-    form the next, larger batch, which is where the throughput comes from.
+    Up to ``policy.instances`` batches run at a time per version (one by default);
+    requests arriving meanwhile queue up and form the next, larger batch, which is
+    where the throughput comes from.
     """
 
     def __init__(
@@ -169,8 +186,12 @@ class DynamicBatcher:
         self._executor = executor
         self._clock = clock
         self._queue: deque[_Pending] = deque()
-        self._arrival = asyncio.Event()
+        #: Set on every arrival and every finished batch: the worker re-plans on either.
+        self._changed = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._running = 0
+        # Strong references: the event loop keeps only weak ones to tasks.
+        self._dispatches: set[asyncio.Task[None]] = set()
         self.executions = 0
 
     @property
@@ -186,28 +207,33 @@ class DynamicBatcher:
         )
         future: asyncio.Future[dict[str, Tensor]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(inputs, size, key, self._clock(), future))
-        self._arrival.set()
+        self._changed.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run())
         return await future
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Forms batches while requests queue; returns when the queue is empty."""
         while True:
             # Requests whose caller gave up (deadline, cancellation) leave the queue.
             while self._queue and self._queue[0].future.done():
                 self._queue.popleft()
             if not self._queue:
                 return
+            if self._running >= self.policy.instances:
+                # Every instance is busy: requests keep queuing, so the next batch grows.
+                self._changed.clear()
+                await self._changed.wait()
+                continue
             head = self._queue[0]
             group = [p for p in self._queue if p.key == head.key and not p.future.done()]
             decision = plan_batch(
                 [p.size for p in group], self._clock() - head.enqueued, self.policy
             )
             if isinstance(decision, Wait):
-                self._arrival.clear()
+                self._changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrival.wait(), decision.seconds)
+                    await asyncio.wait_for(self._changed.wait(), decision.seconds)
                 continue
             batch = group[: decision.count]
             chosen = {id(p) for p in batch}
@@ -217,23 +243,35 @@ class DynamicBatcher:
                 self._stats.record_queue(
                     self.model.name, self.model.version, int((started - p.enqueued) * 1e9)
                 )
-            try:
-                results: list[dict[str, Tensor] | BaseException] = await loop.run_in_executor(
-                    self._executor, self._execute, batch
-                )
-            except asyncio.CancelledError:
-                for p in batch:
-                    p.future.cancel()  # a future cannot hold a CancelledError
-                raise
-            except Exception as exc:  # e.g. the executor is shut down: fail these, go on
-                results = [exc] * len(batch)
-            for p, result in zip(batch, results, strict=True):
-                if p.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    p.future.set_exception(result)
-                else:
-                    p.future.set_result(result)
+            self._running += 1
+            task = asyncio.create_task(self._dispatch(batch))
+            self._dispatches.add(task)
+            task.add_done_callback(self._dispatches.discard)
+
+    async def _dispatch(self, batch: Sequence[_Pending]) -> None:
+        """Runs one batch off the event loop and hands each request its result."""
+        try:
+            results: list[
+                dict[str, Tensor] | BaseException
+            ] = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._execute, batch
+            )
+        except asyncio.CancelledError:
+            for p in batch:
+                p.future.cancel()  # a future cannot hold a CancelledError
+            raise
+        except Exception as exc:  # e.g. the executor is shut down: fail these, go on
+            results = [exc] * len(batch)
+        finally:
+            self._running -= 1
+            self._changed.set()
+        for p, result in zip(batch, results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
 
     def _execute(self, batch: Sequence[_Pending]) -> list[dict[str, Tensor] | BaseException]:
         """Runs on an executor thread: one forward pass, or one per request on failure."""

@@ -152,9 +152,7 @@ class ModelRepository:
                 await self._swap_config(state, config, signature, policy, on_disk)
             return
         state.config, state.signature, state.error = config, signature, ""
-        state.policy = (
-            policy if self.batching else BatchPolicy(max(config.max_batch_size, 0), enabled=False)
-        )
+        state.policy = policy if self.batching else policy.without_batching()
         allowed = allowed_versions(config.version_policy, on_disk)
         state.retiring |= set(state.allowed) - set(allowed)
         state.retiring -= set(allowed)
@@ -188,9 +186,7 @@ class ModelRepository:
         """
         log.info("model %s: config changed; loading its versions under the new config", state.name)
         allowed = allowed_versions(config.version_policy, on_disk)
-        batch_policy = (
-            policy if self.batching else BatchPolicy(max(config.max_batch_size, 0), enabled=False)
-        )
+        batch_policy = policy if self.batching else policy.without_batching()
         loaded: dict[int, Served] = {}
         failed: dict[int, str] = {}
         for version in sorted(allowed, reverse=True):

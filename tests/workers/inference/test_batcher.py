@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -129,3 +130,25 @@ async def test_a_dead_executor_fails_the_queued_requests_instead_of_hanging() ->
     batcher = DynamicBatcher(loaded(module), BatchPolicy(16, 0.0), Statistics(), executor)
     results = await asyncio.wait_for(run_all(batcher, [{"x": torch.ones(1, 4)}] * 3), 30)
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_instances_let_batches_of_one_version_run_at_once() -> None:
+    # Two requests that cannot share a batch (different shapes) meet at a barrier
+    # inside the model: only two concurrent executions get both through.
+    barrier = threading.Barrier(2)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        barrier.wait(timeout=30)
+        return x * 2
+
+    config = testing.model_config("v", [("x", testing.FP32, [-1])], [("y", testing.FP32, [-1])])
+    config.instance_group.add(count=2)
+    policy = BatchPolicy.from_config(config)
+    assert policy.instances == 2
+    model = LoadedModel(Signature.from_config(config), 1, forward, torch.device("cpu"), 0)
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        batcher = DynamicBatcher(model, policy, Statistics(), executor)
+        xs = [torch.ones(1, 2), torch.ones(1, 3)]
+        results = await asyncio.wait_for(run_all(batcher, [{"x": x} for x in xs]), 60)
+    for x, result in zip(xs, results, strict=True):
+        assert isinstance(result, dict) and torch.equal(result["y"], x * 2)
