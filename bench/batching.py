@@ -33,6 +33,7 @@ from torch import nn
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.inference import model_config_pb2 as mc
 from workers.inference import testing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ class BenchModel:
 MODELS = (BenchModel("mlp", "x", (1024,)), BenchModel("cnn", "image", (3, 32, 32)))
 
 
-def build_repository(path: Path, queue_delay_us: int) -> None:
+def build_repository(path: Path, queue_delay_us: int, instances: int) -> None:
     for spec, module in zip(MODELS, (BenchMLP(), BenchCNN()), strict=True):
         config = testing.model_config(
             spec.name,
@@ -93,6 +94,7 @@ def build_repository(path: Path, queue_delay_us: int) -> None:
             max_batch_size=64,
             queue_delay_us=queue_delay_us,
         )
+        config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
         testing.publish(str(path), config, testing.seeded(module, 0))
 
 
@@ -262,10 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads per worker (1: no oversubscription on a small shared box; 0: default)",
     )
+    parser.add_argument(
+        "--instances", type=int, default=1, help="instance_group count of both models"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
-        build_repository(repo, args.queue_delay_us)
+        build_repository(repo, args.queue_delay_us, args.instances)
         on_worker = worker(repo, args.device, True, args.threads)
         off_worker = worker(repo, args.device, False, args.threads)
         with on_worker as on, off_worker as off:
