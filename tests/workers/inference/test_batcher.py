@@ -1,4 +1,4 @@
-"""Dynamic batching: the pure decision table, and the batcher running a real TorchScript model."""
+"""Dynamic batching: the pure decision table, and the batcher running real torch models."""
 
 from __future__ import annotations
 
