@@ -26,7 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.route",
 )
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
-WORKER_MODULES: tuple[str, ...] = ("workers.data.cli",)
+WORKER_MODULES: tuple[str, ...] = ("workers.data.cli", "workers.inference.cli")
 
 err = Console(stderr=True)
 

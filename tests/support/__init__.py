@@ -1,0 +1,1 @@
+"""Helpers run by tests, some in their own process (tritonclient)."""

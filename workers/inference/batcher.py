@@ -1,0 +1,321 @@
+"""Dynamic batching per model version: a pure decision of when to run, and the shell that runs.
+
+Requests queue per (model, version). The decision (:func:`plan_batch`) takes the queued
+requests' batch sizes and how long the oldest has waited; the shell concatenates the
+chosen requests along dim 0, runs one forward pass off the event loop and splits the
+outputs back. Requests are only batched with others of the same non-batch shapes, and a
+batch whose forward pass fails is re-run request by request, so a bad request never
+fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+from mesh.errors import InvalidArgument
+from protos.inference import model_config_pb2 as mc
+from workers.inference.model import LoadedModel, ModelError
+from workers.inference.stats import Statistics
+from workers.inference.tensors import BytesTensor, Tensor, shape_of
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a model version batches; ``max_batch_size`` 0 means the model does not batch."""
+
+    max_batch_size: int = 0
+    max_queue_delay_s: float = 0.0
+    preferred_sizes: tuple[int, ...] = ()
+    enabled: bool = True
+    #: Batches of one version that may run at once (Triton's instance_group count).
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError("instances must be >= 1")
+        if self.max_batch_size < 0:
+            raise ValueError("max_batch_size must be >= 0")
+        if self.max_queue_delay_s < 0:
+            raise ValueError("max_queue_delay_s must be >= 0")
+        bad = [p for p in self.preferred_sizes if not 0 < p <= max(self.max_batch_size, 0)]
+        if bad:
+            raise ValueError(f"preferred batch sizes {bad} are not in [1, max_batch_size]")
+
+    @classmethod
+    def from_config(cls, config: mc.ModelConfig) -> BatchPolicy:
+        """Triton's rule: a model batches dynamically only with a ``dynamic_batching`` block.
+
+        ``instance_group`` counts add up to the number of concurrent executions (one
+        device here, so kinds and GPU lists do not multiply it).
+        """
+        instances = max(sum(g.count for g in config.instance_group), 1)
+        if config.max_batch_size <= 0 or not config.HasField("dynamic_batching"):
+            return cls(
+                max_batch_size=max(config.max_batch_size, 0), enabled=False, instances=instances
+            )
+        db = config.dynamic_batching
+        try:
+            return cls(
+                max_batch_size=config.max_batch_size,
+                max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+                preferred_sizes=tuple(sorted(set(db.preferred_batch_size))),
+                instances=instances,
+            )
+        except ValueError as exc:
+            raise InvalidArgument(f"model {config.name!r}: dynamic_batching: {exc}") from None
+
+    @property
+    def batches(self) -> bool:
+        return self.enabled and self.max_batch_size > 0
+
+    def without_batching(self) -> BatchPolicy:
+        return dataclasses.replace(self, enabled=False)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run the first ``count`` queued (compatible) requests now."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to run yet; decide again after ``seconds`` or on the next arrival."""
+
+    seconds: float
+
+
+def plan_batch(sizes: Sequence[int], waited_s: float, policy: BatchPolicy) -> Dispatch | Wait:
+    """When and how much to run, from the queued requests' batch sizes (FIFO order).
+
+    Runs at once when the batch is full (``max_batch_size`` reached, or the next request
+    would not fit) or when a preferred size can be formed (the largest one); otherwise
+    waits until the oldest request has waited ``max_queue_delay``.
+    """
+    if not sizes:
+        return Wait(float("inf"))
+    if not policy.batches:
+        return Dispatch(1)
+    fitting, total = 0, 0
+    totals: list[int] = []
+    for size in sizes:
+        if fitting and total + size > policy.max_batch_size:
+            break
+        fitting += 1
+        total += size
+        totals.append(total)
+    if total >= policy.max_batch_size or fitting < len(sizes):
+        return Dispatch(fitting)
+    preferred = [i + 1 for i, t in enumerate(totals) if t in policy.preferred_sizes]
+    if preferred:
+        return Dispatch(preferred[-1])
+    if waited_s >= policy.max_queue_delay_s:
+        return Dispatch(fitting)
+    return Wait(policy.max_queue_delay_s - waited_s)
+
+
+@dataclass
+class _Pending:
+    inputs: Mapping[str, Tensor]
+    size: int
+    key: tuple[tuple[str, tuple[int, ...]], ...]
+    enqueued: float
+    future: asyncio.Future[dict[str, Tensor]] = field(repr=False)
+
+
+def _concat(values: Sequence[Tensor]) -> Tensor:
+    first = values[0]
+    if isinstance(first, BytesTensor):
+        items: list[bytes] = []
+        for v in values:
+            assert isinstance(v, BytesTensor)
+            items.extend(v.values)
+        rows = sum(v.shape[0] for v in values)
+        return BytesTensor(tuple(items), (rows, *first.shape[1:]))
+    return torch.cat([v for v in values if isinstance(v, torch.Tensor)], dim=0)
+
+
+def _split(name: str, value: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    rows = shape_of(value)[0] if shape_of(value) else None
+    if rows != sum(sizes):
+        raise ModelError(
+            f"output {name!r} has {rows} rows for a batch of {sum(sizes)}; "
+            "a batching model must keep the batch dimension first"
+        )
+    if isinstance(value, BytesTensor):
+        per_row = len(value.values) // rows if rows else 0
+        parts: list[Tensor] = []
+        start = 0
+        for size in sizes:
+            chunk = value.values[start * per_row : (start + size) * per_row]
+            parts.append(BytesTensor(chunk, (size, *value.shape[1:])))
+            start += size
+        return parts
+    return list(torch.split(value, list(sizes), dim=0))
+
+
+class DynamicBatcher:
+    """Queues requests for one loaded model version and runs them in batches.
+
+    Up to ``policy.instances`` batches run at a time per version (one by default);
+    requests arriving meanwhile queue up and form the next, larger batch, which is
+    where the throughput comes from.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        policy: BatchPolicy,
+        stats: Statistics,
+        executor: Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self._stats = stats
+        self._executor = executor
+        self._clock = clock
+        self._queue: deque[_Pending] = deque()
+        #: Set on every arrival and every finished batch: the worker re-plans on either.
+        self._changed = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._running = 0
+        # Strong references: the event loop keeps only weak ones to tasks.
+        self._dispatches: set[asyncio.Task[None]] = set()
+        self.executions = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def infer(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Runs ``inputs`` (already validated) in some batch; returns this request's outputs."""
+        batched = self.model.signature.max_batch_size > 0
+        size = next(iter(shape_of(t)[0] for t in inputs.values())) if batched else 1
+        key = tuple(
+            sorted((n, shape_of(t)[1:] if batched else shape_of(t)) for n, t in inputs.items())
+        )
+        future: asyncio.Future[dict[str, Tensor]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(inputs, size, key, self._clock(), future))
+        self._changed.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        """Forms batches while requests queue; returns when the queue is empty."""
+        while True:
+            # Requests whose caller gave up (deadline, cancellation) leave the queue.
+            while self._queue and self._queue[0].future.done():
+                self._queue.popleft()
+            if not self._queue:
+                return
+            if self._running >= self.policy.instances:
+                # Every instance is busy: requests keep queuing, so the next batch grows.
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            head = self._queue[0]
+            group = [p for p in self._queue if p.key == head.key and not p.future.done()]
+            decision = plan_batch(
+                [p.size for p in group], self._clock() - head.enqueued, self.policy
+            )
+            if isinstance(decision, Wait):
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), decision.seconds)
+                continue
+            batch = group[: decision.count]
+            chosen = {id(p) for p in batch}
+            self._queue = deque(p for p in self._queue if id(p) not in chosen)
+            started = self._clock()
+            for p in batch:
+                self._stats.record_queue(
+                    self.model.name, self.model.version, int((started - p.enqueued) * 1e9)
+                )
+            self._running += 1
+            task = asyncio.create_task(self._dispatch(batch))
+            self._dispatches.add(task)
+            task.add_done_callback(self._dispatches.discard)
+
+    async def _dispatch(self, batch: Sequence[_Pending]) -> None:
+        """Runs one batch off the event loop and hands each request its result."""
+        try:
+            results: list[
+                dict[str, Tensor] | BaseException
+            ] = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._execute, batch
+            )
+        except asyncio.CancelledError:
+            for p in batch:
+                p.future.cancel()  # a future cannot hold a CancelledError
+            raise
+        except Exception as exc:  # e.g. the executor is shut down: fail these, go on
+            results = [exc] * len(batch)
+        finally:
+            self._running -= 1
+            self._changed.set()
+        for p, result in zip(batch, results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
+
+    def _execute(self, batch: Sequence[_Pending]) -> list[dict[str, Tensor] | BaseException]:
+        """Runs on an executor thread: one forward pass, or one per request on failure."""
+        try:
+            return list(self._forward(batch))
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+        # The batch failed: find the culprit(s) by running each request alone.
+        results: list[dict[str, Tensor] | BaseException] = []
+        for p in batch:
+            try:
+                results.extend(self._forward([p]))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _forward(self, batch: Sequence[_Pending]) -> list[dict[str, Tensor]]:
+        model = self.model
+        batched = model.signature.max_batch_size > 0
+        t0 = time.perf_counter_ns()
+        if len(batch) == 1:
+            merged = dict(batch[0].inputs)
+        else:
+            merged = {n: _concat([p.inputs[n] for p in batch]) for n in batch[0].inputs}
+        total = sum(p.size for p in batch)
+        t1 = time.perf_counter_ns()
+        outputs = model.run(merged, total if batched else None)
+        t2 = time.perf_counter_ns()
+        if len(batch) == 1:
+            results = [outputs]
+        else:
+            sizes = [p.size for p in batch]
+            pieces = {n: _split(n, v, sizes) for n, v in outputs.items()}
+            results = [{n: parts[i] for n, parts in pieces.items()} for i in range(len(batch))]
+        t3 = time.perf_counter_ns()
+        self.executions += 1
+        self._stats.record_execution(
+            model.name,
+            model.version,
+            batch_size=total,
+            requests=len(batch),
+            input_ns=t1 - t0,
+            infer_ns=t2 - t1,
+            output_ns=t3 - t2,
+        )
+        return results

@@ -1,0 +1,56 @@
+"""``meshserve worker inference``: serve a model repository over the Open Inference Protocol."""
+
+from __future__ import annotations
+
+import argparse
+
+from mesh.server.app import ServerSettings
+from workers.inference.server import WorkerSettings, main
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "inference", help="serve models over the Open Inference Protocol (Triton/KServe v2 gRPC)"
+    )
+    parser.add_argument("--model-repo", required=True, help="model repository URL or directory")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on (0: any free)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if present"
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="bytes of loaded weights to keep (GPU memory on CUDA); 0: no limit",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often to scan the repository for new versions (0: never)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads for forward passes (0: torch's default, one per core)",
+    )
+    parser.add_argument(
+        "--no-batching", action="store_true", help="run every request alone (for comparison)"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = WorkerSettings(
+        model_repo=args.model_repo,
+        device=args.device,
+        memory_budget_bytes=args.memory_budget,
+        poll_interval_s=args.poll_interval,
+        batching=not args.no_batching,
+        threads=args.threads,
+    )
+    return main(settings, ServerSettings(host=args.host, port=args.port))

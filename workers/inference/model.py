@@ -1,0 +1,230 @@
+"""A loaded model version: its signature from config.pbtxt and a blocking forward pass."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import posixpath
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mesh.errors import InvalidArgument
+from protos.inference import model_config_pb2 as mc
+from workers.inference.tensors import DATATYPES, BytesTensor, Tensor, TensorSpec
+from workers.model_repo import DEFAULT_FILENAMES, EXPORT_PLATFORM, TORCHSCRIPT_PLATFORM, ModelRepo
+
+log = logging.getLogger(__name__)
+
+#: On CUDA a load's memory is measured as the allocator's growth, so loads are
+#: serialized there: two at once would each count the other's weights.
+_cuda_load_lock = threading.Lock()
+
+
+class ModelError(Exception):
+    """The model itself failed (raised in forward, or returned the wrong outputs).
+
+    The message is safe to send: it names the model and the kind of failure, never
+    the model's own exception text (which may hold paths or data).
+    """
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a model version takes and returns, read from its config."""
+
+    name: str
+    platform: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def from_config(cls, config: mc.ModelConfig) -> Signature:
+        platform = config.platform or config.backend or TORCHSCRIPT_PLATFORM
+        if platform == "pytorch":  # Triton's backend name for the same thing
+            platform = TORCHSCRIPT_PLATFORM
+        if platform not in DEFAULT_FILENAMES:
+            raise InvalidArgument(
+                f"model {config.name!r}: platform {platform!r} is not served here; "
+                f"expected one of {', '.join(DEFAULT_FILENAMES)}"
+            )
+        if config.max_batch_size < 0:
+            raise InvalidArgument(f"model {config.name!r}: max_batch_size must be >= 0")
+        if not config.input or not config.output:
+            raise InvalidArgument(f"model {config.name!r}: config must declare inputs and outputs")
+        inputs = tuple(TensorSpec.from_config(i.name, i.data_type, i.dims) for i in config.input)
+        outputs = tuple(TensorSpec.from_config(o.name, o.data_type, o.dims) for o in config.output)
+        return cls(config.name, platform, config.max_batch_size, inputs, outputs)
+
+    @property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.inputs}
+
+    @property
+    def output_specs(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.outputs}
+
+
+def _module_bytes(module: Any) -> int:
+    tensors: list[torch.Tensor] = []
+    if hasattr(module, "parameters"):
+        tensors.extend(module.parameters())
+    if hasattr(module, "buffers"):
+        tensors.extend(module.buffers())
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _to_model_arg(value: Tensor, device: torch.device) -> Any:
+    if isinstance(value, BytesTensor):
+        # TorchScript takes strings as List[str]; BYTES that are not UTF-8 cannot cross.
+        try:
+            return [v.decode("utf-8") for v in value.values]
+        except UnicodeDecodeError:
+            raise InvalidArgument("a BYTES input is not valid UTF-8") from None
+    if device.type == "cuda":
+        # Pinned host memory lets the copy overlap with work already queued on the GPU.
+        return value.pin_memory().to(device, non_blocking=True)
+    return value
+
+
+def _from_model_output(name: str, value: Any, leading: int | None) -> Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu") if value.device.type != "cpu" else value.detach()
+    if isinstance(value, list | tuple) and all(isinstance(v, str | bytes) for v in value):
+        values = tuple(v.encode("utf-8") if isinstance(v, str) else v for v in value)
+        if leading and len(values) % leading == 0 and len(values) > 0:
+            return BytesTensor(values, (leading, len(values) // leading))
+        return BytesTensor(values, (len(values),))
+    raise ModelError(f"output {name!r} is a {type(value).__name__}, not a tensor or strings")
+
+
+class LoadedModel:
+    """One model version in memory, on one device, ready to run batches."""
+
+    def __init__(
+        self,
+        signature: Signature,
+        version: int,
+        forward: Callable[..., Any],
+        device: torch.device,
+        memory_bytes: int,
+    ) -> None:
+        self.signature = signature
+        self.version = version
+        self._forward = forward
+        self.device = device
+        self.memory_bytes = memory_bytes
+
+    @property
+    def name(self) -> str:
+        return self.signature.name
+
+    def run(self, inputs: Mapping[str, Tensor], batch_size: int | None) -> dict[str, Tensor]:
+        """One forward pass (blocking). ``batch_size`` is the leading dim, None if unbatched."""
+        args = [_to_model_arg(inputs[spec.name], self.device) for spec in self.signature.inputs]
+        try:
+            with torch.inference_mode():
+                result = self._forward(*args)
+        except Exception as exc:
+            # Logged whole here; the client gets only the kind of failure.
+            log.warning("model %s version %s raised", self.name, self.version, exc_info=exc)
+            # TorchScript wraps whatever the model raised in torch.jit.Error.
+            kind = "TorchScript error" if isinstance(exc, torch.jit.Error) else type(exc).__name__
+            raise ModelError(
+                f"model {self.name!r} version {self.version} failed in forward: {kind}"
+            ) from exc
+        return self._map_outputs(result, batch_size)
+
+    def _map_outputs(self, result: Any, batch_size: int | None) -> dict[str, Tensor]:
+        specs = self.signature.outputs
+        if isinstance(result, Mapping):
+            missing = [s.name for s in specs if s.name not in result]
+            if missing:
+                raise ModelError(f"model {self.name!r} did not return output(s) {missing}")
+            values = [result[s.name] for s in specs]
+        elif isinstance(result, list | tuple) and len(specs) > 1:
+            values = list(result)
+        else:
+            values = [result]
+        if len(values) != len(specs):
+            raise ModelError(
+                f"model {self.name!r} returned {len(values)} outputs, its config declares "
+                f"{len(specs)}"
+            )
+        return {
+            spec.name: _from_model_output(spec.name, value, batch_size)
+            for spec, value in zip(specs, values, strict=True)
+        }
+
+
+def example_inputs(signature: Signature) -> dict[str, Tensor]:
+    """Inputs of batch size 1 with every variable dim 1, for the warm-up pass."""
+    inputs: dict[str, Tensor] = {}
+    for spec in signature.inputs:
+        shape = tuple(1 if d == -1 else d for d in spec.full_shape(signature.max_batch_size))
+        dtype = DATATYPES[spec.datatype].torch_dtype
+        if dtype is None:
+            inputs[spec.name] = BytesTensor((b"",) * math.prod(shape), shape)
+        else:
+            inputs[spec.name] = torch.zeros(shape, dtype=dtype)
+    return inputs
+
+
+def load_model(
+    repo: ModelRepo, config: mc.ModelConfig, version: int, device: torch.device
+) -> LoadedModel:
+    """Reads a version's model file, moves it to ``device`` and warms it (blocking)."""
+    signature = Signature.from_config(config)
+    filename = config.default_model_filename or DEFAULT_FILENAMES[signature.platform]
+    path = posixpath.join(repo.version_path(config.name, version), filename)
+    try:
+        with repo.fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise InvalidArgument(
+            f"model {config.name!r} version {version} has no {filename}"
+        ) from None
+    if device.type == "cuda":
+        with _cuda_load_lock:
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            forward, module = _deserialize(signature.platform, data, device)
+            torch.cuda.synchronize(device)
+            memory = torch.cuda.memory_allocated(device) - before
+    else:
+        forward, module = _deserialize(signature.platform, data, device)
+        memory = _module_bytes(module)
+    loaded = LoadedModel(signature, version, forward, device, memory)
+    # Warm-up: the first pass pays for lazy init, allocator growth and kernel
+    # selection; a version is not ready until it has run once.
+    warm = example_inputs(signature)
+    loaded.run(warm, 1 if signature.max_batch_size > 0 else None)
+    return loaded
+
+
+def _deserialize(
+    platform: str, data: bytes, device: torch.device
+) -> tuple[Callable[..., Any], Any]:
+    if platform == EXPORT_PLATFORM:
+        program = torch.export.load(io.BytesIO(data))
+        module = program.module()
+        module.to(device)
+        return module, module
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream but remains the Triton-compatible format.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        script = torch.jit.load(io.BytesIO(data), map_location=device)  # type: ignore[no-untyped-call]
+    script.eval()
+    return script, script

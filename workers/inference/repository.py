@@ -1,0 +1,373 @@
+"""The served view of the model repository: polls it, loads versions before retiring old ones.
+
+Each model has the versions its policy allows on disk, plus *retiring* versions that
+left the policy (a newer one appeared) but keep serving until the newest version is
+loaded and warmed: load before unload, so a rollout never fails a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+from mesh.errors import MeshError, NotFound, Unavailable
+from protos.inference import model_config_pb2 as mc
+from workers.inference.batcher import BatchPolicy, DynamicBatcher
+from workers.inference.cache import ModelCache
+from workers.inference.model import LoadedModel, Signature, load_model
+from workers.inference.stats import Statistics
+from workers.inference.versions import allowed_versions, choose_version
+from workers.model_repo import ModelRepo, RepositoryError
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+
+
+@dataclass
+class Served:
+    """A loaded version and the batcher that feeds it."""
+
+    model: LoadedModel
+    batcher: DynamicBatcher
+
+
+@dataclass
+class ModelState:
+    """What the worker knows of one model in the repository."""
+
+    name: str
+    config: mc.ModelConfig | None = None
+    signature: Signature | None = None
+    policy: BatchPolicy = field(default_factory=BatchPolicy)
+    allowed: list[int] = field(default_factory=list)
+    retiring: set[int] = field(default_factory=set)
+    ready: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
+    #: Why the model cannot serve at all (bad config), if so.
+    error: str = ""
+    #: Unloaded through RepositoryModelUnload: polling leaves it alone until a Load.
+    unloaded: bool = False
+    #: A changed config whose versions failed to load; not retried until it changes again.
+    rejected: mc.ModelConfig | None = None
+
+    @property
+    def servable(self) -> set[int]:
+        return set(self.allowed) | self.retiring
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, MeshError | RepositoryError):
+        return str(exc)
+    # Torch's load errors carry paths and internals: the kind is enough for clients.
+    return f"load failed: {type(exc).__name__}"
+
+
+class ModelRepository:
+    """Serves the models of one repository URL on one device."""
+
+    def __init__(
+        self,
+        repo: ModelRepo,
+        stats: Statistics,
+        *,
+        device: torch.device | None = None,
+        memory_budget_bytes: int = 0,
+        executor: Executor | None = None,
+        batching: bool = True,
+        loader: Callable[[ModelRepo, mc.ModelConfig, int, torch.device], LoadedModel] = load_model,
+    ) -> None:
+        self.repo = repo
+        self.stats = stats
+        self.device = device or torch.device("cpu")
+        self.batching = batching
+        self._executor = executor
+        self._loader = loader
+        self._models: dict[str, ModelState] = {}
+        self._lock = asyncio.Lock()
+        self.cache: ModelCache[Key, Served] = ModelCache(
+            self._load, lambda s: s.model.memory_bytes, memory_budget_bytes, self._evicted
+        )
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, poll_interval_s: float | None) -> None:
+        """Loads what the repository holds now; then polls every ``poll_interval_s`` (None: never)."""
+        await self.poll_once()
+        if poll_interval_s:
+            self._poller = asyncio.create_task(self._poll_forever(poll_interval_s))
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+
+    async def _poll_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.poll_once()
+            except Exception:  # a storage hiccup must not stop the watcher
+                log.exception("polling the model repository failed; keeping the last state")
+
+    # -- polling -----------------------------------------------------------------------------
+
+    async def poll_once(self) -> None:
+        """Brings the served state in line with the repository (one scan)."""
+        async with self._lock:
+            names = await asyncio.to_thread(self.repo.list_models)
+            for gone in set(self._models) - set(names):
+                log.info("model %s left the repository; unloading it", gone)
+                self._drop(self._models.pop(gone))
+            for name in names:
+                state = self._models.setdefault(name, ModelState(name))
+                if not state.unloaded:
+                    await self._sync(state)
+
+    async def _sync(self, state: ModelState, *, reload: bool = False) -> None:
+        try:
+            config = await asyncio.to_thread(self.repo.read_config, state.name)
+            config.name = state.name
+            signature = Signature.from_config(config)
+            policy = BatchPolicy.from_config(config)
+            on_disk = await asyncio.to_thread(self.repo.list_versions, state.name)
+        except (RepositoryError, MeshError, OSError) as exc:
+            # Last known good: a broken config keeps the versions already serving.
+            state.error = _reason(exc)
+            log.warning("model %s: %s", state.name, state.error)
+            return
+        if reload:
+            self._drop(state)
+        elif state.config is not None and state.config != config:
+            if config != state.rejected:
+                await self._swap_config(state, config, signature, policy, on_disk)
+            return
+        state.config, state.signature, state.error = config, signature, ""
+        state.policy = policy if self.batching else policy.without_batching()
+        allowed = allowed_versions(config.version_policy, on_disk)
+        state.retiring |= set(state.allowed) - set(allowed)
+        state.retiring -= set(allowed)
+        state.allowed = allowed
+        # Newest first: it becomes the default as soon as it is ready.
+        for version in sorted(allowed, reverse=True):
+            if version not in state.ready and version not in state.failed:
+                # A failure is recorded in state.failed by _load; the others still load.
+                with contextlib.suppress(Exception):
+                    await self.cache.get((state.name, version))
+        newest = max(allowed, default=None)
+        if newest is None or newest in state.ready:
+            for version in sorted(state.retiring):
+                self.cache.evict((state.name, version))
+                state.ready.discard(version)
+                state.failed.pop(version, None)
+            state.retiring.clear()
+
+    async def _swap_config(
+        self,
+        state: ModelState,
+        config: mc.ModelConfig,
+        signature: Signature,
+        policy: BatchPolicy,
+        on_disk: list[int],
+    ) -> None:
+        """A changed config: load its versions aside, then swap them in (load before unload).
+
+        If the newest version does not load under the new config, the old config and
+        its versions keep serving and the new config is remembered as rejected.
+        """
+        log.info("model %s: config changed; loading its versions under the new config", state.name)
+        allowed = allowed_versions(config.version_policy, on_disk)
+        batch_policy = policy if self.batching else policy.without_batching()
+        loaded: dict[int, Served] = {}
+        failed: dict[int, str] = {}
+        for version in sorted(allowed, reverse=True):
+            try:
+                loaded[version] = await self._build(config, version, batch_policy)
+            except Exception as exc:
+                failed[version] = _reason(exc)
+                log.warning("model %s version %s failed to load", state.name, version, exc_info=exc)
+        newest = max(allowed, default=None)
+        if newest is not None and newest not in loaded:
+            state.rejected = config
+            state.error = f"config change rejected: version {newest}: {failed[newest]}"
+            log.warning("model %s: %s; the previous config keeps serving", state.name, state.error)
+            return
+        for version in state.servable | state.ready:
+            if version not in loaded:
+                self.cache.evict((state.name, version))
+        for version, served in loaded.items():
+            self.cache.put((state.name, version), served)
+            self._loaded(state.name, served.model)
+        state.config, state.signature, state.policy, state.error = (
+            config,
+            signature,
+            batch_policy,
+            "",
+        )
+        state.allowed, state.retiring, state.rejected = allowed, set(), None
+        state.ready, state.failed = set(loaded), failed
+
+    def _drop(self, state: ModelState) -> None:
+        for version in state.servable | state.ready | set(state.failed):
+            self.cache.evict((state.name, version))
+        state.allowed, state.retiring, state.ready, state.failed = [], set(), set(), {}
+
+    # -- loading -----------------------------------------------------------------------------
+
+    async def _load(self, key: Key) -> Served:
+        name, version = key
+        state = self._models.get(name)
+        if state is None or state.config is None:
+            raise Unavailable(f"model {name!r} is not available")
+        try:
+            served = await self._build(state.config, version, state.policy)
+        except Exception as exc:
+            state.failed[version] = _reason(exc)
+            state.ready.discard(version)
+            log.warning("model %s version %s failed to load", name, version, exc_info=exc)
+            raise Unavailable(
+                f"model {name!r} version {version} failed to load: {state.failed[version]}"
+            ) from None
+        state.failed.pop(version, None)
+        state.ready.add(version)
+        self._loaded(name, served.model)
+        return served
+
+    async def _build(self, config: mc.ModelConfig, version: int, policy: BatchPolicy) -> Served:
+        """Loads and warms one version off the event loop, with its batcher."""
+        model = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._loader, self.repo, config, version, self.device
+        )
+        return Served(model, DynamicBatcher(model, policy, self.stats, self._executor))
+
+    def _loaded(self, name: str, model: LoadedModel) -> None:
+        kind = "GPU" if self.device.type == "cuda" else "CPU"
+        index = self.device.index or 0
+        self.stats.record_memory(name, model.version, model.memory_bytes, kind, index)
+        log.info("model %s version %s loaded and warmed", name, model.version)
+
+    def _evicted(self, key: Key, served: Served) -> None:
+        self.stats.record_memory(key[0], key[1], 0, "CPU", 0)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def state(self, name: str) -> ModelState:
+        state = self._models.get(name)
+        if state is None:
+            raise NotFound(f"unknown model {name!r}")
+        return state
+
+    def _usable(self, name: str) -> ModelState:
+        state = self.state(name)
+        if state.unloaded:
+            raise Unavailable(f"model {name!r} is unloaded")
+        if state.config is None:
+            raise Unavailable(f"model {name!r} is not available: {state.error or 'no config'}")
+        return state
+
+    def resolve(
+        self, name: str, requested: str, header: str | None = None
+    ) -> tuple[ModelState, int]:
+        """The model and the version a request runs on (see :func:`choose_version`)."""
+        state = self._usable(name)
+        version = choose_version(name, requested, header, state.servable, state.ready)
+        return state, version
+
+    async def acquire(
+        self, name: str, requested: str, header: str | None = None, timeout: float | None = None
+    ) -> Served:
+        """The loaded version a request runs on, loading it on demand (waits up to ``timeout``)."""
+        state, version = self.resolve(name, requested, header)
+        if version in state.failed:
+            raise Unavailable(
+                f"model {name!r} version {version} failed to load: {state.failed[version]}"
+            )
+        return await self.cache.get((name, version), timeout)
+
+    def is_ready(self, name: str, requested: str) -> bool:
+        state = self._models.get(name)
+        if state is None or state.unloaded or state.config is None:
+            return False
+        try:
+            _, version = self.resolve(name, requested)
+        except MeshError:
+            return False
+        return version in state.ready
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def ready_versions(self, name: str) -> list[int]:
+        state = self._models.get(name)
+        if state is None or state.unloaded:
+            return []
+        return sorted(v for v in state.ready if v in state.servable)
+
+    # -- explicit control --------------------------------------------------------------------
+
+    async def load(self, name: str) -> None:
+        """(Re)loads ``name`` from the repository: re-reads its config and versions."""
+        async with self._lock:
+            exists = await asyncio.to_thread(self.repo.list_models)
+            if name not in exists:
+                raise NotFound(f"model {name!r} is not in the repository")
+            state = self._models.setdefault(name, ModelState(name))
+            state.unloaded = False
+            await self._sync(state, reload=True)
+            if state.error:
+                raise Unavailable(f"model {name!r} cannot load: {state.error}")
+            failed = [f"version {v}: {r}" for v, r in sorted(state.failed.items())]
+            if failed and not state.ready:
+                raise Unavailable(f"model {name!r} failed to load ({'; '.join(failed)})")
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            state = self.state(name)
+            self._drop(state)
+            state.unloaded = True
+
+    def index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) rows for RepositoryIndex."""
+        rows: list[tuple[str, str, str, str]] = []
+        for name in self.names():
+            state = self._models[name]
+            if state.unloaded or (state.config is None and state.error):
+                if not ready_only:
+                    rows.append(
+                        (name, "", "UNAVAILABLE", "unloaded" if state.unloaded else state.error)
+                    )
+                continue
+            for version in sorted(state.servable | set(state.failed)):
+                key = (name, version)
+                if version in state.failed:
+                    row = (name, str(version), "UNAVAILABLE", state.failed[version])
+                elif self.cache.is_loading(key):
+                    row = (name, str(version), "LOADING", "")
+                elif version in state.ready:
+                    # A loaded version may still carry a model-level note (a rejected config).
+                    reason = (
+                        state.error
+                        if self.cache.is_loaded(key)
+                        else "evicted from the cache; reloads on demand"
+                    )
+                    row = (name, str(version), "READY", reason)
+                else:
+                    row = (name, str(version), "UNAVAILABLE", "not loaded yet")
+                if not ready_only or row[2] == "READY":
+                    rows.append(row)
+        return rows
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(served.batcher.queue_depth for served in self.cache.values())

@@ -1,0 +1,110 @@
+"""Assembles and runs an inference worker: repository, cache, batchers, statistics, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import torch
+
+from mesh.server.app import ServerSettings, Serving, serve_until_signal, start_server
+from workers.inference.repository import ModelRepository
+from workers.inference.service import InferenceServicer
+from workers.inference.stats import Statistics
+from workers.inference.worker import InferenceWorker
+from workers.model_repo import ModelRepo
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What an inference worker serves and how. Validated on construction."""
+
+    model_repo: str
+    device: str = "auto"
+    #: Bytes of loaded weights to keep (GPU memory on CUDA); 0: no limit.
+    memory_budget_bytes: int = 0
+    poll_interval_s: float = 2.0
+    #: False runs every request alone (the benchmark's "batching off").
+    batching: bool = True
+    #: torch intra-op threads for forward passes; 0 keeps torch's default (one per core).
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model_repo:
+            raise ValueError("model_repo must not be empty")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available")
+        if self.memory_budget_bytes < 0:
+            raise ValueError(f"memory budget must be >= 0, got {self.memory_budget_bytes}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.poll_interval_s < 0:
+            raise ValueError(f"poll interval must be >= 0, got {self.poll_interval_s}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class RunningWorker:
+    """A started worker: its server and its parts (for tests and embedding)."""
+
+    serving: Serving
+    servicer: InferenceServicer
+    worker: InferenceWorker
+    repository: ModelRepository
+
+
+@asynccontextmanager
+async def run_worker(
+    settings: WorkerSettings, server: ServerSettings | None = None
+) -> AsyncIterator[RunningWorker]:
+    """Starts a worker, loads the repository, yields it; drains and stops on exit."""
+    if settings.threads:
+        # Process-wide: a worker process owns its torch thread pool.
+        torch.set_num_threads(settings.threads)
+    stats = Statistics()
+    # Forward passes and loads run here, off the event loop. A few threads let one
+    # model's pass overlap another's; torch's own intra-op threads do the rest.
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="inference")
+    repository = ModelRepository(
+        ModelRepo(settings.model_repo),
+        stats,
+        device=settings.torch_device(),
+        memory_budget_bytes=settings.memory_budget_bytes,
+        executor=executor,
+        batching=settings.batching,
+    )
+    worker = InferenceWorker(repository, stats)
+    servicer = InferenceServicer(worker)
+    serving = await start_server(server or ServerSettings(), [servicer.service()])
+    try:
+        await repository.start(settings.poll_interval_s or None)
+        servicer.ready = True
+        yield RunningWorker(serving, servicer, worker, repository)
+    finally:
+        servicer.ready = False
+        await serving.drain(grace=0)
+        await repository.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve_forever(settings: WorkerSettings, server: ServerSettings) -> None:
+    async with run_worker(settings, server) as running:
+        # Machine-readable: tests and scripts that pass --port 0 read the port from here.
+        print(f"inference worker listening on {running.serving.address}", flush=True)
+        sys.stdout.flush()
+        await serve_until_signal(running.serving)
+
+
+def main(settings: WorkerSettings, server: ServerSettings) -> int:
+    asyncio.run(serve_forever(settings, server))
+    return 0
