@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 from mesh.errors import MeshError
 
 #: Modules that add top-level commands: each has ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("registry.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("registry.cli", "gateway.cli", "mesh.cli.route")
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
 WORKER_MODULES: tuple[str, ...] = ()
 

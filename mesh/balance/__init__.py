@@ -1,0 +1,1 @@
+"""Endpoint selection: hash rings, simple balancers, outlier detection, load tracking."""

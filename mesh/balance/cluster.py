@@ -1,0 +1,176 @@
+"""Per host/subset upstream state: endpoints, ring, balancer and outlier detector."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mesh.balance.endpoints import Endpoint, EndpointSet, EndpointsSnapshot, select
+from mesh.balance.load import LoadTracker
+from mesh.balance.outlier import OutlierDetector
+from mesh.balance.ring import HashRing, RingPolicy, choose
+from mesh.balance.simple import RoundRobin, least_request_order, random_order
+from mesh.config.destination_rule import Extensions, OutlierDetection, TrafficPolicy
+from mesh.config.snapshot import MeshConfig
+
+
+@dataclass(frozen=True)
+class Pick:
+    """Endpoints in the order to try them, and the reasons for the order."""
+
+    candidates: tuple[Endpoint, ...]
+    reasons: tuple[str, ...]
+    #: Addresses skipped because outlier detection ejected them.
+    ejected: frozenset[str] = frozenset()
+
+
+class Cluster:
+    """One host/subset: its healthy endpoints, a ring or simple balancer, ejections.
+
+    Rebuilt (not mutated) when membership or policy changes; the outlier detector and
+    round-robin position are handed over so a config reload forgets nothing.
+    """
+
+    def __init__(
+        self,
+        members: EndpointSet,
+        policy: TrafficPolicy,
+        extensions: Extensions,
+        tracker: LoadTracker,
+        clock: Callable[[], float],
+        previous: Cluster | None = None,
+    ) -> None:
+        self.members = members
+        self.policy = policy
+        self.extensions = extensions
+        self.tracker = tracker
+        healthy = members.healthy
+        self._addresses = tuple(e.address for e in healthy)
+        lb = policy.load_balancer
+        reuse = previous is not None and previous.members.endpoints == members.endpoints
+        self.ring: HashRing | None = None
+        if lb.consistent_hash is not None:
+            size = lb.consistent_hash.minimum_ring_size
+            if (
+                reuse
+                and previous is not None
+                and previous.ring is not None
+                and previous.ring.vnodes == size
+            ):
+                self.ring = previous.ring
+            else:
+                self.ring = HashRing(healthy, vnodes=size, generation=members.generation)
+        self._round_robin: RoundRobin = (
+            previous._round_robin if reuse and previous is not None else RoundRobin(healthy)
+        )
+        self.outliers: OutlierDetector | None = None
+        if policy.outlier_detection is not None:
+            self.outliers = _carry_outliers(previous, policy.outlier_detection, clock)
+            self.outliers.forget(self._addresses)
+        self.ring_policy = RingPolicy(
+            bounded_load=extensions.bounded_load,
+            hot_key_replicas=extensions.hot_key_replicas,
+            hot_key_threshold=extensions.hot_key_threshold,
+        )
+
+    @property
+    def healthy(self) -> tuple[str, ...]:
+        return self._addresses
+
+    def excluded(self) -> frozenset[str]:
+        return self.outliers.excluded(self._addresses) if self.outliers else frozenset()
+
+    def pick(self, key: str | None, rng: random.Random) -> Pick:
+        excluded = self.excluded()
+        reasons: list[str] = []
+        if excluded:
+            reasons.append(f"outlier detection ejected {', '.join(sorted(excluded))}")
+        if self.ring is not None and key is not None:
+            choice = choose(self.ring, key, self.tracker, self.ring_policy, excluded)
+            return Pick(choice.candidates, (*reasons, *choice.reasons), excluded)
+        healthy = self.members.healthy
+        simple = self.policy.load_balancer.simple
+        if self.ring is not None:
+            # consistentHash without a key for this request: spread like LEAST_REQUEST.
+            reasons.append("no hash key in this request: least request of two random endpoints")
+            order = least_request_order(healthy, rng, self.tracker, excluded)
+        elif simple == "ROUND_ROBIN":
+            reasons.append("ROUND_ROBIN")
+            order = self._round_robin.order(excluded)
+        elif simple == "RANDOM":
+            reasons.append("RANDOM")
+            order = random_order(healthy, rng, excluded)
+        else:
+            reasons.append("LEAST_REQUEST: fewer in flight of two random endpoints")
+            order = least_request_order(healthy, rng, self.tracker, excluded)
+        return Pick(tuple(order), tuple(reasons), excluded)
+
+
+def _carry_outliers(
+    previous: Cluster | None, policy: OutlierDetection, clock: Callable[[], float]
+) -> OutlierDetector:
+    if previous is not None and previous.outliers is not None:
+        previous.outliers.policy = policy
+        return previous.outliers
+    return OutlierDetector(policy, clock)
+
+
+class ClusterMap:
+    """Clusters for every host/subset, built lazily from one config and endpoint snapshot."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        snapshot: EndpointsSnapshot,
+        tracker: LoadTracker,
+        clock: Callable[[], float],
+        previous: ClusterMap | None = None,
+    ) -> None:
+        self.config = config
+        self.snapshot = snapshot
+        self.tracker = tracker
+        self.clock = clock
+        # Clusters the previous map built, or inherited unbuilt (clusters are built lazily).
+        self._previous: dict[tuple[str, str], Cluster] = (
+            {**previous._previous, **previous._clusters} if previous is not None else {}
+        )
+        self._clusters: dict[tuple[str, str], Cluster] = {}
+        self._generations: dict[tuple[str, str], int] = (
+            dict(previous._generations) if previous is not None else {}
+        )
+
+    def cluster(self, host: str, subset: str = "") -> Cluster:
+        key = (host, subset)
+        found = self._clusters.get(key)
+        if found is not None:
+            return found
+        rule = self.config.destination_rule(host)
+        labels: tuple[tuple[str, str], ...] = ()
+        policy = TrafficPolicy()
+        extensions = Extensions()
+        if rule is not None:
+            extensions = rule.extensions
+            policy = rule.policy_for(subset or None)
+            found_subset = rule.subset(subset) if subset else None
+            if found_subset is not None:
+                labels = found_subset.labels
+        previous = self._previous.get(key)
+        members = select(self.snapshot.endpoints(host), host, subset, labels)
+        generation = self._generations.get(key, 0)
+        if previous is None or previous.members.endpoints != members.endpoints:
+            generation += 1
+        self._generations[key] = generation
+        members = EndpointSet(host, subset, members.endpoints, generation)
+        cluster = Cluster(members, policy, extensions, self.tracker, self.clock, previous)
+        self._clusters[key] = cluster
+        return cluster
+
+    def known(self) -> list[tuple[str, str]]:
+        """Every host/subset that config or discovery names."""
+        keys = {(h, "") for h in self.snapshot.hosts()}
+        for rule in self.config.destination_rules.values():
+            keys.add((rule.host, ""))
+            keys.update((rule.host, s.name) for s in rule.subsets)
+        keys.update(self._clusters)
+        return sorted(keys)

@@ -1,0 +1,181 @@
+"""Consistent-hash rings over endpoints, with bounded loads and hot-key spreading.
+
+A ring is built once (with uhashring) and never changes: uhashring is not thread-safe,
+so a membership change builds a new :class:`HashRing` and the owner swaps its
+reference. Lookups only read two tuples, so any number of readers may share a ring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from bisect import bisect
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+
+from uhashring import HashRing as _UHashRing
+
+from mesh.balance.endpoints import Endpoint
+from mesh.balance.load import LoadTracker
+
+HASH_SPACE = 2**64
+
+
+def hash_key(key: str) -> int:
+    """A 64-bit position on the ring (BLAKE2b: fast, well mixed, stable across processes)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class HashRing:
+    """An immutable ring: each endpoint owns ``weight * vnodes`` points.
+
+    Points per endpoint do not depend on how many endpoints there are, so adding one
+    moves only the keys that land on its new points (≈ 1/(n+1) of them, all to it) and
+    removing one moves only its own keys. ``vnodes`` comes from the DestinationRule's
+    ``ringHash.minimumRingSize``: a ring of one endpoint already has that many points.
+    """
+
+    __slots__ = ("_by_address", "_owners", "_points", "endpoints", "generation", "vnodes")
+
+    def __init__(
+        self, endpoints: Sequence[Endpoint], *, vnodes: int = 1024, generation: int = 0
+    ) -> None:
+        if vnodes < 1:
+            raise ValueError(f"vnodes must be >= 1, got {vnodes}")
+        self.endpoints = tuple(sorted(endpoints))
+        self.vnodes = vnodes
+        self.generation = generation
+        self._by_address = {e.address: e for e in self.endpoints}
+        if len(self._by_address) != len(self.endpoints):
+            raise ValueError("endpoint addresses on a ring must be distinct")
+        nodes = {
+            e.address: {"instance": e, "vnodes": vnodes, "weight": e.weight} for e in self.endpoints
+        }
+        built = _UHashRing(nodes, hash_fn=hash_key) if nodes else None
+        points = built.get_points() if built is not None else []
+        self._points: tuple[int, ...] = tuple(p for p, _ in points)
+        self._owners: tuple[str, ...] = tuple(name for _, name in points)
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+    def __bool__(self) -> bool:
+        return bool(self.endpoints)
+
+    def _position(self, key: str) -> int:
+        index = bisect(self._points, hash_key(key))
+        return 0 if index == len(self._points) else index
+
+    def primary(self, key: str) -> Endpoint | None:
+        """The endpoint that owns ``key``."""
+        if not self._points:
+            return None
+        return self._by_address[self._owners[self._position(key)]]
+
+    def successors(self, key: str) -> Iterator[Endpoint]:
+        """Distinct endpoints clockwise from ``key``: the owner first, then retry order."""
+        if not self._points:
+            return
+        seen: set[str] = set()
+        start = self._position(key)
+        count = len(self._points)
+        for step in range(count):
+            owner = self._owners[(start + step) % count]
+            if owner not in seen:
+                seen.add(owner)
+                yield self._by_address[owner]
+                if len(seen) == len(self._by_address):
+                    return
+
+    def shares(self) -> dict[str, float]:
+        """Fraction of the hash space each endpoint owns (a point owns the arc before it)."""
+        shares = dict.fromkeys(self._by_address, 0.0)
+        previous = self._points[-1] - HASH_SPACE if self._points else 0
+        for point, owner in zip(self._points, self._owners, strict=True):
+            shares[owner] += (point - previous) / HASH_SPACE
+            previous = point
+        return shares
+
+    def points(self) -> dict[str, int]:
+        counts = dict.fromkeys(self._by_address, 0)
+        for owner in self._owners:
+            counts[owner] += 1
+        return counts
+
+
+@dataclass(frozen=True)
+class RingPolicy:
+    """How a key's endpoint is chosen among its ring successors."""
+
+    #: Bounded-load factor c: an endpoint takes a key only while its in-flight count is
+    #: below ⌈c · (in-flight + 1) · weight / total weight⌉; None: plain consistent hashing.
+    bounded_load: float | None = 1.25
+    #: A hot key is spread over this many successors (least loaded first); 1: never.
+    hot_key_replicas: int = 1
+    #: In-flight requests for one key from which it counts as hot.
+    hot_key_threshold: int = 4
+
+
+@dataclass(frozen=True)
+class RingChoice:
+    """Candidates in the order to try them, and why the first was chosen."""
+
+    candidates: tuple[Endpoint, ...]
+    reasons: tuple[str, ...]
+
+
+def capacity(factor: float, total_in_flight: int, weight: int, total_weight: int) -> int:
+    """The bounded-load cap of one endpoint, counting the request being placed."""
+    return max(1, math.ceil(factor * (total_in_flight + 1) * weight / total_weight))
+
+
+def choose(
+    ring: HashRing,
+    key: str,
+    tracker: LoadTracker,
+    policy: RingPolicy,
+    excluded: Collection[str] = (),
+) -> RingChoice:
+    """Orders ``key``'s successors for a request, skipping ``excluded`` (ejected, tried).
+
+    1. Successors clockwise from the key: stickiness keeps a version on the GPU that
+       already holds it.
+    2. A hot key (``hot_key_threshold`` in flight) may use its first ``hot_key_replicas``
+       successors, least loaded first, so one version cannot swamp one worker.
+    3. Bounded loads: walk past endpoints at capacity (Mirrokni et al., 2018), which caps
+       any endpoint at ⌈c·average⌉ while moving as few keys as possible.
+    """
+    order = [e for e in ring.successors(key) if e.address not in excluded]
+    reasons: list[str] = []
+    if not order:
+        return RingChoice((), ("no endpoint left on the ring after exclusions",))
+    reasons.append(f"ring owner of key {key!r}: {order[0].address}")
+    replicas = min(policy.hot_key_replicas, len(order))
+    if replicas > 1:
+        in_flight = tracker.key_in_flight(key)
+        if in_flight >= policy.hot_key_threshold:
+            head = sorted(
+                range(replicas),
+                key=lambda i: (tracker.in_flight(order[i].address) / order[i].weight, i),
+            )
+            order = [order[i] for i in head] + order[replicas:]
+            reasons.append(
+                f"hot key ({in_flight} in flight >= {policy.hot_key_threshold}): least loaded "
+                f"of {replicas} successors is {order[0].address}"
+            )
+    if policy.bounded_load is not None:
+        members = [e for e in ring.endpoints if e.address not in excluded]
+        total = tracker.total([e.address for e in members])
+        total_weight = sum(e.weight for e in members)
+        for index, endpoint in enumerate(order):
+            cap = capacity(policy.bounded_load, total, endpoint.weight, total_weight)
+            load = tracker.in_flight(endpoint.address)
+            if load < cap:
+                if index:
+                    reasons.append(
+                        f"bounded load c={policy.bounded_load:g}: skipped {index} endpoint(s) at "
+                        f"capacity; {endpoint.address} has {load} < {cap} in flight"
+                    )
+                    order = [endpoint, *order[:index], *order[index + 1 :]]
+                break
+    return RingChoice(tuple(order), tuple(reasons))

@@ -1,0 +1,1 @@
+"""Istio-style routing configuration parsed into frozen, validated objects."""

@@ -1,0 +1,363 @@
+"""DestinationRule: subsets by labels and the traffic policy for a host (balancing, ejection)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from mesh.config.fields import Node
+from mesh.config.hosts import normalise_host
+from mesh.config.resource import Metadata
+
+#: Istio's defaults for outlierDetection fields that are left out.
+DEFAULT_CONSECUTIVE_5XX = 5
+DEFAULT_INTERVAL = 10.0
+DEFAULT_BASE_EJECTION_TIME = 30.0
+DEFAULT_MAX_EJECTION_PERCENT = 10
+DEFAULT_MIN_HEALTH_PERCENT = 0
+#: Envoy's cap on an ejection that grows with each repeat (max_ejection_time).
+MAX_EJECTION_TIME = 300.0
+#: Envoy's ring-hash default minimum ring size.
+DEFAULT_MINIMUM_RING_SIZE = 1024
+#: Istio's "unlimited" for connection-pool counters.
+UNLIMITED = 2**32 - 1
+
+SimplePolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"]
+#: Istio's default load balancer since 1.14.
+DEFAULT_SIMPLE: SimplePolicy = "LEAST_REQUEST"
+
+
+@dataclass(frozen=True)
+class ConsistentHash:
+    """``consistentHash``: the key comes from a header (Istio) and/or request fields (meshserve)."""
+
+    http_header_name: str | None = None
+    minimum_ring_size: int = DEFAULT_MINIMUM_RING_SIZE
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    """Exactly one of ``simple`` or ``consistent_hash`` is set."""
+
+    simple: SimplePolicy | None = DEFAULT_SIMPLE
+    consistent_hash: ConsistentHash | None = None
+
+    def describe(self) -> str:
+        if self.consistent_hash is not None:
+            return "consistentHash"
+        return self.simple or DEFAULT_SIMPLE
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    consecutive_5xx_errors: int = DEFAULT_CONSECUTIVE_5XX
+    #: 0 disables; gateway errors are UNAVAILABLE/DEADLINE_EXCEEDED and connection failures.
+    consecutive_gateway_errors: int = 0
+    interval: float = DEFAULT_INTERVAL
+    base_ejection_time: float = DEFAULT_BASE_EJECTION_TIME
+    max_ejection_percent: int = DEFAULT_MAX_EJECTION_PERCENT
+    min_health_percent: int = DEFAULT_MIN_HEALTH_PERCENT
+
+
+@dataclass(frozen=True)
+class ConnectionPool:
+    http2_max_requests: int = UNLIMITED
+    max_requests_per_connection: int = 0
+    max_retries: int = UNLIMITED
+    http1_max_pending_requests: int = UNLIMITED
+    max_connections: int = UNLIMITED
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    load_balancer: LoadBalancer = LoadBalancer()
+    #: None: outlier detection is off, as in Istio when the block is absent.
+    outlier_detection: OutlierDetection | None = None
+    connection_pool: ConnectionPool = ConnectionPool()
+
+
+@dataclass(frozen=True)
+class Subset:
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    #: The host's policy with this subset's overrides already applied.
+    traffic_policy: TrafficPolicy
+
+
+#: meshserve's extension annotations on a DestinationRule, with their defaults.
+ANNOTATION_HASH_FIELDS = "meshserve.io/hash-fields"
+ANNOTATION_BOUNDED_LOAD = "meshserve.io/bounded-load"
+ANNOTATION_HOT_KEY_REPLICAS = "meshserve.io/hot-key-replicas"
+ANNOTATION_HOT_KEY_THRESHOLD = "meshserve.io/hot-key-threshold"
+DEFAULT_BOUNDED_LOAD = 1.25
+DEFAULT_HOT_KEY_THRESHOLD = 4
+#: Request fields a hash key may be read from: names → field numbers of ModelInferRequest
+#: (and of ModelReadyRequest/ModelMetadataRequest, which share numbers 1 and 2).
+HASH_FIELDS: dict[str, int] = {"model_name": 1, "model_version": 2}
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """meshserve behaviour beyond Istio, read from ``metadata.annotations``."""
+
+    #: Request fields that form the hash key, in order; empty: no field hashing.
+    hash_fields: tuple[str, ...] = ()
+    #: Bounded-load factor c (capacity ⌈c·average⌉); None disables bounded loads.
+    bounded_load: float | None = DEFAULT_BOUNDED_LOAD
+    #: Ring successors a hot key is spread over (1: never spread).
+    hot_key_replicas: int = 1
+    #: In-flight requests for one key from which it counts as hot.
+    hot_key_threshold: int = DEFAULT_HOT_KEY_THRESHOLD
+
+
+@dataclass(frozen=True)
+class DestinationRule:
+    metadata: Metadata
+    host: str
+    traffic_policy: TrafficPolicy
+    subsets: tuple[Subset, ...]
+    extensions: Extensions = Extensions()
+    export_to: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"DestinationRule/{self.metadata.name}"
+
+    def subset(self, name: str) -> Subset | None:
+        return next((s for s in self.subsets if s.name == name), None)
+
+    def policy_for(self, subset: str | None) -> TrafficPolicy:
+        found = self.subset(subset) if subset else None
+        return found.traffic_policy if found else self.traffic_policy
+
+
+def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) -> DestinationRule:
+    spec.mapping(
+        ("host", "trafficPolicy", "subsets", "exportTo"),
+        unsupported=("workloadSelector",),
+        required=("host",),
+    )
+    host_node = spec.child("host")
+    try:
+        host = normalise_host(host_node.string())
+    except ValueError as exc:
+        host_node.fail(str(exc))
+    policy = _traffic_policy(spec.child("trafficPolicy"), TrafficPolicy())
+    subsets: list[Subset] = []
+    for item in spec.child("subsets").items():
+        item.mapping(("name", "labels", "trafficPolicy"), required=("name",))
+        name = item.child("name").string()
+        if any(s.name == name for s in subsets):
+            item.child("name").fail(f"duplicate subset {name!r}")
+        labels = tuple(sorted(item.child("labels").string_map().items()))
+        subsets.append(Subset(name, labels, _traffic_policy(item.child("trafficPolicy"), policy)))
+    extensions = parse_extensions(annotations, dict(metadata.annotations))
+    _check_hash_sources(spec, policy, subsets, extensions)
+    return DestinationRule(
+        metadata=metadata,
+        host=host,
+        traffic_policy=policy,
+        subsets=tuple(subsets),
+        extensions=extensions,
+        export_to=spec.child("exportTo").string_list(),
+    )
+
+
+def _check_hash_sources(
+    spec: Node, policy: TrafficPolicy, subsets: list[Subset], extensions: Extensions
+) -> None:
+    """A ring needs a key: a header, request fields, or both."""
+    places = [("trafficPolicy", policy)] + [
+        (f"subsets[{i}].trafficPolicy", s.traffic_policy) for i, s in enumerate(subsets)
+    ]
+    hashing = False
+    for path, p in places:
+        ch = p.load_balancer.consistent_hash
+        if ch is None:
+            continue
+        hashing = True
+        if ch.http_header_name is None and not extensions.hash_fields:
+            spec.child(path).child("loadBalancer").child("consistentHash").fail(
+                f"needs httpHeaderName or the {ANNOTATION_HASH_FIELDS} annotation"
+            )
+    if extensions.hash_fields and not hashing:
+        spec.fail(
+            f"annotation {ANNOTATION_HASH_FIELDS} needs a consistentHash loadBalancer "
+            "in trafficPolicy or a subset"
+        )
+
+
+def _traffic_policy(node: Node, base: TrafficPolicy) -> TrafficPolicy:
+    """The policy in ``node`` over ``base``: a subset's policy overrides per block, as Istio."""
+    if node.value is None:
+        return base
+    node.mapping(
+        ("loadBalancer", "connectionPool", "outlierDetection"),
+        unsupported=("tls", "portLevelSettings", "tunnel", "proxyProtocol"),
+    )
+    policy = base
+    if node.has("loadBalancer"):
+        policy = replace(policy, load_balancer=_load_balancer(node.child("loadBalancer")))
+    if node.has("outlierDetection"):
+        policy = replace(policy, outlier_detection=_outlier(node.child("outlierDetection")))
+    if node.has("connectionPool"):
+        policy = replace(policy, connection_pool=_connection_pool(node.child("connectionPool")))
+    return policy
+
+
+def _load_balancer(node: Node) -> LoadBalancer:
+    node.mapping(
+        ("simple", "consistentHash"),
+        unsupported=("localityLbSetting", "warmupDurationSecs", "warmup"),
+    )
+    if node.has("simple") == node.has("consistentHash"):
+        node.fail("must have exactly one of simple or consistentHash")
+    if node.has("simple"):
+        simple = node.child("simple").choice(
+            ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "LEAST_CONN")
+        )
+        # LEAST_CONN is Istio's deprecated alias of LEAST_REQUEST.
+        name: SimplePolicy = "LEAST_REQUEST" if simple == "LEAST_CONN" else simple  # type: ignore[assignment]
+        return LoadBalancer(simple=name)
+    ch = node.child("consistentHash").mapping(
+        ("httpHeaderName", "ringHash", "minimumRingSize"),
+        unsupported=("httpCookie", "useSourceIp", "httpQueryParameterName", "maglev"),
+    )
+    header = ch.child("httpHeaderName").opt_string()
+    if header is not None:
+        header = header.lower()
+    if ch.has("ringHash") and ch.has("minimumRingSize"):
+        ch.fail("set ringHash.minimumRingSize or the deprecated minimumRingSize, not both")
+    size_node = ch.child("minimumRingSize")
+    if ch.has("ringHash"):
+        size_node = ch.child("ringHash").mapping(("minimumRingSize",)).child("minimumRingSize")
+    size = size_node.integer(DEFAULT_MINIMUM_RING_SIZE, 1, 8_388_608)
+    return LoadBalancer(simple=None, consistent_hash=ConsistentHash(header, size))
+
+
+def _outlier(node: Node) -> OutlierDetection:
+    node.mapping(
+        (
+            "consecutive5xxErrors",
+            "consecutiveGatewayErrors",
+            "interval",
+            "baseEjectionTime",
+            "maxEjectionPercent",
+            "minHealthPercent",
+        ),
+        unsupported=(
+            "consecutiveErrors",
+            "splitExternalLocalOriginErrors",
+            "consecutiveLocalOriginFailures",
+        ),
+    )
+    return OutlierDetection(
+        consecutive_5xx_errors=node.child("consecutive5xxErrors").integer(
+            DEFAULT_CONSECUTIVE_5XX, 0, UNLIMITED
+        ),
+        consecutive_gateway_errors=node.child("consecutiveGatewayErrors").integer(0, 0, UNLIMITED),
+        interval=node.child("interval").duration(DEFAULT_INTERVAL),
+        base_ejection_time=node.child("baseEjectionTime").duration(DEFAULT_BASE_EJECTION_TIME),
+        max_ejection_percent=node.child("maxEjectionPercent").integer(
+            DEFAULT_MAX_EJECTION_PERCENT, 0, 100
+        ),
+        min_health_percent=node.child("minHealthPercent").integer(
+            DEFAULT_MIN_HEALTH_PERCENT, 0, 100
+        ),
+    )
+
+
+def _connection_pool(node: Node) -> ConnectionPool:
+    node.mapping(("http", "tcp"))
+    http = node.child("http")
+    tcp = node.child("tcp")
+    if http.value is not None:
+        http.mapping(
+            (
+                "http2MaxRequests",
+                "maxRequestsPerConnection",
+                "maxRetries",
+                "http1MaxPendingRequests",
+            ),
+            unsupported=(
+                "idleTimeout",
+                "h2UpgradePolicy",
+                "useClientProtocol",
+                "maxConcurrentStreams",
+            ),
+        )
+    if tcp.value is not None:
+        tcp.mapping(
+            ("maxConnections", "connectTimeout"),
+            unsupported=("tcpKeepalive", "maxConnectionDuration", "idleTimeout"),
+        )
+    return ConnectionPool(
+        http2_max_requests=http.child("http2MaxRequests").integer(UNLIMITED, 1, UNLIMITED),
+        max_requests_per_connection=http.child("maxRequestsPerConnection").integer(0, 0, UNLIMITED),
+        max_retries=http.child("maxRetries").integer(UNLIMITED, 0, UNLIMITED),
+        http1_max_pending_requests=http.child("http1MaxPendingRequests").integer(
+            UNLIMITED, 1, UNLIMITED
+        ),
+        max_connections=tcp.child("maxConnections").integer(UNLIMITED, 1, UNLIMITED),
+        connect_timeout=tcp.child("connectTimeout").duration(10.0),
+    )
+
+
+def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
+    """Reads the ``meshserve.io/*`` annotations; other annotations are left to their owners."""
+    known = (
+        ANNOTATION_HASH_FIELDS,
+        ANNOTATION_BOUNDED_LOAD,
+        ANNOTATION_HOT_KEY_REPLICAS,
+        ANNOTATION_HOT_KEY_THRESHOLD,
+    )
+    for key in annotations:
+        if key.startswith("meshserve.io/") and key not in known:
+            node.child(key).fail(
+                f"unknown meshserve annotation (expected one of: {', '.join(known)})"
+            )
+    ext = Extensions()
+    if (text := annotations.get(ANNOTATION_HASH_FIELDS)) is not None:
+        fields = tuple(f.strip() for f in text.split(",") if f.strip())
+        for f in fields:
+            if f not in HASH_FIELDS:
+                node.child(ANNOTATION_HASH_FIELDS).fail(
+                    f"unknown request field {f!r} (expected some of: {', '.join(HASH_FIELDS)})"
+                )
+        if not fields or len(set(fields)) != len(fields):
+            node.child(ANNOTATION_HASH_FIELDS).fail(
+                "must list distinct field names, comma-separated"
+            )
+        ext = replace(ext, hash_fields=fields)
+    if (text := annotations.get(ANNOTATION_BOUNDED_LOAD)) is not None:
+        bounded: float | None
+        if text.strip().lower() in ("off", "0", "false", "none"):
+            bounded = None
+        else:
+            bounded = _float(text)
+            if bounded is None or not (math.isfinite(bounded) and bounded >= 1.0):
+                node.child(ANNOTATION_BOUNDED_LOAD).fail(
+                    f'must be a factor >= 1.0 (e.g. "1.25") or "off", got {text!r}'
+                )
+        ext = replace(ext, bounded_load=bounded)
+    replicas = _count(node, annotations, ANNOTATION_HOT_KEY_REPLICAS, ext.hot_key_replicas)
+    threshold = _count(node, annotations, ANNOTATION_HOT_KEY_THRESHOLD, ext.hot_key_threshold)
+    return replace(ext, hot_key_replicas=replicas, hot_key_threshold=threshold)
+
+
+def _count(node: Node, annotations: dict[str, str], key: str, default: int) -> int:
+    text = annotations.get(key)
+    if text is None:
+        return default
+    if not text.strip().isdigit() or not 1 <= int(text) <= 1024:
+        node.child(key).fail(f"must be an integer in [1, 1024] as a string, got {text!r}")
+    return int(text)
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -1,0 +1,125 @@
+"""Reads Istio-style YAML (text, files, a directory) into validated resources."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.config.destination_rule import DestinationRule, parse_destination_rule
+from mesh.config.fields import ConfigError, Node, Where
+from mesh.config.resource import API_VERSIONS, parse_metadata
+from mesh.config.security import (
+    AuthorizationPolicy,
+    PeerAuthentication,
+    parse_authorization_policy,
+    parse_peer_authentication,
+)
+from mesh.config.virtual_service import VirtualService, parse_virtual_service
+
+Resource = VirtualService | DestinationRule | PeerAuthentication | AuthorizationPolicy
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Document:
+    """A validated resource and the YAML it was read from (for dumps)."""
+
+    resource: Resource
+    yaml: str
+
+    @property
+    def kind(self) -> str:
+        return type(self.resource).__name__
+
+    @property
+    def ref(self) -> str:
+        return self.resource.ref
+
+
+def parse_yaml(text: str, source: str) -> list[Document]:
+    """Every resource in a multi-document YAML text; ``source`` names it in errors."""
+    try:
+        raw_documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}:{where}: not valid YAML: {problem}") from exc
+    documents = []
+    for index, raw in enumerate(raw_documents):
+        if raw is None:  # an empty document between '---' separators
+            continue
+        resource = parse_resource(raw, source, index + 1)
+        documents.append(Document(resource, yaml.safe_dump(raw, sort_keys=False)))
+    return documents
+
+
+def parse_resource(raw: Any, source: str, number: int = 1) -> Resource:
+    """One resource from one parsed YAML document."""
+    node = Node(raw, Where(source, f"document {number}"))
+    node.mapping(
+        ("apiVersion", "kind", "metadata", "spec"), required=("apiVersion", "kind", "metadata")
+    )
+    kind = node.child("kind").choice(tuple(API_VERSIONS))
+    api_version = node.child("apiVersion").string()
+    name_hint = (
+        raw.get("metadata", {}).get("name") if isinstance(raw.get("metadata"), dict) else None
+    )
+    where = Where(
+        source,
+        f"{kind}/{name_hint}" if isinstance(name_hint, str) else f"{kind} (document {number})",
+    )
+    node = Node(raw, where)
+    if api_version not in API_VERSIONS[kind]:
+        node.child("apiVersion").fail(
+            f"{kind} needs one of {', '.join(API_VERSIONS[kind])}, got {api_version!r}"
+        )
+    metadata = parse_metadata(node.child("metadata"), source)
+    spec = node.child("spec")
+    if spec.value is None:
+        spec = Node({}, where, "spec")
+    if kind == "VirtualService":
+        return parse_virtual_service(spec, metadata)
+    if kind == "DestinationRule":
+        return parse_destination_rule(spec, metadata, node.child("metadata").child("annotations"))
+    if kind == "PeerAuthentication":
+        return parse_peer_authentication(spec, metadata)
+    return parse_authorization_policy(spec, metadata)
+
+
+def yaml_files(path: Path) -> list[Path]:
+    """``path`` itself, or the YAML files directly in a directory, sorted.
+
+    Not recursive: sub-folders (such as ``config/examples/``) hold alternatives that
+    must not be applied together with the main files. Dot-files (editor swap files,
+    ``..data`` of Kubernetes ConfigMaps) are skipped.
+    """
+    if path.is_dir():
+        return sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix in YAML_SUFFIXES and p.is_file() and not p.name.startswith(".")
+        )
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or directory")
+    return [path]
+
+
+def load_path(path: Path | str) -> list[Document]:
+    """Every resource in a file or in the YAML files of a directory."""
+    documents: list[Document] = []
+    for file in yaml_files(Path(path)):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: cannot read: {exc}") from exc
+        documents.extend(parse_yaml(text, str(file)))
+    return documents
+
+
+def dump_yaml(documents: Iterable[Document]) -> str:
+    return "---\n".join(d.yaml for d in documents)

@@ -1,0 +1,1 @@
+"""The routing decision as pure functions: match, weights, hash keys, headers, decide."""

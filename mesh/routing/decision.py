@@ -1,0 +1,165 @@
+"""The routing decision: a pure function of config, endpoints and one request's metadata."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from mesh.balance.cluster import ClusterMap
+from mesh.balance.endpoints import Endpoint
+from mesh.config.virtual_service import (
+    Destination,
+    Fault,
+    HeaderOperations,
+    HTTPRoute,
+    RetryPolicy,
+)
+from mesh.errors import Unimplemented
+from mesh.routing import headers as md
+from mesh.routing.hashkey import HashKey, RequestFields, hash_key, read_fields
+from mesh.routing.match import describe_match, find_rule
+from mesh.routing.services import host_for_call, split_method
+from mesh.routing.weights import pick_destination
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What routing looks at: the method path, metadata and the first message's bytes."""
+
+    method: str
+    metadata: md.Metadata = ()
+    authority: str = ""
+    #: The serialized first request message (or its prefix), for field hash keys.
+    message: bytes | None = None
+    #: Fields already known (``route explain``); wins over ``message``.
+    fields: RequestFields | None = None
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    host: str
+    subset: str
+    #: "VirtualService/<name> http[i]" or "default" when no VirtualService routes the host.
+    route: str
+    rule: HTTPRoute | None
+    #: Request metadata after the rule's and the destination's header edits.
+    metadata: md.Metadata
+    #: Response header edits to apply, rule first, then destination.
+    response_headers: tuple[HeaderOperations, ...]
+    timeout: float | None
+    retries: RetryPolicy
+    hash_key: HashKey | None
+    #: Endpoints in the order to try them; empty when none is healthy.
+    candidates: tuple[Endpoint, ...]
+    fault: Fault | None = None
+    mirror: Destination | None = None
+    mirror_percentage: float = 0.0
+    explanation: tuple[str, ...] = field(default=())
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return self.candidates[0] if self.candidates else None
+
+    @property
+    def target(self) -> str:
+        return self.host + (f"/{self.subset}" if self.subset else "")
+
+
+def decide(clusters: ClusterMap, request: RequestInfo, rng: random.Random) -> RouteDecision:
+    """Routes one call. Raises :class:`Unimplemented` for a method no mesh host serves.
+
+    Steps, each recorded in ``explanation``: find the host; the VirtualService's first
+    matching rule; a weighted destination; header edits (rule, then destination); the
+    hash key from the *edited* headers (so a canary's ``x-model-version`` keys the ring)
+    or the request fields; the endpoint order from the host/subset's balancer.
+    """
+    config = clusters.config
+    steps: list[str] = []
+    if split_method(request.method) is None:
+        raise Unimplemented(f"malformed method path {request.method!r}")
+    known = (
+        set(config.virtual_services)
+        | set(config.destination_rules)
+        | set(clusters.snapshot.hosts())
+    )
+    host = host_for_call(request.method, request.authority, known)
+    if host is None:
+        raise Unimplemented(f"method {request.method} is not served by any mesh service")
+    steps.append(f"method {request.method} is for host {host}")
+    headers = md.as_dict(request.metadata)
+    vs = config.virtual_service(host)
+    rule: HTTPRoute | None = None
+    destination = Destination(host)
+    metadata = request.metadata
+    response_ops: list[HeaderOperations] = []
+    route_name = "default"
+    if vs is not None:
+        found = find_rule(vs, request.method, headers)
+        if found is None:
+            steps.append(f"{vs.ref}: no rule matches; default route to {host}")
+        else:
+            rule, matched = found
+            route_name = f"{vs.ref} {rule.describe()}"
+            steps.append(f"{route_name} matches ({describe_match(matched)})")
+            chosen = pick_destination(rule.route, rng)
+            destination = chosen.destination
+            if len(rule.route) > 1:
+                weights = ", ".join(f"{d.destination.describe()}={d.weight}" for d in rule.route)
+                steps.append(f"weighted pick among {weights}: {destination.describe()}")
+            for ops in (rule.headers.request, chosen.headers.request):
+                if ops:
+                    metadata = md.apply(ops, metadata)
+            for ops in (rule.headers.response, chosen.headers.response):
+                if ops:
+                    response_ops.append(ops)
+            if metadata != request.metadata:
+                edited = ", ".join(
+                    f"{k}={v}" for k, v in metadata if (k, v) not in request.metadata
+                )
+                steps.append(f"request headers edited ({edited or 'removals only'})")
+    else:
+        steps.append(f"no VirtualService for {host}: default route")
+    subset = destination.subset or ""
+    cluster = clusters.cluster(destination.host, subset)
+    policy = cluster.policy
+    ch = policy.load_balancer.consistent_hash
+    key: HashKey | None = None
+    if ch is not None:
+        fields = cluster.extensions.hash_fields
+        request_fields = request.fields
+        if request_fields is None and fields and request.message is not None:
+            request_fields = read_fields(request.message)
+        key = hash_key(
+            header_name=ch.http_header_name,
+            fields=fields,
+            headers=md.as_dict(metadata),
+            request_fields=request_fields,
+        )
+        if key is not None:
+            steps.append(f"hash key {key.key!r} from {key.source}")
+        else:
+            steps.append("consistentHash, but the request carries no hash key")
+    pick = cluster.pick(key.key if key else None, rng)
+    steps.extend(pick.reasons)
+    target = destination.describe()
+    if pick.candidates:
+        steps.append(f"endpoint {pick.candidates[0].address} of {target}")
+    else:
+        steps.append(f"no healthy endpoint for {target}")
+    retries = rule.retries if rule is not None else RetryPolicy()
+    return RouteDecision(
+        host=destination.host,
+        subset=subset,
+        route=route_name,
+        rule=rule,
+        metadata=metadata,
+        response_headers=tuple(response_ops),
+        timeout=rule.timeout if rule is not None else None,
+        retries=retries,
+        hash_key=key,
+        candidates=pick.candidates,
+        fault=rule.fault if rule is not None else None,
+        mirror=rule.mirror if rule is not None else None,
+        mirror_percentage=rule.mirror_percentage if rule is not None and rule.mirror else 0.0,
+        explanation=tuple(steps),
+    )

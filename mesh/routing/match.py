@@ -1,0 +1,65 @@
+"""First-match-wins selection of a VirtualService rule from a gRPC method path and headers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mesh.config.virtual_service import HTTPRoute, MatchRequest, StringMatch, VirtualService
+
+
+def string_matches(match: StringMatch, value: str | None) -> bool:
+    """Istio's StringMatch on one value; ``None`` means the header is absent."""
+    if value is None:
+        return False
+    if match.kind == "present":
+        return True
+    if match.kind == "exact":
+        return value == match.value
+    if match.kind == "prefix":
+        return value.startswith(match.value)
+    assert match.pattern is not None  # compiled at load time for every regex
+    # Istio (RE2 in Envoy) requires the whole value to match, not a substring.
+    return match.pattern.fullmatch(value) is not None
+
+
+def request_matches(match: MatchRequest, method: str, headers: Mapping[str, str]) -> bool:
+    """Every condition of one ``match`` entry holds (AND within an entry)."""
+    if match.uri is not None:
+        path = method.lower() if match.ignore_uri_case and match.uri.kind != "regex" else method
+        if not string_matches(match.uri, path):
+            return False
+    for name, header in match.headers:
+        if not string_matches(header, headers.get(name)):
+            return False
+    # withoutHeaders: the rule applies only when none of these match.
+    return not any(
+        string_matches(header, headers.get(name)) for name, header in match.without_headers
+    )
+
+
+def rule_matches(rule: HTTPRoute, method: str, headers: Mapping[str, str]) -> MatchRequest | None:
+    """The first ``match`` entry that holds (OR across entries); a rule without any matches all."""
+    if not rule.matches:
+        return MatchRequest()
+    return next((m for m in rule.matches if request_matches(m, method, headers)), None)
+
+
+def find_rule(
+    vs: VirtualService, method: str, headers: Mapping[str, str]
+) -> tuple[HTTPRoute, MatchRequest] | None:
+    """The first rule of ``vs`` that matches, and the match entry that made it match."""
+    for rule in vs.http:
+        matched = rule_matches(rule, method, headers)
+        if matched is not None:
+            return rule, matched
+    return None
+
+
+def describe_match(match: MatchRequest) -> str:
+    parts = []
+    if match.uri is not None:
+        parts.append(f"uri {match.uri.describe()}")
+    parts += [f"header {name} {m.describe()}" for name, m in match.headers]
+    parts += [f"without header {name} {m.describe()}" for name, m in match.without_headers]
+    label = f"match {match.name!r}: " if match.name else ""
+    return label + (" and ".join(parts) if parts else "any request")

@@ -1,0 +1,171 @@
+"""The Admin API and edge behaviour through a running gateway: config, explain, rings, canary."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2
+
+from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
+from tests.gateway.harness import REPO, infer, mesh
+
+CANARY = (REPO / "config" / "examples" / "canary-90-10.yaml").read_text()
+
+FAULT = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http:
+    - fault: {abort: {grpcStatus: RESOURCE_EXHAUSTED, percentage: {value: 25}}}
+      route: [{destination: {host: inference}}]
+"""
+
+
+def admin(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminAsyncStub:
+    return admin_pb2_grpc.AdminStub(channel)
+
+
+async def test_apply_canary_splits_90_10_through_the_gateway() -> None:
+    async with mesh() as m:
+        stub = admin(m.channel)
+        before = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        applied = await stub.ApplyConfig(
+            admin_pb2.ApplyConfigRequest(yaml=CANARY, expected_version=before.version)
+        )
+        assert applied.version == before.version + 1 and list(applied.resources) == [
+            "VirtualService/inference"
+        ]
+        versions: Counter[str] = Counter()
+        workers_by_version: dict[str, set[str]] = {}
+        for _ in range(2000):
+            reply = await m.inference.ModelInfer(infer("resnet"), timeout=5)
+            versions[reply.model_version] += 1
+            workers_by_version.setdefault(reply.model_version, set()).add(reply.id)
+        assert set(versions) == {"1", "2"}
+        assert versions["2"] / 2000 == pytest.approx(0.10, abs=0.03)
+        # Each version's key keeps it on one worker.
+        assert all(len(ws) == 1 for ws in workers_by_version.values())
+
+
+async def test_fault_injection_hits_its_percentage() -> None:
+    async with mesh(2) as m:
+        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=FAULT))
+        codes: Counter[grpc.StatusCode] = Counter()
+        for _ in range(800):
+            try:
+                await m.inference.ModelInfer(infer("m", "1"), timeout=5)
+                codes[grpc.StatusCode.OK] += 1
+            except grpc.aio.AioRpcError as error:
+                codes[error.code()] += 1
+                assert error.details() == "fault injected by VirtualService/inference http[0]"
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] / 800 == pytest.approx(0.25, abs=0.05)
+        # Aborted calls never reach a worker.
+        assert sum(len(w.seen) for w in m.workers) == codes[grpc.StatusCode.OK]
+
+
+async def test_rejected_apply_keeps_the_running_config_and_is_shown() -> None:
+    async with mesh(1) as m:
+        stub = admin(m.channel)
+        version = (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version
+        bad = CANARY.replace("weight: 10", "weight: 20")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=bad))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == (
+            "admin: VirtualService/inference: spec.http[1].route: destination weights must sum "
+            "to 100, got 90 + 20 = 110"
+        )
+        dump = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        assert dump.version == version
+        assert dump.last_rejection.error == caught.value.details()
+        assert {(r.kind, r.name) for r in dump.resources} >= {
+            ("VirtualService", "inference"),
+            ("DestinationRule", "inference"),
+        }
+        assert "consistentHash" in next(
+            r.yaml for r in dump.resources if r.kind == "DestinationRule" and r.name == "inference"
+        )
+        # Optimistic concurrency and dry runs.
+        with pytest.raises(grpc.aio.AioRpcError) as conflict:
+            await stub.ApplyConfig(
+                admin_pb2.ApplyConfigRequest(yaml=CANARY, expected_version=version + 7)
+            )
+        assert conflict.value.code() is grpc.StatusCode.ABORTED
+        dry = await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=CANARY, dry_run=True))
+        assert dry.version == version
+        assert (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version == version
+
+
+async def test_explain_route_ring_and_endpoints_agree_with_real_routing() -> None:
+    async with mesh() as m:
+        stub = admin(m.channel)
+        explained = await stub.ExplainRoute(
+            admin_pb2.ExplainRouteRequest(model_name="resnet", model_version="3")
+        )
+        assert (
+            explained.hash_key == "resnet/3"
+            and explained.hash_source == "fields model_name+model_version"
+        )
+        assert explained.route == "VirtualService/inference http[0] (infer)"
+        assert len(explained.candidates) == 3 and explained.candidates[0] == explained.endpoint
+        assert any("hash key 'resnet/3'" in s for s in explained.steps)
+        reply = await m.inference.ModelInfer(infer("resnet", "3"), timeout=5)
+        assert m.addresses[[w.name for w in m.workers].index(reply.id)] == explained.endpoint
+
+        ring = await stub.GetRing(
+            admin_pb2.GetRingRequest(
+                host="inference.meshserve.svc.cluster.local", keys=["resnet/3"]
+            )
+        )
+        assert sorted(member.address for member in ring.members) == sorted(m.addresses)
+        assert sum(member.share for member in ring.members) == pytest.approx(1.0)
+        assert all(member.points == 1024 for member in ring.members)
+        assert [member.address for member in ring.members if "resnet/3" in member.keys] == [
+            explained.endpoint
+        ]
+
+        endpoints = await stub.ListEndpoints(admin_pb2.ListEndpointsRequest(host="inference"))
+        (group,) = endpoints.groups
+        assert group.host == "inference" and len(group.endpoints) == 3
+        assert all(e.healthy and not e.ejected for e in group.endpoints)
+
+        instances = await stub.ListInstances(admin_pb2.ListInstancesRequest(service="data"))
+        assert len(instances.instances) == 3
+        assert all(i.status == admin_pb2.SERVING_STATUS_SERVING for i in instances.instances)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetRing(admin_pb2.GetRingRequest(host="data"))
+        assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "data balances with ROUND_ROBIN" in (caught.value.details() or "")
+
+
+async def test_reflection_lists_every_mesh_service_through_the_gateway() -> None:
+    async with mesh(1) as m:
+        call = m.channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+
+        async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            yield reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="inference.GRPCInferenceService"
+            )
+
+        responses = [r async for r in call(requests())]
+        names = {s.name for s in responses[0].list_services_response.service}
+        assert {
+            "inference.GRPCInferenceService",
+            "meshserve.data.v1.DataService",
+            "meshserve.training.v1.TrainingService",
+            "meshserve.mesh.v1.Admin",
+        } <= names
+        assert responses[1].file_descriptor_response.file_descriptor_proto
