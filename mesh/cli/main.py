@@ -16,7 +16,12 @@ from rich.logging import RichHandler
 from mesh.errors import MeshError
 
 #: Modules that add top-level commands: each has ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("registry.cli", "gateway.cli", "mesh.cli.route")
+COMMAND_MODULES: tuple[str, ...] = (
+    "registry.cli",
+    "gateway.cli",
+    "mesh.cli.route",
+    "mesh.security.cli",
+)
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
 WORKER_MODULES: tuple[str, ...] = ()
 
