@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc.aio
@@ -48,11 +49,14 @@ class Gateway:
         config_dir: Path | None = None,
         reload_interval: float = 1.0,
         state: GatewayState | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.state = state or GatewayState()
         self.discovery = discovery
         self.config_dir = config_dir
         self.reload_interval = reload_interval
+        #: Edge concerns in front of the proxy (client auth and rate limits: gateway.auth).
+        self.interceptors = tuple(interceptors)
         self.table = EndpointTable()
         self.channels = ChannelPool()
         self.proxy = Proxy(self.state, self.channels)
@@ -89,7 +93,7 @@ class Gateway:
 
     async def start(self, settings: ServerSettings) -> Serving:
         self.load_config()
-        serving = await start_server(settings, self.services())
+        serving = await start_server(settings, self.services(), interceptors=self.interceptors)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
         if self.config_dir is not None:

@@ -7,9 +7,13 @@ import asyncio
 import logging
 from pathlib import Path
 
+import grpc.aio
+
 from gateway.app import Gateway
+from gateway.auth import AuthConfig, ClientGuard
 from gateway.discovery import StaticDiscovery, parse_static
 from mesh.cli.main import CliError
+from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, serve_until_signal
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a fixed endpoint instead of registry discovery (repeatable)",
     )
     parser.add_argument(
+        "--auth-config",
+        type=Path,
+        metavar="FILE",
+        help="client authentication and rate limits (YAML, see gateway/auth.py and docs/security.md)",
+    )
+    parser.add_argument(
         "--reload-interval", type=float, default=1.0, help="seconds between config directory checks"
     )
     parser.set_defaults(handler=run)
@@ -52,7 +62,15 @@ def run(args: argparse.Namespace) -> int:
             "no endpoints: give --static SERVICE=HOST:PORT (registry discovery plugs in here)"
         )
     settings = ServerSettings(host=args.host, port=args.port)
-    asyncio.run(_serve(StaticDiscovery(instances), settings, args.config, args.reload_interval))
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if args.auth_config is not None:
+        # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
+        interceptors.append(GuardInterceptor(ClientGuard(AuthConfig.load(args.auth_config))))
+    asyncio.run(
+        _serve(
+            StaticDiscovery(instances), settings, args.config, args.reload_interval, interceptors
+        )
+    )
     return 0
 
 
@@ -61,8 +79,11 @@ async def _serve(
     settings: ServerSettings,
     config: Path | None,
     reload_interval: float,
+    interceptors: list[grpc.aio.ServerInterceptor],
 ) -> None:
-    gateway = Gateway(discovery, config_dir=config, reload_interval=reload_interval)
+    gateway = Gateway(
+        discovery, config_dir=config, reload_interval=reload_interval, interceptors=interceptors
+    )
     serving = await gateway.start(settings)
     # One parseable line on stdout: scripts and tests read the bound port from it.
     print(
