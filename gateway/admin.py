@@ -162,7 +162,7 @@ class Admin(admin_pb2_grpc.AdminServicer):
             tuple((k.lower(), v) for k, v in sorted(request.headers.items())),
             fields=fields,
         )
-        decision = self.state.decide(info)
+        decision = self.state.decide(info, explain=True)
         return admin_pb2.ExplainRouteResponse(
             route=decision.route,
             host=decision.host,

@@ -48,6 +48,7 @@ class Gateway:
         *,
         config_dir: Path | None = None,
         reload_interval: float = 1.0,
+        discovery_retry: float = 1.0,
         state: GatewayState | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
@@ -57,6 +58,7 @@ class Gateway:
         self.reload_interval = reload_interval
         #: Edge concerns in front of the proxy (client auth and rate limits: gateway.auth).
         self.interceptors = tuple(interceptors)
+        self.discovery_retry = discovery_retry
         self.table = EndpointTable()
         self.channels = ChannelPool()
         self.proxy = Proxy(self.state, self.channels)
@@ -102,15 +104,28 @@ class Gateway:
         return serving
 
     async def _watch_discovery(self) -> None:
-        async for update in self.discovery.updates():
-            snapshot = self.table.apply(update)
-            self.state.set_endpoints(snapshot)
-            self.channels.retain(
-                {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
-            )
-            self._last_update = time.monotonic()
-            self.endpoints_changed.set()
-            self.endpoints_changed = asyncio.Event()
+        """Folds discovery updates into endpoint snapshots, forever.
+
+        A source that fails is restarted after a pause; meanwhile the gateway keeps
+        routing on its last snapshot (last known good), and the admin API's staleness
+        grows so operators can see it.
+        """
+        while True:
+            try:
+                async for update in self.discovery.updates():
+                    snapshot = self.table.apply(update)
+                    self.state.set_endpoints(snapshot)
+                    self.channels.retain(
+                        {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
+                    )
+                    self._last_update = time.monotonic()
+                    self.endpoints_changed.set()
+                    self.endpoints_changed = asyncio.Event()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("discovery source failed; routing on the last snapshot, retrying")
+            await asyncio.sleep(self.discovery_retry)
 
     async def _watch_config(self) -> None:
         assert self.config_dir is not None

@@ -18,6 +18,7 @@ from gateway.methods import MethodInfo, lookup
 from gateway.state import GatewayState
 from mesh.balance.cluster import Cluster, ClusterMap
 from mesh.balance.endpoints import Endpoint
+from mesh.config.destination_rule import UNLIMITED
 from mesh.errors import DeadlineExceeded, Unavailable
 from mesh.routing import headers as md
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
@@ -155,7 +156,7 @@ class Proxy(grpc.GenericRpcHandler):
             )
         cluster = clusters.cluster(decision.host, decision.subset)
         limit = cluster.policy.connection_pool.http2_max_requests
-        if self.state.tracker.total(cluster.healthy) >= limit:
+        if limit < UNLIMITED and self.state.tracker.total(cluster.healthy) >= limit:
             raise Unavailable(
                 f"{decision.target} has {limit} requests in flight (connectionPool.http.http2MaxRequests)"
             )
@@ -211,7 +212,10 @@ class Proxy(grpc.GenericRpcHandler):
         for ops in call.decision.response_headers:
             text = md.apply(ops, tuple((k, v) for k, v in pairs if isinstance(v, str)))
             pairs = (*text, *((k, v) for k, v in pairs if not isinstance(v, str)))
-        await context.send_initial_metadata(pairs)
+        # Sending headers on their own costs a separate write; with nothing to forward,
+        # grpc sends its own with the first message.
+        if pairs:
+            await context.send_initial_metadata(pairs)
 
     async def _fail(self, context: Context, error: grpc.aio.AioRpcError) -> None:
         trailers = tuple(

@@ -56,8 +56,8 @@ class GatewayState:
     def snapshot(self) -> EndpointsSnapshot:
         return self.clusters.snapshot
 
-    def decide(self, request: RequestInfo) -> RouteDecision:
-        return decide(self.clusters, request, self.rng)
+    def decide(self, request: RequestInfo, *, explain: bool = False) -> RouteDecision:
+        return decide(self.clusters, request, self.rng, explain=explain)
 
     def set_endpoints(self, snapshot: EndpointsSnapshot) -> None:
         self.clusters = ClusterMap(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,29 +82,33 @@ class Cluster:
     def excluded(self) -> frozenset[str]:
         return self.outliers.excluded(self._addresses) if self.outliers else frozenset()
 
-    def pick(self, key: str | None, rng: random.Random) -> Pick:
+    def pick(self, key: str | None, rng: random.Random, *, explain: bool = False) -> Pick:
         excluded = self.excluded()
         reasons: list[str] = []
-        if excluded:
+        if explain and excluded:
             reasons.append(f"outlier detection ejected {', '.join(sorted(excluded))}")
         if self.ring is not None and key is not None:
-            choice = choose(self.ring, key, self.tracker, self.ring_policy, excluded)
+            choice = choose(
+                self.ring, key, self.tracker, self.ring_policy, excluded, explain=explain
+            )
             return Pick(choice.candidates, (*reasons, *choice.reasons), excluded)
         healthy = self.members.healthy
         simple = self.policy.load_balancer.simple
         if self.ring is not None:
             # consistentHash without a key for this request: spread like LEAST_REQUEST.
-            reasons.append("no hash key in this request: least request of two random endpoints")
+            reason = "no hash key in this request: least request of two random endpoints"
             order = least_request_order(healthy, rng, self.tracker, excluded)
         elif simple == "ROUND_ROBIN":
-            reasons.append("ROUND_ROBIN")
+            reason = "ROUND_ROBIN"
             order = self._round_robin.order(excluded)
         elif simple == "RANDOM":
-            reasons.append("RANDOM")
+            reason = "RANDOM"
             order = random_order(healthy, rng, excluded)
         else:
-            reasons.append("LEAST_REQUEST: fewer in flight of two random endpoints")
+            reason = "LEAST_REQUEST: fewer in flight of two random endpoints"
             order = least_request_order(healthy, rng, self.tracker, excluded)
+        if explain:
+            reasons.append(reason)
         return Pick(tuple(order), tuple(reasons), excluded)
 
 
@@ -165,6 +170,16 @@ class ClusterMap:
         cluster = Cluster(members, policy, extensions, self.tracker, self.clock, previous)
         self._clusters[key] = cluster
         return cluster
+
+    @functools.cached_property
+    def known_hosts(self) -> frozenset[str]:
+        """Hosts that config or discovery names (an :authority must name one of them)."""
+        config = self.config
+        return (
+            frozenset(config.virtual_services)
+            | frozenset(config.destination_rules)
+            | frozenset(self.snapshot.hosts())
+        )
 
     def known(self) -> list[tuple[str, str]]:
         """Every host/subset that config or discovery names."""

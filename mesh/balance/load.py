@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 
@@ -22,8 +22,9 @@ class LoadTracker:
     def key_in_flight(self, key: str) -> int:
         return self._by_key[key]
 
-    def total(self, addresses: Iterator[str] | tuple[str, ...] | list[str]) -> int:
-        return sum(self._by_endpoint[a] for a in addresses)
+    def total(self, addresses: Iterable[str]) -> int:
+        counts = self._by_endpoint
+        return sum(counts[a] for a in addresses) if counts else 0
 
     def start(self, address: str, key: str | None = None) -> None:
         self._by_endpoint[address] += 1

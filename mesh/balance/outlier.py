@@ -96,10 +96,13 @@ class OutlierDetector:
 
         ``pool`` is every endpoint of the host/subset, for the ejection-percent limit.
         """
+        success = code is grpc.StatusCode.OK and not connection_failure
+        if success and address not in self._states:
+            return False  # the common case: nothing to reset, no state to create
         now = self._clock()
         state = self._state(address)
         self._refresh(state, now)
-        if code is grpc.StatusCode.OK and not connection_failure:
+        if success:
             state.consecutive_5xx = state.consecutive_gateway = 0
             return False
         if code in SERVER_ERRORS or connection_failure:
@@ -142,6 +145,8 @@ class OutlierDetector:
         Panic (``minHealthPercent``): when fewer than that share of the pool is in
         service, ejections are ignored and traffic spreads over every endpoint.
         """
+        if not self._states:
+            return frozenset()
         ejected = frozenset(a for a in pool if self.is_ejected(a))
         if not ejected:
             return ejected

@@ -19,6 +19,7 @@ from mesh.balance.endpoints import Endpoint
 from mesh.balance.load import LoadTracker
 
 HASH_SPACE = 2**64
+_SUCCESSOR_CACHE = 65536
 
 
 def hash_key(key: str) -> int:
@@ -35,7 +36,16 @@ class HashRing:
     ``ringHash.minimumRingSize``: a ring of one endpoint already has that many points.
     """
 
-    __slots__ = ("_by_address", "_owners", "_points", "endpoints", "generation", "vnodes")
+    __slots__ = (
+        "_by_address",
+        "_owners",
+        "_points",
+        "_successors",
+        "endpoints",
+        "generation",
+        "total_weight",
+        "vnodes",
+    )
 
     def __init__(
         self, endpoints: Sequence[Endpoint], *, vnodes: int = 1024, generation: int = 0
@@ -55,6 +65,10 @@ class HashRing:
         points = built.get_points() if built is not None else []
         self._points: tuple[int, ...] = tuple(p for p, _ in points)
         self._owners: tuple[str, ...] = tuple(name for _, name in points)
+        self.total_weight = sum(e.weight for e in self.endpoints)
+        # Successor orders of recently seen keys. The ring never changes, so entries never
+        # go stale; a plain dict is safe to share (a racing writer stores the same value).
+        self._successors: dict[str, tuple[Endpoint, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.endpoints)
@@ -71,6 +85,15 @@ class HashRing:
         if not self._points:
             return None
         return self._by_address[self._owners[self._position(key)]]
+
+    def order(self, key: str) -> tuple[Endpoint, ...]:
+        """:meth:`successors` as a tuple, memoised per key (hot keys repeat)."""
+        found = self._successors.get(key)
+        if found is None:
+            if len(self._successors) >= _SUCCESSOR_CACHE:
+                self._successors.clear()
+            found = self._successors[key] = tuple(self.successors(key))
+        return found
 
     def successors(self, key: str) -> Iterator[Endpoint]:
         """Distinct endpoints clockwise from ``key``: the owner first, then retry order."""
@@ -135,6 +158,8 @@ def choose(
     tracker: LoadTracker,
     policy: RingPolicy,
     excluded: Collection[str] = (),
+    *,
+    explain: bool = True,
 ) -> RingChoice:
     """Orders ``key``'s successors for a request, skipping ``excluded`` (ejected, tried).
 
@@ -145,11 +170,14 @@ def choose(
     3. Bounded loads: walk past endpoints at capacity (Mirrokni et al., 2018), which caps
        any endpoint at ⌈c·average⌉ while moving as few keys as possible.
     """
-    order = [e for e in ring.successors(key) if e.address not in excluded]
+    order = list(ring.order(key))
+    if excluded:
+        order = [e for e in order if e.address not in excluded]
     reasons: list[str] = []
     if not order:
         return RingChoice((), ("no endpoint left on the ring after exclusions",))
-    reasons.append(f"ring owner of key {key!r}: {order[0].address}")
+    if explain:
+        reasons.append(f"ring owner of key {key!r}: {order[0].address}")
     replicas = min(policy.hot_key_replicas, len(order))
     if replicas > 1:
         in_flight = tracker.key_in_flight(key)
@@ -159,23 +187,29 @@ def choose(
                 key=lambda i: (tracker.in_flight(order[i].address) / order[i].weight, i),
             )
             order = [order[i] for i in head] + order[replicas:]
-            reasons.append(
-                f"hot key ({in_flight} in flight >= {policy.hot_key_threshold}): least loaded "
-                f"of {replicas} successors is {order[0].address}"
-            )
+            if explain:
+                reasons.append(
+                    f"hot key ({in_flight} in flight >= {policy.hot_key_threshold}): least "
+                    f"loaded of {replicas} successors is {order[0].address}"
+                )
     if policy.bounded_load is not None:
-        members = [e for e in ring.endpoints if e.address not in excluded]
+        if excluded:
+            members = [e for e in ring.endpoints if e.address not in excluded]
+            total_weight = sum(e.weight for e in members)
+        else:
+            members, total_weight = list(ring.endpoints), ring.total_weight
         total = tracker.total([e.address for e in members])
-        total_weight = sum(e.weight for e in members)
         for index, endpoint in enumerate(order):
             cap = capacity(policy.bounded_load, total, endpoint.weight, total_weight)
             load = tracker.in_flight(endpoint.address)
             if load < cap:
                 if index:
-                    reasons.append(
-                        f"bounded load c={policy.bounded_load:g}: skipped {index} endpoint(s) at "
-                        f"capacity; {endpoint.address} has {load} < {cap} in flight"
-                    )
+                    if explain:
+                        reasons.append(
+                            f"bounded load c={policy.bounded_load:g}: skipped {index} "
+                            f"endpoint(s) at capacity; {endpoint.address} has {load} < {cap} "
+                            "in flight"
+                        )
                     order = [endpoint, *order[:index], *order[index + 1 :]]
                 break
     return RingChoice(tuple(order), tuple(reasons))

@@ -21,6 +21,9 @@ from mesh.routing.match import describe_match, find_rule
 from mesh.routing.services import host_for_call, split_method
 from mesh.routing.weights import pick_destination
 
+#: Istio's retry policy for calls no VirtualService rule covers.
+DEFAULT_RETRIES = RetryPolicy()
+
 
 @dataclass(frozen=True)
 class RequestInfo:
@@ -65,27 +68,27 @@ class RouteDecision:
         return self.host + (f"/{self.subset}" if self.subset else "")
 
 
-def decide(clusters: ClusterMap, request: RequestInfo, rng: random.Random) -> RouteDecision:
+def decide(
+    clusters: ClusterMap, request: RequestInfo, rng: random.Random, *, explain: bool = False
+) -> RouteDecision:
     """Routes one call. Raises :class:`Unimplemented` for a method no mesh host serves.
 
-    Steps, each recorded in ``explanation``: find the host; the VirtualService's first
-    matching rule; a weighted destination; header edits (rule, then destination); the
-    hash key from the *edited* headers (so a canary's ``x-model-version`` keys the ring)
-    or the request fields; the endpoint order from the host/subset's balancer.
+    Steps: find the host; the VirtualService's first matching rule; a weighted
+    destination; header edits (rule, then destination); the hash key from the *edited*
+    headers (so a canary's ``x-model-version`` keys the ring) or the request fields; the
+    endpoint order from the host/subset's balancer. With ``explain`` each step is
+    recorded in words in ``explanation`` (``route explain``); the proxy's hot path
+    skips building those strings.
     """
     config = clusters.config
     steps: list[str] = []
     if split_method(request.method) is None:
         raise Unimplemented(f"malformed method path {request.method!r}")
-    known = (
-        set(config.virtual_services)
-        | set(config.destination_rules)
-        | set(clusters.snapshot.hosts())
-    )
-    host = host_for_call(request.method, request.authority, known)
+    host = host_for_call(request.method, request.authority, clusters.known_hosts)
     if host is None:
         raise Unimplemented(f"method {request.method} is not served by any mesh service")
-    steps.append(f"method {request.method} is for host {host}")
+    if explain:
+        steps.append(f"method {request.method} is for host {host}")
     headers = md.as_dict(request.metadata)
     vs = config.virtual_service(host)
     rule: HTTPRoute | None = None
@@ -96,33 +99,36 @@ def decide(clusters: ClusterMap, request: RequestInfo, rng: random.Random) -> Ro
     if vs is not None:
         found = find_rule(vs, request.method, headers)
         if found is None:
-            steps.append(f"{vs.ref}: no rule matches; default route to {host}")
+            if explain:
+                steps.append(f"{vs.ref}: no rule matches; default route to {host}")
         else:
             rule, matched = found
             route_name = f"{vs.ref} {rule.describe()}"
-            steps.append(f"{route_name} matches ({describe_match(matched)})")
             chosen = pick_destination(rule.route, rng)
             destination = chosen.destination
-            if len(rule.route) > 1:
-                weights = ", ".join(f"{d.destination.describe()}={d.weight}" for d in rule.route)
-                steps.append(f"weighted pick among {weights}: {destination.describe()}")
             for ops in (rule.headers.request, chosen.headers.request):
                 if ops:
                     metadata = md.apply(ops, metadata)
             for ops in (rule.headers.response, chosen.headers.response):
                 if ops:
                     response_ops.append(ops)
-            if metadata != request.metadata:
-                edited = ", ".join(
-                    f"{k}={v}" for k, v in metadata if (k, v) not in request.metadata
-                )
-                steps.append(f"request headers edited ({edited or 'removals only'})")
-    else:
+            if explain:
+                steps.append(f"{route_name} matches ({describe_match(matched)})")
+                if len(rule.route) > 1:
+                    weights = ", ".join(
+                        f"{d.destination.describe()}={d.weight}" for d in rule.route
+                    )
+                    steps.append(f"weighted pick among {weights}: {destination.describe()}")
+                if metadata != request.metadata:
+                    edited = ", ".join(
+                        f"{k}={v}" for k, v in metadata if (k, v) not in request.metadata
+                    )
+                    steps.append(f"request headers edited ({edited or 'removals only'})")
+    elif explain:
         steps.append(f"no VirtualService for {host}: default route")
     subset = destination.subset or ""
     cluster = clusters.cluster(destination.host, subset)
-    policy = cluster.policy
-    ch = policy.load_balancer.consistent_hash
+    ch = cluster.policy.load_balancer.consistent_hash
     key: HashKey | None = None
     if ch is not None:
         fields = cluster.extensions.hash_fields
@@ -132,21 +138,36 @@ def decide(clusters: ClusterMap, request: RequestInfo, rng: random.Random) -> Ro
         key = hash_key(
             header_name=ch.http_header_name,
             fields=fields,
-            headers=md.as_dict(metadata),
+            headers=headers if metadata is request.metadata else md.as_dict(metadata),
             request_fields=request_fields,
         )
-        if key is not None:
-            steps.append(f"hash key {key.key!r} from {key.source}")
+        if explain:
+            if key is not None:
+                steps.append(f"hash key {key.key!r} from {key.source}")
+            else:
+                steps.append("consistentHash, but the request carries no hash key")
+    pick = cluster.pick(key.key if key else None, rng, explain=explain)
+    if explain:
+        steps.extend(pick.reasons)
+        target = destination.describe()
+        if pick.candidates:
+            steps.append(f"endpoint {pick.candidates[0].address} of {target}")
         else:
-            steps.append("consistentHash, but the request carries no hash key")
-    pick = cluster.pick(key.key if key else None, rng)
-    steps.extend(pick.reasons)
-    target = destination.describe()
-    if pick.candidates:
-        steps.append(f"endpoint {pick.candidates[0].address} of {target}")
-    else:
-        steps.append(f"no healthy endpoint for {target}")
-    retries = rule.retries if rule is not None else RetryPolicy()
+            steps.append(f"no healthy endpoint for {target}")
+    if rule is None:
+        return RouteDecision(
+            host=destination.host,
+            subset=subset,
+            route=route_name,
+            rule=None,
+            metadata=metadata,
+            response_headers=(),
+            timeout=None,
+            retries=DEFAULT_RETRIES,
+            hash_key=key,
+            candidates=pick.candidates,
+            explanation=tuple(steps),
+        )
     return RouteDecision(
         host=destination.host,
         subset=subset,
@@ -154,12 +175,12 @@ def decide(clusters: ClusterMap, request: RequestInfo, rng: random.Random) -> Ro
         rule=rule,
         metadata=metadata,
         response_headers=tuple(response_ops),
-        timeout=rule.timeout if rule is not None else None,
-        retries=retries,
+        timeout=rule.timeout,
+        retries=rule.retries,
         hash_key=key,
         candidates=pick.candidates,
-        fault=rule.fault if rule is not None else None,
-        mirror=rule.mirror if rule is not None else None,
-        mirror_percentage=rule.mirror_percentage if rule is not None and rule.mirror else 0.0,
+        fault=rule.fault,
+        mirror=rule.mirror,
+        mirror_percentage=rule.mirror_percentage if rule.mirror else 0.0,
         explanation=tuple(steps),
     )

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mesh.config.destination_rule import HASH_FIELDS
-
 #: Protobuf wire types.
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MAX_VARINT_BYTES = 10
@@ -118,7 +116,3 @@ def hash_key(
         if header_key:
             return HashKey(header_key, f"header {header_name}")
     return None
-
-
-def known_field(name: str) -> bool:
-    return name in HASH_FIELDS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from functools import lru_cache
 
 from mesh.config.hosts import normalise_host
 
@@ -25,6 +26,7 @@ def split_method(method: str) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
+@lru_cache(maxsize=4096)
 def host_for_method(method: str) -> str | None:
     """The mesh host a method belongs to by its package, or None for a foreign method."""
     parts = split_method(method)
@@ -43,8 +45,8 @@ def host_for_call(method: str, authority: str, known_hosts: Collection[str]) -> 
     Clients that dial the gateway by its own address get routed by package; a client
     that sets the authority to ``training`` (or its FQDN) picks the host explicitly.
     """
-    name = authority.rsplit(":", 1)[0] if authority and not authority.endswith("]") else authority
-    if name:
+    if authority:
+        name = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
         try:
             host = normalise_host(name)
         except ValueError:

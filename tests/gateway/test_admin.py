@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
+from gateway.discovery import StaticInstance
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway.harness import REPO, infer, mesh
 
@@ -169,3 +172,112 @@ async def test_reflection_lists_every_mesh_service_through_the_gateway() -> None
             "meshserve.mesh.v1.Admin",
         } <= names
         assert responses[1].file_descriptor_response.file_descriptor_proto
+
+
+MIRROR_AND_HEADERS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http:
+    - headers:
+        request: {set: {x-from-gateway: "yes"}}
+        response: {set: {x-served-by: meshserve}}
+      mirror: {host: inference, subset: shadow}
+      route: [{destination: {host: inference, subset: live}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  subsets:
+    - {name: live, labels: {lane: live}}
+    - {name: shadow, labels: {lane: shadow}}
+"""
+
+
+async def test_mirror_copies_calls_and_header_edits_apply_both_ways() -> None:
+    async with mesh(2, config_dir=None) as m:
+        live, shadow = m.workers
+        m.discovery.push(
+            "reset",
+            *(
+                StaticInstance("inference", w.name, a, {"lane": lane})
+                for w, a, lane in zip(m.workers, m.addresses, ("live", "shadow"), strict=True)
+            ),
+        )
+        await m.wait_endpoints("inference", 2)
+        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=MIRROR_AND_HEADERS))
+        for _ in range(5):
+            call = m.inference.ModelInfer(infer("m", "1"), timeout=5)
+            assert (await call).id == "w0"  # the client only ever sees the live answer
+            assert dict(await call.initial_metadata())["x-served-by"] == "meshserve"
+        assert len(live.seen) == 5 and all(s["x-from-gateway"] == "yes" for s in live.seen)
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(shadow.seen) < 5:  # mirrored calls are fire-and-forget: poll
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        assert all(s["x-meshserve-shadow"] == "1" for s in shadow.seen)
+        assert {s["x-request-id"] for s in shadow.seen} == {s["x-request-id"] for s in live.seen}
+
+
+CIRCUIT = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy:
+    connectionPool: {http: {http2MaxRequests: 2}}
+"""
+
+
+async def test_http2_max_requests_sheds_load_beyond_the_limit() -> None:
+    async with mesh(1, config_dir=None) as m:
+        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=CIRCUIT))
+        hold = asyncio.Event()
+        m.workers[0].hold = hold
+        held = [
+            asyncio.ensure_future(m.inference.ModelInfer(infer("m", str(i)), timeout=10))
+            for i in range(2)
+        ]
+        deadline = asyncio.get_running_loop().time() + 10
+        while m.gateway.state.tracker.in_flight(m.addresses[0]) < 2:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await m.inference.ModelInfer(infer("m", "9"), timeout=5)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "http2MaxRequests" in (caught.value.details() or "")
+        hold.set()
+        assert len(await asyncio.gather(*held)) == 2
+
+
+async def test_a_changed_config_file_is_picked_up(tmp_path: Path) -> None:
+    (tmp_path / "inference.yaml").write_text((REPO / "config" / "inference.yaml").read_text())
+    async with mesh(1, config_dir=tmp_path) as m:
+        version = m.gateway.state.config.version
+        (tmp_path / "canary.yaml").write_text(
+            CANARY.replace("name: inference", "name: inference-canary", 1).replace(
+                "hosts:\n    - inference", "hosts:\n    - inference.meshserve"
+            )
+        )
+        deadline = asyncio.get_running_loop().time() + 10
+        while (
+            m.gateway.state.last_rejection is None
+            or "already routed" not in m.gateway.state.last_rejection.error
+        ):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        (tmp_path / "canary.yaml").unlink()
+        (tmp_path / "inference.yaml").write_text(
+            CANARY + "---\n" + (REPO / "config" / "inference.yaml").read_text().split("---\n", 1)[1]
+        )
+        while m.gateway.state.config.version == version:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        reply = await m.inference.ModelInfer(infer("resnet"), timeout=5)
+        assert reply.model_version in ("1", "2")  # the canary now sets the version

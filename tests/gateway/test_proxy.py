@@ -10,7 +10,9 @@ import grpc
 import grpc.aio
 import pytest
 
-from gateway.discovery import StaticInstance
+from gateway.app import Gateway
+from gateway.discovery import DiscoveryUpdate, StaticInstance
+from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
 from protos.inference import grpc_service_pb2 as pb
 from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
@@ -156,3 +158,38 @@ async def test_broken_config_file_is_rejected_and_the_old_one_keeps_routing(tmp_
         assert m.gateway.state.config.version == version
         reply = await m.inference.ModelInfer(infer("resnet", "1"), timeout=5)
         assert reply.model_name == "resnet"
+
+
+class FlakyDiscovery:
+    """Yields one snapshot, then fails; the second subscription yields another."""
+
+    def __init__(self, first: list[StaticInstance], second: list[StaticInstance]) -> None:
+        self.rounds = [first, second]
+        self.subscriptions = 0
+
+    async def updates(self) -> AsyncIterator[DiscoveryUpdate]:
+        self.subscriptions += 1
+        yield DiscoveryUpdate("reset", tuple(self.rounds[min(self.subscriptions, 2) - 1]))
+        if self.subscriptions == 1:
+            raise ConnectionError("store unreachable")
+        await asyncio.Event().wait()
+
+
+async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscribes() -> None:
+    async with (
+        serve(FakeWorker("w0").services()) as (a, _),
+        serve(FakeWorker("w1").services()) as (b, _),
+    ):
+        first = [StaticInstance("inference", "w0", a.address)]
+        second = [*first, StaticInstance("inference", "w1", b.address)]
+        source = FlakyDiscovery(first, second)
+        gateway = Gateway(source, discovery_retry=0.01)
+        serving = await gateway.start(ServerSettings())
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while len(gateway.state.snapshot.endpoints("inference")) != 2:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            assert source.subscriptions == 2
+        finally:
+            await serving.drain(grace=0)

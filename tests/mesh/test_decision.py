@@ -113,12 +113,16 @@ def test_canary_splits_90_10_and_sets_the_version_header() -> None:
 
 def test_explanation_tells_the_story() -> None:
     cm = clusters(DEFAULT, workers(3))
-    decision = decide(cm, RequestInfo(INFER, fields=RequestFields("resnet", "")), random.Random(0))
+    request = RequestInfo(INFER, fields=RequestFields("resnet", ""))
+    decision = decide(cm, request, random.Random(0), explain=True)
     text = "\n".join(decision.explanation)
     assert "method /inference.GRPCInferenceService/ModelInfer is for host inference" in text
     assert "VirtualService/inference http[0] (infer) matches (uri prefix" in text
     assert "hash key 'resnet/latest' from fields model_name+model_version" in text
     assert f"endpoint {decision.candidates[0].address} of inference" in text
+    # The proxy's hot path builds no explanation; the decision itself is the same.
+    quiet = decide(cm, request, random.Random(0))
+    assert quiet.explanation == () and quiet.candidates == decision.candidates
 
 
 def test_no_healthy_endpoint_gives_empty_candidates_naming_the_target() -> None:
@@ -126,7 +130,7 @@ def test_no_healthy_endpoint_gives_empty_candidates_naming_the_target() -> None:
         Instance("inference", "i0", "10.0.0.1:1", status="NOT_SERVING"),
         Instance("inference", "i1", "10.0.0.2:1", status="DRAINING"),
     ]
-    decision = decide(clusters(DEFAULT, sick), infer("m", "1"), random.Random(0))
+    decision = decide(clusters(DEFAULT, sick), infer("m", "1"), random.Random(0), explain=True)
     assert decision.candidates == ()
     assert decision.explanation[-1] == "no healthy endpoint for inference"
 
