@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,8 +30,12 @@ def _unary(check: Check, method: str, behaviour: Any) -> Any:
 def _streaming(check: Check, method: str, behaviour: Any) -> Any:
     async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
         await check(method, context)
-        async for item in behaviour(request, context):
-            yield item
+        result = behaviour(request, context)
+        if inspect.isawaitable(result):  # streams with context.write (grpc_health's Watch)
+            await result
+        else:
+            async for item in result:
+                yield item
 
     return handler
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -196,8 +197,12 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             error: BaseException | None = None
             try:
                 with trace.use_span(span, end_on_exit=False, record_exception=False):
-                    async for item in behaviour(request, context):
-                        yield item
+                    result = behaviour(request, context)
+                    if inspect.isawaitable(result):  # streams with context.write
+                        await result
+                    else:
+                        async for item in result:
+                            yield item
             except BaseException as exc:
                 error = exc
                 raise
