@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc.aio
@@ -51,6 +51,7 @@ class Gateway:
         discovery_retry: float = 1.0,
         state: GatewayState | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        channel_credentials: Callable[[], grpc.ChannelCredentials] | None = None,
     ) -> None:
         self.state = state or GatewayState()
         self.discovery = discovery
@@ -60,7 +61,8 @@ class Gateway:
         self.interceptors = tuple(interceptors)
         self.discovery_retry = discovery_retry
         self.table = EndpointTable()
-        self.channels = ChannelPool()
+        # With credentials, upstream calls are mutual TLS (to sidecars).
+        self.channels = ChannelPool(credentials=channel_credentials)
         self.proxy = Proxy(self.state, self.channels)
         self._last_update = time.monotonic()
         self.admin = Admin(

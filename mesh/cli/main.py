@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.route",
     "mesh.security.cli",
     "gateway.auth_cli",
+    "mesh.sidecar.cli",
 )
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
 WORKER_MODULES: tuple[str, ...] = ()

@@ -6,12 +6,19 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import grpc
 
 from mesh.errors import InvalidArgument
-from mesh.security.ca import DEFAULT_WORKLOAD_LIFETIME, Clock, IssuedCertificate, utc_now
+from mesh.security.ca import (
+    DEFAULT_WORKLOAD_LIFETIME,
+    Clock,
+    IssuedCertificate,
+    load_issued,
+    utc_now,
+)
 from mesh.security.identity import WorkloadIdentity
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,27 @@ class Issuer(Protocol):
     def issue(
         self, identity: WorkloadIdentity, *, lifetime: dt.timedelta = ...
     ) -> IssuedCertificate: ...
+
+
+class FileIssuer:
+    """Serves the certificate files ``meshserve certs issue`` wrote, re-read at each renewal.
+
+    For workloads that must not hold the CA key: whoever rotates the files (a cron job, an
+    operator) rotates the served certificate, without a restart.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def issue(
+        self, identity: WorkloadIdentity, *, lifetime: dt.timedelta = DEFAULT_WORKLOAD_LIFETIME
+    ) -> IssuedCertificate:
+        cert = load_issued(self.folder)
+        if cert.identity != identity:
+            raise InvalidArgument(
+                f"{self.folder} holds a certificate for {cert.identity}, not {identity}"
+            )
+        return cert
 
 
 def server_certificate_configuration(
@@ -85,6 +113,8 @@ class CertificateSource:
         with self._lock:
             old, self._cert = self._cert, fresh
             listeners = list(self._listeners)
+        if fresh.serial == old.serial:
+            return fresh  # a file issuer whose files have not been replaced yet
         log.info(
             "rotated the certificate of %s: serial %x -> %x, valid until %s",
             self.identity,

@@ -9,9 +9,12 @@ import signal
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc.aio
 
+from gateway.app import Gateway
+from gateway.registry_discovery import RegistryDiscovery
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthentication
 from mesh.errors import FailedPrecondition, InvalidArgument
@@ -57,6 +60,10 @@ class SidecarSettings:
     mtls: MtlsMode | None = None
     heartbeat_interval: float = 1.0
     lease_ttl: float = 5.0
+    #: Where the worker's outgoing calls enter (localhost only); None: no outbound.
+    outbound_port: int | None = None
+    #: Routing YAML for outbound calls (VirtualService, DestinationRule); None: defaults.
+    config_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.service or not self.app_address:
@@ -107,6 +114,8 @@ class Sidecar:
         self.limit = ConcurrencyLimit(settings.max_concurrency)
         self.forwarder = Forwarder(settings.app_address, self.limit)
         self.serving: Serving | None = None
+        self.outbound: Gateway | None = None
+        self.outbound_serving: Serving | None = None
         self.registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
@@ -175,6 +184,8 @@ class Sidecar:
             await self.serving.drain(grace=0)
             raise
         self.registration.start()
+        if s.outbound_port is not None:
+            await self._start_outbound(s.outbound_port)
         mirror = HealthMirror(self.forwarder.channel, self._worker_health)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(mirror.run()), loop.create_task(self._publish_load())]
@@ -186,6 +197,35 @@ class Sidecar:
             s.app_address,
         )
         return self.serving
+
+    async def _start_outbound(self, port: int) -> None:
+        """The worker's way out: the gateway's routing core on localhost, mTLS to peers.
+
+        Peers are sidecars: with certificates, every upstream call presents this workload's
+        certificate (new channels pick up rotated ones).
+        """
+        credentials = None
+        if self._certificates is not None:
+            credentials = self._certificates.channel_credentials
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self._telemetry is not None:
+            interceptors.append(TelemetryServerInterceptor(self._telemetry))
+        self.outbound = Gateway(
+            RegistryDiscovery(self._store.watcher()),
+            config_dir=self.settings.config_dir,
+            interceptors=interceptors,
+            channel_credentials=credentials,
+        )
+        try:
+            self.outbound_serving = await self.outbound.start(
+                ServerSettings(
+                    host="127.0.0.1", port=port, grace_seconds=self.settings.grace_seconds
+                )
+            )
+        except BaseException:
+            await self.drain()
+            raise
+        log.info("outbound for %s on %s", self.settings.service, self.outbound_serving.address)
 
     async def _worker_health(self, serving: bool) -> None:
         if self._draining or self.registration is None or self.serving is None:
@@ -218,6 +258,9 @@ class Sidecar:
             except Exception as exc:
                 log.warning("deregistration failed (the lease will expire): %s", exc)
         await self.serving.drain()
+        # Outbound last: in-flight inbound calls may have needed it to finish.
+        if self.outbound_serving is not None:
+            await self.outbound_serving.drain()
         await self.forwarder.close()
 
     async def run_until_signal(self) -> None:
