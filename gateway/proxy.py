@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from opentelemetry import trace
 
 from gateway.channels import ChannelPool
 from gateway.methods import MethodInfo, lookup
@@ -24,6 +25,8 @@ from mesh.routing import headers as md
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.services import host_for_call
 from mesh.routing.weights import percent_hit
+from mesh.telemetry.interceptors import annotate
+from mesh.telemetry.propagation import inject
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,15 @@ class Proxy(grpc.GenericRpcHandler):
         remaining = context.time_remaining()
         budget = min(x for x in (remaining, decision.timeout, float("inf")) if x is not None)
         deadline = None if budget == float("inf") else loop.time() + budget
-        call = _Call(info, decision, cluster, (*decision.metadata, *binary), deadline)
+        # The current span (the gateway's, when tracing) becomes the upstream's parent.
+        metadata = tuple(inject((*decision.metadata, *binary)))
+        annotate(
+            trace.get_current_span(),
+            route=decision.route,
+            destination=decision.target,
+            hash_key=decision.hash_key.key if decision.hash_key else None,
+        )
+        call = _Call(info, decision, cluster, metadata, deadline)
         await self._inject_fault(call, context)
         return call
 
@@ -255,6 +266,7 @@ class Proxy(grpc.GenericRpcHandler):
         tracker = self.state.tracker
         for attempt, endpoint in enumerate(decision.candidates):
             method = self.channels.method(endpoint.address, info.path, "unary_unary")
+            annotate(trace.get_current_span(), endpoint=endpoint.address, retry_count=attempt)
             tracker.start(endpoint.address, key)
             try:
                 upstream = method(request, metadata=call.metadata, timeout=call.timeout(per_try))

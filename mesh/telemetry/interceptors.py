@@ -32,6 +32,8 @@ ENDPOINT = "meshserve.endpoint"
 ROUTE = "meshserve.route"
 DESTINATION = "meshserve.destination"
 RETRY_COUNT = "meshserve.retry_count"
+#: The consistent-hash key (``model/version`` when hashing on the request's model fields).
+HASH_KEY = "meshserve.hash_key"
 #: Metadata a client may set to name the model for telemetry (the gateway's routing keys).
 MODEL_HEADERS = {"x-model-name": MODEL_NAME, "x-model-version": MODEL_VERSION}
 
@@ -56,6 +58,7 @@ def annotate(
     route: str | None = None,
     destination: str | None = None,
     retry_count: int | None = None,
+    hash_key: str | None = None,
 ) -> None:
     """Sets the mesh's attributes on a span (the proxy calls this as it decides)."""
     values: dict[str, str | int | None] = {
@@ -65,6 +68,7 @@ def annotate(
         ROUTE: route,
         DESTINATION: destination,
         RETRY_COUNT: retry_count,
+        HASH_KEY: hash_key,
     }
     for key, value in values.items():
         if value is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -47,8 +48,13 @@ def inject(
     """``metadata`` plus the current (or given) span's ``traceparent``/``tracestate``.
 
     Any incoming ``traceparent`` is replaced: the proxy's own span is the parent of the
-    next hop, so a trace shows every hop.
+    next hop, so a trace shows every hop. Without a current span the metadata is returned
+    as is, so a proxy that does not trace still passes its caller's context on.
     """
+    context = context or otel_context.get_current()
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        # Not tracing here: pass the caller's context through untouched.
+        return list(metadata or ())
     carrier = [(k, v) for k, v in (metadata or ()) if k not in (TRACEPARENT, TRACESTATE)]
-    _PROPAGATOR.inject(carrier, context=context or otel_context.get_current(), setter=_SETTER)
+    _PROPAGATOR.inject(carrier, context=context, setter=_SETTER)
     return carrier

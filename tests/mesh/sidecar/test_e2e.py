@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from mesh.security.ca import CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import CertificateSource
 from mesh.server.app import ServerSettings
+from mesh.telemetry.interceptors import TelemetryClientInterceptor
+from mesh.telemetry.setup import TelemetrySettings, setup
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from registry.schema import Indices
@@ -35,11 +38,14 @@ class Processes:
     def __init__(self) -> None:
         self.running: dict[str, subprocess.Popen[str]] = {}
 
-    def start(self, name: str, *args: str, expect: str) -> str:
+    def start(self, name: str, *args: str, expect: str, traces: Path | None = None) -> str:
+        env = dict(ENV)
+        if traces is not None:
+            env["MESHSERVE_TRACES"] = f"file:{traces}"
         process = subprocess.Popen(
             [sys.executable, "-m", *args],
             cwd=REPO,
-            env=ENV,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -152,3 +158,86 @@ async def test_sigterm_of_a_sidecar_under_load_loses_no_request(
     assert sidecar.returncode == 0
     # Nothing reached the stopped sidecar's worker once it had gone.
     assert replies["w1"] == served_by_w1
+
+
+@pytest.mark.e2e
+async def test_one_trace_from_client_through_gateway_and_sidecar_to_worker(
+    tmp_path: Path, processes: Processes, indices: Indices, store_url: str
+) -> None:
+    CertificateAuthority.create("cluster.local").save(tmp_path / "certs")
+    store = (f"--es={store_url}", f"--prefix={indices.prefix}")
+    port = processes.start(
+        "worker",
+        "tests.mesh.sidecar.worker_proc",
+        "w1",
+        expect="listening on ",
+        traces=tmp_path / "worker.jsonl",
+    ).split()[-1]
+    processes.start(
+        "sidecar",
+        "mesh.cli.main",
+        "sidecar",
+        "--service=inference",
+        f"--app=127.0.0.1:{port}",
+        "--mtls=STRICT",
+        f"--certs={tmp_path / 'certs'}",
+        *store,
+        expect="sidecar listening on ",
+        traces=tmp_path / "sidecar.jsonl",
+    )
+    line = processes.start(
+        "gateway",
+        "mesh.cli.main",
+        "gateway",
+        "--port=0",
+        f"--config={REPO / 'config'}",
+        f"--certs={tmp_path / 'certs'}",
+        *store,
+        expect="gateway listening on ",
+        traces=tmp_path / "gateway.jsonl",
+    )
+    address = line.split()[3]
+    telemetry = setup(TelemetrySettings(traces="memory"))
+    loop = asyncio.get_running_loop()
+    request = pb.ModelInferRequest(model_name="m", model_version="7")
+    async with grpc.aio.insecure_channel(address) as plain:
+        # Ready once the gateway has discovered the sidecar and it mirrors SERVING.
+        deadline = loop.time() + 30
+        while True:
+            try:
+                await pb_grpc.GRPCInferenceServiceStub(plain).ModelInfer(request, timeout=10)
+                break
+            except grpc.aio.AioRpcError as error:
+                assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+                assert loop.time() < deadline, "the gateway never routed to the sidecar"
+                await asyncio.sleep(0.1)
+    async with grpc.aio.insecure_channel(
+        address, interceptors=[TelemetryClientInterceptor(telemetry)]
+    ) as traced:
+        reply = await pb_grpc.GRPCInferenceServiceStub(traced).ModelInfer(request, timeout=10)
+    assert reply.id == "w1"
+    assert telemetry.spans is not None
+    deadline = loop.time() + 10
+    while not telemetry.spans.get_finished_spans():
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    (client,) = telemetry.spans.get_finished_spans()
+    assert client.context is not None
+    trace_id = f"0x{client.context.trace_id:032x}"
+    # Spans are written when they end, before the reply leaves each process.
+    spans = {}
+    for process in ("gateway", "sidecar", "worker"):
+        lines = (tmp_path / f"{process}.jsonl").read_text().splitlines()
+        (span,) = [s for s in map(json.loads, lines) if s["context"]["trace_id"] == trace_id]
+        spans[process] = span
+    assert spans["gateway"]["parent_id"] == f"0x{client.context.span_id:016x}"
+    assert spans["sidecar"]["parent_id"] == spans["gateway"]["context"]["span_id"]
+    assert spans["worker"]["parent_id"] == spans["sidecar"]["context"]["span_id"]
+    gateway_attributes = spans["gateway"]["attributes"]
+    assert gateway_attributes["rpc.method"] == "ModelInfer"
+    assert gateway_attributes["meshserve.route"]
+    assert gateway_attributes["meshserve.endpoint"].startswith("localhost:")
+    assert gateway_attributes["meshserve.retry_count"] == 0
+    assert gateway_attributes["meshserve.hash_key"] == "m/7"
+    assert spans["worker"]["attributes"]["rpc.grpc.status_code"] == 0
+    telemetry.shutdown()
