@@ -17,10 +17,12 @@ from gateway.discovery import DiscoverySource, EndpointTable
 from gateway.methods import MESH_SERVICES
 from gateway.proxy import Proxy
 from gateway.state import GatewayState
+from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
 from mesh.config.loader import yaml_files
 from mesh.config.snapshot import config_from_path
 from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.telemetry.metrics import MeshMetrics
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,15 @@ def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(found)
 
 
+def changed_hosts(old: EndpointsSnapshot, new: EndpointsSnapshot) -> list[str]:
+    """Hosts whose membership (addresses, health, weights) differs: their rings are rebuilt."""
+    return [
+        host
+        for host in sorted(set(old.hosts()) | set(new.hosts()))
+        if old.endpoints(host) != new.endpoints(host)
+    ]
+
+
 class Gateway:
     """The ingress: routes every mesh method to workers; configured by YAML and the admin API."""
 
@@ -52,6 +63,7 @@ class Gateway:
         state: GatewayState | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         channel_credentials: Callable[[], grpc.ChannelCredentials] | None = None,
+        metrics: MeshMetrics | None = None,
     ) -> None:
         self.state = state or GatewayState()
         self.discovery = discovery
@@ -63,7 +75,8 @@ class Gateway:
         self.table = EndpointTable()
         # With credentials, upstream calls are mutual TLS (to sidecars).
         self.channels = ChannelPool(credentials=channel_credentials)
-        self.proxy = Proxy(self.state, self.channels)
+        self.metrics = metrics
+        self.proxy = Proxy(self.state, self.channels, metrics=metrics)
         self._last_update = time.monotonic()
         self.admin = Admin(
             self.state, self.table, staleness=lambda: time.monotonic() - self._last_update
@@ -116,6 +129,9 @@ class Gateway:
             try:
                 async for update in self.discovery.updates():
                     snapshot = self.table.apply(update)
+                    if self.metrics is not None:
+                        for host in changed_hosts(self.state.snapshot, snapshot):
+                            self.metrics.ring_changed(host)
                     self.state.set_endpoints(snapshot)
                     self.channels.retain(
                         {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
                 reload_interval=args.reload_interval,
                 interceptors=interceptors,
                 channel_credentials=credentials,
+                metrics=telemetry.metrics if telemetry.settings.metrics else None,
             )
             serving = await gateway.start(settings)
             # One parseable line on stdout: scripts and tests read the bound port from it.

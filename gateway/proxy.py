@@ -26,6 +26,7 @@ from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.services import host_for_call
 from mesh.routing.weights import percent_hit
 from mesh.telemetry.interceptors import annotate
+from mesh.telemetry.metrics import MeshMetrics, labels
 from mesh.telemetry.propagation import inject
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,11 @@ class Proxy(grpc.GenericRpcHandler):
         channels: ChannelPool,
         *,
         request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        metrics: MeshMetrics | None = None,
     ) -> None:
         self.state = state
+        #: Retries and ejections are counted here when set (requests by the interceptor).
+        self.metrics = metrics
         self.channels = channels
         self._request_id = request_id
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
@@ -203,6 +207,14 @@ class Proxy(grpc.GenericRpcHandler):
             log.warning(
                 "ejected %s from %s after %s", endpoint.address, call.decision.target, code.name
             )
+            if self.metrics is not None:
+                self.metrics.ejected(call.decision.target, endpoint.address)
+
+    def _count_retry(self, call: _Call) -> None:
+        if self.metrics is not None:
+            self.metrics.retried(
+                labels(route=call.decision.route, destination=call.decision.target)
+            )
 
     def _retryable(self, call: _Call, error: grpc.aio.AioRpcError, attempt: int) -> bool:
         retries = call.decision.retries
@@ -281,6 +293,7 @@ class Proxy(grpc.GenericRpcHandler):
                         error.code().name,
                         endpoint.address,
                     )
+                    self._count_retry(call)
                     continue
                 await self._fail(context, error)
             finally:
@@ -321,6 +334,7 @@ class Proxy(grpc.GenericRpcHandler):
                 )
                 # Only before the first message: after it, the client has seen a partial stream.
                 if not started and self._retryable(call, error, attempt):
+                    self._count_retry(call)
                     continue
                 await self._fail(context, error)
             finally:
