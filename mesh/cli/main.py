@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mesh.security.cli",
     "gateway.auth_cli",
     "mesh.sidecar.cli",
+    "mesh.sidecar.launcher",
 )
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
 WORKER_MODULES: tuple[str, ...] = ()

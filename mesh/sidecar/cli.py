@@ -6,6 +6,9 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.config.resource import DEFAULT_NAMESPACE
@@ -22,7 +25,7 @@ from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import CertificateSource, FileIssuer
 from mesh.sidecar.app import Sidecar, SidecarPolicies, SidecarSettings
 from mesh.telemetry import logs
-from mesh.telemetry.setup import TelemetrySettings, setup
+from mesh.telemetry.setup import Telemetry, TelemetrySettings, setup
 from registry.cli import resolve_url
 from registry.connect import StoreSettings, add_store_arguments, settings_from_args
 from registry.store import open_store
@@ -51,11 +54,23 @@ def certificates(
     return CertificateSource(FileIssuer(folder), issued.identity, lifetime=issued.lifetime)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class SidecarPlan:
+    """Everything a sidecar needs, built from flags before anything starts."""
+
+    settings: SidecarSettings
+    policies: SidecarPolicies
+    certificates: CertificateSource | None
+    telemetry: Telemetry
+    store: StoreSettings
+
+
+def plan(args: argparse.Namespace, app_address: str) -> SidecarPlan:
+    """Validates flags into a plan; a bad flag or file fails here, before any process starts."""
     mtls: MtlsMode | None = args.mtls
     settings = SidecarSettings(
         service=args.service,
-        app_address=args.app,
+        app_address=app_address,
         host=args.host,
         port=args.port,
         instance_id=args.instance_id,
@@ -77,16 +92,25 @@ def run(args: argparse.Namespace) -> int:
         certs = certificates(
             args.certs, args.namespace, args.service, dt.timedelta(hours=args.cert_hours)
         )
+    store = settings_from_args(args, resolve_url(args))
     telemetry = setup(TelemetrySettings.from_env(service_name=f"sidecar/{args.service}"))
     logs.install()
-    store_settings: StoreSettings = settings_from_args(args, resolve_url(args))
+    return SidecarPlan(settings, policies, certs, telemetry, store)
 
-    async def main() -> None:
-        async with open_store(store_settings) as store:
-            sidecar = Sidecar(
-                settings, store, certificates=certs, policies=policies, telemetry=telemetry
-            )
-            serving = await sidecar.start()
+
+@asynccontextmanager
+async def running(plan: SidecarPlan) -> AsyncIterator[Sidecar]:
+    """Opens the store and starts the sidecar; prints its one parseable line."""
+    async with open_store(plan.store) as store:
+        sidecar = Sidecar(
+            plan.settings,
+            store,
+            certificates=plan.certificates,
+            policies=plan.policies,
+            telemetry=plan.telemetry,
+        )
+        serving = await sidecar.start()
+        try:
             outbound = (
                 f", outbound on {sidecar.outbound_serving.address}"
                 if sidecar.outbound_serving is not None
@@ -97,28 +121,27 @@ def run(args: argparse.Namespace) -> int:
                 f"sidecar listening on {serving.address} (mTLS {sidecar.mode}){outbound}",
                 flush=True,
             )
+            yield sidecar
+        finally:
+            await sidecar.drain()
+
+
+def run(args: argparse.Namespace) -> int:
+    sidecar_plan = plan(args, args.app)
+
+    async def main() -> None:
+        async with running(sidecar_plan) as sidecar:
             await sidecar.run_until_signal()
 
     try:
         asyncio.run(main())
     finally:
-        telemetry.shutdown()
+        sidecar_plan.telemetry.shutdown()
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "sidecar",
-        help="run a worker's sidecar: registration, mTLS, authorization, outbound routing",
-        description="Registers the worker at --app in the registry and mirrors its gRPC "
-        "health there; accepts mesh calls on --port (mutual TLS, PeerAuthentication, "
-        "AuthorizationPolicy, a concurrency limit) and forwards them to the worker; routes "
-        "the worker's own calls from localhost:--outbound-port. SIGTERM drains.",
-    )
-    parser.add_argument("--service", required=True, help="the worker's service name")
-    parser.add_argument(
-        "--app", required=True, metavar="ADDRESS", help="the worker (host:port or unix:PATH)"
-    )
+def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``meshserve sidecar`` other than --service and --app (shared with run)."""
     parser.add_argument("--port", type=int, default=0, help="inbound port (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="inbound address to listen on")
     parser.add_argument(
@@ -169,4 +192,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="seconds in-flight calls may take to finish on drain",
     )
     add_store_arguments(parser)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "sidecar",
+        help="run a worker's sidecar: registration, mTLS, authorization, outbound routing",
+        description="Registers the worker at --app in the registry and mirrors its gRPC "
+        "health there; accepts mesh calls on --port (mutual TLS, PeerAuthentication, "
+        "AuthorizationPolicy, a concurrency limit) and forwards them to the worker; routes "
+        "the worker's own calls from localhost:--outbound-port. SIGTERM drains.",
+    )
+    parser.add_argument("--service", required=True, help="the worker's service name")
+    parser.add_argument(
+        "--app", required=True, metavar="ADDRESS", help="the worker (host:port or unix:PATH)"
+    )
+    add_sidecar_arguments(parser)
     parser.set_defaults(handler=run)

@@ -86,16 +86,16 @@ async def test_sigterm_of_a_sidecar_under_load_loses_no_request(
     ca = CertificateAuthority.create("cluster.local")
     ca.save(tmp_path / "certs")
     for name in ("w1", "w2"):
-        port = processes.start(
-            name, "tests.mesh.sidecar.worker_proc", name, expect="listening on "
-        ).split()[-1]
+        app = processes.start(
+            name, "tests.mesh.sidecar.worker_proc", name, expect=f"{name} listening on "
+        ).split()[3]
         processes.start(
             f"sidecar-{name}",
             "mesh.cli.main",
             "sidecar",
             "--service=inference",
             f"--instance-id=inference-{name}",
-            f"--app=127.0.0.1:{port}",
+            f"--app={app}",
             "--mtls=STRICT",
             f"--certs={tmp_path / 'certs'}",
             "--drain-delay=3",
@@ -166,19 +166,19 @@ async def test_one_trace_from_client_through_gateway_and_sidecar_to_worker(
 ) -> None:
     CertificateAuthority.create("cluster.local").save(tmp_path / "certs")
     store = (f"--es={store_url}", f"--prefix={indices.prefix}")
-    port = processes.start(
+    app = processes.start(
         "worker",
         "tests.mesh.sidecar.worker_proc",
         "w1",
-        expect="listening on ",
+        expect="w1 listening on ",
         traces=tmp_path / "worker.jsonl",
-    ).split()[-1]
+    ).split()[3]
     processes.start(
         "sidecar",
         "mesh.cli.main",
         "sidecar",
         "--service=inference",
-        f"--app=127.0.0.1:{port}",
+        f"--app={app}",
         "--mtls=STRICT",
         f"--certs={tmp_path / 'certs'}",
         *store,

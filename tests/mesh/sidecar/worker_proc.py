@@ -6,6 +6,7 @@ Traced when ``MESHSERVE_TRACES`` is set (see ``mesh.telemetry.setup``).
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import grpc.aio
@@ -24,7 +25,7 @@ async def main(name: str) -> None:
     serving = await start_server(
         ServerSettings(), FakeWorker(name).services(), interceptors=interceptors
     )
-    print(f"listening on {serving.port}", flush=True)
+    print(f"{name} listening on {serving.address} pid {os.getpid()}", flush=True)
     try:
         await serve_until_signal(serving)
     finally:
