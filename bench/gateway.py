@@ -207,7 +207,7 @@ async def overhead(seconds: float, rounds: int) -> None:
 
 
 ROUTING = {
-    "meshserve (hash + bounded load + hot-key spread)": """
+    "meshserve (hash, bounded load 1.25 + cold spill 2, hot keys over 2)": """
   annotations:
     meshserve.io/hash-fields: "model_name,model_version"
     meshserve.io/bounded-load: "1.25"

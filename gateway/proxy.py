@@ -23,7 +23,7 @@ from mesh.config.destination_rule import UNLIMITED
 from mesh.errors import DeadlineExceeded, Unavailable
 from mesh.routing import headers as md
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
-from mesh.routing.services import host_for_call
+from mesh.routing.services import host_for_method
 from mesh.routing.weights import percent_hit
 from mesh.telemetry.interceptors import annotate
 from mesh.telemetry.metrics import MeshMetrics, labels
@@ -143,7 +143,7 @@ class Proxy(grpc.GenericRpcHandler):
         """Whether this method's host hashes on request fields (then a client stream's
         first message is read before routing)."""
         config = clusters.config
-        host = host_for_call(path, "", set(config.destination_rules))
+        host = host_for_method(path)
         rule = config.destination_rule(host) if host else None
         return rule is not None and bool(rule.extensions.hash_fields)
 

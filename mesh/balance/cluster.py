@@ -73,6 +73,7 @@ class Cluster:
             bounded_load=extensions.bounded_load,
             hot_key_replicas=extensions.hot_key_replicas,
             hot_key_threshold=extensions.hot_key_threshold,
+            cold_spill=extensions.cold_spill,
         )
 
     @property

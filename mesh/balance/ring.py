@@ -137,6 +137,9 @@ class RingPolicy:
     hot_key_replicas: int = 1
     #: In-flight requests for one key from which it counts as hot.
     hot_key_threshold: int = 4
+    #: A full owner keeps a request whose key no successor holds warm until it has this
+    #: many times its capacity in flight; 1.0 is classic bounded loads.
+    cold_spill: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,10 @@ def choose(
        already holds it.
     2. A hot key (``hot_key_threshold`` in flight) may use its first ``hot_key_replicas``
        successors, least loaded first, so one version cannot swamp one worker.
-    3. Bounded loads: walk past endpoints at capacity (Mirrokni et al., 2018), which caps
-       any endpoint at ⌈c·average⌉ while moving as few keys as possible.
+    3. Bounded loads (Mirrokni et al., 2018): past an owner at capacity ⌈c·average⌉, to a
+       successor that recently served the key (its weights are likely loaded) with room,
+       else to the next successor with room once the owner holds ``cold_spill`` times its
+       capacity (with ``cold_spill`` 1, classic bounded loads).
     """
     order = list(ring.order(key))
     if excluded:
@@ -199,17 +204,38 @@ def choose(
         else:
             members, total_weight = list(ring.endpoints), ring.total_weight
         total = tracker.total([e.address for e in members])
-        for index, endpoint in enumerate(order):
-            cap = capacity(policy.bounded_load, total, endpoint.weight, total_weight)
-            load = tracker.in_flight(endpoint.address)
-            if load < cap:
-                if index:
-                    if explain:
-                        reasons.append(
-                            f"bounded load c={policy.bounded_load:g}: skipped {index} "
-                            f"endpoint(s) at capacity; {endpoint.address} has {load} < {cap} "
-                            "in flight"
-                        )
-                    order = [endpoint, *order[:index], *order[index + 1 :]]
-                break
+        factor = policy.bounded_load
+
+        def free(e: Endpoint) -> bool:
+            return tracker.in_flight(e.address) < capacity(factor, total, e.weight, total_weight)
+
+        owner = order[0]
+        if not free(owner):
+            # Spill, but mind where the key's weights are: a successor that recently took
+            # this key probably holds them, so a warm one with room goes first. A cold
+            # one would pay a model load (and evict another version), which costs more
+            # than queueing a little longer at the owner, so the owner keeps the request
+            # up to cold_spill times its capacity.
+            warm = tracker.warm(key)
+            under = [i for i, e in enumerate(order) if i and free(e)]
+            hard = math.ceil(
+                policy.cold_spill * capacity(factor, total, owner.weight, total_weight)
+            )
+            chosen = next((i for i in under if order[i].address in warm), None)
+            if chosen is None:
+                chosen = 0 if tracker.in_flight(owner.address) < hard else (under or [0])[0]
+            if explain:
+                if chosen:
+                    how = "warm for this key" if order[chosen].address in warm else "cold"
+                    reasons.append(
+                        f"bounded load c={factor:g}: {owner.address} is at capacity; "
+                        f"spilled to {order[chosen].address} ({how})"
+                    )
+                else:
+                    reasons.append(
+                        f"bounded load c={factor:g}: {owner.address} is at capacity but no "
+                        f"successor is warm for this key; it stays below {hard} in flight"
+                    )
+            if chosen:
+                order = [order[chosen], *order[:chosen], *order[chosen + 1 :]]
     return RingChoice(tuple(order), tuple(reasons))

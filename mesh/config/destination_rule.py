@@ -91,6 +91,8 @@ ANNOTATION_HASH_FIELDS = "meshserve.io/hash-fields"
 ANNOTATION_BOUNDED_LOAD = "meshserve.io/bounded-load"
 ANNOTATION_HOT_KEY_REPLICAS = "meshserve.io/hot-key-replicas"
 ANNOTATION_HOT_KEY_THRESHOLD = "meshserve.io/hot-key-threshold"
+ANNOTATION_COLD_SPILL = "meshserve.io/cold-spill"
+DEFAULT_COLD_SPILL = 2.0
 DEFAULT_BOUNDED_LOAD = 1.25
 DEFAULT_HOT_KEY_THRESHOLD = 4
 #: Request fields a hash key may be read from: names → field numbers of ModelInferRequest
@@ -110,6 +112,8 @@ class Extensions:
     hot_key_replicas: int = 1
     #: In-flight requests for one key from which it counts as hot.
     hot_key_threshold: int = DEFAULT_HOT_KEY_THRESHOLD
+    #: How far past capacity a full owner keeps a key no successor holds warm.
+    cold_spill: float = DEFAULT_COLD_SPILL
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,7 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
         ANNOTATION_BOUNDED_LOAD,
         ANNOTATION_HOT_KEY_REPLICAS,
         ANNOTATION_HOT_KEY_THRESHOLD,
+        ANNOTATION_COLD_SPILL,
     )
     for key in annotations:
         if key.startswith("meshserve.io/") and key not in known:
@@ -342,6 +347,13 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
                     f'must be a factor >= 1.0 (e.g. "1.25") or "off", got {text!r}'
                 )
         ext = replace(ext, bounded_load=bounded)
+    if (text := annotations.get(ANNOTATION_COLD_SPILL)) is not None:
+        spill = _float(text)
+        if spill is None or not (math.isfinite(spill) and spill >= 1.0):
+            node.child(ANNOTATION_COLD_SPILL).fail(
+                f'must be a factor >= 1.0 (e.g. "2"; "1" is classic bounded loads), got {text!r}'
+            )
+        ext = replace(ext, cold_spill=spill)
     replicas = _count(node, annotations, ANNOTATION_HOT_KEY_REPLICAS, ext.hot_key_replicas)
     threshold = _count(node, annotations, ANNOTATION_HOT_KEY_THRESHOLD, ext.hot_key_threshold)
     return replace(ext, hot_key_replicas=replicas, hot_key_threshold=threshold)

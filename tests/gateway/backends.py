@@ -79,7 +79,8 @@ class FakeWorker:
         self._enter(context)
         await self._maybe_fail(context)
         for index in range(request.batch_size):
-            yield data_pb2.Batch(index=index, size=len(self.name))
+            # example_ids carries the worker's number, so tests can tell who answered.
+            yield data_pb2.Batch(index=index, size=1, example_ids=[int(self.name.lstrip("w") or 0)])
 
     async def create_dataset(
         self, requests: AsyncIterator[data_pb2.CreateDatasetRequest], context: Context

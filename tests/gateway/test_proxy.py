@@ -193,3 +193,14 @@ async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscrib
             assert source.subscriptions == 2
         finally:
             await serving.drain(grace=0)
+
+
+async def test_server_stream_is_retried_on_another_endpoint_before_its_first_message() -> None:
+    async with mesh(2) as m:
+        m.workers[0].fail_with = grpc.StatusCode.UNAVAILABLE
+        data = data_pb2_grpc.DataServiceStub(m.channel)
+        for _ in range(6):  # ROUND_ROBIN sends half of them to the failing worker first
+            request = data_pb2.StreamBatchesRequest(dataset="d", batch_size=2)
+            batches = [b async for b in data.StreamBatches(request, timeout=5)]
+            assert [list(b.example_ids) for b in batches] == [[1], [1]]  # w1 answered
+        assert m.workers[0].seen, "the failing worker was tried"

@@ -178,12 +178,13 @@ def test_extension_annotations() -> None:
             meshserve.io/bounded-load: "1.5"
             meshserve.io/hot-key-replicas: "3"
             meshserve.io/hot-key-threshold: "10"
+            meshserve.io/cold-spill: "1"
             other.io/kept: "for others"
             """,
         )
     )
     assert isinstance(dr, DestinationRule)
-    assert dr.extensions == Extensions(("model_name", "model_version"), 1.5, 3, 10)
+    assert dr.extensions == Extensions(("model_name", "model_version"), 1.5, 3, 10, 1.0)
     off = one(
         dr_yaml(
             "host: inference\ntrafficPolicy:\n  loadBalancer: {consistentHash: {httpHeaderName: x-k}}",
@@ -363,6 +364,10 @@ ERRORS: list[tuple[str, str]] = [
     (
         dr_yaml("host: inference", annotations='meshserve.io/hot-key-replicas: "two"'),
         "metadata.annotations.meshserve.io/hot-key-replicas: must be an integer in [1, 1024]",
+    ),
+    (
+        dr_yaml("host: inference", annotations='meshserve.io/cold-spill: "0.5"'),
+        'metadata.annotations.meshserve.io/cold-spill: must be a factor >= 1.0 (e.g. "2"',
     ),
     (
         dr_yaml("host: inference", annotations='meshserve.io/ring-size: "9"'),

@@ -101,7 +101,7 @@ def test_bounded_loads_keep_every_endpoint_within_the_factor(
     """Placing requests one by one (none finishing), no endpoint exceeds ⌈c·(m+1)/n⌉."""
     ring = HashRing(endpoints(n), vnodes=VNODES)
     tracker = LoadTracker()
-    policy = RingPolicy(bounded_load=factor)
+    policy = RingPolicy(bounded_load=factor, cold_spill=1.0)  # classic bounded loads
     for placed, key in enumerate(keys):
         chosen = choose(ring, f"v{key}", tracker, policy).candidates[0]
         assert tracker.in_flight(chosen.address) < capacity(factor, placed, 1, n)
@@ -112,7 +112,10 @@ def test_bounded_loads_keep_every_endpoint_within_the_factor(
 
 def test_without_bounded_loads_a_hot_key_piles_on_one_endpoint() -> None:
     ring = HashRing(endpoints(4), vnodes=VNODES)
-    for policy, most in ((RingPolicy(bounded_load=None), 100), (RingPolicy(bounded_load=1.25), 32)):
+    for policy, most in (
+        (RingPolicy(bounded_load=None), 100),
+        (RingPolicy(bounded_load=1.25, cold_spill=1.0), 32),
+    ):
         tracker = LoadTracker()
         for _ in range(100):
             tracker.start(choose(ring, "hot", tracker, policy).candidates[0].address)
@@ -125,11 +128,46 @@ def test_bounded_load_walks_clockwise_past_full_endpoints() -> None:
     tracker = LoadTracker()
     for _ in range(5):
         tracker.start(order[0].address)  # owner full: cap = ceil(1.25 * 6 / 3) = 3
-    choice = choose(ring, "k", tracker, RingPolicy(bounded_load=1.25))
+    choice = choose(ring, "k", tracker, RingPolicy(bounded_load=1.25, cold_spill=1.0))
     assert choice.candidates[0] == order[1]
     # The owner stays a retry candidate, right after the chosen one.
     assert choice.candidates[1] == order[0]
     assert any("bounded load" in r for r in choice.reasons)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 8),
+    spill=st.sampled_from([1.5, 2.0, 3.0]),
+    keys=st.lists(st.integers(0, 20), min_size=1, max_size=200),
+)
+def test_cold_spill_bounds_every_endpoint_at_its_multiple_of_capacity(
+    n: int, spill: float, keys: list[int]
+) -> None:
+    ring = HashRing(endpoints(n), vnodes=VNODES)
+    tracker = LoadTracker()
+    policy = RingPolicy(bounded_load=1.25, cold_spill=spill)
+    for placed, key in enumerate(keys):
+        chosen = choose(ring, f"v{key}", tracker, policy).candidates[0]
+        assert tracker.in_flight(chosen.address) < math.ceil(spill * capacity(1.25, placed, 1, n))
+        tracker.start(chosen.address, f"v{key}")
+
+
+def test_a_full_owner_spills_to_a_warm_successor_first_and_keeps_cold_keys_a_while() -> None:
+    ring = HashRing(endpoints(4), vnodes=VNODES)
+    owner, second, third, _ = ring.successors("k")
+    policy = RingPolicy(bounded_load=1.0, cold_spill=2.0)
+    tracker = LoadTracker()
+    for _ in range(2):
+        tracker.start(owner.address)  # owner at cap = ceil(1.0 * 3 / 4) = 1 (and beyond)
+    # Nobody is warm for "k": the owner keeps it below 2 x its capacity of 1... which it
+    # already holds, so the request spills to the next successor with room.
+    assert choose(ring, "k", tracker, policy).candidates[0] == second
+    tracker.finish(owner.address)  # owner: 1 in flight, cap 1, hard cap 2
+    assert choose(ring, "k", tracker, policy).candidates[0] == owner  # stays: no warm successor
+    tracker.start(third.address, "k")  # third served "k" recently: its weights are warm
+    tracker.finish(third.address, "k")
+    assert choose(ring, "k", tracker, policy).candidates[0] == third
 
 
 HOT = RingPolicy(bounded_load=None, hot_key_replicas=2, hot_key_threshold=2)
