@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mesh.config.security import AuthorizationPolicy, Condition, Operation, Rule, Source
 from mesh.errors import PermissionDenied
@@ -30,8 +30,12 @@ class RequestAttributes:
     #: The peer's namespace (from its SPIFFE id); None without mTLS.
     source_namespace: str | None = None
     source_ip: str | None = None
-    #: ``<iss>/<sub>`` of a validated JWT (the gateway's client authentication).
+    #: ``<iss>/<sub>`` of a JWT validated by this same process; None: none was (sidecars
+    #: never trust one asserted in metadata, which a client could forge through a proxy).
     request_principal: str | None = None
+    #: Whether this process validates JWTs at all. Where it does not (sidecars), rules on
+    #: request principals cannot be evaluated and fail closed.
+    jwt_aware: bool = False
     #: The ``:authority`` the caller addressed.
     host: str | None = None
     port: int | None = None
@@ -74,7 +78,10 @@ def _ip_field(blocks: Sequence[str], not_blocks: Sequence[str], ip: str | None) 
     return not any(inside(b) for b in not_blocks)
 
 
-def source_matches(source: Source, request: RequestAttributes) -> bool:
+def source_matches(source: Source, request: RequestAttributes, *, deny: bool = False) -> bool:
+    if (source.request_principals or source.not_request_principals) and not request.jwt_aware:
+        # Fail closed, as for unknown conditions: matches in DENY, never in ALLOW.
+        return deny
     return (
         _field(source.principals, source.not_principals, request.principal)
         and _field(
@@ -100,7 +107,6 @@ CONDITION_KEYS: dict[str, Callable[[RequestAttributes], str | None]] = {
     "source.principal": lambda r: r.principal,
     "source.namespace": lambda r: r.source_namespace,
     "source.ip": lambda r: r.source_ip,
-    "request.auth.principal": lambda r: r.request_principal,
     "destination.port": lambda r: None if r.port is None else str(r.port),
 }
 
@@ -115,6 +121,8 @@ def _condition_value(key: str, request: RequestAttributes) -> tuple[bool, str | 
 
 def condition_matches(cond: Condition, request: RequestAttributes, *, deny: bool) -> bool:
     known, value = _condition_value(cond.key, request)
+    if cond.key == "request.auth.principal" and request.jwt_aware:
+        known, value = True, request.request_principal
     if not known:
         # Fail closed, as Istio does for attributes it cannot evaluate: such a rule always
         # matches in a DENY policy and never in an ALLOW policy.
@@ -127,7 +135,7 @@ def condition_matches(cond: Condition, request: RequestAttributes, *, deny: bool
 def rule_matches(rule: Rule, request: RequestAttributes, *, deny: bool) -> bool:
     """Any ``from``, any ``to``, every ``when``; an absent section matches everything."""
     return (
-        (not rule.sources or any(source_matches(s, request) for s in rule.sources))
+        (not rule.sources or any(source_matches(s, request, deny=deny) for s in rule.sources))
         and (not rule.operations or any(operation_matches(o, request) for o in rule.operations))
         and all(condition_matches(c, request, deny=deny) for c in rule.conditions)
     )
@@ -209,16 +217,10 @@ def attributes_from_context(
         principal=peer.principal,
         source_namespace=None if identity is None else identity.namespace,
         source_ip=_peer_ip(context.peer()),
-        request_principal=headers.get(REQUEST_PRINCIPAL_HEADER),
         host=headers.get(":authority"),
         port=port,
         headers=headers,
     )
-
-
-#: Set by the gateway after it validated a JWT (``<iss>/<sub>``); sidecars trust it only
-#: from mTLS peers, see :class:`Authorizer`.
-REQUEST_PRINCIPAL_HEADER = "x-meshserve-request-principal"
 
 
 def _peer_ip(peer: str | None) -> str | None:
@@ -254,11 +256,7 @@ class Authorizer:
         self._root = root_namespace
 
     async def __call__(self, method: str, context: Context) -> None:
-        peer = peer_from_context(context)
-        request = attributes_from_context(method, context, port=self._port, peer=peer)
-        if peer.spiffe_id is None and request.request_principal is not None:
-            # Only a mesh peer (the gateway) may assert a request principal.
-            request = replace(request, request_principal=None)
+        request = attributes_from_context(method, context, port=self._port)
         decision = evaluate(self._policies(), self._workload, request, root_namespace=self._root)
         if not decision.allowed:
             log.info("%s from %s: %s", method, request.principal or "anonymous", decision.reason)

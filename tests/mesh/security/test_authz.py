@@ -229,3 +229,39 @@ async def test_deny_policy_returns_permission_denied_naming_the_rule() -> None:
     assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "AuthorizationPolicy/no-training" in (refused.value.details() or "")
     assert "rule 0" in (refused.value.details() or "")
+
+
+JWT_RULES = policies(
+    """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-bob}
+spec:
+  action: DENY
+  rules: [{from: [{source: {requestPrincipals: ["https://login.example.com//bob"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-issuer}
+spec:
+  action: ALLOW
+  rules: [{from: [{source: {requestPrincipals: ["https://login.example.com//*"]}}]}]
+"""
+)
+
+
+def test_request_principals_fail_closed_where_no_jwt_is_validated() -> None:
+    # A sidecar validates no JWT: a client could forge any asserted principal through a
+    # proxy, so such rules deny (DENY matches) rather than trust metadata.
+    anonymous = req(INFER, GATEWAY)
+    decision = evaluate(JWT_RULES, WORKLOAD, anonymous)
+    assert not decision.allowed and "deny-bob" in decision.reason
+    assert not evaluate(JWT_RULES[1:], WORKLOAD, anonymous).allowed
+    alice = RequestAttributes(
+        INFER, request_principal="https://login.example.com//alice", jwt_aware=True
+    )
+    bob = RequestAttributes(
+        INFER, request_principal="https://login.example.com//bob", jwt_aware=True
+    )
+    assert evaluate(JWT_RULES, WORKLOAD, alice).allowed
+    assert "deny-bob" in evaluate(JWT_RULES, WORKLOAD, bob).reason
