@@ -20,7 +20,13 @@ from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthenticati
 from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.security.authz import Authorizer
 from mesh.security.guard import Context, GuardInterceptor
-from mesh.security.peer import check_peer, peer_from_context, resolve_mode, server_credentials
+from mesh.security.peer import (
+    check_peer,
+    listeners_for,
+    peer_from_context,
+    resolve_mode,
+    server_credentials,
+)
 from mesh.security.rotation import CertificateSource
 from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
@@ -60,6 +66,8 @@ class SidecarSettings:
     mtls: MtlsMode | None = None
     heartbeat_interval: float = 1.0
     lease_ttl: float = 5.0
+    #: PERMISSIVE only: a second, plaintext listener for callers outside the mesh.
+    plaintext_port: int | None = None
     #: Where the worker's outgoing calls enter (localhost only); None: no outbound.
     outbound_port: int | None = None
     #: Routing YAML for outbound calls (VirtualService, DestinationRule); None: defaults.
@@ -114,6 +122,8 @@ class Sidecar:
         self.limit = ConcurrencyLimit(settings.max_concurrency)
         self.forwarder = Forwarder(settings.app_address, self.limit)
         self.serving: Serving | None = None
+        #: PERMISSIVE's plaintext listener, when a plaintext port is set.
+        self.plaintext_serving: Serving | None = None
         self.outbound: Gateway | None = None
         self.outbound_serving: Serving | None = None
         self.registration: Registration | None = None
@@ -130,6 +140,9 @@ class Sidecar:
                     load=Load(in_flight=self.limit.in_flight), publish=False
                 )
 
+    def _servings(self) -> list[Serving]:
+        return [s for s in (self.serving, self.plaintext_serving) if s is not None]
+
     async def _check_peer(self, method: str, context: Context) -> None:
         check_peer(self.mode, peer_from_context(context))
 
@@ -145,9 +158,14 @@ class Sidecar:
             if self._certificates is None
             else server_credentials(self.mode, self._certificates)
         )
-        if self.mode == "PERMISSIVE":
+        if s.plaintext_port is not None and "plaintext" not in listeners_for(self.mode)[1:]:
+            raise InvalidArgument(
+                f"a plaintext port is PERMISSIVE's second listener; mTLS here is {self.mode}"
+            )
+        if self.mode == "PERMISSIVE" and s.plaintext_port is None:
             log.warning(
-                "PERMISSIVE: the sidecar listens with mutual TLS only; plaintext callers are refused"
+                "PERMISSIVE without --plaintext-port: only mutual TLS is served; "
+                "plaintext callers are refused"
             )
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self._telemetry is not None:
@@ -166,8 +184,23 @@ class Sidecar:
             interceptors=interceptors,
             credentials=credentials,
         )
+        if s.plaintext_port is not None:
+            # PERMISSIVE's second listener: the same guards and forwarder, no TLS, so
+            # callers outside the mesh are served anonymously (policies see no principal).
+            try:
+                self.plaintext_serving = await start_server(
+                    ServerSettings(
+                        host=s.host, port=s.plaintext_port, grace_seconds=s.grace_seconds
+                    ),
+                    [Service(INBOUND_SERVICE, register)],
+                    interceptors=interceptors,
+                )
+            except BaseException:
+                await self.serving.drain(grace=0)
+                raise
         # Not serving until the worker says it is.
-        await self.serving.set_serving(False)
+        for serving in self._servings():
+            await serving.set_serving(False)
         instance = Instance(
             service=s.service,
             instance_id=s.instance_id or f"{s.service}-{socket.gethostname()}-{self.serving.port}",
@@ -231,7 +264,8 @@ class Sidecar:
         if self._draining or self.registration is None or self.serving is None:
             return
         status = Status.SERVING if serving else Status.NOT_SERVING
-        await self.serving.set_serving(serving)
+        for listener in self._servings():
+            await listener.set_serving(serving)
         try:
             await self.registration.update(status=status)
         except Exception as exc:  # the next heartbeat carries it
@@ -249,7 +283,8 @@ class Sidecar:
         if self.registration is not None:
             with contextlib.suppress(Exception):
                 await self.registration.update(status=Status.DRAINING)
-        await self.serving.set_serving(False)
+        for listener in self._servings():
+            await listener.set_serving(False)
         # Callers that have not seen DRAINING yet still get served meanwhile.
         await asyncio.sleep(self.settings.drain_delay)
         if self.registration is not None:
@@ -257,7 +292,7 @@ class Sidecar:
                 await self.registration.deregister()
             except Exception as exc:
                 log.warning("deregistration failed (the lease will expire): %s", exc)
-        await self.serving.drain()
+        await asyncio.gather(*(listener.drain() for listener in self._servings()))
         # Outbound last: in-flight inbound calls may have needed it to finish.
         if self.outbound_serving is not None:
             await self.outbound_serving.drain()

@@ -81,6 +81,7 @@ def plan(args: argparse.Namespace, app_address: str) -> SidecarPlan:
         grace_seconds=args.grace,
         mtls=mtls,
         outbound_port=args.outbound_port,
+        plaintext_port=args.plaintext_port,
         config_dir=args.config,
     )
     policies = SidecarPolicies()
@@ -146,6 +147,11 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="inbound address to listen on")
     parser.add_argument(
         "--outbound-port", type=int, help="localhost port for the worker's outgoing calls"
+    )
+    parser.add_argument(
+        "--plaintext-port",
+        type=int,
+        help="PERMISSIVE: also serve callers outside the mesh in plaintext on this port",
     )
     parser.add_argument("--instance-id", help="registry id (default <service>-<host>-<port>)")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="the workload's namespace")

@@ -13,7 +13,8 @@ import pytest
 from elasticsearch import AsyncElasticsearch
 
 from mesh.config.loader import parse_yaml
-from mesh.config.security import AuthorizationPolicy
+from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.errors import InvalidArgument
 from mesh.security.ca import CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import CertificateSource
@@ -199,3 +200,92 @@ async def test_drain_finishes_in_flight_calls_and_deregisters(rig: Rig) -> None:
         rig.worker.release.set()
         assert await in_flight == b"done:x"
         await drain
+
+
+ALLOW_MESH_ONLY = tuple(
+    d.resource
+    for d in parse_yaml(
+        """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-only-slow}
+spec:
+  action: ALLOW
+  rules:
+  - to: [{operation: {paths: ["/meshtest.Worker/Echo"]}}]
+  - from: [{source: {principals: ["*"]}}]
+"""
+        + """
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: permissive}
+spec: {mtls: {mode: PERMISSIVE}}
+""",
+        "policy.yaml",
+    )
+)
+
+
+async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_port(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    worker = Worker()
+    worker_serving = await start_server(ServerSettings(), [worker.service()])
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference",
+            app_address=worker_serving.address,
+            plaintext_port=0,
+            drain_delay=0,
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+        policies=SidecarPolicies(
+            peer_authentications=[r for r in ALLOW_MESH_ONLY if isinstance(r, PeerAuthentication)],
+            authorization_policies=[
+                r for r in ALLOW_MESH_ONLY if isinstance(r, AuthorizationPolicy)
+            ],
+        ),
+    )
+    await sidecar.start()
+    try:
+        assert sidecar.mode == "PERMISSIVE"
+        assert sidecar.serving is not None and sidecar.plaintext_serving is not None
+        mesh = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
+        async with grpc.aio.secure_channel(
+            f"localhost:{sidecar.serving.port}", mesh.channel_credentials()
+        ) as secure:
+            assert await call(secure) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+            worker.release.set()
+            assert await call(secure, SLOW) == b"done:hi"
+        async with grpc.aio.insecure_channel(sidecar.plaintext_serving.address) as plain:
+            assert await call(plain) == b"anonymous|hi"
+            # Rule 1 needs a principal, which a plaintext caller never has.
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await call(plain, SLOW)
+            assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        # Plaintext on the mTLS port is still refused.
+        async with grpc.aio.insecure_channel(sidecar.serving.address) as wrong:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(wrong)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await sidecar.drain()
+        await worker_serving.drain(grace=0)
+
+
+async def test_a_plaintext_port_contradicts_strict(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference", app_address="127.0.0.1:1", mtls="STRICT", plaintext_port=0
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+    )
+    with pytest.raises(InvalidArgument, match="plaintext port is PERMISSIVE's second listener"):
+        await sidecar.start()
