@@ -13,10 +13,12 @@ from pathlib import Path
 
 import grpc.aio
 
-from gateway.app import Gateway
+from gateway.app import Gateway, _fingerprint
 from gateway.registry_discovery import RegistryDiscovery
+from mesh.config.fields import ConfigError
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthentication
+from mesh.config.snapshot import config_from_path
 from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.security.authz import Authorizer
 from mesh.security.guard import Context, GuardInterceptor
@@ -83,6 +85,9 @@ class SidecarSettings:
                 f"sidecar: max concurrency must be >= 1, got {self.max_concurrency}"
             )
 
+    #: Seconds between checks of ``config_dir`` for changed policies.
+    reload_interval: float = 1.0
+
     @property
     def workload(self) -> Workload:
         return Workload(self.namespace, (("app", self.service), *self.labels))
@@ -122,6 +127,8 @@ class Sidecar:
         self.limit = ConcurrencyLimit(settings.max_concurrency)
         self.forwarder = Forwarder(settings.app_address, self.limit)
         self.serving: Serving | None = None
+        #: Why the last policy reload was rejected (None: none was).
+        self.last_rejection: str | None = None
         #: PERMISSIVE's plaintext listener, when a plaintext port is set.
         self.plaintext_serving: Serving | None = None
         self.outbound: Gateway | None = None
@@ -222,6 +229,8 @@ class Sidecar:
         mirror = HealthMirror(self.forwarder.channel, self._worker_health)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(mirror.run()), loop.create_task(self._publish_load())]
+        if s.config_dir is not None:
+            self._tasks.append(loop.create_task(self._watch_policies(s.config_dir)))
         log.info(
             "sidecar for %s on %s (mTLS %s) -> %s",
             s.service,
@@ -259,6 +268,41 @@ class Sidecar:
             await self.drain()
             raise
         log.info("outbound for %s on %s", self.settings.service, self.outbound_serving.address)
+
+    async def _watch_policies(self, directory: Path) -> None:
+        """Reloads the security policies when the config folder changes (last known good).
+
+        AuthorizationPolicy applies from the next call. A PeerAuthentication change moves
+        the per-call check; the listeners (TLS or not) stay as started, so a change that
+        needs another listener takes a restart, and the log says so.
+        """
+        fingerprint = await asyncio.to_thread(_fingerprint, directory)
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            current = await asyncio.to_thread(_fingerprint, directory)
+            if current == fingerprint:
+                continue
+            fingerprint = current
+            try:
+                config = await asyncio.to_thread(config_from_path, directory)
+            except ConfigError as exc:
+                self.last_rejection = exc.message
+                log.error("policies rejected, keeping the previous ones: %s", exc.message)
+                continue
+            self.policies = SidecarPolicies(
+                config.peer_authentications, config.authorization_policies
+            )
+            if self.settings.mtls is None:
+                mode = resolve_mode(config.peer_authentications, self.settings.workload).mode
+                if listeners_for(mode)[0] != listeners_for(self.mode)[0]:
+                    log.warning(
+                        "mTLS mode %s needs other listeners than %s: restart the sidecar",
+                        mode,
+                        self.mode,
+                    )
+                else:
+                    self.mode = mode
+            log.info("policies reloaded from %s (mTLS %s)", directory, self.mode)
 
     async def _worker_health(self, serving: bool) -> None:
         if self._draining or self.registration is None or self.serving is None:

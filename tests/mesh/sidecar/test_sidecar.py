@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -58,10 +59,7 @@ class Rig:
             await asyncio.sleep(0.05)
 
 
-DENY_TRAINING = tuple(
-    d.resource
-    for d in parse_yaml(
-        """
+POLICY_TEXT = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-training-on-inference}
@@ -69,9 +67,10 @@ spec:
   selector: {matchLabels: {app: inference}}
   action: DENY
   rules: [{from: [{source: {namespaces: [ml]}}]}]
-""",
-        "policy.yaml",
-    )
+"""
+DENY_TRAINING = tuple(
+    d.resource
+    for d in parse_yaml(POLICY_TEXT, "policy.yaml")
     if isinstance(d.resource, AuthorizationPolicy)
 )
 
@@ -289,3 +288,55 @@ async def test_a_plaintext_port_contradicts_strict(
     )
     with pytest.raises(InvalidArgument, match="plaintext port is PERMISSIVE's second listener"):
         await sidecar.start()
+
+
+async def test_policies_reload_from_the_config_folder(
+    tmp_path: Path, es: AsyncElasticsearch, indices: Indices
+) -> None:
+    worker = Worker()
+    worker_serving = await start_server(ServerSettings(), [worker.service()])
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference",
+            app_address=worker_serving.address,
+            mtls="STRICT",
+            drain_delay=0,
+            config_dir=tmp_path,
+            reload_interval=0.05,
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+    )
+    serving = await sidecar.start()
+    client = CertificateSource(ca, WorkloadIdentity(TD, "ml", "training"))
+    try:
+        async with grpc.aio.secure_channel(
+            f"localhost:{serving.port}",
+            client.channel_credentials(),
+        ) as channel:
+            assert (await call(channel)).endswith(b"|hi")
+            (tmp_path / "deny.yaml").write_text(POLICY_TEXT)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                try:
+                    await call(channel)
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+                    break
+                assert loop.time() < deadline, "the DENY policy was never loaded"
+                await asyncio.sleep(0.05)
+            # A broken file is rejected; the last good policies stay in force.
+            (tmp_path / "deny.yaml").write_text("kind: AuthorizationPolicy\n")
+            deadline = loop.time() + 10
+            while sidecar.last_rejection is None:
+                assert loop.time() < deadline, "the broken file was never read"
+                await asyncio.sleep(0.05)
+            assert "deny.yaml" in sidecar.last_rejection
+            with pytest.raises(grpc.aio.AioRpcError) as still:
+                await call(channel)
+            assert still.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await sidecar.drain()
+        await worker_serving.drain(grace=0)
