@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     settings = ServerSettings(host=args.host, port=args.port)
     telemetry = setup(TelemetrySettings.from_env(service_name="gateway"))
-    logs.install()
+    logs.install(show_ids=telemetry.settings.traces != "none")
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if telemetry.settings.traces != "none" or telemetry.settings.metrics:
         # Outermost of ours: rejected calls are traced and counted too.

@@ -95,7 +95,7 @@ def plan(args: argparse.Namespace, app_address: str) -> SidecarPlan:
         )
     store = settings_from_args(args, resolve_url(args))
     telemetry = setup(TelemetrySettings.from_env(service_name=f"sidecar/{args.service}"))
-    logs.install()
+    logs.install(show_ids=telemetry.settings.traces != "none")
     return SidecarPlan(settings, policies, certs, telemetry, store)
 
 

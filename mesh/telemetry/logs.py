@@ -28,9 +28,20 @@ class TraceIdFilter(logging.Filter):
         return True
 
 
-def install(handler: logging.Handler | None = None) -> None:
-    """Adds the filter to ``handler`` (default: every handler of the root logger), once."""
+#: Appended to a handler's format by ``install(show_ids=True)``.
+IDS_SUFFIX = " [trace=%(trace_id)s span=%(span_id)s]"
+
+
+def install(handler: logging.Handler | None = None, *, show_ids: bool = False) -> None:
+    """Adds the filter to ``handler`` (default: every handler of the root logger), once.
+
+    With ``show_ids`` the handler's format also prints the ids (processes that trace turn
+    it on, so a log line leads to its trace).
+    """
     handlers = [handler] if handler is not None else list(logging.getLogger().handlers)
     for h in handlers:
         if not any(isinstance(f, TraceIdFilter) for f in h.filters):
             h.addFilter(TraceIdFilter())
+            if show_ids:
+                fmt = h.formatter._fmt if h.formatter is not None else None
+                h.setFormatter(logging.Formatter((fmt or "%(name)s: %(message)s") + IDS_SUFFIX))

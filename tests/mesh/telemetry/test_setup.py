@@ -108,3 +108,29 @@ def test_otlp_without_the_optional_package_names_it() -> None:
 
     with pytest.raises(FailedPrecondition, match="opentelemetry-exporter-otlp-proto-grpc"):
         setup(TelemetrySettings(traces="otlp"))
+
+
+def test_install_shows_ids_in_the_handler_format() -> None:
+    import io
+
+    from mesh.telemetry.logs import install
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    install(handler, show_ids=True)
+    install(handler, show_ids=True)  # idempotent
+    telemetry = setup(TelemetrySettings(traces="memory"))
+    logger = logging.getLogger("test.ids")
+    logger.addHandler(handler)
+    try:
+        with telemetry.tracer.start_as_current_span("op") as span:
+            logger.warning("inside")
+        logger.warning("outside")
+    finally:
+        logger.removeHandler(handler)
+        telemetry.shutdown()
+    inside, outside = stream.getvalue().splitlines()
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    assert inside.startswith("WARNING inside [trace=") and trace_id in inside
+    assert outside == "WARNING outside [trace=- span=-]"
