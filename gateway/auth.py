@@ -34,7 +34,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,12 @@ import yaml
 
 from gateway.ratelimit import Clock, RateLimit, RateLimiter
 from mesh.config.fields import ConfigError, Node, Where
-from mesh.errors import ResourceExhausted, Unauthenticated
-from mesh.security.authz import match_value
+from mesh.config.resource import DEFAULT_NAMESPACE
+from mesh.config.security import AuthorizationPolicy
+from mesh.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from mesh.security.authz import RequestAttributes, evaluate, match_value
 from mesh.security.guard import Context
+from mesh.security.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -306,21 +309,51 @@ def exempt(method: str, patterns: Sequence[str]) -> bool:
     return any(match_value(p, method) for p in patterns)
 
 
-class ClientGuard:
-    """The check for a :class:`mesh.security.guard.GuardInterceptor` on the gateway."""
+#: The gateway as AuthorizationPolicy selectors see it.
+GATEWAY_WORKLOAD = Workload(DEFAULT_NAMESPACE, (("app", "gateway"),))
 
-    def __init__(self, config: AuthConfig, *, clock: Clock | None = None) -> None:
+
+class ClientGuard:
+    """The check for a :class:`mesh.security.guard.GuardInterceptor` on the gateway.
+
+    Authenticates, then (with ``policies``) authorizes with the client's JWT as the request
+    principal — Istio's ``requestPrincipals`` at the ingress — then takes a rate-limit
+    token, so refused requests spend no quota.
+    """
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        clock: Clock | None = None,
+        policies: Callable[[], Sequence[AuthorizationPolicy]] | None = None,
+        workload: Workload = GATEWAY_WORKLOAD,
+    ) -> None:
         self.config = config
         self.authenticator = Authenticator(config)
         self.limiter = RateLimiter(
             config.rate_limit, dict(config.client_limits), clock=clock or time.monotonic
         )
+        #: Set after construction when the policies live in a gateway built later.
+        self.policies = policies
+        self.workload = workload
+
+    def _authorize(self, method: str, client: Client, headers: Mapping[str, str]) -> None:
+        if self.policies is None:
+            return
+        request = RequestAttributes(
+            path=method, request_principal=client.request_principal, jwt_aware=True, headers=headers
+        )
+        decision = evaluate(self.policies(), self.workload, request)
+        if not decision.allowed:
+            raise PermissionDenied(f"client {client.name!r}: {decision.reason}")
 
     def admit(self, method: str, headers: Mapping[str, str]) -> tuple[Client | None, float]:
         """(client, seconds to wait): pure apart from the limiter's buckets."""
         if exempt(method, self.config.exempt_methods):
             return None, 0.0
         client = self.authenticator.authenticate(headers)
+        self._authorize(method, client, headers)
         return client, self.limiter.take(client.name)
 
     async def __call__(self, method: str, context: Context) -> None:

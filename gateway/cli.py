@@ -84,9 +84,11 @@ def run(args: argparse.Namespace) -> int:
     if telemetry.settings.traces != "none" or telemetry.settings.metrics:
         # Outermost of ours: rejected calls are traced and counted too.
         interceptors.append(TelemetryServerInterceptor(telemetry))
+    guard = None
     if args.auth_config is not None:
         # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
-        interceptors.append(GuardInterceptor(ClientGuard(AuthConfig.load(args.auth_config))))
+        guard = ClientGuard(AuthConfig.load(args.auth_config))
+        interceptors.append(GuardInterceptor(guard))
     credentials = None
     if args.certs is not None:
         # Mutual TLS to the sidecars, as the mesh identity of the gateway.
@@ -111,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
                 channel_credentials=credentials,
                 metrics=telemetry.metrics if telemetry.settings.metrics else None,
             )
+            if guard is not None:
+                # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.
+                guard.policies = lambda: gateway.state.config.authorization_policies
             serving = await gateway.start(settings)
             # One parseable line on stdout: scripts and tests read the bound port from it.
             print(

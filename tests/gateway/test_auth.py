@@ -235,3 +235,36 @@ async def test_rate_limit_answers_resource_exhausted_with_pushback(
     assert await (await _call(channel, bearer(token()))) == b"hi"
     clock.now += 1.0
     assert await (await _call(channel, {"x-api-key": KEY})) == b"hi"
+
+
+def test_gateway_authorizes_jwt_request_principals_before_rate_limiting(config_file: Path) -> None:
+    from mesh.config.loader import parse_yaml
+    from mesh.config.security import AuthorizationPolicy
+    from mesh.errors import PermissionDenied
+
+    policies = [
+        d.resource
+        for d in parse_yaml(
+            f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-bob}}
+spec:
+  selector: {{matchLabels: {{app: gateway}}}}
+  action: DENY
+  rules: [{{from: [{{source: {{requestPrincipals: ["{ISSUER}/bob"]}}}}]}}]
+""",
+            "edge.yaml",
+        )
+        if isinstance(d.resource, AuthorizationPolicy)
+    ]
+    guard = ClientGuard(AuthConfig.load(config_file), clock=Clock(), policies=lambda: policies)
+    path = "/inference.GRPCInferenceService/ModelInfer"
+    client, wait = guard.admit(path, bearer(token(sub="alice")))
+    assert client is not None and client.request_principal == f"{ISSUER}/alice" and wait == 0
+    with pytest.raises(PermissionDenied, match="client 'bob': RBAC: access denied by"):
+        guard.admit(path, bearer(token(sub="bob")))
+    # Denied calls spent no token: bob's bucket (burst 2) is still full.
+    assert guard.limiter.take("bob") == 0.0
+    # API-key clients carry no request principal: the DENY on bob does not touch them.
+    assert guard.admit(path, {"x-api-key": KEY})[0] is not None
