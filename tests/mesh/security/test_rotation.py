@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import grpc.aio
@@ -11,7 +12,7 @@ import pytest
 from mesh.errors import InvalidArgument
 from mesh.security.ca import CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
-from mesh.security.rotation import CertificateSource
+from mesh.security.rotation import CertificateSource, FileIssuer
 from tests.mesh.security.tls_support import FakeClock, call_who, served_serial, tls_server
 
 TD = "cluster.local"
@@ -75,3 +76,24 @@ async def test_rotation_serves_the_new_cert_without_dropping_connections(tmp_pat
             assert await call_who(old) == CLIENT.uri
         finally:
             await old.close()
+
+
+def test_file_issuer_serves_replaced_files_at_renewal(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ca = CertificateAuthority.create(TD, clock=clock)
+    ca.issue(SERVER, lifetime=LIFETIME).save(tmp_path)
+    source = CertificateSource(FileIssuer(tmp_path), SERVER, lifetime=LIFETIME, clock=clock)
+    first = source.current()
+    clock.advance(LIFETIME * 0.7)
+    # Nothing replaced the files yet: the same certificate, no rotation reported.
+    rotated: list[int] = []
+    source.on_rotate(lambda cert: rotated.append(cert.serial))
+    assert source.current().serial == first.serial and rotated == []
+    replacement = ca.issue(SERVER, lifetime=LIFETIME)
+    replacement.save(tmp_path)
+    assert source.current().serial == replacement.serial
+    assert rotated == [replacement.serial]
+    with pytest.raises(
+        InvalidArgument, match=re.escape("not spiffe://cluster.local/ns/meshserve/sa/gateway")
+    ):
+        FileIssuer(tmp_path).issue(CLIENT)
