@@ -8,7 +8,7 @@ import logging
 import signal
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc.aio
@@ -98,15 +98,15 @@ class SidecarPolicies:
     """The security resources in force (a config snapshot's, or none)."""
 
     peer_authentications: Sequence[PeerAuthentication] = ()
-    authorization_policies: Sequence[AuthorizationPolicy] = field(default_factory=tuple)
+    authorization_policies: Sequence[AuthorizationPolicy] = ()
 
 
 class Sidecar:
     """A worker's sidecar.
 
-    Inbound calls pass, in order: the mTLS handshake (STRICT: a certificate of the mesh
-    CA), the PeerAuthentication check, AuthorizationPolicy, telemetry, the concurrency
-    limit, then go to the worker as raw bytes. The instance is registered with the
+    Inbound calls pass, in order: the mTLS handshake (a certificate of the mesh CA),
+    telemetry (a span and request metrics), the PeerAuthentication check,
+    AuthorizationPolicy, the concurrency limit, then go to the worker as raw bytes. The instance is registered with the
     sidecar's address, starts NOT_SERVING, and follows the worker's health.
     """
 
