@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -34,6 +35,10 @@ DESTINATION = "meshserve.destination"
 RETRY_COUNT = "meshserve.retry_count"
 #: The consistent-hash key (``model/version`` when hashing on the request's model fields).
 HASH_KEY = "meshserve.hash_key"
+#: Route and destination of the call being served, filled in by :func:`annotate` as the
+#: proxy decides; each RPC runs in its own task, so each sees only its own.
+_ROUTED: ContextVar[dict[str, str] | None] = ContextVar("meshserve_routed", default=None)
+
 #: Metadata a client may set to name the model for telemetry (the gateway's routing keys).
 MODEL_HEADERS = {"x-model-name": MODEL_NAME, "x-model-version": MODEL_VERSION}
 
@@ -73,6 +78,9 @@ def annotate(
     for key, value in values.items():
         if value is not None:
             span.set_attribute(key, value)
+    routed = _ROUTED.get()
+    if routed is not None:
+        routed.update(labels(route=route, destination=destination))
 
 
 def _finish(span: Span, code: grpc.StatusCode, details: str | None) -> None:
@@ -174,11 +182,14 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             span.record_exception(error)
         _finish(span, code, details)
         span.end()
-        self._metrics.finished(metric_labels, code.name, time.perf_counter() - started)
+        self._metrics.finished(
+            metric_labels, code.name, time.perf_counter() - started, _ROUTED.get()
+        )
 
     def _unary(self, path: str, behaviour: Any) -> Any:
         async def handler(request: Any, context: Context) -> Any:
             span, metric_labels = self._start(path, context)
+            _ROUTED.set({})
             self._metrics.started(metric_labels)
             started = time.perf_counter()
             error: BaseException | None = None
@@ -196,6 +207,7 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
     def _streaming(self, path: str, behaviour: Any) -> Any:
         async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
             span, metric_labels = self._start(path, context)
+            _ROUTED.set({})
             self._metrics.started(metric_labels)
             started = time.perf_counter()
             error: BaseException | None = None

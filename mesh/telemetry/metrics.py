@@ -71,10 +71,21 @@ class MeshMetrics:
     def started(self, attributes: Attributes) -> None:
         self.in_flight.add(1, attributes)
 
-    def finished(self, attributes: Attributes, status: str, seconds: float) -> None:
-        """Ends a request begun with :meth:`started` (same ``attributes``)."""
+    def finished(
+        self,
+        attributes: Attributes,
+        status: str,
+        seconds: float,
+        learned: Attributes | None = None,
+    ) -> None:
+        """Ends a request begun with :meth:`started` (same ``attributes``).
+
+        ``learned`` are labels known only once the request was routed (route,
+        destination): they go on the request count and latency, not on in-flight, which
+        must be decremented with the labels it was incremented with.
+        """
         self.in_flight.add(-1, attributes)
-        done = {**attributes, "status": status}
+        done = {**attributes, **(learned or {}), "status": status}
         self.requests.add(1, done)
         self.latency.record(seconds, done)
 

@@ -76,6 +76,16 @@ async def test_retries_ring_changes_and_span_parenting() -> None:
     if len(failing.seen) >= 5:
         (ejection,) = cast(Sum, metrics["meshserve.outlier.ejections"].data).data_points
         assert dict(ejection.attributes or {})["destination"] == "inference"
+    # Requests are counted per route and destination, learned as the proxy routed them.
+    requests = cast(Sum, metrics["meshserve.requests"].data).data_points
+    assert sum(int(p.value) for p in requests) == 20
+    for p in requests:
+        attributes = dict(p.attributes or {})
+        assert attributes["destination"] == "inference"
+        assert attributes["route"] == "VirtualService/inference http[0] (infer)"
+        assert attributes["status"] == "OK"
+    (flight,) = cast(Sum, metrics["meshserve.requests.in_flight"].data).data_points
+    assert flight.value == 0
     rings = cast(Sum, metrics["meshserve.ring.changes"].data).data_points
     assert {dict(p.attributes or {})["destination"] for p in rings} == {"inference"}
     telemetry.shutdown()
