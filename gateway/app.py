@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc.aio
@@ -16,10 +17,12 @@ from gateway.discovery import DiscoverySource, EndpointTable
 from gateway.methods import MESH_SERVICES
 from gateway.proxy import Proxy
 from gateway.state import GatewayState
+from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
 from mesh.config.loader import yaml_files
 from mesh.config.snapshot import config_from_path
 from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.telemetry.metrics import MeshMetrics
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,15 @@ def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(found)
 
 
+def changed_hosts(old: EndpointsSnapshot, new: EndpointsSnapshot) -> list[str]:
+    """Hosts whose membership (addresses, health, weights) differs: their rings are rebuilt."""
+    return [
+        host
+        for host in sorted(set(old.hosts()) | set(new.hosts()))
+        if old.endpoints(host) != new.endpoints(host)
+    ]
+
+
 class Gateway:
     """The ingress: routes every mesh method to workers; configured by YAML and the admin API."""
 
@@ -49,15 +61,22 @@ class Gateway:
         reload_interval: float = 1.0,
         discovery_retry: float = 1.0,
         state: GatewayState | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        channel_credentials: Callable[[], grpc.ChannelCredentials] | None = None,
+        metrics: MeshMetrics | None = None,
     ) -> None:
         self.state = state or GatewayState()
         self.discovery = discovery
         self.config_dir = config_dir
         self.reload_interval = reload_interval
+        #: Edge concerns in front of the proxy (client auth and rate limits: gateway.auth).
+        self.interceptors = tuple(interceptors)
         self.discovery_retry = discovery_retry
         self.table = EndpointTable()
-        self.channels = ChannelPool()
-        self.proxy = Proxy(self.state, self.channels)
+        # With credentials, upstream calls are mutual TLS (to sidecars).
+        self.channels = ChannelPool(credentials=channel_credentials)
+        self.metrics = metrics
+        self.proxy = Proxy(self.state, self.channels, metrics=metrics)
         self._last_update = time.monotonic()
         self.admin = Admin(
             self.state, self.table, staleness=lambda: time.monotonic() - self._last_update
@@ -91,7 +110,7 @@ class Gateway:
 
     async def start(self, settings: ServerSettings) -> Serving:
         self.load_config()
-        serving = await start_server(settings, self.services())
+        serving = await start_server(settings, self.services(), interceptors=self.interceptors)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
         if self.config_dir is not None:
@@ -110,6 +129,9 @@ class Gateway:
             try:
                 async for update in self.discovery.updates():
                     snapshot = self.table.apply(update)
+                    if self.metrics is not None:
+                        for host in changed_hosts(self.state.snapshot, snapshot):
+                            self.metrics.ring_changed(host)
                     self.state.set_endpoints(snapshot)
                     self.channels.retain(
                         {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
+import grpc
 import grpc.aio
 
 from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
@@ -14,7 +15,15 @@ from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
 class ChannelPool:
     """Channels keyed by address; HTTP/2 multiplexes every call to one upstream on one."""
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        credentials: Callable[[], grpc.ChannelCredentials] | None = None,
+    ) -> None:
+        """``credentials`` (mutual TLS to sidecars) is asked for each new channel, so
+        channels opened after a certificate rotation present the new certificate."""
+        self._credentials = credentials
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -29,9 +38,13 @@ class ChannelPool:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=self._options
-            )
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(
+                    address, self._credentials(), options=self._options
+                )
+            self._channels[address] = channel
         return channel
 
     def method(self, address: str, path: str, kind: str) -> Any:

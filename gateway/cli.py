@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import datetime as dt
 import logging
 from pathlib import Path
 
+import grpc.aio
+
 from gateway.app import Gateway
-from gateway.discovery import StaticDiscovery, parse_static
+from gateway.auth import AuthConfig, ClientGuard
+from gateway.discovery import DiscoverySource, StaticDiscovery, parse_static
+from gateway.registry_discovery import RegistryDiscovery
 from mesh.cli.main import CliError
+from mesh.config.resource import DEFAULT_NAMESPACE
+from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, serve_until_signal
+from mesh.sidecar.cli import certificates
+from mesh.telemetry import logs
+from mesh.telemetry.interceptors import TelemetryServerInterceptor
+from mesh.telemetry.setup import TelemetrySettings, setup
+from registry.cli import resolve_url
+from registry.connect import add_store_arguments, settings_from_args
+from registry.store import open_store
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 8080
@@ -37,8 +52,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a fixed endpoint instead of registry discovery (repeatable)",
     )
     parser.add_argument(
+        "--certs",
+        type=Path,
+        help="certificate folder (`meshserve certs init`): mutual TLS to the sidecars",
+    )
+    parser.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="the gateway's namespace (its identity)"
+    )
+    parser.add_argument(
+        "--auth-config",
+        type=Path,
+        metavar="FILE",
+        help="client authentication and rate limits (YAML, see gateway/auth.py and docs/security.md)",
+    )
+    parser.add_argument(
         "--reload-interval", type=float, default=1.0, help="seconds between config directory checks"
     )
+    add_store_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -47,26 +77,56 @@ def run(args: argparse.Namespace) -> int:
         instances = [parse_static(spec) for spec in args.static]
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    if not instances:
-        raise CliError(
-            "no endpoints: give --static SERVICE=HOST:PORT (registry discovery plugs in here)"
-        )
     settings = ServerSettings(host=args.host, port=args.port)
-    asyncio.run(_serve(StaticDiscovery(instances), settings, args.config, args.reload_interval))
+    telemetry = setup(TelemetrySettings.from_env(service_name="gateway"))
+    logs.install(show_ids=telemetry.settings.traces != "none")
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if telemetry.settings.traces != "none" or telemetry.settings.metrics:
+        # Outermost of ours: rejected calls are traced and counted too.
+        interceptors.append(TelemetryServerInterceptor(telemetry))
+    guard = None
+    if args.auth_config is not None:
+        # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
+        guard = ClientGuard(AuthConfig.load(args.auth_config))
+        interceptors.append(GuardInterceptor(guard))
+    credentials = None
+    if args.certs is not None:
+        # Mutual TLS to the sidecars, as the mesh identity of the gateway.
+        credentials = certificates(
+            args.certs, args.namespace, "gateway", dt.timedelta(hours=24)
+        ).channel_credentials
+    store_settings = None if instances else settings_from_args(args, resolve_url(args))
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            discovery: DiscoverySource
+            if store_settings is None:
+                discovery = StaticDiscovery(instances)
+            else:
+                store = await stack.enter_async_context(open_store(store_settings))
+                discovery = RegistryDiscovery(store.watcher())
+            gateway = Gateway(
+                discovery,
+                config_dir=args.config,
+                reload_interval=args.reload_interval,
+                interceptors=interceptors,
+                channel_credentials=credentials,
+                metrics=telemetry.metrics if telemetry.settings.metrics else None,
+            )
+            if guard is not None:
+                # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.
+                guard.policies = lambda: gateway.state.config.authorization_policies
+            serving = await gateway.start(settings)
+            # One parseable line on stdout: scripts and tests read the bound port from it.
+            print(
+                f"gateway listening on {serving.address} "
+                f"(config version {gateway.state.config.version})",
+                flush=True,
+            )
+            await serve_until_signal(serving)
+
+    try:
+        asyncio.run(main())
+    finally:
+        telemetry.shutdown()
     return 0
-
-
-async def _serve(
-    discovery: StaticDiscovery,
-    settings: ServerSettings,
-    config: Path | None,
-    reload_interval: float,
-) -> None:
-    gateway = Gateway(discovery, config_dir=config, reload_interval=reload_interval)
-    serving = await gateway.start(settings)
-    # One parseable line on stdout: scripts and tests read the bound port from it.
-    print(
-        f"gateway listening on {serving.address} (config version {gateway.state.config.version})",
-        flush=True,
-    )
-    await serve_until_signal(serving)

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from opentelemetry import trace
 
 from gateway.channels import ChannelPool
 from gateway.methods import MethodInfo, lookup
@@ -24,6 +25,9 @@ from mesh.routing import headers as md
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.services import host_for_method
 from mesh.routing.weights import percent_hit
+from mesh.telemetry.interceptors import annotate
+from mesh.telemetry.metrics import MeshMetrics, labels
+from mesh.telemetry.propagation import inject
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +83,11 @@ class Proxy(grpc.GenericRpcHandler):
         channels: ChannelPool,
         *,
         request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        metrics: MeshMetrics | None = None,
     ) -> None:
         self.state = state
+        #: Retries and ejections are counted here when set (requests by the interceptor).
+        self.metrics = metrics
         self.channels = channels
         self._request_id = request_id
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
@@ -164,7 +171,15 @@ class Proxy(grpc.GenericRpcHandler):
         remaining = context.time_remaining()
         budget = min(x for x in (remaining, decision.timeout, float("inf")) if x is not None)
         deadline = None if budget == float("inf") else loop.time() + budget
-        call = _Call(info, decision, cluster, (*decision.metadata, *binary), deadline)
+        # The current span (the gateway's, when tracing) becomes the upstream's parent.
+        metadata = tuple(inject((*decision.metadata, *binary)))
+        annotate(
+            trace.get_current_span(),
+            route=decision.route,
+            destination=decision.target,
+            hash_key=decision.hash_key.key if decision.hash_key else None,
+        )
+        call = _Call(info, decision, cluster, metadata, deadline)
         await self._inject_fault(call, context)
         return call
 
@@ -191,6 +206,14 @@ class Proxy(grpc.GenericRpcHandler):
         ):
             log.warning(
                 "ejected %s from %s after %s", endpoint.address, call.decision.target, code.name
+            )
+            if self.metrics is not None:
+                self.metrics.ejected(call.decision.target, endpoint.address)
+
+    def _count_retry(self, call: _Call) -> None:
+        if self.metrics is not None:
+            self.metrics.retried(
+                labels(route=call.decision.route, destination=call.decision.target)
             )
 
     def _retryable(self, call: _Call, error: grpc.aio.AioRpcError, attempt: int) -> bool:
@@ -255,6 +278,7 @@ class Proxy(grpc.GenericRpcHandler):
         tracker = self.state.tracker
         for attempt, endpoint in enumerate(decision.candidates):
             method = self.channels.method(endpoint.address, info.path, "unary_unary")
+            annotate(trace.get_current_span(), endpoint=endpoint.address, retry_count=attempt)
             tracker.start(endpoint.address, key)
             try:
                 upstream = method(request, metadata=call.metadata, timeout=call.timeout(per_try))
@@ -269,6 +293,7 @@ class Proxy(grpc.GenericRpcHandler):
                         error.code().name,
                         endpoint.address,
                     )
+                    self._count_retry(call)
                     continue
                 await self._fail(context, error)
             finally:
@@ -309,6 +334,7 @@ class Proxy(grpc.GenericRpcHandler):
                 )
                 # Only before the first message: after it, the client has seen a partial stream.
                 if not started and self._retryable(call, error, attempt):
+                    self._count_retry(call)
                     continue
                 await self._fail(context, error)
             finally:

@@ -24,6 +24,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "registry.cli",
     "gateway.cli",
     "mesh.cli.route",
+    "mesh.security.cli",
+    "gateway.auth_cli",
+    "mesh.sidecar.cli",
+    "mesh.sidecar.launcher",
 )
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
 WORKER_MODULES: tuple[str, ...] = ("workers.data.cli", "workers.inference.cli")

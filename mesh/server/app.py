@@ -112,8 +112,13 @@ async def start_server(
     services: Sequence[Service],
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> Serving:
-    """Starts a server with health, reflection, raised limits and error mapping."""
+    """Starts a server with health, reflection, raised limits and error mapping.
+
+    ``credentials`` (e.g. from :mod:`mesh.security.rotation`) make the port TLS; without
+    them it is plaintext.
+    """
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor(), *interceptors],
         options=[
@@ -130,7 +135,11 @@ async def start_server(
     names = tuple(s.name for s in services)
     reflection.enable(server, (*names, HEALTH_SERVICE))
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
     await server.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,8 +52,13 @@ def _wrap_streaming(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
-            async for item in behaviour(request, context):
-                yield item
+            result = behaviour(request, context)
+            if inspect.isawaitable(result):
+                # A coroutine that streams with ``context.write`` (grpc_health's Watch does).
+                await result
+            else:
+                async for item in result:
+                    yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

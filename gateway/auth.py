@@ -1,0 +1,375 @@
+"""Gateway client authentication (API keys, JWT) and per-client rate limits, as one interceptor.
+
+Configured by a small YAML file (``meshserve gateway --auth-config FILE``)::
+
+    apiKeys:                      # keys are stored hashed: `meshserve auth new-key` prints both
+      - client: analytics
+        sha256: 3f0a...           # hex SHA-256 of the key
+    jwt:
+      issuer: https://login.example.com/   # optional; checked when set
+      audiences: [meshserve]               # optional; checked when set
+      clientClaim: sub                     # the claim that names the client (default sub)
+      leeway: 30s                          # clock skew allowed on exp/nbf (default 0s)
+      keys:
+        - {algorithm: HS256, secretFile: jwt.secret}
+        - {algorithm: RS256, publicKeyFile: issuer-rsa.pem, kid: "2024-01"}
+        - {algorithm: ES256, publicKeyFile: issuer-ec.pem}
+    rateLimit: {requestsPerSecond: 100, burst: 200}     # per client; absent: unlimited
+    clients:
+      analytics: {rateLimit: {requestsPerSecond: 5, burst: 10}}
+    exemptMethods: ["/grpc.health.v1.Health/*"]         # the default
+
+Clients send ``x-api-key: <key>`` or ``authorization: Bearer <key or JWT>``. Failures are
+UNAUTHENTICATED naming what was wrong; a client over its rate gets RESOURCE_EXHAUSTED with
+the ``grpc-retry-pushback-ms`` trailer (gRFC A6) saying when to retry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import yaml
+
+from gateway.ratelimit import Clock, RateLimit, RateLimiter
+from mesh.config.fields import ConfigError, Node, Where
+from mesh.config.resource import DEFAULT_NAMESPACE
+from mesh.config.security import AuthorizationPolicy
+from mesh.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from mesh.security.authz import RequestAttributes, evaluate, match_value
+from mesh.security.guard import Context
+from mesh.security.workload import Workload
+
+log = logging.getLogger(__name__)
+
+API_KEY_HEADER = "x-api-key"
+AUTHORIZATION_HEADER = "authorization"
+#: gRFC A6: the server's pushback, in milliseconds, as a trailer.
+RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+DEFAULT_EXEMPT = ("/grpc.health.v1.Health/*",)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_key(key: str) -> str:
+    """The at-rest form of an API key.
+
+    Keys are 256-bit random strings (see :func:`new_key`), so a fast hash is enough: there
+    is nothing to brute-force, unlike passwords.
+    """
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "msk_" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class JwtKey:
+    algorithm: str
+    #: An HMAC secret (bytes) or a PEM public key (text).
+    key: bytes | str
+    kid: str | None = None
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    keys: tuple[JwtKey, ...]
+    issuer: str | None = None
+    audiences: tuple[str, ...] = ()
+    client_claim: str = "sub"
+    leeway_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """The validated auth file."""
+
+    #: SHA-256 hex digest → client name.
+    api_keys: Mapping[str, str] = field(default_factory=dict)
+    jwt: JwtSettings | None = None
+    rate_limit: RateLimit | None = None
+    client_limits: Mapping[str, RateLimit] = field(default_factory=dict)
+    exempt_methods: tuple[str, ...] = DEFAULT_EXEMPT
+
+    @classmethod
+    def load(cls, path: Path) -> AuthConfig:
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        return parse_auth_config(Node(raw, Where(str(path))), path.parent)
+
+
+def _rate_limit(node: Node) -> RateLimit:
+    node.mapping(("requestsPerSecond", "burst"), required=("requestsPerSecond",))
+    rate = node.child("requestsPerSecond").number(0.0, 1e-6, 1e9)
+    burst = node.child("burst").integer(max(1, math.ceil(rate)), 1, 10**9)
+    return RateLimit(rate, burst)
+
+
+def _read(node: Node, base: Path) -> bytes:
+    path = base / node.string()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        node.fail(f"cannot read {path}: {exc.strerror}")
+
+
+def _jwt_settings(node: Node, base: Path) -> JwtSettings:
+    node.mapping(("issuer", "audiences", "clientClaim", "leeway", "keys"), required=("keys",))
+    keys = []
+    for item in node.child("keys").items():
+        item.mapping(("algorithm", "secretFile", "publicKeyFile", "kid"), required=("algorithm",))
+        alg = item.child("algorithm").choice(JWT_ALGORITHMS)
+        hmac_alg = alg.startswith("HS")
+        wanted, other = (
+            ("secretFile", "publicKeyFile") if hmac_alg else ("publicKeyFile", "secretFile")
+        )
+        if item.has(other) or not item.has(wanted):
+            item.fail(f"algorithm {alg} needs {wanted} (and no {other})")
+        data = _read(item.child(wanted), base)
+        key: bytes | str = data.strip() if hmac_alg else data.decode()
+        if hmac_alg and len(key) < 32:
+            item.child(wanted).fail(f"an {alg} secret must be at least 32 bytes")
+        if not hmac_alg:
+            try:
+                jwt.get_algorithm_by_name(alg).prepare_key(key)
+            except (jwt.InvalidKeyError, ValueError) as exc:
+                item.child(wanted).fail(f"not a PEM public key for {alg}: {exc}")
+        keys.append(JwtKey(alg, key, item.child("kid").opt_string()))
+    if not keys:
+        node.child("keys").fail("needs at least one key")
+    return JwtSettings(
+        keys=tuple(keys),
+        issuer=node.child("issuer").opt_string(),
+        audiences=node.child("audiences").string_list(),
+        client_claim=node.child("clientClaim").opt_string() or "sub",
+        leeway_seconds=node.child("leeway").duration(0.0, allow_zero=True),
+    )
+
+
+def parse_auth_config(node: Node, base: Path) -> AuthConfig:
+    node.mapping(("apiKeys", "jwt", "rateLimit", "clients", "exemptMethods"))
+    api_keys: dict[str, str] = {}
+    for item in node.child("apiKeys").items():
+        item.mapping(("client", "sha256"), required=("client", "sha256"))
+        digest = item.child("sha256").string().lower()
+        if not _HEX64.fullmatch(digest):
+            item.child("sha256").fail("must be 64 hex digits (`meshserve auth new-key` prints it)")
+        if digest in api_keys:
+            item.child("sha256").fail(f"duplicates the key of client {api_keys[digest]!r}")
+        api_keys[digest] = item.child("client").string()
+    limits: dict[str, RateLimit] = {}
+    for name, client in node.child("clients").entries():
+        client.mapping(("rateLimit",), required=("rateLimit",))
+        limits[name] = _rate_limit(client.child("rateLimit"))
+    config = AuthConfig(
+        api_keys=api_keys,
+        jwt=_jwt_settings(node.child("jwt"), base) if node.has("jwt") else None,
+        rate_limit=_rate_limit(node.child("rateLimit")) if node.has("rateLimit") else None,
+        client_limits=limits,
+        exempt_methods=node.child("exemptMethods").string_list()
+        if node.has("exemptMethods")
+        else DEFAULT_EXEMPT,
+    )
+    if not config.api_keys and config.jwt is None:
+        node.fail("configures no credentials: add apiKeys or jwt")
+    return config
+
+
+@dataclass(frozen=True)
+class Client:
+    """An authenticated caller."""
+
+    name: str
+    #: "api-key" or "jwt".
+    method: str
+    #: For JWT: Istio's request principal ``<iss>/<sub>``.
+    request_principal: str | None = None
+
+
+def _describe_jwt_error(exc: jwt.PyJWTError, settings: JwtSettings) -> str:
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "JWT has expired (exp is in the past)"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "JWT is not valid yet (nbf/iat is in the future)"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return f"JWT audience is not accepted (expected one of: {', '.join(settings.audiences)})"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return f"JWT issuer is not accepted (expected {settings.issuer})"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"JWT lacks the required claim {exc.claim!r}"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "JWT signature does not verify"
+    if isinstance(exc, jwt.DecodeError):
+        return f"JWT is malformed: {exc}"
+    return f"JWT is not valid: {exc}"
+
+
+class Authenticator:
+    """Turns request metadata into a :class:`Client`, or raises :class:`Unauthenticated`."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+
+    def authenticate(self, headers: Mapping[str, str]) -> Client:
+        api_key = headers.get(API_KEY_HEADER)
+        authorization = headers.get(AUTHORIZATION_HEADER)
+        if api_key is None and authorization is None:
+            raise Unauthenticated(
+                f"missing credentials: send '{API_KEY_HEADER}: <key>' or "
+                f"'{AUTHORIZATION_HEADER}: Bearer <key or JWT>'"
+            )
+        if api_key is not None:
+            return self._api_key(api_key)
+        assert authorization is not None
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated(
+                f"the {AUTHORIZATION_HEADER} header must read 'Bearer <key or JWT>'"
+            )
+        if token.count(".") == 2 and self.config.jwt is not None:
+            return self._jwt(token, self.config.jwt)
+        return self._api_key(token)
+
+    def _api_key(self, key: str) -> Client:
+        if not self.config.api_keys:
+            raise Unauthenticated("API keys are not accepted here; send a JWT")
+        digest = hash_key(key)
+        # Compare against every stored digest in constant time per comparison.
+        found = None
+        for stored, client in self.config.api_keys.items():
+            if hmac.compare_digest(stored, digest):
+                found = client
+        if found is None:
+            raise Unauthenticated("the API key is not valid")
+        return Client(found, "api-key")
+
+    def _jwt(self, token: str, settings: JwtSettings) -> Client:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(_describe_jwt_error(exc, settings)) from exc
+        alg, kid = header.get("alg"), header.get("kid")
+        # Keys are chosen by the token's algorithm, so an HS256 token can never be checked
+        # against an RSA public key used as an HMAC secret (algorithm confusion).
+        keys = [
+            k for k in settings.keys if k.algorithm == alg and (kid is None or k.kid in (None, kid))
+        ]
+        if not keys:
+            accepted = ", ".join(sorted({k.algorithm for k in settings.keys}))
+            raise Unauthenticated(
+                f"JWT algorithm {alg!r}{f' with kid {kid!r}' if kid else ''} is not accepted "
+                f"(configured: {accepted})"
+            )
+        error: jwt.PyJWTError | None = None
+        for key in keys:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    key.key,
+                    algorithms=[key.algorithm],
+                    audience=list(settings.audiences) or None,
+                    issuer=settings.issuer,
+                    leeway=dt.timedelta(seconds=settings.leeway_seconds),
+                    options={
+                        "require": ["exp"],
+                        "verify_aud": bool(settings.audiences),
+                    },
+                )
+            except jwt.InvalidSignatureError as exc:
+                error = exc  # another key of the same algorithm may verify it
+                continue
+            except jwt.PyJWTError as exc:
+                raise Unauthenticated(_describe_jwt_error(exc, settings)) from exc
+            name = claims.get(settings.client_claim)
+            if not isinstance(name, str) or not name:
+                raise Unauthenticated(f"JWT lacks the client claim {settings.client_claim!r}")
+            issuer = claims.get("iss")
+            principal = f"{issuer}/{claims.get('sub')}" if issuer else None
+            return Client(name, "jwt", principal)
+        assert error is not None
+        raise Unauthenticated(_describe_jwt_error(error, settings))
+
+
+def exempt(method: str, patterns: Sequence[str]) -> bool:
+    return any(match_value(p, method) for p in patterns)
+
+
+#: The gateway as AuthorizationPolicy selectors see it.
+GATEWAY_WORKLOAD = Workload(DEFAULT_NAMESPACE, (("app", "gateway"),))
+
+
+class ClientGuard:
+    """The check for a :class:`mesh.security.guard.GuardInterceptor` on the gateway.
+
+    Authenticates, then (with ``policies``) authorizes with the client's JWT as the request
+    principal — Istio's ``requestPrincipals`` at the ingress — then takes a rate-limit
+    token, so refused requests spend no quota.
+    """
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        clock: Clock | None = None,
+        policies: Callable[[], Sequence[AuthorizationPolicy]] | None = None,
+        workload: Workload = GATEWAY_WORKLOAD,
+    ) -> None:
+        self.config = config
+        self.authenticator = Authenticator(config)
+        self.limiter = RateLimiter(
+            config.rate_limit, dict(config.client_limits), clock=clock or time.monotonic
+        )
+        #: Set after construction when the policies live in a gateway built later.
+        self.policies = policies
+        self.workload = workload
+
+    def _authorize(self, method: str, client: Client, headers: Mapping[str, str]) -> None:
+        if self.policies is None:
+            return
+        request = RequestAttributes(
+            path=method, request_principal=client.request_principal, jwt_aware=True, headers=headers
+        )
+        decision = evaluate(self.policies(), self.workload, request)
+        if not decision.allowed:
+            raise PermissionDenied(f"client {client.name!r}: {decision.reason}")
+
+    def admit(self, method: str, headers: Mapping[str, str]) -> tuple[Client | None, float]:
+        """(client, seconds to wait): pure apart from the limiter's buckets."""
+        if exempt(method, self.config.exempt_methods):
+            return None, 0.0
+        client = self.authenticator.authenticate(headers)
+        self._authorize(method, client, headers)
+        return client, self.limiter.take(client.name)
+
+    async def __call__(self, method: str, context: Context) -> None:
+        headers = {
+            k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
+        }
+        client, wait = self.admit(method, headers)
+        if client is None or wait == 0:
+            return
+        limit = self.limiter.limit_for(client.name)
+        assert limit is not None
+        if math.isinf(wait):
+            raise ResourceExhausted(f"client {client.name!r}: request exceeds the burst size")
+        pushback_ms = max(1, math.ceil(wait * 1000))
+        context.set_trailing_metadata(((RETRY_PUSHBACK_TRAILER, str(pushback_ms)),))
+        raise ResourceExhausted(
+            f"rate limit of {limit.rate:g} requests/s (burst {limit.burst}) exceeded by client "
+            f"{client.name!r}; retry in {pushback_ms} ms"
+        )

@@ -1,0 +1,49 @@
+"""Discovery from the registry: Elasticsearch watch updates as the gateway's DiscoveryUpdates."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from gateway.discovery import DiscoveryUpdate, StaticLoad, UpdateKind
+from registry.instances import Instance
+from registry.watch import Discovery
+
+
+@dataclass(frozen=True)
+class RegisteredInstance:
+    """A registry ``Instance`` seen through ``InstanceView`` (``id`` is its instance id)."""
+
+    service: str
+    id: str
+    address: str
+    labels: Mapping[str, str]
+    status: str
+    load: StaticLoad | None
+
+    @classmethod
+    def of(cls, instance: Instance) -> RegisteredInstance:
+        return cls(
+            service=instance.service,
+            id=instance.instance_id,
+            address=instance.address,
+            labels=instance.labels,
+            status=str(instance.status),
+            load=StaticLoad(instance.load.in_flight),
+        )
+
+
+class RegistryDiscovery:
+    """A ``DiscoverySource`` over a registry watcher (``store.watcher()``).
+
+    The watcher keeps its last known good membership through store outages and emits a
+    RESET first, so the gateway's contract (reset first, stay quiet while down) holds.
+    """
+
+    def __init__(self, watcher: Discovery) -> None:
+        self._watcher = watcher
+
+    async def updates(self) -> AsyncIterator[DiscoveryUpdate]:
+        async for update in self._watcher.updates():
+            kind: UpdateKind = update.kind.value
+            yield DiscoveryUpdate(kind, tuple(RegisteredInstance.of(i) for i in update.instances))

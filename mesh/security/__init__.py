@@ -1,0 +1,1 @@
+"""Mesh security: the CA, workload identities, mutual TLS, peer authentication, authorization."""

@@ -1,0 +1,263 @@
+"""AuthorizationPolicy evaluation in Istio's order, and the interceptor that enforces it."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mesh.config.security import AuthorizationPolicy, Condition, Operation, Rule, Source
+from mesh.errors import PermissionDenied
+from mesh.security.guard import Context
+from mesh.security.peer import PeerInfo, peer_from_context
+from mesh.security.workload import ROOT_NAMESPACE, Workload, applies_to
+
+log = logging.getLogger(__name__)
+
+#: gRPC is HTTP/2 POST, so ``methods`` in a policy only ever meet this value.
+GRPC_METHOD = "POST"
+
+
+@dataclass(frozen=True)
+class RequestAttributes:
+    """What a policy can look at, gathered once per call."""
+
+    #: ``/package.Service/Method``.
+    path: str
+    #: The peer's principal in Istio's form ``<td>/ns/<ns>/sa/<sa>``; None without mTLS.
+    principal: str | None = None
+    #: The peer's namespace (from its SPIFFE id); None without mTLS.
+    source_namespace: str | None = None
+    source_ip: str | None = None
+    #: ``<iss>/<sub>`` of a JWT validated by this same process; None: none was (sidecars
+    #: never trust one asserted in metadata, which a client could forge through a proxy).
+    request_principal: str | None = None
+    #: Whether this process validates JWTs at all. Where it does not (sidecars), rules on
+    #: request principals cannot be evaluated and fail closed.
+    jwt_aware: bool = False
+    #: The ``:authority`` the caller addressed.
+    host: str | None = None
+    port: int | None = None
+    method: str = GRPC_METHOD
+    #: Request metadata, keys lower-case.
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def match_value(pattern: str, value: str | None) -> bool:
+    """Istio string matching: exact, ``prefix*``, ``*suffix``, or ``*`` (any non-empty)."""
+    if value is None:
+        return False
+    if pattern == "*":
+        return value != ""
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    return value == pattern
+
+
+def _field(values: Sequence[str], not_values: Sequence[str], value: str | None) -> bool:
+    """An empty list matches anything; ``not`` values exclude (an absent value is no match)."""
+    if values and not any(match_value(p, value) for p in values):
+        return False
+    return not any(match_value(p, value) for p in not_values)
+
+
+def _ip_field(blocks: Sequence[str], not_blocks: Sequence[str], ip: str | None) -> bool:
+    def inside(block: str) -> bool:
+        if ip is None:
+            return False
+        try:
+            return ipaddress.ip_address(ip) in ipaddress.ip_network(block, strict=False)
+        except ValueError:
+            return False
+
+    if blocks and not any(inside(b) for b in blocks):
+        return False
+    return not any(inside(b) for b in not_blocks)
+
+
+def source_matches(source: Source, request: RequestAttributes, *, deny: bool = False) -> bool:
+    if (source.request_principals or source.not_request_principals) and not request.jwt_aware:
+        # Fail closed, as for unknown conditions: matches in DENY, never in ALLOW.
+        return deny
+    return (
+        _field(source.principals, source.not_principals, request.principal)
+        and _field(
+            source.request_principals, source.not_request_principals, request.request_principal
+        )
+        and _field(source.namespaces, source.not_namespaces, request.source_namespace)
+        and _ip_field(source.ip_blocks, source.not_ip_blocks, request.source_ip)
+    )
+
+
+def operation_matches(op: Operation, request: RequestAttributes) -> bool:
+    port = None if request.port is None else str(request.port)
+    return (
+        _field(op.paths, op.not_paths, request.path)
+        and _field(op.methods, op.not_methods, request.method)
+        and _field(op.hosts, op.not_hosts, request.host)
+        and _field(op.ports, op.not_ports, port)
+    )
+
+
+#: ``when`` keys meshserve evaluates (Istio's names); ``request.headers[...]`` besides.
+CONDITION_KEYS: dict[str, Callable[[RequestAttributes], str | None]] = {
+    "source.principal": lambda r: r.principal,
+    "source.namespace": lambda r: r.source_namespace,
+    "source.ip": lambda r: r.source_ip,
+    "destination.port": lambda r: None if r.port is None else str(r.port),
+}
+
+
+def _condition_value(key: str, request: RequestAttributes) -> tuple[bool, str | None]:
+    """(known key, value)."""
+    if key.startswith("request.headers[") and key.endswith("]"):
+        return True, request.headers.get(key[len("request.headers[") : -1].lower())
+    getter = CONDITION_KEYS.get(key)
+    return (False, None) if getter is None else (True, getter(request))
+
+
+def condition_matches(cond: Condition, request: RequestAttributes, *, deny: bool) -> bool:
+    known, value = _condition_value(cond.key, request)
+    if cond.key == "request.auth.principal" and request.jwt_aware:
+        known, value = True, request.request_principal
+    if not known:
+        # Fail closed, as Istio does for attributes it cannot evaluate: such a rule always
+        # matches in a DENY policy and never in an ALLOW policy.
+        return deny
+    if cond.key == "source.ip":
+        return _ip_field(cond.values, cond.not_values, value)
+    return _field(cond.values, cond.not_values, value)
+
+
+def rule_matches(rule: Rule, request: RequestAttributes, *, deny: bool) -> bool:
+    """Any ``from``, any ``to``, every ``when``; an absent section matches everything."""
+    return (
+        (not rule.sources or any(source_matches(s, request, deny=deny) for s in rule.sources))
+        and (not rule.operations or any(operation_matches(o, request) for o in rule.operations))
+        and all(condition_matches(c, request, deny=deny) for c in rule.conditions)
+    )
+
+
+@dataclass(frozen=True)
+class AuthzDecision:
+    allowed: bool
+    #: Why, naming the policy and rule that decided (for the client and the logs).
+    reason: str
+    policy: str | None = None
+    rule: int | None = None
+
+
+def _where(policy: AuthorizationPolicy) -> str:
+    return f"{policy.ref} ({policy.metadata.namespace}, {policy.metadata.source})"
+
+
+def evaluate(
+    policies: Sequence[AuthorizationPolicy],
+    workload: Workload,
+    request: RequestAttributes,
+    *,
+    root_namespace: str = ROOT_NAMESPACE,
+) -> AuthzDecision:
+    """Istio's order: CUSTOM (not supported, skipped), DENY, then ALLOW.
+
+    Any matching DENY rule denies. If any ALLOW policy applies to the workload, the request
+    must match one of their rules (an ALLOW policy without rules therefore denies all);
+    with none, it is allowed. AUDIT policies only log.
+    """
+    applicable = sorted(
+        (
+            p
+            for p in policies
+            if applies_to(p.metadata.namespace, p.selector, workload, root_namespace)
+        ),
+        key=lambda p: (p.metadata.namespace, p.metadata.name),
+    )
+    for policy in applicable:
+        if policy.action == "AUDIT":
+            for i, rule in enumerate(policy.rules):
+                if rule_matches(rule, request, deny=False):
+                    log.info("audit: %s rule %d matched %s", policy.ref, i, request.path)
+    for policy in applicable:
+        if policy.action != "DENY":
+            continue
+        for i, rule in enumerate(policy.rules):
+            if rule_matches(rule, request, deny=True):
+                return AuthzDecision(
+                    False,
+                    f"RBAC: access denied by {_where(policy)} rule {i}",
+                    policy.ref,
+                    i,
+                )
+    allows = [p for p in applicable if p.action == "ALLOW"]
+    if not allows:
+        return AuthzDecision(True, "no ALLOW policy applies")
+    for policy in allows:
+        for i, rule in enumerate(policy.rules):
+            if rule_matches(rule, request, deny=False):
+                return AuthzDecision(True, f"allowed by {policy.ref} rule {i}", policy.ref, i)
+    names = ", ".join(p.ref for p in allows)
+    return AuthzDecision(False, f"RBAC: access denied: no rule of {names} allows {request.path}")
+
+
+def attributes_from_context(
+    path: str, context: Context, *, port: int | None = None, peer: PeerInfo | None = None
+) -> RequestAttributes:
+    """Gathers a call's attributes from grpc: metadata, peer address and TLS identity."""
+    peer = peer or peer_from_context(context)
+    headers: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            headers[key.lower()] = value
+    identity = peer.identity
+    return RequestAttributes(
+        path=path,
+        principal=peer.principal,
+        source_namespace=None if identity is None else identity.namespace,
+        source_ip=_peer_ip(context.peer()),
+        host=headers.get(":authority"),
+        port=port,
+        headers=headers,
+    )
+
+
+def _peer_ip(peer: str | None) -> str | None:
+    """``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` → the address."""
+    if not peer:
+        return None
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return None
+
+
+class Authorizer:
+    """The check a :class:`mesh.security.guard.GuardInterceptor` runs for authorization.
+
+    ``policies`` is a callable so a config reload (a new snapshot) applies to the next
+    call without rebuilding the server.
+    """
+
+    def __init__(
+        self,
+        policies: Callable[[], Sequence[AuthorizationPolicy]],
+        workload: Workload,
+        *,
+        port: int | None = None,
+        root_namespace: str = ROOT_NAMESPACE,
+    ) -> None:
+        self._policies = policies
+        self._workload = workload
+        self._port = port
+        self._root = root_namespace
+
+    async def __call__(self, method: str, context: Context) -> None:
+        request = attributes_from_context(method, context, port=self._port)
+        decision = evaluate(self._policies(), self._workload, request, root_namespace=self._root)
+        if not decision.allowed:
+            log.info("%s from %s: %s", method, request.principal or "anonymous", decision.reason)
+            raise PermissionDenied(decision.reason)

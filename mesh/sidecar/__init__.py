@@ -1,0 +1,1 @@
+"""The sidecar: registers its worker, guards its door (mTLS, authorization, limits), traces its calls."""

@@ -1,0 +1,358 @@
+"""Assembles a sidecar: guarded inbound server, registration, health mirroring, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc.aio
+
+from gateway.app import Gateway, _fingerprint
+from gateway.registry_discovery import RegistryDiscovery
+from mesh.config.fields import ConfigError
+from mesh.config.resource import DEFAULT_NAMESPACE
+from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthentication
+from mesh.config.snapshot import config_from_path
+from mesh.errors import FailedPrecondition, InvalidArgument
+from mesh.security.authz import Authorizer
+from mesh.security.guard import Context, GuardInterceptor
+from mesh.security.peer import (
+    check_peer,
+    listeners_for,
+    peer_from_context,
+    resolve_mode,
+    server_credentials,
+)
+from mesh.security.rotation import CertificateSource
+from mesh.security.workload import Workload
+from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.sidecar.forward import ConcurrencyLimit, Forwarder
+from mesh.sidecar.health import HealthMirror
+from mesh.telemetry.interceptors import TelemetryServerInterceptor
+from mesh.telemetry.setup import Telemetry
+from registry.instances import Instance, Load, Status
+from registry.lease import Registration
+from registry.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Matches the gateway's service names (``mesh.routing.services``): the inbound service.
+INBOUND_SERVICE = "meshserve.sidecar.Inbound"
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    """One sidecar: whom it fronts and how. Validated on construction."""
+
+    service: str
+    app_address: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    instance_id: str | None = None
+    namespace: str = DEFAULT_NAMESPACE
+    labels: tuple[tuple[str, str], ...] = ()
+    #: Calls forwarded at once; more are refused with RESOURCE_EXHAUSTED (None: no limit).
+    max_concurrency: int | None = 1024
+    #: How long DRAINING is advertised, still serving, before the server stops taking calls:
+    #: long enough for every gateway's watch (1 s) to stop routing here.
+    drain_delay: float = 2.0
+    #: How long in-flight calls may take to finish once the server stops taking new ones.
+    grace_seconds: float = 10.0
+    #: The mTLS mode; None: resolved from the PeerAuthentication policies.
+    mtls: MtlsMode | None = None
+    heartbeat_interval: float = 1.0
+    lease_ttl: float = 5.0
+    #: PERMISSIVE only: a second, plaintext listener for callers outside the mesh.
+    plaintext_port: int | None = None
+    #: Where the worker's outgoing calls enter (localhost only); None: no outbound.
+    outbound_port: int | None = None
+    #: Routing YAML for outbound calls (VirtualService, DestinationRule); None: defaults.
+    config_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.service or not self.app_address:
+            raise InvalidArgument("sidecar: service and app address are required")
+        if self.drain_delay < 0 or self.grace_seconds < 0:
+            raise InvalidArgument("sidecar: drain delay and grace must be >= 0")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise InvalidArgument(
+                f"sidecar: max concurrency must be >= 1, got {self.max_concurrency}"
+            )
+
+    #: Seconds between checks of ``config_dir`` for changed policies.
+    reload_interval: float = 1.0
+
+    @property
+    def workload(self) -> Workload:
+        return Workload(self.namespace, (("app", self.service), *self.labels))
+
+
+@dataclass
+class SidecarPolicies:
+    """The security resources in force (a config snapshot's, or none)."""
+
+    peer_authentications: Sequence[PeerAuthentication] = ()
+    authorization_policies: Sequence[AuthorizationPolicy] = ()
+
+
+class Sidecar:
+    """A worker's sidecar.
+
+    Inbound calls pass, in order: the mTLS handshake (a certificate of the mesh CA),
+    telemetry (a span and request metrics), the PeerAuthentication check,
+    AuthorizationPolicy, the concurrency limit, then go to the worker as raw bytes. The instance is registered with the
+    sidecar's address, starts NOT_SERVING, and follows the worker's health.
+    """
+
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        store: Store,
+        *,
+        certificates: CertificateSource | None = None,
+        policies: SidecarPolicies | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._certificates = certificates
+        self.policies = policies or SidecarPolicies()
+        self._telemetry = telemetry
+        self.limit = ConcurrencyLimit(settings.max_concurrency)
+        self.forwarder = Forwarder(settings.app_address, self.limit)
+        self.serving: Serving | None = None
+        #: Why the last policy reload was rejected (None: none was).
+        self.last_rejection: str | None = None
+        #: PERMISSIVE's plaintext listener, when a plaintext port is set.
+        self.plaintext_serving: Serving | None = None
+        self.outbound: Gateway | None = None
+        self.outbound_serving: Serving | None = None
+        self.registration: Registration | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._draining = False
+        self.mode: MtlsMode = "DISABLE"
+
+    async def _publish_load(self) -> None:
+        # Load rides on the heartbeats (once a second): advisory, like Consul's.
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            if self.registration is not None:
+                await self.registration.update(
+                    load=Load(in_flight=self.limit.in_flight), publish=False
+                )
+
+    def _servings(self) -> list[Serving]:
+        return [s for s in (self.serving, self.plaintext_serving) if s is not None]
+
+    async def _check_peer(self, method: str, context: Context) -> None:
+        check_peer(self.mode, peer_from_context(context))
+
+    async def start(self) -> Serving:
+        s = self.settings
+        self.mode = s.mtls or resolve_mode(self.policies.peer_authentications, s.workload).mode
+        if self.mode != "DISABLE" and self._certificates is None:
+            raise FailedPrecondition(
+                f"mTLS mode {self.mode} needs certificates (run `meshserve certs init`)"
+            )
+        credentials = (
+            None
+            if self._certificates is None
+            else server_credentials(self.mode, self._certificates)
+        )
+        if s.plaintext_port is not None and "plaintext" not in listeners_for(self.mode)[1:]:
+            raise InvalidArgument(
+                f"a plaintext port is PERMISSIVE's second listener; mTLS here is {self.mode}"
+            )
+        if self.mode == "PERMISSIVE" and s.plaintext_port is None:
+            log.warning(
+                "PERMISSIVE without --plaintext-port: only mutual TLS is served; "
+                "plaintext callers are refused"
+            )
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self._telemetry is not None:
+            interceptors.append(TelemetryServerInterceptor(self._telemetry))
+        interceptors.append(GuardInterceptor(self._check_peer))
+        interceptors.append(
+            GuardInterceptor(Authorizer(lambda: self.policies.authorization_policies, s.workload))
+        )
+
+        def register(server: grpc.aio.Server) -> None:
+            server.add_generic_rpc_handlers([self.forwarder])
+
+        self.serving = await start_server(
+            ServerSettings(host=s.host, port=s.port, grace_seconds=s.grace_seconds),
+            [Service(INBOUND_SERVICE, register)],
+            interceptors=interceptors,
+            credentials=credentials,
+        )
+        if s.plaintext_port is not None:
+            # PERMISSIVE's second listener: the same guards and forwarder, no TLS, so
+            # callers outside the mesh are served anonymously (policies see no principal).
+            try:
+                self.plaintext_serving = await start_server(
+                    ServerSettings(
+                        host=s.host, port=s.plaintext_port, grace_seconds=s.grace_seconds
+                    ),
+                    [Service(INBOUND_SERVICE, register)],
+                    interceptors=interceptors,
+                )
+            except BaseException:
+                await self.serving.drain(grace=0)
+                raise
+        # Not serving until the worker says it is.
+        for serving in self._servings():
+            await serving.set_serving(False)
+        instance = Instance(
+            service=s.service,
+            instance_id=s.instance_id or f"{s.service}-{socket.gethostname()}-{self.serving.port}",
+            address=f"{'localhost' if s.host in ('127.0.0.1', '::1') else s.host}:{self.serving.port}",
+            labels=dict(s.labels),
+            status=Status.NOT_SERVING,
+        )
+        self.registration = self._store.registration(
+            instance, ttl=s.lease_ttl, interval=s.heartbeat_interval
+        )
+        try:
+            await self.registration.register()
+        except BaseException:
+            await self.serving.drain(grace=0)
+            raise
+        self.registration.start()
+        if s.outbound_port is not None:
+            await self._start_outbound(s.outbound_port)
+        mirror = HealthMirror(self.forwarder.channel, self._worker_health)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(mirror.run()), loop.create_task(self._publish_load())]
+        if s.config_dir is not None:
+            self._tasks.append(loop.create_task(self._watch_policies(s.config_dir)))
+        log.info(
+            "sidecar for %s on %s (mTLS %s) -> %s",
+            s.service,
+            self.serving.address,
+            self.mode,
+            s.app_address,
+        )
+        return self.serving
+
+    async def _start_outbound(self, port: int) -> None:
+        """The worker's way out: the gateway's routing core on localhost, mTLS to peers.
+
+        Peers are sidecars: with certificates, every upstream call presents this workload's
+        certificate (new channels pick up rotated ones).
+        """
+        credentials = None
+        if self._certificates is not None:
+            credentials = self._certificates.channel_credentials
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self._telemetry is not None:
+            interceptors.append(TelemetryServerInterceptor(self._telemetry))
+        self.outbound = Gateway(
+            RegistryDiscovery(self._store.watcher()),
+            config_dir=self.settings.config_dir,
+            interceptors=interceptors,
+            channel_credentials=credentials,
+        )
+        try:
+            self.outbound_serving = await self.outbound.start(
+                ServerSettings(
+                    host="127.0.0.1", port=port, grace_seconds=self.settings.grace_seconds
+                )
+            )
+        except BaseException:
+            await self.drain()
+            raise
+        log.info("outbound for %s on %s", self.settings.service, self.outbound_serving.address)
+
+    async def _watch_policies(self, directory: Path) -> None:
+        """Reloads the security policies when the config folder changes (last known good).
+
+        AuthorizationPolicy applies from the next call. A PeerAuthentication change moves
+        the per-call check; the listeners (TLS or not) stay as started, so a change that
+        needs another listener takes a restart, and the log says so.
+        """
+        fingerprint = await asyncio.to_thread(_fingerprint, directory)
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            current = await asyncio.to_thread(_fingerprint, directory)
+            if current == fingerprint:
+                continue
+            fingerprint = current
+            try:
+                config = await asyncio.to_thread(config_from_path, directory)
+            except ConfigError as exc:
+                self.last_rejection = exc.message
+                log.error("policies rejected, keeping the previous ones: %s", exc.message)
+                continue
+            self.policies = SidecarPolicies(
+                config.peer_authentications, config.authorization_policies
+            )
+            if self.settings.mtls is None:
+                mode = resolve_mode(config.peer_authentications, self.settings.workload).mode
+                if listeners_for(mode)[0] != listeners_for(self.mode)[0]:
+                    log.warning(
+                        "mTLS mode %s needs other listeners than %s: restart the sidecar",
+                        mode,
+                        self.mode,
+                    )
+                else:
+                    self.mode = mode
+            log.info("policies reloaded from %s (mTLS %s)", directory, self.mode)
+
+    async def _worker_health(self, serving: bool) -> None:
+        if self._draining or self.registration is None or self.serving is None:
+            return
+        status = Status.SERVING if serving else Status.NOT_SERVING
+        for listener in self._servings():
+            await listener.set_serving(serving)
+        try:
+            await self.registration.update(status=status)
+        except Exception as exc:  # the next heartbeat carries it
+            log.warning("could not publish %s for %s: %s", status, self.settings.service, exc)
+
+    async def drain(self) -> None:
+        """DRAINING (still serving) → deregister → stop taking calls, finish in-flight → stop."""
+        if self._draining or self.serving is None:
+            return
+        self._draining = True
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.registration is not None:
+            with contextlib.suppress(Exception):
+                await self.registration.update(status=Status.DRAINING)
+        for listener in self._servings():
+            await listener.set_serving(False)
+        # Callers that have not seen DRAINING yet still get served meanwhile.
+        await asyncio.sleep(self.settings.drain_delay)
+        if self.registration is not None:
+            try:
+                await self.registration.deregister()
+            except Exception as exc:
+                log.warning("deregistration failed (the lease will expire): %s", exc)
+        await asyncio.gather(*(listener.drain() for listener in self._servings()))
+        # Outbound last: in-flight inbound calls may have needed it to finish.
+        if self.outbound_serving is not None:
+            await self.outbound_serving.drain()
+        await self.forwarder.close()
+
+    async def run_until_signal(self) -> None:
+        """Serves until SIGTERM/SIGINT, then drains."""
+        assert self.serving is not None
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+            log.info("signal received: draining the sidecar of %s", self.settings.service)
+            await self.drain()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,1 @@
+"""OpenTelemetry for the mesh: setup, W3C trace propagation over gRPC, mesh metrics, log correlation."""

@@ -1,0 +1,63 @@
+"""A real gateway with client authentication in front of its proxy; and `meshserve auth`."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from gateway.app import Gateway
+from gateway.auth import AuthConfig, ClientGuard, hash_key
+from gateway.discovery import StaticDiscovery, StaticInstance
+from mesh.cli.main import main
+from mesh.security.guard import GuardInterceptor
+from mesh.server.app import ServerSettings
+from mesh.server.testing import serve
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.gateway.backends import FakeWorker
+from tests.gateway.harness import REPO
+
+
+async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["auth", "new-key", "--client", "analytics"]) == 0
+    printed = capsys.readouterr().out
+    key = re.search(r"(msk_\S+)", printed)
+    assert key is not None
+    entry = printed.strip().splitlines()[-1]
+    assert hash_key(key.group(1)) in entry
+    (tmp_path / "auth.yaml").write_text(f"apiKeys:\n{entry}\n")
+    guard = ClientGuard(AuthConfig.load(tmp_path / "auth.yaml"))
+
+    worker = FakeWorker("w0")
+    async with serve(worker.services()) as (backend, _):
+        discovery = StaticDiscovery([StaticInstance("inference", "w0", backend.address)])
+        gateway = Gateway(
+            discovery, config_dir=REPO / "config", interceptors=[GuardInterceptor(guard)]
+        )
+        serving = await gateway.start(ServerSettings())
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while not gateway.state.snapshot.endpoints("inference"):
+                assert asyncio.get_running_loop().time() < deadline, "no endpoint discovered"
+                await asyncio.wait_for(gateway.endpoints_changed.wait(), timeout=10)
+            async with grpc.aio.insecure_channel(serving.address) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                request = pb.ModelInferRequest(model_name="m")
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.ModelInfer(request, timeout=10)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                reply = await stub.ModelInfer(
+                    request,
+                    metadata=(("authorization", f"Bearer {key.group(1)}"),),
+                    timeout=10,
+                )
+                assert reply.id == "w0"
+        finally:
+            await serving.drain(grace=0)

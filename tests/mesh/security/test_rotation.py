@@ -1,0 +1,99 @@
+"""Certificate rotation on a live TLS server: new connections get the new cert, old ones live on."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import grpc.aio
+import pytest
+
+from mesh.errors import InvalidArgument
+from mesh.security.ca import CertificateAuthority
+from mesh.security.identity import WorkloadIdentity
+from mesh.security.rotation import CertificateSource, FileIssuer
+from tests.mesh.security.tls_support import FakeClock, call_who, served_serial, tls_server
+
+TD = "cluster.local"
+SERVER = WorkloadIdentity(TD, "meshserve", "inference")
+CLIENT = WorkloadIdentity(TD, "meshserve", "gateway")
+LIFETIME = dt.timedelta(minutes=30)
+#: Short enough that a renewed certificate (valid from the fake time minus one minute of
+#: skew allowance) is already valid on the real clock the TLS peers check.
+SHORT = dt.timedelta(seconds=60)
+
+
+def test_renews_only_after_two_thirds_of_the_lifetime() -> None:
+    clock = FakeClock()
+    ca = CertificateAuthority.create(TD, clock=clock)
+    source = CertificateSource(ca, SERVER, lifetime=LIFETIME, clock=clock)
+    first = source.current()
+    clock.advance(LIFETIME * 0.6)
+    assert source.current().serial == first.serial
+    clock.advance(LIFETIME * 0.1)
+    second = source.current()
+    assert second.serial != first.serial
+    assert second.not_after == clock.now + LIFETIME
+
+
+def test_renew_fraction_is_validated() -> None:
+    ca = CertificateAuthority.create(TD)
+    with pytest.raises(InvalidArgument, match="renew_fraction"):
+        CertificateSource(ca, SERVER, renew_fraction=1.0)
+
+
+async def test_rotation_serves_the_new_cert_without_dropping_connections(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ca = CertificateAuthority.create(TD, clock=clock)
+    server_certs = CertificateSource(ca, SERVER, lifetime=SHORT, clock=clock)
+    client_certs = CertificateSource(ca, CLIENT, lifetime=SHORT, clock=clock)
+    rotated: list[int] = []
+    server_certs.on_rotate(lambda cert: rotated.append(cert.serial))
+    first = server_certs.current()
+    client = client_certs.current()
+    async with tls_server(server_certs.server_credentials()) as serving:
+        target = f"localhost:{serving.port}"
+        old = grpc.aio.secure_channel(target, client_certs.channel_credentials())
+        try:
+            assert await call_who(old) == CLIENT.uri
+            assert (
+                served_serial(
+                    serving.port, client.ca_pem, client.cert_pem, client.key_pem, tmp_path
+                )
+                == first.serial
+            )
+            clock.advance(SHORT * 0.7)
+            # The next handshake asks the source, which renews.
+            new_serial = served_serial(
+                serving.port, client.ca_pem, client.cert_pem, client.key_pem, tmp_path
+            )
+            assert new_serial != first.serial
+            assert rotated == [new_serial]
+            async with grpc.aio.secure_channel(target, client_certs.channel_credentials()) as new:
+                assert await call_who(new) == CLIENT.uri
+            # The connection made before the rotation still works.
+            assert await call_who(old) == CLIENT.uri
+        finally:
+            await old.close()
+
+
+def test_file_issuer_serves_replaced_files_at_renewal(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ca = CertificateAuthority.create(TD, clock=clock)
+    ca.issue(SERVER, lifetime=LIFETIME).save(tmp_path)
+    source = CertificateSource(FileIssuer(tmp_path), SERVER, lifetime=LIFETIME, clock=clock)
+    first = source.current()
+    clock.advance(LIFETIME * 0.7)
+    # Nothing replaced the files yet: the same certificate, no rotation reported.
+    rotated: list[int] = []
+    source.on_rotate(lambda cert: rotated.append(cert.serial))
+    assert source.current().serial == first.serial and rotated == []
+    replacement = ca.issue(SERVER, lifetime=LIFETIME)
+    replacement.save(tmp_path)
+    assert source.current().serial == replacement.serial
+    assert rotated == [replacement.serial]
+    with pytest.raises(
+        InvalidArgument, match=re.escape("not spiffe://cluster.local/ns/meshserve/sa/gateway")
+    ):
+        FileIssuer(tmp_path).issue(CLIENT)

@@ -1,0 +1,342 @@
+"""The sidecar in process: mTLS and policies at the door, health in the registry, drain, limits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from elasticsearch import AsyncElasticsearch
+
+from mesh.config.loader import parse_yaml
+from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.errors import InvalidArgument
+from mesh.security.ca import CertificateAuthority
+from mesh.security.identity import WorkloadIdentity
+from mesh.security.rotation import CertificateSource
+from mesh.server.app import ServerSettings, Serving, start_server
+from mesh.sidecar.app import Sidecar, SidecarPolicies, SidecarSettings
+from registry.directory import read_live
+from registry.instances import Instance, Status
+from registry.schema import Indices
+from registry.store import Store
+from tests.mesh.sidecar.worker import ECHO, SLOW, Worker
+
+TD = "cluster.local"
+
+
+@dataclass
+class Rig:
+    worker: Worker
+    worker_serving: Serving
+    sidecar: Sidecar
+    ca: CertificateAuthority
+    es: AsyncElasticsearch
+    indices: Indices
+
+    @property
+    def target(self) -> str:
+        assert self.sidecar.serving is not None
+        return f"localhost:{self.sidecar.serving.port}"
+
+    def client(self, service: str, namespace: str = "meshserve") -> grpc.aio.Channel:
+        certs = CertificateSource(self.ca, WorkloadIdentity(TD, namespace, service))
+        return grpc.aio.secure_channel(self.target, certs.channel_credentials())
+
+    async def instance(self) -> Instance | None:
+        snapshot = await read_live(self.es, self.indices, datetime.now(UTC), service="inference")
+        return next(iter(snapshot.instances.values()), None)
+
+    async def until(self, predicate: Callable[[], Awaitable[bool]], what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await predicate():
+            assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
+            await asyncio.sleep(0.05)
+
+
+POLICY_TEXT = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-training-on-inference}
+spec:
+  selector: {matchLabels: {app: inference}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [ml]}}]}]
+"""
+DENY_TRAINING = tuple(
+    d.resource
+    for d in parse_yaml(POLICY_TEXT, "policy.yaml")
+    if isinstance(d.resource, AuthorizationPolicy)
+)
+
+
+@pytest.fixture
+async def rig(es: AsyncElasticsearch, indices: Indices) -> AsyncIterator[Rig]:
+    worker = Worker()
+    worker_serving = await start_server(ServerSettings(), [worker.service()])
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference",
+            app_address=worker_serving.address,
+            mtls="STRICT",
+            max_concurrency=2,
+            drain_delay=0.0,
+            grace_seconds=10,
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+        policies=SidecarPolicies(authorization_policies=DENY_TRAINING),
+    )
+    await sidecar.start()
+    r = Rig(worker, worker_serving, sidecar, ca, es, indices)
+    try:
+        yield r
+    finally:
+        worker.release.set()
+        await sidecar.drain()
+        await worker_serving.drain(grace=0)
+
+
+async def call(channel: grpc.aio.Channel, path: str = ECHO, payload: bytes = b"hi") -> bytes:
+    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+    return await method(payload, timeout=10)
+
+
+async def test_mtls_peers_reach_the_worker_with_their_identity(rig: Rig) -> None:
+    async with rig.client("gateway") as channel:
+        assert await call(channel) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+
+
+async def test_strict_sidecar_refuses_plaintext_and_foreign_certificates(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.target) as plain:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(plain)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    rogue = CertificateSource(
+        CertificateAuthority.create(TD), WorkloadIdentity(TD, "meshserve", "gateway")
+    ).current()
+    creds = grpc.ssl_channel_credentials(rig.ca.cert_pem, rogue.key_pem, rogue.cert_pem)
+    async with grpc.aio.secure_channel(rig.target, creds) as foreign:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(foreign)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert rig.worker.started == 0
+
+
+async def test_deny_policy_at_the_sidecar(rig: Rig) -> None:
+    async with rig.client("training", namespace="ml") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await call(channel)
+    assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "AuthorizationPolicy/no-training-on-inference" in (denied.value.details() or "")
+
+
+async def test_worker_health_is_mirrored_into_the_registry(rig: Rig) -> None:
+    async def status_is(status: Status) -> bool:
+        found = await rig.instance()
+        return found is not None and found.status is status
+
+    await rig.until(lambda: status_is(Status.SERVING), "registered SERVING")
+    found = await rig.instance()
+    assert found is not None and found.address == rig.target
+    await rig.worker_serving.set_serving(False)
+    await rig.until(lambda: status_is(Status.NOT_SERVING), "NOT_SERVING mirrored")
+    await rig.worker_serving.set_serving(True)
+    await rig.until(lambda: status_is(Status.SERVING), "SERVING mirrored")
+
+
+async def test_concurrency_limit_refuses_the_call_over_it(rig: Rig) -> None:
+    async with rig.client("gateway") as channel:
+        slow = [asyncio.create_task(call(channel, SLOW, b"%d" % i)) for i in range(2)]
+
+        async def both_started() -> bool:
+            return rig.worker.started == 2
+
+        await rig.until(both_started, "two slow calls in the worker")
+        with pytest.raises(grpc.aio.AioRpcError) as limited:
+            await call(channel)
+        assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "concurrency limit of 2" in (limited.value.details() or "")
+        rig.worker.release.set()
+        assert sorted(await asyncio.gather(*slow)) == [b"done:0", b"done:1"]
+
+
+async def test_drain_finishes_in_flight_calls_and_deregisters(rig: Rig) -> None:
+    async def serving() -> bool:
+        found = await rig.instance()
+        return found is not None and found.status is Status.SERVING
+
+    await rig.until(serving, "registered SERVING")
+    async with rig.client("gateway") as channel:
+        in_flight = asyncio.create_task(call(channel, SLOW, b"x"))
+
+        async def started() -> bool:
+            return rig.worker.started == 1
+
+        await rig.until(started, "the slow call reached the worker")
+        # Long enough for DRAINING to become searchable (index refresh: 1 s).
+        rig.sidecar.settings = replace(rig.sidecar.settings, drain_delay=2.0)
+        drain = asyncio.create_task(rig.sidecar.drain())
+
+        async def draining() -> bool:
+            found = await rig.instance()
+            return found is not None and found.status is Status.DRAINING
+
+        await rig.until(draining, "DRAINING published")
+        # Still serving while DRAINING propagates.
+        assert (await call(channel)).endswith(b"|hi")
+
+        async def gone() -> bool:
+            return await rig.instance() is None
+
+        await rig.until(gone, "deregistered")
+        rig.worker.release.set()
+        assert await in_flight == b"done:x"
+        await drain
+
+
+ALLOW_MESH_ONLY = tuple(
+    d.resource
+    for d in parse_yaml(
+        """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-only-slow}
+spec:
+  action: ALLOW
+  rules:
+  - to: [{operation: {paths: ["/meshtest.Worker/Echo"]}}]
+  - from: [{source: {principals: ["*"]}}]
+"""
+        + """
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: permissive}
+spec: {mtls: {mode: PERMISSIVE}}
+""",
+        "policy.yaml",
+    )
+)
+
+
+async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_port(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    worker = Worker()
+    worker_serving = await start_server(ServerSettings(), [worker.service()])
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference",
+            app_address=worker_serving.address,
+            plaintext_port=0,
+            drain_delay=0,
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+        policies=SidecarPolicies(
+            peer_authentications=[r for r in ALLOW_MESH_ONLY if isinstance(r, PeerAuthentication)],
+            authorization_policies=[
+                r for r in ALLOW_MESH_ONLY if isinstance(r, AuthorizationPolicy)
+            ],
+        ),
+    )
+    await sidecar.start()
+    try:
+        assert sidecar.mode == "PERMISSIVE"
+        assert sidecar.serving is not None and sidecar.plaintext_serving is not None
+        mesh = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
+        async with grpc.aio.secure_channel(
+            f"localhost:{sidecar.serving.port}", mesh.channel_credentials()
+        ) as secure:
+            assert await call(secure) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+            worker.release.set()
+            assert await call(secure, SLOW) == b"done:hi"
+        async with grpc.aio.insecure_channel(sidecar.plaintext_serving.address) as plain:
+            assert await call(plain) == b"anonymous|hi"
+            # Rule 1 needs a principal, which a plaintext caller never has.
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await call(plain, SLOW)
+            assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        # Plaintext on the mTLS port is still refused.
+        async with grpc.aio.insecure_channel(sidecar.serving.address) as wrong:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(wrong)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await sidecar.drain()
+        await worker_serving.drain(grace=0)
+
+
+async def test_a_plaintext_port_contradicts_strict(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference", app_address="127.0.0.1:1", mtls="STRICT", plaintext_port=0
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+    )
+    with pytest.raises(InvalidArgument, match="plaintext port is PERMISSIVE's second listener"):
+        await sidecar.start()
+
+
+async def test_policies_reload_from_the_config_folder(
+    tmp_path: Path, es: AsyncElasticsearch, indices: Indices
+) -> None:
+    worker = Worker()
+    worker_serving = await start_server(ServerSettings(), [worker.service()])
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference",
+            app_address=worker_serving.address,
+            mtls="STRICT",
+            drain_delay=0,
+            config_dir=tmp_path,
+            reload_interval=0.05,
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+    )
+    serving = await sidecar.start()
+    client = CertificateSource(ca, WorkloadIdentity(TD, "ml", "training"))
+    try:
+        async with grpc.aio.secure_channel(
+            f"localhost:{serving.port}",
+            client.channel_credentials(),
+        ) as channel:
+            assert (await call(channel)).endswith(b"|hi")
+            (tmp_path / "deny.yaml").write_text(POLICY_TEXT)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                try:
+                    await call(channel)
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+                    break
+                assert loop.time() < deadline, "the DENY policy was never loaded"
+                await asyncio.sleep(0.05)
+            # A broken file is rejected; the last good policies stay in force.
+            (tmp_path / "deny.yaml").write_text("kind: AuthorizationPolicy\n")
+            deadline = loop.time() + 10
+            while sidecar.last_rejection is None:
+                assert loop.time() < deadline, "the broken file was never read"
+                await asyncio.sleep(0.05)
+            assert "deny.yaml" in sidecar.last_rejection
+            with pytest.raises(grpc.aio.AioRpcError) as still:
+                await call(channel)
+            assert still.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await sidecar.drain()
+        await worker_serving.drain(grace=0)

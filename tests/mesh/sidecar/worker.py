@@ -1,0 +1,40 @@
+"""A worker for sidecar tests: echoes who the sidecar said called, can be slow, has health."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import grpc.aio
+
+from mesh.server.app import Service
+from mesh.sidecar.forward import PEER_HEADER
+
+ECHO = "/meshtest.Worker/Echo"
+SLOW = "/meshtest.Worker/Slow"
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def echo(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        peer = dict(context.invocation_metadata() or ()).get(PEER_HEADER, "anonymous")
+        assert isinstance(peer, str)
+        return peer.encode() + b"|" + request
+
+    async def slow(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        self.started += 1
+        await self.release.wait()
+        return b"done:" + request
+
+    def service(self) -> Service:
+        handler = grpc.method_handlers_generic_handler(
+            "meshtest.Worker",
+            {
+                "Echo": grpc.unary_unary_rpc_method_handler(self.echo),
+                "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
+            },
+        )
+        return Service("meshtest.Worker", lambda server: server.add_generic_rpc_handlers([handler]))

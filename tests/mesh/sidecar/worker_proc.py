@@ -1,0 +1,36 @@
+"""A fake inference worker as a process: ``python -m tests.mesh.sidecar.worker_proc NAME``.
+
+Traced when ``MESHSERVE_TRACES`` is set (see ``mesh.telemetry.setup``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import grpc.aio
+
+from mesh.server.app import ServerSettings, serve_until_signal, start_server
+from mesh.telemetry.interceptors import TelemetryServerInterceptor
+from mesh.telemetry.setup import TelemetrySettings, setup
+from tests.gateway.backends import FakeWorker
+
+
+async def main(name: str) -> None:
+    telemetry = setup(TelemetrySettings.from_env(service_name=f"worker/{name}"))
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if telemetry.settings.traces != "none":
+        interceptors.append(TelemetryServerInterceptor(telemetry))
+    serving = await start_server(
+        ServerSettings(), FakeWorker(name).services(), interceptors=interceptors
+    )
+    print(f"{name} listening on {serving.address} pid {os.getpid()}", flush=True)
+    try:
+        await serve_until_signal(serving)
+    finally:
+        telemetry.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))
