@@ -18,7 +18,7 @@ from mesh.errors import MeshError
 #: Modules that add top-level commands: each has ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = ()
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
-WORKER_MODULES: tuple[str, ...] = ()
+WORKER_MODULES: tuple[str, ...] = ("workers.training.cli",)
 
 err = Console(stderr=True)
 
