@@ -12,13 +12,14 @@ from typing import Protocol
 import grpc
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from mesh.errors import MeshError
 
 #: Modules that add top-level commands: each has ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("mesh.cli.up", "mesh.cli.datasets")
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
-WORKER_MODULES: tuple[str, ...] = ("workers.training.cli",)
+WORKER_MODULES: tuple[str, ...] = ("workers.data.cli", "workers.training.cli")
 
 err = Console(stderr=True)
 
@@ -75,13 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (CliError, MeshError, ValueError, OSError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 1
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         name = code.name if code is not None else "UNKNOWN"
-        err.print(f"[bold red]error:[/] {name}: {details}", highlight=False)
+        err.print(f"[bold red]error:[/] {name}: {escape(str(details))}", highlight=False)
         return 1
 
 

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/meshserve/data/v1/data.proto\x12\x11meshserve.data.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\tdata_type\x18\x02 \x01(\x0e\x32\x1b.meshserve.data.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa4\x01\n\x06Schema\x12/\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x1d.meshserve.data.v1.TensorSpec\x12-\n\x06labels\x18\x02 \x03(\x0b\x32\x1d.meshserve.data.v1.TensorSpec\x12%\n\x04task\x18\x03 \x01(\x0e\x32\x17.meshserve.data.v1.Task\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\"g\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\tdata_type\x18\x02 \x01(\x0e\x32\x1b.meshserve.data.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08raw_data\x18\x04 \x01(\x0c\"M\n\tSplitSpec\x12\x1b\n\x13validation_fraction\x18\x01 \x01(\x01\x12\x15\n\rtest_fraction\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x9b\x01\n\rDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x06schema\x18\x03 \x01(\x0b\x32\x19.meshserve.data.v1.Schema\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12+\n\x05split\x18\x05 \x01(\x0b\x32\x1c.meshserve.data.v1.SplitSpec\"9\n\x0bRecordChunk\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.meshserve.data.v1.Tensor\"\x83\x01\n\x14\x43reateDatasetRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .meshserve.data.v1.DatasetHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.meshserve.data.v1.RecordChunkH\x00\x42\x06\n\x04item\"c\n\x0b\x42lobsSource\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x14\n\x0cnum_features\x18\x03 \x01(\x05\x12\x13\n\x0b\x63luster_std\x18\x04 \x01(\x01\"I\n\rSpiralsSource\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\r\n\x05noise\x18\x03 \x01(\x01\"M\n\x10RegressionSource\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x14\n\x0cnum_features\x18\x02 \x01(\x05\x12\r\n\x05noise\x18\x03 \x01(\x01\"\x0e\n\x0c\x44igitsSource\"\xd5\x02\n\x1b\x43reateBuiltinDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12+\n\x05split\x18\x04 \x01(\x0b\x32\x1c.meshserve.data.v1.SplitSpec\x12/\n\x05\x62lobs\x18\n \x01(\x0b\x32\x1e.meshserve.data.v1.BlobsSourceH\x00\x12\x33\n\x07spirals\x18\x0b \x01(\x0b\x32 .meshserve.data.v1.SpiralsSourceH\x00\x12\x39\n\nregression\x18\x0c \x01(\x0b\x32#.meshserve.data.v1.RegressionSourceH\x00\x12\x31\n\x06\x64igits\x18\r \x01(\x0b\x32\x1f.meshserve.data.v1.DigitsSourceH\x00\x42\x08\n\x06source\"7\n\x0c\x46\x65\x61tureStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04mean\x18\x02 \x03(\x01\x12\x0b\n\x03std\x18\x03 \x03(\x01\"\x84\x03\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x06schema\x18\x03 \x01(\x0b\x32\x19.meshserve.data.v1.Schema\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x11\n\tnum_train\x18\x05 \x01(\x03\x12\x16\n\x0enum_validation\x18\x06 \x01(\x03\x12\x10\n\x08num_test\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\n \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x36\n\rfeature_stats\x18\r \x03(\x0b\x32\x1f.meshserve.data.v1.FeatureStats\x12+\n\x05split\x18\x0e \x01(\x0b\x32\x1c.meshserve.data.v1.SplitSpec\"2\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x13ListDatasetsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x14ListDatasetsResponse\x12,\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1a.meshserve.data.v1.Dataset\"5\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"\xf4\x01\n\x14StreamBatchesRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x05split\x18\x03 \x01(\x0e\x32\x18.meshserve.data.v1.Split\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x0f\n\x07shuffle\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x13\n\x0bstandardize\x18\x08 \x01(\x08\x12\x11\n\tdrop_last\x18\t \x01(\x08\x12\x12\n\nnum_shards\x18\n \x01(\x05\x12\x13\n\x0bshard_index\x18\x0b \x01(\x05\"e\n\x05\x42\x61tch\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04size\x18\x02 \x01(\x05\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.meshserve.data.v1.Tensor\x12\x13\n\x0b\x65xample_ids\x18\x04 \x03(\x03*\xf1\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_BF16\x10\x08\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\n*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02*d\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\x14\n\x10SPLIT_VALIDATION\x10\x02\x12\x0e\n\nSPLIT_TEST\x10\x03\x12\r\n\tSPLIT_ALL\x10\x04\x32\xb4\x04\n\x0b\x44\x61taService\x12V\n\rCreateDataset\x12\'.meshserve.data.v1.CreateDatasetRequest\x1a\x1a.meshserve.data.v1.Dataset(\x01\x12\x62\n\x14\x43reateBuiltinDataset\x12..meshserve.data.v1.CreateBuiltinDatasetRequest\x1a\x1a.meshserve.data.v1.Dataset\x12N\n\nGetDataset\x12$.meshserve.data.v1.GetDatasetRequest\x1a\x1a.meshserve.data.v1.Dataset\x12_\n\x0cListDatasets\x12&.meshserve.data.v1.ListDatasetsRequest\x1a\'.meshserve.data.v1.ListDatasetsResponse\x12\x62\n\rDeleteDataset\x12\'.meshserve.data.v1.DeleteDatasetRequest\x1a(.meshserve.data.v1.DeleteDatasetResponse\x12T\n\rStreamBatches\x12\'.meshserve.data.v1.StreamBatchesRequest\x1a\x18.meshserve.data.v1.Batch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/meshserve/data/v1/data.proto\x12\x11meshserve.data.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\tdata_type\x18\x02 \x01(\x0e\x32\x1b.meshserve.data.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa4\x01\n\x06Schema\x12/\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x1d.meshserve.data.v1.TensorSpec\x12-\n\x06labels\x18\x02 \x03(\x0b\x32\x1d.meshserve.data.v1.TensorSpec\x12%\n\x04task\x18\x03 \x01(\x0e\x32\x17.meshserve.data.v1.Task\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\"g\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\tdata_type\x18\x02 \x01(\x0e\x32\x1b.meshserve.data.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08raw_data\x18\x04 \x01(\x0c\"M\n\tSplitSpec\x12\x1b\n\x13validation_fraction\x18\x01 \x01(\x01\x12\x15\n\rtest_fraction\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x9b\x01\n\rDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x06schema\x18\x03 \x01(\x0b\x32\x19.meshserve.data.v1.Schema\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12+\n\x05split\x18\x05 \x01(\x0b\x32\x1c.meshserve.data.v1.SplitSpec\"9\n\x0bRecordChunk\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.meshserve.data.v1.Tensor\"\x83\x01\n\x14\x43reateDatasetRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .meshserve.data.v1.DatasetHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.meshserve.data.v1.RecordChunkH\x00\x42\x06\n\x04item\"c\n\x0b\x42lobsSource\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x14\n\x0cnum_features\x18\x03 \x01(\x05\x12\x13\n\x0b\x63luster_std\x18\x04 \x01(\x01\"X\n\rSpiralsSource\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x12\n\x05noise\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_noise\"\\\n\x10RegressionSource\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x14\n\x0cnum_features\x18\x02 \x01(\x05\x12\x12\n\x05noise\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_noise\"\x0e\n\x0c\x44igitsSource\"\xd5\x02\n\x1b\x43reateBuiltinDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12+\n\x05split\x18\x04 \x01(\x0b\x32\x1c.meshserve.data.v1.SplitSpec\x12/\n\x05\x62lobs\x18\n \x01(\x0b\x32\x1e.meshserve.data.v1.BlobsSourceH\x00\x12\x33\n\x07spirals\x18\x0b \x01(\x0b\x32 .meshserve.data.v1.SpiralsSourceH\x00\x12\x39\n\nregression\x18\x0c \x01(\x0b\x32#.meshserve.data.v1.RegressionSourceH\x00\x12\x31\n\x06\x64igits\x18\r \x01(\x0b\x32\x1f.meshserve.data.v1.DigitsSourceH\x00\x42\x08\n\x06source\"7\n\x0c\x46\x65\x61tureStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04mean\x18\x02 \x03(\x01\x12\x0b\n\x03std\x18\x03 \x03(\x01\"\x84\x03\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x06schema\x18\x03 \x01(\x0b\x32\x19.meshserve.data.v1.Schema\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x11\n\tnum_train\x18\x05 \x01(\x03\x12\x16\n\x0enum_validation\x18\x06 \x01(\x03\x12\x10\n\x08num_test\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\n \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x36\n\rfeature_stats\x18\r \x03(\x0b\x32\x1f.meshserve.data.v1.FeatureStats\x12+\n\x05split\x18\x0e \x01(\x0b\x32\x1c.meshserve.data.v1.SplitSpec\"2\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x13ListDatasetsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x14ListDatasetsResponse\x12,\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1a.meshserve.data.v1.Dataset\"5\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"\xf4\x01\n\x14StreamBatchesRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x05split\x18\x03 \x01(\x0e\x32\x18.meshserve.data.v1.Split\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x0f\n\x07shuffle\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x13\n\x0bstandardize\x18\x08 \x01(\x08\x12\x11\n\tdrop_last\x18\t \x01(\x08\x12\x12\n\nnum_shards\x18\n \x01(\x05\x12\x13\n\x0bshard_index\x18\x0b \x01(\x05\"e\n\x05\x42\x61tch\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04size\x18\x02 \x01(\x05\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.meshserve.data.v1.Tensor\x12\x13\n\x0b\x65xample_ids\x18\x04 \x03(\x03*\xf1\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_BF16\x10\x08\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\n*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02*d\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\x14\n\x10SPLIT_VALIDATION\x10\x02\x12\x0e\n\nSPLIT_TEST\x10\x03\x12\r\n\tSPLIT_ALL\x10\x04\x32\xb4\x04\n\x0b\x44\x61taService\x12V\n\rCreateDataset\x12\'.meshserve.data.v1.CreateDatasetRequest\x1a\x1a.meshserve.data.v1.Dataset(\x01\x12\x62\n\x14\x43reateBuiltinDataset\x12..meshserve.data.v1.CreateBuiltinDatasetRequest\x1a\x1a.meshserve.data.v1.Dataset\x12N\n\nGetDataset\x12$.meshserve.data.v1.GetDatasetRequest\x1a\x1a.meshserve.data.v1.Dataset\x12_\n\x0cListDatasets\x12&.meshserve.data.v1.ListDatasetsRequest\x1a\'.meshserve.data.v1.ListDatasetsResponse\x12\x62\n\rDeleteDataset\x12\'.meshserve.data.v1.DeleteDatasetRequest\x1a(.meshserve.data.v1.DeleteDatasetResponse\x12T\n\rStreamBatches\x12\'.meshserve.data.v1.StreamBatchesRequest\x1a\x18.meshserve.data.v1.Batch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.meshserve.data.v1.data_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=2537
-  _globals['_DATATYPE']._serialized_end=2778
-  _globals['_TASK']._serialized_start=2780
-  _globals['_TASK']._serialized_end=2854
-  _globals['_SPLIT']._serialized_start=2856
-  _globals['_SPLIT']._serialized_end=2956
+  _globals['_DATATYPE']._serialized_start=2567
+  _globals['_DATATYPE']._serialized_end=2808
+  _globals['_TASK']._serialized_start=2810
+  _globals['_TASK']._serialized_end=2884
+  _globals['_SPLIT']._serialized_start=2886
+  _globals['_SPLIT']._serialized_end=2986
   _globals['_TENSORSPEC']._serialized_start=91
   _globals['_TENSORSPEC']._serialized_end=180
   _globals['_SCHEMA']._serialized_start=183
@@ -55,31 +55,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOBSSOURCE']._serialized_start=884
   _globals['_BLOBSSOURCE']._serialized_end=983
   _globals['_SPIRALSSOURCE']._serialized_start=985
-  _globals['_SPIRALSSOURCE']._serialized_end=1058
-  _globals['_REGRESSIONSOURCE']._serialized_start=1060
-  _globals['_REGRESSIONSOURCE']._serialized_end=1137
-  _globals['_DIGITSSOURCE']._serialized_start=1139
-  _globals['_DIGITSSOURCE']._serialized_end=1153
-  _globals['_CREATEBUILTINDATASETREQUEST']._serialized_start=1156
-  _globals['_CREATEBUILTINDATASETREQUEST']._serialized_end=1497
-  _globals['_FEATURESTATS']._serialized_start=1499
-  _globals['_FEATURESTATS']._serialized_end=1554
-  _globals['_DATASET']._serialized_start=1557
-  _globals['_DATASET']._serialized_end=1945
-  _globals['_GETDATASETREQUEST']._serialized_start=1947
-  _globals['_GETDATASETREQUEST']._serialized_end=1997
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1999
-  _globals['_LISTDATASETSREQUEST']._serialized_end=2034
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=2036
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=2104
-  _globals['_DELETEDATASETREQUEST']._serialized_start=2106
-  _globals['_DELETEDATASETREQUEST']._serialized_end=2159
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=2161
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=2184
-  _globals['_STREAMBATCHESREQUEST']._serialized_start=2187
-  _globals['_STREAMBATCHESREQUEST']._serialized_end=2431
-  _globals['_BATCH']._serialized_start=2433
-  _globals['_BATCH']._serialized_end=2534
-  _globals['_DATASERVICE']._serialized_start=2959
-  _globals['_DATASERVICE']._serialized_end=3523
+  _globals['_SPIRALSSOURCE']._serialized_end=1073
+  _globals['_REGRESSIONSOURCE']._serialized_start=1075
+  _globals['_REGRESSIONSOURCE']._serialized_end=1167
+  _globals['_DIGITSSOURCE']._serialized_start=1169
+  _globals['_DIGITSSOURCE']._serialized_end=1183
+  _globals['_CREATEBUILTINDATASETREQUEST']._serialized_start=1186
+  _globals['_CREATEBUILTINDATASETREQUEST']._serialized_end=1527
+  _globals['_FEATURESTATS']._serialized_start=1529
+  _globals['_FEATURESTATS']._serialized_end=1584
+  _globals['_DATASET']._serialized_start=1587
+  _globals['_DATASET']._serialized_end=1975
+  _globals['_GETDATASETREQUEST']._serialized_start=1977
+  _globals['_GETDATASETREQUEST']._serialized_end=2027
+  _globals['_LISTDATASETSREQUEST']._serialized_start=2029
+  _globals['_LISTDATASETSREQUEST']._serialized_end=2064
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=2066
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=2134
+  _globals['_DELETEDATASETREQUEST']._serialized_start=2136
+  _globals['_DELETEDATASETREQUEST']._serialized_end=2189
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=2191
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=2214
+  _globals['_STREAMBATCHESREQUEST']._serialized_start=2217
+  _globals['_STREAMBATCHESREQUEST']._serialized_end=2461
+  _globals['_BATCH']._serialized_start=2463
+  _globals['_BATCH']._serialized_end=2564
+  _globals['_DATASERVICE']._serialized_start=2989
+  _globals['_DATASERVICE']._serialized_end=3553
 # @@protoc_insertion_point(module_scope)

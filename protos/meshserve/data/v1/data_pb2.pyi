@@ -316,8 +316,11 @@ Global___DatasetHeader: _TypeAlias = DatasetHeader  # noqa: Y015
 
 @_typing.final
 class RecordChunk(_message.Message):
-    """A run of records: every tensor of the schema, each with the same leading
-    dimension (the number of records in the chunk).
+    """A run of records: every tensor of the schema exactly once, each with the
+    same leading dimension (the number of records in the chunk), and dtype and
+    per-example shape as declared. Classification labels must lie in
+    [0, num_classes). The server stores records in chunk files of bounded size
+    whatever the message sizes are.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -374,7 +377,9 @@ Global___CreateDatasetRequest: _TypeAlias = CreateDatasetRequest  # noqa: Y015
 
 @_typing.final
 class BlobsSource(_message.Message):
-    """Gaussian blobs: one cluster per class."""
+    """Gaussian blobs: one cluster per class, centres uniform in [-10, 10]^d.
+    Features "x" (FP32, [num_features]), labels "y" (INT64, scalar).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -383,13 +388,13 @@ class BlobsSource(_message.Message):
     NUM_FEATURES_FIELD_NUMBER: _builtins.int
     CLUSTER_STD_FIELD_NUMBER: _builtins.int
     num_examples: _builtins.int
-    """Number of examples."""
+    """Number of examples, in [1, 10^7]."""
     num_classes: _builtins.int
-    """Number of classes (clusters)."""
+    """Number of classes (clusters); 0 means 3."""
     num_features: _builtins.int
-    """Feature dimension."""
+    """Feature dimension; 0 means 2."""
     cluster_std: _builtins.float
-    """Standard deviation of each cluster."""
+    """Standard deviation of each cluster; 0 means 1.0."""
     def __init__(
         self,
         *,
@@ -408,7 +413,9 @@ Global___BlobsSource: _TypeAlias = BlobsSource  # noqa: Y015
 
 @_typing.final
 class SpiralsSource(_message.Message):
-    """Interleaved spirals, one arm per class, in two dimensions."""
+    """Interleaved spirals, one arm per class, in two dimensions (radius <= 1).
+    Features "x" (FP32, [2]), labels "y" (INT64, scalar).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -416,29 +423,33 @@ class SpiralsSource(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     NOISE_FIELD_NUMBER: _builtins.int
     num_examples: _builtins.int
-    """Number of examples."""
+    """Number of examples, in [1, 10^7]."""
     num_classes: _builtins.int
-    """Number of arms (classes)."""
+    """Number of arms (classes); 0 means 2."""
     noise: _builtins.float
-    """Standard deviation of the noise added to each point."""
+    """Standard deviation of the noise added to each coordinate; unset means 0.05."""
     def __init__(
         self,
         *,
         num_examples: _builtins.int = ...,
         num_classes: _builtins.int = ...,
-        noise: _builtins.float = ...,
+        noise: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_noise", b"_noise", "noise", b"noise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["noise", b"noise", "num_classes", b"num_classes", "num_examples", b"num_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_noise", b"_noise", "noise", b"noise", "num_classes", b"num_classes", "num_examples", b"num_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__noise: _TypeAlias = _typing.Literal["noise"]  # noqa: Y015
+    _WhichOneofArgType__noise: _TypeAlias = _typing.Literal["_noise", b"_noise"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__noise) -> _WhichOneofReturnType__noise | None: ...
 
 Global___SpiralsSource: _TypeAlias = SpiralsSource  # noqa: Y015
 
 @_typing.final
 class RegressionSource(_message.Message):
-    """A noisy linear regression target."""
+    """A noisy linear target y = x.w + b + noise with standard normal features.
+    Features "x" (FP32, [num_features]), labels "y" (FP32, [1]).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -446,30 +457,33 @@ class RegressionSource(_message.Message):
     NUM_FEATURES_FIELD_NUMBER: _builtins.int
     NOISE_FIELD_NUMBER: _builtins.int
     num_examples: _builtins.int
-    """Number of examples."""
+    """Number of examples, in [1, 10^7]."""
     num_features: _builtins.int
-    """Feature dimension."""
+    """Feature dimension; 0 means 4."""
     noise: _builtins.float
-    """Standard deviation of the target noise."""
+    """Standard deviation of the target noise; unset means 0.1."""
     def __init__(
         self,
         *,
         num_examples: _builtins.int = ...,
         num_features: _builtins.int = ...,
-        noise: _builtins.float = ...,
+        noise: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_noise", b"_noise", "noise", b"noise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["noise", b"noise", "num_examples", b"num_examples", "num_features", b"num_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_noise", b"_noise", "noise", b"noise", "num_examples", b"num_examples", "num_features", b"num_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__noise: _TypeAlias = _typing.Literal["noise"]  # noqa: Y015
+    _WhichOneofArgType__noise: _TypeAlias = _typing.Literal["_noise", b"_noise"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__noise) -> _WhichOneofReturnType__noise | None: ...
 
 Global___RegressionSource: _TypeAlias = RegressionSource  # noqa: Y015
 
 @_typing.final
 class DigitsSource(_message.Message):
     """scikit-learn's 8x8 handwritten digits (1797 images; needs the optional
-    "datasets" extra).
+    "datasets" extra, else FAILED_PRECONDITION). Features "x" (FP32, [64], pixel
+    intensities 0-16), labels "y" (INT64, scalar, 10 classes).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -676,7 +690,7 @@ class GetDatasetRequest(_message.Message):
     name: _builtins.str
     """Dataset name."""
     version: _builtins.str
-    """Version label; empty means the latest."""
+    """Version label; empty means the latest (most recently created)."""
     def __init__(
         self,
         *,
@@ -812,12 +826,16 @@ class StreamBatchesRequest(_message.Message):
     epoch: _builtins.int
     """Epoch number, mixed into the shuffle so each epoch differs."""
     standardize: _builtins.bool
-    """Subtract the training mean and divide by the training std, per feature element."""
+    """Subtract the training mean and divide by the training std, per feature
+    element. Standardised features arrive as FP32 (FP64 columns stay FP64);
+    labels are never changed.
+    """
     drop_last: _builtins.bool
     """Drop a last batch smaller than batch_size."""
     num_shards: _builtins.int
     """Shard of the split to read, for data-parallel training: example i of the
-    epoch order goes to shard i % num_shards. 0 or 1 means unsharded.
+    epoch order goes to shard i % num_shards, so shards are disjoint, cover the
+    split, and differ in size by at most one. 0 or 1 means unsharded.
     """
     shard_index: _builtins.int
     """This reader's shard, in [0, num_shards)."""
@@ -846,7 +864,7 @@ Global___StreamBatchesRequest: _TypeAlias = StreamBatchesRequest  # noqa: Y015
 
 @_typing.final
 class Batch(_message.Message):
-    """One batch."""
+    """One batch. Tensors come in schema order: features, then labels."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
