@@ -97,16 +97,15 @@ def _check_positive(field: str, values: Sequence[int]) -> None:
 class Standardize(nn.Module):
     """Subtracts the training mean and divides by the training std, per element."""
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        # Buffers are typed Tensor | Module to mypy; a class-level annotation would fix that
+        # but TorchScript cannot resolve string annotations under postponed evaluation.
+        return (x - self.mean) / self.std  # type: ignore[operator]
 
 
 class Network(nn.Module):
