@@ -218,8 +218,10 @@ class JobManager:
                     continue
                 yield event
                 next_event = event.sequence + 1
-            job = await self.get(job_id)
-            if job.state in TERMINAL and next_event > job.last_event:
+            # The stored job, not the live one: it is saved only after its event is
+            # appended, so a final state there means the final event is readable.
+            job = await self.store.get(job_id)
+            if job is None or (job.state in TERMINAL and next_event > job.last_event):
                 return
             await signal.wait()
 

@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 @dataclass
 class DataServer:
     serving: Serving
-    stub: data_pb2_grpc.DataServiceStub
+    stub: data_pb2_grpc.DataServiceAsyncStub
 
     @property
     def address(self) -> str:
@@ -66,7 +66,7 @@ async def data_server(tmp_path: Path) -> AsyncIterator[DataServer]:
 
 @dataclass
 class Worker:
-    stub: training_pb2_grpc.TrainingServiceStub
+    stub: training_pb2_grpc.TrainingServiceAsyncStub
     settings: WorkerSettings
     model_repo: Path
 
@@ -131,7 +131,9 @@ TERMINAL = (
 )
 
 
-async def finished(stub: training_pb2_grpc.TrainingServiceStub, job_id: str) -> training_pb2.Job:
+async def finished(
+    stub: training_pb2_grpc.TrainingServiceAsyncStub, job_id: str
+) -> training_pb2.Job:
     async def get() -> training_pb2.Job:
         job: training_pb2.Job = await stub.GetJob(training_pb2.GetJobRequest(job_id=job_id))
         return job
