@@ -171,7 +171,8 @@ class Cnn(nn.Module):
         self.head = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape([x.shape[0], *self.image_shape])
+        # TorchScript cannot script list unpacking; concatenation it can.
+        x = x.reshape([x.shape[0]] + self.image_shape)  # noqa: RUF005
         out: torch.Tensor = self.head(self.features(x))
         return out
 
