@@ -22,7 +22,7 @@ from workers.training.datasets import Datasets
 from workers.training.jobstore import JobStore
 from workers.training.loop import RunConfig
 from workers.training.process import JobProcess
-from workers.training.publish import LineageOnly, VersionRecorder, publish
+from workers.training.publish import LineageOnly, VersionRecorder, lineage, publish
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class JobManager:
         async with run.lock:
             await self._set_state(run, training_pb2.JOB_STATE_QUEUED)
         run.task = asyncio.create_task(self._run(run), name=f"job-{job.id}")
-        return training_pb2.Job().FromString(job.SerializeToString())
+        return training_pb2.Job.FromString(job.SerializeToString())
 
     async def get(self, job_id: str) -> training_pb2.Job:
         run = self._runs.get(job_id)
@@ -385,13 +385,15 @@ class JobManager:
         artifacts = JobArtifacts(self.settings.artifacts_url, job.id)
         metrics = dict(job.metrics)
 
+        record = lineage(job, dataset, metrics)
+
         def write() -> training_pb2.PublishedVersion:
-            return publish(self.repo, job, dataset, artifacts.read_export(), metrics)
+            return publish(self.repo, job, dataset, artifacts.read_export(), record)
 
         published = await asyncio.to_thread(write)
         job.published.CopyFrom(published)
         await self.recorder.record(
-            published.model_name, int(published.version), published.uri, {"job_id": job.id}
+            published.model_name, int(published.version), published.uri, record
         )
         await self._emit(run, published=published)
         await self._finish(run, training_pb2.JOB_STATE_SUCCEEDED)

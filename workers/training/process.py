@@ -118,11 +118,17 @@ class JobProcess:
                     message = self._reader.recv()
                 except (EOFError, OSError):
                     break
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
+                self._deliver(message)
         finally:
             self._reader.close()
             self.process.join()
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+            self._deliver(None)
+
+    def _deliver(self, message: dict[str, Any] | None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
+        except RuntimeError:
+            pass  # the worker's loop is closed: it is shutting down and no longer listening
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
         while True:

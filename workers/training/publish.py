@@ -62,16 +62,20 @@ def publish(
     job: training_pb2.Job,
     dataset: data_pb2.Dataset,
     model_file: bytes,
-    metrics: Mapping[str, float],
+    record: Mapping[str, Any],
 ) -> training_pb2.PublishedVersion:
-    """Writes config.pbtxt and the next version (temporary name, then rename)."""
+    """Writes config.pbtxt and the next version (temporary name, then rename).
+
+    ``record`` (see ``lineage``) becomes the version's lineage.json. A job that
+    already published (the worker died before noting it) gets its version back.
+    """
     model = job.spec.model_name
     version = find_published(repo, model, job.id)
     if version is None:
         sig = catalogue.signature_of(dataset.schema)
         repo.write_config(model, export.model_config(model, sig))
         version = repo.publish_version(
-            model, {export.MODEL_FILE: model_file}, lineage(job, dataset, metrics)
+            model, {export.MODEL_FILE: model_file}, record
         )
     uri = repo.version_path(model, version)
     return training_pb2.PublishedVersion(model_name=model, version=str(version), uri=uri)

@@ -129,3 +129,76 @@ async def test_unknown_job_ids_are_not_found(worker: Worker) -> None:
         async for _ in worker.stub.WatchJob(training_pb2.WatchJobRequest(job_id="../etc")):
             pass
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def upload_sequences(data: DataServer, name: str, count: int = 480) -> None:
+    """Sequences of 8 steps x 2 channels; the class is the sign of channel 0's mean."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(count, 8, 2, generator=generator)
+    y = (x[:, :, 0].mean(dim=1) > 0).long()
+    header = data_pb2.DatasetHeader(
+        name=name,
+        schema=data_pb2.Schema(
+            features=[
+                data_pb2.TensorSpec(name="seq", data_type=data_pb2.DATA_TYPE_FP32, shape=[8, 2])
+            ],
+            labels=[data_pb2.TensorSpec(name="label", data_type=data_pb2.DATA_TYPE_INT64)],
+            task=data_pb2.TASK_CLASSIFICATION,
+            num_classes=2,
+        ),
+    )
+    chunk = data_pb2.RecordChunk(
+        tensors=[
+            data_pb2.Tensor(
+                name="seq",
+                data_type=data_pb2.DATA_TYPE_FP32,
+                shape=[count, 8, 2],
+                raw_data=x.numpy().astype("<f4").tobytes(),
+            ),
+            data_pb2.Tensor(
+                name="label",
+                data_type=data_pb2.DATA_TYPE_INT64,
+                shape=[count],
+                raw_data=y.numpy().astype("<i8").tobytes(),
+            ),
+        ]
+    )
+    requests = [
+        data_pb2.CreateDatasetRequest(header=header),
+        data_pb2.CreateDatasetRequest(chunk=chunk),
+    ]
+    await data.stub.CreateDataset(iter(requests))
+
+
+async def test_transformer_trains_on_uploaded_sequences(
+    worker: Worker, data_server: DataServer
+) -> None:
+    await upload_sequences(data_server, "signs")
+    spec = mlp_spec(model_name="signs-transformer", epochs=6, batch_size=32)
+    spec.dataset.name = "signs"
+    spec.architecture.transformer.CopyFrom(
+        training_pb2.TransformerSpec(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32)
+    )
+    spec.optimizer.kind = training_pb2.OPTIMIZER_KIND_ADAMW
+    spec.optimizer.learning_rate = 0.01
+    spec.schedule.kind = training_pb2.SCHEDULE_KIND_COSINE
+    spec.schedule.warmup_steps = 5
+    job = await worker.stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
+    done = await finished(worker.stub, job.id)
+    assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.message
+    assert done.metrics["val_accuracy"] >= 0.85
+    config = ModelRepo(str(worker.model_repo)).read_config("signs-transformer")
+    assert [(i.name, list(i.dims)) for i in config.input] == [("seq", [8, 2])]
+
+
+async def test_evaluate_unknown_model_or_version_is_not_found(worker: Worker) -> None:
+    for model, version in (("nobody", ""), ("nobody", "3")):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await worker.stub.Evaluate(
+                training_pb2.EvaluateRequest(
+                    model_name=model,
+                    model_version=version,
+                    dataset=training_pb2.DatasetRef(name="blobs"),
+                )
+            )
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
