@@ -9,6 +9,7 @@ small dicts; ``JobProcess`` turns that into an async iterator for the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -125,10 +126,9 @@ class JobProcess:
             self._deliver(None)
 
     def _deliver(self, message: dict[str, Any] | None) -> None:
-        try:
+        # A closed loop means the worker is shutting down and no longer listening.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
-        except RuntimeError:
-            pass  # the worker's loop is closed: it is shutting down and no longer listening
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
         while True:

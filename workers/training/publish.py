@@ -74,8 +74,6 @@ def publish(
     if version is None:
         sig = catalogue.signature_of(dataset.schema)
         repo.write_config(model, export.model_config(model, sig))
-        version = repo.publish_version(
-            model, {export.MODEL_FILE: model_file}, record
-        )
+        version = repo.publish_version(model, {export.MODEL_FILE: model_file}, record)
     uri = repo.version_path(model, version)
     return training_pb2.PublishedVersion(model_name=model, version=str(version), uri=uri)

@@ -16,7 +16,7 @@ import pytest
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
 from workers.model_repo import ModelRepo
 
-from .conftest import REPO_ROOT, DataServer, finished, mlp_spec
+from .conftest import REPO_ROOT, DataServer, eventually, finished, mlp_spec
 
 pytestmark = pytest.mark.e2e
 LISTENING = "training worker listening on "
@@ -46,6 +46,27 @@ class WorkerProcess:
         self.proc.wait(timeout=30)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.fixture
@@ -82,7 +103,13 @@ async def test_sigkilled_worker_resumes_the_job_from_its_checkpoint(
             if event.HasField("checkpoint") and event.checkpoint.step >= 50:
                 checkpointed = event.checkpoint.step
                 break
-    first.kill()  # SIGKILL: no drain, no goodbye; the training process goes with it
+    trainers = children(first.proc.pid)
+    assert trainers  # the job's training process
+    first.kill()  # SIGKILL: no drain, no goodbye
+    # The orphaned training process notices and exits rather than train on unsupervised.
+    await eventually(
+        lambda: asyncio.to_thread(lambda: [p for p in trainers if alive(p)]), lambda a: a == []
+    )
 
     second = WorkerProcess(args)
     spawn_worker.append(second)
