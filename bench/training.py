@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import statistics
 import tempfile
 import time
@@ -67,9 +66,11 @@ def job_spec(epochs: int, batch_size: int, world_size: int, device: str) -> trai
     )
 
 
-def plain_loop(address: str, dataset: data_pb2.Dataset, spec: training_pb2.JobSpec) -> Result:
+def plain_loop(
+    address: str, dataset: data_pb2.Dataset, spec: training_pb2.JobSpec, threads: int
+) -> Result:
     """The baseline: the same network and optimiser over in-memory tensors."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))  # what the training process uses
+    torch.set_num_threads(threads)  # what the service's training process is given
     sig = catalogue.signature_of(dataset.schema)
     client = DataClient(address)
     try:
@@ -86,8 +87,11 @@ def plain_loop(address: str, dataset: data_pb2.Dataset, spec: training_pb2.JobSp
     torch.manual_seed(spec.seed)
     model = build_network(spec, dataset).to(device)
     optimizer = build_optimizer(spec, model.parameters())
+    # Measured like the service measures itself: examples/s over windows of
+    # log_every_steps steps, the first window (warm-up) dropped, the median kept.
+    rates: list[float] = []
+    window_start, window_examples, step = time.perf_counter(), 0, 0
     start = time.perf_counter()
-    seen = 0
     for _ in range(spec.epochs):
         model.train()
         order = torch.randperm(x.shape[0], device=device)
@@ -99,14 +103,39 @@ def plain_loop(address: str, dataset: data_pb2.Dataset, spec: training_pb2.JobSp
             if not torch.isfinite(loss):
                 raise RuntimeError("baseline diverged")
             optimizer.step()
-            seen += int(index.shape[0])
+            step += 1
+            window_examples += int(index.shape[0])
+            if step % spec.log_every_steps == 0:
+                now = time.perf_counter()
+                rates.append(window_examples / (now - window_start))
+                window_start, window_examples = now, 0
     elapsed = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
         vx = torch.cat([p[sig.input_name] for p in vparts]).to(device)
         vy = torch.cat([p[sig.label_name] for p in vparts]).to(device)
         accuracy = float((model(vx).argmax(1) == vy).float().mean())
-    return Result("plain PyTorch loop", seen / elapsed, elapsed, accuracy)
+    return Result("plain PyTorch loop", statistics.median(rates[1:] or rates), elapsed, accuracy)
+
+
+async def baseline(
+    address: str, dataset: data_pb2.Dataset, spec: training_pb2.JobSpec, threads: int
+) -> Result:
+    # In its own spawned process, like the service's training process, so both start
+    # from the same interpreter and thread-pool state.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, plain_loop, address, dataset, spec, threads
+        )
+
+
+def median_of(runs: list[Result]) -> Result:
+    return Result(
+        runs[0].name,
+        statistics.median(r.examples_per_second for r in runs),
+        statistics.median(r.wall_seconds for r in runs),
+        statistics.median(r.val_accuracy for r in runs),
+    )
 
 
 async def through_service(
@@ -144,7 +173,10 @@ async def main(args: argparse.Namespace) -> None:
                     name=DATASET,
                     seed=1,
                     blobs=data_pb2.BlobsSource(
-                        num_examples=args.examples, num_classes=10, num_features=32, cluster_std=4.0
+                        num_examples=args.examples,
+                        num_classes=10,
+                        num_features=32,
+                        cluster_std=12.0,
                     ),
                 )
             )
@@ -153,32 +185,31 @@ async def main(args: argparse.Namespace) -> None:
                 model_repo_url=str(root / "models"),
                 data_address=data.address,
                 device=args.device,
+                threads_per_rank=args.threads,
             )
-            results: list[Result] = []
+            runs: list[Result] = []
             spec1 = job_spec(args.epochs, args.batch_size, 1, args.device)
-            # In its own spawned process, like the service's training process, so both
-            # start from the same interpreter and thread-pool state.
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                baseline = asyncio.get_running_loop().run_in_executor(
-                    pool, plain_loop, data.address, dataset, spec1
-                )
-                results.append(await baseline)
+            spec2 = job_spec(args.epochs, args.batch_size, 2, args.device)
             async with training_worker(settings, ServerSettings()) as worker:
                 async with grpc.aio.insecure_channel(worker.serving.address) as tchannel:
                     stub = training_pb2_grpc.TrainingServiceStub(tchannel)
-                    results.append(await through_service(stub, spec1))
-                    spec2 = job_spec(args.epochs, args.batch_size, 2, args.device)
-                    results.append(await through_service(stub, spec2))
+                    # Interleaved repeats, so a noisy neighbour hurts every variant alike.
+                    for _ in range(args.repeats):
+                        runs.append(await baseline(data.address, dataset, spec1, args.threads))
+                        runs.append(await through_service(stub, spec1))
+                        runs.append(await through_service(stub, spec2))
         finally:
             await channel.close()
             await data.drain(grace=0)
 
+    names = list(dict.fromkeys(r.name for r in runs))
+    results = [median_of([r for r in runs if r.name == name]) for name in names]
     base = results[0].examples_per_second
     table = Table(
         title=(
             f"Training throughput: MLP 32-256-256-10, {dataset.num_train} training examples, "
             f"batch {args.batch_size}/rank, {args.epochs} epochs, {args.device}, "
-            f"{torch.get_num_threads()} threads"
+            f"{args.threads} thread(s) per process, median of {args.repeats}"
         )
     )
     for column in ("run", "examples/s", "vs plain loop", "wall s", "val accuracy"):
@@ -200,6 +231,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per training process, the same for both sides (default 1)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each variant")
     return parser.parse_args(argv)
 
 

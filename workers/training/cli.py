@@ -24,7 +24,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--state", default=None, help="job store directory (default: <artifacts>/state)"
     )
-    parser.add_argument("--max-concurrent-jobs", type=int, default=1)
+    parser.add_argument(
+        "--max-concurrent-jobs", type=int, default=1, help="jobs that train at once (default 1)"
+    )
+    parser.add_argument(
+        "--threads-per-rank",
+        type=int,
+        default=0,
+        help="CPU threads per training process (default: cores / world_size)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -37,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         data_address=args.data,
         device=args.device,
         max_concurrent_jobs=args.max_concurrent_jobs,
+        threads_per_rank=args.threads_per_rank,
     )
     asyncio.run(server.run(settings, ServerSettings(host=args.host, port=args.port), args.state))
     return 0

@@ -45,6 +45,8 @@ class RunConfig:
     data_address: str
     artifacts_url: str
     device: str  # "cpu" or "cuda"
+    #: CPU threads per rank; 0 shares the machine's cores among the ranks.
+    threads: int = 0
 
     def job_spec(self) -> training_pb2.JobSpec:
         return training_pb2.JobSpec.FromString(self.spec)
@@ -138,7 +140,7 @@ def train(config: RunConfig, rank: int, report: Report) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world))
 
     # Same seed on every rank: identical initial weights (DDP would broadcast anyway).
     torch.manual_seed(spec.seed)

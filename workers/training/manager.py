@@ -47,12 +47,16 @@ class WorkerSettings:
     max_attempts: int = 3
     #: Seconds a cancelled job's process gets to exit on SIGTERM before SIGKILL.
     cancel_grace_seconds: float = 5.0
+    #: CPU threads per training rank; 0 divides the machine's cores among the ranks.
+    threads_per_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.device not in specs.DEVICES:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.max_concurrent_jobs < 1:
             raise ValueError(f"max_concurrent_jobs must be >= 1, got {self.max_concurrent_jobs}")
+        if self.threads_per_rank < 0:
+            raise ValueError(f"threads_per_rank must be >= 0, got {self.threads_per_rank}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
@@ -283,6 +287,7 @@ class JobManager:
             data_address=self.settings.data_address,
             artifacts_url=self.settings.artifacts_url,
             device=spec.device or self.settings.device,
+            threads=self.settings.threads_per_rank,
         )
         while True:
             async with run.lock:
