@@ -273,6 +273,10 @@ class JobManager:
             async with run.lock:
                 if run.job.state not in TERMINAL:
                     await self._finish(run, training_pb2.JOB_STATE_FAILED, f"worker error: {exc}")
+        finally:
+            if run.job.state in TERMINAL:
+                # Finished jobs are served from the store; keep memory for live ones.
+                self._runs.pop(run.job.id, None)
 
     async def _train(self, run: _Run) -> None:
         job = run.job

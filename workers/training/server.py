@@ -17,6 +17,9 @@ from workers.training.jobstore import JobStore, LocalJobStore
 from workers.training.manager import JobManager, WorkerSettings
 from workers.training.service import training_service
 
+#: The line printed once the worker listens; tests and `meshserve up` read the port from it.
+READY_PREFIX = "meshserve training worker listening on "
+
 
 def default_state_dir(artifacts_url: str) -> str:
     """``<artifacts>/state`` when the artifacts are on local disk; else an explicit one is needed."""
@@ -68,5 +71,5 @@ async def run(settings: WorkerSettings, server: ServerSettings, state_dir: str |
     """Runs a worker until SIGTERM/SIGINT; prints the address it listens on."""
     store = LocalJobStore(state_dir or default_state_dir(settings.artifacts_url))
     async with training_worker(settings, server, store) as worker:
-        print(f"training worker listening on {worker.serving.address}", flush=True)
+        print(f"{READY_PREFIX}{worker.serving.address}", flush=True)
         await serve_until_signal(worker.serving)

@@ -15,11 +15,11 @@ import pytest
 
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
 from workers.model_repo import ModelRepo
+from workers.training.server import READY_PREFIX
 
 from .conftest import REPO_ROOT, DataServer, eventually, finished, mlp_spec
 
 pytestmark = pytest.mark.e2e
-LISTENING = "training worker listening on "
 
 
 class WorkerProcess:
@@ -37,8 +37,8 @@ class WorkerProcess:
     async def address(self) -> str:
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 60)
-        assert line.startswith(LISTENING), line
-        return line.removeprefix(LISTENING).strip()
+        assert line.startswith(READY_PREFIX), line
+        return line.removeprefix(READY_PREFIX).strip()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
