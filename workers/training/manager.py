@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +13,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos.meshserve.data.v1 import data_pb2
 from protos.meshserve.training.v1 import training_pb2
 from workers.model_repo import ModelRepo
@@ -26,6 +27,8 @@ from workers.training.publish import LineageOnly, VersionRecorder, lineage, publ
 
 log = logging.getLogger(__name__)
 
+#: First wait before retrying a crashed process or an unavailable data service; doubles.
+RETRY_BACKOFF_SECONDS = 1.0
 TERMINAL = {
     training_pb2.JOB_STATE_SUCCEEDED,
     training_pb2.JOB_STATE_FAILED,
@@ -70,6 +73,8 @@ class _Run:
     task: asyncio.Task[None] | None = None
     process: JobProcess | None = None
     cancelled: bool = False
+    #: Set by a cancel, to cut short a wait between retries.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str = ""
     result: dict[str, Any] | None = None
 
@@ -191,6 +196,7 @@ class JobManager:
             if run.job.state in TERMINAL:
                 return await self.get(job_id)
             run.cancelled = True
+            run.wake.set()
             if run.process is None:
                 # Not started yet: it never will be.
                 if run.task is not None:
@@ -207,6 +213,13 @@ class JobManager:
                     run.process.kill()
                 await asyncio.shield(task)
         return await self.get(job_id)
+
+    def pid(self, job_id: str) -> int | None:
+        """The id of the job's training process while it runs here, for operators and tests."""
+        run = self._runs.get(job_id)
+        if run is None or run.process is None or run.process.exitcode is not None:
+            return None
+        return run.process.process.pid
 
     async def watch(self, job_id: str, from_event: int) -> AsyncIterator[training_pb2.JobEvent]:
         """Events from ``from_event`` on, live, until the job is final and all are sent."""
@@ -278,10 +291,27 @@ class JobManager:
                 # Finished jobs are served from the store; keep memory for live ones.
                 self._runs.pop(run.job.id, None)
 
+    async def _dataset(self, run: _Run) -> data_pb2.Dataset:
+        """The job's dataset, waiting out a data service that is briefly unavailable."""
+        spec = run.job.spec
+        for attempt in range(self.settings.max_attempts):
+            try:
+                return await self.datasets.get(spec.dataset.name, spec.dataset.version)
+            except Unavailable:
+                if attempt + 1 == self.settings.max_attempts:
+                    raise
+                await self._backoff(run, attempt)
+        raise AssertionError("unreachable")
+
+    async def _backoff(self, run: _Run, attempt: int) -> None:
+        """Waits before a retry; a cancel ends the wait at once."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.wake.wait(), RETRY_BACKOFF_SECONDS * 2**attempt)
+
     async def _train(self, run: _Run) -> None:
         job = run.job
         spec = job.spec
-        dataset = await self.datasets.get(spec.dataset.name, spec.dataset.version)
+        dataset = await self._dataset(run)
         plan = specs.plan(spec, dataset)
         config = RunConfig(
             job_id=job.id,
@@ -293,9 +323,13 @@ class JobManager:
             device=spec.device or self.settings.device,
             threads=self.settings.threads_per_rank,
         )
+        crashes = 0
         while True:
             async with run.lock:
-                if self._stopped(run):
+                if self._is_closing():
+                    return
+                if self._was_cancelled(run):
+                    await self._finish_cancelled(run)
                     return
                 run.reset()
                 run.process = JobProcess(config)
@@ -304,7 +338,7 @@ class JobManager:
                     await self._on_message(run, message)
             exitcode = run.process.exitcode
             async with run.lock:
-                if self._closing:
+                if self._is_closing():
                     return
                 if self._was_cancelled(run):
                     await self._finish_cancelled(run)
@@ -315,24 +349,28 @@ class JobManager:
                 if run.failure:
                     await self._finish(run, training_pb2.JOB_STATE_FAILED, run.failure)
                     return
+                # Died without saying why (killed, out of memory, data service gone):
+                # start again from the last checkpoint, a bounded number of times.
+                crashes += 1
                 job.attempts += 1
                 reason = f"training process exited with code {exitcode}"
-                if job.attempts >= self.settings.max_attempts:
+                if crashes >= self.settings.max_attempts:
                     await self._finish(
                         run,
                         training_pb2.JOB_STATE_FAILED,
-                        f"{reason}; gave up after {job.attempts} attempts",
+                        f"{reason}; gave up after {crashes} attempts",
                     )
                     return
                 await self._set_state(
                     run, training_pb2.JOB_STATE_RUNNING, f"{reason}; restarting from checkpoint"
                 )
+            await self._backoff(run, crashes - 1)
 
-    def _stopped(self, run: _Run) -> bool:
-        return run.cancelled or self._closing
+    def _is_closing(self) -> bool:
+        # Methods, not attribute tests: mypy would narrow the flags across awaits.
+        return self._closing
 
     def _was_cancelled(self, run: _Run) -> bool:
-        # A method, not an attribute test: mypy would narrow run.cancelled across awaits.
         return run.cancelled
 
     async def _on_message(self, run: _Run, message: dict[str, Any]) -> None:

@@ -20,6 +20,9 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+import grpc
+from torch.multiprocessing.spawn import ProcessExitedException
+
 from workers.training.loop import RunConfig, TrainingFailed, train
 
 #: How long ranks wait for each other before a collective fails the job.
@@ -46,6 +49,18 @@ def _free_port() -> int:
         return port
 
 
+#: Exit status of a process that died of a transient cause; the worker retries it.
+EXIT_RETRY = 75  # EX_TEMPFAIL
+
+
+def _transient(exc: BaseException) -> bool:
+    """The data service went away: worth another attempt from the checkpoint."""
+    if isinstance(exc, ProcessExitedException):  # a rank that exited for this reason
+        return exc.exit_code == EXIT_RETRY
+    code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+    return code == grpc.StatusCode.UNAVAILABLE
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TrainingFailed):
         return str(exc)
@@ -68,6 +83,8 @@ def _rank_main(rank: int, config: RunConfig, conn: Any, port: int) -> None:
     try:
         train(config, rank, conn.send)
     except BaseException as exc:
+        if _transient(exc):
+            os._exit(EXIT_RETRY)  # the launcher sees the code and exits with it in turn
         conn.send({"type": "failed", "reason": f"rank {rank}: {_reason(exc)}"})
         raise
     finally:
@@ -90,6 +107,9 @@ def job_main(config: RunConfig, conn: Any) -> None:
                 join=True,
             )
     except BaseException as exc:
+        if _transient(exc):
+            conn.close()
+            os._exit(EXIT_RETRY)  # no "failed" report: the worker restarts from the checkpoint
         conn.send({"type": "failed", "reason": _reason(exc), "traceback": traceback.format_exc()})
         conn.close()
         os._exit(1)

@@ -17,7 +17,7 @@ from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
 from workers.data.server import DataWorkerConfig
 from workers.data.server import start as start_data
-from workers.training.manager import WorkerSettings
+from workers.training.manager import JobManager, WorkerSettings
 from workers.training.server import training_worker
 
 T = TypeVar("T")
@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 class DataServer:
     serving: Serving
     stub: data_pb2_grpc.DataServiceAsyncStub
+    root: Path
 
     @property
     def address(self) -> str:
@@ -36,32 +37,32 @@ class DataServer:
 
 @pytest.fixture
 async def data_server(tmp_path: Path) -> AsyncIterator[DataServer]:
-    serving = await start_data(
-        DataWorkerConfig(server=ServerSettings(), root=str(tmp_path / "data"))
-    )
+    root = tmp_path / "data"
+    serving = await start_data(DataWorkerConfig(server=ServerSettings(), root=str(root)))
     channel = grpc.aio.insecure_channel(serving.address)
-    stub = data_pb2_grpc.DataServiceStub(channel)
-    await stub.CreateBuiltinDataset(
-        data_pb2.CreateBuiltinDatasetRequest(
-            name="blobs",
-            seed=7,
-            blobs=data_pb2.BlobsSource(
-                num_examples=800, num_classes=3, num_features=4, cluster_std=1.5
-            ),
-        )
-    )
-    await stub.CreateBuiltinDataset(
-        data_pb2.CreateBuiltinDatasetRequest(
-            name="line",
-            seed=7,
-            regression=data_pb2.RegressionSource(num_examples=400, num_features=4, noise=0.1),
-        )
-    )
+    server = DataServer(serving, data_pb2_grpc.DataServiceStub(channel), root)
     try:
-        yield DataServer(serving, stub)
+        await server.stub.CreateBuiltinDataset(
+            data_pb2.CreateBuiltinDatasetRequest(
+                name="blobs",
+                seed=7,
+                blobs=data_pb2.BlobsSource(
+                    num_examples=800, num_classes=3, num_features=4, cluster_std=1.5
+                ),
+            )
+        )
+        await server.stub.CreateBuiltinDataset(
+            data_pb2.CreateBuiltinDatasetRequest(
+                name="line",
+                seed=7,
+                regression=data_pb2.RegressionSource(num_examples=400, num_features=4, noise=0.1),
+            )
+        )
+        yield server
     finally:
         await channel.close()
-        await serving.drain(grace=0)
+        # A test may have replaced the serving (a data service restart).
+        await server.serving.drain(grace=0)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Worker:
     stub: training_pb2_grpc.TrainingServiceAsyncStub
     settings: WorkerSettings
     model_repo: Path
+    manager: JobManager
 
 
 @pytest.fixture
@@ -83,7 +85,10 @@ async def worker(tmp_path: Path, data_server: DataServer) -> AsyncIterator[Worke
         channel = grpc.aio.insecure_channel(running.serving.address)
         try:
             yield Worker(
-                training_pb2_grpc.TrainingServiceStub(channel), settings, tmp_path / "models"
+                training_pb2_grpc.TrainingServiceStub(channel),
+                settings,
+                tmp_path / "models",
+                running.manager,
             )
         finally:
             await channel.close()

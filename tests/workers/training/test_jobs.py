@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import TYPE_CHECKING
 
 import grpc.aio
 
+from mesh.server.app import ServerSettings
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
+from workers.data.server import DataWorkerConfig
+from workers.data.server import start as start_data
 from workers.model_repo import ModelRepo
 
-from .conftest import Worker, eventually, finished, mlp_spec
+from .conftest import DataServer, Worker, eventually, finished, mlp_spec
 
 if TYPE_CHECKING:
     Stub = training_pb2_grpc.TrainingServiceAsyncStub
@@ -152,3 +157,46 @@ async def test_negative_from_event_is_invalid(worker: Worker) -> None:
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
     else:
         raise AssertionError("from_event -1 was accepted")
+
+
+async def test_a_crashed_training_process_restarts_from_its_checkpoint(worker: Worker) -> None:
+    spec = mlp_spec(model_name="crashy", epochs=10, checkpoint_interval_steps=20)
+    job = await worker.stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
+    async for event in worker.stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
+        if event.HasField("checkpoint"):
+            break
+    pid = worker.manager.pid(job.id)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the worker itself stays up
+    done = await finished(worker.stub, job.id)
+    assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.message
+    assert done.attempts == 1 and done.step == done.total_steps
+    messages = [e.state_changed.message for e in await watch(worker.stub, job.id)]
+    assert (
+        f"training process exited with code {-signal.SIGKILL}; restarting from checkpoint"
+        in messages
+    )
+    assert any(m.startswith("resumed from checkpoint at step ") for m in messages)
+
+
+async def test_a_data_service_outage_is_waited_out(worker: Worker, data_server: DataServer) -> None:
+    spec = mlp_spec(model_name="patient", epochs=15, checkpoint_interval_steps=20)
+    job = await worker.stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
+    async for event in worker.stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
+        if event.HasField("checkpoint"):
+            break
+    port = data_server.serving.port
+    await data_server.serving.drain(grace=0)
+    # The training process loses its stream and exits for a retry; bring the data back.
+    seen = event.sequence
+    async for later in worker.stub.WatchJob(
+        training_pb2.WatchJobRequest(job_id=job.id, from_event=seen)
+    ):
+        if "restarting from checkpoint" in later.state_changed.message:
+            break
+    data_server.serving = await start_data(
+        DataWorkerConfig(server=ServerSettings(port=port), root=str(data_server.root))
+    )
+    done = await finished(worker.stub, job.id)
+    assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.message
+    assert done.attempts >= 1 and done.step == done.total_steps
