@@ -12,7 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.main import CliError
+from mesh.cli.errors import CliError
 from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
 from protos.meshserve.data.v1 import data_pb2 as pb
 from protos.meshserve.data.v1 import data_pb2_grpc
@@ -289,7 +289,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     upload.add_argument("--version", default="", help="default: next integer")
     upload.add_argument("--description", default="")
-    upload.add_argument("--records-per-message", type=int, default=4096)
+    upload.add_argument(
+        "--records-per-message", type=int, default=None, help="default: about 4 MiB per message"
+    )
     _add_split_options(upload)
     upload.set_defaults(handler=_upload)
 

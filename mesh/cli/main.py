@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from mesh.cli.errors import CliError
 from mesh.errors import MeshError
 
 #: Modules that add top-level commands: each has ``register(subparsers)``.
@@ -23,9 +24,7 @@ WORKER_MODULES: tuple[str, ...] = ("workers.data.cli", "workers.training.cli")
 
 err = Console(stderr=True)
 
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
+__all__ = ["CliError", "build_parser", "main"]
 
 
 class _Registrar(Protocol):

@@ -23,7 +23,7 @@ from types import FrameType
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.main import CliError
+from mesh.cli.errors import CliError
 from workers.data.server import READY_PREFIX as DATA_READY
 
 out = Console()
@@ -209,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "up", help="run the local mesh until Ctrl-C", description=__doc__.splitlines()[0]
+        "up",
+        help="run the local mesh until Ctrl-C",
+        description="Runs the local mesh (so far, a data worker) until Ctrl-C or SIGTERM.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the components bind")
     parser.add_argument(

@@ -208,12 +208,12 @@ def decode_chunk(
     leading dimension.
     """
     by_name: dict[str, RawTensor] = {}
-    for tensor in tensors:
-        if tensor.name in by_name:
+    for sent in tensors:
+        if sent.name in by_name:
             raise InvalidArgument(
-                f"chunk at record {first_record}: tensor {tensor.name!r} appears twice"
+                f"chunk at record {first_record}: tensor {sent.name!r} appears twice"
             )
-        by_name[tensor.name] = tensor
+        by_name[sent.name] = sent
     expected = {spec.name for spec in schema.columns}
     unknown = sorted(set(by_name) - expected)
     if unknown:
@@ -221,42 +221,43 @@ def decode_chunk(
             f"chunk at record {first_record}: tensor {unknown[0]!r} is not in the schema"
         )
     arrays: dict[str, Array] = {}
-    count: int | None = None
     for spec in schema.columns:
-        found = by_name.get(spec.name)
-        if found is None:
+        tensor = by_name.get(spec.name)
+        if tensor is None:
             raise InvalidArgument(
                 f"chunk at record {first_record}: tensor {spec.name!r} is missing"
             )
-        tensor = found
-        where = f"record {first_record}: tensor {spec.name!r}"
-        if tensor.dtype is not spec.dtype:
-            got = tensor.dtype.value if tensor.dtype else "unspecified"
-            raise InvalidArgument(f"{where} has dtype {got}, schema says {spec.dtype.value}")
-        if not tensor.shape or tuple(tensor.shape[1:]) != spec.shape:
-            declared = ", ".join(["N", *map(str, spec.shape)])
-            raise InvalidArgument(
-                f"{where} has shape {list(tensor.shape)}, schema says [{declared}]"
-            )
-        n = tensor.shape[0]
-        if n < 1:
-            raise InvalidArgument(f"{where} has no records (leading dimension {n})")
-        if count is None:
-            count = n
-        elif n != count:
-            raise InvalidArgument(
-                f"{where} has {n} records, but the chunk's other tensors have {count}"
-            )
-        size = n * spec.example_bytes
-        if len(tensor.data) != size:
-            raise InvalidArgument(
-                f"{where} has {len(tensor.data)} bytes of raw data, shape "
-                f"{list(tensor.shape)} of {spec.dtype.value} needs {size}"
-            )
-        array = np.frombuffer(tensor.data, dtype=spec.dtype.numpy).reshape(tensor.shape)
-        _check_values(schema, spec, array, first_record)
-        arrays[spec.name] = array
+        count = len(next(iter(arrays.values()))) if arrays else None
+        arrays[spec.name] = _decode_column(spec, tensor, first_record, count)
+        _check_values(schema, spec, arrays[spec.name], first_record)
     return arrays
+
+
+def _decode_column(
+    spec: TensorSpec, tensor: RawTensor, first_record: int, count: int | None
+) -> Array:
+    """One column of a chunk; ``count`` is the record count of the columns before it."""
+    where = f"record {first_record}: tensor {spec.name!r}"
+    if tensor.dtype is not spec.dtype:
+        got = tensor.dtype.value if tensor.dtype else "unspecified"
+        raise InvalidArgument(f"{where} has dtype {got}, schema says {spec.dtype.value}")
+    if not tensor.shape or tuple(tensor.shape[1:]) != spec.shape:
+        declared = ", ".join(["N", *map(str, spec.shape)])
+        raise InvalidArgument(f"{where} has shape {list(tensor.shape)}, schema says [{declared}]")
+    n = tensor.shape[0]
+    if n < 1:
+        raise InvalidArgument(f"{where} has no records (leading dimension {n})")
+    if count is not None and n != count:
+        raise InvalidArgument(
+            f"{where} has {n} records, but the chunk's other tensors have {count}"
+        )
+    size = n * spec.example_bytes
+    if len(tensor.data) != size:
+        raise InvalidArgument(
+            f"{where} has {len(tensor.data)} bytes of raw data, shape "
+            f"{list(tensor.shape)} of {spec.dtype.value} needs {size}"
+        )
+    return np.frombuffer(tensor.data, dtype=spec.dtype.numpy).reshape(tensor.shape)
 
 
 def _check_values(schema: Schema, spec: TensorSpec, array: Array, first_record: int) -> None:

@@ -30,7 +30,7 @@ async def start(config: DataWorkerConfig) -> Serving:
     store = await asyncio.to_thread(
         DatasetStore, config.root, chunk_bytes=config.chunk_bytes, cache_bytes=config.cache_bytes
     )
-    return await start_server(config.server, [data_service(store)])
+    return await start_server(config.server, [data_service(store, config.server.max_message_bytes)])
 
 
 async def run(config: DataWorkerConfig) -> None:

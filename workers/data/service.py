@@ -8,14 +8,14 @@ from typing import Any
 
 import grpc.aio
 
-from mesh.errors import InvalidArgument
-from mesh.server.app import Service
+from mesh.errors import InvalidArgument, ResourceExhausted
+from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES, Service
 from protos.meshserve.data.v1 import data_pb2 as pb
 from protos.meshserve.data.v1 import data_pb2_grpc
 from workers.data import builtin, wire
 from workers.data.manifest import DatasetInfo
 from workers.data.schema import DType, RawTensor, decode_chunk
-from workers.data.splits import Indices, SplitSpec, plan_epoch
+from workers.data.splits import Indices, SplitSpec, plan_epoch, windows
 from workers.data.standardize import output_dtype
 from workers.data.storage import DatasetStore, DatasetWriter, UploadHeader
 
@@ -23,12 +23,19 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DataService"].full_name
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+#: StreamBatches reads this many bytes of examples at a time (several batches),
+#: so each chunk file is read once per window rather than once per batch.
+WINDOW_BYTES = 16 * 1024 * 1024
+
 
 class DataServicer(data_pb2_grpc.DataServiceServicer):
     """Serves one :class:`DatasetStore`. Blocking I/O and numpy work run in threads."""
 
-    def __init__(self, store: DatasetStore) -> None:
+    def __init__(
+        self, store: DatasetStore, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
         self.store = store
+        self.max_message_bytes = max_message_bytes
 
     async def CreateDataset(
         self, request_iterator: AsyncIterator[pb.CreateDatasetRequest], context: Context
@@ -94,11 +101,30 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         types = {spec.name: spec.dtype for spec in info.schema.columns}
         if request.standardize:
             types |= {spec.name: output_dtype(spec.dtype) for spec in info.schema.features}
-        for index, ids in enumerate(plan):
-            batch = await asyncio.to_thread(
-                _read_batch, self.store, info, ids, index, request.standardize, types
+        self._check_batch_fits(info, types, epoch.batch_size)
+        per_window = max(1, WINDOW_BYTES // max(1, info.schema.example_bytes))
+        index = 0
+        for window in windows(plan, per_window):
+            batches = await asyncio.to_thread(
+                _read_window, self.store, info, window, index, request.standardize, types
             )
-            yield batch
+            for batch in batches:
+                yield batch
+            index += len(batches)
+
+    def _check_batch_fits(
+        self, info: DatasetInfo, types: dict[str, DType], batch_size: int
+    ) -> None:
+        """Refuses up front a batch that could not be sent, instead of failing mid-stream."""
+        per_example = sum(spec.elements * types[spec.name].itemsize for spec in info.schema.columns)
+        # Example ids are varints of at most 10 bytes; 1 KiB covers names and framing.
+        largest = min(batch_size, info.num_examples) * (per_example + 10) + 1024
+        if largest > self.max_message_bytes:
+            raise ResourceExhausted(
+                f"a batch of {batch_size} examples of {info.name!r} takes about {largest} bytes, "
+                f"over this server's message limit of {self.max_message_bytes}: "
+                "use a smaller batch_size"
+            )
 
 
 def _append(writer: DatasetWriter, tensors: list[RawTensor]) -> None:
@@ -127,21 +153,30 @@ def _create_builtin(
     return store.create(header, generated.columns)
 
 
-def _read_batch(
+def _read_window(
     store: DatasetStore,
     info: DatasetInfo,
-    ids: Indices,
-    index: int,
+    window: list[Indices],
+    first_index: int,
     standardized: bool,
     types: dict[str, DType],
-) -> pb.Batch:
-    columns = store.read_examples(info, ids, standardized=standardized)
-    return wire.batch_to_pb(index, ids, columns, types)
+) -> list[pb.Batch]:
+    read = store.read_batches(info, window, standardized=standardized)
+    return [
+        wire.batch_to_pb(first_index + i, ids, columns, types)
+        for i, (ids, columns) in enumerate(zip(window, read, strict=True))
+    ]
 
 
-def data_service(store: DatasetStore) -> Service:
-    """The DataService, ready to mount with :func:`mesh.server.app.start_server`."""
-    servicer = DataServicer(store)
+def data_service(
+    store: DatasetStore, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Service:
+    """The DataService, ready to mount with :func:`mesh.server.app.start_server`.
+
+    ``max_message_bytes`` should be the server's limit, so that StreamBatches
+    refuses batches that could not be sent.
+    """
+    servicer = DataServicer(store, max_message_bytes)
     return Service(
         SERVICE_NAME,
         lambda server: data_pb2_grpc.add_DataServiceServicer_to_server(servicer, server),

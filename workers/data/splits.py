@@ -143,3 +143,23 @@ def plan_epoch(num_examples: int, spec: SplitSpec, request: EpochRequest) -> lis
     """Every batch of one epoch for one reader: positions in the dataset's stored order."""
     indices = partition(num_examples, spec).get(request.split, num_examples)
     return batches(epoch_order(indices, request), request.batch_size, request.drop_last)
+
+
+def windows(plan: list[Indices], max_examples: int) -> list[list[Indices]]:
+    """Groups consecutive batches so that each group holds at most ``max_examples``
+    examples (but always at least one batch).
+
+    Reading a group at once reads each chunk file it touches once, instead of
+    once per batch: what keeps a shuffled epoch over a dataset larger than the
+    chunk cache from re-reading every chunk for nearly every batch.
+    """
+    groups: list[list[Indices]] = []
+    size = 0
+    for batch in plan:
+        if groups and size + len(batch) <= max_examples:
+            groups[-1].append(batch)
+            size += len(batch)
+        else:
+            groups.append([batch])
+            size = len(batch)
+    return groups

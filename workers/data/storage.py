@@ -18,6 +18,7 @@ serialised by a lock in this process, not across processes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import posixpath
 import threading
@@ -98,6 +99,11 @@ class DatasetStore:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def shown(self, path: str) -> str:
+        """``path`` relative to the root, as errors show it: it names the file
+        without telling clients where the server keeps its data."""
+        return posixpath.relpath(path, self.root)
+
     def staging_root(self) -> str:
         return self.path(STAGING)
 
@@ -139,8 +145,8 @@ class DatasetStore:
         except FileNotFoundError as exc:
             raise NotFound(f"dataset {name!r} has no version {version!r}") from exc
         except UnicodeDecodeError as exc:
-            raise DataLoss(f"manifest {path} is corrupt: {exc}") from exc
-        return manifest.from_json(text, path)
+            raise DataLoss(f"manifest {self.shown(path)} is corrupt: {exc}") from exc
+        return manifest.from_json(text, self.shown(path))
 
     def get(self, name: str, version: str = "") -> DatasetInfo:
         """One version; an empty version means the latest (newest creation time)."""
@@ -233,9 +239,11 @@ class DatasetStore:
         try:
             data: bytes = self.fs.cat_file(path)
         except FileNotFoundError as exc:
-            raise DataLoss(f"chunk file {path} is missing") from exc
+            raise DataLoss(f"chunk file {self.shown(path)} is missing") from exc
         if len(data) != chunk.size_bytes or hashlib.sha256(data).hexdigest() != chunk.sha256:
-            raise DataLoss(f"chunk file {path} is corrupt: its sha256 does not match the manifest")
+            raise DataLoss(
+                f"chunk file {self.shown(path)} is corrupt: its sha256 does not match the manifest"
+            )
         return data
 
     def _chunk(self, info: DatasetInfo, index: int) -> dict[str, Array]:
@@ -274,6 +282,19 @@ class DatasetStore:
                 out[spec.name] = standardize(out[spec.name], spec, info.stats_for(spec.name))
         return out
 
+    def read_batches(
+        self, info: DatasetInfo, batches: Sequence[Indices], *, standardized: bool = False
+    ) -> Sequence[dict[str, Array]]:
+        """Several batches in one pass: each chunk file they touch is read once."""
+        if not batches:
+            return []
+        everything = self.read_examples(info, np.concatenate(batches), standardized=standardized)
+        bounds = np.cumsum([0, *(len(b) for b in batches)])
+        return [
+            {name: array[lo:hi] for name, array in everything.items()}
+            for lo, hi in itertools.pairwise(bounds)
+        ]
+
 
 def split_columns(schema: Schema, data: bytes, num_records: int) -> dict[str, Array]:
     """Decodes a chunk file's bytes into one read-only array per column."""
@@ -304,10 +325,17 @@ class DatasetWriter:
         self._chunks: list[ChunkInfo] = []
         self.num_records = 0
         self._closed = False
+        # The servicer may abort (client cancelled) while an append or commit
+        # still runs in a worker thread: abort waits for it instead of racing it.
+        self._lock = threading.RLock()
         store.fs.makedirs(self.staging, exist_ok=True)
 
     def append(self, columns: Mapping[str, Array]) -> None:
         """Adds records: one array per schema column, equal leading dimensions."""
+        with self._lock:
+            self._append(columns)
+
+    def _append(self, columns: Mapping[str, Array]) -> None:
         if self._closed:
             raise RuntimeError("upload already finished")
         lengths = {int(columns[spec.name].shape[0]) for spec in self.schema.columns}
@@ -350,6 +378,10 @@ class DatasetWriter:
 
     def commit(self) -> DatasetInfo:
         """Verifies the staged chunks, computes statistics and publishes the version."""
+        with self._lock:
+            return self._commit()
+
+    def _commit(self) -> DatasetInfo:
         if self._closed:
             raise RuntimeError("upload already finished")
         self._flush(final=True)
@@ -397,10 +429,11 @@ class DatasetWriter:
 
     def abort(self) -> None:
         """Deletes the staging directory; safe to call more than once."""
-        self._closed = True
-        self._pending = []
-        if self.store.fs.exists(self.staging):
-            self.store.fs.rm(self.staging, recursive=True)
+        with self._lock:
+            self._closed = True
+            self._pending = []
+            if self.store.fs.exists(self.staging):
+                self.store.fs.rm(self.staging, recursive=True)
 
 
 class _ChunkCache:

@@ -28,6 +28,9 @@ _TASK_TO_PB = {
     Task.REGRESSION: pb.TASK_REGRESSION,
 }
 _TASK_FROM_PB = {v: k for k, v in _TASK_TO_PB.items()}
+#: Default size of one upload message: well under any server's message limit.
+UPLOAD_MESSAGE_BYTES = 4 * 1024 * 1024
+
 _SPLIT_FROM_PB = {
     pb.SPLIT_TRAIN: SplitKind.TRAIN,
     pb.SPLIT_VALIDATION: SplitKind.VALIDATION,
@@ -225,12 +228,20 @@ def upload_requests(
     header: pb.DatasetHeader,
     columns: Mapping[str, Array],
     *,
-    records_per_message: int = 4096,
+    records_per_message: int | None = None,
+    message_bytes: int = UPLOAD_MESSAGE_BYTES,
     types: Mapping[str, DType] | None = None,
 ) -> Iterator[pb.CreateDatasetRequest]:
-    """The CreateDataset stream for in-memory arrays: the header, then chunks."""
+    """The CreateDataset stream for in-memory arrays: the header, then chunks.
+
+    Chunks hold ``records_per_message`` records, or by default as many as fit
+    in about ``message_bytes``, so large examples never exceed a message limit.
+    """
     yield pb.CreateDatasetRequest(header=header)
     total = len(next(iter(columns.values())))
+    if records_per_message is None:
+        record_bytes = sum(a[:1].nbytes for a in columns.values())
+        records_per_message = max(1, message_bytes // max(1, record_bytes))
     for start in range(0, total, records_per_message):
         stop = min(start + records_per_message, total)
         yield pb.CreateDatasetRequest(
