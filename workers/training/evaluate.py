@@ -46,11 +46,15 @@ async def evaluate(
             config = repo.read_config(request.model_name)
         except RepositoryError as exc:
             raise NotFound(str(exc)) from exc
-        inputs = [i.name for i in config.input]
-        if inputs != [sig.input_name]:
+        inputs = [(i.name, list(i.dims)) for i in config.input]
+        outputs = [list(o.dims) for o in config.output]
+        if inputs != [(sig.input_name, list(sig.input_shape))] or outputs != [
+            list(sig.output_shape)
+        ]:
             raise InvalidArgument(
-                f"dataset: model {request.model_name!r} takes inputs {inputs}, dataset "
-                f"{dataset.name!r} provides {sig.input_name!r}"
+                f"dataset: model {request.model_name!r} takes {inputs} and produces {outputs}; "
+                f"dataset {dataset.name!r} has {sig.input_name!r} {list(sig.input_shape)} "
+                f"and needs outputs {list(sig.output_shape)}"
             )
         path = f"{repo.version_path(request.model_name, version)}/{export.MODEL_FILE}"
         with repo.fs.open(path, "rb") as f:

@@ -23,7 +23,13 @@ from workers.training.datasets import Datasets
 from workers.training.jobstore import JobStore
 from workers.training.loop import RunConfig
 from workers.training.process import JobProcess
-from workers.training.publish import LineageOnly, VersionRecorder, lineage, publish
+from workers.training.publish import (
+    LineageOnly,
+    VersionRecorder,
+    check_compatible,
+    lineage,
+    publish,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +161,8 @@ class JobManager:
     async def submit(self, spec: training_pb2.JobSpec) -> training_pb2.Job:
         specs.validate_spec(spec)
         dataset = await self.datasets.get(spec.dataset.name, spec.dataset.version)
-        specs.validate_against(spec, dataset)
+        sig = specs.validate_against(spec, dataset)
+        await asyncio.to_thread(check_compatible, self.repo, spec.model_name, sig)
         if (spec.device or self.settings.device) == "cuda" and self.settings.device != "cuda":
             raise FailedPrecondition("device: this training worker has no CUDA device")
         plan = specs.plan(spec, dataset)

@@ -13,9 +13,11 @@ from typing import Any, Protocol
 
 from google.protobuf import json_format
 
+from mesh.errors import InvalidArgument
+from protos.inference import model_config_pb2 as mc
 from protos.meshserve.data.v1 import data_pb2
 from protos.meshserve.training.v1 import training_pb2
-from workers.model_repo import ModelRepo
+from workers.model_repo import ModelRepo, RepositoryError
 from workers.training import catalogue, export
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,30 @@ def lineage(
         "metrics": dict(metrics),
         "step": job.step,
     }
+
+
+def _io(config: mc.ModelConfig) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
+    return (
+        [(i.name, list(i.dims)) for i in config.input],
+        [(o.name, list(o.dims)) for o in config.output],
+    )
+
+
+def check_compatible(repo: ModelRepo, model: str, sig: catalogue.Signature) -> None:
+    """Every version of a model shares one config: a job must keep its inputs and outputs."""
+    if model not in repo.list_models():
+        return
+    try:
+        existing = repo.read_config(model)
+    except RepositoryError:
+        return  # an unreadable config is replaced on publish
+    have = _io(existing)
+    want = _io(export.model_config(model, sig))
+    if have != want:
+        raise InvalidArgument(
+            f"model_name: model {model!r} already serves inputs {have[0]} and outputs "
+            f"{have[1]}; this job would produce {want[0]} and {want[1]}; choose another name"
+        )
 
 
 def find_published(repo: ModelRepo, model: str, job_id: str) -> int | None:

@@ -68,6 +68,22 @@ async def test_mlp_reaches_90_percent_and_publishes_a_servable_version(
     accuracy = float((logits.argmax(1) == batch["y"]).float().mean())
     assert accuracy >= 0.85
 
+    # Versions of one model share a config: a job that would change its inputs or
+    # outputs is refused, and evaluating on a dataset of another shape is too.
+    other = mlp_spec()
+    other.dataset.name = "line"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await worker.stub.SubmitJob(training_pb2.SubmitJobRequest(spec=other))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith("model_name:")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await worker.stub.Evaluate(
+            training_pb2.EvaluateRequest(
+                model_name="blobs-mlp", dataset=training_pb2.DatasetRef(name="line")
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
 
 def first_batch(address: str) -> dict[str, torch.Tensor]:
     # A blocking client: run it off the event loop that serves the data service.
