@@ -7,6 +7,7 @@ import builtins
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,6 @@ TERMINAL = {
     training_pb2.JOB_STATE_FAILED,
     training_pb2.JOB_STATE_CANCELLED,
 }
-STATE_NAMES = {v: k.removeprefix("JOB_STATE_") for k, v in training_pb2.JobState.items()}
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,8 @@ class JobManager:
         self._signals: dict[str, asyncio.Event] = {}
         self._closing = False
 
-    def _default_id(self) -> str:
-        import uuid
-
+    @staticmethod
+    def _default_id() -> str:
         return uuid.uuid4().hex[:16]
 
     # ---- events -----------------------------------------------------------------------
