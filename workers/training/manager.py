@@ -89,6 +89,24 @@ class _Run:
         self.failure, self.result = "", None
 
 
+def catch_up(job: training_pb2.Job, events: list[training_pb2.JobEvent]) -> None:
+    """Applies events the stored job does not reflect yet (appended, job not saved)."""
+    for event in events:
+        job.last_event = max(job.last_event, event.sequence)
+        kind = event.WhichOneof("kind")
+        if kind == "step_loss":
+            job.step = max(job.step, event.step_loss.step)
+        elif kind == "epoch_metrics":
+            job.epoch = max(job.epoch, event.epoch_metrics.epoch)
+            job.step = max(job.step, event.epoch_metrics.step)
+            job.metrics.update(event.epoch_metrics.metrics)
+        elif kind == "state_changed":
+            job.state = event.state_changed.state
+            job.message = event.state_changed.message
+        elif kind == "published":
+            job.published.CopyFrom(event.published)
+
+
 def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
@@ -254,15 +272,17 @@ class JobManager:
         """Requeues the store's unfinished jobs (oldest first); returns how many."""
         jobs = [j for j in await self.store.list() if j.state not in TERMINAL]
         for job in reversed(jobs):
-            events = await self.store.events(job.id, job.last_event + 1)
-            if events:  # died between appending an event and saving the job
-                job.last_event = events[-1].sequence
+            # The worker may have died between appending an event and saving the job.
+            catch_up(job, await self.store.events(job.id, job.last_event + 1))
+            if job.state in TERMINAL:
+                await self.store.put(job)
+                continue
             if job.state == training_pb2.JOB_STATE_RUNNING:
                 job.attempts += 1
             run = _Run(job)
             self._runs[job.id] = run
             run.task = asyncio.create_task(self._run(run), name=f"job-{job.id}")
-        return len(jobs)
+        return len(self._runs)
 
     async def close(self) -> None:
         """Stops every training process; unfinished jobs stay RUNNING/QUEUED and resume later."""

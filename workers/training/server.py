@@ -15,6 +15,7 @@ from workers.training.batches import CHANNEL_OPTIONS
 from workers.training.datasets import DataServiceDatasets
 from workers.training.jobstore import JobStore, LocalJobStore
 from workers.training.manager import JobManager, WorkerSettings
+from workers.training.publish import VersionRecorder
 from workers.training.service import training_service
 
 #: The line printed once the worker listens; tests and `meshserve up` read the port from it.
@@ -42,6 +43,7 @@ async def training_worker(
     settings: WorkerSettings,
     server: ServerSettings,
     store: JobStore | None = None,
+    recorder: VersionRecorder | None = None,
 ) -> AsyncIterator[TrainingWorker]:
     """Starts the worker (resuming unfinished jobs); drains and stops it on exit."""
     channel = grpc.aio.insecure_channel(settings.data_address, options=CHANNEL_OPTIONS)
@@ -49,6 +51,7 @@ async def training_worker(
         settings,
         store or LocalJobStore(default_state_dir(settings.artifacts_url)),
         DataServiceDatasets(channel),
+        recorder,
     )
     try:
         serving = await start_server(server, [training_service(manager)])

@@ -9,6 +9,7 @@ import torch
 
 from protos.meshserve.training.v1 import training_pb2
 from workers.training.jobstore import LocalJobStore
+from workers.training.manager import catch_up
 from workers.training.metrics import Accumulator, classification_metrics
 
 
@@ -75,3 +76,30 @@ def test_accumulator_merges_batches() -> None:
     cls.add(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
     assert cls.result()["accuracy"] == 0.5
     assert Accumulator(classification=True, num_classes=2).result() == {}
+
+
+def test_catch_up_applies_events_the_saved_job_missed() -> None:
+    # The worker died after appending these events but before saving the job.
+    saved = training_pb2.Job(id="j", state=training_pb2.JOB_STATE_RUNNING, step=50, last_event=9)
+    missed = [
+        training_pb2.JobEvent(sequence=10, step_loss=training_pb2.StepLoss(step=55)),
+        training_pb2.JobEvent(
+            sequence=11,
+            epoch_metrics=training_pb2.EpochMetrics(epoch=3, step=60, metrics={"val_loss": 0.5}),
+        ),
+    ]
+    catch_up(saved, missed)
+    assert (saved.last_event, saved.step, saved.epoch) == (11, 60, 3)
+    assert saved.metrics["val_loss"] == 0.5
+    catch_up(
+        saved,
+        [
+            training_pb2.JobEvent(
+                sequence=12,
+                state_changed=training_pb2.StateChanged(
+                    state=training_pb2.JOB_STATE_FAILED, message="x"
+                ),
+            )
+        ],
+    )
+    assert saved.state == training_pb2.JOB_STATE_FAILED and saved.message == "x"
