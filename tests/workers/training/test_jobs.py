@@ -100,8 +100,8 @@ async def test_non_finite_loss_fails_the_job_and_publishes_nothing(worker: Worke
     spec.optimizer.learning_rate = 1e6
     job = await worker.stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
     done = await finished(worker.stub, job.id)
-    assert done.state == training_pb2.JOB_STATE_FAILED
-    assert "loss became" in done.message and "learning_rate" in done.message
+    assert done.state == training_pb2.JOB_STATE_FAILED, done
+    assert "loss became" in done.message and "learning_rate" in done.message, done.message
     assert not done.HasField("published")
     assert ModelRepo(str(worker.model_repo)).list_versions("exploding") == []
     failed = await worker.stub.ListJobs(
