@@ -30,7 +30,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mesh.sidecar.launcher",
 )
 #: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
-WORKER_MODULES: tuple[str, ...] = ("workers.data.cli", "workers.inference.cli")
+WORKER_MODULES: tuple[str, ...] = (
+    "workers.data.cli",
+    "workers.inference.cli",
+    "workers.training.cli",
+)
 
 err = Console(stderr=True)
 

@@ -1,0 +1,139 @@
+"""A worker SIGKILLed mid-job resumes the job from its checkpoint when it restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc.aio
+import pytest
+
+from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
+from workers.model_repo import ModelRepo
+from workers.training.server import READY_PREFIX
+
+from .conftest import REPO_ROOT, DataServer, eventually, finished, mlp_spec
+
+pytestmark = pytest.mark.e2e
+
+
+class WorkerProcess:
+    """``meshserve worker training`` as a child process."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli.main", "worker", "training", "--port", "0", *args],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    async def address(self) -> str:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 60)
+        assert line.startswith(READY_PREFIX), line
+        return line.removeprefix(READY_PREFIX).strip()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+async def spawn_worker(
+    tmp_path: Path, data_server: DataServer
+) -> AsyncIterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    try:
+        yield started
+    finally:
+        for worker in started:
+            worker.kill()
+
+
+async def test_sigkilled_worker_resumes_the_job_from_its_checkpoint(
+    tmp_path: Path, data_server: DataServer, spawn_worker: list[WorkerProcess]
+) -> None:
+    args = [
+        "--artifacts",
+        str(tmp_path / "artifacts"),
+        "--model-repo",
+        str(tmp_path / "models"),
+        "--data",
+        data_server.address,
+    ]
+    first = WorkerProcess(args)
+    spawn_worker.append(first)
+    spec = mlp_spec(model_name="resumed", epochs=60, checkpoint_interval_steps=25)
+    async with grpc.aio.insecure_channel(await first.address()) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        job = await stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
+        checkpointed = 0
+        async for event in stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
+            if event.HasField("checkpoint") and event.checkpoint.step >= 50:
+                checkpointed = event.checkpoint.step
+                break
+    trainers = children(first.proc.pid)
+    assert trainers  # the job's training process
+    first.kill()  # SIGKILL: no drain, no goodbye
+    # The orphaned training process notices and exits rather than train on unsupervised.
+    await eventually(
+        lambda: asyncio.to_thread(lambda: [p for p in trainers if alive(p)]), lambda a: a == []
+    )
+
+    second = WorkerProcess(args)
+    spawn_worker.append(second)
+    async with grpc.aio.insecure_channel(await second.address()) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        done = await finished(stub, job.id)
+        history = [e async for e in stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id))]
+
+    assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.message
+    assert done.attempts == 1
+    assert done.step == done.total_steps == 60 * 20
+    resumed = [
+        e
+        for e in history
+        if e.HasField("state_changed") and "resumed from checkpoint" in e.state_changed.message
+    ]
+    assert len(resumed) == 1
+    resumed_at = int(resumed[0].state_changed.message.rsplit(" ", 1)[-1])
+    assert resumed_at >= checkpointed > 0
+    # The step count continued from the checkpoint instead of starting over.
+    after = [e.step_loss.step for e in history[resumed[0].sequence :] if e.HasField("step_loss")]
+    assert after and after[0] > resumed_at
+    steps = [e.step_loss.step for e in history if e.HasField("step_loss")]
+    assert steps == sorted(set(steps))
+    assert [e.sequence for e in history] == list(range(1, len(history) + 1))
+    assert done.metrics["val_accuracy"] >= 0.9
+    assert ModelRepo(str(tmp_path / "models")).list_versions("resumed") == [1]

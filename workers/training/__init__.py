@@ -1,0 +1,1 @@
+"""The training worker: jobs that train catalogue models, checkpoint, and publish versions."""
