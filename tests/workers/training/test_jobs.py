@@ -14,7 +14,7 @@ from workers.data.server import DataWorkerConfig
 from workers.data.server import start as start_data
 from workers.model_repo import ModelRepo
 
-from .conftest import DataServer, Worker, eventually, finished, mlp_spec
+from .conftest import DataServer, Worker, eventually, finished, mlp_spec, wait_for_event
 
 if TYPE_CHECKING:
     Stub = training_pb2_grpc.TrainingServiceAsyncStub
@@ -75,9 +75,7 @@ async def test_cancel_stops_the_job_and_removes_its_artifacts(worker: Worker) ->
     spec = mlp_spec(epochs=500, checkpoint_interval_steps=5, model_name="cancelled")
     job = await worker.stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
     # Wait until it has trained and checkpointed, so there is something to clean up.
-    async for event in worker.stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
-        if event.HasField("checkpoint"):
-            break
+    await wait_for_event(worker.stub, job.id, lambda e: e.HasField("checkpoint"))
     job_dir = worker.model_repo.parent / "artifacts" / "jobs" / job.id
     assert job_dir.exists()
 
@@ -162,9 +160,7 @@ async def test_negative_from_event_is_invalid(worker: Worker) -> None:
 async def test_a_crashed_training_process_restarts_from_its_checkpoint(worker: Worker) -> None:
     spec = mlp_spec(model_name="crashy", epochs=10, checkpoint_interval_steps=20)
     job = await worker.stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
-    async for event in worker.stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
-        if event.HasField("checkpoint"):
-            break
+    await wait_for_event(worker.stub, job.id, lambda e: e.HasField("checkpoint"))
     pid = worker.manager.pid(job.id)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # the worker itself stays up
@@ -182,18 +178,16 @@ async def test_a_crashed_training_process_restarts_from_its_checkpoint(worker: W
 async def test_a_data_service_outage_is_waited_out(worker: Worker, data_server: DataServer) -> None:
     spec = mlp_spec(model_name="patient", epochs=15, checkpoint_interval_steps=20)
     job = await worker.stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
-    async for event in worker.stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
-        if event.HasField("checkpoint"):
-            break
+    event = await wait_for_event(worker.stub, job.id, lambda e: e.HasField("checkpoint"))
     port = data_server.serving.port
     await data_server.serving.drain(grace=0)
     # The training process loses its stream and exits for a retry; bring the data back.
-    seen = event.sequence
-    async for later in worker.stub.WatchJob(
-        training_pb2.WatchJobRequest(job_id=job.id, from_event=seen)
-    ):
-        if "restarting from checkpoint" in later.state_changed.message:
-            break
+    await wait_for_event(
+        worker.stub,
+        job.id,
+        lambda e: "restarting from checkpoint" in e.state_changed.message,
+        from_event=event.sequence,
+    )
     data_server.serving = await start_data(
         DataWorkerConfig(server=ServerSettings(port=port), root=str(data_server.root))
     )
