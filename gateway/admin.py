@@ -73,13 +73,23 @@ class Admin(admin_pb2_grpc.AdminServicer):
 
     def _instance(self, instance: InstanceView) -> admin_pb2.Instance:
         load = instance.load
+        # Registry instances also carry queue depth, memory and loaded versions; test
+        # doubles and static endpoints may not.
         return admin_pb2.Instance(
             id=instance.id,
             service=instance.service,
             address=instance.address,
             labels=dict(instance.labels),
             status=_status(instance.status),
-            load=admin_pb2.Load(in_flight=load.in_flight if load is not None else 0),
+            load=admin_pb2.Load(
+                in_flight=load.in_flight if load is not None else 0,
+                queue_depth=getattr(load, "queue_depth", 0),
+                memory_bytes=getattr(load, "memory_bytes", 0),
+            ),
+            loaded_models=[
+                admin_pb2.LoadedModel(name=m.model, version=m.version)
+                for m in getattr(instance, "models", ())
+            ],
         )
 
     async def ListInstances(
