@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -13,6 +14,7 @@ from gateway.state import GatewayState
 from mesh.balance.endpoints import InstanceView
 from mesh.config.hosts import normalise_host
 from mesh.config.loader import parse_yaml
+from mesh.config.snapshot import MeshConfig
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from mesh.routing.decision import RequestInfo
 from mesh.routing.hashkey import RequestFields
@@ -20,6 +22,14 @@ from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_EXPLAIN_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 Context = grpc.aio.ServicerContext[object, object]
+
+
+class Applier(Protocol):
+    """Applies YAML over the running config somewhere other than in memory (a config store)."""
+
+    def __call__(
+        self, text: str, *, expected_version: int, dry_run: bool
+    ) -> Awaitable[MeshConfig]: ...
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -53,20 +63,33 @@ class Admin(admin_pb2_grpc.AdminServicer):
         table: EndpointTable,
         *,
         staleness: Callable[[], float] = lambda: 0.0,
+        applier: Applier | None = None,
     ) -> None:
         self.state = state
         self.table = table
         self._staleness = staleness
+        #: Where ApplyConfig writes; None: the running config only (lost on restart).
+        self._applier = applier
 
     def _instance(self, instance: InstanceView) -> admin_pb2.Instance:
         load = instance.load
+        # Registry instances also carry queue depth, memory and loaded versions; test
+        # doubles and static endpoints may not.
         return admin_pb2.Instance(
             id=instance.id,
             service=instance.service,
             address=instance.address,
             labels=dict(instance.labels),
             status=_status(instance.status),
-            load=admin_pb2.Load(in_flight=load.in_flight if load is not None else 0),
+            load=admin_pb2.Load(
+                in_flight=load.in_flight if load is not None else 0,
+                queue_depth=getattr(load, "queue_depth", 0),
+                memory_bytes=getattr(load, "memory_bytes", 0),
+            ),
+            loaded_models=[
+                admin_pb2.LoadedModel(name=m.model, version=m.version)
+                for m in getattr(instance, "models", ())
+            ],
         )
 
     async def ListInstances(
@@ -207,12 +230,17 @@ class Admin(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ApplyConfigRequest, context: Context
     ) -> admin_pb2.ApplyConfigResponse:
         source = "admin"
-        config = self.state.apply(
-            lambda: parse_yaml(request.yaml, source),
-            source=source,
-            expected_version=request.expected_version,
-            dry_run=request.dry_run,
-        )
+        if self._applier is not None:
+            config = await self._applier(
+                request.yaml, expected_version=request.expected_version, dry_run=request.dry_run
+            )
+        else:
+            config = self.state.apply(
+                lambda: parse_yaml(request.yaml, source),
+                source=source,
+                expected_version=request.expected_version,
+                dry_run=request.dry_run,
+            )
         refs = [d.ref for d in parse_yaml(request.yaml, source)]
         version = self.state.config.version if request.dry_run else config.version
         return admin_pb2.ApplyConfigResponse(version=version, resources=refs)

@@ -19,11 +19,13 @@ from gateway.proxy import Proxy
 from gateway.state import GatewayState
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
-from mesh.config.loader import yaml_files
-from mesh.config.snapshot import config_from_path
+from mesh.config.loader import Document, dump_yaml, load_path, parse_yaml, yaml_files
+from mesh.config.snapshot import EMPTY, MeshConfig
+from mesh.errors import Aborted
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.telemetry.metrics import MeshMetrics
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
+from registry.config_store import ConfigStore, ConfigVersion
 
 log = logging.getLogger(__name__)
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -41,6 +43,17 @@ def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(found)
 
 
+def validate_documents(text: str) -> None:
+    """The config store's validator: every resource parses (cross-references are checked
+    by the gateway against the directory base before it writes)."""
+    parse_yaml(text, "config store")
+
+
+def _same_resource(a: Document, b: Document) -> bool:
+    ra, rb = a.resource.metadata, b.resource.metadata
+    return (a.kind, ra.namespace, ra.name) == (b.kind, rb.namespace, rb.name)
+
+
 def changed_hosts(old: EndpointsSnapshot, new: EndpointsSnapshot) -> list[str]:
     """Hosts whose membership (addresses, health, weights) differs: their rings are rebuilt."""
     return [
@@ -51,7 +64,17 @@ def changed_hosts(old: EndpointsSnapshot, new: EndpointsSnapshot) -> list[str]:
 
 
 class Gateway:
-    """The ingress: routes every mesh method to workers; configured by YAML and the admin API."""
+    """The ingress: routes every mesh method to workers; configured by YAML and the admin API.
+
+    The running config is the directory's resources (the base, ``config_dir``) with the
+    latest version in the registry's config store (``config_store``) applied over them,
+    resource by resource, as ``kubectl apply`` would: a resource in the store replaces the
+    one of the same kind, namespace and name from the directory, others join. Either source
+    changing rebuilds the whole config; one that fails validation is recorded as the last
+    rejection and the running config stays. With a store, ``ApplyConfig`` writes through
+    it (optimistic concurrency on the store version), so every gateway on that store
+    converges on the same config.
+    """
 
     def __init__(
         self,
@@ -64,8 +87,16 @@ class Gateway:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         channel_credentials: Callable[[], grpc.ChannelCredentials] | None = None,
         metrics: MeshMetrics | None = None,
+        config_store: ConfigStore | None = None,
     ) -> None:
         self.state = state or GatewayState()
+        self.config_store = config_store
+        #: The directory's resources, and the store version laid over them (None: none).
+        self._base: list[Document] = []
+        self._overlay: ConfigVersion | None = None
+        self._overlay_docs: list[Document] = []
+        #: The newest store version read, installed or rejected (what a write builds on).
+        self._store_seen = 0
         self.discovery = discovery
         self.config_dir = config_dir
         self.reload_interval = reload_interval
@@ -79,7 +110,10 @@ class Gateway:
         self.proxy = Proxy(self.state, self.channels, metrics=metrics)
         self._last_update = time.monotonic()
         self.admin = Admin(
-            self.state, self.table, staleness=lambda: time.monotonic() - self._last_update
+            self.state,
+            self.table,
+            staleness=lambda: time.monotonic() - self._last_update,
+            applier=self.apply_config if config_store is not None else None,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
@@ -92,7 +126,90 @@ class Gateway:
             return
         directory = self.config_dir
         self._fingerprint = _fingerprint(directory)
-        self.state.apply_whole(config_from_path(directory, version=self.state.config.version + 1))
+        self._base = load_path(directory)
+        self.state.apply_whole(self._build(self._base, self._overlay_docs, self._overlay))
+
+    @property
+    def store_version(self) -> int:
+        """The config store version the running config includes (0: none)."""
+        return self._overlay.version if self._overlay is not None else 0
+
+    def _build(
+        self, base: list[Document], overlay: list[Document], stored: ConfigVersion | None
+    ) -> MeshConfig:
+        """Base then overlay, validated as a whole; raises ``ConfigError``."""
+        parts = [str(self.config_dir)] if self.config_dir is not None else []
+        if stored is not None:
+            parts.append(f"store {stored.name!r} v{stored.version}")
+        return EMPTY.merged(base, version=0, source="").merged(
+            overlay, version=self.state.config.version + 1, source=" + ".join(parts) or "<none>"
+        )
+
+    async def _load_store(self) -> None:
+        """At start-up: lays the store's latest version over the directory.
+
+        A stored version that does not validate here (say, it names a subset only another
+        gateway's directory defines) is a rejection, not a crash: the base keeps routing.
+        """
+        assert self.config_store is not None
+        current = await self.config_store.current()
+        if current is not None:
+            self._store_seen = current.version
+            self._take_store_version(current)
+
+    def _take_store_version(self, stored: ConfigVersion) -> None:
+        source = f"store {stored.name!r} v{stored.version}"
+        try:
+            docs = parse_yaml(stored.yaml, source)
+            config = self._build(self._base, docs, stored)
+        except ConfigError as exc:
+            self.state.reject(source, exc.message)
+            log.error(
+                "config rejected, still routing on version %d: %s",
+                self.state.config.version,
+                exc.message,
+            )
+            return
+        self._overlay, self._overlay_docs = stored, docs
+        self.state.apply_whole(config)
+        log.info("config version %d: %s", config.version, config.source)
+
+    async def apply_config(self, text: str, *, expected_version: int, dry_run: bool) -> MeshConfig:
+        """Admin.ApplyConfig with a store: validate here, then write through the store.
+
+        ``expected_version`` is the running config version the caller read (0: any); the
+        store write itself expects the store version the running config includes, so of
+        two gateways applying at once, one wins and the other gets ``Aborted``.
+        """
+        assert self.config_store is not None
+        source = "admin"
+        if expected_version and expected_version != self.state.config.version:
+            raise Aborted(
+                f"config version is {self.state.config.version}, "
+                f"not the expected {expected_version}"
+            )
+        try:
+            incoming = parse_yaml(text, source)
+            overlay = [
+                d for d in self._overlay_docs if not any(_same_resource(d, n) for n in incoming)
+            ]
+            overlay.extend(incoming)
+            config = self._build(self._base, overlay, self._overlay)
+        except ConfigError as exc:
+            if not dry_run:
+                self.state.reject(source, exc.message)
+            raise
+        if dry_run:
+            return config
+        stored = await self.config_store.apply(
+            dump_yaml(overlay), expected_version=self._store_seen, applied_by="gateway admin"
+        )
+        self._store_seen = max(self._store_seen, stored.version)
+        # Installed now rather than when the watch sees it: the caller reads its own write.
+        if stored.version != self.store_version:
+            self._overlay, self._overlay_docs = stored, overlay
+            self.state.apply_whole(self._build(self._base, overlay, stored))
+        return self.state.config
 
     def services(self) -> list[Service]:
         def register_proxy(server: grpc.aio.Server) -> None:
@@ -110,11 +227,15 @@ class Gateway:
 
     async def start(self, settings: ServerSettings) -> Serving:
         self.load_config()
+        if self.config_store is not None:
+            await self._load_store()
         serving = await start_server(settings, self.services(), interceptors=self.interceptors)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
         if self.config_dir is not None:
             self._tasks.append(loop.create_task(self._watch_config()))
+        if self.config_store is not None:
+            self._tasks.append(loop.create_task(self._watch_store()))
         serving.on_drain(self.close)
         return serving
 
@@ -156,9 +277,8 @@ class Gateway:
             self._fingerprint = fingerprint
             # Parse off the loop (file I/O); install on it, where routing reads the state.
             try:
-                config = await asyncio.to_thread(
-                    config_from_path, directory, version=self.state.config.version + 1
-                )
+                base = await asyncio.to_thread(load_path, directory)
+                config = self._build(base, self._overlay_docs, self._overlay)
             except ConfigError as exc:
                 self.state.reject(str(directory), exc.message)
                 log.error(
@@ -167,8 +287,19 @@ class Gateway:
                     exc.message,
                 )
                 continue
+            self._base = base
             self.state.apply_whole(config)
             log.info("config version %d loaded from %s", config.version, directory)
+
+    async def _watch_store(self) -> None:
+        """Follows the config store: each new version is laid over the directory base."""
+        assert self.config_store is not None
+        async for stored in self.config_store.watch(
+            after=self._store_seen, interval=self.reload_interval
+        ):
+            if stored.version > self._store_seen:
+                self._store_seen = stored.version
+                self._take_store_version(stored)
 
     async def close(self) -> None:
         for task in self._tasks:

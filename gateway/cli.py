@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc.aio
 
-from gateway.app import Gateway
+from gateway.app import Gateway, validate_documents
 from gateway.auth import AuthConfig, ClientGuard
 from gateway.discovery import DiscoverySource, StaticDiscovery, parse_static
 from gateway.registry_discovery import RegistryDiscovery
@@ -24,6 +24,7 @@ from mesh.telemetry import logs
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.setup import TelemetrySettings, setup
 from registry.cli import resolve_url
+from registry.config_store import ConfigStore
 from registry.connect import add_store_arguments, settings_from_args
 from registry.store import open_store
 
@@ -37,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the gateway: routes gRPC calls to workers by Istio-style YAML",
         description="Routes every mesh gRPC call to a worker (consistent hash on model version, "
         "retries, outlier detection), configured by the YAML files in --config, which are "
-        "reloaded when they change.",
+        "reloaded when they change. With the registry (--es), the latest version in its "
+        "config store ('routing') is applied over them, and `meshserve config apply` writes "
+        "there.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
@@ -100,11 +103,13 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with contextlib.AsyncExitStack() as stack:
             discovery: DiscoverySource
+            config_store: ConfigStore | None = None
             if store_settings is None:
                 discovery = StaticDiscovery(instances)
             else:
                 store = await stack.enter_async_context(open_store(store_settings))
                 discovery = RegistryDiscovery(store.watcher())
+                config_store = store.config(validator=validate_documents)
             gateway = Gateway(
                 discovery,
                 config_dir=args.config,
@@ -112,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                 interceptors=interceptors,
                 channel_credentials=credentials,
                 metrics=telemetry.metrics if telemetry.settings.metrics else None,
+                config_store=config_store,
             )
             if guard is not None:
                 # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.

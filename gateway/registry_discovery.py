@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from gateway.discovery import DiscoveryUpdate, StaticLoad, UpdateKind
-from registry.instances import Instance
+from gateway.discovery import DiscoveryUpdate, UpdateKind
+from registry.instances import Instance, Load, ModelRef
 from registry.watch import Discovery
 
 
@@ -19,7 +19,10 @@ class RegisteredInstance:
     address: str
     labels: Mapping[str, str]
     status: str
-    load: StaticLoad | None
+    #: What the instance's sidecar last published (the worker's own report, when it has one).
+    load: Load | None
+    #: Model versions the worker holds in memory (``ModelRef``: model, version).
+    models: tuple[ModelRef, ...] = ()
 
     @classmethod
     def of(cls, instance: Instance) -> RegisteredInstance:
@@ -29,7 +32,8 @@ class RegisteredInstance:
             address=instance.address,
             labels=instance.labels,
             status=str(instance.status),
-            load=StaticLoad(instance.load.in_flight),
+            load=instance.load,
+            models=instance.models,
         )
 
 

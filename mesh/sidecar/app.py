@@ -34,9 +34,10 @@ from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.sidecar.forward import ConcurrencyLimit, Forwarder
 from mesh.sidecar.health import HealthMirror
+from mesh.sidecar.load import LoadProbe, model_refs, registry_load
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.setup import Telemetry
-from registry.instances import Instance, Load, Status
+from registry.instances import Instance, Status
 from registry.lease import Registration
 from registry.store import Store
 
@@ -139,13 +140,23 @@ class Sidecar:
         self.mode: MtlsMode = "DISABLE"
 
     async def _publish_load(self) -> None:
-        # Load rides on the heartbeats (once a second): advisory, like Consul's.
+        """Load rides on the heartbeats (once a second): advisory, like Consul's.
+
+        The worker's own report (in flight, queue depth, memory, loaded model versions:
+        trailing metadata on ServerReady) goes into the instance, so the gateway and
+        ``meshserve registry status`` see which versions are warm where.
+        """
+        probe = LoadProbe(self.forwarder.channel)
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            if self.registration is not None:
-                await self.registration.update(
-                    load=Load(in_flight=self.limit.in_flight), publish=False
-                )
+            if self.registration is None:
+                continue
+            report = await probe.read()
+            await self.registration.update(
+                load=registry_load(report, self.limit.in_flight),
+                models=model_refs(report) if report is not None else None,
+                publish=False,
+            )
 
     def _servings(self) -> list[Serving]:
         return [s for s in (self.serving, self.plaintext_serving) if s is not None]

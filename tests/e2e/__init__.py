@@ -1,0 +1,1 @@
+"""Multi-process tests of the whole request path: registry, gateway, sidecars, workers."""
