@@ -156,15 +156,21 @@ class JobManager:
 
     # ---- events -----------------------------------------------------------------------
 
-    async def _emit(self, run: _Run, **kind: Any) -> None:
-        """Appends an event (next sequence), persists the job, wakes the watchers."""
-        job = run.job
+    async def _emit(self, run: _Run, job: training_pb2.Job | None = None, **kind: Any) -> None:
+        """Appends an event (next sequence), persists the job, wakes the watchers.
+
+        ``job``: a changed copy of ``run.job``, which takes its content only once it is
+        stored, so GetJob (served from memory) never runs ahead of ListJobs (the store).
+        """
+        job = run.job if job is None else job
         event = training_pb2.JobEvent(
             sequence=job.last_event + 1, time=_timestamp(self._clock()), **kind
         )
         await self.store.append_event(job.id, event)
         job.last_event = event.sequence
         await self.store.put(job)
+        if job is not run.job:
+            run.job.CopyFrom(job)
         self._notify(job.id)
 
     def _notify(self, job_id: str) -> None:
@@ -173,7 +179,8 @@ class JobManager:
             signal.set()
 
     async def _set_state(self, run: _Run, state: int, message: str = "") -> None:
-        job = run.job
+        job = training_pb2.Job()
+        job.CopyFrom(run.job)
         job.state = state  # type: ignore[assignment]
         job.message = message
         now = _timestamp(self._clock())
@@ -183,6 +190,7 @@ class JobManager:
             job.finished_at.CopyFrom(now)
         await self._emit(
             run,
+            job,
             state_changed=training_pb2.StateChanged(state=state, message=message),  # type: ignore[arg-type]
         )
 
