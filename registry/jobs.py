@@ -173,6 +173,8 @@ class Claim:
     job_id: str
     owner: str
     expires_at: datetime
+    #: When ``owner`` took the job (kept across its renewals).
+    claimed_at: datetime | None = None
 
 
 def may_claim(current: Claim | None, owner: str, now: datetime) -> bool:
@@ -256,6 +258,7 @@ class ElasticJobClaims:
                 job_id=job_id,
                 owner=str(source["owner"]),
                 expires_at=parse_time(source.get("expires_at"), "expires_at"),
+                claimed_at=parse_time(source.get("claimed_at"), "claimed_at"),
             )
         except (KeyError, ValueError) as exc:
             # Unreadable: treat as lapsed (overwritable by compare-and-set), never crash.
@@ -270,10 +273,12 @@ class ElasticJobClaims:
             return False
         if found is not None and not may_claim(found[0], self.owner, now):
             return False
+        mine = found is not None and found[0].owner == self.owner
+        claimed_at = found[0].claimed_at if mine and found is not None else None
         document = {
             "job_id": job_id,
             "owner": self.owner,
-            "claimed_at": format_time(now),
+            "claimed_at": format_time(claimed_at or now),
             "renewed_at": format_time(now),
             "expires_at": format_time(now + timedelta(seconds=self.ttl_seconds)),
             "ttl_ms": int(self.ttl_seconds * 1000),

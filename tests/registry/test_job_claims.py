@@ -46,9 +46,12 @@ async def test_claims_exclude_renew_lapse_and_release(
     holder = await b.holder("j1")
     assert holder is not None and holder.owner == "worker-a"
     assert holder.expires_at == T0 + timedelta(seconds=9)
+    assert holder.claimed_at == T0  # renewals keep it
 
     clock.now += timedelta(seconds=2)  # a stopped renewing: the claim lapsed
     assert await b.claim("j1")
+    taken = await a.holder("j1")
+    assert taken is not None and taken.claimed_at == clock.now
     assert not await a.renew("j1")  # a learns it lost the job
     await a.release("j1")  # not a's any more: must not free b's claim
     assert not await a.claim("j1")
