@@ -48,6 +48,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     # With --es (or $MESHSERVE_ES_URL) jobs live in the registry, shared by every training
     # worker, and published versions are recorded in the model catalog.
     add_store_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "es":
+            # Unlike the registry commands, no URL means the local job store, not the
+            # store of `meshserve up`: a worker never joins a registry by accident.
+            action.help = (
+                f"registry URL: jobs live there, shared by every training worker, and "
+                f"published versions go into the model catalog (default: ${ES_URL_ENV}; "
+                f"unset: jobs in --state)"
+            )
     parser.set_defaults(handler=run)
 
 
