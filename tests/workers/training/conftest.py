@@ -145,3 +145,20 @@ async def finished(
         return job
 
     return await eventually(get, lambda job: job.state in TERMINAL)
+
+
+async def wait_for_event(
+    stub: training_pb2_grpc.TrainingServiceAsyncStub,
+    job_id: str,
+    matches: Callable[[training_pb2.JobEvent], bool],
+    from_event: int = 0,
+) -> training_pb2.JobEvent:
+    """Watches a job until an event matches; the watch call is cancelled, not left to GC."""
+    call = stub.WatchJob(training_pb2.WatchJobRequest(job_id=job_id, from_event=from_event))
+    try:
+        async for event in call:
+            if matches(event):
+                return event
+    finally:
+        call.cancel()
+    raise AssertionError(f"job {job_id} ended without the awaited event")

@@ -12,7 +12,7 @@ import pytest
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
 from workers.model_repo import ModelRepo
 
-from .conftest import DataServer, eventually, finished, mlp_spec
+from .conftest import DataServer, eventually, finished, mlp_spec, wait_for_event
 from .processes import WorkerProcess, alive, children
 
 pytestmark = pytest.mark.e2e
@@ -47,11 +47,10 @@ async def test_sigkilled_worker_resumes_the_job_from_its_checkpoint(
     async with grpc.aio.insecure_channel(await first.address()) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         job = await stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
-        checkpointed = 0
-        async for event in stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
-            if event.HasField("checkpoint") and event.checkpoint.step >= 50:
-                checkpointed = event.checkpoint.step
-                break
+        event = await wait_for_event(
+            stub, job.id, lambda e: e.HasField("checkpoint") and e.checkpoint.step >= 50
+        )
+        checkpointed = event.checkpoint.step
     trainers = children(first.proc.pid)
     assert trainers  # the job's training process
     first.kill()  # SIGKILL: no drain, no goodbye

@@ -22,7 +22,7 @@ from workers.model_repo import ModelRepo
 from workers.training.manager import WorkerSettings
 from workers.training.server import training_worker
 
-from .conftest import DataServer, eventually, finished, mlp_spec
+from .conftest import DataServer, eventually, finished, mlp_spec, wait_for_event
 from .processes import WorkerProcess, alive, children
 
 
@@ -74,11 +74,10 @@ async def test_a_job_of_a_killed_worker_is_resumed_by_another(
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert children(b.proc.pid) == []  # B trains nothing
 
-        checkpointed = 0
-        async for event in stub_a.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
-            if event.HasField("checkpoint") and event.checkpoint.step >= 50:
-                checkpointed = event.checkpoint.step
-                break
+        event = await wait_for_event(
+            stub_a, job.id, lambda e: e.HasField("checkpoint") and e.checkpoint.step >= 50
+        )
+        checkpointed = event.checkpoint.step
         claims = ElasticJobClaims(es, indices, "test-observer")
         holder = await claims.holder(job.id)
         assert holder is not None and holder.owner.endswith(f"-{a.proc.pid}-{holder.owner[-6:]}")
@@ -139,9 +138,7 @@ async def test_a_worker_that_loses_a_claim_stops_the_job_and_leaves_it_intact(
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         spec = mlp_spec(model_name="contested", epochs=25, checkpoint_interval_steps=20)
         job = await stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
-        async for event in stub.WatchJob(training_pb2.WatchJobRequest(job_id=job.id)):
-            if event.HasField("checkpoint"):
-                break
+        await wait_for_event(stub, job.id, lambda e: e.HasField("checkpoint"))
         pid = w.manager.pid(job.id)
         assert pid is not None
 
