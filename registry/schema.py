@@ -73,6 +73,16 @@ JOB_MAPPINGS: dict[str, Any] = {
     "proto": _BLOB,
 }
 
+JOB_CLAIM_MAPPINGS: dict[str, Any] = {
+    # Which training worker runs a job, and until when its lease holds (see registry.jobs).
+    "job_id": _KEYWORD,
+    "owner": _KEYWORD,
+    "claimed_at": _DATE,
+    "renewed_at": _DATE,
+    "expires_at": _DATE,
+    "ttl_ms": _LONG,
+}
+
 JOB_EVENT_MAPPINGS: dict[str, Any] = {
     "job_id": _KEYWORD,
     "sequence": _LONG,
@@ -107,6 +117,10 @@ class Indices:
     def job_events(self) -> str:
         return f"{self.prefix}-job-events"
 
+    @property
+    def job_claims(self) -> str:
+        return f"{self.prefix}-job-claims"
+
     def mappings(self) -> dict[str, dict[str, Any]]:
         """Index name → field mappings."""
         return {
@@ -115,6 +129,7 @@ class Indices:
             self.config: CONFIG_MAPPINGS,
             self.jobs: JOB_MAPPINGS,
             self.job_events: JOB_EVENT_MAPPINGS,
+            self.job_claims: JOB_CLAIM_MAPPINGS,
         }
 
     def all(self) -> list[str]:

@@ -13,7 +13,7 @@ from registry.catalog import Catalog
 from registry.config_store import DEFAULT_NAME, ConfigStore, Validator, accept_any
 from registry.connect import StoreSettings, connect
 from registry.instances import Instance
-from registry.jobs import ElasticJobStore
+from registry.jobs import DEFAULT_CLAIM_TTL, ElasticJobClaims, ElasticJobStore
 from registry.lease import Registration
 from registry.schema import Indices, ensure_schema
 from registry.watch import ElasticWatcher
@@ -41,6 +41,10 @@ class Store:
 
     def jobs(self) -> ElasticJobStore:
         return ElasticJobStore(self.es, self.indices)
+
+    def job_claims(self, owner: str, ttl: float = DEFAULT_CLAIM_TTL) -> ElasticJobClaims:
+        """Leases on jobs held as ``owner`` (one training worker process)."""
+        return ElasticJobClaims(self.es, self.indices, owner, ttl=ttl)
 
 
 @asynccontextmanager

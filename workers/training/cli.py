@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
+from mesh.cli.errors import CliError
 from mesh.server.app import ServerSettings
+from registry.connect import ES_URL_ENV, add_store_arguments, settings_from_args
+from registry.jobs import DEFAULT_CLAIM_TTL
 from workers.training.manager import WorkerSettings
 
 
@@ -33,6 +37,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=0,
         help="CPU threads per training process (default: cores / world_size)",
     )
+    parser.add_argument(
+        "--job-claim-ttl",
+        type=float,
+        default=DEFAULT_CLAIM_TTL,
+        metavar="SECONDS",
+        help="with a registry: how long a dead worker's jobs stay claimed before another "
+        "worker resumes them (default %(default)s)",
+    )
+    # With --es (or $MESHSERVE_ES_URL) jobs live in the registry, shared by every training
+    # worker, and published versions are recorded in the model catalog.
+    add_store_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "es":
+            # Unlike the registry commands, no URL means the local job store, not the
+            # store of `meshserve up`: a worker never joins a registry by accident.
+            action.help = (
+                f"registry URL: jobs live there, shared by every training worker, and "
+                f"published versions go into the model catalog (default: ${ES_URL_ENV}; "
+                f"unset: jobs in --state)"
+            )
     parser.set_defaults(handler=run)
 
 
@@ -47,5 +71,19 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_jobs=args.max_concurrent_jobs,
         threads_per_rank=args.threads_per_rank,
     )
-    asyncio.run(server.run(settings, ServerSettings(host=args.host, port=args.port), args.state))
+    url = args.es or os.environ.get(ES_URL_ENV)
+    registry = settings_from_args(args, url) if url else None
+    if registry is not None and args.state is not None:
+        raise CliError("--state keeps jobs on local disk; with --es they live in the registry")
+    if args.job_claim_ttl <= 0:
+        raise CliError(f"--job-claim-ttl must be positive, got {args.job_claim_ttl}")
+    asyncio.run(
+        server.run(
+            settings,
+            ServerSettings(host=args.host, port=args.port),
+            args.state,
+            registry,
+            args.job_claim_ttl,
+        )
+    )
     return 0

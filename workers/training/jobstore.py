@@ -34,6 +34,9 @@ class JobStore(Protocol):
     async def list(self) -> builtins.list[training_pb2.Job]:
         """Every job, newest (by created_at) first."""
 
+    async def unfinished(self) -> builtins.list[training_pb2.Job]:
+        """Jobs not in a final state, oldest first: the ones a worker may resume."""
+
     async def append_event(self, job_id: str, event: training_pb2.JobEvent) -> None:
         """Appends one event; sequences are assigned by the caller, 1, 2, 3, ..."""
 
@@ -84,6 +87,14 @@ class LocalJobStore:
         jobs = await asyncio.to_thread(read_all)
         jobs.sort(key=lambda j: (j.created_at.seconds, j.created_at.nanos, j.id), reverse=True)
         return jobs
+
+    async def unfinished(self) -> builtins.list[training_pb2.Job]:
+        final = (
+            training_pb2.JOB_STATE_SUCCEEDED,
+            training_pb2.JOB_STATE_FAILED,
+            training_pb2.JOB_STATE_CANCELLED,
+        )
+        return [j for j in reversed(await self.list()) if j.state not in final]
 
     async def append_event(self, job_id: str, event: training_pb2.JobEvent) -> None:
         line = base64.b64encode(event.SerializeToString()) + b"\n"

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from mesh.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos.meshserve.data.v1 import data_pb2
 from protos.meshserve.training.v1 import training_pb2
 from workers.model_repo import ModelRepo
@@ -23,6 +23,7 @@ from workers.training.checkpoint import JobArtifacts
 from workers.training.datasets import Datasets
 from workers.training.jobstore import JobStore
 from workers.training.loop import RunConfig
+from workers.training.ownership import JobClaims, OwnershipLost, SoleOwner
 from workers.training.process import JobProcess
 from workers.training.publish import (
     LineageOnly,
@@ -58,6 +59,10 @@ class WorkerSettings:
     cancel_grace_seconds: float = 5.0
     #: CPU threads per training rank; 0 divides the machine's cores among the ranks.
     threads_per_rank: int = 0
+    #: Seconds between looks for unclaimed unfinished jobs in a shared store (adoption).
+    adopt_interval_seconds: float = 2.0
+    #: Seconds between re-reads of a watched job that another worker runs.
+    watch_poll_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         if self.device not in specs.DEVICES:
@@ -68,6 +73,8 @@ class WorkerSettings:
             raise ValueError(f"threads_per_rank must be >= 0, got {self.threads_per_rank}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.adopt_interval_seconds <= 0 or self.watch_poll_seconds <= 0:
+            raise ValueError("adopt and watch poll intervals must be positive")
 
 
 @dataclass
@@ -83,6 +90,8 @@ class _Run:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str = ""
     result: dict[str, Any] | None = None
+    #: Monotonic time by which the job's claim must be renewed, or the job is given up.
+    lease_deadline: float = float("inf")
 
     def reset(self) -> None:
         """Forgets the outcome of a previous process before starting another."""
@@ -124,9 +133,12 @@ class JobManager:
         recorder: VersionRecorder | None = None,
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] | None = None,
+        claims: JobClaims | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        #: Who runs which job; the local store has one worker, so it is always this one.
+        self.claims: JobClaims = claims or SoleOwner()
         self.datasets = datasets
         self.recorder: VersionRecorder = recorder or LineageOnly()
         self.repo = ModelRepo(settings.model_repo_url)
@@ -136,6 +148,7 @@ class JobManager:
         self._runs: dict[str, _Run] = {}
         self._signals: dict[str, asyncio.Event] = {}
         self._closing = False
+        self._loops: list[asyncio.Task[None]] = []
 
     @staticmethod
     def _default_id() -> str:
@@ -143,15 +156,21 @@ class JobManager:
 
     # ---- events -----------------------------------------------------------------------
 
-    async def _emit(self, run: _Run, **kind: Any) -> None:
-        """Appends an event (next sequence), persists the job, wakes the watchers."""
-        job = run.job
+    async def _emit(self, run: _Run, job: training_pb2.Job | None = None, **kind: Any) -> None:
+        """Appends an event (next sequence), persists the job, wakes the watchers.
+
+        ``job``: a changed copy of ``run.job``, which takes its content only once it is
+        stored, so GetJob (served from memory) never runs ahead of ListJobs (the store).
+        """
+        job = run.job if job is None else job
         event = training_pb2.JobEvent(
             sequence=job.last_event + 1, time=_timestamp(self._clock()), **kind
         )
         await self.store.append_event(job.id, event)
         job.last_event = event.sequence
         await self.store.put(job)
+        if job is not run.job:
+            run.job.CopyFrom(job)
         self._notify(job.id)
 
     def _notify(self, job_id: str) -> None:
@@ -160,7 +179,8 @@ class JobManager:
             signal.set()
 
     async def _set_state(self, run: _Run, state: int, message: str = "") -> None:
-        job = run.job
+        job = training_pb2.Job()
+        job.CopyFrom(run.job)
         job.state = state  # type: ignore[assignment]
         job.message = message
         now = _timestamp(self._clock())
@@ -170,6 +190,7 @@ class JobManager:
             job.finished_at.CopyFrom(now)
         await self._emit(
             run,
+            job,
             state_changed=training_pb2.StateChanged(state=state, message=message),  # type: ignore[arg-type]
         )
 
@@ -187,7 +208,10 @@ class JobManager:
         # Pin "latest" to the version resolved now, so a resumed job reads the same data.
         job.spec.dataset.version = dataset.version
         job.created_at.CopyFrom(_timestamp(self._clock()))
-        run = _Run(job)
+        # Claimed before it is stored: no other worker may adopt it meanwhile.
+        if not await self.claims.claim(job.id):
+            raise Aborted(f"job id {job.id} is claimed by another worker; submit again")
+        run = _Run(job, lease_deadline=self._lease_deadline())
         self._runs[job.id] = run
         async with run.lock:
             await self._set_state(run, training_pb2.JOB_STATE_QUEUED)
@@ -215,7 +239,13 @@ class JobManager:
     async def cancel(self, job_id: str) -> training_pb2.Job:
         run = self._runs.get(job_id)
         if run is None or run.job.state in TERMINAL:
-            return await self.get(job_id)
+            job = await self.get(job_id)
+            if job.state not in TERMINAL and self.claims.shared:
+                # Its process and checkpoints belong to the worker that holds its claim.
+                raise FailedPrecondition(
+                    f"job {job_id} is run by another training worker; cancel it there"
+                )
+            return job
         async with run.lock:
             if run.job.state in TERMINAL:
                 return await self.get(job_id)
@@ -264,29 +294,112 @@ class JobManager:
             job = await self.store.get(job_id)
             if job is None or (job.state in TERMINAL and next_event > job.last_event):
                 return
-            await signal.wait()
+            if job_id in self._runs:
+                await signal.wait()
+            else:
+                # Run by another worker (shared store): its events arrive only by re-reading.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(signal.wait(), self.settings.watch_poll_seconds)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
+    def _lease_deadline(self) -> float:
+        return time.monotonic() + self.claims.ttl_seconds
+
     async def recover(self) -> int:
-        """Requeues the store's unfinished jobs (oldest first); returns how many."""
-        jobs = [j for j in await self.store.list() if j.state not in TERMINAL]
-        for job in reversed(jobs):
+        """Adopts the store's unfinished jobs that no live worker holds; returns how many.
+
+        With a shared store it also starts keeping this worker's claims renewed and
+        looking for orphaned jobs every ``adopt_interval_seconds``.
+        """
+        adopted = await self._adopt()
+        if self.claims.shared and not self._loops:
+            self._loops = [
+                asyncio.create_task(self._keep_claims(), name="keep-job-claims"),
+                asyncio.create_task(self._adopt_orphans(), name="adopt-jobs"),
+            ]
+        return adopted
+
+    async def _adopt(self) -> int:
+        """Claims and resumes unfinished jobs (oldest first) that no live worker holds."""
+        adopted = 0
+        for stale in await self.store.unfinished():
+            if stale.id in self._runs or self._closing:
+                continue
+            # In a shared store take only what we can start now; leave the rest to others.
+            if self.claims.shared and len(self._runs) >= self.settings.max_concurrent_jobs:
+                break
+            if not await self.claims.claim(stale.id):
+                continue  # a live worker runs it
+            # Re-read under the claim: its previous owner may have written since the listing.
+            job = await self.store.get(stale.id) or stale
             # The worker may have died between appending an event and saving the job.
             catch_up(job, await self.store.events(job.id, job.last_event + 1))
             if job.state in TERMINAL:
                 await self.store.put(job)
+                await self.claims.release(job.id)
                 continue
             if job.state == training_pb2.JOB_STATE_RUNNING:
                 job.attempts += 1
-            run = _Run(job)
+            run = _Run(job, lease_deadline=self._lease_deadline())
             self._runs[job.id] = run
             run.task = asyncio.create_task(self._run(run), name=f"job-{job.id}")
-        return len(self._runs)
+            adopted += 1
+            log.info("adopted job %s at step %d", job.id, job.step)
+        return adopted
+
+    async def _adopt_orphans(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.adopt_interval_seconds)
+            try:
+                await self._adopt()
+            except Exception as exc:  # the store may be briefly away: try next round
+                log.warning("looking for jobs to adopt failed: %s", exc)
+
+    async def _keep_claims(self) -> None:
+        """Renews the claim of every job held here; gives up a job whose claim is lost."""
+        interval = self.claims.ttl_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            for run in list(self._runs.values()):
+                if run.job.state in TERMINAL:
+                    continue
+                try:
+                    held = await self.claims.renew(run.job.id)
+                except Exception as exc:
+                    log.warning("renewing the claim of job %s failed: %s", run.job.id, exc)
+                    # Unconfirmed: keep going only while the last renewal still holds.
+                    held = time.monotonic() < run.lease_deadline
+                else:
+                    if held:
+                        run.lease_deadline = self._lease_deadline()
+                if not held:
+                    await self._abandon(run)
+
+    async def _abandon(self, run: _Run) -> None:
+        """Stops a job whose claim this worker lost, writing nothing: its new owner resumes it."""
+        log.warning("lost the claim of job %s: stopping it here", run.job.id)
+        if self._runs.get(run.job.id) is run:
+            del self._runs[run.job.id]
+        if run.process is not None:
+            run.process.kill()
+        if run.task is not None and run.task is not asyncio.current_task():
+            run.task.cancel()
+            await asyncio.gather(run.task, return_exceptions=True)
+        self._notify(run.job.id)
+
+    async def _confirm(self, run: _Run) -> None:
+        """Fences a final write (publish, finish): raises unless the claim is still ours."""
+        if not await self.claims.renew(run.job.id):
+            raise OwnershipLost(f"job {run.job.id}: another worker holds its claim now")
 
     async def close(self) -> None:
         """Stops every training process; unfinished jobs stay RUNNING/QUEUED and resume later."""
         self._closing = True
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
         runs = list(self._runs.values())
         for run in runs:
             if run.process is not None:
@@ -298,6 +411,16 @@ class JobManager:
         for run in runs:
             if run.process is not None:
                 run.process.kill()
+        # Unfinished jobs stay in the store; free their claims so that another worker (or
+        # this one, restarted) resumes them at once rather than after the claim lapses.
+        for run in runs:
+            if run.job.state not in TERMINAL:
+                try:
+                    await self.claims.release(run.job.id)
+                except Exception as exc:
+                    log.warning(
+                        "could not release job %s (its claim will lapse): %s", run.job.id, exc
+                    )
 
     # ---- running ----------------------------------------------------------------------
 
@@ -307,15 +430,29 @@ class JobManager:
                 await self._train(run)
         except asyncio.CancelledError:
             raise
+        except OwnershipLost as exc:
+            log.warning("%s; leaving it to that worker", exc)
+            if run.process is not None:
+                run.process.kill()
+            self._runs.pop(run.job.id, None)
         except Exception as exc:  # never let one job's bookkeeping bug go unrecorded
             log.exception("job %s failed in the worker", run.job.id)
             async with run.lock:
                 if run.job.state not in TERMINAL:
-                    await self._finish(run, training_pb2.JOB_STATE_FAILED, f"worker error: {exc}")
+                    try:
+                        await self._finish(
+                            run, training_pb2.JOB_STATE_FAILED, f"worker error: {exc}"
+                        )
+                    except OwnershipLost:
+                        self._runs.pop(run.job.id, None)
         finally:
             if run.job.state in TERMINAL:
                 # Finished jobs are served from the store; keep memory for live ones.
                 self._runs.pop(run.job.id, None)
+                try:
+                    await self.claims.release(run.job.id)
+                except Exception as exc:  # it lapses on its own; a final job is never adopted
+                    log.warning("could not release the claim of job %s: %s", run.job.id, exc)
 
     async def _dataset(self, run: _Run) -> data_pb2.Dataset:
         """The job's dataset, waiting out a data service that is briefly unavailable."""
@@ -454,6 +591,7 @@ class JobManager:
             log.warning("job %s: unknown message %r", job.id, kind)
 
     async def _publish(self, run: _Run, dataset: data_pb2.Dataset) -> None:
+        await self._confirm(run)
         job = run.job
         artifacts = JobArtifacts(self.settings.artifacts_url, job.id)
         metrics = dict(job.metrics)
@@ -475,6 +613,8 @@ class JobManager:
         await self._finish(run, training_pb2.JOB_STATE_CANCELLED, "cancelled by request")
 
     async def _finish(self, run: _Run, state: int, message: str = "") -> None:
+        # Removing the artifacts of a job another worker resumed would wreck its run.
+        await self._confirm(run)
         artifacts = JobArtifacts(self.settings.artifacts_url, run.job.id)
         await asyncio.to_thread(artifacts.remove)
         await self._set_state(run, state, message)

@@ -15,6 +15,7 @@ import pytest
 from mesh.server.app import ServerSettings, Serving
 from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
+from tests.registry.conftest import es, indices, store_url  # noqa: F401  (store fixtures)
 from workers.data.server import DataWorkerConfig
 from workers.data.server import start as start_data
 from workers.training.manager import JobManager, WorkerSettings
