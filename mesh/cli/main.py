@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.call",
     "mesh.cli.apply",
     "mesh.cli.bench",
+    "mesh.cli.trace",
     "mesh.cli.datasets",
     "registry.cli",
     "gateway.cli",

@@ -319,7 +319,9 @@ def _print_ready(started: Sequence[Running], gateway: str, state: Path, took: fl
         f"""-d '{{"name": "{DEMO_MODEL}"}}'""",
         f"grpcurl -plaintext {gateway} list",
         "meshserve apply -f config/examples/canary-90-10.yaml",
-        f"meshserve route explain /inference.GRPCInferenceService/ModelInfer --model {DEMO_MODEL}",
+        f"meshserve route explain --model {DEMO_MODEL}",
+        f"meshserve bench {DEMO_MODEL} -c 1 8",
+        "meshserve trace   (with up --traces)",
     ):
         out.print(f"  {command}", highlight=False, soft_wrap=True)
     out.print("\nCtrl-C stops everything.", highlight=False)
@@ -463,6 +465,9 @@ def run(args: argparse.Namespace) -> int:
         if stopping.is_set():
             raise KeyboardInterrupt
 
+    if args.traces:
+        # Every component inherits it: one JSON-lines span file for `meshserve trace`.
+        os.environ["MESHSERVE_TRACES"] = f"file:{state / 'traces.jsonl'}"
     try:
         _ensure_certs(state)
         es = args.es
@@ -569,4 +574,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--data-workers", type=int, default=1)
     parser.add_argument("--demo-epochs", type=int, default=2, help="epochs of the first demo model")
     parser.add_argument("--no-demo", action="store_true", help="skip the demo dataset and model")
+    parser.add_argument(
+        "--traces",
+        action="store_true",
+        help="record every request's spans in <state>/traces.jsonl (see `meshserve trace`)",
+    )
     parser.set_defaults(handler=run)
