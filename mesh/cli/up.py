@@ -48,8 +48,9 @@ START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
 #: How long the gateway may take to see every worker in the registry.
 DISCOVERY_TIMEOUT_S = 60.0
-#: The routing YAML shipped with the repository.
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "config"
+#: The routing YAML shipped with the repository (a checkout), else ./config (an installed package).
+_CHECKOUT_CONFIG = Path(__file__).resolve().parents[2] / "config"
+REPO_CONFIG = _CHECKOUT_CONFIG if _CHECKOUT_CONFIG.is_dir() else Path("config")
 
 DEMO_DATASET = "demo-blobs"
 DEMO_MODEL = "demo"
