@@ -146,6 +146,7 @@ def await_ready(spawned: Spawned, verbose: int) -> Running:
     component, process, lines = spawned.component, spawned.process, spawned.lines
     sink = spawned.log.open("a", buffering=1)
     deadline = time.monotonic() + START_TIMEOUT_S
+    said = ""  # its last "error: ..." line, which names the problem
     while True:
         try:
             line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -157,10 +158,15 @@ def await_ready(spawned: Spawned, verbose: int) -> Running:
         if line is None:
             code = process.wait()
             _kill_group(process)
+            reason = f": {said}" if said else ""
             raise CliError(
-                f"{component.name} exited with status {code} before it was ready "
-                f"(see {spawned.log})"
+                f"{component.name} exited with status {code} before it was ready{reason} "
+                f"(log: {spawned.log})"
             )
+        if line.startswith("error:"):
+            said = line.removeprefix("error:").strip()
+        elif said and line.startswith(" ") and line.strip():
+            said += " " + line.strip()  # rich wraps long messages
         sink.write(line)
         if verbose:
             sys.stdout.write(line)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -232,3 +233,44 @@ def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(
         assert again.process.returncode == 0, again.output()
     finally:
         again.kill()
+
+
+def test_up_fails_in_one_line_when_the_gateway_port_is_taken_and_leaves_nothing(
+    mesh_state: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli(
+            "up",
+            "--state-dir",
+            str(mesh_state),
+            "--port",
+            str(port),
+            "--no-demo",
+            "--data-workers",
+            "0",
+            "--training-workers",
+            "0",
+            "--inference-workers",
+            "0",
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert "gateway exited with status 1 before it was ready" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert not (mesh_state / UP_FILE).exists()
+    assert not [
+        entry.name
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and str(mesh_state).encode() in _cmdline(entry)
+    ]
+
+
+def _cmdline(entry: Path) -> bytes:
+    try:
+        return (entry / "cmdline").read_bytes()
+    except OSError:
+        return b""
