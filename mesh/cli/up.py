@@ -303,7 +303,8 @@ def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threadi
                 return False
             return bool(reply.ready)
 
-        _wait(f"model {DEMO_MODEL} to be ready", model_ready, stopping, DISCOVERY_TIMEOUT_S)
+        if args.inference_workers:
+            _wait(f"model {DEMO_MODEL} to be ready", model_ready, stopping, DISCOVERY_TIMEOUT_S)
 
 
 def _print_ready(started: Sequence[Running], gateway: str, state: Path, took: float) -> None:
@@ -513,7 +514,8 @@ def run(args: argparse.Namespace) -> int:
                 tier=2,
             )
         ).address
-        if not args.no_demo:
+        # The demo needs a data and a training worker; its readiness wait, an inference one.
+        if not args.no_demo and args.data_workers and args.training_workers:
             _demo(gateway, state, args, stopping)
         UpEndpoints(
             gateway=gateway,
@@ -552,6 +554,13 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "up",
@@ -576,9 +585,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="worker device"
     )
-    parser.add_argument("--inference-workers", type=int, default=2)
-    parser.add_argument("--training-workers", type=int, default=1)
-    parser.add_argument("--data-workers", type=int, default=1)
+    parser.add_argument("--inference-workers", type=_count, default=2, metavar="N")
+    parser.add_argument("--training-workers", type=_count, default=1, metavar="N")
+    parser.add_argument("--data-workers", type=_count, default=1, metavar="N")
     parser.add_argument("--demo-epochs", type=int, default=2, help="epochs of the first demo model")
     parser.add_argument("--no-demo", action="store_true", help="skip the demo dataset and model")
     parser.add_argument(
