@@ -12,6 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mesh.cli.endpoints import default_gateway
 from mesh.cli.errors import CliError
 from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
 from protos.meshserve.data.v1 import data_pb2 as pb
@@ -21,7 +22,8 @@ from workers.data.schema import Array
 
 out = Console()
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+#: The running `meshserve up`'s gateway (it routes DataService), else $MESHSERVE_GATEWAY/8080.
+DEFAULT_ADDRESS = default_gateway()
 _SPLITS = {
     "train": pb.SPLIT_TRAIN,
     "validation": pb.SPLIT_VALIDATION,
@@ -251,7 +253,9 @@ def _add_split_options(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("datasets", help="manage the datasets of a data worker")
     parser.add_argument(
-        "--address", default=DEFAULT_ADDRESS, help=f"data worker (default {DEFAULT_ADDRESS})"
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help="data worker or gateway (default: the running up's gateway)",
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 

@@ -20,6 +20,12 @@ from mesh.errors import MeshError
 #: Modules that add top-level commands: each has ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.up",
+    "mesh.cli.train",
+    "mesh.cli.infer",
+    "mesh.cli.call",
+    "mesh.cli.apply",
+    "mesh.cli.bench",
+    "mesh.cli.trace",
     "mesh.cli.datasets",
     "registry.cli",
     "gateway.cli",

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from pathlib import Path
 
 import grpc.aio
 from rich.console import Console
 from rich.table import Table
 
+from mesh.cli.endpoints import default_gateway
 from mesh.cli.main import CliError
 from mesh.config.loader import parse_yaml
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
-DEFAULT_GATEWAY = os.environ.get("MESHSERVE_GATEWAY", "127.0.0.1:8080")
+#: $MESHSERVE_GATEWAY, else the running `meshserve up`'s gateway, else 127.0.0.1:8080.
+DEFAULT_GATEWAY = default_gateway()
 out = Console()
 
 
@@ -23,7 +24,7 @@ def _gateway_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gateway",
         default=DEFAULT_GATEWAY,
-        help="gateway address (default: $MESHSERVE_GATEWAY or %(default)s)",
+        help="gateway address (default: $MESHSERVE_GATEWAY, else the running up, else 127.0.0.1:8080)",
     )
 
 

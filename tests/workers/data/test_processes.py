@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
-import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc.aio
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2
 
 from protos.meshserve.data.v1 import data_pb2 as pb
 from protos.meshserve.data.v1 import data_pb2_grpc
-from tests.workers.data.conftest import columns, header
-from workers.data import wire
 from workers.data.server import READY_PREFIX
-from workers.data.service import SERVICE_NAME
 
 pytestmark = pytest.mark.e2e
 
@@ -94,96 +87,3 @@ async def test_sigterm_lets_an_in_flight_stream_finish_then_exits_zero(tmp_path:
         assert await asyncio.wait_for(worker.wait(), 30) == 0
     finally:
         await stop(worker)
-
-
-async def test_meshserve_up_serves_uploads_streams_and_reflection_until_sigint(
-    tmp_path: Path,
-) -> None:
-    state = tmp_path / "state"
-    up = await spawn("up", "--data-port", "0", "--state-dir", str(state))
-    worker_pid: int | None = None
-    try:
-        banner = await read_until(up, "Ctrl-C stops everything")
-        match = re.search(r"data worker\s*│\s*(127\.0\.0\.1:\d+)\s*│\s*(\d+)", banner)
-        assert match, banner
-        address, worker_pid = match.group(1), int(match.group(2))
-        assert f"grpcurl -plaintext {address} list" in banner
-
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = data_pb2_grpc.DataServiceStub(channel)
-
-            async def requests() -> AsyncIterator[pb.CreateDatasetRequest]:
-                for item in wire.upload_requests(header(), columns(60), records_per_message=16):
-                    yield item
-
-            created = await stub.CreateDataset(requests())
-            assert created.num_examples == 60
-            ids = [
-                i
-                async for batch in stub.StreamBatches(
-                    pb.StreamBatchesRequest(dataset="toy", split=pb.SPLIT_ALL, batch_size=7)
-                )
-                for i in batch.example_ids
-            ]
-            assert ids == list(range(60))
-
-            reflect = channel.stream_stream(
-                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
-            )
-
-            async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
-                yield reflection_pb2.ServerReflectionRequest(list_services="")
-
-            names = {
-                s.name
-                async for response in reflect(ask())
-                for s in response.list_services_response.service
-            }
-            assert SERVICE_NAME in names
-
-        assert (state / "data" / "toy" / "1" / "manifest.json").is_file()
-        up.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(up.wait(), 40) == 0
-        assert up.stdout is not None
-        assert "meshserve stopped" in (await up.stdout.read()).decode()
-        with pytest.raises(ProcessLookupError):
-            os.kill(worker_pid, 0)  # `up` stopped and reaped its worker
-        worker_pid = None
-    finally:
-        await stop(up)
-        if worker_pid is not None:
-            # The worker runs in its own session: killing `up` does not reach it.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker_pid, signal.SIGKILL)
-
-
-async def test_meshserve_up_fails_clearly_when_the_data_port_is_taken(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        up = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "mesh.cli.main",
-            "up",
-            "--data-port",
-            str(port),
-            "--state-dir",
-            str(tmp_path / "state"),
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _, stderr = await asyncio.wait_for(up.communicate(), START_TIMEOUT)
-        finally:
-            await stop(up)
-    assert up.returncode == 1
-    text = stderr.decode()
-    assert f"cannot listen on 127.0.0.1:{port}" in text
-    assert "data worker exited with status 1 before it was ready" in text
-    assert "Traceback" not in text

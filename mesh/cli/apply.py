@@ -1,0 +1,36 @@
+"""``meshserve apply -f FILE``: routing YAML applied to the running gateway (``config apply``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mesh.cli.route import DEFAULT_GATEWAY, apply_config
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "apply",
+        help="apply routing YAML to the running gateway (like kubectl apply -f)",
+        description="Validates the YAML files and applies them over the gateway's running "
+        "config through its admin API; same as `meshserve config apply`.",
+    )
+    parser.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        type=Path,
+        required=True,
+        help="YAML file (repeatable)",
+    )
+    parser.add_argument(
+        "--gateway",
+        default=DEFAULT_GATEWAY,
+        help="gateway address (default: $MESHSERVE_GATEWAY, else the running up)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate only")
+    parser.add_argument(
+        "--expected-version", type=int, default=0, help="apply only over this version"
+    )
+    parser.set_defaults(handler=apply_config)

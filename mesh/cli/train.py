@@ -1,0 +1,168 @@
+"""``meshserve train``: submits a training job, follows it with a live progress bar, prints the result."""
+
+from __future__ import annotations
+
+import argparse
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mesh.cli.endpoints import default_gateway
+from mesh.cli.errors import CliError
+from protos.meshserve.training.v1 import training_pb2 as pb
+from protos.meshserve.training.v1 import training_pb2_grpc
+
+out = Console()
+
+_FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
+_OPTIMIZERS = {
+    "sgd": pb.OPTIMIZER_KIND_SGD,
+    "momentum": pb.OPTIMIZER_KIND_SGD_MOMENTUM,
+    "adam": pb.OPTIMIZER_KIND_ADAM,
+    "adamw": pb.OPTIMIZER_KIND_ADAMW,
+}
+
+
+def mlp_spec(
+    model: str,
+    dataset: str,
+    *,
+    hidden: list[int],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    optimizer: str = "adam",
+    seed: int = 0,
+    device: str = "",
+) -> pb.JobSpec:
+    """A job training an MLP classifier or regressor on ``dataset`` (latest version)."""
+    return pb.JobSpec(
+        model_name=model,
+        architecture=pb.Architecture(mlp=pb.MlpSpec(hidden_sizes=hidden, activation="relu")),
+        dataset=pb.DatasetRef(name=dataset),
+        optimizer=pb.Optimizer(kind=_OPTIMIZERS[optimizer], learning_rate=learning_rate),
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        standardize=True,
+        log_every_steps=1,
+        device=device,
+    )
+
+
+def submit_and_watch(channel: grpc.Channel, spec: pb.JobSpec, console: Console = out) -> pb.Job:
+    """SubmitJob, then a progress bar fed by WatchJob until the job ends; returns the final job."""
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    job = stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=30)
+    console.print(f"job [bold]{job.id}[/]: training {spec.model_name} on {spec.dataset.name}")
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    last = 0
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("queued", total=job.total_steps or None, detail="")
+        # WatchJob may end early (a gateway retry, a restart): resume from the last event.
+        while True:
+            try:
+                for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.id, from_event=last + 1)):
+                    last = event.sequence
+                    kind = event.WhichOneof("kind")
+                    if kind == "state_changed":
+                        progress.update(
+                            task,
+                            description=pb.JobState.Name(event.state_changed.state)
+                            .removeprefix("JOB_STATE_")
+                            .lower(),
+                        )
+                    elif kind == "step_loss":
+                        s = event.step_loss
+                        if progress.tasks[task].total is None:
+                            progress.update(
+                                task,
+                                total=stub.GetJob(
+                                    pb.GetJobRequest(job_id=job.id), timeout=10
+                                ).total_steps
+                                or None,
+                            )
+                        progress.update(
+                            task,
+                            completed=s.step,
+                            detail=f"epoch {s.epoch} loss {s.loss:.4f} {s.examples_per_second:,.0f} ex/s",
+                        )
+                    elif kind == "epoch_metrics":
+                        m = event.epoch_metrics
+                        text = " ".join(f"{k}={v:.4f}" for k, v in sorted(m.metrics.items()))
+                        progress.console.print(f"epoch {m.epoch}: {text}", highlight=False)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+            job = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10)
+            if job.state in _FINAL:
+                if job.total_steps:
+                    progress.update(task, total=job.total_steps, completed=job.step)
+                progress.update(task, description=pb.JobState.Name(job.state)[10:].lower())
+                break
+    if job.state != pb.JOB_STATE_SUCCEEDED:
+        raise CliError(
+            f"job {job.id} {pb.JobState.Name(job.state)[10:].lower()}: {job.message or 'no reason'}"
+        )
+    return job
+
+
+def print_result(job: pb.Job, console: Console = out) -> None:
+    table = Table(title=f"{job.published.model_name} version {job.published.version}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(job.metrics.items()):
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    console.print(f"published at {job.published.uri}", highlight=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
+    if args.optimizer not in _OPTIMIZERS:
+        raise CliError(f"unknown optimizer {args.optimizer!r}: one of {', '.join(_OPTIMIZERS)}")
+    spec = mlp_spec(
+        args.model,
+        args.dataset,
+        hidden=hidden,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        device=args.device,
+    )
+    with grpc.insecure_channel(args.address or default_gateway()) as channel:
+        job = submit_and_watch(channel, spec)
+    print_result(job)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the next version of a model (live progress)",
+        description="Submits an MLP training job through the gateway, shows its progress from "
+        "WatchJob, then prints the published version and its metrics.",
+    )
+    parser.add_argument("model", help="model name; the job publishes its next version")
+    parser.add_argument("--dataset", required=True, help="dataset name (latest version)")
+    parser.add_argument("--hidden", default="32", help="hidden layer sizes, comma separated")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate")
+    parser.add_argument("--optimizer", default="adam", help=", ".join(_OPTIMIZERS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="", help="cpu, cuda or empty (worker's default)")
+    parser.add_argument(
+        "--address", default=None, help="gateway or training worker (default: the running up)"
+    )
+    parser.set_defaults(handler=run)

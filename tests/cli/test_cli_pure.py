@@ -1,0 +1,125 @@
+"""The pure parts of the user-facing commands: inputs for infer, call targets, traces, up.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mesh.cli.call import split_target
+from mesh.cli.endpoints import UpEndpoints, default_gateway
+from mesh.cli.errors import CliError
+from mesh.cli.infer import build_request, decode_outputs, parse_inputs
+from mesh.cli.trace import trace_tree
+from protos.inference import grpc_service_pb2 as pb
+
+
+def metadata(*inputs: tuple[str, str]) -> pb.ModelMetadataResponse:
+    reply = pb.ModelMetadataResponse(name="m")
+    for name, datatype in inputs:
+        reply.inputs.add(name=name, datatype=datatype, shape=[-1, 2])
+    return reply
+
+
+def test_a_bare_json_array_feeds_the_only_input_cast_to_its_datatype() -> None:
+    inputs = parse_inputs("[[1, 2], [3, 4]]", [], [])
+    request = build_request("m", "", metadata(("x", "FP32")), inputs)
+    assert request.inputs[0].name == "x" and list(request.inputs[0].shape) == [2, 2]
+    decoded = np.frombuffer(request.raw_input_contents[0], dtype=np.float32)
+    assert decoded.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_npy_inputs_are_read_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "ids.npy"
+    np.save(path, np.array([[7, 8]], dtype=np.int64))
+    inputs = parse_inputs(None, [f"ids={path}"], [])
+    request = build_request("m", "2", metadata(("ids", "INT64")), inputs)
+    assert request.model_version == "2"
+    assert np.frombuffer(request.raw_input_contents[0], dtype=np.int64).tolist() == [7, 8]
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "message"),
+    [
+        (None, [], "no input"),
+        ("[1,", [], "not JSON"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(data: str | None, files: list[str], message: str) -> None:
+    with pytest.raises(CliError, match=message):
+        parse_inputs(data, files, [])
+
+
+def test_inputs_must_match_the_model() -> None:
+    two = metadata(("a", "FP32"), ("b", "FP32"))
+    with pytest.raises(CliError, match="name them"):
+        build_request("m", "", two, {"": [[1, 2]]})
+    with pytest.raises(CliError, match="no input 'c'"):
+        build_request("m", "", two, {"c": [[1, 2]]})
+
+
+def test_outputs_decode_from_raw_contents_including_bytes() -> None:
+    response = pb.ModelInferResponse(model_name="m", model_version="1")
+    response.outputs.add(name="y", datatype="FP32", shape=[1, 2])
+    response.raw_output_contents.append(np.array([[0.5, 1.5]], dtype=np.float32).tobytes())
+    response.outputs.add(name="s", datatype="BYTES", shape=[2])
+    response.raw_output_contents.append(b"\x02\x00\x00\x00hi\x01\x00\x00\x00!")
+    outputs = decode_outputs(response)
+    assert outputs["y"].tolist() == [[0.5, 1.5]]
+    assert outputs["s"].tolist() == ["hi", "!"]
+
+
+def test_call_targets_take_grpcurl_and_path_forms() -> None:
+    assert split_target("inference.GRPCInferenceService/ModelInfer") == (
+        "inference.GRPCInferenceService",
+        "ModelInfer",
+    )
+    assert split_target("/a.b.S/M") == ("a.b.S", "M")
+    assert split_target("a.b.S.M") == ("a.b.S", "M")
+    with pytest.raises(CliError, match="SERVICE/METHOD"):
+        split_target("nothing")
+
+
+def _span(span_id: str, parent: str | None, service: str, start: str) -> dict[str, object]:
+    return {
+        "name": "inference.GRPCInferenceService/ModelInfer",
+        "context": {"trace_id": "0xabc", "span_id": span_id},
+        "parent_id": parent,
+        "kind": "SpanKind.SERVER",
+        "start_time": f"2026-01-01T00:00:0{start}Z",
+        "end_time": "2026-01-01T00:00:09Z",
+        "attributes": {"meshserve.endpoint": "localhost:1"} if parent is None else {},
+        "resource": {"attributes": {"service.name": service}},
+    }
+
+
+def test_trace_tree_nests_spans_under_their_parents_whatever_the_file_order() -> None:
+    spans = [_span("0x2", "0x1", "sidecar/inference", "2"), _span("0x1", None, "gateway", "1")]
+    tree = trace_tree(spans, "0xabc")
+    (root,) = tree.children
+    assert "gateway" in str(root.label) and "endpoint=localhost:1" in str(root.label)
+    (child,) = root.children
+    assert "sidecar/inference" in str(child.label)
+    with pytest.raises(CliError, match="no spans"):
+        trace_tree(spans, "0xdef")
+
+
+def test_up_json_names_the_gateway_only_while_its_up_process_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MESHSERVE_GATEWAY", raising=False)
+    endpoints = UpEndpoints("127.0.0.1:9999", "http://127.0.0.1:1", os.getpid(), {"gateway": "x"})
+    endpoints.write(tmp_path)
+    assert UpEndpoints.read(tmp_path) == endpoints
+    assert default_gateway(tmp_path) == "127.0.0.1:9999"
+    monkeypatch.setenv("MESHSERVE_GATEWAY", "10.0.0.1:8080")
+    assert default_gateway(tmp_path) == "10.0.0.1:8080"
+    monkeypatch.delenv("MESHSERVE_GATEWAY")
+    raw = json.loads((tmp_path / "up.json").read_text())
+    raw["pid"] = 2**22 + 12345  # above pid_max: no such process
+    (tmp_path / "up.json").write_text(json.dumps(raw))
+    assert UpEndpoints.read(tmp_path) is None
+    assert default_gateway(tmp_path) == "127.0.0.1:8080"

@@ -1,0 +1,76 @@
+"""deploy/: the Kubernetes manifests parse, hold the expected objects, and ship config/ unchanged."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.config.loader import parse_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert isinstance(doc, dict), f"{path}: every document is a mapping"
+            docs.append(doc)
+    return docs
+
+
+def test_every_manifest_has_the_expected_kinds_in_the_meshserve_namespace() -> None:
+    docs = manifests()
+    kinds = Counter(d["kind"] for d in docs)
+    assert kinds == {
+        "Namespace": 1,
+        "StatefulSet": 1,
+        "Service": 2,
+        "Secret": 1,
+        "ConfigMap": 1,
+        "PersistentVolumeClaim": 1,
+        "Deployment": 4,
+    }
+    for doc in docs:
+        assert doc["apiVersion"] and doc["metadata"]["name"]
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "meshserve", doc["metadata"]["name"]
+
+
+def test_workers_run_beside_their_sidecar_and_the_gateway_reads_the_routing_configmap() -> None:
+    deployments = {d["metadata"]["name"]: d for d in manifests() if d["kind"] == "Deployment"}
+    assert set(deployments) == {"gateway", "inference", "training", "data"}
+    for name in ("inference", "training", "data"):
+        spec = deployments[name]["spec"]["template"]["spec"]
+        containers = {c["name"]: c for c in spec["containers"]}
+        assert set(containers) == {"worker", "sidecar"}
+        assert containers["worker"]["args"][:2] == ["worker", name]
+        sidecar = containers["sidecar"]["args"]
+        assert sidecar[0] == "sidecar"
+        assert sidecar[sidecar.index("--service") + 1] == name
+        assert sidecar[sidecar.index("--app") + 1] == "127.0.0.1:9000"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["routing"]["configMap"]["name"] == "meshserve-routing"
+        assert volumes["certs"]["secret"]["secretName"] == f"meshserve-certs-{name}"
+    gateway = deployments["gateway"]["spec"]["template"]["spec"]
+    assert gateway["containers"][0]["args"][0] == "gateway"
+    assert gateway["volumes"][0]["configMap"]["name"] == "meshserve-routing"
+
+
+def test_routing_configmap_is_config_folder_verbatim_and_valid() -> None:
+    (configmap,) = [d for d in manifests() if d["kind"] == "ConfigMap"]
+    shipped = {p.name: p.read_text() for p in sorted((ROOT / "config").glob("*.yaml"))}
+    assert configmap["data"] == shipped
+    for name, text in configmap["data"].items():
+        assert parse_yaml(text, name)  # the same validation the gateway runs
+
+
+def test_dockerfile_installs_cpu_torch_then_the_project_with_meshserve_as_entrypoint() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert text.index("FROM python:") < text.index("--index-url") < text.index('pip install ".')
+    assert "download.pytorch.org/whl/cpu" in text
+    assert 'ENTRYPOINT ["meshserve"]' in text
