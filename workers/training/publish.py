@@ -90,7 +90,7 @@ def publish(
     model_file: bytes,
     record: Mapping[str, Any],
 ) -> training_pb2.PublishedVersion:
-    """Writes config.pbtxt and the next version (temporary name, then rename).
+    """Writes the next version (temporary name, then rename), and config.pbtxt if new.
 
     ``record`` (see ``lineage``) becomes the version's lineage.json. A job that
     already published (the worker died before noting it) gets its version back.
@@ -98,8 +98,14 @@ def publish(
     model = job.spec.model_name
     version = find_published(repo, model, job.id)
     if version is None:
-        sig = catalogue.signature_of(dataset.schema)
-        repo.write_config(model, export.model_config(model, sig))
+        # An existing config is the operator's: its inputs and outputs were checked
+        # at submit time, and rewriting it would drop their version policy and
+        # batching settings. Only a new (or unreadable) model gets ours.
+        try:
+            repo.read_config(model)
+        except RepositoryError:
+            sig = catalogue.signature_of(dataset.schema)
+            repo.write_config(model, export.model_config(model, sig))
         version = repo.publish_version(model, {export.MODEL_FILE: model_file}, record)
     uri = repo.version_path(model, version)
     return training_pb2.PublishedVersion(model_name=model, version=str(version), uri=uri)
