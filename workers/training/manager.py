@@ -83,6 +83,13 @@ class _Run:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str = ""
     result: dict[str, Any] | None = None
+    #: The job as last saved to the store. ``job`` runs ahead of it while an event
+    #: is being appended, so reads serve this: a client that sees FAILED from
+    #: GetJob then finds the job in ListJobs(state=FAILED) and in WatchJob.
+    saved: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.saved = self.job.SerializeToString()
 
     def reset(self) -> None:
         """Forgets the outcome of a previous process before starting another."""
@@ -152,6 +159,7 @@ class JobManager:
         await self.store.append_event(job.id, event)
         job.last_event = event.sequence
         await self.store.put(job)
+        run.saved = job.SerializeToString()
         self._notify(job.id)
 
     def _notify(self, job_id: str) -> None:
@@ -197,7 +205,7 @@ class JobManager:
     async def get(self, job_id: str) -> training_pb2.Job:
         run = self._runs.get(job_id)
         if run is not None:
-            return training_pb2.Job.FromString(run.job.SerializeToString())
+            return training_pb2.Job.FromString(run.saved)
         job = await self.store.get(job_id)
         if job is None:
             raise NotFound(f"job {job_id!r} not found")
