@@ -28,6 +28,21 @@ Context = grpc.aio.ServicerContext[Any, Any]
 WINDOW_BYTES = 16 * 1024 * 1024
 
 
+async def _confirm_not_cancelled(context: Context) -> None:
+    """Returns only if the client half-closed the stream; raises if it cancelled it.
+
+    grpc.aio ends the request iterator the same way for both: a client that resets
+    the stream (cancel, deadline, lost connection) looks like one that finished
+    sending, and the task cancellation follows a moment later. Committing on that
+    end of stream published truncated or abandoned uploads whenever the commit
+    thread started before the cancellation arrived. By the time the read returned,
+    gRPC core has already processed the reset, so one more operation on the call
+    settles it: sending the (empty) initial metadata fails on a cancelled call and
+    succeeds on a live one.
+    """
+    await context.send_initial_metadata(())
+
+
 class DataServicer(data_pb2_grpc.DataServiceServicer):
     """Serves one :class:`DatasetStore`. Blocking I/O and numpy work run in threads."""
 
@@ -58,6 +73,7 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
                     raise InvalidArgument("each upload message must hold a header or a chunk")
             if writer is None:
                 raise InvalidArgument("empty upload: send a header, then record chunks")
+            await _confirm_not_cancelled(context)
             info = await asyncio.to_thread(writer.commit)
             return wire.dataset_to_pb(info)
         finally:

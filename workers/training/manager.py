@@ -92,6 +92,13 @@ class _Run:
     result: dict[str, Any] | None = None
     #: Monotonic time by which the job's claim must be renewed, or the job is given up.
     lease_deadline: float = float("inf")
+    #: The job as last saved to the store. ``job`` runs ahead of it while an event
+    #: is being appended, so reads serve this: a client that sees FAILED from
+    #: GetJob then finds the job in ListJobs(state=FAILED) and in WatchJob.
+    saved: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.saved = self.job.SerializeToString()
 
     def reset(self) -> None:
         """Forgets the outcome of a previous process before starting another."""
@@ -171,6 +178,7 @@ class JobManager:
         await self.store.put(job)
         if job is not run.job:
             run.job.CopyFrom(job)
+        run.saved = job.SerializeToString()
         self._notify(job.id)
 
     def _notify(self, job_id: str) -> None:
@@ -221,7 +229,7 @@ class JobManager:
     async def get(self, job_id: str) -> training_pb2.Job:
         run = self._runs.get(job_id)
         if run is not None:
-            return training_pb2.Job.FromString(run.job.SerializeToString())
+            return training_pb2.Job.FromString(run.saved)
         job = await self.store.get(job_id)
         if job is None:
             raise NotFound(f"job {job_id!r} not found")

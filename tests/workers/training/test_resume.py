@@ -43,7 +43,10 @@ async def test_sigkilled_worker_resumes_the_job_from_its_checkpoint(
     ]
     first = WorkerProcess(args)
     spawn_worker.append(first)
-    spec = mlp_spec(model_name="resumed", epochs=60, checkpoint_interval_steps=25)
+    # 300 steps: far more than train between the step-50 checkpoint reaching this test
+    # and the SIGKILL, yet few enough that the resumed run ends within the poll's
+    # deadline on a loaded 2-core box (1,200 steps did not: 700 done after 90 s).
+    spec = mlp_spec(model_name="resumed", epochs=15, checkpoint_interval_steps=25)
     async with grpc.aio.insecure_channel(await first.address()) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         job = await stub.SubmitJob(training_pb2.SubmitJobRequest(spec=spec))
@@ -68,7 +71,7 @@ async def test_sigkilled_worker_resumes_the_job_from_its_checkpoint(
 
     assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.message
     assert done.attempts == 1
-    assert done.step == done.total_steps == 60 * 20
+    assert done.step == done.total_steps == 15 * 20
     resumed = [
         e
         for e in history
