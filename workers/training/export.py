@@ -61,8 +61,6 @@ def model_config(name: str, sig: Signature) -> mc.ModelConfig:
         dynamic_batching=mc.ModelDynamicBatching(),
         # Two versions stay servable, so a canary or a rollback to the previous
         # version needs no config change (Triton's default keeps only the latest).
-        version_policy=mc.ModelVersionPolicy(
-            latest=mc.ModelVersionPolicy.Latest(num_versions=2)
-        ),
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=2)),
         default_model_filename=MODEL_FILE,
     )
