@@ -1,7 +1,8 @@
-"""Gateway benchmarks: proxy overhead against direct and nginx, and multi-version routing.
+"""Gateway benchmarks: proxy overhead against direct and nginx, multi-version routing, sidecar hop.
 
-Run: ``.venv/bin/python -m bench.gateway [--seconds 5]`` (nginx from Debian's package
-is used when installed). Prints two tables; figures go to docs/benchmarks.md.
+Run: ``.venv/bin/python -m bench.gateway [--seconds 5] [--only overhead|versions|sidecar]``
+(nginx from Debian's package, ``apt-get install nginx-light``, is used when installed).
+Prints one table per part; figures go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -281,16 +282,26 @@ async def multi_version(seconds: float, concurrency: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    parser.add_argument("--only", choices=("overhead", "versions"), help="run one of the two")
+    parser.add_argument(
+        "--only",
+        choices=("overhead", "versions", "sidecar"),
+        help="run one part: proxy overhead vs nginx, the multi-version workload, or the "
+        "cost of the sidecar hop and mTLS",
+    )
     parser.add_argument(
         "--concurrency", type=int, default=32, help="callers in the multi-version run"
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per overhead measurement")
     args = parser.parse_args()
-    if args.only != "versions":
+    if args.only in (None, "overhead"):
         asyncio.run(overhead(args.seconds, args.rounds))
-    if args.only != "overhead":
+    if args.only in (None, "versions"):
         asyncio.run(multi_version(args.seconds, args.concurrency))
+    if args.only in (None, "sidecar"):
+        # Imported here: bench.sidecar builds on this module's load generator.
+        from bench import sidecar
+
+        asyncio.run(sidecar.run(args.seconds, args.rounds))
 
 
 if __name__ == "__main__":
