@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
+from mesh.server.interceptor import rewrap
+
 if TYPE_CHECKING:
-    Continuation = Callable[
-        [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-    ]
+    from mesh.server.interceptor import Continuation
 
 Context = grpc.aio.ServicerContext[Any, Any]
 #: Receives the method path and the call's context; raises a MeshError to refuse the call.
@@ -58,25 +58,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
         check = self._check
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(check, method, cast(Any, handler.unary_unary)), **kwargs
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _unary(check, method, cast(Any, handler.stream_unary)), **kwargs
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(check, method, cast(Any, handler.unary_stream)), **kwargs
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _streaming(check, method, cast(Any, handler.stream_stream)), **kwargs
-            )
-        return handler
+        return rewrap(
+            handler,
+            lambda behaviour: _unary(check, method, behaviour),
+            lambda behaviour: _streaming(check, method, behaviour),
+        )

@@ -67,6 +67,44 @@ def _wrap_streaming(
     return handler
 
 
+Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    unary: Callable[[Behaviour], Behaviour],
+    streaming: Callable[[Behaviour], Behaviour],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler with its behaviour passed through ``unary`` or ``streaming``.
+
+    ``unary`` wraps calls with one response (unary-unary, stream-unary),
+    ``streaming`` those with a response stream. Every server interceptor that
+    acts around the call (errors, authorization, telemetry) builds on this.
+    """
+    # grpc's stubs type the behaviours as sync callables; on an aio server
+    # they are coroutine functions and async generators (or coroutines that
+    # stream with ``context.write``).
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(cast(Any, handler.unary_unary)), **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(cast(Any, handler.stream_unary)), **kwargs
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(cast(Any, handler.unary_stream)), **kwargs
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            streaming(cast(Any, handler.stream_stream)), **kwargs
+        )
+    return handler
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps :class:`MeshError` to its status and anything else to a safe INTERNAL."""
 
@@ -76,26 +114,4 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        # grpc's stubs type the behaviours as sync callables; on an aio server
-        # they are coroutine functions and async generators.
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(cast(Any, handler.unary_unary)), **kwargs
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(cast(Any, handler.stream_unary)), **kwargs
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(cast(Any, handler.unary_stream)), **kwargs
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming(cast(Any, handler.stream_stream)), **kwargs
-            )
-        return handler
+        return rewrap(handler, _wrap_unary, _wrap_streaming)

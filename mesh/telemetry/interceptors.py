@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
@@ -15,14 +15,13 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from mesh.errors import MeshError
+from mesh.server.interceptor import rewrap
 from mesh.telemetry.metrics import labels
 from mesh.telemetry.propagation import extract, inject
 from mesh.telemetry.setup import Telemetry
 
 if TYPE_CHECKING:
-    Continuation = Callable[
-        [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-    ]
+    from mesh.server.interceptor import Continuation
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -120,27 +119,11 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         path = handler_call_details.method
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(path, cast(Any, handler.unary_unary)), **kwargs
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(path, cast(Any, handler.stream_unary)), **kwargs
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(path, cast(Any, handler.unary_stream)), **kwargs
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(path, cast(Any, handler.stream_stream)), **kwargs
-            )
-        return handler
+        return rewrap(
+            handler,
+            lambda behaviour: self._unary(path, behaviour),
+            lambda behaviour: self._streaming(path, behaviour),
+        )
 
     def _start(self, path: str, context: Context) -> tuple[Span, dict[str, str]]:
         metadata = tuple(context.invocation_metadata() or ())
