@@ -165,6 +165,30 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else values[0]
 
 
+async def compare_paths(
+    paths: list[tuple[str, str]],
+    requests: list[pb.ModelInferRequest],
+    seconds: float,
+    rounds: int,
+) -> None:
+    """Prints one table row per path and concurrency: median req/s, p50 and p99 of the rounds.
+
+    Paths alternate round by round and the median round is reported: on a shared
+    machine, load from other processes then hits every path alike.
+    """
+    for concurrency in (1, 32):
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in paths}
+        for _ in range(rounds):
+            for name, address in paths:
+                rate, latencies = await load(
+                    address, concurrency, seconds, requests, header=name != "direct"
+                )
+                results[name].append((rate, percentile(latencies, 50), percentile(latencies, 99)))
+        for name, runs in results.items():
+            rate, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(3))
+            print(f"| {name} | {concurrency} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |", flush=True)
+
+
 async def overhead(seconds: float, rounds: int) -> None:
     print(
         f"\n## Proxy overhead (one echo worker, ModelInfer, hashed on model version; "
@@ -195,23 +219,7 @@ async def overhead(seconds: float, rounds: int) -> None:
             paths.append(("nginx grpc_pass", nginx_address))
         for _, address in paths:
             await wait_ready(address)
-        # Paths alternate round by round and the median round is reported: on a shared
-        # machine, load from other processes then hits every path alike.
-        for concurrency in (1, 32):
-            results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in paths}
-            for _ in range(rounds):
-                for name, address in paths:
-                    rate, latencies = await load(
-                        address, concurrency, seconds, requests, header=name != "direct"
-                    )
-                    results[name].append(
-                        (rate, percentile(latencies, 50), percentile(latencies, 99))
-                    )
-            for name, runs in results.items():
-                rate, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(3))
-                print(
-                    f"| {name} | {concurrency} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |", flush=True
-                )
+        await compare_paths(paths, requests, seconds, rounds)
 
 
 ROUTING = {

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.gateway import load, percentile, process, wait_ready
+from bench.gateway import compare_paths, process, wait_ready
 from mesh.security.ca import CertificateAuthority
 from protos.inference import grpc_service_pb2 as pb
 from registry.embedded import EmbeddedStore
@@ -77,22 +76,7 @@ async def run(seconds: float, rounds: int) -> None:
         )
         print("| path | concurrency | req/s | p50 ms | p99 ms |")
         print("|---|---:|---:|---:|---:|")
-        for concurrency in (1, 32):
-            results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in paths}
-            # Paths alternate within each round, so background load hits them alike.
-            for _ in range(rounds):
-                for name, address in paths:
-                    rate, latencies = await load(
-                        address, concurrency, seconds, requests, header=name != "direct"
-                    )
-                    results[name].append(
-                        (rate, percentile(latencies, 50), percentile(latencies, 99))
-                    )
-            for name, runs in results.items():
-                rate, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(3))
-                print(
-                    f"| {name} | {concurrency} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |", flush=True
-                )
+        await compare_paths(paths, requests, seconds, rounds)
 
 
 def main() -> None:
