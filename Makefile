@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 # and a bare "torch" from the index would be a multi-GB CUDA build. Override
 # on other machines, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".
 TORCH_SPEC ?= torch==2.13.0
-PIP_FLAGS  ?= -q --disable-pip-version-check
+# -qq: this machine kind's pip config names local indexes that warn on every package.
+PIP_FLAGS  ?= -qq --disable-pip-version-check
 
 .PHONY: up test lint typecheck pytest protos bench clean venv
 
