@@ -43,6 +43,11 @@ def _forwardable(key: str) -> bool:
     return not (key.startswith(":") or key.startswith("grpc-") or key in _HOP_BY_HOP)
 
 
+def _forwarded(metadata: Any) -> tuple[tuple[str, Any], ...]:
+    """The entries of ``metadata`` (None or pairs) that cross the proxy."""
+    return tuple((m[0], m[1]) for m in (metadata or ()) if _forwardable(m[0]))
+
+
 def _connection_failure(error: grpc.aio.AioRpcError) -> bool:
     """The upstream never received the call (safe to retry even a non-idempotent one)."""
     details = (error.details() or "").lower()
@@ -61,6 +66,11 @@ class _Call:
     metadata: tuple[tuple[str, str | bytes], ...]
     #: Loop time by which the whole call must end; None: no deadline.
     deadline: float | None
+
+    @property
+    def key(self) -> str | None:
+        """The hash key, which the load tracker counts in-flight requests under."""
+        return self.decision.hash_key.key if self.decision.hash_key else None
 
     def timeout(self, per_try: float | None) -> float | None:
         """Seconds the next attempt may take, or raises when the deadline has passed."""
@@ -149,9 +159,7 @@ class Proxy(grpc.GenericRpcHandler):
 
     async def _prepare(self, info: MethodInfo, context: Context, message: bytes | None) -> _Call:
         clusters = self.state.clusters
-        raw: list[tuple[str, str | bytes]] = [
-            (m[0], m[1]) for m in (context.invocation_metadata() or ()) if _forwardable(m[0])
-        ]
+        raw: list[tuple[str, str | bytes]] = list(_forwarded(context.invocation_metadata()))
         if not any(k == REQUEST_ID for k, _ in raw):
             raw.append((REQUEST_ID, self._request_id()))
         text = md.normalise(raw)
@@ -210,6 +218,9 @@ class Proxy(grpc.GenericRpcHandler):
             if self.metrics is not None:
                 self.metrics.ejected(call.decision.target, endpoint.address)
 
+    def _record_error(self, call: _Call, endpoint: Endpoint, error: grpc.aio.AioRpcError) -> None:
+        self._record(call, endpoint, error.code(), connection_failure=_connection_failure(error))
+
     def _count_retry(self, call: _Call) -> None:
         if self.metrics is not None:
             self.metrics.retried(
@@ -228,10 +239,7 @@ class Proxy(grpc.GenericRpcHandler):
         )
 
     async def _send_headers(self, call: _Call, context: Context, upstream: Any) -> None:
-        initial = tuple(await upstream.initial_metadata() or ())
-        pairs: tuple[tuple[str, Any], ...] = tuple(
-            (m[0], m[1]) for m in initial if _forwardable(m[0])
-        )
+        pairs = _forwarded(await upstream.initial_metadata())
         for ops in call.decision.response_headers:
             text = md.apply(ops, tuple((k, v) for k, v in pairs if isinstance(v, str)))
             pairs = (*text, *((k, v) for k, v in pairs if not isinstance(v, str)))
@@ -241,10 +249,11 @@ class Proxy(grpc.GenericRpcHandler):
             await context.send_initial_metadata(pairs)
 
     async def _fail(self, context: Context, error: grpc.aio.AioRpcError) -> None:
-        trailers = tuple(
-            (m[0], m[1]) for m in (error.trailing_metadata() or ()) if _forwardable(m[0])
+        await context.abort(
+            error.code(),
+            error.details() or "",
+            trailing_metadata=_forwarded(error.trailing_metadata()),
         )
-        await context.abort(error.code(), error.details() or "", trailing_metadata=trailers)
 
     def _mirror(self, call: _Call, request: bytes) -> None:
         """Fire-and-forget copy of a unary call; its outcome is never seen by the client."""
@@ -252,7 +261,7 @@ class Proxy(grpc.GenericRpcHandler):
         if dest is None or not percent_hit(call.decision.mirror_percentage, self.state.rng):
             return
         cluster = self.state.clusters.cluster(dest.host, dest.subset or "")
-        key = call.decision.hash_key.key if call.decision.hash_key else None
+        key = call.key
         pick = cluster.pick(key, self.state.rng)
         if not pick.candidates:
             return
@@ -273,7 +282,7 @@ class Proxy(grpc.GenericRpcHandler):
         call = await self._prepare(info, context, request)
         self._mirror(call, request)
         decision = call.decision
-        key = decision.hash_key.key if decision.hash_key else None
+        key = call.key
         per_try = decision.retries.per_try_timeout
         tracker = self.state.tracker
         for attempt, endpoint in enumerate(decision.candidates):
@@ -300,13 +309,7 @@ class Proxy(grpc.GenericRpcHandler):
                 tracker.finish(endpoint.address, key)
             self._record(call, endpoint, grpc.StatusCode.OK)
             await self._send_headers(call, context, upstream)
-            context.set_trailing_metadata(
-                tuple(
-                    (m[0], m[1])
-                    for m in (await upstream.trailing_metadata() or ())
-                    if _forwardable(m[0])
-                )
-            )
+            context.set_trailing_metadata(_forwarded(await upstream.trailing_metadata()))
             return response
         raise AssertionError("unreachable: the last attempt either returns or aborts")
 
@@ -315,7 +318,7 @@ class Proxy(grpc.GenericRpcHandler):
     ) -> AsyncIterator[bytes]:
         call = await self._prepare(info, context, request)
         decision = call.decision
-        key = decision.hash_key.key if decision.hash_key else None
+        key = call.key
         tracker = self.state.tracker
         for attempt, endpoint in enumerate(decision.candidates):
             method = self.channels.method(endpoint.address, info.path, "unary_stream")
@@ -329,9 +332,7 @@ class Proxy(grpc.GenericRpcHandler):
                         await self._send_headers(call, context, upstream)
                     yield item
             except grpc.aio.AioRpcError as error:
-                self._record(
-                    call, endpoint, error.code(), connection_failure=_connection_failure(error)
-                )
+                self._record_error(call, endpoint, error)
                 # Only before the first message: after it, the client has seen a partial stream.
                 if not started and self._retryable(call, error, attempt):
                     self._count_retry(call)
@@ -343,13 +344,7 @@ class Proxy(grpc.GenericRpcHandler):
             self._record(call, endpoint, grpc.StatusCode.OK)
             if not started:
                 await self._send_headers(call, context, upstream)
-            context.set_trailing_metadata(
-                tuple(
-                    (m[0], m[1])
-                    for m in (await upstream.trailing_metadata() or ())
-                    if _forwardable(m[0])
-                )
-            )
+            context.set_trailing_metadata(_forwarded(await upstream.trailing_metadata()))
             return
 
     async def _open_stream(
@@ -376,16 +371,14 @@ class Proxy(grpc.GenericRpcHandler):
         # A client stream cannot be replayed, so it is never retried.
         call, replay = await self._open_stream(info, requests, context)
         endpoint = call.decision.candidates[0]
-        key = call.decision.hash_key.key if call.decision.hash_key else None
+        key = call.key
         method = self.channels.method(endpoint.address, info.path, "stream_unary")
         upstream = method(replay, metadata=call.metadata, timeout=call.timeout(None))
         self.state.tracker.start(endpoint.address, key)
         try:
             response: bytes = await upstream
         except grpc.aio.AioRpcError as error:
-            self._record(
-                call, endpoint, error.code(), connection_failure=_connection_failure(error)
-            )
+            self._record_error(call, endpoint, error)
             await self._fail(context, error)
         finally:
             self.state.tracker.finish(endpoint.address, key)
@@ -399,7 +392,7 @@ class Proxy(grpc.GenericRpcHandler):
     ) -> AsyncIterator[bytes]:
         call, replay = await self._open_stream(info, requests, context)
         endpoint = call.decision.candidates[0]
-        key = call.decision.hash_key.key if call.decision.hash_key else None
+        key = call.key
         method = self.channels.method(endpoint.address, info.path, "stream_stream")
         upstream = method(replay, metadata=call.metadata, timeout=call.timeout(None))
         self.state.tracker.start(endpoint.address, key)
@@ -411,9 +404,7 @@ class Proxy(grpc.GenericRpcHandler):
                     await self._send_headers(call, context, upstream)
                 yield item
         except grpc.aio.AioRpcError as error:
-            self._record(
-                call, endpoint, error.code(), connection_failure=_connection_failure(error)
-            )
+            self._record_error(call, endpoint, error)
             await self._fail(context, error)
         finally:
             self.state.tracker.finish(endpoint.address, key)
