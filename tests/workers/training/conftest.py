@@ -162,3 +162,21 @@ async def wait_for_event(
     finally:
         call.cancel()
     raise AssertionError(f"job {job_id} ended without the awaited event")
+
+
+def assert_resumed_once(history: list[training_pb2.JobEvent], checkpointed: int) -> None:
+    """The job resumed exactly once, from a checkpoint at or after ``checkpointed``, and
+    its step count continued from there instead of starting over; no event is missing."""
+    resumed = [
+        e
+        for e in history
+        if e.HasField("state_changed") and "resumed from checkpoint" in e.state_changed.message
+    ]
+    assert len(resumed) == 1
+    resumed_at = int(resumed[0].state_changed.message.rsplit(" ", 1)[-1])
+    assert resumed_at >= checkpointed > 0
+    after = [e.step_loss.step for e in history[resumed[0].sequence :] if e.HasField("step_loss")]
+    assert after and after[0] > resumed_at
+    steps = [e.step_loss.step for e in history if e.HasField("step_loss")]
+    assert steps == sorted(set(steps))
+    assert [e.sequence for e in history] == list(range(1, len(history) + 1))

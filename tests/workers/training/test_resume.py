@@ -12,7 +12,14 @@ import pytest
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
 from workers.model_repo import ModelRepo
 
-from .conftest import DataServer, eventually, finished, mlp_spec, wait_for_event
+from .conftest import (
+    DataServer,
+    assert_resumed_once,
+    eventually,
+    finished,
+    mlp_spec,
+    wait_for_event,
+)
 from .processes import WorkerProcess, alive, children
 
 pytestmark = pytest.mark.e2e
@@ -72,19 +79,6 @@ async def test_sigkilled_worker_resumes_the_job_from_its_checkpoint(
     assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.message
     assert done.attempts == 1
     assert done.step == done.total_steps == 15 * 20
-    resumed = [
-        e
-        for e in history
-        if e.HasField("state_changed") and "resumed from checkpoint" in e.state_changed.message
-    ]
-    assert len(resumed) == 1
-    resumed_at = int(resumed[0].state_changed.message.rsplit(" ", 1)[-1])
-    assert resumed_at >= checkpointed > 0
-    # The step count continued from the checkpoint instead of starting over.
-    after = [e.step_loss.step for e in history[resumed[0].sequence :] if e.HasField("step_loss")]
-    assert after and after[0] > resumed_at
-    steps = [e.step_loss.step for e in history if e.HasField("step_loss")]
-    assert steps == sorted(set(steps))
-    assert [e.sequence for e in history] == list(range(1, len(history) + 1))
+    assert_resumed_once(history, checkpointed)
     assert done.metrics["val_accuracy"] >= 0.9
     assert ModelRepo(str(tmp_path / "models")).list_versions("resumed") == [1]
