@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 
+from gateway.discovery import StaticInstance
 from mesh.balance.cluster import ClusterMap
 from mesh.balance.endpoints import Endpoint, EndpointsSnapshot
 from mesh.balance.load import LoadTracker
@@ -29,25 +28,11 @@ CANARY = DEFAULT.merged(
 )
 
 
-@dataclass(frozen=True)
-class Load:
-    in_flight: int = 0
-
-
-@dataclass(frozen=True)
-class Instance:
-    """A stand-in satisfying the InstanceView protocol, as the registry's type does."""
-
-    service: str
-    id: str
-    address: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    status: str = "SERVING"
-    load: Load | None = None
-
-
-def workers(n: int, service: str = "inference", **labels: str) -> list[Instance]:
-    return [Instance(service, f"{service}-{i}", f"10.0.0.{i}:8001", dict(labels)) for i in range(n)]
+def workers(n: int, service: str = "inference", **labels: str) -> list[StaticInstance]:
+    return [
+        StaticInstance(service, f"{service}-{i}", f"10.0.0.{i}:8001", dict(labels))
+        for i in range(n)
+    ]
 
 
 class Clock:
@@ -58,7 +43,7 @@ class Clock:
 
 
 def clusters(
-    config: MeshConfig, instances: list[Instance], tracker: LoadTracker | None = None
+    config: MeshConfig, instances: list[StaticInstance], tracker: LoadTracker | None = None
 ) -> ClusterMap:
     return ClusterMap(
         config, EndpointsSnapshot.from_instances(instances), tracker or LoadTracker(), Clock()
@@ -127,8 +112,8 @@ def test_explanation_tells_the_story() -> None:
 
 def test_no_healthy_endpoint_gives_empty_candidates_naming_the_target() -> None:
     sick = [
-        Instance("inference", "i0", "10.0.0.1:1", status="NOT_SERVING"),
-        Instance("inference", "i1", "10.0.0.2:1", status="DRAINING"),
+        StaticInstance("inference", "i0", "10.0.0.1:1", status="NOT_SERVING"),
+        StaticInstance("inference", "i1", "10.0.0.2:1", status="DRAINING"),
     ]
     decision = decide(clusters(DEFAULT, sick), infer("m", "1"), random.Random(0), explain=True)
     assert decision.candidates == ()
@@ -178,7 +163,7 @@ def test_subsets_select_by_labels_and_carry_rule_settings() -> None:
         config,
         [
             *workers(2, accelerator="gpu"),
-            Instance("inference", "c", "10.0.1.1:8001", {"accelerator": "cpu"}),
+            StaticInstance("inference", "c", "10.0.1.1:8001", {"accelerator": "cpu"}),
         ],
     )
     rng = random.Random(0)
@@ -247,8 +232,8 @@ def test_a_new_cluster_map_keeps_rings_and_ejections_when_members_are_unchanged(
 def test_endpoint_from_instance_reads_weight_and_health() -> None:
     snapshot = EndpointsSnapshot.from_instances(
         [
-            Instance("inference", "a", "h:1", {"meshserve.io/weight": "3"}),
-            Instance("inference", "b", "h:2", status="SERVING_STATUS_NOT_SERVING"),
+            StaticInstance("inference", "a", "h:1", {"meshserve.io/weight": "3"}),
+            StaticInstance("inference", "b", "h:2", status="SERVING_STATUS_NOT_SERVING"),
         ]
     )
     a, b = snapshot.endpoints("inference")
