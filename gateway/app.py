@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from gateway.channels import ChannelPool
 from gateway.discovery import DiscoverySource, EndpointTable
 from gateway.methods import MESH_SERVICES
 from gateway.proxy import Proxy
+from gateway.relay.relay import Relay
 from gateway.state import GatewayState
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
@@ -28,6 +30,7 @@ from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from registry.config_store import ConfigStore, ConfigVersion
 
 log = logging.getLogger(__name__)
+DATA_PLANES = ("relay", "grpc")
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
@@ -88,7 +91,16 @@ class Gateway:
         channel_credentials: Callable[[], grpc.ChannelCredentials] | None = None,
         metrics: MeshMetrics | None = None,
         config_store: ConfigStore | None = None,
+        data_plane: str = "relay",
     ) -> None:
+        if data_plane not in DATA_PLANES:
+            raise ValueError(
+                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {data_plane!r}"
+            )
+        #: "relay": the HTTP/2 relay takes clients and forwards what it can itself;
+        #: "grpc": the grpc.aio proxy takes every call (see gateway/relay/relay.py).
+        self.data_plane = data_plane
+        self.relay: Relay | None = None
         self.state = state or GatewayState()
         self.config_store = config_store
         #: The directory's resources, and the store version laid over them (None: none).
@@ -106,6 +118,7 @@ class Gateway:
         self.table = EndpointTable()
         # With credentials, upstream calls are mutual TLS (to sidecars).
         self.channels = ChannelPool(credentials=channel_credentials)
+        self._tls_upstream = channel_credentials is not None
         self.metrics = metrics
         self.proxy = Proxy(self.state, self.channels, metrics=metrics)
         self._last_update = time.monotonic()
@@ -229,7 +242,10 @@ class Gateway:
         self.load_config()
         if self.config_store is not None:
             await self._load_store()
-        serving = await start_server(settings, self.services(), interceptors=self.interceptors)
+        if self.data_plane == "relay":
+            serving = await self._start_relayed(settings)
+        else:
+            serving = await start_server(settings, self.services(), interceptors=self.interceptors)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
         if self.config_dir is not None:
@@ -237,6 +253,34 @@ class Gateway:
         if self.config_store is not None:
             self._tasks.append(loop.create_task(self._watch_store()))
         serving.on_drain(self.close)
+        return serving
+
+    async def _start_relayed(self, settings: ServerSettings) -> Serving:
+        """The gRPC server on a loopback port, the relay on the public one.
+
+        Calls go through the gRPC server (every feature) when the gateway has edge
+        interceptors (client auth, telemetry: they must see every call) or dials its
+        upstreams with mutual TLS (certificates are the gRPC channel's business); the
+        relay then only adds one local hop. Otherwise it forwards mesh calls itself.
+        """
+        internal = dataclasses.replace(settings, host="127.0.0.1", port=0)
+        serving = await start_server(internal, self.services(), interceptors=self.interceptors)
+        full_path = bool(self.interceptors) or self._tls_upstream
+        relay = Relay(
+            self.state,
+            internal_address=serving.address,
+            everything_internal=lambda: full_path,
+            metrics=self.metrics,
+        )
+        try:
+            port = await relay.start(settings.host, settings.port)
+        except OSError:
+            await serving.drain(0)
+            raise
+        self.relay = relay
+        serving.before_stop(relay.drain)
+        # What callers dial is the relay.
+        serving.port, serving.settings = port, settings
         return serving
 
     async def _watch_discovery(self) -> None:
@@ -254,9 +298,10 @@ class Gateway:
                         for host in changed_hosts(self.state.snapshot, snapshot):
                             self.metrics.ring_changed(host)
                     self.state.set_endpoints(snapshot)
-                    self.channels.retain(
-                        {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
-                    )
+                    addresses = {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
+                    self.channels.retain(addresses)
+                    if self.relay is not None:
+                        self.relay.pool.retain(addresses)
                     self._last_update = time.monotonic()
                     self.endpoints_changed.set()
                     self.endpoints_changed = asyncio.Event()

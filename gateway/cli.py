@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc.aio
 
-from gateway.app import Gateway, validate_documents
+from gateway.app import DATA_PLANES, Gateway, validate_documents
 from gateway.auth import AuthConfig, ClientGuard
 from gateway.discovery import DiscoverySource, StaticDiscovery, parse_static
 from gateway.registry_discovery import RegistryDiscovery
@@ -71,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--reload-interval", type=float, default=1.0, help="seconds between config directory checks"
     )
+    parser.add_argument(
+        "--data-plane",
+        choices=DATA_PLANES,
+        default="relay",
+        help="relay: an HTTP/2 relay serves the port and forwards calls itself, handing "
+        "what needs a gRPC server to one behind it (default); grpc: the gRPC proxy alone",
+    )
     add_store_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -118,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 channel_credentials=credentials,
                 metrics=telemetry.metrics if telemetry.settings.metrics else None,
                 config_store=config_store,
+                data_plane=args.data_plane,
             )
             if guard is not None:
                 # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.

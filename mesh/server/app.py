@@ -73,6 +73,7 @@ class Serving:
     settings: ServerSettings
     service_names: tuple[str, ...]
     _on_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _before_stop: list[Callable[[float], Awaitable[None]]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -82,6 +83,11 @@ class Serving:
     def on_drain(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Runs ``hook`` after the server stops taking calls (e.g. close a store)."""
         self._on_drain.append(hook)
+
+    def before_stop(self, hook: Callable[[float], Awaitable[None]]) -> None:
+        """Runs ``hook(grace)`` when a drain starts, before the server stops: a front
+        that relays to this server (gateway.relay) finishes its calls through it first."""
+        self._before_stop.append(hook)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -98,7 +104,10 @@ class Serving:
             return
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        grace = self.settings.grace_seconds if grace is None else grace
+        for front in self._before_stop:
+            await front(grace)
+        await self.server.stop(grace)
         for hook in self._on_drain:
             await hook()
 

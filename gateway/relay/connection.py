@@ -1,0 +1,421 @@
+"""One HTTP/2 connection of the relay: framing, settings, pings, flow control, batched writes.
+
+The relay forwards frames between two connections, so flow control is end to end: bytes
+received on one side are credited back to their sender (WINDOW_UPDATE) only once they
+have been written to the other side. A slow reader therefore slows its writer instead of
+growing the relay's memory, which stays bounded by the windows it advertises.
+
+Writes are batched: every frame a pass over the input produces is joined and written
+once at its end (and a scheduled flush catches writes made from timers), because on a
+proxied unary call the syscalls, not the framing, are what cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from gateway.relay import frames as f
+from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder, HeaderError
+
+log = logging.getLogger(__name__)
+
+#: What the relay advertises: a stream may have this much unacknowledged in flight...
+STREAM_WINDOW = 1 << 20
+#: ...and a whole connection this much.
+CONNECTION_WINDOW = 1 << 24
+#: The largest header list accepted (gRPC's own default limit is 16 KiB).
+MAX_HEADER_LIST = 1 << 16
+
+OnSent = Callable[[int], None]
+
+
+class Side:
+    """One stream as one connection sees it: send window, queued data, credit owed."""
+
+    __slots__ = ("conn", "credit", "ending", "exchange", "id", "open", "queue", "send_window")
+
+    def __init__(self, conn: Connection, stream_id: int, exchange: Any) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.send_window = conn.peer_initial_window
+        #: DATA waiting for window: (payload, end_stream, called with the flow length once
+        #: written, that flow length).
+        self.queue: deque[tuple[bytes, bool, OnSent | None, int]] = deque()
+        #: Bytes received on this stream, forwarded, not yet credited back.
+        self.credit = 0
+        self.exchange = exchange
+        self.open = True
+        #: Set by :meth:`finish`: close (and maybe reset) once the queue is written.
+        self.ending: int | None = None
+
+    def send_headers(self, headers: list[Header], *, end_stream: bool) -> None:
+        conn = self.conn
+        block = conn.encoder.encode(headers)
+        if self.queue:
+            # Trailers must follow the data queued before them.
+            self.queue.append((block, end_stream, None, -1))
+            return
+        conn.write(f.headers(self.id, block, end_stream=end_stream, max_size=conn.peer_max_frame))
+
+    def send_data(
+        self, payload: bytes, *, end_stream: bool, on_sent: OnSent | None = None, flow: int = 0
+    ) -> None:
+        """DATA now if the windows allow, else queued; ``on_sent(flow)`` once it is written."""
+        conn = self.conn
+        size = len(payload)
+        if not self.queue and size <= self.send_window and size <= conn.send_window:
+            self.send_window -= size
+            conn.send_window -= size
+            conn.write(f.frame(f.DATA, f.END_STREAM if end_stream else 0, self.id, payload))
+            if on_sent is not None:
+                on_sent(flow)
+            return
+        self.queue.append((payload, end_stream, on_sent, flow))
+        self.flush()
+
+    def flush(self) -> None:
+        """Writes queued frames as far as the stream and connection windows allow."""
+        conn = self.conn
+        queue = self.queue
+        while queue:
+            payload, end_stream, on_sent, flow = queue[0]
+            if flow < 0:  # a queued header block
+                queue.popleft()
+                conn.write(
+                    f.headers(self.id, payload, end_stream=end_stream, max_size=conn.peer_max_frame)
+                )
+                continue
+            room = min(self.send_window, conn.send_window)
+            size = len(payload)
+            if size > room:
+                if room <= 0:
+                    if conn.send_window <= 0:
+                        conn.blocked[self.id] = self
+                    return
+                # Send what fits; the rest waits (it carries the end flag and the credit).
+                head, rest = payload[:room], payload[room:]
+                queue[0] = (rest, end_stream, on_sent, flow)
+                self.send_window -= room
+                conn.send_window -= room
+                conn.write(f.frame(f.DATA, 0, self.id, head))
+                continue
+            queue.popleft()
+            self.send_window -= size
+            conn.send_window -= size
+            conn.write(f.frame(f.DATA, f.END_STREAM if end_stream else 0, self.id, payload))
+            if on_sent is not None:
+                on_sent(flow)
+        if self.ending is not None:
+            self._end()
+
+    def finish(self, *, reset: bool = False) -> None:
+        """Closes the stream once what is queued on it is written; with ``reset``, then
+        sends RST_STREAM NO_ERROR (the peer may stop sending)."""
+        self.ending = f.NO_ERROR if reset else -1
+        if not self.queue:
+            self._end()
+
+    def _end(self) -> None:
+        if self.ending is not None and self.ending >= 0 and self.open:
+            self.conn.write(f.rst_stream(self.id, self.ending))
+        self.close()
+
+    def reset(self, code: int) -> None:
+        if self.open:
+            self.conn.write(f.rst_stream(self.id, code))
+        self.close()
+
+    def close(self) -> None:
+        """Forgets the stream on its connection (no frames are written). Data still queued
+        is dropped and credited back to where it came from."""
+        if self.open:
+            self.open = False
+            queued, self.queue = self.queue, deque()
+            for _, _, on_sent, flow in queued:
+                if on_sent is not None and flow > 0:
+                    on_sent(flow)
+            self.conn.stream_closed(self)
+
+    def credit_back(self, flow: int) -> None:
+        """Returns receive window for ``flow`` bytes of this stream that were forwarded."""
+        conn = self.conn
+        conn.credit_connection(flow)
+        if self.open:
+            self.credit += flow
+            if self.credit >= STREAM_WINDOW // 2:
+                conn.write(f.window_update(self.id, self.credit))
+                self.credit = 0
+
+
+class Connection(asyncio.Protocol):
+    """The framing and bookkeeping both sides of the relay share; subclasses own streams."""
+
+    client_side = False
+
+    def __init__(self, flusher: Flusher) -> None:
+        self.flusher = flusher
+        self.transport: asyncio.Transport | None = None
+        self._input = bytearray()
+        self._preface_pending = not self.client_side
+        self._out: list[bytes] = []
+        self._dirty = False
+        self.decoder = HeaderDecoder(max_list_size=MAX_HEADER_LIST)
+        self.encoder = HeaderEncoder()
+        self.streams: dict[int, Side] = {}
+        #: Sides waiting for connection-level window, in arrival order.
+        self.blocked: dict[int, Side] = {}
+        self.send_window = f.DEFAULT_WINDOW
+        self.peer_initial_window = f.DEFAULT_WINDOW
+        self.peer_max_frame = f.MIN_MAX_FRAME_SIZE
+        self.peer_max_streams = 1 << 31
+        self._connection_credit = 0
+        #: (stream id, flags of the HEADERS, block so far) while CONTINUATION is awaited.
+        self._continuation: tuple[int, int, bytearray] | None = None
+        self.closed = False
+        self.going_away = False
+
+    # -- output -----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._dirty:
+            self._dirty = True
+            self.flusher.mark(self)
+
+    def flush_output(self) -> None:
+        self._dirty = False
+        if self._out and self.transport is not None and not self.closed:
+            data = b"".join(self._out)
+            self._out.clear()
+            self.transport.write(data)
+
+    def opening_frames(self) -> bytes:
+        settings = f.settings(
+            {
+                f.HEADER_TABLE_SIZE: self.decoder.max_table_size,
+                f.ENABLE_PUSH: 0,
+                f.MAX_CONCURRENT_STREAMS: 4096,
+                f.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                f.MAX_FRAME_SIZE: f.MIN_MAX_FRAME_SIZE,
+                f.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            }
+        )
+        opening = settings + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
+        return (f.PREFACE + opening) if self.client_side else opening
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # Frames written before the connection existed (an upstream still connecting)
+        # go after the preface and SETTINGS.
+        self._out.insert(0, self.opening_frames())
+        self.flush_output()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._receive(data)
+        except f.ProtocolError as exc:
+            self.fail(exc.code, str(exc))
+        except HeaderError as exc:
+            self.fail(f.COMPRESSION_ERROR, str(exc))
+        finally:
+            self.flusher.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._out.clear()
+        self.lost(exc)
+        self.flusher.flush()
+
+    def fail(self, code: int, message: str) -> None:
+        """A connection error: GOAWAY, then close."""
+        log.warning("closing HTTP/2 connection: %s", message)
+        last = max((s for s in self.streams if (s % 2 == 1) != self.client_side), default=0)
+        self.write(f.goaway(last, code, message.encode()[:256]))
+        self.flush_output()
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    # -- input ---------------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        buffer = self._input
+        buffer += data
+        pos = 0
+        if self._preface_pending:
+            if len(buffer) < len(f.PREFACE):
+                if not f.PREFACE.startswith(bytes(buffer)):
+                    raise f.ProtocolError("not an HTTP/2 connection preface")
+                return
+            if buffer[: len(f.PREFACE)] != f.PREFACE:
+                raise f.ProtocolError("not an HTTP/2 connection preface")
+            self._preface_pending = False
+            pos = len(f.PREFACE)
+        end = len(buffer)
+        while end - pos >= 9 and not self.closed:
+            length, kind, flags, stream_id = f.parse_header(buffer, pos)
+            if length > f.MIN_MAX_FRAME_SIZE:
+                raise f.ProtocolError(f"frame of {length} bytes over 16384", f.FRAME_SIZE_ERROR)
+            stop = pos + 9 + length
+            if stop > end:
+                break
+            payload = bytes(buffer[pos + 9 : stop])
+            pos = stop
+            self._frame(kind, flags, stream_id, payload)
+        del buffer[:pos]
+
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._continuation is not None and kind != f.CONTINUATION:
+            raise f.ProtocolError("expected CONTINUATION")
+        if kind == f.DATA:
+            if stream_id == 0:
+                raise f.ProtocolError("DATA on stream 0")
+            side = self.streams.get(stream_id)
+            flow = len(payload)
+            if side is None:
+                # A stream already closed (say, reset): its bytes still used the window.
+                self.credit_connection(flow)
+                return
+            self.on_data(side, f.unpad(payload, flags), flow, bool(flags & f.END_STREAM))
+        elif kind == f.HEADERS:
+            if stream_id == 0:
+                raise f.ProtocolError("HEADERS on stream 0")
+            block = f.unpad(payload, flags, priority=True)
+            if flags & f.END_HEADERS:
+                self._headers(stream_id, flags, block)
+            else:
+                self._continuation = (stream_id, flags, bytearray(block))
+        elif kind == f.CONTINUATION:
+            pending = self._continuation
+            if pending is None or pending[0] != stream_id:
+                raise f.ProtocolError("unexpected CONTINUATION")
+            pending[2].extend(payload)
+            if len(pending[2]) > 4 * MAX_HEADER_LIST:
+                raise f.ProtocolError("header block too large", f.ENHANCE_YOUR_CALM)
+            if flags & f.END_HEADERS:
+                self._continuation = None
+                self._headers(stream_id, pending[1], bytes(pending[2]))
+        elif kind == f.SETTINGS:
+            if flags & f.ACK:
+                return
+            self._settings(payload)
+        elif kind == f.WINDOW_UPDATE:
+            self._window_update(stream_id, f.parse_u32(payload))
+        elif kind == f.PING:
+            if len(payload) != 8:
+                raise f.ProtocolError("PING payload must be 8 bytes", f.FRAME_SIZE_ERROR)
+            if not flags & f.ACK:
+                self.write(f.frame(f.PING, f.ACK, 0, payload))
+        elif kind == f.RST_STREAM:
+            code = f.parse_u32(payload)
+            side = self.streams.get(stream_id)
+            if side is not None:
+                side.close()
+                self.on_reset(side, code)
+        elif kind == f.GOAWAY:
+            last, code = f.parse_goaway(payload)
+            self.going_away = True
+            self.on_goaway(last, code)
+        elif kind == f.PUSH_PROMISE:
+            raise f.ProtocolError("PUSH_PROMISE with push disabled")
+        # PRIORITY and unknown frame types are ignored (RFC 9113 §4.1, §5.3.2).
+
+    def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
+        headers = self.decoder.decode(block)
+        self.on_headers(stream_id, headers, bool(flags & f.END_STREAM))
+
+    def _settings(self, payload: bytes) -> None:
+        for key, value in f.parse_settings(payload):
+            if key == f.INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    raise f.ProtocolError("INITIAL_WINDOW_SIZE too large", f.FLOW_CONTROL_ERROR)
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for side in self.streams.values():
+                    side.send_window += delta
+            elif key == f.MAX_FRAME_SIZE:
+                if not f.MIN_MAX_FRAME_SIZE <= value <= (1 << 24) - 1:
+                    raise f.ProtocolError("MAX_FRAME_SIZE out of range")
+                self.peer_max_frame = value
+            elif key == f.MAX_CONCURRENT_STREAMS:
+                self.peer_max_streams = value
+        self.write(f.SETTINGS_ACK)
+        for side in list(self.streams.values()):
+            if side.queue:
+                side.flush()
+        self.settings_changed()
+
+    def _window_update(self, stream_id: int, increment: int) -> None:
+        if increment == 0:
+            raise f.ProtocolError("WINDOW_UPDATE of 0")
+        if stream_id == 0:
+            self.send_window += increment
+            blocked = list(self.blocked.values())
+            self.blocked.clear()
+            for waiting in blocked:
+                if waiting.open:
+                    waiting.flush()
+            return
+        side = self.streams.get(stream_id)
+        if side is not None:
+            side.send_window += increment
+            if side.queue:
+                side.flush()
+
+    def credit_connection(self, flow: int) -> None:
+        self._connection_credit += flow
+        if self._connection_credit >= CONNECTION_WINDOW // 2 and not self.closed:
+            self.write(f.window_update(0, self._connection_credit))
+            self._connection_credit = 0
+
+    def stream_closed(self, side: Side) -> None:
+        self.streams.pop(side.id, None)
+        self.blocked.pop(side.id, None)
+
+    # -- for subclasses -------------------------------------------------------------------
+
+    def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def on_reset(self, side: Side, code: int) -> None:
+        raise NotImplementedError
+
+    def on_goaway(self, last_stream_id: int, code: int) -> None:
+        """The peer is closing the connection."""
+
+    def lost(self, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def settings_changed(self) -> None:
+        """The peer's SETTINGS were applied."""
+
+
+class Flusher:
+    """Writes every connection's batched frames once per pass over the input."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def mark(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            # Writes from timers and tasks have no input pass to end: flush them soon.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush_output()

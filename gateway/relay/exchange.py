@@ -1,0 +1,524 @@
+"""One proxied call through the relay: route, forward frames, retry on ring successors.
+
+An exchange pairs a client's stream (``down``) with a stream on an upstream connection
+(``up``) and moves HEADERS and DATA between them unchanged except for the request's
+headers, which carry the routing decision's edits, a request id and the remaining
+deadline. It keeps the request body while a retry is still possible, so a call that an
+upstream refuses, drops or fails with a retryable status before answering is replayed
+on the next ring successor, as :class:`gateway.proxy.Proxy` does for the gRPC path.
+
+Calls whose rule needs more than routing (fault injection, mirroring, response header
+edits), calls to the gateway's own services (Admin, reflection, health) and, when the
+gateway has edge interceptors (client auth, telemetry), every call go to the gateway's
+full gRPC server instead: one more local hop, every feature kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import grpc
+
+from gateway.methods import MethodInfo, lookup
+from gateway.relay import frames as f
+from gateway.relay.connection import Side
+from gateway.relay.hpack_codec import Header
+from mesh.balance.cluster import Cluster
+from mesh.balance.endpoints import Endpoint
+from mesh.config.destination_rule import UNLIMITED
+from mesh.errors import MeshError
+from mesh.routing.decision import RequestInfo, RouteDecision, decide
+
+if TYPE_CHECKING:
+    from gateway.relay.relay import Relay
+
+log = logging.getLogger(__name__)
+
+#: A request body larger than this is not kept for replay (Envoy's per-request buffer
+#: limit plays the same part): such a call is not retried.
+REPLAY_LIMIT = 1 << 20
+#: How much of a first message routing reads for ``model_name``/``model_version``.
+FIELD_PREFIX = 1 << 16
+#: Headers gRPC's transport owns, forwarded as they came (grpc-timeout is rewritten).
+_TRANSPORT = frozenset(
+    {b"content-type", b"te", b"grpc-encoding", b"grpc-accept-encoding", b"user-agent"}
+)
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+#: gRPC's mapping of HTTP statuses when a response carries no grpc-status.
+_HTTP_STATUS = {
+    b"400": grpc.StatusCode.INTERNAL,
+    b"401": grpc.StatusCode.UNAUTHENTICATED,
+    b"403": grpc.StatusCode.PERMISSION_DENIED,
+    b"404": grpc.StatusCode.UNIMPLEMENTED,
+    b"429": grpc.StatusCode.UNAVAILABLE,
+    b"502": grpc.StatusCode.UNAVAILABLE,
+    b"503": grpc.StatusCode.UNAVAILABLE,
+    b"504": grpc.StatusCode.UNAVAILABLE,
+}
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+REQUEST_ID = "x-request-id"
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """Seconds in a ``grpc-timeout`` value (at most 8 digits and a unit), or None."""
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not digits.isdigit() or len(digits) > 8:
+        return None
+    return int(digits) * unit
+
+
+def format_timeout(seconds: float) -> bytes:
+    """A ``grpc-timeout`` value for ``seconds`` (rounded up, in the finest unit that fits)."""
+    for unit, scale in ((b"u", 1e6), (b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60)):
+        amount = math.ceil(max(seconds, 0.0) * scale)
+        if amount < 100_000_000:
+            return str(max(amount, 1)).encode() + unit
+    return b"99999999H"
+
+
+def status_of(headers: Iterable[Header]) -> grpc.StatusCode:
+    """The gRPC status a response's trailers (or trailers-only headers) carry."""
+    http = b"200"
+    for name, value in headers:
+        if name == b"grpc-status":
+            try:
+                return _STATUS_BY_NUMBER.get(int(value), grpc.StatusCode.UNKNOWN)
+            except ValueError:
+                return grpc.StatusCode.UNKNOWN
+        if name == b":status":
+            http = value
+    return _HTTP_STATUS.get(http, grpc.StatusCode.UNKNOWN)
+
+
+def error_headers(code: grpc.StatusCode, message: str, *, trailers_only: bool) -> list[Header]:
+    # grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
+    status = [
+        (b"grpc-status", str(code.value[0]).encode()),
+        (b"grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()),
+    ]
+    if trailers_only:
+        return [(b":status", b"200"), (b"content-type", b"application/grpc"), *status]
+    return status
+
+
+class Exchange:
+    """One call: the client's stream, the current attempt's upstream stream, and the body
+    kept for replay."""
+
+    def __init__(self, relay: Relay, down: Side, headers: list[Header], end_stream: bool) -> None:
+        self.relay = relay
+        self.down = down
+        down.exchange = self
+        self.headers = headers
+        self.path = ""
+        self.authority = b""
+        for name, value in headers:
+            if name == b":path":
+                self.path = value.decode("latin-1")
+            elif name == b":authority":
+                self.authority = value
+        self.info: MethodInfo | None = lookup(self.path)
+        self.request_ended = end_stream
+        #: Request payloads received: those not yet forwarded carry their flow length
+        #: (credited to the client when written upstream), forwarded ones carry 0.
+        self.body: list[tuple[bytes, int]] = []
+        self.body_bytes = 0
+        self.keep = self.info is not None and not self.info.client_streaming
+        self.up: Side | None = None
+        self.endpoint: Endpoint | None = None
+        self.internal = False
+        self.decision: RouteDecision | None = None
+        self.cluster: Cluster | None = None
+        self.key: str | None = None
+        self.attempt = -1
+        self.started = False  # response headers forwarded to the client
+        self.done = False
+        self.deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tracked = False
+        relay.exchanges.add(self)
+        if not self._valid_request():
+            return
+        if self._ready():
+            self._route()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _valid_request(self) -> bool:
+        method = next((v for n, v in self.headers if n == b":method"), None)
+        content = next((v for n, v in self.headers if n == b"content-type"), b"")
+        if method != b"POST" or not content.startswith(b"application/grpc"):
+            self._fail_early(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"the gateway serves gRPC only (got {method!r} {content.decode('latin-1')!r})",
+            )
+            return False
+        return True
+
+    def request_data(self, payload: bytes, flow: int, end_stream: bool) -> None:
+        if self.done:
+            self.down.credit_back(flow)
+            return
+        self.request_ended = end_stream
+        up = self.up
+        if up is not None and up.open:
+            up.send_data(payload, end_stream=end_stream, on_sent=self.down.credit_back, flow=flow)
+            if self.keep:
+                self._keep(payload, 0)
+            return
+        # Not routed yet (or between attempts): held, and credited once forwarded.
+        self.body.append((payload, flow))
+        self.body_bytes += len(payload)
+        if self.up is None and self.attempt < 0 and self._ready():
+            self._route()
+
+    def _keep(self, payload: bytes, flow: int) -> None:
+        self.body.append((payload, flow))
+        self.body_bytes += len(payload)
+        if self.body_bytes > REPLAY_LIMIT:
+            self.keep = False
+            self.body = [(p, fl) for p, fl in self.body if fl]
+
+    def request_trailers(self, end_stream: bool) -> None:
+        # gRPC clients send none; a peer that does ends its request with them.
+        self.request_data(b"", 0, end_stream)
+
+    def _ready(self) -> bool:
+        """Whether routing has what it needs: the first message, when the host hashes on
+        request fields."""
+        if self.info is None or self.request_ended:
+            return True
+        if not self.relay.needs_message(self.path):
+            return True
+        if self.body_bytes < 5:
+            return False
+        head = b"".join(p for p, _ in self.body)
+        return self.body_bytes >= min(5 + int.from_bytes(head[1:5], "big"), FIELD_PREFIX)
+
+    def _first_message(self) -> bytes | None:
+        if not self.relay.needs_message(self.path) or self.body_bytes < 5:
+            return None
+        head = b"".join(p for p, _ in self.body)
+        if head[0] != 0:
+            return None  # compressed: its fields cannot be read
+        return head[5 : 5 + min(int.from_bytes(head[1:5], "big"), FIELD_PREFIX)]
+
+    # -- routing --------------------------------------------------------------------------
+
+    def _route(self) -> None:
+        relay = self.relay
+        if self.info is None or relay.everything_internal():
+            self._go_internal()
+            return
+        text, has_id = [], False
+        for name, value in self.headers:
+            if name[:1] == b":" or name in _TRANSPORT or name.startswith(b"grpc-"):
+                continue
+            if name.endswith(b"-bin"):
+                continue
+            key = name.decode("latin-1")
+            has_id = has_id or key == REQUEST_ID
+            text.append((key, value.decode("latin-1")))
+        if not has_id:
+            text.append((REQUEST_ID, relay.request_id()))
+        clusters = relay.state.clusters
+        try:
+            decision = decide(
+                clusters,
+                RequestInfo(
+                    self.path,
+                    tuple(text),
+                    authority=self.authority.decode("latin-1"),
+                    message=self._first_message(),
+                ),
+                relay.state.rng,
+            )
+        except MeshError as exc:
+            self._fail_early(exc.code, str(exc))
+            return
+        if decision.fault is not None or decision.mirror is not None or decision.response_headers:
+            self._go_internal()
+            return
+        if not decision.candidates:
+            self._fail_early(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no healthy endpoint for host {decision.host!r} subset {decision.subset!r}",
+            )
+            return
+        cluster = clusters.cluster(decision.host, decision.subset)
+        limit = cluster.policy.connection_pool.http2_max_requests
+        if limit < UNLIMITED and relay.state.tracker.total(cluster.healthy) >= limit:
+            self._fail_early(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{decision.target} has {limit} requests in flight "
+                "(connectionPool.http.http2MaxRequests)",
+            )
+            return
+        self.decision, self.cluster = decision, cluster
+        self.key = decision.hash_key.key if decision.hash_key else None
+        now = relay.loop.time()
+        budgets = [b for b in (self._client_timeout(), decision.timeout) if b is not None]
+        self.deadline = now + min(budgets) if budgets else None
+        if not self._replayable():
+            self.keep = False
+        self._attempt()
+
+    def _client_timeout(self) -> float | None:
+        for name, value in self.headers:
+            if name == b"grpc-timeout":
+                return parse_timeout(value)
+        return None
+
+    def _replayable(self) -> bool:
+        decision = self.decision
+        return (
+            decision is not None
+            and self.keep
+            and min(decision.retries.attempts, len(decision.candidates) - 1) > 0
+        )
+
+    def _go_internal(self) -> None:
+        """Sends the call, headers untouched, to the gateway's full gRPC server."""
+        self.internal = True
+        self.keep = False
+        self._attempt()
+
+    def _upstream_headers(self, per_try: float | None) -> list[Header]:
+        decision = self.decision
+        if decision is None:
+            return self.headers
+        out: list[Header] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", self.path.encode("latin-1")),
+        ]
+        if self.authority:
+            out.append((b":authority", self.authority))
+        for name, value in self.headers:
+            if name in _TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
+                out.append((name, value))
+        out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.metadata)
+        remaining = self._remaining(per_try)
+        if remaining is not None:
+            out.append((b"grpc-timeout", format_timeout(remaining)))
+        return out
+
+    def _remaining(self, per_try: float | None) -> float | None:
+        now = self.relay.loop.time()
+        remaining = None if self.deadline is None else self.deadline - now
+        if per_try is None:
+            return remaining
+        return per_try if remaining is None else min(per_try, remaining)
+
+    # -- attempts -------------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        relay = self.relay
+        self.attempt += 1
+        decision = self.decision
+        if self.internal or decision is None:
+            address = relay.internal_address
+            self.endpoint = None
+            per_try = None
+        else:
+            self.endpoint = decision.candidates[self.attempt]
+            address = self.endpoint.address
+            per_try = decision.retries.per_try_timeout
+            relay.state.tracker.start(address, self.key)
+            self._tracked = True
+        remaining = self._remaining(per_try)
+        if remaining is not None and remaining <= 0:
+            self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
+            return
+        conn = relay.pool.get(address)
+        up = self.up = conn.open_stream(self)
+        body = self.body
+        up.send_headers(self._upstream_headers(per_try), end_stream=self.request_ended and not body)
+        last = len(body) - 1
+        credit = self.down.credit_back
+        for i, (payload, flow) in enumerate(body):
+            end = self.request_ended and i == last
+            up.send_data(payload, end_stream=end, on_sent=credit if flow else None, flow=flow)
+        if self.keep:
+            self.body = [(p, 0) for p, _ in body]
+        else:
+            self.body = []
+            self.body_bytes = 0
+        self._arm_timer(remaining)
+
+    def _arm_timer(self, remaining: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if remaining is not None:
+            self._timer = self.relay.loop.call_later(remaining, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.done:
+            return
+        overall = self.deadline is not None and self.relay.loop.time() >= self.deadline - 1e-3
+        if self.up is not None:
+            self.up.reset(f.CANCEL)
+        if overall:
+            self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED)
+            self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            return
+        self._failed_attempt(
+            grpc.StatusCode.DEADLINE_EXCEEDED, "per-try timeout", connection_failure=False
+        )
+
+    def _end_attempt(self, code: grpc.StatusCode, *, connection_failure: bool = False) -> None:
+        """Counts the attempt's outcome for in-flight loads and outlier detection."""
+        endpoint, cluster = self.endpoint, self.cluster
+        if endpoint is None or cluster is None:
+            return
+        if self._tracked:
+            self._tracked = False
+            self.relay.state.tracker.finish(endpoint.address, self.key)
+        self.relay.record(self, endpoint, code, connection_failure=connection_failure)
+
+    def _may_retry(self, code: grpc.StatusCode, connection_failure: bool) -> bool:
+        decision = self.decision
+        if self.internal or self.started or decision is None or not self.keep:
+            return False
+        retries = decision.retries
+        if self.attempt >= min(retries.attempts, len(decision.candidates) - 1):
+            return False
+        if connection_failure and retries.retries_connection_failures():
+            return True
+        assert self.info is not None
+        return self.info.idempotent and retries.should_retry(
+            code, connection_failure=connection_failure
+        )
+
+    def _failed_attempt(
+        self, code: grpc.StatusCode, detail: str, *, connection_failure: bool
+    ) -> None:
+        """The current attempt failed before answering: next successor or give up."""
+        self._end_attempt(code, connection_failure=connection_failure)
+        address = self.endpoint.address if self.endpoint else self.relay.internal_address
+        if self._may_retry(code, connection_failure):
+            log.info(
+                "retrying %s on the next endpoint after %s from %s", self.path, code.name, address
+            )
+            self.relay.count_retry(self)
+            self.up = None
+            self._attempt()
+            return
+        self._give_up(code, f"upstream {address}: {detail}")
+
+    # -- responses ------------------------------------------------------------------------
+
+    def response_headers(self, up: Side, headers: list[Header], end_stream: bool) -> None:
+        if up is not self.up or self.done:
+            return
+        if end_stream:
+            code = status_of(headers)
+            up.close()
+            if not self.started and code is not grpc.StatusCode.OK and self._may_retry(code, False):
+                self._failed_attempt(code, code.name, connection_failure=False)
+                return
+            self._end_attempt(code)
+            self.down.send_headers(headers, end_stream=True)
+            self._finish()
+            return
+        if self.started:
+            return  # a second header block without END_STREAM: not gRPC, ignored
+        self.started = True
+        self.body = []
+        self.body_bytes = 0
+        self.keep = False
+        self.down.send_headers(headers, end_stream=False)
+
+    def response_data(self, up: Side, payload: bytes, flow: int, end_stream: bool) -> None:
+        if up is not self.up or self.done:
+            up.credit_back(flow)
+            return
+        self.down.send_data(payload, end_stream=end_stream, on_sent=up.credit_back, flow=flow)
+        if end_stream:
+            # DATA ending a response has no trailers: gRPC calls that an internal error.
+            up.close()
+            self._end_attempt(grpc.StatusCode.INTERNAL)
+            self._finish()
+
+    def upstream_reset(self, up: Side, code: int) -> None:
+        if up is not self.up or self.done:
+            return
+        if code == f.REFUSED_STREAM:
+            # RFC 9113 §8.7: the upstream did not process the stream; any call may be retried.
+            self._unprocessed("refused the stream")
+            return
+        status = grpc.StatusCode.CANCELLED if code == f.CANCEL else grpc.StatusCode.UNAVAILABLE
+        if self.started:
+            self._end_attempt(status)
+            self._give_up(status, f"upstream reset the stream (HTTP/2 error {code})")
+            return
+        self._failed_attempt(
+            status, f"reset the stream (HTTP/2 error {code})", connection_failure=False
+        )
+
+    def upstream_lost(self, up: Side, detail: str, *, connected: bool) -> None:
+        """The upstream connection closed (``connected``) or could not be opened."""
+        if up is not self.up or self.done:
+            return
+        if not connected:
+            self._unprocessed(detail)
+            return
+        if self.started:
+            self._end_attempt(grpc.StatusCode.UNAVAILABLE)
+            self._give_up(grpc.StatusCode.UNAVAILABLE, f"upstream connection lost: {detail}")
+            return
+        self._failed_attempt(grpc.StatusCode.UNAVAILABLE, detail, connection_failure=False)
+
+    def _unprocessed(self, detail: str) -> None:
+        """The upstream never saw the call (connect failed, refused or GOAWAY'd stream)."""
+        self._failed_attempt(grpc.StatusCode.UNAVAILABLE, detail, connection_failure=True)
+
+    # -- the client's side -----------------------------------------------------------------
+
+    def client_reset(self) -> None:
+        """The client cancelled (RST_STREAM) or its connection went away."""
+        if self.done:
+            return
+        if self.up is not None:
+            self.up.reset(f.CANCEL)
+        self._end_attempt(grpc.StatusCode.CANCELLED)
+        self._finish()
+
+    def _fail_early(self, code: grpc.StatusCode, message: str) -> None:
+        """Answers without any upstream (routing failed)."""
+        self.down.send_headers(error_headers(code, message, trailers_only=True), end_stream=True)
+        self._finish()
+
+    def _give_up(self, code: grpc.StatusCode, message: str) -> None:
+        if self.up is not None and self.up.open:
+            self.up.reset(f.CANCEL)
+        self.down.send_headers(
+            error_headers(code, message, trailers_only=not self.started), end_stream=True
+        )
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._tracked and self.endpoint is not None:
+            self._tracked = False
+            self.relay.state.tracker.finish(self.endpoint.address, self.key)
+        # A client still sending is told to stop once the response is out (RFC 9113 §8.1
+        # allows RST_STREAM NO_ERROR after a complete response).
+        self.down.finish(reset=not self.request_ended)
+        if self.up is not None:
+            self.up.close()
+        self.body = []
+        self.relay.exchanges.discard(self)

@@ -1,0 +1,230 @@
+"""HPACK for the relay: a stateful decoder tuned for gRPC peers and a stateless encoder.
+
+Why not ``hpack.Decoder``/``hpack.Encoder`` directly: on this path every proxied call
+decodes two header blocks and encodes two, and the library's general-purpose objects
+cost ~50 µs per block here (more than the rest of the relay's work on a call). gRPC's
+C core encodes with incremental indexing and no Huffman coding, so after a connection's
+first call a request's headers are a few one-byte table indexes: this decoder spends its
+time there. It takes the static table and the Huffman decoder from the ``hpack``
+package, so the RFC 7541 facts live in one well-kept place.
+
+The encoder never indexes and never Huffman-codes ("literal without indexing", RFC 7541
+§6.2.2): its output needs no state, so a header pair's bytes are cached and a block is
+a concatenation. The peer's decoder (C, in gRPC) pays nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
+
+Header = tuple[bytes, bytes]
+
+STATIC: tuple[Header, ...] = HeaderTable.STATIC_TABLE
+_STATIC_COUNT = len(STATIC)
+#: RFC 7541 §4.1: an entry's size is its name and value plus 32 bytes of overhead.
+_ENTRY_OVERHEAD = 32
+DEFAULT_TABLE_SIZE = 4096
+
+
+class HeaderError(ValueError):
+    """A header block that does not decode (a connection error: COMPRESSION_ERROR)."""
+
+
+class HeaderListTooLarge(HeaderError):
+    """A decoded header list over the advertised limit (a stream error)."""
+
+
+class HeaderDecoder:
+    """One connection's receive-side HPACK state (its dynamic table)."""
+
+    def __init__(
+        self, max_table_size: int = DEFAULT_TABLE_SIZE, max_list_size: int = 1 << 16
+    ) -> None:
+        #: The most the peer may size the table to: our SETTINGS_HEADER_TABLE_SIZE.
+        self.max_table_size = max_table_size
+        self.max_list_size = max_list_size
+        self._limit = max_table_size
+        self._size = 0
+        #: Newest first: dynamic index 62 is ``_table[0]``.
+        self._table: deque[Header] = deque()
+
+    def decode(self, block: bytes | bytearray | memoryview) -> list[Header]:
+        data = bytes(block)
+        end = len(data)
+        pos = 0
+        headers: list[Header] = []
+        listed = 0
+        seen_field = False
+        while pos < end:
+            byte = data[pos]
+            if byte & 0x80:  # indexed field
+                index, pos = _integer(data, pos, 7)
+                header = self._entry(index)
+            elif byte & 0x40:  # literal with incremental indexing
+                header, pos = self._literal(data, pos, 6)
+                self._insert(header)
+            elif byte & 0x20:  # dynamic table size update
+                if seen_field:
+                    raise HeaderError("table size update after a header field")
+                size, pos = _integer(data, pos, 5)
+                if size > self.max_table_size:
+                    raise HeaderError(f"table size update to {size} over {self.max_table_size}")
+                self._limit = size
+                self._evict(0)
+                continue
+            else:  # literal without indexing (0000) or never indexed (0001)
+                header, pos = self._literal(data, pos, 4)
+            seen_field = True
+            listed += len(header[0]) + len(header[1]) + _ENTRY_OVERHEAD
+            if listed > self.max_list_size:
+                # Keep decoding so the table stays in step, then report it.
+                self._drain(data, pos, end)
+                raise HeaderListTooLarge(f"header list over {self.max_list_size} bytes")
+            headers.append(header)
+        return headers
+
+    def _drain(self, data: bytes, pos: int, end: int) -> None:
+        while pos < end:
+            byte = data[pos]
+            if byte & 0x80:
+                _, pos = _integer(data, pos, 7)
+            elif byte & 0x40:
+                header, pos = self._literal(data, pos, 6)
+                self._insert(header)
+            elif byte & 0x20:
+                _, pos = _integer(data, pos, 5)
+            else:
+                _, pos = self._literal(data, pos, 4)
+
+    def _entry(self, index: int) -> Header:
+        if 0 < index <= _STATIC_COUNT:
+            return STATIC[index - 1]
+        dynamic = index - _STATIC_COUNT - 1
+        if index == 0 or dynamic >= len(self._table):
+            raise HeaderError(f"header table index {index} out of range")
+        return self._table[dynamic]
+
+    def _literal(self, data: bytes, pos: int, prefix: int) -> tuple[Header, int]:
+        index, pos = _integer(data, pos, prefix)
+        if index:
+            name = self._entry(index)[0]
+        else:
+            name, pos = _string(data, pos)
+        value, pos = _string(data, pos)
+        return (name, value), pos
+
+    def _insert(self, header: Header) -> None:
+        size = len(header[0]) + len(header[1]) + _ENTRY_OVERHEAD
+        if size > self._limit:
+            # RFC 7541 §4.4: an entry larger than the table empties it and is not added.
+            self._table.clear()
+            self._size = 0
+            return
+        self._evict(size)
+        self._table.appendleft(header)
+        self._size += size
+
+    def _evict(self, room: int) -> None:
+        while self._table and self._size + room > self._limit:
+            name, value = self._table.pop()
+            self._size -= len(name) + len(value) + _ENTRY_OVERHEAD
+
+
+def _integer(data: bytes, pos: int, prefix: int) -> tuple[int, int]:
+    """RFC 7541 §5.1 prefix integer starting at ``data[pos]``; returns (value, next)."""
+    mask = (1 << prefix) - 1
+    try:
+        value = data[pos] & mask
+        pos += 1
+        if value < mask:
+            return value, pos
+        shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value += (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value, pos
+            shift += 7
+            if shift > 28:
+                raise HeaderError("header integer too large")
+    except IndexError:
+        raise HeaderError("header block ends inside an integer") from None
+
+
+def _string(data: bytes, pos: int) -> tuple[bytes, int]:
+    if pos >= len(data):
+        raise HeaderError("header block ends before a string")
+    huffman = data[pos] & 0x80
+    length, pos = _integer(data, pos, 7)
+    end = pos + length
+    if end > len(data):
+        raise HeaderError("header string runs past the block")
+    raw = data[pos:end]
+    if huffman:
+        try:
+            raw = decode_huffman(raw)
+        except Exception as exc:  # the library raises its own error types
+            raise HeaderError(f"bad Huffman string: {exc}") from None
+    return raw, end
+
+
+def _encode_integer(value: int, prefix: int, flags: int) -> bytes:
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return bytes((flags | value,))
+    out = bytearray((flags | mask,))
+    value -= mask
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _encode_string(raw: bytes) -> bytes:
+    return _encode_integer(len(raw), 7, 0) + raw
+
+
+#: Static-table index of each name's first entry (names are referenced, never values).
+_STATIC_NAMES: dict[bytes, int] = {}
+for _i, (_name, _) in enumerate(STATIC, start=1):
+    _STATIC_NAMES.setdefault(_name, _i)
+
+_CACHE_LIMIT = 4096
+_cache: dict[Header, bytes] = {}
+
+
+def encode_field(name: bytes, value: bytes) -> bytes:
+    """One field as a literal without indexing (cached: gRPC repeats most pairs)."""
+    key = (name, value)
+    found = _cache.get(key)
+    if found is not None:
+        return found
+    index = _STATIC_NAMES.get(name)
+    head = _encode_integer(index, 4, 0) if index else b"\x00" + _encode_string(name)
+    encoded = head + _encode_string(value)
+    if len(_cache) >= _CACHE_LIMIT:
+        _cache.clear()
+    _cache[key] = encoded
+    return encoded
+
+
+class HeaderEncoder:
+    """One connection's send-side HPACK: stateless literals after one table resize to 0."""
+
+    def __init__(self) -> None:
+        self._first = True
+
+    def encode(self, headers: Iterable[Header]) -> bytes:
+        body = b"".join([encode_field(n, v) for n, v in headers])
+        if self._first:
+            # We never index, so our table size is 0 whatever the peer's setting; saying
+            # so once (RFC 7541 §6.3) keeps any later SETTINGS change trivially honoured.
+            self._first = False
+            return b"\x20" + body
+        return body

@@ -1,0 +1,293 @@
+"""The gateway's data plane: an HTTP/2 relay in front of its gRPC server.
+
+Why it exists: a gRPC proxy written with ``grpc.aio`` pays for two full gRPC calls per
+request (a server call in, a client call out), and on a small machine that machinery,
+not routing, is most of the gateway's cost (docs/benchmarks.md). The relay never parses
+a gRPC message: it reads HTTP/2 frames, routes each new stream with the same pure core
+(:func:`mesh.routing.decision.decide`), and forwards the stream's frames to a pooled
+upstream connection, as Envoy does. What needs a gRPC server (the gateway's own
+services, fault injection, mirroring, response header edits, client auth and telemetry
+interceptors) still runs in one, behind the relay on a loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import uuid
+from collections.abc import Callable, Collection
+
+import grpc
+
+from gateway.relay import frames as f
+from gateway.relay.connection import Connection, Flusher, Side
+from gateway.relay.exchange import Exchange
+from gateway.relay.hpack_codec import Header
+from gateway.state import GatewayState
+from mesh.balance.endpoints import Endpoint
+from mesh.routing.services import host_for_method
+from mesh.telemetry.metrics import MeshMetrics, labels
+
+log = logging.getLogger(__name__)
+
+
+class Downstream(Connection):
+    """A client's connection to the gateway: each new stream becomes an :class:`Exchange`."""
+
+    client_side = False
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay.flusher)
+        self.relay = relay
+        self.last_stream = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.relay.downstreams.add(self)
+
+    def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
+        side = self.streams.get(stream_id)
+        if side is not None:
+            side.exchange.request_trailers(end_stream)
+            return
+        if stream_id % 2 == 0 or stream_id <= self.last_stream:
+            if stream_id <= self.last_stream:
+                return  # a stream we already finished (say, reset): late trailers
+            raise f.ProtocolError(f"client opened even stream {stream_id}")
+        self.last_stream = stream_id
+        if self.relay.draining:
+            self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
+            return
+        side = Side(self, stream_id, None)
+        self.streams[stream_id] = side
+        Exchange(self.relay, side, headers, end_stream)
+
+    def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
+        side.exchange.request_data(payload, flow, end_stream)
+
+    def on_reset(self, side: Side, code: int) -> None:
+        side.exchange.client_reset()
+
+    def lost(self, exc: Exception | None) -> None:
+        self.relay.downstreams.discard(self)
+        for side in list(self.streams.values()):
+            side.close()
+            side.exchange.client_reset()
+
+
+class Upstream(Connection):
+    """The relay's connection to one upstream address; streams of many exchanges share it."""
+
+    client_side = True
+
+    def __init__(self, relay: Relay, address: str) -> None:
+        super().__init__(relay.flusher)
+        self.relay = relay
+        self.address = address
+        self.next_id = 1
+        self.connected = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connected = True
+        super().connection_made(transport)
+
+    def open_stream(self, exchange: Exchange) -> Side:
+        side = Side(self, self.next_id, exchange)
+        self.streams[self.next_id] = side
+        self.next_id += 2
+        if self.next_id > (1 << 30):
+            # Far from the 2^31 limit, a fresh connection takes over new streams.
+            self.going_away = True
+        return side
+
+    def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
+        side = self.streams.get(stream_id)
+        if side is not None:
+            side.exchange.response_headers(side, headers, end_stream)
+
+    def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
+        side.exchange.response_data(side, payload, flow, end_stream)
+
+    def on_reset(self, side: Side, code: int) -> None:
+        side.exchange.upstream_reset(side, code)
+
+    def on_goaway(self, last_stream_id: int, code: int) -> None:
+        # Streams above the last one the upstream processed never ran: safe to retry.
+        for side in [s for s in self.streams.values() if s.id > last_stream_id]:
+            side.close()
+            side.exchange.upstream_reset(side, f.REFUSED_STREAM)
+
+    def lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        detail = str(exc) if exc else "connection closed"
+        for side in list(self.streams.values()):
+            side.close()
+            side.exchange.upstream_lost(side, detail, connected=self.connected)
+
+    def connect_failed(self, exc: Exception) -> None:
+        self.lost(exc)
+        self.flusher.flush()
+
+
+class UpstreamPool:
+    """One HTTP/2 connection per upstream address, opened on first use and replaced when
+    it closes or is going away; HTTP/2 multiplexes every call to that address on it."""
+
+    def __init__(self, relay: Relay, ssl_context: Callable[[], ssl.SSLContext] | None) -> None:
+        self.relay = relay
+        self._ssl = ssl_context
+        self._conns: dict[str, Upstream] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, address: str) -> Upstream:
+        conn = self._conns.get(address)
+        if conn is None or conn.closed or conn.going_away:
+            if conn is not None:
+                self._retire(conn)
+            conn = self._conns[address] = Upstream(self.relay, address)
+            task = self.relay.loop.create_task(
+                self._connect(conn, internal=address == self.relay.internal_address)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return conn
+
+    async def _connect(self, conn: Upstream, *, internal: bool) -> None:
+        host, _, port = conn.address.rpartition(":")
+        host = host.strip("[]")
+        context = None if internal or self._ssl is None else self._ssl()
+        try:
+            await self.relay.loop.create_connection(
+                lambda: conn,
+                host,
+                int(port),
+                ssl=context,
+                server_hostname=host if context is not None else None,
+            )
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.info("cannot connect to %s: %s", conn.address, exc)
+            conn.connect_failed(exc)
+
+    def _retire(self, conn: Upstream) -> None:
+        """Closes ``conn`` once its streams are done (a GOAWAY'd or replaced connection)."""
+        if not conn.streams and conn.transport is not None:
+            conn.transport.close()
+
+    def retain(self, addresses: Collection[str]) -> None:
+        """Lets connections to addresses that left the mesh finish and close."""
+        for address in [
+            a for a in self._conns if a not in addresses and a != self.relay.internal_address
+        ]:
+            conn = self._conns.pop(address)
+            conn.going_away = True
+            self._retire(conn)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for conn in self._conns.values():
+            if conn.transport is not None:
+                conn.transport.close()
+        self._conns.clear()
+
+
+class Relay:
+    """Listens for clients and relays each gRPC call to an upstream (see module doc)."""
+
+    def __init__(
+        self,
+        state: GatewayState,
+        *,
+        internal_address: str,
+        everything_internal: Callable[[], bool] = lambda: False,
+        ssl_context: Callable[[], ssl.SSLContext] | None = None,
+        request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        metrics: MeshMetrics | None = None,
+    ) -> None:
+        self.state = state
+        self.internal_address = internal_address
+        self.everything_internal = everything_internal
+        self.request_id = request_id
+        self.metrics = metrics
+        self.loop = asyncio.get_running_loop()
+        self.flusher = Flusher()
+        self.pool = UpstreamPool(self, ssl_context)
+        self.exchanges: set[Exchange] = set()
+        self.downstreams: set[Downstream] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._needs_message: dict[str, bool] = {}
+        self._needs_config: object = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listens on ``host:port`` (0: any free port); returns the bound port."""
+        try:
+            self._server = await self.loop.create_server(
+                lambda: Downstream(self), host, port, reuse_address=True
+            )
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    def needs_message(self, path: str) -> bool:
+        """Whether routing waits for the first message (the host hashes on its fields)."""
+        config = self.state.clusters.config
+        if config is not self._needs_config:
+            self._needs_config, self._needs_message = config, {}
+        found = self._needs_message.get(path)
+        if found is None:
+            host = host_for_method(path)
+            rule = config.destination_rule(host) if host else None
+            found = self._needs_message[path] = rule is not None and bool(
+                rule.extensions.hash_fields
+            )
+        return found
+
+    def record(
+        self,
+        exchange: Exchange,
+        endpoint: Endpoint,
+        code: grpc.StatusCode,
+        *,
+        connection_failure: bool = False,
+    ) -> None:
+        cluster, decision = exchange.cluster, exchange.decision
+        if cluster is None or decision is None or cluster.outliers is None:
+            return
+        if cluster.outliers.record(
+            endpoint.address, code, cluster.healthy, connection_failure=connection_failure
+        ):
+            log.warning("ejected %s from %s after %s", endpoint.address, decision.target, code.name)
+            if self.metrics is not None:
+                self.metrics.ejected(decision.target, endpoint.address)
+
+    def count_retry(self, exchange: Exchange) -> None:
+        decision = exchange.decision
+        if self.metrics is not None and decision is not None:
+            self.metrics.retried(labels(route=decision.route, destination=decision.target))
+
+    async def drain(self, grace: float) -> None:
+        """Stops accepting, tells clients (GOAWAY), lets calls in flight finish for up
+        to ``grace`` seconds, then closes every connection."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.downstreams):
+            conn.write(f.goaway(conn.last_stream, f.NO_ERROR))
+        self.flusher.flush()
+        deadline = self.loop.time() + grace
+        while self.exchanges and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for exchange in list(self.exchanges):
+            exchange.client_reset()
+        self.flusher.flush()
+        for conn in list(self.downstreams):
+            if conn.transport is not None:
+                conn.transport.close()
+        self.pool.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
