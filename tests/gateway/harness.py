@@ -44,7 +44,9 @@ class Mesh:
 
 
 @asynccontextmanager
-async def mesh(n: int = 3, config_dir: Path | None = REPO / "config") -> AsyncIterator[Mesh]:
+async def mesh(
+    n: int = 3, config_dir: Path | None = REPO / "config", *, data_plane: str = "relay"
+) -> AsyncIterator[Mesh]:
     async with AsyncExitStack() as stack:
         workers = [FakeWorker(f"w{i}") for i in range(n)]
         addresses = []
@@ -57,7 +59,9 @@ async def mesh(n: int = 3, config_dir: Path | None = REPO / "config") -> AsyncIt
             for service in ("inference", "data")
         ]
         discovery = StaticDiscovery(instances)
-        gateway = Gateway(discovery, config_dir=config_dir, reload_interval=0.05)
+        gateway = Gateway(
+            discovery, config_dir=config_dir, reload_interval=0.05, data_plane=data_plane
+        )
         serving = await gateway.start(ServerSettings())
         channel = grpc.aio.insecure_channel(serving.address)
         try:

@@ -19,9 +19,12 @@ from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from tests.gateway.backends import FakeWorker
 from tests.gateway.harness import REPO, infer, mesh
 
+#: Every test runs on both data planes: the HTTP/2 relay (default) and the grpc.aio proxy.
+pytestmark = pytest.mark.parametrize("data_plane", ["relay", "grpc"])
 
-async def test_unary_sticks_by_version_and_forwards_metadata() -> None:
-    async with mesh() as m:
+
+async def test_unary_sticks_by_version_and_forwards_metadata(data_plane: str) -> None:
+    async with mesh(data_plane=data_plane) as m:
         call = m.inference.ModelInfer(
             infer("resnet", "3"), metadata=(("x-tenant", "a"),), timeout=5
         )
@@ -49,14 +52,14 @@ async def test_unary_sticks_by_version_and_forwards_metadata() -> None:
         assert per_try is not None and 25 < per_try < 30.5
 
 
-async def test_request_id_is_kept_when_the_client_sends_one() -> None:
-    async with mesh(1) as m:
+async def test_request_id_is_kept_when_the_client_sends_one(data_plane: str) -> None:
+    async with mesh(1, data_plane=data_plane) as m:
         await m.inference.ModelInfer(infer("x"), metadata=(("x-request-id", "abc"),), timeout=5)
         assert m.workers[0].seen[-1]["x-request-id"] == "abc"
 
 
-async def test_server_streaming_client_streaming_and_bidi() -> None:
-    async with mesh(2) as m:
+async def test_server_streaming_client_streaming_and_bidi(data_plane: str) -> None:
+    async with mesh(2, data_plane=data_plane) as m:
         data = data_pb2_grpc.DataServiceStub(m.channel)
         batches = [
             b
@@ -85,8 +88,8 @@ async def test_server_streaming_client_streaming_and_bidi() -> None:
         assert unary.id == replies[0].infer_response.id
 
 
-async def test_failed_worker_is_retried_on_the_ring_successor_then_ejected() -> None:
-    async with mesh() as m:
+async def test_failed_worker_is_retried_on_the_ring_successor_then_ejected(data_plane: str) -> None:
+    async with mesh(data_plane=data_plane) as m:
         owner_name = (await m.inference.ModelInfer(infer("llama", "1"), timeout=5)).id
         owner = next(w for w in m.workers if w.name == owner_name)
         owner.fail_with = grpc.StatusCode.UNAVAILABLE
@@ -101,8 +104,8 @@ async def test_failed_worker_is_retried_on_the_ring_successor_then_ejected() -> 
         assert cluster.outliers is not None and cluster.outliers.is_ejected(address)
 
 
-async def test_non_retryable_errors_pass_through_unchanged() -> None:
-    async with mesh(2) as m:
+async def test_non_retryable_errors_pass_through_unchanged(data_plane: str) -> None:
+    async with mesh(2, data_plane=data_plane) as m:
         for w in m.workers:
             w.fail_with = grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -112,8 +115,8 @@ async def test_non_retryable_errors_pass_through_unchanged() -> None:
         assert sum(len(w.seen) for w in m.workers) == 1
 
 
-async def test_no_healthy_endpoint_and_unknown_method() -> None:
-    async with mesh(1) as m:
+async def test_no_healthy_endpoint_and_unknown_method(data_plane: str) -> None:
+    async with mesh(1, data_plane=data_plane) as m:
         m.discovery.push("remove", StaticInstance("inference", "w0-inference", m.addresses[0]))
         await m.wait_endpoints("inference", 0)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -128,8 +131,11 @@ async def test_no_healthy_endpoint_and_unknown_method() -> None:
         assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
-async def test_a_joining_worker_takes_keys_only_for_itself() -> None:
-    async with mesh(3) as m, serve(FakeWorker("w3").services()) as (serving, _):
+async def test_a_joining_worker_takes_keys_only_for_itself(data_plane: str) -> None:
+    async with (
+        mesh(3, data_plane=data_plane) as m,
+        serve(FakeWorker("w3").services()) as (serving, _),
+    ):
         keys = [(f"m{i}", "1") for i in range(40)]
         before = {k: (await m.inference.ModelInfer(infer(*k), timeout=5)).id for k in keys}
         m.discovery.push("add", StaticInstance("inference", "w3-inference", serving.address))
@@ -139,10 +145,12 @@ async def test_a_joining_worker_takes_keys_only_for_itself() -> None:
         assert moved and all(after[k] == "w3" for k in moved)
 
 
-async def test_broken_config_file_is_rejected_and_the_old_one_keeps_routing(tmp_path: Path) -> None:
+async def test_broken_config_file_is_rejected_and_the_old_one_keeps_routing(
+    tmp_path: Path, data_plane: str
+) -> None:
     for name in ("inference.yaml", "data.yaml"):
         (tmp_path / name).write_text((REPO / "config" / name).read_text())
-    async with mesh(2, config_dir=tmp_path) as m:
+    async with mesh(2, config_dir=tmp_path, data_plane=data_plane) as m:
         version = m.gateway.state.config.version
         (tmp_path / "inference.yaml").write_text(
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec: {hosts: [inference], http: [{route: []}]}\n"
@@ -175,7 +183,9 @@ class FlakyDiscovery:
         await asyncio.Event().wait()
 
 
-async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscribes() -> None:
+async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscribes(
+    data_plane: str,
+) -> None:
     async with (
         serve(FakeWorker("w0").services()) as (a, _),
         serve(FakeWorker("w1").services()) as (b, _),
@@ -183,7 +193,7 @@ async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscrib
         first = [StaticInstance("inference", "w0", a.address)]
         second = [*first, StaticInstance("inference", "w1", b.address)]
         source = FlakyDiscovery(first, second)
-        gateway = Gateway(source, discovery_retry=0.01)
+        gateway = Gateway(source, discovery_retry=0.01, data_plane=data_plane)
         serving = await gateway.start(ServerSettings())
         try:
             deadline = asyncio.get_running_loop().time() + 10
@@ -195,8 +205,10 @@ async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscrib
             await serving.drain(grace=0)
 
 
-async def test_server_stream_is_retried_on_another_endpoint_before_its_first_message() -> None:
-    async with mesh(2) as m:
+async def test_server_stream_is_retried_on_another_endpoint_before_its_first_message(
+    data_plane: str,
+) -> None:
+    async with mesh(2, data_plane=data_plane) as m:
         m.workers[0].fail_with = grpc.StatusCode.UNAVAILABLE
         data = data_pb2_grpc.DataServiceStub(m.channel)
         for _ in range(6):  # ROUND_ROBIN sends half of them to the failing worker first
