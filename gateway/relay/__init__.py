@@ -1,0 +1,1 @@
+"""The gateway's HTTP/2 relay: the data plane in front of its gRPC server."""
