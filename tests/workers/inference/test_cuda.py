@@ -276,12 +276,13 @@ def profile() -> torch.profiler.profile:
 
 
 def host_calls_within(profile: torch.profiler.profile, label: str) -> list[str]:
-    """What ran on the host inside ``record_function(label)``.
+    """What ran inside the host's span of ``record_function(label)``.
 
     The window leaves out the profiler's own device synchronizations at start and stop.
+    (The label also shows up as a GPU-side annotation; the host's span is the window.)
     """
     events: list[Any] = profile.events()  # type: ignore[no-untyped-call]
-    [window] = [e for e in events if e.name == label]
+    [window] = [e for e in events if e.name == label and e.device_type.name == "CPU"]
     return [
         e.name
         for e in events
