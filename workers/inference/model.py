@@ -6,13 +6,13 @@ import io
 import logging
 import math
 import posixpath
-import threading
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.export.passes import move_to_device_pass
 
 from mesh.errors import InvalidArgument
 from protos.inference import model_config_pb2 as mc
@@ -20,10 +20,6 @@ from workers.inference.tensors import DATATYPES, BytesTensor, Tensor, TensorSpec
 from workers.model_repo import DEFAULT_FILENAMES, EXPORT_PLATFORM, TORCHSCRIPT_PLATFORM, ModelRepo
 
 log = logging.getLogger(__name__)
-
-#: On CUDA a load's memory is measured as the allocator's growth, so loads are
-#: serialized there: two at once would each count the other's weights.
-_cuda_load_lock = threading.Lock()
 
 
 class ModelError(Exception):
@@ -72,6 +68,12 @@ class Signature:
 
 
 def _module_bytes(module: Any) -> int:
+    """Bytes of the parameters and buffers ``module`` keeps, on whatever device they live.
+
+    Counted from the module itself rather than from the CUDA allocator's growth during
+    the load: forward passes of other versions run on the same GPU meanwhile, and their
+    activations come and go inside any before/after window of ``memory_allocated``.
+    """
     tensors: list[torch.Tensor] = []
     if hasattr(module, "parameters"):
         tensors.extend(module.parameters())
@@ -196,17 +198,8 @@ def load_model(
         raise InvalidArgument(
             f"model {config.name!r} version {version} has no {filename}"
         ) from None
-    if device.type == "cuda":
-        with _cuda_load_lock:
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            forward, module = _deserialize(signature.platform, data, device)
-            torch.cuda.synchronize(device)
-            memory = torch.cuda.memory_allocated(device) - before
-    else:
-        forward, module = _deserialize(signature.platform, data, device)
-        memory = _module_bytes(module)
-    loaded = LoadedModel(signature, version, forward, device, memory)
+    forward, module = _deserialize(signature.platform, data, device)
+    loaded = LoadedModel(signature, version, forward, device, _module_bytes(module))
     # Warm-up: the first pass pays for lazy init, allocator growth and kernel
     # selection; a version is not ready until it has run once.
     warm = example_inputs(signature)
@@ -218,9 +211,16 @@ def _deserialize(
     platform: str, data: bytes, device: torch.device
 ) -> tuple[Callable[..., Any], Any]:
     if platform == EXPORT_PLATFORM:
-        program = torch.export.load(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Some torch versions warn that the archive's tensors view read-only bytes;
+            # served weights are never written to.
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            program = torch.export.load(io.BytesIO(data))
+        if device.type != "cpu":
+            # The graph names the device of every tensor it creates (an arange, a zeros):
+            # moving only the module's weights would leave those on the CPU.
+            program = move_to_device_pass(program, device)
         module = program.module()
-        module.to(device)
         return module, module
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream but remains the Triton-compatible format.
