@@ -218,6 +218,7 @@ class Connection(asyncio.Protocol):
         self.flush_output()
 
     def data_received(self, data: bytes) -> None:
+        self.flusher.passes += 1
         try:
             self._receive(data)
         except f.ProtocolError as exc:
@@ -225,6 +226,7 @@ class Connection(asyncio.Protocol):
         except HeaderError as exc:
             self.fail(f.COMPRESSION_ERROR, str(exc))
         finally:
+            self.flusher.passes -= 1
             self.flusher.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -406,10 +408,12 @@ class Flusher:
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
         self._scheduled = False
+        #: Input passes under way: each flushes when it ends, so nothing is scheduled.
+        self.passes = 0
 
     def mark(self, conn: Connection) -> None:
         self._dirty.append(conn)
-        if not self._scheduled:
+        if not self._scheduled and not self.passes:
             # Writes from timers and tasks have no input pass to end: flush them soon.
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)

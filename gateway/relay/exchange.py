@@ -350,7 +350,12 @@ class Exchange:
         else:
             self.body = []
             self.body_bytes = 0
-        self._arm_timer(remaining)
+        # The client's own deadline needs no timer here: the client ends the call (and the
+        # relay then resets the upstream), and the upstream got it as grpc-timeout. A
+        # route timeout or per-try timeout is the relay's to enforce.
+        decision = self.decision
+        if decision is not None and (per_try is not None or decision.timeout is not None):
+            self._arm_timer(remaining)
 
     def _arm_timer(self, remaining: float | None) -> None:
         if self._timer is not None:

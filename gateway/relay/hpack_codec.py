@@ -195,23 +195,20 @@ _STATIC_NAMES: dict[bytes, int] = {}
 for _i, (_name, _) in enumerate(STATIC, start=1):
     _STATIC_NAMES.setdefault(_name, _i)
 
-_CACHE_LIMIT = 4096
-_cache: dict[Header, bytes] = {}
+_names: dict[bytes, bytes] = {}
 
 
 def encode_field(name: bytes, value: bytes) -> bytes:
-    """One field as a literal without indexing (cached: gRPC repeats most pairs)."""
-    key = (name, value)
-    found = _cache.get(key)
-    if found is not None:
-        return found
-    index = _STATIC_NAMES.get(name)
-    head = _encode_integer(index, 4, 0) if index else b"\x00" + _encode_string(name)
-    encoded = head + _encode_string(value)
-    if len(_cache) >= _CACHE_LIMIT:
-        _cache.clear()
-    _cache[key] = encoded
-    return encoded
+    """One field as a literal without indexing; the name's encoding is cached (names
+    repeat, values such as request ids and timeouts do not)."""
+    head = _names.get(name)
+    if head is None:
+        index = _STATIC_NAMES.get(name)
+        head = _encode_integer(index, 4, 0) if index else b"\x00" + _encode_string(name)
+        if len(_names) < 4096:
+            _names[name] = head
+    size = len(value)
+    return head + (bytes((size,)) + value if size < 0x7F else _encode_string(value))
 
 
 class HeaderEncoder:

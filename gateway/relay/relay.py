@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
-import uuid
 from collections.abc import Callable, Collection
 
 import grpc
@@ -203,13 +203,15 @@ class Relay:
         internal_address: str,
         everything_internal: Callable[[], bool] = lambda: False,
         ssl_context: Callable[[], ssl.SSLContext] | None = None,
-        request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        request_id: Callable[[], str] | None = None,
         metrics: MeshMetrics | None = None,
     ) -> None:
         self.state = state
         self.internal_address = internal_address
         self.everything_internal = everything_internal
-        self.request_id = request_id
+        # 128 random bits as 32 hex digits, like a uuid4's hex but without a syscall.
+        bits = random.Random().getrandbits
+        self.request_id = request_id or (lambda: f"{bits(128):032x}")
         self.metrics = metrics
         self.loop = asyncio.get_running_loop()
         self.flusher = Flusher()

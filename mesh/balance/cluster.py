@@ -14,6 +14,7 @@ from mesh.balance.ring import HashRing, RingPolicy, choose
 from mesh.balance.simple import RoundRobin, least_request_order, random_order
 from mesh.config.destination_rule import Extensions, OutlierDetection, TrafficPolicy
 from mesh.config.snapshot import MeshConfig
+from mesh.routing.services import host_for_call
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,22 @@ class ClusterMap:
         self._generations: dict[tuple[str, str], int] = (
             dict(previous._generations) if previous is not None else {}
         )
+        #: host_for_call answers for this map's known hosts, by (method, authority).
+        self._hosts: dict[tuple[str, str], str | None] = {}
+
+    def host_for(self, method: str, authority: str) -> str | None:
+        """:func:`mesh.routing.services.host_for_call` against :attr:`known_hosts`, cached
+        for the life of this map (a call's method and authority repeat; parsing them is
+        a measurable share of a routing decision)."""
+        key = (method, authority)
+        try:
+            return self._hosts[key]
+        except KeyError:
+            pass
+        if len(self._hosts) >= 4096:
+            self._hosts.clear()
+        found = self._hosts[key] = host_for_call(method, authority, self.known_hosts)
+        return found
 
     def cluster(self, host: str, subset: str = "") -> Cluster:
         key = (host, subset)

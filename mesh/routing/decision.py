@@ -18,7 +18,7 @@ from mesh.errors import Unimplemented
 from mesh.routing import headers as md
 from mesh.routing.hashkey import HashKey, RequestFields, hash_key, read_fields
 from mesh.routing.match import describe_match, find_rule
-from mesh.routing.services import host_for_call, split_method
+from mesh.routing.services import split_method
 from mesh.routing.weights import pick_destination
 
 #: Istio's retry policy for calls no VirtualService rule covers.
@@ -84,7 +84,7 @@ def decide(
     steps: list[str] = []
     if split_method(request.method) is None:
         raise Unimplemented(f"malformed method path {request.method!r}")
-    host = host_for_call(request.method, request.authority, clusters.known_hosts)
+    host = clusters.host_for(request.method, request.authority)
     if host is None:
         raise Unimplemented(f"method {request.method} is not served by any mesh service")
     if explain:

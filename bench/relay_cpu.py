@@ -1,0 +1,128 @@
+"""CPU cost of the gateway relay per proxied unary call, without sockets.
+
+Run: ``.venv/bin/python -m bench.relay_cpu [--calls 20000]``
+
+Feeds a client's HEADERS + DATA and an upstream's HEADERS, DATA and trailers (encoded as
+gRPC's C core encodes them: incremental indexing, no Huffman) straight into the relay's
+protocol objects with in-memory transports, and prints the relay's own Python time per
+call: routing (the pure core, with the sample config's field hash), header codec,
+framing and flow control. What the sockets and event loop add is in bench.gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import hpack
+
+from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
+from gateway.relay import frames as f
+from gateway.relay.relay import Relay, Upstream
+from gateway.state import GatewayState
+from mesh.config.loader import load_path
+from mesh.config.snapshot import EMPTY
+from protos.inference import grpc_service_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM = "127.0.0.1:9001"
+
+
+class MemoryTransport(asyncio.Transport):
+    """Collects what the relay writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def close(self) -> None:
+        pass
+
+
+async def run(calls: int) -> float:
+    config = EMPTY.merged(load_path(REPO / "config"), version=1, source="config")
+    state = GatewayState(config)
+    table = EndpointTable()
+    async for update in StaticDiscovery([StaticInstance("inference", "w0", UPSTREAM)]).updates():
+        state.set_endpoints(table.apply(update))
+        break
+    relay = Relay(state, internal_address="127.0.0.1:1")
+    client_side = relay_downstream(relay)
+    down_transport = MemoryTransport()
+    client_side.connection_made(down_transport)
+    client_side.data_received(f.PREFACE + f.settings({}))
+    upstream = Upstream(relay, UPSTREAM)
+    relay.pool._conns[UPSTREAM] = upstream  # connected by hand: no socket
+    up_transport = MemoryTransport()
+    upstream.connection_made(up_transport)
+    upstream.data_received(f.settings({}))
+
+    client_encoder, server_encoder = hpack.Encoder(), hpack.Encoder()
+    message = pb.ModelInferRequest(model_name="resnet", model_version="3").SerializeToString()
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    reply = body  # any gRPC message
+    request_headers = [
+        (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+        (b":authority", b"127.0.0.1:8080"),
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"grpc-accept-encoding", b"identity, deflate, gzip"),
+        (b"user-agent", b"grpc-python-asyncio/1.85.1 grpc-c/58.0.0 (linux; chttp2)"),
+        (b"grpc-timeout", b"29999m"),
+    ]
+    response_headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    trailers = [(b"grpc-status", b"0")]
+    elapsed = 0.0
+    for i in range(calls):
+        down_id, up_id = 2 * i + 1, 2 * i + 1
+        request = f.headers(
+            down_id, client_encoder.encode(request_headers), end_stream=False, max_size=16384
+        ) + f.frame(f.DATA, f.END_STREAM, down_id, body)
+        response = (
+            f.headers(
+                up_id, server_encoder.encode(response_headers), end_stream=False, max_size=16384
+            )
+            + f.frame(f.DATA, 0, up_id, reply)
+            + f.headers(up_id, server_encoder.encode(trailers), end_stream=True, max_size=16384)
+        )
+        start = time.perf_counter()
+        client_side.data_received(request)
+        upstream.data_received(response)
+        elapsed += time.perf_counter() - start
+        if i == 0:
+            assert up_transport.written and down_transport.written, "the relay forwarded nothing"
+        up_transport.written.clear()
+        down_transport.written.clear()
+    assert not relay.exchanges, "exchanges left open"
+    return elapsed / calls
+
+
+def relay_downstream(relay: Relay) -> Any:
+    from gateway.relay.relay import Downstream
+
+    return Downstream(relay)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20_000)
+    args = parser.parse_args()
+    per_call = asyncio.run(run(args.calls))
+    print("| measure | µs per call |")
+    print("|---|---:|")
+    print(f"| relay Python, one unary call (routing + frames + headers) | {per_call * 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
