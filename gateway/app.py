@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +93,7 @@ class Gateway:
         metrics: MeshMetrics | None = None,
         config_store: ConfigStore | None = None,
         data_plane: str = "relay",
+        tls_context: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(
@@ -118,7 +120,9 @@ class Gateway:
         self.table = EndpointTable()
         # With credentials, upstream calls are mutual TLS (to sidecars).
         self.channels = ChannelPool(credentials=channel_credentials)
-        self._tls_upstream = channel_credentials is not None
+        # The relay dials upstreams itself when it has the same identity for TLS.
+        self._tls_context = tls_context
+        self._relay_cannot_dial = channel_credentials is not None and tls_context is None
         self.metrics = metrics
         self.proxy = Proxy(self.state, self.channels, metrics=metrics)
         self._last_update = time.monotonic()
@@ -260,16 +264,17 @@ class Gateway:
 
         Calls go through the gRPC server (every feature) when the gateway has edge
         interceptors (client auth, telemetry: they must see every call) or dials its
-        upstreams with mutual TLS (certificates are the gRPC channel's business); the
+        upstreams with mutual TLS but was given no ``tls_context`` for the relay; the
         relay then only adds one local hop. Otherwise it forwards mesh calls itself.
         """
         internal = dataclasses.replace(settings, host="127.0.0.1", port=0)
         serving = await start_server(internal, self.services(), interceptors=self.interceptors)
-        full_path = bool(self.interceptors) or self._tls_upstream
+        full_path = bool(self.interceptors) or self._relay_cannot_dial
         relay = Relay(
             self.state,
             internal_address=serving.address,
             everything_internal=lambda: full_path,
+            ssl_context=self._tls_context,
             metrics=self.metrics,
         )
         try:

@@ -99,12 +99,12 @@ def run(args: argparse.Namespace) -> int:
         # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
         guard = ClientGuard(AuthConfig.load(args.auth_config))
         interceptors.append(GuardInterceptor(guard))
-    credentials = None
+    credentials = tls_context = None
     if args.certs is not None:
-        # Mutual TLS to the sidecars, as the mesh identity of the gateway.
-        credentials = certificates(
-            args.certs, args.namespace, "gateway", dt.timedelta(hours=24)
-        ).channel_credentials
+        # Mutual TLS to the sidecars, as the mesh identity of the gateway (for the gRPC
+        # proxy's channels and the relay's connections alike).
+        source = certificates(args.certs, args.namespace, "gateway", dt.timedelta(hours=24))
+        credentials, tls_context = source.channel_credentials, source.ssl_client_context
     store_settings = None if instances else settings_from_args(args, resolve_url(args))
 
     async def main() -> None:
@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics=telemetry.metrics if telemetry.settings.metrics else None,
                 config_store=config_store,
                 data_plane=args.data_plane,
+                tls_context=tls_context,
             )
             if guard is not None:
                 # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.

@@ -121,10 +121,17 @@ class Upstream(Connection):
 
     def lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.relay.pool.open.discard(self)
         detail = str(exc) if exc else "connection closed"
         for side in list(self.streams.values()):
             side.close()
             side.exchange.upstream_lost(side, detail, connected=self.connected)
+
+    def stream_closed(self, side: Side) -> None:
+        super().stream_closed(side)
+        if self.going_away and not self.streams and self.transport is not None:
+            # Retired (GOAWAY, replaced, endpoint left): closes when its last call ends.
+            self.transport.close()
 
     def connect_failed(self, exc: Exception) -> None:
         self.lost(exc)
@@ -139,6 +146,8 @@ class UpstreamPool:
         self.relay = relay
         self._ssl = ssl_context
         self._conns: dict[str, Upstream] = {}
+        #: Every connection not yet lost, retired ones included (closed on shutdown).
+        self.open: set[Upstream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, address: str) -> Upstream:
@@ -147,6 +156,7 @@ class UpstreamPool:
             if conn is not None:
                 self._retire(conn)
             conn = self._conns[address] = Upstream(self.relay, address)
+            self.open.add(conn)
             task = self.relay.loop.create_task(
                 self._connect(conn, internal=address == self.relay.internal_address)
             )
@@ -172,6 +182,7 @@ class UpstreamPool:
 
     def _retire(self, conn: Upstream) -> None:
         """Closes ``conn`` once its streams are done (a GOAWAY'd or replaced connection)."""
+        conn.going_away = True
         if not conn.streams and conn.transport is not None:
             conn.transport.close()
 
@@ -187,9 +198,12 @@ class UpstreamPool:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for conn in self._conns.values():
+        for conn in self.open:
             if conn.transport is not None:
-                conn.transport.close()
+                # abort, not close: a TLS close waits for the peer's close_notify, which a
+                # stopping loop may never see (and the socket would outlive it).
+                conn.transport.abort()
+        self.open.clear()
         self._conns.clear()
 
 

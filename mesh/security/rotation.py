@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +97,7 @@ class CertificateSource:
         self._lock = threading.Lock()
         self._cert = issuer.issue(identity, lifetime=lifetime)
         self._listeners: list[Callable[[IssuedCertificate], None]] = []
+        self._ssl: tuple[int, ssl.SSLContext] | None = None
 
     def renew_after(self, cert: IssuedCertificate) -> dt.datetime:
         return cert.not_before + (cert.not_after - cert.not_before) * self._renew_fraction
@@ -175,3 +178,29 @@ class CertificateSource:
             private_key=cert.key_pem,
             certificate_chain=cert.cert_pem,
         )
+
+    def ssl_client_context(self) -> ssl.SSLContext:
+        """The same client identity for plain asyncio connections (the gateway's HTTP/2
+        relay): presents the current certificate, trusts the mesh CA, checks the server's
+        name (an IP address or DNS name of its certificate) and offers HTTP/2 by ALPN.
+
+        Built once per certificate, so each new connection after a rotation presents the
+        new one, as new grpc channels do.
+        """
+        cert = self.current()
+        cached = self._ssl
+        if cached is not None and cached[0] == cert.serial:
+            return cached[1]
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_verify_locations(cadata=cert.ca_pem.decode())
+        # The ssl module loads a key pair only from files: a private folder, gone at once.
+        with tempfile.TemporaryDirectory(prefix="meshserve-tls-") as folder:
+            chain, key = Path(folder, "cert.pem"), Path(folder, "key.pem")
+            chain.write_bytes(cert.cert_pem)
+            key.touch(mode=0o600)
+            key.write_bytes(cert.key_pem)
+            context.load_cert_chain(chain, key)
+        context.set_alpn_protocols(["h2"])
+        self._ssl = (cert.serial, context)
+        return context

@@ -257,9 +257,10 @@ class Sidecar:
         Peers are sidecars: with certificates, every upstream call presents this workload's
         certificate (new channels pick up rotated ones).
         """
-        credentials = None
+        credentials = tls_context = None
         if self._certificates is not None:
             credentials = self._certificates.channel_credentials
+            tls_context = self._certificates.ssl_client_context
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self._telemetry is not None:
             interceptors.append(TelemetryServerInterceptor(self._telemetry))
@@ -268,6 +269,7 @@ class Sidecar:
             config_dir=self.settings.config_dir,
             interceptors=interceptors,
             channel_credentials=credentials,
+            tls_context=tls_context,
         )
         try:
             self.outbound_serving = await self.outbound.start(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 from pathlib import Path
@@ -97,3 +98,23 @@ def test_file_issuer_serves_replaced_files_at_renewal(tmp_path: Path) -> None:
         InvalidArgument, match=re.escape("not spiffe://cluster.local/ns/meshserve/sa/gateway")
     ):
         FileIssuer(tmp_path).issue(CLIENT)
+
+
+async def test_the_ssl_context_presents_the_current_certificate_and_follows_rotation() -> None:
+    """What the gateway's relay dials sidecars with: mutual TLS over plain asyncio."""
+    clock = FakeClock()
+    ca = CertificateAuthority.create(TD, clock=clock)
+    server_certs = CertificateSource(ca, SERVER, lifetime=SHORT, clock=clock)
+    client_certs = CertificateSource(ca, CLIENT, lifetime=SHORT, clock=clock)
+    first = client_certs.ssl_client_context()
+    assert client_certs.ssl_client_context() is first  # one context per certificate
+    async with tls_server(server_certs.server_credentials()) as serving:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", serving.port, ssl=first, server_hostname="localhost"
+        )
+        ssl_object = writer.get_extra_info("ssl_object")
+        assert ssl_object.selected_alpn_protocol() == "h2"
+        assert ssl_object.getpeercert() is not None  # the server's chain was verified
+        writer.transport.abort()  # the server's HTTP/2 SETTINGS would race a TLS close
+    clock.advance(SHORT * 0.7)
+    assert client_certs.ssl_client_context() is not first  # renewed: a new context

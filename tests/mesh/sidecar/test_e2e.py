@@ -108,6 +108,8 @@ async def test_sigterm_of_a_sidecar_under_load_loses_no_request(
         RegistryDiscovery(Store(es, indices).watcher()),
         config_dir=REPO / "config",
         channel_credentials=gateway_certs.channel_credentials,
+        # The relay dials the sidecars itself, with the same identity.
+        tls_context=gateway_certs.ssl_client_context,
     )
     serving = await gateway.start(ServerSettings())
     loop = asyncio.get_running_loop()
