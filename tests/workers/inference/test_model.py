@@ -11,7 +11,12 @@ from torch import nn
 from mesh.errors import InvalidArgument
 from protos.inference import model_config_pb2 as mc
 from workers.inference import testing
-from workers.inference.model import OPTIMIZE_PARAMETER, LoadedModel, load_model
+from workers.inference.model import (
+    OPTIMIZE_PARAMETER,
+    LoadedModel,
+    load_model,
+    optimizes_for_inference,
+)
 from workers.model_repo import ModelRepo
 
 CPU = torch.device("cpu")
@@ -83,3 +88,21 @@ def test_a_model_that_cannot_be_frozen_serves_as_saved(
     assert "serving without optimize_for_inference" in caplog.text
     x = quarters(2, 4, 2)
     assert torch.equal(output(loaded, "x", x), x * 2)
+
+
+@pytest.mark.parametrize(
+    ("value", "device", "expected"),
+    [
+        (None, "cpu", True),
+        (None, "cuda", False),  # the default where it has been measured: the CPU
+        ("true", "cuda", True),
+        (" False ", "cpu", False),
+    ],
+)
+def test_the_parameter_and_its_default_per_device(
+    value: str | None, device: str, expected: bool
+) -> None:
+    config = testing.mlp_config()
+    if value is not None:
+        config.parameters[OPTIMIZE_PARAMETER].string_value = value
+    assert optimizes_for_inference(config, torch.device(device)) is expected
