@@ -249,9 +249,9 @@ def _deserialize(
 def optimizes_for_inference(config: mc.ModelConfig) -> bool:
     """The ``OPTIMIZE_FOR_INFERENCE`` config parameter: "true" or "false" (the default).
 
-    Off by default, as in Triton: the rewritten graph computes in other kernels, so
-    its outputs may differ from the saved model's in the last bits, and a model is
-    served exactly as published unless its config asks otherwise.
+    Off by default: the rewritten graph computes in other kernels, so its outputs may
+    differ from the saved model's in the last bits, and a model is served exactly as
+    published unless its config asks otherwise.
     """
     parameter = config.parameters.get(OPTIMIZE_PARAMETER)
     if parameter is None:
