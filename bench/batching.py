@@ -1,13 +1,15 @@
 """Dynamic batching benchmark: throughput and p50/p99 latency, batching on vs off, on the CPU.
 
-Run: ``.venv/bin/python -m bench.batching [--seconds 2] [--rounds 2] [--threads 1] [--device cpu]``
+Run: ``.venv/bin/python -m bench.batching [--seconds 2] [--rounds 2] [--threads 1] [--device cpu]
+[--no-optimize]``
 
 Two workers are started as subprocesses (``meshserve worker inference``, one with
 ``--no-batching``) over the same repository of two models: an MLP whose batch-1 pass
 is bound by reading its weights, and a small CNN with a dense classifier head. A
 load generator in this process keeps 1, 8 and 64 requests in flight against each
 for a fixed time, in interleaved rounds, and prints one table with both modes side by side
-(throughput: the median over rounds; latency percentiles: over all rounds).
+(throughput: the median over rounds; latency percentiles: over all rounds). Both models
+are served with ``OPTIMIZE_FOR_INFERENCE`` (frozen, oneDNN graph) unless ``--no-optimize``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from workers.inference import testing
+from workers.inference.model import OPTIMIZE_PARAMETER
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = "inference worker listening on "
@@ -85,7 +88,7 @@ class BenchModel:
 MODELS = (BenchModel("mlp", "x", (1024,)), BenchModel("cnn", "image", (3, 32, 32)))
 
 
-def build_repository(path: Path, queue_delay_us: int, instances: int) -> None:
+def build_repository(path: Path, queue_delay_us: int, instances: int, optimize: bool) -> None:
     for spec, module in zip(MODELS, (BenchMLP(), BenchCNN()), strict=True):
         config = testing.model_config(
             spec.name,
@@ -95,6 +98,8 @@ def build_repository(path: Path, queue_delay_us: int, instances: int) -> None:
             queue_delay_us=queue_delay_us,
         )
         config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+        # Both workers serve the same repository, so this applies to both modes alike.
+        config.parameters[OPTIMIZE_PARAMETER].string_value = "true" if optimize else "false"
         testing.publish(str(path), config, testing.seeded(module, 0))
 
 
@@ -214,9 +219,15 @@ async def run(on: str, off: str, seconds: float, rounds: int) -> dict[tuple[str,
     return {key: Cell.of(values) for key, values in samples.items()}
 
 
-def table(cells: dict[tuple[str, int, bool], Cell], device: str, threads: int) -> Table:
+def table(
+    cells: dict[tuple[str, int, bool], Cell], device: str, threads: int, optimize: bool
+) -> Table:
     per_worker = threads or torch.get_num_threads()
-    out = Table(title=f"Inference batching on {device} ({per_worker} torch threads per worker)")
+    graphs = "optimized for inference" if optimize else "as saved"
+    out = Table(
+        title=f"Inference batching on {device} ({per_worker} torch threads per worker, "
+        f"models {graphs})"
+    )
     for column in ("model", "concurrency"):
         out.add_column(column)
     for mode in ("off", "on"):
@@ -267,16 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--instances", type=int, default=1, help="instance_group count of both models"
     )
+    parser.add_argument(
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"set the models' {OPTIMIZE_PARAMETER} config parameter (both modes alike)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
-        build_repository(repo, args.queue_delay_us, args.instances)
+        build_repository(repo, args.queue_delay_us, args.instances, args.optimize)
         on_worker = worker(repo, args.device, True, args.threads)
         off_worker = worker(repo, args.device, False, args.threads)
         with on_worker as on, off_worker as off:
             cells = asyncio.run(run(on, off, args.seconds, args.rounds))
     # Wide enough for all columns even when stdout is not a terminal (CI logs, tee).
-    Console(width=170).print(table(cells, args.device, args.threads))
+    Console(width=170).print(table(cells, args.device, args.threads, args.optimize))
     return 0
 
 

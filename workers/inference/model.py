@@ -21,6 +21,10 @@ from workers.model_repo import DEFAULT_FILENAMES, EXPORT_PLATFORM, TORCHSCRIPT_P
 
 log = logging.getLogger(__name__)
 
+#: config.pbtxt ``parameters`` key: "true" freezes a TorchScript model and rewrites its
+#: graph for the device at load; "false" (the default) serves it exactly as saved.
+OPTIMIZE_PARAMETER = "OPTIMIZE_FOR_INFERENCE"
+
 
 class ModelError(Exception):
     """The model itself failed (raised in forward, or returned the wrong outputs).
@@ -122,12 +126,16 @@ class LoadedModel:
         forward: Callable[..., Any],
         device: torch.device,
         memory_bytes: int,
+        *,
+        optimized: bool = False,
     ) -> None:
         self.signature = signature
         self.version = version
         self._forward = forward
         self.device = device
         self.memory_bytes = memory_bytes
+        #: Whether the forward pass is a frozen graph rewritten for the device at load.
+        self.optimized = optimized
 
     @property
     def name(self) -> str:
@@ -198,8 +206,10 @@ def load_model(
         raise InvalidArgument(
             f"model {config.name!r} version {version} has no {filename}"
         ) from None
-    forward, module = _deserialize(signature.platform, data, device)
-    loaded = LoadedModel(signature, version, forward, device, _module_bytes(module))
+    forward, memory, optimized = _deserialize(
+        signature, data, device, optimizes_for_inference(config)
+    )
+    loaded = LoadedModel(signature, version, forward, device, memory, optimized=optimized)
     # Warm-up: the first pass pays for lazy init, allocator growth and kernel
     # selection; a version is not ready until it has run once.
     warm = example_inputs(signature)
@@ -208,9 +218,14 @@ def load_model(
 
 
 def _deserialize(
-    platform: str, data: bytes, device: torch.device
-) -> tuple[Callable[..., Any], Any]:
-    if platform == EXPORT_PLATFORM:
+    signature: Signature, data: bytes, device: torch.device, optimize: bool
+) -> tuple[Callable[..., Any], int, bool]:
+    """The forward callable, the bytes its parameters and buffers hold, whether optimized.
+
+    Memory is the model's own parameters and buffers (on CUDA too: the allocator's growth
+    during a load would also count what concurrent forward passes allocate or free).
+    """
+    if signature.platform == EXPORT_PLATFORM:
         with warnings.catch_warnings():
             # Some torch versions warn that the archive's tensors view read-only bytes;
             # served weights are never written to.
@@ -221,10 +236,58 @@ def _deserialize(
             # moving only the module's weights would leave those on the CPU.
             program = move_to_device_pass(program, device)
         module = program.module()
-        return module, module
+        return module, _module_bytes(module), False
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream but remains the Triton-compatible format.
         warnings.simplefilter("ignore", DeprecationWarning)
         script = torch.jit.load(io.BytesIO(data), map_location=device)  # type: ignore[no-untyped-call]
     script.eval()
-    return script, script
+    # Counted before freezing: a frozen module's weights are graph constants, not parameters.
+    memory = _module_bytes(script)
+    if not optimize:
+        return script, memory, False
+    optimized = _optimized(signature, script)
+    if optimized is None:
+        return script, memory, False
+    return optimized, memory, True
+
+
+def optimizes_for_inference(config: mc.ModelConfig) -> bool:
+    """The ``OPTIMIZE_FOR_INFERENCE`` config parameter: "true" or "false" (the default).
+
+    Off by default: the rewritten graph computes in other kernels, so its outputs may
+    differ from the saved model's in the last bits, and a model is served exactly as
+    published unless its config asks otherwise.
+    """
+    parameter = config.parameters.get(OPTIMIZE_PARAMETER)
+    if parameter is None:
+        return False
+    value = parameter.string_value.strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidArgument(
+            f'model {config.name!r}: parameter {OPTIMIZE_PARAMETER} must be "true" or '
+            f'"false", got {parameter.string_value!r}'
+        )
+    return value == "true"
+
+
+def _optimized(signature: Signature, script: Any) -> Any | None:
+    """``script`` frozen and optimized for inference; None if it cannot be.
+
+    Freezing inlines the weights as constants and folds what depends only on them;
+    ``optimize_for_inference`` then rewrites the graph for the device: on the CPU,
+    convolutions and the pooling between them run in oneDNN's blocked layout and
+    linear layers multiply by pre-transposed weights. The stock path runs NCHW
+    ``max_pool2d`` and convolutions at almost the same cost per image at batch 30 as
+    at batch 1, which caps what batching gains for CNNs (docs/benchmarks.md). One
+    graph serves every batch size, so batched and unbatched requests still agree.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.optimize_for_inference(script)
+    except Exception as exc:
+        # Some scripted modules cannot be frozen (e.g. forward assigns a submodule of
+        # an interface type); they serve as saved rather than not at all.
+        log.warning("model %s: serving without optimize_for_inference: %s", signature.name, exc)
+        return None

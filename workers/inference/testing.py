@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,45 @@ class Fragile(nn.Module):
         if bool((x < 0).any()):
             raise RuntimeError("negative input reached /secret/path")
         return x * 2
+
+
+class _TensorOp(nn.Module):
+    """A TorchScript interface: any module mapping a tensor to a tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[empty-body]
+        pass  # TorchScript requires an interface method's body to be exactly `pass`
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # as for torch.jit.script
+    TensorOp: Any = torch.jit.interface(_TensorOp)
+
+
+class Doubler(nn.Module):
+    """x -> x * 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class Unfreezable(nn.Module):
+    """FP32 x [B, 2] -> FP32 y [B, 2] (x * 2); TorchScript cannot freeze it.
+
+    Its forward assigns a submodule of an interface type, which freezing rejects.
+    """
+
+    # Spelled out: this module's postponed (string) annotations do not resolve for
+    # TorchScript's interface check.
+    __annotations__ = {"op": TensorOp}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.op = Doubler()
+        self.spare = Doubler()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.op = self.spare
+        return self.op.forward(x)
 
 
 def seeded(module: nn.Module, seed: int, *, exact: bool = False) -> nn.Module:

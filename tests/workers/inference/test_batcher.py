@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -55,7 +56,15 @@ def test_policy_from_config_follows_triton() -> None:
         BatchPolicy(16, 0.0, (32,))
 
 
-def loaded(module: torch.nn.Module, config_name: str = "mlp") -> LoadedModel:
+async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def loaded(module: Callable[..., torch.Tensor], config_name: str = "mlp") -> LoadedModel:
     config = (
         testing.mlp_config(config_name)
         if config_name == "mlp"
@@ -98,12 +107,17 @@ async def test_batching_off_runs_each_request_alone() -> None:
     assert all(isinstance(r, dict) for r in results)
 
 
-async def test_a_failing_request_does_not_fail_its_batch_mates() -> None:
-    batcher = DynamicBatcher(
-        loaded(testing.Fragile(), "fragile"), BatchPolicy(16, 0.050), Statistics()
-    )
-    xs = [torch.full((1, 2), 1.0), torch.full((1, 2), -1.0), torch.full((2, 2), 3.0)]
-    results = await run_all(batcher, [{"x": x} for x in xs])
+@pytest.mark.parametrize("own_executor", [False, True], ids=["loop-default", "given"])
+async def test_a_failing_request_does_not_fail_its_batch_mates(own_executor: bool) -> None:
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        batcher = DynamicBatcher(
+            loaded(testing.Fragile(), "fragile"),
+            BatchPolicy(16, 0.050),
+            Statistics(),
+            executor if own_executor else None,
+        )
+        xs = [torch.full((1, 2), 1.0), torch.full((1, 2), -1.0), torch.full((2, 2), 3.0)]
+        results = await run_all(batcher, [{"x": x} for x in xs])
     assert isinstance(results[1], ModelError)
     assert "failed in forward: RuntimeError" in str(results[1])
     assert "/secret/path" not in str(results[1])  # the model's own text stays in the log
@@ -152,3 +166,48 @@ async def test_instances_let_batches_of_one_version_run_at_once() -> None:
         results = await asyncio.wait_for(run_all(batcher, [{"x": x} for x in xs]), 60)
     for x, result in zip(xs, results, strict=True):
         assert isinstance(result, dict) and torch.equal(result["y"], x * 2)
+
+
+class RecordingExecutor(ThreadPoolExecutor):
+    """One thread; notes each batch handed to it in a shared log."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__(max_workers=1)
+        self.log = log
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.log.append("batch started")
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_a_finished_batch_starts_the_next_before_its_requests_are_answered() -> None:
+    # The instance must not idle while the event loop answers a batch's callers
+    # (and reads their next requests): the queued batch is handed over first.
+    gates = [threading.Event(), threading.Event()]
+    calls = iter(gates)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        assert next(calls).wait(timeout=30)
+        return x * 2
+
+    log: list[str] = []
+    with RecordingExecutor(log) as executor:
+        batcher = DynamicBatcher(loaded(forward, "v"), BatchPolicy(16, 0.0), Statistics(), executor)
+
+        async def answered(x: torch.Tensor) -> dict[str, Tensor]:
+            outputs = await batcher.infer({"x": x})
+            log.append("first answered")  # where the caller resumes, as a servicer would
+            return outputs
+
+        first = asyncio.create_task(answered(torch.ones(1, 2)))
+        await until(lambda: log == ["batch started"])
+        rest = [asyncio.create_task(batcher.infer({"x": torch.full((1, 2), i)})) for i in (2, 3)]
+        await until(lambda: batcher.queue_depth == 2)
+        gates[0].set()
+        assert torch.equal(torch.as_tensor((await first)["y"]), torch.full((1, 2), 2.0))
+        assert log == ["batch started", "batch started", "first answered"]
+        assert batcher.queue_depth == 0  # both queued requests went into that one batch
+        gates[1].set()
+        answers = await asyncio.gather(*rest)
+    assert [torch.as_tensor(a["y"]).tolist() for a in answers] == [[[4.0, 4.0]], [[6.0, 6.0]]]
+    assert batcher.executions == 2
