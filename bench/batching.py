@@ -110,7 +110,10 @@ def worker(repo: Path, device: str, batching: bool, threads: int) -> Iterator[st
     command += ["--threads", str(threads)]
     if not batching:
         command.append("--no-batching")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None

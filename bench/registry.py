@@ -62,7 +62,10 @@ def spawn_worker(
             str(interval),
         ],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
         stdout=subprocess.PIPE,
         text=True,
     )
