@@ -246,9 +246,14 @@ class Gateway:
         self.load_config()
         if self.config_store is not None:
             await self._load_store()
-        if self.data_plane == "relay":
+        if self.data_plane == "relay" and self.relay_can_forward:
             serving = await self._start_relayed(settings)
         else:
+            if self.data_plane == "relay":
+                log.info(
+                    "gRPC data plane: edge interceptors (client auth, telemetry) or upstream "
+                    "TLS without a relay context need every call in the gRPC server"
+                )
             serving = await start_server(settings, self.services(), interceptors=self.interceptors)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
@@ -259,21 +264,22 @@ class Gateway:
         serving.on_drain(self.close)
         return serving
 
-    async def _start_relayed(self, settings: ServerSettings) -> Serving:
-        """The gRPC server on a loopback port, the relay on the public one.
+    @property
+    def relay_can_forward(self) -> bool:
+        """Whether the relay may forward calls itself. Not with edge interceptors (client
+        auth, telemetry: they must see every call) nor with upstream mutual TLS but no
+        ``tls_context``: then every call would need the gRPC server, and a relay in front
+        of it would only add a hop, so the gRPC server takes the port itself."""
+        return not self.interceptors and not self._relay_cannot_dial
 
-        Calls go through the gRPC server (every feature) when the gateway has edge
-        interceptors (client auth, telemetry: they must see every call) or dials its
-        upstreams with mutual TLS but was given no ``tls_context`` for the relay; the
-        relay then only adds one local hop. Otherwise it forwards mesh calls itself.
-        """
+    async def _start_relayed(self, settings: ServerSettings) -> Serving:
+        """The gRPC server on a loopback port, the relay on the public one; the relay
+        hands it what needs a gRPC server (see gateway/relay/exchange.py)."""
         internal = dataclasses.replace(settings, host="127.0.0.1", port=0)
         serving = await start_server(internal, self.services(), interceptors=self.interceptors)
-        full_path = bool(self.interceptors) or self._relay_cannot_dial
         relay = Relay(
             self.state,
             internal_address=serving.address,
-            everything_internal=lambda: full_path,
             ssl_context=self._tls_context,
             metrics=self.metrics,
         )

@@ -8,9 +8,9 @@ upstream refuses, drops or fails with a retryable status before answering is rep
 on the next ring successor, as :class:`gateway.proxy.Proxy` does for the gRPC path.
 
 Calls whose rule needs more than routing (fault injection, mirroring, response header
-edits), calls to the gateway's own services (Admin, reflection, health) and, when the
-gateway has edge interceptors (client auth, telemetry), every call go to the gateway's
-full gRPC server instead: one more local hop, every feature kept.
+edits) and calls to the gateway's own services (Admin, reflection, health) go to the
+gateway's full gRPC server instead: one more local hop, every feature kept. (A gateway
+with edge interceptors serves its port with the gRPC server alone: gateway/app.py.)
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class Exchange:
 
     def _route(self) -> None:
         relay = self.relay
-        if self.info is None or relay.everything_internal():
+        if self.info is None:
             self._go_internal()
             return
         text, has_id = [], False

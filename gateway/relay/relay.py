@@ -215,14 +215,12 @@ class Relay:
         state: GatewayState,
         *,
         internal_address: str,
-        everything_internal: Callable[[], bool] = lambda: False,
         ssl_context: Callable[[], ssl.SSLContext] | None = None,
         request_id: Callable[[], str] | None = None,
         metrics: MeshMetrics | None = None,
     ) -> None:
         self.state = state
         self.internal_address = internal_address
-        self.everything_internal = everything_internal
         # 128 random bits as 32 hex digits, like a uuid4's hex but without a syscall.
         bits = random.Random().getrandbits
         self.request_id = request_id or (lambda: f"{bits(128):032x}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -235,3 +236,38 @@ async def _settled(s: Setup) -> None:
     relay = s.gateway.relay
     assert relay is not None
     await _until(lambda: not relay.exchanges)
+
+
+class _Counting(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self.seen.append(handler_call_details.method)
+        return await continuation(handler_call_details)
+
+
+async def test_edge_interceptors_see_every_call_so_no_relay_is_started() -> None:
+    async with AsyncExitStack() as stack:
+        upstream = Upstream()
+        worker, _ = await stack.enter_async_context(serve(upstream.services()))
+        counting = _Counting()
+        gateway = Gateway(
+            StaticDiscovery([StaticInstance("inference", "w0", worker.address)]),
+            config_dir=None,
+            interceptors=[counting],
+        )
+        serving = await gateway.start(ServerSettings())
+        stack.push_async_callback(serving.drain, 0)
+        assert gateway.relay is None
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(serving.address))
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+        await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        assert await call(b"abc", timeout=10) == b"cba"
+        assert counting.seen == [UNARY]
