@@ -26,7 +26,9 @@ from mesh.config.loader import Document, dump_yaml, load_path, parse_yaml, yaml_
 from mesh.config.snapshot import EMPTY, MeshConfig
 from mesh.errors import Aborted
 from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.metrics import MeshMetrics
+from mesh.telemetry.setup import Telemetry
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from registry.config_store import ConfigStore, ConfigVersion
 
@@ -94,6 +96,7 @@ class Gateway:
         config_store: ConfigStore | None = None,
         data_plane: str = "relay",
         tls_context: Callable[[], ssl.SSLContext] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(
@@ -116,6 +119,9 @@ class Gateway:
         self.reload_interval = reload_interval
         #: Edge concerns in front of the proxy (client auth and rate limits: gateway.auth).
         self.interceptors = tuple(interceptors)
+        #: Traces and request metrics: the relay records the calls it forwards, the gRPC
+        #: server (outermost interceptor) the ones it serves.
+        self.telemetry = telemetry
         self.discovery_retry = discovery_retry
         self.table = EndpointTable()
         # With credentials, upstream calls are mutual TLS (to sidecars).
@@ -251,10 +257,12 @@ class Gateway:
         else:
             if self.data_plane == "relay":
                 log.info(
-                    "gRPC data plane: edge interceptors (client auth, telemetry) or upstream "
-                    "TLS without a relay context need every call in the gRPC server"
+                    "gRPC data plane: edge interceptors (client auth) or upstream TLS "
+                    "without a relay context need every call in the gRPC server"
                 )
-            serving = await start_server(settings, self.services(), interceptors=self.interceptors)
+            serving = await start_server(
+                settings, self.services(), interceptors=self._server_interceptors()
+            )
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
         if self.config_dir is not None:
@@ -264,10 +272,15 @@ class Gateway:
         serving.on_drain(self.close)
         return serving
 
+    def _server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        # Telemetry outermost: rejected calls are traced and counted too.
+        traced = [TelemetryServerInterceptor(self.telemetry)] if self.telemetry else []
+        return [*traced, *self.interceptors]
+
     @property
     def relay_can_forward(self) -> bool:
         """Whether the relay may forward calls itself. Not with edge interceptors (client
-        auth, telemetry: they must see every call) nor with upstream mutual TLS but no
+        auth: they must see every call) nor with upstream mutual TLS but no
         ``tls_context``: then every call would need the gRPC server, and a relay in front
         of it would only add a hop, so the gRPC server takes the port itself."""
         return not self.interceptors and not self._relay_cannot_dial
@@ -276,12 +289,15 @@ class Gateway:
         """The gRPC server on a loopback port, the relay on the public one; the relay
         hands it what needs a gRPC server (see gateway/relay/exchange.py)."""
         internal = dataclasses.replace(settings, host="127.0.0.1", port=0)
-        serving = await start_server(internal, self.services(), interceptors=self.interceptors)
+        serving = await start_server(
+            internal, self.services(), interceptors=self._server_interceptors()
+        )
         relay = Relay(
             self.state,
             internal_address=serving.address,
             ssl_context=self._tls_context,
             metrics=self.metrics,
+            telemetry=self.telemetry,
         )
         try:
             port = await relay.start(settings.host, settings.port)

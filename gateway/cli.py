@@ -21,7 +21,6 @@ from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
 from mesh.telemetry import logs
-from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.setup import TelemetrySettings, setup
 from registry.cli import resolve_url
 from registry.config_store import ConfigStore
@@ -91,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
     telemetry = setup(TelemetrySettings.from_env(service_name="gateway"))
     logs.install(show_ids=telemetry.settings.traces != "none")
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if telemetry.settings.traces != "none" or telemetry.settings.metrics:
-        # Outermost of ours: rejected calls are traced and counted too.
-        interceptors.append(TelemetryServerInterceptor(telemetry))
+    traced = telemetry.settings.traces != "none" or bool(telemetry.settings.metrics)
     guard = None
     if args.auth_config is not None:
         # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
@@ -127,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 config_store=config_store,
                 data_plane=args.data_plane,
                 tls_context=tls_context,
+                telemetry=telemetry if traced else None,
             )
             if guard is not None:
                 # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.

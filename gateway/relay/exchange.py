@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import grpc
 
@@ -28,6 +28,7 @@ from gateway.methods import MethodInfo, lookup
 from gateway.relay import frames as f
 from gateway.relay.connection import Side
 from gateway.relay.hpack_codec import Header
+from gateway.relay.telemetry import TRACE_HEADERS, CallRecord
 from mesh.balance.cluster import Cluster
 from mesh.balance.endpoints import Endpoint
 from mesh.config.destination_rule import UNLIMITED
@@ -96,6 +97,14 @@ def status_of(headers: Iterable[Header]) -> grpc.StatusCode:
     return _HTTP_STATUS.get(http, grpc.StatusCode.UNKNOWN)
 
 
+def message_of(headers: Iterable[Header]) -> str | None:
+    """The (percent-decoded) ``grpc-message`` of a response's trailers, if any."""
+    for name, value in headers:
+        if name == b"grpc-message":
+            return unquote(value.decode("latin-1"))
+    return None
+
+
 def error_headers(code: grpc.StatusCode, message: str, *, trailers_only: bool) -> list[Header]:
     # grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
     status = [
@@ -142,6 +151,11 @@ class Exchange:
         self.deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tracked = False
+        # Calls the relay forwards itself are recorded here; those it hands to the
+        # gateway's gRPC server are recorded there (see _go_internal).
+        self.record: CallRecord | None = None
+        if relay.telemetry is not None and self.info is not None:
+            self.record = relay.telemetry.start(self.path, headers)
         relay.exchanges.add(self)
         if not self._valid_request():
             return
@@ -261,6 +275,8 @@ class Exchange:
             )
             return
         self.decision, self.cluster = decision, cluster
+        if self.record is not None and relay.telemetry is not None:
+            relay.telemetry.routed(self.record, decision)
         self.key = decision.hash_key.key if decision.hash_key else None
         now = relay.loop.time()
         budgets = [b for b in (self._client_timeout(), decision.timeout) if b is not None]
@@ -287,9 +303,12 @@ class Exchange:
         """Sends the call, headers untouched, to the gateway's full gRPC server."""
         self.internal = True
         self.keep = False
+        if self.record is not None and self.relay.telemetry is not None:
+            self.relay.telemetry.abandon(self.record)
+            self.record = None
         self._attempt()
 
-    def _upstream_headers(self, per_try: float | None) -> list[Header]:
+    def _upstream_headers(self, per_try: float | None, address: str) -> list[Header]:
         decision = self.decision
         if decision is None:
             return self.headers
@@ -303,7 +322,13 @@ class Exchange:
         for name, value in self.headers:
             if name in _TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
                 out.append((name, value))
-        out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.metadata)
+        metadata = decision.metadata
+        telemetry, record = self.relay.telemetry, self.record
+        if telemetry is not None and record is not None:
+            # This hop's span is the upstream's parent, in place of the caller's.
+            metadata = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
+            out.extend(telemetry.attempt(record, address, self.attempt))
+        out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata)
         remaining = self._remaining(per_try)
         if remaining is not None:
             out.append((b"grpc-timeout", format_timeout(remaining)))
@@ -339,7 +364,9 @@ class Exchange:
         conn = relay.pool.get(address)
         up = self.up = conn.open_stream(self)
         body = self.body
-        up.send_headers(self._upstream_headers(per_try), end_stream=self.request_ended and not body)
+        up.send_headers(
+            self._upstream_headers(per_try, address), end_stream=self.request_ended and not body
+        )
         last = len(body) - 1
         credit = self.down.credit_back
         for i, (payload, flow) in enumerate(body):
@@ -432,7 +459,7 @@ class Exchange:
                 return
             self._end_attempt(code)
             self.down.send_headers(headers, end_stream=True)
-            self._finish()
+            self._finish(code, message_of(headers))
             return
         if self.started:
             return  # a second header block without END_STREAM: not gRPC, ignored
@@ -451,7 +478,7 @@ class Exchange:
             # DATA ending a response has no trailers: gRPC calls that an internal error.
             up.close()
             self._end_attempt(grpc.StatusCode.INTERNAL)
-            self._finish()
+            self._finish(grpc.StatusCode.INTERNAL, "the response ended without trailers")
 
     def upstream_reset(self, up: Side, code: int) -> None:
         if up is not self.up or self.done:
@@ -495,12 +522,12 @@ class Exchange:
         if self.up is not None:
             self.up.reset(f.CANCEL)
         self._end_attempt(grpc.StatusCode.CANCELLED)
-        self._finish()
+        self._finish(grpc.StatusCode.CANCELLED, "cancelled by the client")
 
     def _fail_early(self, code: grpc.StatusCode, message: str) -> None:
         """Answers without any upstream (routing failed)."""
         self.down.send_headers(error_headers(code, message, trailers_only=True), end_stream=True)
-        self._finish()
+        self._finish(code, message)
 
     def _give_up(self, code: grpc.StatusCode, message: str) -> None:
         if self.up is not None and self.up.open:
@@ -508,12 +535,15 @@ class Exchange:
         self.down.send_headers(
             error_headers(code, message, trailers_only=not self.started), end_stream=True
         )
-        self._finish()
+        self._finish(code, message)
 
-    def _finish(self) -> None:
+    def _finish(self, code: grpc.StatusCode, message: str | None) -> None:
+        """Ends the exchange with the status the client was sent."""
         if self.done:
             return
         self.done = True
+        if self.record is not None and self.relay.telemetry is not None:
+            self.relay.telemetry.finish(self.record, code, message)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

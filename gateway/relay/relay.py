@@ -25,10 +25,12 @@ from gateway.relay import frames as f
 from gateway.relay.connection import Connection, Flusher, Side
 from gateway.relay.exchange import Exchange
 from gateway.relay.hpack_codec import Header
+from gateway.relay.telemetry import RelayTelemetry
 from gateway.state import GatewayState
 from mesh.balance.endpoints import Endpoint
 from mesh.routing.services import host_for_method
 from mesh.telemetry.metrics import MeshMetrics, labels
+from mesh.telemetry.setup import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +220,11 @@ class Relay:
         ssl_context: Callable[[], ssl.SSLContext] | None = None,
         request_id: Callable[[], str] | None = None,
         metrics: MeshMetrics | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.state = state
+        #: Spans and request metrics for the calls the relay forwards itself.
+        self.telemetry = RelayTelemetry(telemetry) if telemetry is not None else None
         self.internal_address = internal_address
         # 128 random bits as 32 hex digits, like a uuid4's hex but without a syscall.
         bits = random.Random().getrandbits

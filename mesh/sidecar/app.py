@@ -261,15 +261,12 @@ class Sidecar:
         if self._certificates is not None:
             credentials = self._certificates.channel_credentials
             tls_context = self._certificates.ssl_client_context
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        if self._telemetry is not None:
-            interceptors.append(TelemetryServerInterceptor(self._telemetry))
         self.outbound = Gateway(
             RegistryDiscovery(self._store.watcher()),
             config_dir=self.settings.config_dir,
-            interceptors=interceptors,
             channel_credentials=credentials,
             tls_context=tls_context,
+            telemetry=self._telemetry,
         )
         try:
             self.outbound_serving = await self.outbound.start(

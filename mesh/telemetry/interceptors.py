@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import grpc.aio
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from mesh.errors import MeshError
 from mesh.server.interceptor import rewrap
@@ -82,7 +82,8 @@ def annotate(
         routed.update(labels(route=route, destination=destination))
 
 
-def _finish(span: Span, code: grpc.StatusCode, details: str | None) -> None:
+def finish_span(span: Span, code: grpc.StatusCode, details: str | None) -> None:
+    """Records a call's final status on its span (the caller ends the span)."""
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code is not grpc.StatusCode.OK:
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or ''}".rstrip(": ")))
@@ -98,6 +99,28 @@ def _context_code(context: Context) -> grpc.StatusCode | None:
             if candidate.value[0] == code:
                 return candidate
     return None
+
+
+def server_span(
+    tracer: Tracer, path: str, metadata: Sequence[tuple[str, str | bytes]], peer: str | None
+) -> tuple[Span, dict[str, str]]:
+    """A SERVER span for one call (parented by the caller's ``traceparent``) and the
+    call's metric labels: what every server-side hop records, the gateway's relay too."""
+    attributes: dict[str, str] = rpc_attributes(path)
+    if peer:
+        attributes["net.sock.peer.addr"] = peer
+    headers = {k: v for k, v in metadata if isinstance(v, str)}
+    for header, key in MODEL_HEADERS.items():
+        if headers.get(header):
+            attributes[key] = headers[header]
+    span = tracer.start_span(
+        f"{attributes['rpc.service']}/{attributes['rpc.method']}",
+        context=extract(metadata),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+    )
+    metric_labels = labels(method=path, model_version=headers.get("x-model-version") or None)
+    return span, metric_labels
 
 
 class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
@@ -127,22 +150,7 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _start(self, path: str, context: Context) -> tuple[Span, dict[str, str]]:
         metadata = tuple(context.invocation_metadata() or ())
-        attributes: dict[str, str] = rpc_attributes(path)
-        peer = context.peer()
-        if peer:
-            attributes["net.sock.peer.addr"] = peer
-        headers = {k: v for k, v in metadata if isinstance(v, str)}
-        for header, key in MODEL_HEADERS.items():
-            if headers.get(header):
-                attributes[key] = headers[header]
-        span = self._tracer.start_span(
-            f"{attributes['rpc.service']}/{attributes['rpc.method']}",
-            context=extract(metadata),
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        )
-        metric_labels = labels(method=path, model_version=headers.get("x-model-version") or None)
-        return span, metric_labels
+        return server_span(self._tracer, path, metadata, context.peer())
 
     def _end(
         self,
@@ -163,7 +171,7 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
         else:
             code, details = grpc.StatusCode.INTERNAL, type(error).__name__
             span.record_exception(error)
-        _finish(span, code, details)
+        finish_span(span, code, details)
         span.end()
         self._metrics.finished(
             metric_labels, code.name, time.perf_counter() - started, _ROUTED.get()
@@ -256,7 +264,7 @@ class TelemetryClientInterceptor(
                 details = await call.details()
             except asyncio.CancelledError:
                 code, details = grpc.StatusCode.CANCELLED, "cancelled"
-            _finish(span, code, details)
+            finish_span(span, code, details)
             span.end()
 
         def done(_: object) -> None:

@@ -8,13 +8,13 @@ from typing import cast
 
 import grpc
 import grpc.aio
+import pytest
 from opentelemetry.sdk.metrics.export import Sum
 
 from gateway.app import Gateway
 from gateway.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
-from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.setup import TelemetrySettings, setup
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -22,7 +22,8 @@ from tests.gateway.backends import FakeWorker
 from tests.gateway.harness import REPO
 
 
-async def test_retries_ring_changes_and_span_parenting() -> None:
+@pytest.mark.parametrize("data_plane", ["relay", "grpc"])
+async def test_retries_ring_changes_and_span_parenting(data_plane: str) -> None:
     telemetry = setup(TelemetrySettings(traces="memory", metrics=("memory",)))
     failing, healthy = FakeWorker("bad", fail_with=grpc.StatusCode.UNAVAILABLE), FakeWorker("ok")
     async with AsyncExitStack() as stack:
@@ -36,10 +37,13 @@ async def test_retries_ring_changes_and_span_parenting() -> None:
         gateway = Gateway(
             discovery,
             config_dir=REPO / "config",
-            interceptors=[TelemetryServerInterceptor(telemetry)],
+            telemetry=telemetry,
             metrics=telemetry.metrics,
+            data_plane=data_plane,
         )
         serving = await gateway.start(ServerSettings())
+        # The relay traces the calls it forwards itself; no gRPC hop behind it does.
+        assert (gateway.relay is not None) == (data_plane == "relay")
         stack.push_async_callback(serving.drain, 0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10

@@ -1,0 +1,84 @@
+"""Traces and request metrics for calls the relay forwards itself.
+
+The same span and metrics a gRPC server hop records (``mesh.telemetry.interceptors``):
+a SERVER span per call, parented by the caller's ``traceparent``, annotated with the
+route, destination, hash key, endpoint and retry count, and the parent of the upstream
+call; ``meshserve.requests``/``request.duration``/``requests.in_flight`` with the route
+and destination learned while routing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from gateway.relay.hpack_codec import Header
+from mesh.routing.decision import RouteDecision
+from mesh.telemetry.interceptors import annotate, finish_span, server_span
+from mesh.telemetry.metrics import labels
+from mesh.telemetry.propagation import TRACEPARENT, TRACESTATE, inject
+from mesh.telemetry.setup import Telemetry
+
+#: Trace headers the relay replaces with its own span's on the upstream call.
+TRACE_HEADERS = frozenset({TRACEPARENT, TRACESTATE})
+
+
+class CallRecord:
+    """One call's span and metric labels, from its first frame to its status."""
+
+    __slots__ = ("labels", "routed", "span", "started")
+
+    def __init__(self, span: Span, metric_labels: dict[str, str]) -> None:
+        self.span = span
+        self.labels = metric_labels
+        #: Labels learned while routing (route, destination): on the count and latency.
+        self.routed: dict[str, str] = {}
+        self.started = time.perf_counter()
+
+
+class RelayTelemetry:
+    """What the relay records about a call, kept apart from its forwarding logic."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._tracer = telemetry.tracer
+        self._metrics = telemetry.metrics
+
+    def start(self, path: str, headers: list[Header]) -> CallRecord:
+        metadata = [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in headers
+            if n[:1] != b":" and not n.endswith(b"-bin")
+        ]
+        span, metric_labels = server_span(self._tracer, path, metadata, None)
+        self._metrics.started(metric_labels)
+        return CallRecord(span, metric_labels)
+
+    def routed(self, record: CallRecord, decision: RouteDecision) -> None:
+        annotate(
+            record.span,
+            route=decision.route,
+            destination=decision.target,
+            hash_key=decision.hash_key.key if decision.hash_key else None,
+        )
+        record.routed = labels(route=decision.route, destination=decision.target)
+
+    def attempt(self, record: CallRecord, endpoint: str, attempt: int) -> list[Header]:
+        """Annotates the attempt; returns the trace headers for its upstream call."""
+        annotate(record.span, endpoint=endpoint, retry_count=attempt)
+        carrier = inject((), trace.set_span_in_context(record.span))
+        return [(k.encode(), v.encode() if isinstance(v, str) else v) for k, v in carrier]
+
+    def finish(self, record: CallRecord, code: grpc.StatusCode, message: str | None) -> None:
+        finish_span(record.span, code, message)
+        record.span.end()
+        self._metrics.finished(
+            record.labels, code.name, time.perf_counter() - record.started, record.routed
+        )
+
+    def abandon(self, record: CallRecord) -> None:
+        """The call went to the gateway's gRPC server, which records it itself: no span
+        (it is never ended, so never exported) and no count here."""
+        self._metrics.in_flight.add(-1, record.labels)
