@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import shutil
 import ssl
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import grpc.aio
 
 from gateway.admin import Admin
+from gateway.auth import ClientGuard
 from gateway.channels import ChannelPool
 from gateway.discovery import DiscoverySource, EndpointTable
 from gateway.methods import MESH_SERVICES
@@ -25,6 +28,7 @@ from mesh.config.fields import ConfigError
 from mesh.config.loader import Document, dump_yaml, load_path, parse_yaml, yaml_files
 from mesh.config.snapshot import EMPTY, MeshConfig
 from mesh.errors import Aborted
+from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.metrics import MeshMetrics
@@ -97,6 +101,7 @@ class Gateway:
         data_plane: str = "relay",
         tls_context: Callable[[], ssl.SSLContext] | None = None,
         telemetry: Telemetry | None = None,
+        guard: ClientGuard | None = None,
     ) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(
@@ -122,6 +127,9 @@ class Gateway:
         #: Traces and request metrics: the relay records the calls it forwards, the gRPC
         #: server (outermost interceptor) the ones it serves.
         self.telemetry = telemetry
+        #: Client authentication, authorization and rate limits: checked by the relay for
+        #: every call it takes, or by the gRPC server when it serves the port itself.
+        self.guard = guard
         self.discovery_retry = discovery_retry
         self.table = EndpointTable()
         # With credentials, upstream calls are mutual TLS (to sidecars).
@@ -257,8 +265,8 @@ class Gateway:
         else:
             if self.data_plane == "relay":
                 log.info(
-                    "gRPC data plane: edge interceptors (client auth) or upstream TLS "
-                    "without a relay context need every call in the gRPC server"
+                    "gRPC data plane: edge interceptors or upstream TLS without a relay "
+                    "context need every call in the gRPC server"
                 )
             serving = await start_server(
                 settings, self.services(), interceptors=self._server_interceptors()
@@ -272,15 +280,18 @@ class Gateway:
         serving.on_drain(self.close)
         return serving
 
-    def _server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        # Telemetry outermost: rejected calls are traced and counted too.
+    def _server_interceptors(self, *, relayed: bool = False) -> list[grpc.aio.ServerInterceptor]:
+        # Telemetry outermost: rejected calls are traced and counted too. Behind the relay
+        # the guard has already admitted the call (checking again would spend a second
+        # rate-limit token).
         traced = [TelemetryServerInterceptor(self.telemetry)] if self.telemetry else []
-        return [*traced, *self.interceptors]
+        guarded = [GuardInterceptor(self.guard)] if self.guard and not relayed else []
+        return [*traced, *guarded, *self.interceptors]
 
     @property
     def relay_can_forward(self) -> bool:
-        """Whether the relay may forward calls itself. Not with edge interceptors (client
-        auth: they must see every call) nor with upstream mutual TLS but no
+        """Whether the relay may forward calls itself. Not with edge interceptors (they
+        must see every call) nor with upstream mutual TLS but no
         ``tls_context``: then every call would need the gRPC server, and a relay in front
         of it would only add a hop, so the gRPC server takes the port itself."""
         return not self.interceptors and not self._relay_cannot_dial
@@ -288,16 +299,25 @@ class Gateway:
     async def _start_relayed(self, settings: ServerSettings) -> Serving:
         """The gRPC server on a loopback port, the relay on the public one; the relay
         hands it what needs a gRPC server (see gateway/relay/exchange.py)."""
-        internal = dataclasses.replace(settings, host="127.0.0.1", port=0)
+        # A Unix socket in a private folder: only this user can reach the server behind
+        # the relay (a loopback port would let any local process skip the relay's checks).
+        folder = Path(tempfile.mkdtemp(prefix="meshserve-gateway-"))
+        internal = dataclasses.replace(settings, host=f"unix:{folder / 'grpc.sock'}", port=0)
         serving = await start_server(
-            internal, self.services(), interceptors=self._server_interceptors()
+            internal, self.services(), interceptors=self._server_interceptors(relayed=True)
         )
+
+        async def remove_folder() -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+        serving.on_drain(remove_folder)
         relay = Relay(
             self.state,
             internal_address=serving.address,
             ssl_context=self._tls_context,
             metrics=self.metrics,
             telemetry=self.telemetry,
+            guard=self.guard.check if self.guard else None,
         )
         try:
             port = await relay.start(settings.host, settings.port)

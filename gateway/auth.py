@@ -348,6 +348,24 @@ class ClientGuard:
         if not decision.allowed:
             raise PermissionDenied(f"client {client.name!r}: {decision.reason}")
 
+    def check(self, method: str, headers: Mapping[str, str]) -> None:
+        """Admits one call or raises: Unauthenticated, PermissionDenied, or
+        ResourceExhausted (with a ``grpc-retry-pushback-ms`` trailer when waiting helps).
+        ``headers``: the call's text metadata, keys lower-case."""
+        client, wait = self.admit(method, headers)
+        if client is None or wait == 0:
+            return
+        limit = self.limiter.limit_for(client.name)
+        assert limit is not None
+        if math.isinf(wait):
+            raise ResourceExhausted(f"client {client.name!r}: request exceeds the burst size")
+        pushback_ms = max(1, math.ceil(wait * 1000))
+        raise ResourceExhausted(
+            f"rate limit of {limit.rate:g} requests/s (burst {limit.burst}) exceeded by client "
+            f"{client.name!r}; retry in {pushback_ms} ms",
+            trailers=((RETRY_PUSHBACK_TRAILER, str(pushback_ms)),),
+        )
+
     def admit(self, method: str, headers: Mapping[str, str]) -> tuple[Client | None, float]:
         """(client, seconds to wait): pure apart from the limiter's buckets."""
         if exempt(method, self.config.exempt_methods):
@@ -360,16 +378,4 @@ class ClientGuard:
         headers = {
             k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
         }
-        client, wait = self.admit(method, headers)
-        if client is None or wait == 0:
-            return
-        limit = self.limiter.limit_for(client.name)
-        assert limit is not None
-        if math.isinf(wait):
-            raise ResourceExhausted(f"client {client.name!r}: request exceeds the burst size")
-        pushback_ms = max(1, math.ceil(wait * 1000))
-        context.set_trailing_metadata(((RETRY_PUSHBACK_TRAILER, str(pushback_ms)),))
-        raise ResourceExhausted(
-            f"rate limit of {limit.rate:g} requests/s (burst {limit.burst}) exceeded by client "
-            f"{client.name!r}; retry in {pushback_ms} ms"
-        )
+        self.check(method, headers)

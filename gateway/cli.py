@@ -9,15 +9,12 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-import grpc.aio
-
 from gateway.app import DATA_PLANES, Gateway, validate_documents
 from gateway.auth import AuthConfig, ClientGuard
 from gateway.discovery import DiscoverySource, StaticDiscovery, parse_static
 from gateway.registry_discovery import RegistryDiscovery
 from mesh.cli.main import CliError
 from mesh.config.resource import DEFAULT_NAMESPACE
-from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
 from mesh.telemetry import logs
@@ -89,13 +86,11 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(host=args.host, port=args.port)
     telemetry = setup(TelemetrySettings.from_env(service_name="gateway"))
     logs.install(show_ids=telemetry.settings.traces != "none")
-    interceptors: list[grpc.aio.ServerInterceptor] = []
     traced = telemetry.settings.traces != "none" or bool(telemetry.settings.metrics)
     guard = None
     if args.auth_config is not None:
         # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
         guard = ClientGuard(AuthConfig.load(args.auth_config))
-        interceptors.append(GuardInterceptor(guard))
     credentials = tls_context = None
     if args.certs is not None:
         # Mutual TLS to the sidecars, as the mesh identity of the gateway (for the gRPC
@@ -118,13 +113,13 @@ def run(args: argparse.Namespace) -> int:
                 discovery,
                 config_dir=args.config,
                 reload_interval=args.reload_interval,
-                interceptors=interceptors,
                 channel_credentials=credentials,
                 metrics=telemetry.metrics if telemetry.settings.metrics else None,
                 config_store=config_store,
                 data_plane=args.data_plane,
                 tls_context=tls_context,
                 telemetry=telemetry if traced else None,
+                guard=guard,
             )
             if guard is not None:
                 # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.

@@ -16,9 +16,11 @@ class MeshError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.message = message
+        #: Trailing metadata sent with the status (e.g. ``grpc-retry-pushback-ms``).
+        self.trailers = trailers
 
 
 class InvalidArgument(MeshError):

@@ -227,6 +227,17 @@ class Exchange:
 
     def _route(self) -> None:
         relay = self.relay
+        if relay.guard is not None:
+            headers = {
+                n.decode("latin-1"): v.decode("latin-1")
+                for n, v in self.headers
+                if n[:1] != b":" and not n.endswith(b"-bin")
+            }
+            try:
+                relay.guard(self.path, headers)
+            except MeshError as exc:
+                self._fail_early(exc.code, exc.message, exc.trailers)
+                return
         if self.info is None:
             self._go_internal()
             return
@@ -524,9 +535,13 @@ class Exchange:
         self._end_attempt(grpc.StatusCode.CANCELLED)
         self._finish(grpc.StatusCode.CANCELLED, "cancelled by the client")
 
-    def _fail_early(self, code: grpc.StatusCode, message: str) -> None:
-        """Answers without any upstream (routing failed)."""
-        self.down.send_headers(error_headers(code, message, trailers_only=True), end_stream=True)
+    def _fail_early(
+        self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        """Answers without any upstream (refused, or routing failed)."""
+        headers = error_headers(code, message, trailers_only=True)
+        headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers)
+        self.down.send_headers(headers, end_stream=True)
         self._finish(code, message)
 
     def _give_up(self, code: grpc.StatusCode, message: str) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 import grpc
 
@@ -167,11 +167,15 @@ class UpstreamPool:
         return conn
 
     async def _connect(self, conn: Upstream, *, internal: bool) -> None:
-        host, _, port = conn.address.rpartition(":")
-        host = host.strip("[]")
-        context = None if internal or self._ssl is None else self._ssl()
+        loop = self.relay.loop
         try:
-            await self.relay.loop.create_connection(
+            if conn.address.startswith("unix:"):
+                await loop.create_unix_connection(lambda: conn, conn.address[len("unix:") :])
+                return
+            host, _, port = conn.address.rpartition(":")
+            host = host.strip("[]")
+            context = None if internal or self._ssl is None else self._ssl()
+            await loop.create_connection(
                 lambda: conn,
                 host,
                 int(port),
@@ -221,8 +225,12 @@ class Relay:
         request_id: Callable[[], str] | None = None,
         metrics: MeshMetrics | None = None,
         telemetry: Telemetry | None = None,
+        guard: Callable[[str, Mapping[str, str]], None] | None = None,
     ) -> None:
         self.state = state
+        #: Admits a call (method, text metadata) or raises a MeshError: client auth,
+        #: authorization and rate limits (gateway.auth.ClientGuard.check).
+        self.guard = guard
         #: Spans and request metrics for the calls the relay forwards itself.
         self.telemetry = RelayTelemetry(telemetry) if telemetry is not None else None
         self.internal_address = internal_address

@@ -47,6 +47,16 @@ class ServerSettings:
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
 
+    @property
+    def unix(self) -> bool:
+        """``host`` is ``unix:PATH``: a Unix domain socket (``port`` is ignored)."""
+        return self.host.startswith("unix:")
+
+    @property
+    def address(self) -> str:
+        """What ``add_insecure_port`` and a channel take: ``HOST:PORT`` or ``unix:PATH``."""
+        return self.host if self.unix else f"{self.host}:{self.port}"
+
     def channel_options(self) -> list[tuple[str, int]]:
         """Options for a client channel that talks to such a server."""
         return [
@@ -78,6 +88,8 @@ class Serving:
 
     @property
     def address(self) -> str:
+        if self.settings.unix:
+            return self.settings.host
         return f"{self.settings.host}:{self.port}"
 
     def on_drain(self, hook: Callable[[], Awaitable[None]]) -> None:
@@ -144,7 +156,7 @@ async def start_server(
     names = tuple(s.name for s in services)
     reflection.enable(server, (*names, HEALTH_SERVICE))
     try:
-        address = f"{settings.host}:{settings.port}"
+        address = settings.address
         if credentials is None:
             port = server.add_insecure_port(address)
         else:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
     if isinstance(exc, MeshError):
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, exc.message, trailing_metadata=exc.trailers)
     # Anything else is a bug: log it whole here, tell the client only a reference
     # it can quote, never the exception text (it may hold paths or secrets).
     ref = uuid.uuid4().hex[:12]

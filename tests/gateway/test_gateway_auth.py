@@ -14,17 +14,18 @@ from gateway.app import Gateway
 from gateway.auth import AuthConfig, ClientGuard, hash_key
 from gateway.discovery import StaticDiscovery, StaticInstance
 from mesh.cli.main import main
-from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway.backends import FakeWorker
 from tests.gateway.harness import REPO
 
 
+@pytest.mark.parametrize("data_plane", ["relay", "grpc"])
 async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_ones(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data_plane: str
 ) -> None:
     assert main(["auth", "new-key", "--client", "analytics"]) == 0
     printed = capsys.readouterr().out
@@ -32,16 +33,18 @@ async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_on
     assert key is not None
     entry = printed.strip().splitlines()[-1]
     assert hash_key(key.group(1)) in entry
-    (tmp_path / "auth.yaml").write_text(f"apiKeys:\n{entry}\n")
+    # A burst of 2 at 1 request/s: the third authenticated call in a row is limited.
+    (tmp_path / "auth.yaml").write_text(
+        f"apiKeys:\n{entry}\nrateLimit: {{requestsPerSecond: 1, burst: 2}}\n"
+    )
     guard = ClientGuard(AuthConfig.load(tmp_path / "auth.yaml"))
 
     worker = FakeWorker("w0")
     async with serve(worker.services()) as (backend, _):
         discovery = StaticDiscovery([StaticInstance("inference", "w0", backend.address)])
-        gateway = Gateway(
-            discovery, config_dir=REPO / "config", interceptors=[GuardInterceptor(guard)]
-        )
+        gateway = Gateway(discovery, config_dir=REPO / "config", guard=guard, data_plane=data_plane)
         serving = await gateway.start(ServerSettings())
+        assert (gateway.relay is not None) == (data_plane == "relay")
         try:
             deadline = asyncio.get_running_loop().time() + 10
             while not gateway.state.snapshot.endpoints("inference"):
@@ -53,11 +56,21 @@ async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_on
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.ModelInfer(request, timeout=10)
                 assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-                reply = await stub.ModelInfer(
-                    request,
-                    metadata=(("authorization", f"Bearer {key.group(1)}"),),
-                    timeout=10,
-                )
+                auth = (("authorization", f"Bearer {key.group(1)}"),)
+                reply = await stub.ModelInfer(request, metadata=auth, timeout=10)
                 assert reply.id == "w0"
+                # The gateway's own services are guarded too (the relay hands them over
+                # after its check; the server behind it does not check again).
+                admin = admin_pb2_grpc.AdminStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await admin.DumpConfig(admin_pb2.DumpConfigRequest(), timeout=10)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                await admin.DumpConfig(admin_pb2.DumpConfigRequest(), metadata=auth, timeout=10)
+                # Two tokens spent (ModelInfer, DumpConfig): the next call waits.
+                with pytest.raises(grpc.aio.AioRpcError) as limited:
+                    await stub.ModelInfer(request, metadata=auth, timeout=10)
+                assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                trailers = dict(limited.value.trailing_metadata() or ())
+                assert int(trailers["grpc-retry-pushback-ms"]) > 0
         finally:
             await serving.drain(grace=0)

@@ -154,12 +154,15 @@ async def test_a_client_cancel_reaches_the_upstream() -> None:
 
 async def test_the_deadline_is_passed_on_and_enforced() -> None:
     async with relayed() as s:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await s.unary(b"hold", timeout=0.5)
-        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        call = s.unary(b"hold", timeout=2)
+        await _until(lambda: bool(s.upstream.remaining))  # the upstream holds the call
         remaining = s.upstream.remaining[0]
-        assert remaining is not None and 0 < remaining <= 0.5
+        assert remaining is not None and 0 < remaining <= 2
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         await _until(lambda: bool(s.upstream.cancelled))
+        await _settled(s)
 
 
 async def test_non_grpc_requests_and_garbage_get_errors_and_serving_goes_on() -> None:
