@@ -21,7 +21,7 @@ import hpack
 
 from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from gateway.relay import frames as f
-from gateway.relay.relay import Relay, Upstream
+from gateway.relay.relay import Downstream, Relay, Upstream
 from gateway.state import GatewayState
 from mesh.config.loader import load_path
 from mesh.config.snapshot import EMPTY
@@ -56,7 +56,7 @@ async def run(calls: int) -> float:
         state.set_endpoints(table.apply(update))
         break
     relay = Relay(state, internal_address="127.0.0.1:1")
-    client_side = relay_downstream(relay)
+    client_side = Downstream(relay)
     down_transport = MemoryTransport()
     client_side.connection_made(down_transport)
     client_side.data_received(f.PREFACE + f.settings({}))
@@ -106,12 +106,6 @@ async def run(calls: int) -> float:
         down_transport.written.clear()
     assert not relay.exchanges, "exchanges left open"
     return elapsed / calls
-
-
-def relay_downstream(relay: Relay) -> Any:
-    from gateway.relay.relay import Downstream
-
-    return Downstream(relay)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,10 @@ class Client:
     stub: pb_grpc.GRPCInferenceServiceAsyncStub
 
 
-@pytest.fixture
-async def client(model_repo: Path) -> AsyncIterator[Client]:
-    settings = WorkerSettings(str(model_repo), device="cpu", poll_interval_s=0)
+@asynccontextmanager
+async def worker_client(model_repo: Path, device: str) -> AsyncIterator[Client]:
+    """A worker on ``device`` serving ``model_repo``, and a client connected to it."""
+    settings = WorkerSettings(str(model_repo), device=device, poll_interval_s=0)
     async with run_worker(settings) as running:
         channel = grpc.aio.insecure_channel(
             running.serving.address, options=running.serving.settings.channel_options()
@@ -55,3 +57,9 @@ async def client(model_repo: Path) -> AsyncIterator[Client]:
             yield Client(running, channel, pb_grpc.GRPCInferenceServiceStub(channel))
         finally:
             await channel.close()
+
+
+@pytest.fixture
+async def client(model_repo: Path) -> AsyncIterator[Client]:
+    async with worker_client(model_repo, "cpu") as connected:
+        yield connected

@@ -19,7 +19,7 @@ import torch
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.workers.inference import test_service
-from tests.workers.inference.conftest import Client, Template
+from tests.workers.inference.conftest import Client, Template, worker_client
 from tests.workers.inference.test_service import infer_request, output, quarter_inputs
 from workers.inference import model as model_module
 from workers.inference import testing
@@ -43,15 +43,8 @@ def parameter_bytes(module: torch.nn.Module) -> int:
 
 @pytest.fixture
 async def cuda_client(model_repo: Path) -> AsyncIterator[Client]:
-    settings = WorkerSettings(str(model_repo), device="cuda", poll_interval_s=0)
-    async with run_worker(settings) as running:
-        channel = grpc.aio.insecure_channel(
-            running.serving.address, options=running.serving.settings.channel_options()
-        )
-        try:
-            yield Client(running, channel, pb_grpc.GRPCInferenceServiceStub(channel))
-        finally:
-            await channel.close()
+    async with worker_client(model_repo, "cuda") as connected:
+        yield connected
 
 
 async def test_every_datatype_family_on_cuda_equals_a_cpu_forward(
