@@ -19,7 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.relay import frames as f
-from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder, HeaderError
+from gateway.relay.hpack_codec import (
+    Header,
+    HeaderDecoder,
+    HeaderEncoder,
+    HeaderError,
+    HeaderListTooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +336,12 @@ class Connection(asyncio.Protocol):
         # PRIORITY and unknown frame types are ignored (RFC 9113 §4.1, §5.3.2).
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self.decoder.decode(block)
+        try:
+            headers = self.decoder.decode(block)
+        except HeaderListTooLarge as exc:
+            # The decoder kept its table in step: only this stream fails (RFC 9113 §10.5.1).
+            self.on_oversized_headers(stream_id, bool(flags & f.END_STREAM), str(exc))
+            return
         self.on_headers(stream_id, headers, bool(flags & f.END_STREAM))
 
     def _settings(self, payload: bytes) -> None:
@@ -390,6 +401,10 @@ class Connection(asyncio.Protocol):
         raise NotImplementedError
 
     def on_reset(self, side: Side, code: int) -> None:
+        raise NotImplementedError
+
+    def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
+        """A header block on ``stream_id`` decoded to more than MAX_HEADER_LIST."""
         raise NotImplementedError
 
     def on_goaway(self, last_stream_id: int, code: int) -> None:

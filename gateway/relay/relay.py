@@ -23,7 +23,7 @@ import grpc
 
 from gateway.relay import frames as f
 from gateway.relay.connection import Connection, Flusher, Side
-from gateway.relay.exchange import Exchange
+from gateway.relay.exchange import Exchange, error_headers
 from gateway.relay.hpack_codec import Header
 from gateway.state import GatewayState
 from mesh.balance.endpoints import Endpoint
@@ -66,6 +66,22 @@ class Downstream(Connection):
 
     def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
         side.exchange.request_data(payload, flow, end_stream)
+
+    def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
+        side = self.streams.get(stream_id)
+        if side is not None:  # trailers: the call is cancelled
+            side.reset(f.ENHANCE_YOUR_CALM)
+            side.exchange.client_reset()
+            return
+        if stream_id % 2 == 0 or stream_id <= self.last_stream:
+            return  # late trailers of a finished stream, or (on_headers says) not a stream
+        # A new call: answered RESOURCE_EXHAUSTED, as a gRPC server does.
+        self.last_stream = stream_id
+        status = error_headers(grpc.StatusCode.RESOURCE_EXHAUSTED, detail, trailers_only=True)
+        block = self.encoder.encode(status)
+        self.write(f.headers(stream_id, block, end_stream=True, max_size=self.peer_max_frame))
+        if not end_stream:
+            self.write(f.rst_stream(stream_id, f.NO_ERROR))
 
     def on_reset(self, side: Side, code: int) -> None:
         side.exchange.client_reset()
@@ -112,6 +128,13 @@ class Upstream(Connection):
 
     def on_reset(self, side: Side, code: int) -> None:
         side.exchange.upstream_reset(side, code)
+
+    def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
+        side = self.streams.get(stream_id)
+        if side is not None:
+            log.warning("upstream %s: %s", self.address, detail)
+            side.reset(f.CANCEL)
+            side.exchange.upstream_reset(side, f.INTERNAL_ERROR)
 
     def on_goaway(self, last_stream_id: int, code: int) -> None:
         # Streams above the last one the upstream processed never ran: safe to retry.
@@ -295,7 +318,11 @@ class Relay:
             conn.write(f.goaway(conn.last_stream, f.NO_ERROR))
         self.flusher.flush()
         deadline = self.loop.time() + grace
-        while self.exchanges and self.loop.time() < deadline:
+        # A finished call may still have response frames queued for its client's window:
+        # its stream stays open on the downstream until they are written.
+        while (
+            self.exchanges or any(conn.streams for conn in self.downstreams)
+        ) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for exchange in list(self.exchanges):
             exchange.client_reset()

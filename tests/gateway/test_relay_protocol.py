@@ -1,0 +1,136 @@
+"""The relay against a raw HTTP/2 client: protocol edge cases a gRPC client never produces
+(oversized header lists, a client that stops granting window) and draining around them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from gateway.relay import frames as f
+from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder
+from tests.gateway.test_relay import BIDI, UNARY, Setup, relayed
+
+
+class RawClient:
+    """One HTTP/2 client connection written frame by frame."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.encoder, self.decoder = HeaderEncoder(), HeaderDecoder()
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def request(
+        self, stream_id: int, path: str, extra: Sequence[Header] = (), *, end: bool
+    ) -> None:
+        block = self.encoder.encode(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path.encode()),
+                (b":authority", b"gateway"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                *extra,
+            ]
+        )
+        self.send(f.headers(stream_id, block, end_stream=end, max_size=f.MIN_MAX_FRAME_SIZE))
+
+    def message(self, stream_id: int, payload: bytes, *, end: bool) -> None:
+        body = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        self.send(f.frame(f.DATA, f.END_STREAM if end else 0, stream_id, body))
+
+    async def next_frame(self, timeout: float = 10) -> tuple[int, int, int, bytes] | None:
+        """(type, flags, stream id, payload), or None at EOF."""
+        try:
+            head = await asyncio.wait_for(self.reader.readexactly(9), timeout)
+            length, kind, flags, stream_id = f.parse_header(head, 0)
+            payload = await asyncio.wait_for(self.reader.readexactly(length), timeout)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return None
+        if kind == f.HEADERS:
+            assert flags & f.END_HEADERS
+            payload = b"".join(b"%s: %s\n" % h for h in self.decoder.decode(payload))
+        return kind, flags, stream_id, payload
+
+    async def until_end(self, stream_id: int) -> tuple[bytes, bytes | None]:
+        """The response DATA of ``stream_id`` and its final header block (None: the stream
+        or the connection ended without one)."""
+        data = bytearray()
+        while True:
+            got = await self.next_frame()
+            if got is None:
+                return bytes(data), None
+            kind, flags, sid, payload = got
+            if kind == f.GOAWAY and f.parse_goaway(payload)[1] != f.NO_ERROR:
+                return bytes(data), None
+            if sid != stream_id:
+                continue
+            if kind == f.DATA:
+                data += payload
+            elif kind == f.RST_STREAM:
+                return bytes(data), None
+            elif kind == f.HEADERS and flags & f.END_STREAM:
+                return bytes(data), payload
+
+
+@asynccontextmanager
+async def raw_client(s: Setup, settings: dict[int, int] | None = None) -> AsyncIterator[RawClient]:
+    host, port = s.serving.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    client = RawClient(reader, writer)
+    client.send(f.PREFACE + f.settings(settings or {}))
+    try:
+        yield client
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_header_list_fails_its_stream_not_the_connection() -> None:
+    """RFC 9113 §10.5.1: a header list over SETTINGS_MAX_HEADER_LIST_SIZE is the one
+    stream's problem; the other calls multiplexed on the connection go on."""
+    async with relayed() as s, raw_client(s) as client:
+        big = [(b"x-big-%d" % i, b"v" * 1000) for i in range(80)]  # ~80 KiB > 64 KiB
+        client.request(1, UNARY, big, end=True)
+        client.request(3, UNARY, end=False)
+        client.message(3, b"abc", end=True)
+        _, first = await client.until_end(1)
+        assert first is not None and b"grpc-status: 8\n" in first  # RESOURCE_EXHAUSTED
+        data, trailers = await client.until_end(3)
+        assert trailers is not None and b"grpc-status: 0\n" in trailers
+        assert data.endswith(b"cba")
+
+
+async def test_draining_delivers_responses_still_queued_for_a_slow_client() -> None:
+    """A call whose upstream has finished can still be queued for the client's window;
+    draining waits for it as for a call in flight (the client would see a cut response)."""
+    async with relayed() as s, raw_client(s) as client:
+        relay = s.gateway.relay
+        assert relay is not None
+        client.request(1, BIDI, end=False)
+        client.message(1, b"many:4,65536", end=True)  # 256 KiB > the 64 KiB default window
+        # The upstream's trailers are in, queued behind data the window holds back.
+        await _until(
+            lambda: any(
+                side.queue and side.exchange.done
+                for conn in relay.downstreams
+                for side in conn.streams.values()
+            )
+        )
+        drained = asyncio.ensure_future(s.serving.drain(grace=20))
+        await _until(lambda: relay.draining)
+        client.send(f.window_update(0, 1 << 20) + f.window_update(1, 1 << 20))
+        data, trailers = await client.until_end(1)
+        assert trailers is not None and b"grpc-status: 0\n" in trailers
+        assert len(data) == 4 * (5 + 65536)
+        await asyncio.wait_for(drained, timeout=20)
+
+
+async def _until(condition: object, timeout: float = 10) -> None:
+    assert callable(condition)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
