@@ -73,7 +73,12 @@ class Side:
         """DATA now if the windows allow, else queued; ``on_sent(flow)`` once it is written."""
         conn = self.conn
         size = len(payload)
-        if not self.queue and size <= self.send_window and size <= conn.send_window:
+        if (
+            not self.queue
+            and size <= self.send_window
+            and size <= conn.send_window
+            and not conn.paused
+        ):
             self.send_window -= size
             conn.send_window -= size
             conn.write(f.frame(f.DATA, f.END_STREAM if end_stream else 0, self.id, payload))
@@ -88,6 +93,8 @@ class Side:
         conn = self.conn
         queue = self.queue
         while queue:
+            if conn.paused:
+                return  # the socket is full: resume_writing flushes again
             payload, end_stream, on_sent, flow = queue[0]
             if flow < 0:  # a queued header block
                 queue.popleft()
@@ -183,6 +190,8 @@ class Connection(asyncio.Protocol):
         self._continuation: tuple[int, int, bytearray] | None = None
         self.closed = False
         self.going_away = False
+        #: The transport's write buffer is over its high-water mark: DATA waits.
+        self.paused = False
 
     # -- output -----------------------------------------------------------------------
 
@@ -234,6 +243,17 @@ class Connection(asyncio.Protocol):
         finally:
             self.flusher.passes -= 1
             self.flusher.flush()
+
+    def pause_writing(self) -> None:
+        # A peer may grant any window and then not read: without this, what the windows
+        # allow would pile up in the transport instead of staying with the sender.
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for side in list(self.streams.values()):
+            if side.queue:
+                side.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

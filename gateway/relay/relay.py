@@ -163,7 +163,8 @@ class Upstream(Connection):
 
 class UpstreamPool:
     """One HTTP/2 connection per upstream address, opened on first use and replaced when
-    it closes or is going away; HTTP/2 multiplexes every call to that address on it."""
+    it closes, is going away or is at the peer's stream limit; HTTP/2 multiplexes every
+    call to that address on it."""
 
     def __init__(self, relay: Relay, ssl_context: Callable[[], ssl.SSLContext] | None) -> None:
         self.relay = relay
@@ -175,7 +176,14 @@ class UpstreamPool:
 
     def get(self, address: str) -> Upstream:
         conn = self._conns.get(address)
-        if conn is None or conn.closed or conn.going_away:
+        if (
+            conn is None
+            or conn.closed
+            or conn.going_away
+            # At the peer's SETTINGS_MAX_CONCURRENT_STREAMS a new stream would be refused:
+            # another connection takes new calls (as Envoy's pool does), this one finishes.
+            or len(conn.streams) >= conn.peer_max_streams
+        ):
             if conn is not None:
                 self._retire(conn)
             conn = self._conns[address] = Upstream(self.relay, address)

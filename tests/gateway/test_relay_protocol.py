@@ -7,9 +7,15 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import grpc
+import grpc.aio
+
+from gateway.app import Gateway
+from gateway.discovery import StaticDiscovery, StaticInstance
 from gateway.relay import frames as f
 from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder
-from tests.gateway.test_relay import BIDI, UNARY, Setup, relayed
+from mesh.server.app import ServerSettings
+from tests.gateway.test_relay import BIDI, UNARY, MiB, Setup, Upstream, relayed
 
 
 class RawClient:
@@ -134,3 +140,59 @@ async def _until(condition: object, timeout: float = 10) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never held"
         await asyncio.sleep(0.01)
+
+
+async def test_an_upstreams_max_concurrent_streams_is_respected() -> None:
+    """An upstream that allows 2 concurrent streams refuses a third on the same connection
+    (RST_STREAM REFUSED_STREAM); calls beyond its limit must not fail for it."""
+    upstream = Upstream()
+    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 2)])
+    for service in upstream.services():
+        service.register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    gateway = Gateway(
+        StaticDiscovery([StaticInstance("inference", "w0", f"127.0.0.1:{port}")]),
+        config_dir=None,
+    )
+    serving = await gateway.start(ServerSettings())
+    channel = grpc.aio.insecure_channel(serving.address)
+    try:
+        await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+        assert await unary(b"abc", timeout=10) == b"cba"  # the upstream's SETTINGS are in
+        held = [asyncio.ensure_future(unary(b"hold", timeout=30)) for _ in range(4)]
+        await _until(lambda: len(upstream.remaining) >= 2 or any(c.done() for c in held))
+        upstream.hold.set()
+        assert await asyncio.gather(*held) == [b"dloh"] * 4
+    finally:
+        upstream.hold.set()
+        await channel.close()
+        await serving.drain(grace=0)
+        await server.stop(0)
+
+
+async def test_a_client_that_grants_window_but_never_reads_does_not_grow_the_relay() -> None:
+    """Windows bound what the relay may send, not what it buffers: a client advertising
+    2^31-1 that never reads must see the relay stop at its socket (pause_writing) and hold
+    the rest in the upstream's flow-control window, not in an unbounded write buffer."""
+    huge = f.MAX_WINDOW
+    async with relayed() as s, raw_client(s, {f.INITIAL_WINDOW_SIZE: huge}) as client:
+        relay = s.gateway.relay
+        assert relay is not None
+        client.send(f.window_update(0, huge - f.DEFAULT_WINDOW))
+        client.request(1, BIDI, end=False)
+        client.message(1, b"many:480,65536", end=True)  # 30 MiB, never read
+
+        def buffered() -> int:
+            return sum(
+                conn.transport.get_write_buffer_size()
+                for conn in relay.downstreams
+                if conn.transport is not None
+            )
+
+        def held_back() -> bool:
+            return any(side.queue for conn in relay.downstreams for side in conn.streams.values())
+
+        await _until(lambda: held_back() or buffered() > 8 * MiB, timeout=30)
+        assert buffered() <= 8 * MiB
