@@ -42,7 +42,17 @@ OnSent = Callable[[int], None]
 class Side:
     """One stream as one connection sees it: send window, queued data, credit owed."""
 
-    __slots__ = ("conn", "credit", "ending", "exchange", "id", "open", "queue", "send_window")
+    __slots__ = (
+        "conn",
+        "credit",
+        "ending",
+        "exchange",
+        "id",
+        "open",
+        "queue",
+        "recv_window",
+        "send_window",
+    )
 
     def __init__(self, conn: Connection, stream_id: int, exchange: Any) -> None:
         self.conn = conn
@@ -53,6 +63,9 @@ class Side:
         self.queue: deque[tuple[bytes, bool, OnSent | None, int]] = deque()
         #: Bytes received on this stream, forwarded, not yet credited back.
         self.credit = 0
+        #: What the peer may still send on this stream (our SETTINGS_INITIAL_WINDOW_SIZE
+        #: plus the WINDOW_UPDATEs we sent, less what it sent).
+        self.recv_window = STREAM_WINDOW
         self.exchange = exchange
         self.open = True
         #: Set by :meth:`finish`: close (and maybe reset) once the queue is written.
@@ -161,6 +174,7 @@ class Side:
             self.credit += flow
             if self.credit >= STREAM_WINDOW // 2:
                 conn.write(f.window_update(self.id, self.credit))
+                self.recv_window += self.credit
                 self.credit = 0
 
 
@@ -186,6 +200,8 @@ class Connection(asyncio.Protocol):
         self.peer_max_frame = f.MIN_MAX_FRAME_SIZE
         self.peer_max_streams = 1 << 31
         self._connection_credit = 0
+        #: What the peer may still send on the connection (see ``Side.recv_window``).
+        self.recv_window = CONNECTION_WINDOW
         #: (stream id, flags of the HEADERS, block so far) while CONTINUATION is awaited.
         self._continuation: tuple[int, int, bytearray] | None = None
         self.closed = False
@@ -307,6 +323,15 @@ class Connection(asyncio.Protocol):
                 raise f.ProtocolError("DATA on stream 0")
             side = self.streams.get(stream_id)
             flow = len(payload)
+            # RFC 9113 §6.9.1: a peer sending past our windows is treated as a connection
+            # error; unchecked, it could make the relay queue without bound.
+            self.recv_window -= flow
+            if self.recv_window < 0:
+                raise f.ProtocolError("DATA past the connection window", f.FLOW_CONTROL_ERROR)
+            if side is not None:
+                side.recv_window -= flow
+                if side.recv_window < 0:
+                    raise f.ProtocolError("DATA past the stream window", f.FLOW_CONTROL_ERROR)
             if side is None:
                 # A stream already closed (say, reset): its bytes still used the window.
                 self.credit_connection(flow)
@@ -406,6 +431,7 @@ class Connection(asyncio.Protocol):
         self._connection_credit += flow
         if self._connection_credit >= CONNECTION_WINDOW // 2 and not self.closed:
             self.write(f.window_update(0, self._connection_credit))
+            self.recv_window += self._connection_credit
             self._connection_credit = 0
 
     def stream_closed(self, side: Side) -> None:

@@ -196,3 +196,49 @@ async def test_a_client_that_grants_window_but_never_reads_does_not_grow_the_rel
 
         await _until(lambda: held_back() or buffered() > 8 * MiB, timeout=30)
         assert buffered() <= 8 * MiB
+
+
+async def test_a_client_overrunning_its_window_is_stopped() -> None:
+    """RFC 9113 §6.9.1: DATA past the window the relay advertised is a FLOW_CONTROL_ERROR.
+    Without the check, a client could make the relay queue without bound for an upstream
+    that does not read (here one that accepts and never answers)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def black_hole(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    hole = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    port = hole.sockets[0].getsockname()[1]
+    gateway = Gateway(
+        StaticDiscovery([StaticInstance("inference", "w0", f"127.0.0.1:{port}")]),
+        config_dir=None,
+    )
+    serving = await gateway.start(ServerSettings())
+    try:
+        await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        host, relay_port = serving.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(relay_port))
+        client = RawClient(reader, writer)
+        client.send(f.PREFACE + f.settings({}))
+        client.request(1, BIDI, end=False)
+        chunk = f.frame(f.DATA, 0, 1, bytes(f.MIN_MAX_FRAME_SIZE))
+        # One frame past the 1 MiB stream window (and no more, so that the relay has read
+        # everything when it closes: unread input would turn its close into a reset).
+        for _ in range(MiB // f.MIN_MAX_FRAME_SIZE + 1):
+            client.send(chunk)
+        error = None
+        while error is None:
+            got = await client.next_frame()
+            assert got is not None, "connection closed without an error"
+            kind, _, stream_id, payload = got
+            if kind == f.GOAWAY:
+                error = f.parse_goaway(payload)[1]
+            elif kind == f.RST_STREAM and stream_id == 1:
+                error = f.parse_u32(payload)
+        assert error == f.FLOW_CONTROL_ERROR
+        writer.close()
+    finally:
+        await serving.drain(grace=0)
+        for accepted_writer in accepted:
+            accepted_writer.close()
+        hole.close()
