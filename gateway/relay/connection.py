@@ -1,9 +1,12 @@
 """One HTTP/2 connection of the relay: framing, settings, pings, flow control, batched writes.
 
-The relay forwards frames between two connections, so flow control is end to end: bytes
-received on one side are credited back to their sender (WINDOW_UPDATE) only once they
-have been written to the other side. A slow reader therefore slows its writer instead of
-growing the relay's memory, which stays bounded by the windows it advertises.
+The relay forwards frames between two connections, so flow control is end to end per
+stream: bytes received on a stream are credited back to their sender (WINDOW_UPDATE)
+only once they have been written to the other side. A slow reader therefore slows its
+writer instead of growing the relay's memory, which stays bounded by the stream window
+it advertises times the streams open. The connection window, shared by every stream,
+is credited as DATA arrives (RFC 9113 §5.2.2): held for queued data, a few stalled
+streams would stall every call on the connection.
 
 Writes are batched: every frame a pass over the input produces is joined and written
 once at its end (and a scheduled flush catches writes made from timers), because on a
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 STREAM_WINDOW = 1 << 20
 #: ...and a whole connection this much.
 CONNECTION_WINDOW = 1 << 24
+#: The most streams a peer may have open on a connection to the relay (a client's
+#: streams past it are refused): with STREAM_WINDOW, what bounds one connection's memory.
+MAX_STREAMS = 4096
 #: The largest header list accepted (gRPC's own default limit is 16 KiB).
 MAX_HEADER_LIST = 1 << 16
 
@@ -167,9 +173,9 @@ class Side:
             self.conn.stream_closed(self)
 
     def credit_back(self, flow: int) -> None:
-        """Returns receive window for ``flow`` bytes of this stream that were forwarded."""
+        """Returns stream receive window for ``flow`` bytes of this stream that were
+        forwarded (the connection's was returned when they arrived)."""
         conn = self.conn
-        conn.credit_connection(flow)
         if self.open:
             self.credit += flow
             if self.credit >= STREAM_WINDOW // 2:
@@ -229,7 +235,7 @@ class Connection(asyncio.Protocol):
             {
                 f.HEADER_TABLE_SIZE: self.decoder.max_table_size,
                 f.ENABLE_PUSH: 0,
-                f.MAX_CONCURRENT_STREAMS: 4096,
+                f.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
                 f.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 f.MAX_FRAME_SIZE: f.MIN_MAX_FRAME_SIZE,
                 f.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
@@ -328,14 +334,12 @@ class Connection(asyncio.Protocol):
             self.recv_window -= flow
             if self.recv_window < 0:
                 raise f.ProtocolError("DATA past the connection window", f.FLOW_CONTROL_ERROR)
-            if side is not None:
-                side.recv_window -= flow
-                if side.recv_window < 0:
-                    raise f.ProtocolError("DATA past the stream window", f.FLOW_CONTROL_ERROR)
+            self.credit_connection(flow)
             if side is None:
-                # A stream already closed (say, reset): its bytes still used the window.
-                self.credit_connection(flow)
-                return
+                return  # a stream already closed (say, reset)
+            side.recv_window -= flow
+            if side.recv_window < 0:
+                raise f.ProtocolError("DATA past the stream window", f.FLOW_CONTROL_ERROR)
             self.on_data(side, f.unpad(payload, flags), flow, bool(flags & f.END_STREAM))
         elif kind == f.HEADERS:
             if stream_id == 0:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection
 import grpc
 
 from gateway.relay import frames as f
-from gateway.relay.connection import Connection, Flusher, Side
+from gateway.relay.connection import MAX_STREAMS, Connection, Flusher, Side
 from gateway.relay.exchange import Exchange, error_headers
 from gateway.relay.hpack_codec import Header
 from gateway.state import GatewayState
@@ -57,7 +57,7 @@ class Downstream(Connection):
                 return  # a stream we already finished (say, reset): late trailers
             raise f.ProtocolError(f"client opened even stream {stream_id}")
         self.last_stream = stream_id
-        if self.relay.draining:
+        if self.relay.draining or len(self.streams) >= MAX_STREAMS:
             self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
             return
         side = Side(self, stream_id, None)

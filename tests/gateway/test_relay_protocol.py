@@ -13,8 +13,9 @@ import grpc.aio
 from gateway.app import Gateway
 from gateway.discovery import StaticDiscovery, StaticInstance
 from gateway.relay import frames as f
+from gateway.relay.connection import MAX_STREAMS
 from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder
-from mesh.server.app import ServerSettings
+from mesh.server.app import ServerSettings, Serving
 from tests.gateway.test_relay import BIDI, UNARY, MiB, Setup, Upstream, relayed
 
 
@@ -198,10 +199,9 @@ async def test_a_client_that_grants_window_but_never_reads_does_not_grow_the_rel
         assert buffered() <= 8 * MiB
 
 
-async def test_a_client_overrunning_its_window_is_stopped() -> None:
-    """RFC 9113 §6.9.1: DATA past the window the relay advertised is a FLOW_CONTROL_ERROR.
-    Without the check, a client could make the relay queue without bound for an upstream
-    that does not read (here one that accepts and never answers)."""
+@asynccontextmanager
+async def gateway_to_black_hole() -> AsyncIterator[Serving]:
+    """A gateway whose one upstream accepts connections and never reads or answers."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def black_hole(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -216,10 +216,28 @@ async def test_a_client_overrunning_its_window_is_stopped() -> None:
     serving = await gateway.start(ServerSettings())
     try:
         await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
-        host, relay_port = serving.address.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(relay_port))
-        client = RawClient(reader, writer)
-        client.send(f.PREFACE + f.settings({}))
+        yield serving
+    finally:
+        await serving.drain(grace=0)
+        for writer in accepted:
+            writer.close()
+        hole.close()
+
+
+async def raw_connection(serving: Serving) -> RawClient:
+    host, port = serving.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    client = RawClient(reader, writer)
+    client.send(f.PREFACE + f.settings({}))
+    return client
+
+
+async def test_a_client_overrunning_its_window_is_stopped() -> None:
+    """RFC 9113 §6.9.1: DATA past the window the relay advertised is a FLOW_CONTROL_ERROR.
+    Without the check, a client could make the relay queue without bound for an upstream
+    that does not read."""
+    async with gateway_to_black_hole() as serving:
+        client = await raw_connection(serving)
         client.request(1, BIDI, end=False)
         chunk = f.frame(f.DATA, 0, 1, bytes(f.MIN_MAX_FRAME_SIZE))
         # One frame past the 1 MiB stream window (and no more, so that the relay has read
@@ -236,9 +254,50 @@ async def test_a_client_overrunning_its_window_is_stopped() -> None:
             elif kind == f.RST_STREAM and stream_id == 1:
                 error = f.parse_u32(payload)
         assert error == f.FLOW_CONTROL_ERROR
-        writer.close()
-    finally:
-        await serving.drain(grace=0)
-        for accepted_writer in accepted:
-            accepted_writer.close()
-        hole.close()
+        client.writer.close()
+
+
+async def test_streams_past_the_advertised_concurrency_limit_are_refused() -> None:
+    """The relay advertises SETTINGS_MAX_CONCURRENT_STREAMS; a client opening more gets
+    REFUSED_STREAM (RFC 9113 §5.1.2), which bounds what one connection can make it hold."""
+    async with gateway_to_black_hole() as serving:
+        client = await raw_connection(serving)
+        for i in range(MAX_STREAMS + 1):
+            client.request(1 + 2 * i, BIDI, end=False)
+        last = 1 + 2 * MAX_STREAMS
+        while True:
+            got = await client.next_frame()
+            assert got is not None, "connection closed"
+            kind, _, stream_id, payload = got
+            if kind == f.RST_STREAM and stream_id == last:
+                assert f.parse_u32(payload) == f.REFUSED_STREAM
+                break
+            assert kind != f.RST_STREAM, f"stream {stream_id} reset"
+            assert kind != f.GOAWAY
+        client.writer.close()
+
+
+async def test_streams_a_client_stops_reading_do_not_stall_other_calls() -> None:
+    """RFC 9113 §5.2.2: an intermediary that credits its connection window only as each
+    stream's data is written on lets a few stalled streams hold the whole upstream
+    connection's window; every other call to that upstream, from any client, then hangs."""
+    async with relayed() as s, raw_client(s) as client:
+        relay = s.gateway.relay
+        assert relay is not None
+        client.send(f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW))
+        # 20 streams that never grant more than the default 64 KiB stream window, each
+        # asking for 2 MiB: together past the relay's 16 MiB upstream connection window.
+        for i in range(20):
+            client.request(1 + 2 * i, BIDI, end=False)
+            client.message(1 + 2 * i, b"many:32,65536", end=True)
+
+        def queued() -> int:
+            return sum(
+                len(item[0])
+                for conn in relay.downstreams
+                for side in conn.streams.values()
+                for item in side.queue
+            )
+
+        await _until(lambda: queued() > 14 * MiB, timeout=30)
+        assert await s.unary(b"abc", timeout=10) == b"cba"
