@@ -174,7 +174,9 @@ class UpstreamPool:
         self.open: set[Upstream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def get(self, address: str) -> Upstream:
+    def get(self, address: str, connect_timeout: float | None = None) -> Upstream:
+        """The connection to ``address``; a new one fails (as a connect failure) if it is
+        not up within ``connect_timeout`` seconds (connectionPool.tcp.connectTimeout)."""
         conn = self._conns.get(address)
         if (
             conn is None
@@ -189,25 +191,34 @@ class UpstreamPool:
             conn = self._conns[address] = Upstream(self.relay, address)
             self.open.add(conn)
             task = self.relay.loop.create_task(
-                self._connect(conn, internal=address == self.relay.internal_address)
+                self._connect(
+                    conn, internal=address == self.relay.internal_address, timeout=connect_timeout
+                )
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return conn
 
-    async def _connect(self, conn: Upstream, *, internal: bool) -> None:
+    async def _connect(self, conn: Upstream, *, internal: bool, timeout: float | None) -> None:
         host, _, port = conn.address.rpartition(":")
         host = host.strip("[]")
         context = None if internal or self._ssl is None else self._ssl()
         try:
-            await self.relay.loop.create_connection(
-                lambda: conn,
-                host,
-                int(port),
-                ssl=context,
-                server_hostname=host if context is not None else None,
+            # A host that drops SYNs would otherwise hold its calls for the kernel's
+            # connect timeout (minutes), not the configured one.
+            await asyncio.wait_for(
+                self.relay.loop.create_connection(
+                    lambda: conn,
+                    host,
+                    int(port),
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
+                ),
+                timeout,
             )
         except (OSError, ValueError, ssl.SSLError) as exc:
+            if isinstance(exc, TimeoutError) and not exc.args:  # wait_for's, not the kernel's
+                exc = TimeoutError(f"connect timed out after {timeout}s")
             log.info("cannot connect to %s: %s", conn.address, exc)
             conn.connect_failed(exc)
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -16,6 +18,7 @@ from gateway.relay import frames as f
 from gateway.relay.connection import MAX_STREAMS
 from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder
 from mesh.server.app import ServerSettings, Serving
+from mesh.server.testing import serve
 from tests.gateway.test_relay import BIDI, UNARY, MiB, Setup, Upstream, relayed
 
 
@@ -301,3 +304,65 @@ async def test_streams_a_client_stops_reading_do_not_stall_other_calls() -> None
 
         await _until(lambda: queued() > 14 * MiB, timeout=30)
         assert await s.unary(b"abc", timeout=10) == b"cba"
+
+
+_SLOW_CONNECT_CONFIG = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http:
+    - name: all
+      retries: {attempts: 1, retryOn: connect-failure}
+      route: [{destination: {host: inference}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool: {tcp: {connectTimeout: 300ms}}
+"""
+
+
+async def test_connect_timeout_fails_over_from_an_endpoint_that_never_accepts(
+    tmp_path: Path,
+) -> None:
+    """connectionPool.tcp.connectTimeout bounds a connect to a host that drops SYNs (here a
+    listener with a full accept queue); the call then goes to the next endpoint instead of
+    hanging until its deadline with every other call to that host."""
+    (tmp_path / "inference.yaml").write_text(_SLOW_CONNECT_CONFIG)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:  # fill the accept queue: later SYNs are dropped
+        filler.setblocking(False)
+        filler.connect_ex(full.getsockname())
+    hung = f"127.0.0.1:{full.getsockname()[1]}"
+    upstream = Upstream()
+    async with serve(upstream.services()) as (worker, _):
+        gateway = Gateway(
+            StaticDiscovery(
+                [
+                    StaticInstance("inference", "hung", hung),
+                    StaticInstance("inference", "w1", worker.address),
+                ]
+            ),
+            config_dir=tmp_path,
+        )
+        serving = await gateway.start(ServerSettings())
+        channel = grpc.aio.insecure_channel(serving.address)
+        try:
+            await _until(lambda: len(gateway.state.snapshot.endpoints("inference")) == 2)
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+            for _ in range(4):  # round robin: some go to the hung endpoint first
+                assert await unary(b"abc", timeout=5) == b"cba"
+        finally:
+            await channel.close()
+            await serving.drain(grace=0)
+            for sock in (full, *fillers):
+                sock.close()
