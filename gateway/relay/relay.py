@@ -108,6 +108,9 @@ class Upstream(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connected = True
         super().connection_made(transport)
+        if self.going_away and not self.streams:
+            # Retired while connecting, its calls gone: stream_closed had no transport.
+            transport.close()
 
     def open_stream(self, exchange: Exchange) -> Side:
         side = Side(self, self.next_id, exchange)

@@ -366,3 +366,26 @@ async def test_connect_timeout_fails_over_from_an_endpoint_that_never_accepts(
             await serving.drain(grace=0)
             for sock in (full, *fillers):
                 sock.close()
+
+
+async def test_a_connection_retired_while_it_connects_closes_once_up() -> None:
+    """An address that leaves the mesh (``retain``) while its connection is still being
+    opened: the connection, unused, must close when it comes up, not linger until the
+    gateway stops."""
+    closed = asyncio.Event()
+
+    async def until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # to EOF: the relay's preface and SETTINGS, then its close
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(until_eof, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with relayed() as s:
+        relay = s.gateway.relay
+        assert relay is not None
+        conn = relay.pool.get(address, connect_timeout=10)
+        relay.pool.retain([])  # before the connect task has even run
+        await _until(lambda: conn.connected)
+        await asyncio.wait_for(closed.wait(), timeout=10)
+    server.close()
