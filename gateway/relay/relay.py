@@ -50,6 +50,9 @@ class Downstream(Connection):
     def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
         side = self.streams.get(stream_id)
         if side is not None:
+            if side.exchange.request_ended:
+                self._half_closed(side)
+                return
             side.exchange.request_trailers(end_stream)
             return
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
@@ -65,7 +68,16 @@ class Downstream(Connection):
         Exchange(self.relay, side, headers, end_stream)
 
     def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
+        if side.exchange.request_ended:
+            self._half_closed(side)
+            return
         side.exchange.request_data(payload, flow, end_stream)
+
+    def _half_closed(self, side: Side) -> None:
+        """A frame after the client's END_STREAM: a stream error (RFC 9113 §5.1), not
+        more of the request (forwarded, it would reach the upstream after its end)."""
+        side.reset(f.STREAM_CLOSED)
+        side.exchange.client_reset()
 
     def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
         side = self.streams.get(stream_id)

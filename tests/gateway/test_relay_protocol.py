@@ -389,3 +389,21 @@ async def test_a_connection_retired_while_it_connects_closes_once_up() -> None:
         await _until(lambda: conn.connected)
         await asyncio.wait_for(closed.wait(), timeout=10)
     server.close()
+
+
+async def test_data_after_the_clients_end_stream_resets_the_stream() -> None:
+    """RFC 9113 §5.1: a stream the client half-closed (END_STREAM) takes no more DATA;
+    that is a stream error STREAM_CLOSED, not more request bytes to forward upstream."""
+    async with relayed() as s, raw_client(s) as client:
+        client.request(1, UNARY, end=False)
+        client.message(1, b"hold", end=True)
+        await _until(lambda: bool(s.upstream.remaining))
+        client.message(1, b"more", end=False)
+        while True:
+            got = await client.next_frame()
+            assert got is not None, "connection closed"
+            kind, _, stream_id, payload = got
+            if stream_id == 1:
+                break
+        assert (kind, f.parse_u32(payload)) == (f.RST_STREAM, f.STREAM_CLOSED)
+        await _until(lambda: bool(s.upstream.cancelled))  # the upstream call is cancelled
