@@ -11,15 +11,16 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import pytest
 
 from gateway.app import Gateway
 from gateway.discovery import StaticDiscovery, StaticInstance
 from gateway.relay import frames as f
 from gateway.relay.connection import MAX_STREAMS
 from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder
-from mesh.server.app import ServerSettings, Serving
+from mesh.server.app import ServerSettings, Service, Serving
 from mesh.server.testing import serve
-from tests.gateway.test_relay import BIDI, UNARY, MiB, Setup, Upstream, relayed
+from tests.gateway.test_relay import BIDI, SERVICE, UNARY, MiB, Setup, Upstream, relayed
 
 
 class RawClient:
@@ -407,3 +408,45 @@ async def test_data_after_the_clients_end_stream_resets_the_stream() -> None:
                 break
         assert (kind, f.parse_u32(payload)) == (f.RST_STREAM, f.STREAM_CLOSED)
         await _until(lambda: bool(s.upstream.cancelled))  # the upstream call is cancelled
+
+
+async def test_an_oversized_response_header_list_fails_its_call_not_the_upstream() -> None:
+    """The same on the upstream side: response headers over the relay's limit fail that
+    call; the other calls on the pooled upstream connection go on."""
+    release = asyncio.Event()
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        if request == b"big":
+            await context.send_initial_metadata(
+                tuple((f"x-big-{i}", "v" * 1000) for i in range(80))  # ~80 KiB > 64 KiB
+            )
+        elif request == b"hold":
+            await release.wait()
+        return request[::-1]
+
+    def register(server: grpc.aio.Server) -> None:
+        handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(handler)}
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+
+    async with serve([Service(SERVICE, register)]) as (worker, _):
+        gateway = Gateway(
+            StaticDiscovery([StaticInstance("inference", "w0", worker.address)]), config_dir=None
+        )
+        serving = await gateway.start(ServerSettings())
+        channel = grpc.aio.insecure_channel(serving.address)
+        try:
+            await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+            held = asyncio.ensure_future(unary(b"hold", timeout=10))
+            relay = gateway.relay
+            assert relay is not None
+            await _until(lambda: bool(relay.exchanges))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await unary(b"big", timeout=10)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            release.set()
+            assert await held == b"dloh"
+        finally:
+            release.set()
+            await channel.close()
+            await serving.drain(grace=0)
