@@ -425,8 +425,13 @@ async def test_an_oversized_response_header_list_fails_its_call_not_the_upstream
         return request[::-1]
 
     def register(server: grpc.aio.Server) -> None:
-        handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(handler)}
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    SERVICE, {"ModelInfer": grpc.unary_unary_rpc_method_handler(handler)}
+                )
+            ]
+        )
 
     async with serve([Service(SERVICE, register)]) as (worker, _):
         gateway = Gateway(
