@@ -1,9 +1,12 @@
 """One HTTP/2 connection of the relay: framing, settings, pings, flow control, batched writes.
 
-The relay forwards frames between two connections, so flow control is end to end: bytes
-received on one side are credited back to their sender (WINDOW_UPDATE) only once they
-have been written to the other side. A slow reader therefore slows its writer instead of
-growing the relay's memory, which stays bounded by the windows it advertises.
+The relay forwards frames between two connections, so flow control is end to end per
+stream: bytes received on a stream are credited back to their sender (WINDOW_UPDATE)
+only once they have been written to the other side. A slow reader therefore slows its
+writer instead of growing the relay's memory, which stays bounded by the stream window
+it advertises times the streams open. The connection window, shared by every stream,
+is credited as DATA arrives (RFC 9113 §5.2.2): held for queued data, a few stalled
+streams would stall every call on the connection.
 
 Writes are batched: every frame a pass over the input produces is joined and written
 once at its end (and a scheduled flush catches writes made from timers), because on a
@@ -19,7 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.relay import frames as f
-from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder, HeaderError
+from gateway.relay.hpack_codec import (
+    Header,
+    HeaderDecoder,
+    HeaderEncoder,
+    HeaderError,
+    HeaderListTooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +36,9 @@ log = logging.getLogger(__name__)
 STREAM_WINDOW = 1 << 20
 #: ...and a whole connection this much.
 CONNECTION_WINDOW = 1 << 24
+#: The most streams a peer may have open on a connection to the relay (a client's
+#: streams past it are refused): with STREAM_WINDOW, what bounds one connection's memory.
+MAX_STREAMS = 4096
 #: The largest header list accepted (gRPC's own default limit is 16 KiB).
 MAX_HEADER_LIST = 1 << 16
 
@@ -36,7 +48,17 @@ OnSent = Callable[[int], None]
 class Side:
     """One stream as one connection sees it: send window, queued data, credit owed."""
 
-    __slots__ = ("conn", "credit", "ending", "exchange", "id", "open", "queue", "send_window")
+    __slots__ = (
+        "conn",
+        "credit",
+        "ending",
+        "exchange",
+        "id",
+        "open",
+        "queue",
+        "recv_window",
+        "send_window",
+    )
 
     def __init__(self, conn: Connection, stream_id: int, exchange: Any) -> None:
         self.conn = conn
@@ -47,6 +69,9 @@ class Side:
         self.queue: deque[tuple[bytes, bool, OnSent | None, int]] = deque()
         #: Bytes received on this stream, forwarded, not yet credited back.
         self.credit = 0
+        #: What the peer may still send on this stream (our SETTINGS_INITIAL_WINDOW_SIZE
+        #: plus the WINDOW_UPDATEs we sent, less what it sent).
+        self.recv_window = STREAM_WINDOW
         self.exchange = exchange
         self.open = True
         #: Set by :meth:`finish`: close (and maybe reset) once the queue is written.
@@ -67,7 +92,12 @@ class Side:
         """DATA now if the windows allow, else queued; ``on_sent(flow)`` once it is written."""
         conn = self.conn
         size = len(payload)
-        if not self.queue and size <= self.send_window and size <= conn.send_window:
+        if (
+            not self.queue
+            and size <= self.send_window
+            and size <= conn.send_window
+            and not conn.paused
+        ):
             self.send_window -= size
             conn.send_window -= size
             conn.write(f.frame(f.DATA, f.END_STREAM if end_stream else 0, self.id, payload))
@@ -82,6 +112,8 @@ class Side:
         conn = self.conn
         queue = self.queue
         while queue:
+            if conn.paused:
+                return  # the socket is full: resume_writing flushes again
             payload, end_stream, on_sent, flow = queue[0]
             if flow < 0:  # a queued header block
                 queue.popleft()
@@ -141,13 +173,14 @@ class Side:
             self.conn.stream_closed(self)
 
     def credit_back(self, flow: int) -> None:
-        """Returns receive window for ``flow`` bytes of this stream that were forwarded."""
+        """Returns stream receive window for ``flow`` bytes of this stream that were
+        forwarded (the connection's was returned when they arrived)."""
         conn = self.conn
-        conn.credit_connection(flow)
         if self.open:
             self.credit += flow
             if self.credit >= STREAM_WINDOW // 2:
                 conn.write(f.window_update(self.id, self.credit))
+                self.recv_window += self.credit
                 self.credit = 0
 
 
@@ -173,10 +206,14 @@ class Connection(asyncio.Protocol):
         self.peer_max_frame = f.MIN_MAX_FRAME_SIZE
         self.peer_max_streams = 1 << 31
         self._connection_credit = 0
+        #: What the peer may still send on the connection (see ``Side.recv_window``).
+        self.recv_window = CONNECTION_WINDOW
         #: (stream id, flags of the HEADERS, block so far) while CONTINUATION is awaited.
         self._continuation: tuple[int, int, bytearray] | None = None
         self.closed = False
         self.going_away = False
+        #: The transport's write buffer is over its high-water mark: DATA waits.
+        self.paused = False
 
     # -- output -----------------------------------------------------------------------
 
@@ -198,7 +235,7 @@ class Connection(asyncio.Protocol):
             {
                 f.HEADER_TABLE_SIZE: self.decoder.max_table_size,
                 f.ENABLE_PUSH: 0,
-                f.MAX_CONCURRENT_STREAMS: 4096,
+                f.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
                 f.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 f.MAX_FRAME_SIZE: f.MIN_MAX_FRAME_SIZE,
                 f.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
@@ -228,6 +265,17 @@ class Connection(asyncio.Protocol):
         finally:
             self.flusher.passes -= 1
             self.flusher.flush()
+
+    def pause_writing(self) -> None:
+        # A peer may grant any window and then not read: without this, what the windows
+        # allow would pile up in the transport instead of staying with the sender.
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for side in list(self.streams.values()):
+            if side.queue:
+                side.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -281,10 +329,17 @@ class Connection(asyncio.Protocol):
                 raise f.ProtocolError("DATA on stream 0")
             side = self.streams.get(stream_id)
             flow = len(payload)
+            # RFC 9113 §6.9.1: a peer sending past our windows is treated as a connection
+            # error; unchecked, it could make the relay queue without bound.
+            self.recv_window -= flow
+            if self.recv_window < 0:
+                raise f.ProtocolError("DATA past the connection window", f.FLOW_CONTROL_ERROR)
+            self.credit_connection(flow)
             if side is None:
-                # A stream already closed (say, reset): its bytes still used the window.
-                self.credit_connection(flow)
-                return
+                return  # a stream already closed (say, reset)
+            side.recv_window -= flow
+            if side.recv_window < 0:
+                raise f.ProtocolError("DATA past the stream window", f.FLOW_CONTROL_ERROR)
             self.on_data(side, f.unpad(payload, flags), flow, bool(flags & f.END_STREAM))
         elif kind == f.HEADERS:
             if stream_id == 0:
@@ -330,7 +385,12 @@ class Connection(asyncio.Protocol):
         # PRIORITY and unknown frame types are ignored (RFC 9113 §4.1, §5.3.2).
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self.decoder.decode(block)
+        try:
+            headers = self.decoder.decode(block)
+        except HeaderListTooLarge as exc:
+            # The decoder kept its table in step: only this stream fails (RFC 9113 §10.5.1).
+            self.on_oversized_headers(stream_id, bool(flags & f.END_STREAM), str(exc))
+            return
         self.on_headers(stream_id, headers, bool(flags & f.END_STREAM))
 
     def _settings(self, payload: bytes) -> None:
@@ -375,6 +435,7 @@ class Connection(asyncio.Protocol):
         self._connection_credit += flow
         if self._connection_credit >= CONNECTION_WINDOW // 2 and not self.closed:
             self.write(f.window_update(0, self._connection_credit))
+            self.recv_window += self._connection_credit
             self._connection_credit = 0
 
     def stream_closed(self, side: Side) -> None:
@@ -390,6 +451,10 @@ class Connection(asyncio.Protocol):
         raise NotImplementedError
 
     def on_reset(self, side: Side, code: int) -> None:
+        raise NotImplementedError
+
+    def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
+        """A header block on ``stream_id`` decoded to more than MAX_HEADER_LIST."""
         raise NotImplementedError
 
     def on_goaway(self, last_stream_id: int, code: int) -> None:

@@ -372,7 +372,10 @@ class Exchange:
         if remaining is not None and remaining <= 0:
             self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
             return
-        conn = relay.pool.get(address)
+        cluster = None if self.internal else self.cluster
+        conn = relay.pool.get(
+            address, cluster.policy.connection_pool.connect_timeout if cluster else None
+        )
         up = self.up = conn.open_stream(self)
         body = self.body
         up.send_headers(

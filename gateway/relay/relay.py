@@ -22,8 +22,8 @@ from collections.abc import Callable, Collection, Mapping
 import grpc
 
 from gateway.relay import frames as f
-from gateway.relay.connection import Connection, Flusher, Side
-from gateway.relay.exchange import Exchange
+from gateway.relay.connection import MAX_STREAMS, Connection, Flusher, Side
+from gateway.relay.exchange import Exchange, error_headers
 from gateway.relay.hpack_codec import Header
 from gateway.relay.telemetry import RelayTelemetry
 from gateway.state import GatewayState
@@ -52,6 +52,9 @@ class Downstream(Connection):
     def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
         side = self.streams.get(stream_id)
         if side is not None:
+            if side.exchange.request_ended:
+                self._half_closed(side)
+                return
             side.exchange.request_trailers(end_stream)
             return
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
@@ -59,7 +62,7 @@ class Downstream(Connection):
                 return  # a stream we already finished (say, reset): late trailers
             raise f.ProtocolError(f"client opened even stream {stream_id}")
         self.last_stream = stream_id
-        if self.relay.draining:
+        if self.relay.draining or len(self.streams) >= MAX_STREAMS:
             self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
             return
         side = Side(self, stream_id, None)
@@ -67,7 +70,32 @@ class Downstream(Connection):
         Exchange(self.relay, side, headers, end_stream)
 
     def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
+        if side.exchange.request_ended:
+            self._half_closed(side)
+            return
         side.exchange.request_data(payload, flow, end_stream)
+
+    def _half_closed(self, side: Side) -> None:
+        """A frame after the client's END_STREAM: a stream error (RFC 9113 §5.1), not
+        more of the request (forwarded, it would reach the upstream after its end)."""
+        side.reset(f.STREAM_CLOSED)
+        side.exchange.client_reset()
+
+    def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
+        side = self.streams.get(stream_id)
+        if side is not None:  # trailers: the call is cancelled
+            side.reset(f.ENHANCE_YOUR_CALM)
+            side.exchange.client_reset()
+            return
+        if stream_id % 2 == 0 or stream_id <= self.last_stream:
+            return  # late trailers of a finished stream, or (on_headers says) not a stream
+        # A new call: answered RESOURCE_EXHAUSTED, as a gRPC server does.
+        self.last_stream = stream_id
+        status = error_headers(grpc.StatusCode.RESOURCE_EXHAUSTED, detail, trailers_only=True)
+        block = self.encoder.encode(status)
+        self.write(f.headers(stream_id, block, end_stream=True, max_size=self.peer_max_frame))
+        if not end_stream:
+            self.write(f.rst_stream(stream_id, f.NO_ERROR))
 
     def on_reset(self, side: Side, code: int) -> None:
         side.exchange.client_reset()
@@ -94,6 +122,9 @@ class Upstream(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connected = True
         super().connection_made(transport)
+        if self.going_away and not self.streams:
+            # Retired while connecting, its calls gone: stream_closed had no transport.
+            transport.close()
 
     def open_stream(self, exchange: Exchange) -> Side:
         side = Side(self, self.next_id, exchange)
@@ -114,6 +145,13 @@ class Upstream(Connection):
 
     def on_reset(self, side: Side, code: int) -> None:
         side.exchange.upstream_reset(side, code)
+
+    def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
+        side = self.streams.get(stream_id)
+        if side is not None:
+            log.warning("upstream %s: %s", self.address, detail)
+            side.reset(f.CANCEL)
+            side.exchange.upstream_reset(side, f.INTERNAL_ERROR)
 
     def on_goaway(self, last_stream_id: int, code: int) -> None:
         # Streams above the last one the upstream processed never ran: safe to retry.
@@ -142,7 +180,8 @@ class Upstream(Connection):
 
 class UpstreamPool:
     """One HTTP/2 connection per upstream address, opened on first use and replaced when
-    it closes or is going away; HTTP/2 multiplexes every call to that address on it."""
+    it closes, is going away or is at the peer's stream limit; HTTP/2 multiplexes every
+    call to that address on it."""
 
     def __init__(self, relay: Relay, ssl_context: Callable[[], ssl.SSLContext] | None) -> None:
         self.relay = relay
@@ -152,37 +191,56 @@ class UpstreamPool:
         self.open: set[Upstream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def get(self, address: str) -> Upstream:
+    def get(self, address: str, connect_timeout: float | None = None) -> Upstream:
+        """The connection to ``address``; a new one fails (as a connect failure) if it is
+        not up within ``connect_timeout`` seconds (connectionPool.tcp.connectTimeout)."""
         conn = self._conns.get(address)
-        if conn is None or conn.closed or conn.going_away:
+        if (
+            conn is None
+            or conn.closed
+            or conn.going_away
+            # At the peer's SETTINGS_MAX_CONCURRENT_STREAMS a new stream would be refused:
+            # another connection takes new calls (as Envoy's pool does), this one finishes.
+            or len(conn.streams) >= conn.peer_max_streams
+        ):
             if conn is not None:
                 self._retire(conn)
             conn = self._conns[address] = Upstream(self.relay, address)
             self.open.add(conn)
             task = self.relay.loop.create_task(
-                self._connect(conn, internal=address == self.relay.internal_address)
+                self._connect(
+                    conn, internal=address == self.relay.internal_address, timeout=connect_timeout
+                )
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return conn
 
-    async def _connect(self, conn: Upstream, *, internal: bool) -> None:
+    async def _connect(self, conn: Upstream, *, internal: bool, timeout: float | None) -> None:
         loop = self.relay.loop
         try:
+            # A host that drops SYNs would otherwise hold its calls for the kernel's
+            # connect timeout (minutes), not the configured one.
             if conn.address.startswith("unix:"):
-                await loop.create_unix_connection(lambda: conn, conn.address[len("unix:") :])
+                path = conn.address[len("unix:") :]
+                await asyncio.wait_for(loop.create_unix_connection(lambda: conn, path), timeout)
                 return
             host, _, port = conn.address.rpartition(":")
             host = host.strip("[]")
             context = None if internal or self._ssl is None else self._ssl()
-            await loop.create_connection(
-                lambda: conn,
-                host,
-                int(port),
-                ssl=context,
-                server_hostname=host if context is not None else None,
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: conn,
+                    host,
+                    int(port),
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
+                ),
+                timeout,
             )
         except (OSError, ValueError, ssl.SSLError) as exc:
+            if isinstance(exc, TimeoutError) and not exc.args:  # wait_for's, not the kernel's
+                exc = TimeoutError(f"connect timed out after {timeout}s")
             log.info("cannot connect to %s: %s", conn.address, exc)
             conn.connect_failed(exc)
 
@@ -306,7 +364,11 @@ class Relay:
             conn.write(f.goaway(conn.last_stream, f.NO_ERROR))
         self.flusher.flush()
         deadline = self.loop.time() + grace
-        while self.exchanges and self.loop.time() < deadline:
+        # A finished call may still have response frames queued for its client's window:
+        # its stream stays open on the downstream until they are written.
+        while (
+            self.exchanges or any(conn.streams for conn in self.downstreams)
+        ) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for exchange in list(self.exchanges):
             exchange.client_reset()

@@ -1,0 +1,457 @@
+"""The relay against a raw HTTP/2 client: protocol edge cases a gRPC client never produces
+(oversized header lists, a client that stops granting window) and draining around them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from gateway.app import Gateway
+from gateway.discovery import StaticDiscovery, StaticInstance
+from gateway.relay import frames as f
+from gateway.relay.connection import MAX_STREAMS
+from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder
+from mesh.server.app import ServerSettings, Service, Serving
+from mesh.server.testing import serve
+from tests.gateway.test_relay import BIDI, SERVICE, UNARY, MiB, Setup, Upstream, relayed
+
+
+class RawClient:
+    """One HTTP/2 client connection written frame by frame."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.encoder, self.decoder = HeaderEncoder(), HeaderDecoder()
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def request(
+        self, stream_id: int, path: str, extra: Sequence[Header] = (), *, end: bool
+    ) -> None:
+        block = self.encoder.encode(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path.encode()),
+                (b":authority", b"gateway"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                *extra,
+            ]
+        )
+        self.send(f.headers(stream_id, block, end_stream=end, max_size=f.MIN_MAX_FRAME_SIZE))
+
+    def message(self, stream_id: int, payload: bytes, *, end: bool) -> None:
+        body = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        self.send(f.frame(f.DATA, f.END_STREAM if end else 0, stream_id, body))
+
+    async def next_frame(self, timeout: float = 10) -> tuple[int, int, int, bytes] | None:
+        """(type, flags, stream id, payload), or None at EOF."""
+        try:
+            head = await asyncio.wait_for(self.reader.readexactly(9), timeout)
+            length, kind, flags, stream_id = f.parse_header(head, 0)
+            payload = await asyncio.wait_for(self.reader.readexactly(length), timeout)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return None
+        if kind == f.HEADERS:
+            assert flags & f.END_HEADERS
+            payload = b"".join(b"%s: %s\n" % h for h in self.decoder.decode(payload))
+        return kind, flags, stream_id, payload
+
+    async def until_end(self, stream_id: int) -> tuple[bytes, bytes | None]:
+        """The response DATA of ``stream_id`` and its final header block (None: the stream
+        or the connection ended without one)."""
+        data = bytearray()
+        while True:
+            got = await self.next_frame()
+            if got is None:
+                return bytes(data), None
+            kind, flags, sid, payload = got
+            if kind == f.GOAWAY and f.parse_goaway(payload)[1] != f.NO_ERROR:
+                return bytes(data), None
+            if sid != stream_id:
+                continue
+            if kind == f.DATA:
+                data += payload
+            elif kind == f.RST_STREAM:
+                return bytes(data), None
+            elif kind == f.HEADERS and flags & f.END_STREAM:
+                return bytes(data), payload
+
+
+@asynccontextmanager
+async def raw_client(s: Setup, settings: dict[int, int] | None = None) -> AsyncIterator[RawClient]:
+    host, port = s.serving.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    client = RawClient(reader, writer)
+    client.send(f.PREFACE + f.settings(settings or {}))
+    try:
+        yield client
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_header_list_fails_its_stream_not_the_connection() -> None:
+    """RFC 9113 §10.5.1: a header list over SETTINGS_MAX_HEADER_LIST_SIZE is the one
+    stream's problem; the other calls multiplexed on the connection go on."""
+    async with relayed() as s, raw_client(s) as client:
+        big = [(b"x-big-%d" % i, b"v" * 1000) for i in range(80)]  # ~80 KiB > 64 KiB
+        client.request(1, UNARY, big, end=True)
+        client.request(3, UNARY, end=False)
+        client.message(3, b"abc", end=True)
+        _, first = await client.until_end(1)
+        assert first is not None and b"grpc-status: 8\n" in first  # RESOURCE_EXHAUSTED
+        data, trailers = await client.until_end(3)
+        assert trailers is not None and b"grpc-status: 0\n" in trailers
+        assert data.endswith(b"cba")
+
+
+async def test_draining_delivers_responses_still_queued_for_a_slow_client() -> None:
+    """A call whose upstream has finished can still be queued for the client's window;
+    draining waits for it as for a call in flight (the client would see a cut response)."""
+    async with relayed() as s, raw_client(s) as client:
+        relay = s.gateway.relay
+        assert relay is not None
+        client.request(1, BIDI, end=False)
+        client.message(1, b"many:4,65536", end=True)  # 256 KiB > the 64 KiB default window
+        # The upstream's trailers are in, queued behind data the window holds back.
+        await _until(
+            lambda: any(
+                side.queue and side.exchange.done
+                for conn in relay.downstreams
+                for side in conn.streams.values()
+            )
+        )
+        drained = asyncio.ensure_future(s.serving.drain(grace=20))
+        await _until(lambda: relay.draining)
+        client.send(f.window_update(0, 1 << 20) + f.window_update(1, 1 << 20))
+        data, trailers = await client.until_end(1)
+        assert trailers is not None and b"grpc-status: 0\n" in trailers
+        assert len(data) == 4 * (5 + 65536)
+        await asyncio.wait_for(drained, timeout=20)
+
+
+async def _until(condition: object, timeout: float = 10) -> None:
+    assert callable(condition)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def test_an_upstreams_max_concurrent_streams_is_respected() -> None:
+    """An upstream that allows 2 concurrent streams refuses a third on the same connection
+    (RST_STREAM REFUSED_STREAM); calls beyond its limit must not fail for it."""
+    upstream = Upstream()
+    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 2)])
+    for service in upstream.services():
+        service.register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    gateway = Gateway(
+        StaticDiscovery([StaticInstance("inference", "w0", f"127.0.0.1:{port}")]),
+        config_dir=None,
+    )
+    serving = await gateway.start(ServerSettings())
+    channel = grpc.aio.insecure_channel(serving.address)
+    try:
+        await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+        assert await unary(b"abc", timeout=10) == b"cba"  # the upstream's SETTINGS are in
+        held = [asyncio.ensure_future(unary(b"hold", timeout=30)) for _ in range(4)]
+        await _until(lambda: len(upstream.remaining) >= 2 or any(c.done() for c in held))
+        upstream.hold.set()
+        assert await asyncio.gather(*held) == [b"dloh"] * 4
+    finally:
+        upstream.hold.set()
+        await channel.close()
+        await serving.drain(grace=0)
+        await server.stop(0)
+
+
+async def test_a_client_that_grants_window_but_never_reads_does_not_grow_the_relay() -> None:
+    """Windows bound what the relay may send, not what it buffers: a client advertising
+    2^31-1 that never reads must see the relay stop at its socket (pause_writing) and hold
+    the rest in the upstream's flow-control window, not in an unbounded write buffer."""
+    huge = f.MAX_WINDOW
+    async with relayed() as s, raw_client(s, {f.INITIAL_WINDOW_SIZE: huge}) as client:
+        relay = s.gateway.relay
+        assert relay is not None
+        client.send(f.window_update(0, huge - f.DEFAULT_WINDOW))
+        client.request(1, BIDI, end=False)
+        client.message(1, b"many:480,65536", end=True)  # 30 MiB, never read
+
+        def buffered() -> int:
+            return sum(
+                conn.transport.get_write_buffer_size()
+                for conn in relay.downstreams
+                if conn.transport is not None
+            )
+
+        def held_back() -> bool:
+            return any(side.queue for conn in relay.downstreams for side in conn.streams.values())
+
+        await _until(lambda: held_back() or buffered() > 8 * MiB, timeout=30)
+        assert buffered() <= 8 * MiB
+
+
+@asynccontextmanager
+async def gateway_to_black_hole() -> AsyncIterator[Serving]:
+    """A gateway whose one upstream accepts connections and never reads or answers."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def black_hole(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    hole = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    port = hole.sockets[0].getsockname()[1]
+    gateway = Gateway(
+        StaticDiscovery([StaticInstance("inference", "w0", f"127.0.0.1:{port}")]),
+        config_dir=None,
+    )
+    serving = await gateway.start(ServerSettings())
+    try:
+        await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        yield serving
+    finally:
+        await serving.drain(grace=0)
+        for writer in accepted:
+            writer.close()
+        hole.close()
+
+
+async def raw_connection(serving: Serving) -> RawClient:
+    host, port = serving.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    client = RawClient(reader, writer)
+    client.send(f.PREFACE + f.settings({}))
+    return client
+
+
+async def test_a_client_overrunning_its_window_is_stopped() -> None:
+    """RFC 9113 §6.9.1: DATA past the window the relay advertised is a FLOW_CONTROL_ERROR.
+    Without the check, a client could make the relay queue without bound for an upstream
+    that does not read."""
+    async with gateway_to_black_hole() as serving:
+        client = await raw_connection(serving)
+        client.request(1, BIDI, end=False)
+        chunk = f.frame(f.DATA, 0, 1, bytes(f.MIN_MAX_FRAME_SIZE))
+        # One frame past the 1 MiB stream window (and no more, so that the relay has read
+        # everything when it closes: unread input would turn its close into a reset).
+        for _ in range(MiB // f.MIN_MAX_FRAME_SIZE + 1):
+            client.send(chunk)
+        error = None
+        while error is None:
+            got = await client.next_frame()
+            assert got is not None, "connection closed without an error"
+            kind, _, stream_id, payload = got
+            if kind == f.GOAWAY:
+                error = f.parse_goaway(payload)[1]
+            elif kind == f.RST_STREAM and stream_id == 1:
+                error = f.parse_u32(payload)
+        assert error == f.FLOW_CONTROL_ERROR
+        client.writer.close()
+
+
+async def test_streams_past_the_advertised_concurrency_limit_are_refused() -> None:
+    """The relay advertises SETTINGS_MAX_CONCURRENT_STREAMS; a client opening more gets
+    REFUSED_STREAM (RFC 9113 §5.1.2), which bounds what one connection can make it hold."""
+    async with gateway_to_black_hole() as serving:
+        client = await raw_connection(serving)
+        for i in range(MAX_STREAMS + 1):
+            client.request(1 + 2 * i, BIDI, end=False)
+        last = 1 + 2 * MAX_STREAMS
+        while True:
+            got = await client.next_frame()
+            assert got is not None, "connection closed"
+            kind, _, stream_id, payload = got
+            if kind == f.RST_STREAM and stream_id == last:
+                assert f.parse_u32(payload) == f.REFUSED_STREAM
+                break
+            assert kind != f.RST_STREAM, f"stream {stream_id} reset"
+            assert kind != f.GOAWAY
+        client.writer.close()
+
+
+async def test_streams_a_client_stops_reading_do_not_stall_other_calls() -> None:
+    """RFC 9113 §5.2.2: an intermediary that credits its connection window only as each
+    stream's data is written on lets a few stalled streams hold the whole upstream
+    connection's window; every other call to that upstream, from any client, then hangs."""
+    async with relayed() as s, raw_client(s) as client:
+        relay = s.gateway.relay
+        assert relay is not None
+        client.send(f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW))
+        # 20 streams that never grant more than the default 64 KiB stream window, each
+        # asking for 2 MiB: together past the relay's 16 MiB upstream connection window.
+        for i in range(20):
+            client.request(1 + 2 * i, BIDI, end=False)
+            client.message(1 + 2 * i, b"many:32,65536", end=True)
+
+        def queued() -> int:
+            return sum(
+                len(item[0])
+                for conn in relay.downstreams
+                for side in conn.streams.values()
+                for item in side.queue
+            )
+
+        await _until(lambda: queued() > 14 * MiB, timeout=30)
+        assert await s.unary(b"abc", timeout=10) == b"cba"
+
+
+_SLOW_CONNECT_CONFIG = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http:
+    - name: all
+      retries: {attempts: 1, retryOn: connect-failure}
+      route: [{destination: {host: inference}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool: {tcp: {connectTimeout: 300ms}}
+"""
+
+
+async def test_connect_timeout_fails_over_from_an_endpoint_that_never_accepts(
+    tmp_path: Path,
+) -> None:
+    """connectionPool.tcp.connectTimeout bounds a connect to a host that drops SYNs (here a
+    listener with a full accept queue); the call then goes to the next endpoint instead of
+    hanging until its deadline with every other call to that host."""
+    (tmp_path / "inference.yaml").write_text(_SLOW_CONNECT_CONFIG)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:  # fill the accept queue: later SYNs are dropped
+        filler.setblocking(False)
+        filler.connect_ex(full.getsockname())
+    hung = f"127.0.0.1:{full.getsockname()[1]}"
+    upstream = Upstream()
+    async with serve(upstream.services()) as (worker, _):
+        gateway = Gateway(
+            StaticDiscovery(
+                [
+                    StaticInstance("inference", "hung", hung),
+                    StaticInstance("inference", "w1", worker.address),
+                ]
+            ),
+            config_dir=tmp_path,
+        )
+        serving = await gateway.start(ServerSettings())
+        channel = grpc.aio.insecure_channel(serving.address)
+        try:
+            await _until(lambda: len(gateway.state.snapshot.endpoints("inference")) == 2)
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+            for _ in range(4):  # round robin: some go to the hung endpoint first
+                assert await unary(b"abc", timeout=5) == b"cba"
+        finally:
+            await channel.close()
+            await serving.drain(grace=0)
+            for sock in (full, *fillers):
+                sock.close()
+
+
+async def test_a_connection_retired_while_it_connects_closes_once_up() -> None:
+    """An address that leaves the mesh (``retain``) while its connection is still being
+    opened: the connection, unused, must close when it comes up, not linger until the
+    gateway stops."""
+    closed = asyncio.Event()
+
+    async def until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # to EOF: the relay's preface and SETTINGS, then its close
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(until_eof, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with relayed() as s:
+        relay = s.gateway.relay
+        assert relay is not None
+        conn = relay.pool.get(address, connect_timeout=10)
+        relay.pool.retain([])  # before the connect task has even run
+        await _until(lambda: conn.connected)
+        await asyncio.wait_for(closed.wait(), timeout=10)
+    server.close()
+
+
+async def test_data_after_the_clients_end_stream_resets_the_stream() -> None:
+    """RFC 9113 §5.1: a stream the client half-closed (END_STREAM) takes no more DATA;
+    that is a stream error STREAM_CLOSED, not more request bytes to forward upstream."""
+    async with relayed() as s, raw_client(s) as client:
+        client.request(1, UNARY, end=False)
+        client.message(1, b"hold", end=True)
+        await _until(lambda: bool(s.upstream.remaining))
+        client.message(1, b"more", end=False)
+        while True:
+            got = await client.next_frame()
+            assert got is not None, "connection closed"
+            kind, _, stream_id, payload = got
+            if stream_id == 1:
+                break
+        assert (kind, f.parse_u32(payload)) == (f.RST_STREAM, f.STREAM_CLOSED)
+        await _until(lambda: bool(s.upstream.cancelled))  # the upstream call is cancelled
+
+
+async def test_an_oversized_response_header_list_fails_its_call_not_the_upstream() -> None:
+    """The same on the upstream side: response headers over the relay's limit fail that
+    call; the other calls on the pooled upstream connection go on."""
+    release = asyncio.Event()
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        if request == b"big":
+            await context.send_initial_metadata(
+                tuple((f"x-big-{i}", "v" * 1000) for i in range(80))  # ~80 KiB > 64 KiB
+            )
+        elif request == b"hold":
+            await release.wait()
+        return request[::-1]
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    SERVICE, {"ModelInfer": grpc.unary_unary_rpc_method_handler(handler)}
+                )
+            ]
+        )
+
+    async with serve([Service(SERVICE, register)]) as (worker, _):
+        gateway = Gateway(
+            StaticDiscovery([StaticInstance("inference", "w0", worker.address)]), config_dir=None
+        )
+        serving = await gateway.start(ServerSettings())
+        channel = grpc.aio.insecure_channel(serving.address)
+        try:
+            await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+            held = asyncio.ensure_future(unary(b"hold", timeout=10))
+            relay = gateway.relay
+            assert relay is not None
+            await _until(lambda: bool(relay.exchanges))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await unary(b"big", timeout=10)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            release.set()
+            assert await held == b"dloh"
+        finally:
+            release.set()
+            await channel.close()
+            await serving.drain(grace=0)
