@@ -21,6 +21,7 @@ import hpack
 
 from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from gateway.relay import frames as f
+from gateway.relay.hpack_codec import HeaderEncoder
 from gateway.relay.relay import Downstream, Relay, Upstream
 from gateway.state import GatewayState
 from mesh.config.loader import load_path
@@ -59,12 +60,17 @@ async def run(calls: int) -> float:
     client_side = Downstream(relay)
     down_transport = MemoryTransport()
     client_side.connection_made(down_transport)
-    client_side.data_received(f.PREFACE + f.settings({}))
+    # Both peers grant all the window there is, as a reader that keeps up would: the
+    # relay never queues, so every call is written through.
+    endless = f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW}) + f.window_update(
+        0, f.MAX_WINDOW - f.DEFAULT_WINDOW
+    )
+    client_side.data_received(f.PREFACE + endless)
     upstream = Upstream(relay, UPSTREAM)
     relay.pool._conns[UPSTREAM] = upstream  # connected by hand: no socket
     up_transport = MemoryTransport()
     upstream.connection_made(up_transport)
-    upstream.data_received(f.settings({}))
+    upstream.data_received(endless)
 
     client_encoder, server_encoder = hpack.Encoder(), hpack.Encoder()
     message = pb.ModelInferRequest(model_name="resnet", model_version="3").SerializeToString()
@@ -83,6 +89,8 @@ async def run(calls: int) -> float:
     ]
     response_headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
     trailers = [(b"grpc-status", b"0")]
+    # What the relay sends the client as trailers (its encoding: stateless literals).
+    encode_trailers = HeaderEncoder().encode(trailers)[1:]
     elapsed = 0.0
     for i in range(calls):
         down_id, up_id = 2 * i + 1, 2 * i + 1
@@ -96,12 +104,14 @@ async def run(calls: int) -> float:
             + f.frame(f.DATA, 0, up_id, reply)
             + f.headers(up_id, server_encoder.encode(trailers), end_stream=True, max_size=16384)
         )
+        trailer_frame = f.headers(down_id, encode_trailers, end_stream=True, max_size=16384)
         start = time.perf_counter()
         client_side.data_received(request)
         upstream.data_received(response)
         elapsed += time.perf_counter() - start
-        if i == 0:
-            assert up_transport.written and down_transport.written, "the relay forwarded nothing"
+        # Every call went upstream and came back, trailers included.
+        assert up_transport.written, f"call {i} was not forwarded"
+        assert b"".join(down_transport.written).endswith(trailer_frame), f"call {i} got no trailers"
         up_transport.written.clear()
         down_transport.written.clear()
     assert not relay.exchanges, "exchanges left open"

@@ -51,9 +51,26 @@ class HeaderDecoder:
         self._size = 0
         #: Newest first: dynamic index 62 is ``_table[0]``.
         self._table: deque[Header] = deque()
+        #: Bumped whenever the table changes: a block's meaning depends on the table.
+        self._generation = 0
+        #: Blocks that left the table as it was, by bytes: (generation, headers). A gRPC
+        #: server's response headers and trailers repeat to the byte once indexed.
+        self._seen: dict[bytes, tuple[int, tuple[Header, ...]]] = {}
 
     def decode(self, block: bytes | bytearray | memoryview) -> list[Header]:
         data = bytes(block)
+        hit = self._seen.get(data)
+        if hit is not None and hit[0] == self._generation:
+            return list(hit[1])
+        generation = self._generation
+        headers = self._decode(data)
+        if self._generation == generation:
+            if len(self._seen) >= 256:
+                self._seen.clear()
+            self._seen[data] = (generation, tuple(headers))
+        return headers
+
+    def _decode(self, data: bytes) -> list[Header]:
         end = len(data)
         pos = 0
         headers: list[Header] = []
@@ -75,6 +92,7 @@ class HeaderDecoder:
                     raise HeaderError(f"table size update to {size} over {self.max_table_size}")
                 self._limit = size
                 self._evict(0)
+                self._generation += 1
                 continue
             else:  # literal without indexing (0000) or never indexed (0001)
                 header, pos = self._literal(data, pos, 4)
@@ -123,10 +141,12 @@ class HeaderDecoder:
             # RFC 7541 §4.4: an entry larger than the table empties it and is not added.
             self._table.clear()
             self._size = 0
+            self._generation += 1
             return
         self._evict(size)
         self._table.appendleft(header)
         self._size += size
+        self._generation += 1
 
     def _evict(self, room: int) -> None:
         while self._table and self._size + room > self._limit:
@@ -211,6 +231,10 @@ def encode_field(name: bytes, value: bytes) -> bytes:
     return head + (bytes((size,)) + value if size < 0x7F else _encode_string(value))
 
 
+_SHORT_BLOCK = 4
+_short_blocks: dict[tuple[Header, ...], bytes] = {}
+
+
 class HeaderEncoder:
     """One connection's send-side HPACK: stateless literals after one table resize to 0."""
 
@@ -218,7 +242,17 @@ class HeaderEncoder:
         self._first = True
 
     def encode(self, headers: Iterable[Header]) -> bytes:
-        body = b"".join([encode_field(n, v) for n, v in headers])
+        fields = tuple(headers)
+        if len(fields) <= _SHORT_BLOCK:
+            # Response headers and trailers repeat call after call.
+            body = _short_blocks.get(fields)
+            if body is None:
+                body = b"".join([encode_field(n, v) for n, v in fields])
+                if len(_short_blocks) >= 1024:
+                    _short_blocks.clear()
+                _short_blocks[fields] = body
+        else:
+            body = b"".join([encode_field(n, v) for n, v in fields])
         if self._first:
             # We never index, so our table size is 0 whatever the peer's setting; saying
             # so once (RFC 7541 §6.3) keeps any later SETTINGS change trivially honoured.
