@@ -104,3 +104,18 @@ def test_any_bytes_decode_or_raise_header_error(block: bytes) -> None:
     except HeaderError:
         return
     assert all(isinstance(n, bytes) and isinstance(v, bytes) for n, v in headers)
+
+
+def test_a_repeated_block_is_decoded_against_the_table_as_it_is_now() -> None:
+    """Blocks are reused by their bytes only while the dynamic table is unchanged: the
+    same index names another entry after an insertion."""
+    decoder = HeaderDecoder()
+    newest = b"\xbe"  # dynamic index 62: the newest entry
+    assert decoder.decode(b"\x40\x03x-a\x011") == [(b"x-a", b"1")]
+    assert decoder.decode(newest) == [(b"x-a", b"1")]
+    assert decoder.decode(newest) == [(b"x-a", b"1")]  # the reused decoding
+    assert decoder.decode(b"\x40\x03x-b\x012") == [(b"x-b", b"2")]
+    assert decoder.decode(newest) == [(b"x-b", b"2")]
+    assert decoder.decode(b"\x20") == []  # a size update to 0 empties the table
+    with pytest.raises(HeaderError, match="out of range"):
+        decoder.decode(newest)
