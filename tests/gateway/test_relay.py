@@ -145,9 +145,9 @@ async def test_bidirectional_messages_echo_one_by_one() -> None:
 async def test_a_client_cancel_reaches_the_upstream() -> None:
     async with relayed() as s:
         call = s.unary(b"hold")
-        await _until(lambda: bool(s.upstream.remaining))
+        await until(lambda: bool(s.upstream.remaining))
         call.cancel()
-        await _until(lambda: bool(s.upstream.cancelled))
+        await until(lambda: bool(s.upstream.cancelled))
         assert s.upstream.cancelled == [True]
         await _settled(s)
 
@@ -155,7 +155,7 @@ async def test_a_client_cancel_reaches_the_upstream() -> None:
 async def test_the_deadline_is_passed_on_and_enforced() -> None:
     async with relayed() as s:
         call = s.unary(b"hold", timeout=2)
-        await _until(lambda: bool(s.upstream.remaining))  # the upstream holds the call
+        await until(lambda: bool(s.upstream.remaining))  # the upstream holds the call
         remaining = s.upstream.remaining[0]
         # gRPC core keeps deadlines in whole milliseconds and the clocks of the two
         # processes' checks differ: allow a little over the client's 2 s.
@@ -163,7 +163,7 @@ async def test_the_deadline_is_passed_on_and_enforced() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        await _until(lambda: bool(s.upstream.cancelled))
+        await until(lambda: bool(s.upstream.cancelled))
         await _settled(s)
 
 
@@ -203,11 +203,11 @@ async def test_non_grpc_requests_and_garbage_get_errors_and_serving_goes_on() ->
 async def test_draining_finishes_calls_in_flight_and_refuses_new_ones() -> None:
     async with relayed() as s:
         held = asyncio.ensure_future(s.unary(b"hold", timeout=30))
-        await _until(lambda: bool(s.upstream.remaining))
+        await until(lambda: bool(s.upstream.remaining))
         drained = asyncio.ensure_future(s.serving.drain(grace=20))
         relay = s.gateway.relay
         assert relay is not None
-        await _until(lambda: relay.draining)
+        await until(lambda: relay.draining)
         s.upstream.hold.set()
         assert await held == b"dloh"
         await asyncio.wait_for(drained, timeout=20)
@@ -228,7 +228,8 @@ async def _read_headers(
             return decoder.decode(payload)
 
 
-async def _until(condition: object, timeout: float = 10) -> None:
+async def until(condition: object, timeout: float = 10) -> None:
+    """Polls ``condition`` until it holds (fails after ``timeout`` seconds)."""
     assert callable(condition)
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -240,7 +241,7 @@ async def _settled(s: Setup) -> None:
     """Every exchange has ended (none leaks after a cancel)."""
     relay = s.gateway.relay
     assert relay is not None
-    await _until(lambda: not relay.exchanges)
+    await until(lambda: not relay.exchanges)
 
 
 class _Counting(grpc.aio.ServerInterceptor):
@@ -273,6 +274,6 @@ async def test_edge_interceptors_see_every_call_so_no_relay_is_started() -> None
         assert gateway.relay is None
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(serving.address))
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
-        await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        await until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
         assert await call(b"abc", timeout=10) == b"cba"
         assert counting.seen == [UNARY]

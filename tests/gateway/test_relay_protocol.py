@@ -20,7 +20,16 @@ from gateway.relay.connection import MAX_STREAMS
 from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder
 from mesh.server.app import ServerSettings, Service, Serving
 from mesh.server.testing import serve
-from tests.gateway.test_relay import BIDI, SERVICE, UNARY, MiB, Setup, Upstream, relayed
+from tests.gateway.test_relay import (
+    BIDI,
+    SERVICE,
+    UNARY,
+    MiB,
+    Setup,
+    Upstream,
+    relayed,
+    until,
+)
 
 
 class RawClient:
@@ -123,7 +132,7 @@ async def test_draining_delivers_responses_still_queued_for_a_slow_client() -> N
         client.request(1, BIDI, end=False)
         client.message(1, b"many:4,65536", end=True)  # 256 KiB > the 64 KiB default window
         # The upstream's trailers are in, queued behind data the window holds back.
-        await _until(
+        await until(
             lambda: any(
                 side.queue and side.exchange.done
                 for conn in relay.downstreams
@@ -131,20 +140,12 @@ async def test_draining_delivers_responses_still_queued_for_a_slow_client() -> N
             )
         )
         drained = asyncio.ensure_future(s.serving.drain(grace=20))
-        await _until(lambda: relay.draining)
+        await until(lambda: relay.draining)
         client.send(f.window_update(0, 1 << 20) + f.window_update(1, 1 << 20))
         data, trailers = await client.until_end(1)
         assert trailers is not None and b"grpc-status: 0\n" in trailers
         assert len(data) == 4 * (5 + 65536)
         await asyncio.wait_for(drained, timeout=20)
-
-
-async def _until(condition: object, timeout: float = 10) -> None:
-    assert callable(condition)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.01)
 
 
 async def test_an_upstreams_max_concurrent_streams_is_respected() -> None:
@@ -163,11 +164,11 @@ async def test_an_upstreams_max_concurrent_streams_is_respected() -> None:
     serving = await gateway.start(ServerSettings())
     channel = grpc.aio.insecure_channel(serving.address)
     try:
-        await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        await until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
         unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
         assert await unary(b"abc", timeout=10) == b"cba"  # the upstream's SETTINGS are in
         held = [asyncio.ensure_future(unary(b"hold", timeout=30)) for _ in range(4)]
-        await _until(lambda: len(upstream.remaining) >= 2 or any(c.done() for c in held))
+        await until(lambda: len(upstream.remaining) >= 2 or any(c.done() for c in held))
         upstream.hold.set()
         assert await asyncio.gather(*held) == [b"dloh"] * 4
     finally:
@@ -199,7 +200,7 @@ async def test_a_client_that_grants_window_but_never_reads_does_not_grow_the_rel
         def held_back() -> bool:
             return any(side.queue for conn in relay.downstreams for side in conn.streams.values())
 
-        await _until(lambda: held_back() or buffered() > 8 * MiB, timeout=30)
+        await until(lambda: held_back() or buffered() > 8 * MiB, timeout=30)
         assert buffered() <= 8 * MiB
 
 
@@ -219,7 +220,7 @@ async def gateway_to_black_hole() -> AsyncIterator[Serving]:
     )
     serving = await gateway.start(ServerSettings())
     try:
-        await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        await until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
         yield serving
     finally:
         await serving.drain(grace=0)
@@ -303,7 +304,7 @@ async def test_streams_a_client_stops_reading_do_not_stall_other_calls() -> None
                 for item in side.queue
             )
 
-        await _until(lambda: queued() > 14 * MiB, timeout=30)
+        await until(lambda: queued() > 14 * MiB, timeout=30)
         assert await s.unary(b"abc", timeout=10) == b"cba"
 
 
@@ -358,7 +359,7 @@ async def test_connect_timeout_fails_over_from_an_endpoint_that_never_accepts(
         serving = await gateway.start(ServerSettings())
         channel = grpc.aio.insecure_channel(serving.address)
         try:
-            await _until(lambda: len(gateway.state.snapshot.endpoints("inference")) == 2)
+            await until(lambda: len(gateway.state.snapshot.endpoints("inference")) == 2)
             unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
             for _ in range(4):  # round robin: some go to the hung endpoint first
                 assert await unary(b"abc", timeout=5) == b"cba"
@@ -387,7 +388,7 @@ async def test_a_connection_retired_while_it_connects_closes_once_up() -> None:
         assert relay is not None
         conn = relay.pool.get(address, connect_timeout=10)
         relay.pool.retain([])  # before the connect task has even run
-        await _until(lambda: conn.connected)
+        await until(lambda: conn.connected)
         await asyncio.wait_for(closed.wait(), timeout=10)
     server.close()
 
@@ -398,7 +399,7 @@ async def test_data_after_the_clients_end_stream_resets_the_stream() -> None:
     async with relayed() as s, raw_client(s) as client:
         client.request(1, UNARY, end=False)
         client.message(1, b"hold", end=True)
-        await _until(lambda: bool(s.upstream.remaining))
+        await until(lambda: bool(s.upstream.remaining))
         client.message(1, b"more", end=False)
         while True:
             got = await client.next_frame()
@@ -407,7 +408,7 @@ async def test_data_after_the_clients_end_stream_resets_the_stream() -> None:
             if stream_id == 1:
                 break
         assert (kind, f.parse_u32(payload)) == (f.RST_STREAM, f.STREAM_CLOSED)
-        await _until(lambda: bool(s.upstream.cancelled))  # the upstream call is cancelled
+        await until(lambda: bool(s.upstream.cancelled))  # the upstream call is cancelled
 
 
 async def test_an_oversized_response_header_list_fails_its_call_not_the_upstream() -> None:
@@ -440,12 +441,12 @@ async def test_an_oversized_response_header_list_fails_its_call_not_the_upstream
         serving = await gateway.start(ServerSettings())
         channel = grpc.aio.insecure_channel(serving.address)
         try:
-            await _until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+            await until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
             unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
             held = asyncio.ensure_future(unary(b"hold", timeout=10))
             relay = gateway.relay
             assert relay is not None
-            await _until(lambda: bool(relay.exchanges))
+            await until(lambda: bool(relay.exchanges))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await unary(b"big", timeout=10)
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
