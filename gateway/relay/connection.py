@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,10 @@ CONNECTION_WINDOW = 1 << 24
 #: The most streams a peer may have open on a connection to the relay (a client's
 #: streams past it are refused): with STREAM_WINDOW, what bounds one connection's memory.
 MAX_STREAMS = 4096
+#: PING and SETTINGS frames a peer may send per second: each costs the relay a reply, so
+#: more is a flood (CVE-2019-9512, -9515), answered with GOAWAY(ENHANCE_YOUR_CALM). gRPC
+#: peers send a few per second (BDP probes, keepalives).
+CONTROL_FRAMES_PER_SECOND = 1000
 #: The largest header list accepted (gRPC's own default limit is 16 KiB).
 MAX_HEADER_LIST = 1 << 16
 
@@ -214,6 +219,9 @@ class Connection(asyncio.Protocol):
         self.going_away = False
         #: The transport's write buffer is over its high-water mark: DATA waits.
         self.paused = False
+        #: PING/SETTINGS frames received in the current one-second window, and its start.
+        self._control_frames = 0
+        self._control_window = 0.0
 
     # -- output -----------------------------------------------------------------------
 
@@ -362,6 +370,7 @@ class Connection(asyncio.Protocol):
         elif kind == f.SETTINGS:
             if flags & f.ACK:
                 return
+            self._count_control_frame()
             self._settings(payload)
         elif kind == f.WINDOW_UPDATE:
             self._window_update(stream_id, f.parse_u32(payload))
@@ -369,6 +378,7 @@ class Connection(asyncio.Protocol):
             if len(payload) != 8:
                 raise f.ProtocolError("PING payload must be 8 bytes", f.FRAME_SIZE_ERROR)
             if not flags & f.ACK:
+                self._count_control_frame()
                 self.write(f.frame(f.PING, f.ACK, 0, payload))
         elif kind == f.RST_STREAM:
             code = f.parse_u32(payload)
@@ -383,6 +393,17 @@ class Connection(asyncio.Protocol):
         elif kind == f.PUSH_PROMISE:
             raise f.ProtocolError("PUSH_PROMISE with push disabled")
         # PRIORITY and unknown frame types are ignored (RFC 9113 §4.1, §5.3.2).
+
+    def _count_control_frame(self) -> None:
+        now = time.monotonic()
+        if now - self._control_window >= 1.0:
+            self._control_window, self._control_frames = now, 0
+        self._control_frames += 1
+        if self._control_frames > CONTROL_FRAMES_PER_SECOND:
+            raise f.ProtocolError(
+                f"over {CONTROL_FRAMES_PER_SECOND} PING/SETTINGS frames in a second",
+                f.ENHANCE_YOUR_CALM,
+            )
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
         try:

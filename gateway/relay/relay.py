@@ -33,6 +33,9 @@ from mesh.telemetry.metrics import MeshMetrics, labels
 from mesh.telemetry.setup import Telemetry
 
 log = logging.getLogger(__name__)
+#: Client resets of unfinished streams on one connection before the rapid-reset check
+#: applies (then: at least half the streams opened were reset early → GOAWAY).
+PREMATURE_RESETS = 500
 
 
 class Downstream(Connection):
@@ -44,6 +47,10 @@ class Downstream(Connection):
         super().__init__(relay.flusher)
         self.relay = relay
         self.last_stream = 0
+        #: Streams opened, and those the client reset before their response ended: a
+        #: client that mostly resets is an HTTP/2 "rapid reset" attack (CVE-2023-44487).
+        self.opened = 0
+        self.reset_early = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -67,6 +74,7 @@ class Downstream(Connection):
             return
         side = Side(self, stream_id, None)
         self.streams[stream_id] = side
+        self.opened += 1
         Exchange(self.relay, side, headers, end_stream)
 
     def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
@@ -98,7 +106,15 @@ class Downstream(Connection):
             self.write(f.rst_stream(stream_id, f.NO_ERROR))
 
     def on_reset(self, side: Side, code: int) -> None:
+        if not side.exchange.done:
+            self.reset_early += 1
         side.exchange.client_reset()
+        # Envoy's defaults for the same check: judged after 500 resets, at half the streams.
+        if self.reset_early >= PREMATURE_RESETS and 2 * self.reset_early >= self.opened:
+            self.fail(
+                f.ENHANCE_YOUR_CALM,
+                f"{self.reset_early} of {self.opened} streams reset before their response",
+            )
 
     def lost(self, exc: Exception | None) -> None:
         self.relay.downstreams.discard(self)

@@ -16,8 +16,9 @@ import pytest
 from gateway.app import Gateway
 from gateway.discovery import StaticDiscovery, StaticInstance
 from gateway.relay import frames as f
-from gateway.relay.connection import MAX_STREAMS
+from gateway.relay.connection import CONTROL_FRAMES_PER_SECOND, MAX_STREAMS
 from gateway.relay.hpack_codec import Header, HeaderDecoder, HeaderEncoder
+from gateway.relay.relay import PREMATURE_RESETS
 from mesh.server.app import ServerSettings, Service, Serving
 from mesh.server.testing import serve
 from tests.gateway.test_relay import (
@@ -456,3 +457,50 @@ async def test_an_oversized_response_header_list_fails_its_call_not_the_upstream
             release.set()
             await channel.close()
             await serving.drain(grace=0)
+
+
+async def _goaway_code(client: RawClient) -> int | None:
+    """Reads to the relay's GOAWAY (its error code) or EOF (None)."""
+    while True:
+        got = await client.next_frame()
+        if got is None:
+            return None
+        kind, _, _, payload = got
+        if kind == f.GOAWAY:
+            return f.parse_goaway(payload)[1]
+
+
+async def test_a_ping_flood_is_answered_with_goaway() -> None:
+    async with relayed() as s:
+        async with raw_client(s) as client:
+            # With the opening SETTINGS, one frame over the limit, and none after it (bytes
+            # arriving after the close would reset the connection before GOAWAY is read).
+            client.send(f.frame(f.PING, 0, 0, b"12345678") * CONTROL_FRAMES_PER_SECOND)
+            assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
+        # Other clients are served.
+        assert await s.unary(b"abc", timeout=10) == b"cba"
+
+
+async def test_rapid_reset_is_answered_with_goaway_and_a_few_cancels_are_not() -> None:
+    """HTTP/2 "rapid reset" (CVE-2023-44487): streams opened and reset at once."""
+    async with relayed() as s:
+        async with raw_client(s) as client:
+            # A few cancelled calls, then one that completes: a normal client.
+            for sid in range(1, 21, 2):
+                client.request(sid, UNARY, end=False)
+                client.send(f.rst_stream(sid, f.CANCEL))
+            client.request(21, UNARY, end=False)
+            client.message(21, b"abc", end=True)
+            _, trailers = await client.until_end(21)
+            assert trailers is not None and b"grpc-status: 0\n" in trailers
+            # Now open-and-reset, fast, until the check applies (the 10 above count). Sent
+            # exactly up to it: bytes still arriving after the relay closes would make the
+            # kernel reset the connection before the GOAWAY is read.
+            for sid in range(23, 23 + 2 * (PREMATURE_RESETS - 10), 2):
+                client.request(sid, UNARY, end=False)
+                client.send(f.rst_stream(sid, f.CANCEL))
+            assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
+        relay = s.gateway.relay
+        assert relay is not None
+        await until(lambda: not relay.exchanges)  # the reset calls left nothing behind
+        assert await s.unary(b"abc", timeout=10) == b"cba"
