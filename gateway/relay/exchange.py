@@ -151,6 +151,7 @@ class Exchange:
         self.deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tracked = False
+        self._retried_transparently = False
         # Calls the relay forwards itself are recorded here; those it hands to the
         # gateway's gRPC server are recorded there (see _go_internal).
         self.record: CallRecord | None = None
@@ -292,8 +293,8 @@ class Exchange:
         now = relay.loop.time()
         budgets = [b for b in (self._client_timeout(), decision.timeout) if b is not None]
         self.deadline = now + min(budgets) if budgets else None
-        if not self._replayable():
-            self.keep = False
+        # The body stays kept (up to REPLAY_LIMIT) even with no retries configured: a
+        # stream the endpoint never ran is sent again once (_transparent_retry).
         self._attempt()
 
     def _client_timeout(self) -> float | None:
@@ -301,14 +302,6 @@ class Exchange:
             if name == b"grpc-timeout":
                 return parse_timeout(value)
         return None
-
-    def _replayable(self) -> bool:
-        decision = self.decision
-        return (
-            decision is not None
-            and self.keep
-            and min(decision.retries.attempts, len(decision.candidates) - 1) > 0
-        )
 
     def _go_internal(self) -> None:
         """Sends the call, headers untouched, to the gateway's full gRPC server."""
@@ -499,6 +492,8 @@ class Exchange:
             return
         if code == f.REFUSED_STREAM:
             # RFC 9113 §8.7: the upstream did not process the stream; any call may be retried.
+            if self._transparent_retry():
+                return
             self._unprocessed("refused the stream")
             return
         status = grpc.StatusCode.CANCELLED if code == f.CANCEL else grpc.StatusCode.UNAVAILABLE
@@ -522,6 +517,22 @@ class Exchange:
             self._give_up(grpc.StatusCode.UNAVAILABLE, f"upstream connection lost: {detail}")
             return
         self._failed_attempt(grpc.StatusCode.UNAVAILABLE, detail, connection_failure=False)
+
+    def _transparent_retry(self) -> bool:
+        """Once per call, a stream the endpoint refused or GOAWAY'd (it never ran) goes to
+        the same endpoint again, on a fresh connection, as gRPC clients retry
+        transparently: a server rotating its connections (max connection age) or briefly
+        at its stream limit is not a failure, even when it is the only endpoint."""
+        if self._retried_transparently or not self.keep or self.internal or self.started:
+            return False
+        self._retried_transparently = True
+        if self._tracked and self.endpoint is not None:
+            self._tracked = False
+            self.relay.state.tracker.finish(self.endpoint.address, self.key)
+        self.attempt -= 1  # the same candidate
+        self.up = None
+        self._attempt()
+        return True
 
     def _unprocessed(self, detail: str) -> None:
         """The upstream never saw the call (connect failed, refused or GOAWAY'd stream)."""

@@ -504,3 +504,63 @@ async def test_rapid_reset_is_answered_with_goaway_and_a_few_cancels_are_not() -
         assert relay is not None
         await until(lambda: not relay.exchanges)  # the reset calls left nothing behind
         assert await s.unary(b"abc", timeout=10) == b"cba"
+
+
+async def test_a_stream_the_only_endpoint_goaways_is_sent_again_on_a_fresh_connection() -> None:
+    """A server rotating its connections GOAWAYs streams it never ran; with one endpoint
+    there is no successor, so the relay retries on a new connection, as gRPC clients do."""
+    connections: list[int] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections))
+        first = len(connections) == 1
+        encoder, decoder = HeaderEncoder(), HeaderDecoder()
+        try:
+            await reader.readexactly(len(f.PREFACE))
+            writer.write(f.settings({}))
+            body = bytearray()
+            while True:
+                head = await reader.readexactly(9)
+                length, kind, flags, sid = f.parse_header(head, 0)
+                payload = await reader.readexactly(length)
+                if kind == f.SETTINGS and not flags & f.ACK:
+                    writer.write(f.SETTINGS_ACK)
+                elif kind == f.HEADERS:
+                    decoder.decode(payload)
+                    if first:  # "never ran it": the relay must try elsewhere
+                        writer.write(f.goaway(0, f.NO_ERROR))
+                elif kind == f.DATA and not first:
+                    body += payload
+                    if flags & f.END_STREAM:  # echo the one gRPC message back
+                        ok = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                        writer.write(
+                            f.headers(sid, encoder.encode(ok), end_stream=False, max_size=16384)
+                            + f.frame(f.DATA, 0, sid, bytes(body))
+                            + f.headers(
+                                sid,
+                                encoder.encode([(b"grpc-status", b"0")]),
+                                end_stream=True,
+                                max_size=16384,
+                            )
+                        )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gateway = Gateway(
+        StaticDiscovery([StaticInstance("inference", "w0", f"127.0.0.1:{port}")]), config_dir=None
+    )
+    serving = await gateway.start(ServerSettings())
+    channel = grpc.aio.insecure_channel(serving.address)
+    try:
+        await until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+        assert await unary(b"abc", timeout=10) == b"abc"
+        assert len(connections) == 2
+    finally:
+        await channel.close()
+        await serving.drain(grace=0)
+        server.close()
+        await server.wait_closed()
