@@ -274,21 +274,26 @@ class TelemetryClientInterceptor(
 
         call.add_done_callback(done)
 
-    async def intercept_unary_unary(
+    async def _intercept(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
+        """Every call kind alike: a span, the call with its ``traceparent``, the span
+        ended when the call is. (grpc's four interfaces name the request parameter
+        differently, so each keeps its own method.)"""
         span, details = self._start(client_call_details)
         call = await continuation(details, request)
         self._watch(span, call)
         return call
 
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._intercept(continuation, client_call_details, request)
+
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        span, details = self._start(client_call_details)
-        call = await continuation(details, request)
-        self._watch(span, call)
-        return call
+        return await self._intercept(continuation, client_call_details, request)
 
     async def intercept_stream_unary(
         self,
@@ -296,10 +301,7 @@ class TelemetryClientInterceptor(
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Any,
     ) -> Any:
-        span, details = self._start(client_call_details)
-        call = await continuation(details, request_iterator)
-        self._watch(span, call)
-        return call
+        return await self._intercept(continuation, client_call_details, request_iterator)
 
     async def intercept_stream_stream(
         self,
@@ -307,7 +309,4 @@ class TelemetryClientInterceptor(
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Any,
     ) -> Any:
-        span, details = self._start(client_call_details)
-        call = await continuation(details, request_iterator)
-        self._watch(span, call)
-        return call
+        return await self._intercept(continuation, client_call_details, request_iterator)
