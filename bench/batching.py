@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +30,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from bench.children import process
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from workers.inference import testing
 from workers.inference.model import OPTIMIZE_PARAMETER
 
-ROOT = Path(__file__).resolve().parents[1]
-LISTENING = "inference worker listening on "
 CONCURRENCY = (1, 8, 64)
 
 
@@ -103,33 +99,14 @@ def build_repository(path: Path, queue_delay_us: int, instances: int, optimize: 
         testing.publish(str(path), config, testing.seeded(module, 0))
 
 
-@contextmanager
-def worker(repo: Path, device: str, batching: bool, threads: int) -> Iterator[str]:
-    command = [sys.executable, "-m", "mesh.cli.main", "worker", "inference", "--port", "0"]
-    command += ["--model-repo", str(repo), "--device", device, "--poll-interval", "0"]
-    command += ["--threads", str(threads)]
+def worker(repo: Path, device: str, batching: bool, threads: int) -> AbstractContextManager[str]:
+    """A ``meshserve worker inference`` child on ``repo``; yields its address."""
+    args = ["mesh.cli.main", "worker", "inference", "--port", "0"]
+    args += ["--model-repo", str(repo), "--device", device, "--poll-interval", "0"]
+    args += ["--threads", str(threads)]
     if not batching:
-        command.append("--no-batching")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith(LISTENING):
-            raise RuntimeError(f"worker did not start (exit {process.wait()})")
-        yield line[len(LISTENING) :].strip()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        args.append("--no-batching")
+    return process(*args, stop_timeout=20)
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,17 @@ import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from bench.children import ENV, REPO
 from registry.connect import ES_URL_ENV, StoreSettings
 from registry.embedded import EmbeddedStore
 from registry.instances import Instance
 from registry.lease import Registration
 from registry.schema import Indices, ensure_schema
 from registry.watch import ElasticWatcher, UpdateKind
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 async def worker_main(url: str, prefix: str, instance_id: str, ttl: float, interval: float) -> None:
@@ -62,10 +60,7 @@ def spawn_worker(
             str(interval),
         ],
         cwd=REPO,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env=ENV,
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -15,7 +15,8 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.gateway import compare_paths, process, wait_ready
+from bench.children import process
+from bench.gateway import compare_paths, wait_ready
 from mesh.security.ca import CertificateAuthority
 from protos.inference import grpc_service_pb2 as pb
 from registry.embedded import EmbeddedStore
