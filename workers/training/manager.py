@@ -497,10 +497,7 @@ class JobManager:
         crashes = 0
         while True:
             async with run.lock:
-                if self._is_closing():
-                    return
-                if self._was_cancelled(run):
-                    await self._finish_cancelled(run)
+                if await self._stopped(run):
                     return
                 run.reset()
                 run.process = JobProcess(config)
@@ -509,10 +506,7 @@ class JobManager:
                     await self._on_message(run, message)
             exitcode = run.process.exitcode
             async with run.lock:
-                if self._is_closing():
-                    return
-                if self._was_cancelled(run):
-                    await self._finish_cancelled(run)
+                if await self._stopped(run):
                     return
                 if run.result is not None:
                     await self._publish(run, dataset)
@@ -540,6 +534,16 @@ class JobManager:
     def _is_closing(self) -> bool:
         # Methods, not attribute tests: mypy would narrow the flags across awaits.
         return self._closing
+
+    async def _stopped(self, run: _Run) -> bool:
+        """Under ``run.lock``: whether the run must not go on (the manager is closing, or
+        the job was cancelled, which this records)."""
+        if self._is_closing():
+            return True
+        if self._was_cancelled(run):
+            await self._finish_cancelled(run)
+            return True
+        return False
 
     def _was_cancelled(self, run: _Run) -> bool:
         return run.cancelled
