@@ -17,6 +17,7 @@ import pytest
 
 from mesh.cli.endpoints import UP_FILE
 from registry.embedded import free_port
+from tests.support.processes import process_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
@@ -41,16 +42,8 @@ def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (walks /proc: parents first)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: fields start after the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+    for child, fields in process_stats():
+        children.setdefault(int(fields[1]), []).append(child)
     found: set[int] = set()
     todo = [pid]
     while todo:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,9 +97,8 @@ class Launched:
             self.process.stdout.close()
 
 
-def group_members(pgids: set[int]) -> list[int]:
-    """Live (non-zombie) processes in any of the process groups ``pgids`` (Linux /proc)."""
-    found = []
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, stat fields after the command name) of every process (Linux /proc)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -107,11 +106,13 @@ def group_members(pgids: set[int]) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        state, pgid = fields[0], int(fields[2])
-        if pgid in pgids and state != "Z":
-            found.append(int(entry.name))
-    return found
+        # The command name may hold spaces and parentheses: fields start after the last ')'.
+        yield int(entry.name), stat.rsplit(")", 1)[1].split()
+
+
+def group_members(pgids: set[int]) -> list[int]:
+    """Live (non-zombie) processes in any of the process groups ``pgids`` (Linux /proc)."""
+    return [pid for pid, f in process_stats() if int(f[2]) in pgids and f[0] != "Z"]
 
 
 def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
