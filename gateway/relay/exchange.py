@@ -26,7 +26,7 @@ import grpc
 
 from gateway.methods import MethodInfo, lookup
 from gateway.relay import frames as f
-from gateway.relay.connection import Side
+from gateway.relay.connection import STREAM_WINDOW, Side
 from gateway.relay.hpack_codec import Header
 from gateway.relay.telemetry import TRACE_HEADERS, CallRecord
 from mesh.balance.cluster import Cluster
@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 #: A request body larger than this is not kept for replay (Envoy's per-request buffer
 #: limit plays the same part): such a call is not retried.
 REPLAY_LIMIT = 1 << 20
+#: A unary response is held back up to this many bytes until its trailers (then it is
+#: forwarded and the call committed): under half the stream window the relay advertises
+#: upstream, so the upstream never waits for credit the relay gives only on forwarding.
+HOLD_LIMIT = STREAM_WINDOW // 2
 #: How much of a first message routing reads for ``model_name``/``model_version``.
 FIELD_PREFIX = 1 << 16
 #: Headers gRPC's transport owns, forwarded as they came (grpc-timeout is rewritten).
@@ -152,6 +156,11 @@ class Exchange:
         self._timer: asyncio.TimerHandle | None = None
         self._tracked = False
         self._retried_transparently = False
+        #: A unary response held back until its trailers: its headers, data (payload,
+        #: flow) and their size. Cleared at each attempt.
+        self._held_headers: list[Header] | None = None
+        self._held: list[tuple[bytes, int]] = []
+        self._held_bytes = 0
         # Calls the relay forwards itself are recorded here; those it hands to the
         # gateway's gRPC server are recorded there (see _go_internal).
         self.record: CallRecord | None = None
@@ -350,6 +359,7 @@ class Exchange:
     def _attempt(self) -> None:
         relay = self.relay
         self.attempt += 1
+        self._held_headers, self._held, self._held_bytes = None, [], 0
         decision = self.decision
         if self.internal or decision is None:
             address = relay.internal_address
@@ -464,22 +474,47 @@ class Exchange:
             if not self.started and code is not grpc.StatusCode.OK and self._may_retry(code, False):
                 self._failed_attempt(code, code.name, connection_failure=False)
                 return
+            self._release(up)
             self._end_attempt(code)
             self.down.send_headers(headers, end_stream=True)
             self._finish(code, message_of(headers))
             return
-        if self.started:
+        if self.started or self._held_headers is not None:
             return  # a second header block without END_STREAM: not gRPC, ignored
+        if self.info is not None and not self.info.server_streaming and not self.internal:
+            # A unary response is held until its trailers (up to HOLD_LIMIT): an upstream
+            # that dies mid-response is then retried like one that died before it.
+            self._held_headers = headers
+            return
+        self._commit(headers)
+
+    def _commit(self, headers: list[Header]) -> None:
+        """Response headers go to the client: from here on no retry is possible."""
         self.started = True
         self.body = []
         self.body_bytes = 0
         self.keep = False
         self.down.send_headers(headers, end_stream=False)
 
+    def _release(self, up: Side) -> None:
+        """Forwards a held response's headers and data (the call is committed)."""
+        if self._held_headers is None or self.started:
+            return
+        self._commit(self._held_headers)
+        for payload, flow in self._held:
+            self.down.send_data(payload, end_stream=False, on_sent=up.credit_back, flow=flow)
+        self._held_headers, self._held, self._held_bytes = None, [], 0
+
     def response_data(self, up: Side, payload: bytes, flow: int, end_stream: bool) -> None:
         if up is not self.up or self.done:
             up.credit_back(flow)
             return
+        if self._held_headers is not None and not self.started:
+            if not end_stream and self._held_bytes + len(payload) <= HOLD_LIMIT:
+                self._held.append((payload, flow))
+                self._held_bytes += len(payload)
+                return
+            self._release(up)
         self.down.send_data(payload, end_stream=end_stream, on_sent=up.credit_back, flow=flow)
         if end_stream:
             # DATA ending a response has no trailers: gRPC calls that an internal error.

@@ -564,3 +564,70 @@ async def test_a_stream_the_only_endpoint_goaways_is_sent_again_on_a_fresh_conne
         await serving.drain(grace=0)
         server.close()
         await server.wait_closed()
+
+
+async def test_a_unary_call_whose_upstream_dies_mid_response_is_retried() -> None:
+    """The relay holds a unary response until its trailers: an upstream killed after its
+    response headers is retried on the successor, as one killed before them is."""
+    requests: list[int] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        encoder, decoder = HeaderEncoder(), HeaderDecoder()
+        try:
+            await reader.readexactly(len(f.PREFACE))
+            writer.write(f.settings({}))
+            body = bytearray()
+            while True:
+                head = await reader.readexactly(9)
+                length, kind, flags, sid = f.parse_header(head, 0)
+                payload = await reader.readexactly(length)
+                if kind == f.SETTINGS and not flags & f.ACK:
+                    writer.write(f.SETTINGS_ACK)
+                elif kind == f.HEADERS:
+                    decoder.decode(payload)
+                elif kind == f.DATA:
+                    body += payload
+                    if not flags & f.END_STREAM:
+                        continue
+                    requests.append(sid)
+                    ok = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                    writer.write(
+                        f.headers(sid, encoder.encode(ok), end_stream=False, max_size=16384)
+                    )
+                    if len(requests) == 1:  # the first call of all: die mid-response
+                        await writer.drain()
+                        writer.transport.abort()
+                        return
+                    writer.write(
+                        f.frame(f.DATA, 0, sid, bytes(body))
+                        + f.headers(
+                            sid,
+                            encoder.encode([(b"grpc-status", b"0")]),
+                            end_stream=True,
+                            max_size=16384,
+                        )
+                    )
+                    body.clear()
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            writer.close()
+
+    servers = [await asyncio.start_server(upstream, "127.0.0.1", 0) for _ in range(2)]
+    instances = [
+        StaticInstance("inference", f"w{i}", f"127.0.0.1:{s.sockets[0].getsockname()[1]}")
+        for i, s in enumerate(servers)
+    ]
+    gateway = Gateway(StaticDiscovery(instances), config_dir=None)
+    serving = await gateway.start(ServerSettings())
+    channel = grpc.aio.insecure_channel(serving.address)
+    try:
+        await until(lambda: len(gateway.state.snapshot.endpoints("inference")) == 2)
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
+        assert await unary(b"abc", timeout=10) == b"abc"
+        assert len(requests) == 2  # the dead one, then the successor
+    finally:
+        await channel.close()
+        await serving.drain(grace=0)
+        for server in servers:
+            server.close()
+            await server.wait_closed()
