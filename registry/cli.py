@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.table import Table
 
+from mesh.cli.endpoints import DEFAULT_STATE_DIR
+from mesh.cli.supervision.report import print_units
 from mesh.errors import Unavailable
 from registry.catalog import ANY
 from registry.connect import ES_URL_ENV, StoreSettings, add_store_arguments, settings_from_args
@@ -127,6 +129,8 @@ def services_table(hits: list[dict[str, Any]], now: datetime) -> Table:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    # The units of a running `meshserve up` first: they show even when the store is down.
+    print_units(Path(args.state_dir), Console())
     hits = _run(args, lambda store: read_all(store.es, store.indices))
     console = Console()
     if not hits:
@@ -219,6 +223,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "status", help="services, instances, health, lease age, loaded versions and load"
     )
     add_store_arguments(status)
+    status.add_argument(
+        "--state-dir",
+        default=str(DEFAULT_STATE_DIR),
+        help="state folder of `meshserve up`, whose units are listed (default %(default)s)",
+    )
     status.set_defaults(handler=cmd_status)
 
     models = subparsers.add_parser("models", help="the model catalog: list, promote, rollback")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from mesh.cli.supervision.units import UnitStatus
 
 #: The state folder ``meshserve up`` uses unless told otherwise.
 DEFAULT_STATE_DIR = Path(os.environ.get("MESHSERVE_STATE_DIR", ".meshserve"))
@@ -24,11 +27,22 @@ class UpEndpoints:
     es_url: str
     pid: int
     components: dict[str, str]
+    #: Each supervised unit's state, pid, restarts and last exit (absent from older files).
+    units: tuple[UnitStatus, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gateway": self.gateway,
+            "es_url": self.es_url,
+            "pid": self.pid,
+            "components": dict(self.components),
+            "units": [unit.to_json() for unit in self.units],
+        }
 
     def write(self, state_dir: Path) -> None:
         # Atomic: a reader never sees half a file.
         tmp = state_dir / f".{UP_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         tmp.replace(state_dir / UP_FILE)
 
     @classmethod
@@ -41,6 +55,7 @@ class UpEndpoints:
                 es_url=str(raw["es_url"]),
                 pid=int(raw["pid"]),
                 components={str(k): str(v) for k, v in dict(raw["components"]).items()},
+                units=tuple(UnitStatus.from_json(dict(u)) for u in raw.get("units", ())),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

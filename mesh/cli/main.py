@@ -20,6 +20,7 @@ from mesh.errors import MeshError
 #: Modules that add top-level commands: each has ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.up",
+    "mesh.cli.restart",
     "mesh.cli.train",
     "mesh.cli.infer",
     "mesh.cli.call",

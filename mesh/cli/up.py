@@ -1,29 +1,24 @@
-"""``meshserve up``: the whole mesh on one machine, until Ctrl-C or SIGTERM.
+"""``meshserve up``: the whole mesh on one machine, supervised, until Ctrl-C or SIGTERM.
 
 Components are child processes started in order (store, data, training, inference workers
-with their sidecars, then the gateway) and stopped in reverse order. Each runs in its own
-process group, which ``up`` kills once the component has stopped, so nothing it spawned
-outlives it; each also gets SIGTERM from the kernel if ``up`` itself dies
-(``PR_SET_PDEATHSIG``). Once everything is ready, ``up`` creates the demo dataset and trains
-the demo model when the state folder has none, writes ``<state>/up.json`` for the other
-commands, and prints what to try.
+with their sidecars, then the gateway) and stopped in reverse order (see
+``supervision.processes``). Once everything is ready, ``up`` creates the demo dataset and
+trains the demo model when the state folder has none, writes ``<state>/up.json`` for the
+other commands, and prints what to try. Then it supervises: a component that exits is
+restarted on the same arguments with backoff, within a restart-intensity limit
+(``supervision.policy``), and the registry janitor sweeps dead instances' documents.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import os
-import queue
 import shlex
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -33,6 +28,11 @@ from rich.table import Table
 
 from mesh.cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
 from mesh.cli.errors import CliError
+from mesh.cli.supervision.janitor import Janitor
+from mesh.cli.supervision.policy import RestartPolicy
+from mesh.cli.supervision.processes import Component, Running, after, await_ready, spawn
+from mesh.cli.supervision.supervisor import Supervisor
+from mesh.cli.supervision.units import UnitStatus
 from mesh.cli.train import mlp_spec, print_result, submit_and_watch
 from protos.inference import grpc_service_pb2 as oip
 from protos.inference import grpc_service_pb2_grpc as oip_grpc
@@ -42,10 +42,6 @@ from registry.embedded import free_port
 
 out = Console()
 
-#: How long a component may take to print its ready line.
-START_TIMEOUT_S = 90.0
-#: How long a component may take to drain after SIGTERM before it is killed.
-STOP_TIMEOUT_S = 20.0
 #: How long the gateway may take to see every worker in the registry.
 DISCOVERY_TIMEOUT_S = 60.0
 #: The routing YAML shipped with the repository (a checkout), else ./config (an installed package).
@@ -54,164 +50,6 @@ REPO_CONFIG = _CHECKOUT_CONFIG if _CHECKOUT_CONFIG.is_dir() else Path("config")
 
 DEMO_DATASET = "demo-blobs"
 DEMO_MODEL = "demo"
-
-_PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class Component:
-    """A process of the mesh: its ``meshserve`` arguments and how its ready line reads.
-
-    ``ready`` returns the address in the line the process prints once it serves, or None for
-    any other line: processes report the address they bound, which matters for port 0.
-    """
-
-    name: str
-    argv: tuple[str, ...]
-    ready: Callable[[str], str | None]
-    #: Start order: a tier starts after the one below is ready and stops before it.
-    tier: int = 0
-
-
-@dataclass
-class Running:
-    component: Component
-    process: subprocess.Popen[str]
-    address: str
-
-
-def _after(prefix: str) -> Callable[[str], str | None]:
-    def ready(line: str) -> str | None:
-        if not line.startswith(prefix):
-            return None
-        rest = line[len(prefix) :].split()
-        return rest[0] if rest else None
-
-    return ready
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when ``up`` dies, however it dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the process group kill on a clean exit still applies
-    # Own process group (a session): Ctrl-C at the terminal reaches only `up`, which stops
-    # the components in order, and `up` can kill everything a component spawned at once.
-    os.setsid()
-
-
-def _pump(process: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
-    """Hands the child's stdout lines to ``lines`` (None at end of file)."""
-    assert process.stdout is not None
-    for line in process.stdout:
-        lines.put(line)
-    lines.put(None)
-
-
-@dataclass
-class Spawned:
-    """A component whose process runs but has not printed its ready line yet."""
-
-    component: Component
-    process: subprocess.Popen[str]
-    lines: queue.Queue[str | None]
-    log: Path
-
-
-def spawn(component: Component, verbose: int, log: Path) -> Spawned:
-    """Starts one component's process; call from the main thread.
-
-    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child ends, not the process:
-    a child spawned from a short-lived helper thread would be told to stop at once.
-    """
-    argv = [sys.executable, "-m", "mesh.cli.main", *(["-" + "v" * verbose] if verbose else [])]
-    process = subprocess.Popen(
-        [*argv, *component.argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=_die_with_parent,
-        env=os.environ.copy(),
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(process, lines), daemon=True).start()
-    return Spawned(component, process, lines, log)
-
-
-def await_ready(spawned: Spawned, verbose: int) -> Running:
-    """Waits for the ready line; the output goes to the component's log file."""
-    component, process, lines = spawned.component, spawned.process, spawned.lines
-    sink = spawned.log.open("a", buffering=1)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    said = ""  # its last "error: ..." line, which names the problem
-    while True:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            stop(Running(component, process, ""))
-            raise CliError(
-                f"{component.name} did not start within {START_TIMEOUT_S:.0f} s (see {spawned.log})"
-            ) from None
-        if line is None:
-            code = process.wait()
-            _kill_group(process)
-            reason = f": {said}" if said else ""
-            raise CliError(
-                f"{component.name} exited with status {code} before it was ready{reason} "
-                f"(log: {spawned.log})"
-            )
-        if line.startswith("error:"):
-            said = line.removeprefix("error:").strip()
-        elif said and line.startswith(" ") and line.strip():
-            said += " " + line.strip()  # rich wraps long messages
-        sink.write(line)
-        if verbose:
-            sys.stdout.write(line)
-        address = component.ready(line.strip())
-        if address is not None:
-            threading.Thread(target=_forward, args=(lines, sink, verbose), daemon=True).start()
-            return Running(component, process, address)
-
-
-def _forward(lines: queue.Queue[str | None], sink: object, verbose: int) -> None:
-    while (line := lines.get()) is not None:
-        sink.write(line)  # type: ignore[attr-defined]
-        if verbose:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    """SIGKILL whatever is left in the component's process group (its own children)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-def stop(running: Running) -> int:
-    """SIGTERM (drain), then SIGKILL if it takes too long; then the group; returns the status."""
-    return stop_together([running])[0]
-
-
-def stop_together(group: Sequence[Running]) -> list[int]:
-    """Stops independent components at once (they drain in parallel); their exit statuses."""
-    for running in group:
-        if running.process.poll() is None:
-            running.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    codes = []
-    for running in group:
-        process = running.process
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        _kill_group(process)
-        codes.append(process.returncode)
-    return codes
 
 
 def _run_component(args: argparse.Namespace, kind: str, es: str, *extra: str) -> tuple[str, ...]:
@@ -307,18 +145,19 @@ def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threadi
             _wait(f"model {DEMO_MODEL} to be ready", model_ready, stopping, DISCOVERY_TIMEOUT_S)
 
 
-def _print_ready(started: Sequence[Running], gateway: str, state: Path, took: float) -> None:
+def _print_ready(units: Sequence[UnitStatus], gateway: str, state: Path, took: float) -> None:
     table = Table(title=f"meshserve is up ({took:.1f} s)", header_style="bold")
     table.add_column("component")
     table.add_column("address")
     table.add_column("pid", justify="right")
-    for running in started:
-        table.add_row(running.component.name, running.address, str(running.process.pid))
+    for unit in units:
+        table.add_row(unit.name, unit.address, str(unit.pid))
     out.print(table)
     out.print(f"gateway: [bold]{gateway}[/]   state: {state}   logs: {state / 'logs'}\n")
     out.print("[bold]Try, from another terminal:[/]")
     for command in (
         "meshserve status",
+        "meshserve restart inference-1   (a rolling restart: drains, then starts it again)",
         "meshserve models list",
         "meshserve datasets list",
         f"meshserve infer {DEMO_MODEL} -d '[[0.5, -1.0, 2.0, 0.1]]'",
@@ -339,7 +178,7 @@ def plan_workers(args: argparse.Namespace, es: str) -> list[Component]:
     """The workers with their sidecars, in start order (data first: training needs it)."""
     state = Path(args.state_dir).resolve()
     models = str(state / "models")
-    sidecar_ready = _after("sidecar listening on ")
+    sidecar_ready = after("sidecar listening on ")
     components: list[Component] = []
     for i in range(args.data_workers):
         worker_args = f"--root {shlex.quote(str(state / 'data'))}"
@@ -406,6 +245,46 @@ def plan_workers(args: argparse.Namespace, es: str) -> list[Component]:
     return components
 
 
+def store_component(args: argparse.Namespace, state: Path) -> Component:
+    """The embedded store, on a port fixed now: a restarted store keeps the URL everyone has."""
+    return Component(
+        "store",
+        (
+            "registry",
+            "serve-store",
+            "--data-dir",
+            str(state / "store"),
+            "--host",
+            args.host,
+            "--port",
+            str(free_port(args.host)),
+        ),
+        after("elasticsearch "),
+    )
+
+
+def gateway_component(args: argparse.Namespace, state: Path, es: str) -> Component:
+    """The gateway, on --port (a free one fixed now for 0): it restarts on the same port."""
+    return Component(
+        "gateway",
+        (
+            "gateway",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port or free_port(args.host)),
+            "--config",
+            str(Path(args.config).resolve()),
+            "--certs",
+            str(state / "certs"),
+            "--es",
+            es,
+        ),
+        after("gateway listening on "),
+        tier=2,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     began = time.monotonic()
     stopping = threading.Event()
@@ -422,27 +301,35 @@ def run(args: argparse.Namespace) -> int:
     running_up = UpEndpoints.read(state)
     if running_up is not None:
         raise CliError(f"meshserve up already runs on {state} (pid {running_up.pid})")
-    started: list[Running] = []
     status = 0
+    supervisor = Supervisor(
+        verbose=args.verbose,
+        say=lambda line: out.print(line, highlight=False),
+        on_change=lambda: None,  # up.json is written once the mesh is ready
+        policy=RestartPolicy(),
+    )
+
+    def log_of(component: Component) -> Path:
+        return logs / f"{component.name.replace(' ', '-')}.log"
 
     def launch(component: Component) -> Running:
         if stopping.is_set():
             raise KeyboardInterrupt
-        slug = component.name.replace(" ", "-")
-        spawned = spawn(component, args.verbose, logs / f"{slug}.log")
-        with out.status(f"starting {component.name}"):
-            running = await_ready(spawned, args.verbose)
-        started.append(running)
+        spawned = spawn(component, args.verbose, log_of(component))
+        try:
+            with out.status(f"starting {component.name}"):
+                running = await_ready(spawned, args.verbose)
+        except BaseException:
+            supervisor.adopt(Running(component, spawned.process, ""), log_of(component))
+            raise
+        supervisor.adopt(running, log_of(component))
         out.print(f"[green]✓[/] {component.name} [dim]{running.address}[/]", highlight=False)
         return running
 
     def launch_all(components: Sequence[Component]) -> None:
         """Starts the workers side by side (each mostly waits on imports), in plan order."""
         results: list[Running | BaseException | None] = [None] * len(components)
-
-        spawned = [
-            spawn(c, args.verbose, logs / f"{c.name.replace(' ', '-')}.log") for c in components
-        ]
+        spawned = [spawn(c, args.verbose, log_of(c)) for c in components]
 
         def one(i: int) -> None:
             try:
@@ -460,14 +347,14 @@ def run(args: argparse.Namespace) -> int:
                 thread.join()
         failure: BaseException | None = None
         for component, each, result in zip(components, spawned, results, strict=True):
-            if not isinstance(result, Running):
-                # Still counted as started, so the stop below reaps it.
-                started.append(Running(component, each.process, ""))
             if isinstance(result, Running):
-                started.append(result)
+                supervisor.adopt(result, log_of(component))
                 out.print(f"[green]✓[/] {component.name} [dim]{result.address}[/]", highlight=False)
-            elif failure is None:
-                failure = result
+            else:
+                # Still supervised, so the stop below reaps it.
+                supervisor.adopt(Running(component, each.process, ""), log_of(component))
+                if failure is None:
+                    failure = result
         if failure is not None:
             raise failure
         if stopping.is_set():
@@ -476,64 +363,36 @@ def run(args: argparse.Namespace) -> int:
     if args.traces:
         # Every component inherits it: one JSON-lines span file for `meshserve trace`.
         os.environ["MESHSERVE_TRACES"] = f"file:{state / 'traces.jsonl'}"
+    janitor: Janitor | None = None
     try:
         _ensure_certs(state)
         es = args.es
         if not es:
-            store = Component(
-                "store",
-                (
-                    "registry",
-                    "serve-store",
-                    "--data-dir",
-                    str(state / "store"),
-                    "--host",
-                    args.host,
-                ),
-                _after("elasticsearch "),
-            )
-            es = launch(store).address
+            es = launch(store_component(args, state)).address
         launch_all(plan_workers(args, es))
-        gateway = launch(
-            Component(
-                "gateway",
-                (
-                    "gateway",
-                    "--host",
-                    args.host,
-                    "--port",
-                    str(args.port),
-                    "--config",
-                    str(Path(args.config).resolve()),
-                    "--certs",
-                    str(state / "certs"),
-                    "--es",
-                    es,
-                ),
-                _after("gateway listening on "),
-                tier=2,
-            )
-        ).address
+        gateway = launch(gateway_component(args, state, es)).address
         # The demo needs a data and a training worker; its readiness wait, an inference one.
         if not args.no_demo and args.data_workers and args.training_workers:
             _demo(gateway, state, args, stopping)
-        UpEndpoints(
-            gateway=gateway,
-            es_url=es,
-            pid=os.getpid(),
-            components={r.component.name: r.address for r in started},
-        ).write(state)
-        _print_ready(started, gateway, state, time.monotonic() - began)
+
+        def write_up() -> None:
+            units = supervisor.statuses()
+            UpEndpoints(
+                gateway=gateway,
+                es_url=es,
+                pid=os.getpid(),
+                components={u.name: u.address for u in units},
+                units=units,
+            ).write(state)
+
+        supervisor.on_change = write_up
+        write_up()
+        _print_ready(supervisor.statuses(), gateway, state, time.monotonic() - began)
         sys.stdout.flush()
-        while not stopping.wait(0.5):
-            dead = [r for r in started if r.process.poll() is not None]
-            if dead:
-                out.print(
-                    f"[bold red]{dead[0].component.name} exited with status "
-                    f"{dead[0].process.returncode}; stopping[/] (see {logs})"
-                )
-                status = 1
-                break
+        janitor = Janitor(es)
+        janitor.start()
+        while not stopping.wait(0.2):
+            supervisor.tick()
     except KeyboardInterrupt:
         pass
     finally:
@@ -541,15 +400,17 @@ def run(args: argparse.Namespace) -> int:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         (state / UP_FILE).unlink(missing_ok=True)
+        if janitor is not None:
+            janitor.stop()
         with out.status("stopping"):
-            for tier in sorted({r.component.tier for r in started}, reverse=True):
-                group = [r for r in started if r.component.tier == tier]
-                for running, code in zip(group, stop_together(group), strict=True):
-                    if code not in (0, -signal.SIGTERM):
-                        out.print(f"{running.component.name} stopped with status {code}")
-                        status = status or 1
+            for name, code in supervisor.stop_all():
+                out.print(f"{name} stopped with status {code}")
+                status = 1
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    for name in supervisor.failed:
+        out.print(f"[red]{name} had failed[/] (see {logs})", highlight=False)
+        status = 1
     out.print("meshserve stopped", highlight=False)
     return status
 

@@ -1,0 +1,1 @@
+"""``meshserve up``'s supervisor: a pure restart policy, unit states, and the process shell."""
