@@ -200,7 +200,8 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 
 def cmd_serve_store(args: argparse.Namespace) -> int:
     """Runs the embedded store in the foreground until SIGTERM/SIGINT."""
-    store = EmbeddedStore(args.data_dir, port=args.port, host=args.host)
+    # noida goes when this process goes, even killed: a restarted store can take its port.
+    store = EmbeddedStore(args.data_dir, port=args.port, host=args.host, die_with_parent=True)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -91,6 +92,15 @@ class Endpoint:
         tmp.replace(data_dir / ENDPOINT_FILE)
 
 
+def _sigterm_on_parent_death() -> None:
+    """In the child before exec: ``PR_SET_PDEATHSIG`` (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class EmbeddedStore:
     """Runs ``noida-db`` serving only its Elasticsearch API, on a free loopback port.
 
@@ -106,12 +116,17 @@ class EmbeddedStore:
         host: str = "127.0.0.1",
         start_timeout: float = 20.0,
         advertise: bool = True,
+        die_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.start_timeout = start_timeout
         self.advertise = advertise
+        #: Linux: noida gets SIGTERM (and saves its data) when the thread that started it
+        #: ends, so a ``serve-store`` killed with SIGKILL frees its port for its successor.
+        #: Only for a store started from a thread that lives as long as it (a main thread).
+        self.die_with_parent = die_with_parent
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -152,6 +167,7 @@ class EmbeddedStore:
                 # Its own process group: a Ctrl-C meant for the parent does not skip our
                 # orderly SIGTERM, which is when noida writes its data.
                 start_new_session=True,
+                preexec_fn=_sigterm_on_parent_death if self.die_with_parent else None,
             )
         deadline = time.monotonic() + self.start_timeout
         while not answers(self.url):

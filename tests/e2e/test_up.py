@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,123 +14,16 @@ import pytest
 
 from mesh.cli.endpoints import UP_FILE
 from registry.embedded import free_port
-from tests.support.processes import process_stats
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-#: Starting the mesh and training the demo model, on a loaded 2-core machine.
-READY_TIMEOUT_S = 150.0
-STOP_TIMEOUT_S = 60.0
+from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers, naming
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
-
-
-def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mesh.cli.main", *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (walks /proc: parents first)."""
-    children: dict[int, list[int]] = {}
-    for child, fields in process_stats():
-        children.setdefault(int(fields[1]), []).append(child)
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Running and not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-class Up:
-    """One `meshserve up` subprocess; its output goes to a log file."""
-
-    def __init__(self, state: Path, port: int, log: Path) -> None:
-        self.state = state
-        self.log = log
-        with log.open("a") as sink:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mesh.cli.main",
-                    "up",
-                    "--state-dir",
-                    str(state),
-                    "--port",
-                    str(port),
-                    "--demo-epochs",
-                    "1",
-                ],
-                cwd=ROOT,
-                env=ENV,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_ready(self) -> dict[str, object]:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"up exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                endpoints: dict[str, object] = json.loads((self.state / UP_FILE).read_text())
-                return endpoints
-            except (OSError, ValueError):
-                time.sleep(0.2)
-        pytest.fail(f"up was not ready within {READY_TIMEOUT_S:.0f} s:\n{self.output()}")
-
-    def interrupt(self) -> set[int]:
-        """SIGINT as a terminal's Ctrl-C; returns the processes it had started."""
-        spawned = descendants(self.process.pid)
-        self.process.send_signal(signal.SIGINT)
-        self.process.wait(timeout=STOP_TIMEOUT_S)
-        return spawned
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture
 def mesh_state(tmp_path: Path) -> Iterator[Path]:
     state = tmp_path / "state"
     yield state
-    # Whatever a failed test left behind: every process that still names the state folder.
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(state).encode() in cmdline:
-                with_pid = int(entry.name)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(with_pid, signal.SIGKILL)
+    kill_leftovers(state)
 
 
 def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(
@@ -255,15 +145,4 @@ def test_up_fails_in_one_line_when_the_gateway_port_is_taken_and_leaves_nothing(
     assert f"cannot listen on 127.0.0.1:{port}" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     assert not (mesh_state / UP_FILE).exists()
-    assert not [
-        entry.name
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and str(mesh_state).encode() in _cmdline(entry)
-    ]
-
-
-def _cmdline(entry: Path) -> bytes:
-    try:
-        return (entry / "cmdline").read_bytes()
-    except OSError:
-        return b""
+    assert not naming(mesh_state)

@@ -1,0 +1,234 @@
+"""Chaos: `meshserve up` under steady ModelInfer load while one process of each kind dies.
+
+One module-scoped ``up`` serves every case (starting it and training the demo model is most
+of the cost). Each case waits until the mesh is whole (every unit running, the gateway routing
+to exactly the live inference units), starts a few client threads calling ModelInfer through
+the gateway, injects one fault, waits for the supervisor to bring the process back and for it
+to serve, and then checks every call. ModelInfer is idempotent and the gateway retries it on
+the next ring successor, so no call may fail while a path survives; a killed gateway is the
+one exception (the clients' only path): there the check is that it is back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
+from registry.embedded import free_port
+from tests.support.load import InferLoad, Outcome
+from tests.support.up import Up, children, cli, cmdline, kill_leftovers
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+#: A unit's backoff (0.5 s after a first crash) plus its start (imports torch) on 2 loaded cores.
+BACK_TIMEOUT_S = 120.0
+#: The gateway routing to the mesh as it is (a watch interval, an expired lease: seconds).
+SETTLED_TIMEOUT_S = 60.0
+#: A killed gateway answers again within this (0.5 s backoff plus its start; generous for CI:
+#: bench.chaos measures the real figure).
+GATEWAY_BACK_S = 45.0
+CALLERS = 3
+
+
+def poll(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def port(address: str) -> str:
+    return address.rsplit(":", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    base = tmp_path_factory.mktemp("chaos")
+    state = base / "state"
+    up = Up(state, free_port(), base / "up.log")
+    try:
+        up.wait_ready()
+        yield up
+        up.interrupt()
+        assert up.process.returncode == 0, up.output()[-3000:]
+    finally:
+        up.kill()
+        kill_leftovers(state)
+
+
+def routed_inference_ports(gateway: str) -> set[str]:
+    """The inference endpoints the gateway would route to now (healthy, not ejected)."""
+    with grpc.insecure_channel(gateway) as channel:
+        try:
+            reply = admin_pb2_grpc.AdminStub(channel).ListEndpoints(
+                admin_pb2.ListEndpointsRequest(host="inference"), timeout=5
+            )
+        except grpc.RpcError:
+            return set()
+    return {
+        port(e.address)
+        for g in reply.groups
+        if not g.subset
+        for e in g.endpoints
+        if e.healthy and not e.ejected
+    }
+
+
+def settled(up: Up) -> None:
+    """Every unit running, and the gateway routing to exactly the live inference units."""
+
+    def whole() -> bool:
+        units = up.units()
+        if any(unit["state"] != "running" for unit in units.values()):
+            return False
+        inference = {port(u["address"]) for slug, u in units.items() if slug.startswith("infer")}
+        return routed_inference_ports(up.endpoints()["gateway"]) == inference
+
+    poll("the mesh to be whole", whole, SETTLED_TIMEOUT_S)
+
+
+@dataclass
+class Fault:
+    before: dict[str, Any]
+    after: dict[str, Any]
+    load: InferLoad
+    struck: float
+
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.load.outcomes if o.code is not None]
+
+    def summary(self) -> str:
+        failed = self.failed()
+        shown = "\n".join(
+            f"  +{o.started - self.struck:.2f}s {o.code}: {o.details}" for o in failed
+        )
+        return f"{len(failed)} of {len(self.load.outcomes)} calls failed:\n{shown[:3000]}"
+
+
+def under_load(up: Up, slug: str, strike: Callable[[dict[str, Any]], None]) -> Fault:
+    """Strikes unit ``slug`` under load; returns once it is back (new pid) and serving."""
+    settled(up)
+    before = up.units()[slug]
+    gateway = up.endpoints()["gateway"]
+    with InferLoad(gateway, callers=CALLERS) as load:
+        started = time.monotonic()
+        poll("the load to get through", lambda: load.succeeded_after(started), 30)
+        struck = time.monotonic()
+        strike(before)
+
+        def back() -> bool:
+            unit = up.units()[slug]
+            return bool(unit["state"] == "running" and unit["pid"] != before["pid"])
+
+        poll(f"{slug} to be back", back, BACK_TIMEOUT_S)
+        after = up.units()[slug]
+        if slug.startswith("inference"):
+            poll(
+                f"the gateway to route to the new {slug}",
+                lambda: port(after["address"]) in routed_inference_ports(gateway),
+                SETTLED_TIMEOUT_S,
+            )
+        again = time.monotonic()
+        poll("a call to succeed after the restart", lambda: load.succeeded_after(again), 30)
+    return Fault(before, after, load, struck)
+
+
+def kill(
+    sig: signal.Signals, which: Callable[[dict[str, Any]], int]
+) -> Callable[[dict[str, Any]], None]:
+    return lambda unit: os.kill(which(unit), sig)
+
+
+def unit_pid(unit: dict[str, Any]) -> int:
+    return int(unit["pid"])
+
+
+def worker_pid(unit: dict[str, Any]) -> int:
+    """The `meshserve worker` child of a `meshserve run` unit."""
+    (worker,) = [
+        pid for pid in children(int(unit["pid"])) if b"worker" in cmdline(Path(f"/proc/{pid}"))
+    ]
+    return worker
+
+
+def restarted(fault: Fault, reason: str | None = "killed by SIGKILL") -> None:
+    assert fault.after["restarts"] == fault.before["restarts"] + 1
+    if reason is not None:
+        assert fault.after["last_exit"] == reason, fault.after
+
+
+def test_sigkill_of_an_inference_worker_fails_no_request(mesh: Up) -> None:
+    fault = under_load(mesh, "inference-1", kill(signal.SIGKILL, worker_pid))
+    assert not fault.failed(), fault.summary()
+    # The unit (worker and sidecar together) restarted; its own exit names what happened.
+    restarted(fault, reason=None)
+    assert fault.after["last_exit"].startswith(("exited with status", "killed by"))
+
+
+def test_sigkill_of_an_inference_sidecar_fails_no_request_and_status_shows_it(
+    mesh: Up,
+) -> None:
+    fault = under_load(mesh, "inference-2", kill(signal.SIGKILL, unit_pid))
+    assert not fault.failed(), fault.summary()
+    restarted(fault)
+    status = cli("status", "--state-dir", str(mesh.state), "--es", mesh.endpoints()["es_url"])
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if "inference-2" in line)
+    assert "running" in row and "killed by SIGKILL" in row and str(fault.after["pid"]) in row
+
+
+@pytest.mark.parametrize("slug", ["training-1", "data-1", "store"])
+def test_sigkill_of_a_training_data_or_store_process_fails_no_inference(
+    mesh: Up, slug: str
+) -> None:
+    fault = under_load(mesh, slug, kill(signal.SIGKILL, unit_pid))
+    assert not fault.failed(), fault.summary()
+    restarted(fault)
+    if slug == "store":
+        # Back on the URL everyone was given.
+        assert fault.after["address"] == fault.before["address"] == mesh.endpoints()["es_url"]
+
+
+def test_sigterm_of_an_inference_unit_drains_it_with_no_failed_request(mesh: Up) -> None:
+    fault = under_load(mesh, "inference-1", kill(signal.SIGTERM, unit_pid))
+    assert not fault.failed(), fault.summary()
+    # A unit that stopped when asked is restarted at once, not counted as a failure.
+    restarted(fault, reason=None)
+    assert fault.after["last_exit"] in ("exited with status 0", "killed by SIGTERM")
+
+
+def test_meshserve_restart_is_a_rolling_restart_with_no_failed_request(mesh: Up) -> None:
+    result: list[Any] = []
+
+    def restart(unit: dict[str, Any]) -> None:
+        # Waits until the unit is back, as an operator's script would.
+        result.append(cli("restart", "inference-2", "--state-dir", str(mesh.state), timeout=150))
+
+    fault = under_load(mesh, "inference-2", restart)
+    (done,) = result
+    assert done.returncode == 0, done.stderr
+    assert "running again" in done.stdout
+    assert not fault.failed(), fault.summary()
+    restarted(fault, reason=None)
+
+
+def test_sigkill_of_the_gateway_brings_it_back_on_its_port(mesh: Up) -> None:
+    fault = under_load(mesh, "gateway", kill(signal.SIGKILL, unit_pid))
+    restarted(fault)
+    assert fault.after["address"] == fault.before["address"]
+    # Clients reconnect on their own once it is back: the outage ends within its restart.
+    failed = fault.failed()
+    if failed:
+        outage = max(o.ended for o in failed) - fault.struck
+        assert outage < GATEWAY_BACK_S, fault.summary()
+    assert fault.load.succeeded_after(max((o.ended for o in failed), default=fault.struck))
