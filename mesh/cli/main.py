@@ -43,6 +43,16 @@ WORKER_MODULES: tuple[str, ...] = (
     "workers.training.cli",
 )
 
+#: Commands that run as long-lived processes under ``up``, by the module that registers them:
+#: such a process builds a parser of that module alone. The whole parser imports every worker
+#: module (torch: seconds on a loaded machine), which a restarted gateway or store would pay
+#: before serving again.
+PROCESS_COMMANDS: dict[str, str] = {
+    "gateway": "gateway.cli",
+    "registry": "registry.cli",
+    "run": "mesh.sidecar.launcher",
+}
+
 err = Console(stderr=True)
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -60,7 +70,8 @@ def _registrar(module: str) -> _Registrar:
     return register
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command, or only those of module ``only`` (one of ``PROCESS_COMMANDS``)."""
     parser = argparse.ArgumentParser(
         prog="meshserve", description="A gRPC service mesh for serving and training PyTorch models."
     )
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if only is not None:
+        _registrar(only)(sub)
+        return parser
     worker = sub.add_parser("worker", help="run one worker process")
     worker_sub = worker.add_subparsers(dest="worker", required=True, metavar="KIND")
     for module in WORKER_MODULES:
@@ -86,8 +100,14 @@ def setup_logging(verbosity: int) -> None:
     )
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The command word: the first argument that is not an option (``-v`` comes before it)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(PROCESS_COMMANDS.get(_command(argv) or ""))
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     handler: Handler = args.handler

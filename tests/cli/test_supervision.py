@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from rich.console import Console
 
 from mesh.cli.endpoints import UpEndpoints
 from mesh.cli.errors import CliError
+from mesh.cli.main import PROCESS_COMMANDS, build_parser
 from mesh.cli.restart import find_unit
 from mesh.cli.supervision.policy import GiveUp, Restart, RestartPolicy, RestartTracker
 from mesh.cli.supervision.report import units_table
@@ -177,3 +180,31 @@ def test_up_json_keeps_units_and_old_files_still_read(tmp_path: Path) -> None:
     (tmp_path / "up.json").write_text(json.dumps(raw))
     old = UpEndpoints.read(tmp_path)
     assert old is not None and old.units == () and old.gateway == "127.0.0.1:1"
+
+
+@pytest.mark.parametrize(("command", "module"), sorted(PROCESS_COMMANDS.items()))
+def test_process_commands_parse_with_their_module_alone(
+    command: str, module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser(module).parse_args([command, "--help"])
+    assert exited.value.code == 0
+    assert f"meshserve {command}" in capsys.readouterr().out
+
+
+def test_a_restarted_gateway_or_store_does_not_import_torch() -> None:
+    # In a fresh interpreter: this one may have imported torch already.
+    probe = (
+        "import sys; from mesh.cli.main import build_parser, PROCESS_COMMANDS; "
+        "[build_parser(m) for m in ('gateway.cli', 'registry.cli')]; "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.strip() == "False"
