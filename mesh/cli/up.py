@@ -38,6 +38,7 @@ from protos.inference import grpc_service_pb2 as oip
 from protos.inference import grpc_service_pb2_grpc as oip_grpc
 from protos.meshserve.data.v1 import data_pb2 as data_pb
 from protos.meshserve.data.v1 import data_pb2_grpc
+from registry.connect import StoreSettings
 from registry.embedded import free_port
 
 out = Console()
@@ -389,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         write_up()
         _print_ready(supervisor.statuses(), gateway, state, time.monotonic() - began)
         sys.stdout.flush()
-        janitor = Janitor(es)
+        janitor = Janitor(StoreSettings.from_env(url=es))
         janitor.start()
         while not stopping.wait(0.2):
             supervisor.tick()

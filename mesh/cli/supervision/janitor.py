@@ -34,21 +34,29 @@ class Janitor:
     """``start()`` once; ``stop()`` cancels the sweep loop and joins the thread."""
 
     def __init__(
-        self, es_url: str, *, retention: timedelta = RETENTION, interval_s: float = INTERVAL_S
+        self,
+        settings: StoreSettings,
+        *,
+        retention: timedelta = RETENTION,
+        interval_s: float = INTERVAL_S,
     ) -> None:
-        self._settings = StoreSettings.from_env(url=es_url)
+        self._settings = settings
         self._retention = retention
         self._interval_s = interval_s
         self._loop = asyncio.new_event_loop()
-        self._task: asyncio.Task[None] | None = None
+        # Created now (the loop runs it later), so stop() can cancel it whenever it is called.
+        self._task = self._loop.create_task(self._sweep_forever())
         self._thread = threading.Thread(target=self._run, name="janitor", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._task = self._loop.create_task(self._sweep_forever())
         with contextlib.suppress(asyncio.CancelledError):
             self._loop.run_until_complete(self._task)
         self._loop.close()
@@ -71,6 +79,10 @@ class Janitor:
             await asyncio.sleep(RECONNECT_S)
 
     def stop(self) -> None:
-        if self._task is not None:
+        if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(timeout=10)
+            self._thread.join(timeout=10)
+        else:
+            self._task.cancel()
+            self._loop.run_until_complete(asyncio.gather(self._task, return_exceptions=True))
+            self._loop.close()
