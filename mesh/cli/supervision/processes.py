@@ -82,8 +82,9 @@ def _die_with_parent() -> None:
 def _pump(process: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
     """Hands the child's stdout lines to ``lines`` (None at end of file)."""
     assert process.stdout is not None
-    for line in process.stdout:
-        lines.put(line)
+    with process.stdout:
+        for line in process.stdout:
+            lines.put(line)
     lines.put(None)
 
 
