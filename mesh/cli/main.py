@@ -83,6 +83,9 @@ def setup_logging(verbosity: int) -> None:
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
     )
+    if verbosity == 0:
+        # Its per-node warnings repeat what the command's own one-line error says.
+        logging.getLogger("elastic_transport").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,14 +97,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
-    except (CliError, MeshError, ValueError, OSError) as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+    except MeshError as exc:
+        # Named like a gRPC status (below): the same failure reads the same from any command;
+        # soft_wrap: one line however narrow the terminal, so scripts can grep it.
+        err.print(
+            f"[bold red]error:[/] {exc.code.name}: {escape(str(exc))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
+    except (CliError, ValueError, OSError) as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         name = code.name if code is not None else "UNKNOWN"
-        err.print(f"[bold red]error:[/] {name}: {escape(str(details))}", highlight=False)
+        err.print(
+            f"[bold red]error:[/] {name}: {escape(str(details))}", highlight=False, soft_wrap=True
+        )
         return 1
 
 
