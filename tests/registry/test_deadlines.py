@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from mesh.cli.main import main
 from mesh.errors import Unavailable
 from registry.connect import StoreSettings, connect
+from registry.embedded import Endpoint
+from tests.support.processes import Launched, cli
 
 
 @pytest.fixture
@@ -119,3 +124,36 @@ def test_a_store_that_stalls_after_connecting_fails_the_command_in_time(
         f"error: UNAVAILABLE: the store at {stalls_after_connect} did not answer within 1 s"
     )
     assert elapsed < 6.0, f"took {elapsed:.1f}s"
+
+
+@pytest.mark.e2e
+def test_status_finds_a_store_by_state_dir_and_fails_in_time_once_it_is_stopped(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    store = Launched(
+        "mesh.cli.main", "registry", "serve-store", "--data-dir", str(state / "store"), name="store"
+    )
+    try:
+        url = store.wait_for(lambda line: line.startswith("elasticsearch ")).split()[1]
+        found = cli("status", "--state-dir", str(state), "--prefix", "frozen")
+        assert found.returncode == 0, found.stderr
+        assert "no instances registered" in found.stdout
+        # The store process itself (noida, in a session of its own), as its endpoint names it.
+        noida = Endpoint.read(state / "store")
+        assert noida is not None and noida.url == url
+        os.kill(noida.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            frozen = cli("status", "--state-dir", str(state), "--prefix", "frozen")
+            elapsed = time.monotonic() - start
+        finally:
+            os.kill(noida.pid, signal.SIGCONT)
+        assert frozen.returncode == 1
+        assert frozen.stderr.strip() == (
+            f"error: UNAVAILABLE: the store at {url} did not answer within 3 s"
+        )
+        # 3 s plus the interpreter's start-up on a loaded machine; it was 12 s and more.
+        assert elapsed < 9.0, f"took {elapsed:.1f}s"
+    finally:
+        store.stop()
