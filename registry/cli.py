@@ -8,6 +8,7 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,11 +16,17 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import DEFAULT_STATE_DIR
+from mesh.cli.endpoints import UpEndpoints, add_state_dir_argument, state_dir_from_args
 from mesh.cli.supervision.report import print_units
 from mesh.errors import Unavailable
 from registry.catalog import ANY
-from registry.connect import ES_URL_ENV, StoreSettings, add_store_arguments, settings_from_args
+from registry.connect import (
+    ES_URL_ENV,
+    StoreSettings,
+    add_store_arguments,
+    did_not_answer,
+    settings_from_args,
+)
 from registry.directory import DEFAULT_RETENTION, read_all, sweep_dead
 from registry.embedded import DEFAULT_DATA_DIR, EmbeddedStore, Endpoint
 from registry.instances import MalformedDocument, from_document, is_live, lease_age, utc_now
@@ -27,36 +34,81 @@ from registry.store import Store, open_store
 
 T = TypeVar("T")
 
+#: How long a store command may take in all (connecting, the schema, the command itself):
+#: a CLI should fail fast, with the error naming the URL.
+DEFAULT_DEADLINE_S = 3.0
+#: Where ``meshserve up`` runs its embedded store, under its state folder.
+STORE_SUBDIR = "store"
+
 
 class NoStore(Unavailable):
     """Neither a URL nor a running local store."""
 
 
 def resolve_url(args: argparse.Namespace) -> str:
-    """--es, else $MESHSERVE_ES_URL, else the local store that ``meshserve up`` runs."""
-    if args.es:
+    """--es, else $MESHSERVE_ES_URL, else the store of the ``meshserve up`` running under the
+    state folder (--state-dir, else $MESHSERVE_STATE_DIR, else .meshserve): the one its
+    up.json names, else the embedded store under ``<state>/store`` (``registry serve-store``).
+    """
+    if getattr(args, "es", None):
         return str(args.es)
     if os.environ.get(ES_URL_ENV):
         return os.environ[ES_URL_ENV]
-    data_dir = Path(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR)
+    state_dir = state_dir_from_args(args)
+    up = UpEndpoints.read(state_dir)
+    if up is not None and up.es_url:
+        return up.es_url
+    data_dir = Path(getattr(args, "data_dir", None) or state_dir / STORE_SUBDIR)
     endpoint = Endpoint.read(data_dir)
     if endpoint is None:
         raise NoStore(
-            f"no discovery store: {ES_URL_ENV} is unset and no local store runs under "
-            f"{data_dir}/ (start one with `meshserve up` or `meshserve registry serve-store`)"
+            f"no discovery store: {ES_URL_ENV} is unset and no `meshserve up` or local store "
+            f"runs under {state_dir}/ (start one with `meshserve up` or `meshserve registry "
+            "serve-store`, or pass --state-dir or --es)"
         )
     return endpoint.url
 
 
+def add_store_command_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that talks to the store and may find it through ``up``."""
+    add_store_arguments(parser)
+    add_state_dir_argument(parser)
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_DEADLINE_S,
+        metavar="SECONDS",
+        help="give up on the store after this long (default: %(default)g)",
+    )
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+async def run_bounded(
+    settings: StoreSettings, body: Callable[[Store], Awaitable[T]], deadline_s: float
+) -> T:
+    """``body`` on an open store, all of it (connecting included) within ``deadline_s``.
+
+    Every request is bounded too, so a frozen store (it accepts, never answers) fails the
+    command after ``deadline_s`` with one line naming the URL.
+    """
+    bounded = replace(settings, request_timeout=min(settings.request_timeout, deadline_s))
+    try:
+        async with asyncio.timeout(deadline_s):
+            async with open_store(bounded, deadline_s=deadline_s) as store:
+                return await body(store)
+    except TimeoutError as exc:
+        raise did_not_answer(settings, deadline_s) from exc
+
+
 def _run(args: argparse.Namespace, body: Callable[[Store], Awaitable[T]]) -> T:
     settings: StoreSettings = settings_from_args(args, resolve_url(args))
-
-    async def main() -> T:
-        # A CLI should fail fast: a short retry window, then the error naming the URL.
-        async with open_store(settings, deadline_s=3.0) as store:
-            return await body(store)
-
-    return asyncio.run(main())
+    return asyncio.run(run_bounded(settings, body, args.timeout))
 
 
 def _age(seconds: float | None) -> str:
@@ -130,7 +182,7 @@ def services_table(hits: list[dict[str, Any]], now: datetime) -> Table:
 
 def cmd_status(args: argparse.Namespace) -> int:
     # The units of a running `meshserve up` first: they show even when the store is down.
-    print_units(Path(args.state_dir), Console())
+    print_units(state_dir_from_args(args), Console())
     hits = _run(args, lambda store: read_all(store.es, store.indices))
     console = Console()
     if not hits:
@@ -223,19 +275,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status = subparsers.add_parser(
         "status", help="services, instances, health, lease age, loaded versions and load"
     )
-    add_store_arguments(status)
-    status.add_argument(
-        "--state-dir",
-        default=str(DEFAULT_STATE_DIR),
-        help="state folder of `meshserve up`, whose units are listed (default %(default)s)",
-    )
+    add_store_command_arguments(status)
     status.set_defaults(handler=cmd_status)
 
     models = subparsers.add_parser("models", help="the model catalog: list, promote, rollback")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = models_sub.add_parser("list", help="published versions and their stage")
     listing.add_argument("--model", help="only this model")
-    add_store_arguments(listing)
+    add_store_command_arguments(listing)
     listing.set_defaults(handler=cmd_models_list)
     promote = models_sub.add_parser("promote", help="make a version production")
     promote.add_argument("model")
@@ -245,12 +292,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="VERSION",
         help="fail unless production is currently VERSION ('' = none): guards against races",
     )
-    add_store_arguments(promote)
+    add_store_command_arguments(promote)
     promote.set_defaults(handler=cmd_models_promote)
     rollback = models_sub.add_parser("rollback", help="restore the previous production version")
     rollback.add_argument("model")
     rollback.add_argument("--expect", metavar="VERSION", help="fail unless production is VERSION")
-    add_store_arguments(rollback)
+    add_store_command_arguments(rollback)
     rollback.set_defaults(handler=cmd_models_rollback)
 
     registry = subparsers.add_parser("registry", help="the discovery store itself")
@@ -272,5 +319,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="keep dead instances this long (default: %(default)s)",
     )
-    add_store_arguments(sweep)
+    add_store_command_arguments(sweep)
     sweep.set_defaults(handler=cmd_sweep)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from elasticsearch import AsyncElasticsearch
+from elasticsearch import AsyncElasticsearch, ConnectionTimeout
 from elasticsearch import TransportError as _TransportError
 from elasticsearch.exceptions import ApiError
 
@@ -170,6 +170,18 @@ def backoff_delays(
         delay *= factor
 
 
+def did_not_answer(settings: StoreSettings, deadline_s: float) -> Unavailable:
+    """The one error for a store that took a connection but no answer came in time."""
+    return Unavailable(
+        f"the store at {settings.display_url} did not answer within {deadline_s:g} s"
+    )
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a request that ran out of time (a slow or frozen store)."""
+    return isinstance(exc, ConnectionTimeout | TimeoutError)
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` means the store could not be reached (as opposed to a refused request)."""
     if isinstance(exc, _TransportError | OSError | asyncio.TimeoutError):
@@ -187,27 +199,47 @@ async def connect(
 ) -> AsyncElasticsearch:
     """A client that has answered once, retrying with backoff until ``deadline_s``.
 
-    Raises ``Unavailable`` naming the URL when the store never answers.
+    Raises ``Unavailable`` naming the URL when the store never answers. No attempt outlives
+    the deadline: a frozen store (it accepts connections but never answers) would otherwise
+    hold the first one for the whole ``request_timeout``.
     """
     client = settings.client()
+    try:
+        return await _first_answer(client, settings, deadline_s, sleep, clock)
+    except BaseException:
+        # Also when cancelled (a caller's own deadline): no session is left open.
+        await client.close()
+        raise
+
+
+async def _first_answer(
+    client: AsyncElasticsearch,
+    settings: StoreSettings,
+    deadline_s: float,
+    sleep: Sleep,
+    clock: Clock,
+) -> AsyncElasticsearch:
     start = clock()
     attempts = 0
     delays = backoff_delays()
     while True:
         attempts += 1
         try:
-            await client.info()
+            left = deadline_s - (clock() - start)
+            if left <= 0:
+                raise TimeoutError
+            await client.options(request_timeout=min(settings.request_timeout, left)).info()
             return client
         except Exception as exc:
             if not is_unreachable(exc):
                 # Wrong credentials or a forbidden cluster: retrying cannot help.
-                await client.close()
                 raise FailedPrecondition(
                     f"Elasticsearch at {settings.display_url} rejected the client: {exc}"
                 ) from exc
             delay = next(delays)
             if clock() - start + delay > deadline_s:
-                await client.close()
+                if is_timeout(exc):
+                    raise did_not_answer(settings, deadline_s) from exc
                 raise Unavailable(
                     f"Elasticsearch at {settings.display_url} is unreachable "
                     f"({attempts} attempts in {clock() - start:.1f}s): {exc}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mesh.cli.route import DEFAULT_GATEWAY, apply_config
+from mesh.cli.route import apply_config, gateway_option
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,11 +24,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         required=True,
         help="YAML file (repeatable)",
     )
-    parser.add_argument(
-        "--gateway",
-        default=DEFAULT_GATEWAY,
-        help="gateway address (default: $MESHSERVE_GATEWAY, else the running up)",
-    )
+    gateway_option(parser)
     parser.add_argument("--dry-run", action="store_true", help="validate only")
     parser.add_argument(
         "--expected-version", type=int, default=0, help="apply only over this version"

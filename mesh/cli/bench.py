@@ -12,7 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import default_gateway
+from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
 from mesh.cli.errors import CliError
 from mesh.cli.infer import NUMPY
 from protos.inference import grpc_service_pb2 as pb
@@ -66,7 +66,7 @@ async def load(
 
 
 def run(args: argparse.Namespace) -> int:
-    address = args.address or default_gateway()
+    address = gateway_from_args(args, args.address)
     with grpc.insecure_channel(address) as channel:
         metadata = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
             pb.ModelMetadataRequest(name=args.model), timeout=10
@@ -127,4 +127,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--batch-size", type=int, default=1, help="rows per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", default=None, help="gateway (default: the running up)")
+    add_state_dir_argument(parser)
     parser.set_defaults(handler=run)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from rich.console import Console
 
-from mesh.cli.endpoints import default_gateway
+from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
 from mesh.cli.errors import CliError
 
 out = Console()
@@ -92,7 +92,7 @@ def call(
 
 
 def run(args: argparse.Namespace) -> int:
-    address = args.address or default_gateway()
+    address = gateway_from_args(args, args.address)
     metadata = []
     for pair in args.header:
         key, sep, value = pair.partition(":")
@@ -134,4 +134,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--address", default=None, help="server (default: the running up's gateway)"
     )
+    add_state_dir_argument(parser)
     parser.set_defaults(handler=run)

@@ -12,7 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import default_gateway
+from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
 from mesh.cli.errors import CliError
 from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
 from protos.meshserve.data.v1 import data_pb2 as pb
@@ -22,8 +22,6 @@ from workers.data.schema import Array
 
 out = Console()
 
-#: The running `meshserve up`'s gateway (it routes DataService), else $MESHSERVE_GATEWAY/8080.
-DEFAULT_ADDRESS = default_gateway()
 _SPLITS = {
     "train": pb.SPLIT_TRAIN,
     "validation": pb.SPLIT_VALIDATION,
@@ -35,6 +33,12 @@ _TASKS = {
     "classification": pb.TASK_CLASSIFICATION,
     "regression": pb.TASK_REGRESSION,
 }
+
+
+def _address(args: argparse.Namespace) -> str:
+    """--address, else $MESHSERVE_GATEWAY, else the running `up`'s gateway (it routes
+    DataService), else 127.0.0.1:8080."""
+    return gateway_from_args(args, args.address)
 
 
 def _stub(address: str) -> tuple[grpc.Channel, data_pb2_grpc.DataServiceStub]:
@@ -130,7 +134,7 @@ def _create(args: argparse.Namespace) -> int:
             request.regression.noise = args.noise
     else:
         request.digits.SetInParent()
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(_address(args))
     with channel:
         _show(stub.CreateBuiltinDataset(request))
     return 0
@@ -182,29 +186,29 @@ def _upload(args: argparse.Namespace) -> int:
     requests: Iterator[pb.CreateDatasetRequest] = wire.upload_requests(
         header, arrays, records_per_message=args.records_per_message
     )
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(_address(args))
     with channel:
         _show(stub.CreateDataset(requests))
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(_address(args))
     with channel:
         reply = stub.ListDatasets(pb.ListDatasetsRequest(name=args.name))
-    _print_datasets(reply.datasets, f"datasets on {args.address}")
+    _print_datasets(reply.datasets, f"datasets on {_address(args)}")
     return 0
 
 
 def _get(args: argparse.Namespace) -> int:
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(_address(args))
     with channel:
         _show(stub.GetDataset(pb.GetDatasetRequest(name=args.name, version=args.version)))
     return 0
 
 
 def _delete(args: argparse.Namespace) -> int:
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(_address(args))
     with channel:
         stub.DeleteDataset(pb.DeleteDatasetRequest(name=args.name, version=args.version))
     out.print(f"deleted {args.name} version {args.version}", highlight=False)
@@ -229,7 +233,7 @@ def _stream(args: argparse.Namespace) -> int:
     for column in ("batch", "size", "tensors", "first examples"):
         table.add_column(column)
     batches = examples = 0
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(_address(args))
     with channel:
         for batch in stub.StreamBatches(request):
             batches += 1
@@ -254,15 +258,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser("datasets", help="manage the datasets of a data worker")
     parser.add_argument(
         "--address",
-        default=DEFAULT_ADDRESS,
+        default=None,
         help="data worker or gateway (default: the running up's gateway)",
     )
+    add_state_dir_argument(parser)
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         # Accepted after the action too: `meshserve datasets list --address A`.
         p.add_argument("--address", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        add_state_dir_argument(p, hidden=True)
         return p
 
     create = add("create", "create a dataset from a built-in generator")

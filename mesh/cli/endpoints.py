@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mesh.cli.supervision.units import UnitStatus
 
-#: The state folder ``meshserve up`` uses unless told otherwise.
-DEFAULT_STATE_DIR = Path(os.environ.get("MESHSERVE_STATE_DIR", ".meshserve"))
+#: Environment variable naming the state folder of ``meshserve up`` (beats ``.meshserve``).
+STATE_DIR_ENV = "MESHSERVE_STATE_DIR"
+FALLBACK_STATE_DIR = Path(".meshserve")
+#: The state folder ``meshserve up`` uses unless told otherwise (read once, at import).
+DEFAULT_STATE_DIR = Path(os.environ.get(STATE_DIR_ENV, str(FALLBACK_STATE_DIR)))
 #: Written by ``up`` once the mesh is ready, removed when it stops.
 UP_FILE = "up.json"
 #: Environment variable naming the gateway (beats up.json).
@@ -74,3 +79,35 @@ def default_gateway(state_dir: Path = DEFAULT_STATE_DIR) -> str:
         return os.environ[GATEWAY_ENV]
     endpoints = UpEndpoints.read(state_dir)
     return endpoints.gateway if endpoints is not None else FALLBACK_GATEWAY
+
+
+def add_state_dir_argument(parser: argparse.ArgumentParser, *, hidden: bool = False) -> None:
+    """``--state-dir``: where to find the running ``up`` (one flag, the same on every command).
+
+    ``hidden`` is for a sub-command that repeats its parent's flag: without a default of its
+    own it cannot overwrite what was given before the sub-command's name.
+    """
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=argparse.SUPPRESS if hidden else None,
+        metavar="DIR",
+        help=argparse.SUPPRESS
+        if hidden
+        else f"state folder of the running `meshserve up` (default: ${STATE_DIR_ENV}, "
+        f"else {FALLBACK_STATE_DIR})",
+    )
+
+
+def state_dir_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Path:
+    """--state-dir, else $MESHSERVE_STATE_DIR, else .meshserve; read when the command runs."""
+    chosen = getattr(args, "state_dir", None)
+    if chosen:
+        return Path(chosen)
+    env = os.environ if env is None else env
+    return Path(env.get(STATE_DIR_ENV) or FALLBACK_STATE_DIR)
+
+
+def gateway_from_args(args: argparse.Namespace, given: str | None) -> str:
+    """``given`` (an --address/--gateway flag), else ``default_gateway`` of the state dir."""
+    return given or default_gateway(state_dir_from_args(args))

@@ -12,7 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import default_gateway
+from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
 from mesh.cli.errors import CliError
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc
@@ -120,7 +120,7 @@ def decode_outputs(response: pb.ModelInferResponse) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     inputs = parse_inputs(args.data, args.input, [])
-    address = args.address or default_gateway()
+    address = gateway_from_args(args, args.address)
     metadata_headers: tuple[tuple[str, str], ...] = (
         (("x-model-version", args.version),) if args.version else ()
     )
@@ -178,4 +178,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
     parser.add_argument("--address", default=None, help="gateway (default: the running up)")
+    add_state_dir_argument(parser)
     parser.set_defaults(handler=run)

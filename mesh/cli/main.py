@@ -17,40 +17,53 @@ from rich.markup import escape
 from mesh.cli.errors import CliError
 from mesh.errors import MeshError
 
-#: Modules that add top-level commands: each has ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = (
-    "mesh.cli.up",
-    "mesh.cli.restart",
-    "mesh.cli.train",
-    "mesh.cli.infer",
-    "mesh.cli.call",
-    "mesh.cli.apply",
-    "mesh.cli.bench",
-    "mesh.cli.trace",
-    "mesh.cli.datasets",
-    "registry.cli",
-    "gateway.cli",
-    "mesh.cli.route",
-    "mesh.security.cli",
-    "gateway.auth_cli",
-    "mesh.sidecar.cli",
-    "mesh.sidecar.launcher",
-)
-#: Modules that add ``meshserve worker <kind>`` commands: each has ``register(subparsers)``.
-WORKER_MODULES: tuple[str, ...] = (
-    "workers.data.cli",
-    "workers.inference.cli",
-    "workers.training.cli",
-)
-
-#: Commands that run as long-lived processes under ``up``, by the module that registers them:
-#: such a process builds a parser of that module alone. The whole parser imports every worker
-#: module (torch: seconds on a loaded machine), which a restarted gateway or store would pay
-#: before serving again.
-PROCESS_COMMANDS: dict[str, str] = {
-    "gateway": "gateway.cli",
-    "registry": "registry.cli",
-    "run": "mesh.sidecar.launcher",
+#: Every top-level command: the module whose ``register(subparsers)`` adds it, and the help
+#: line ``meshserve --help`` shows without importing that module (torch and the store client
+#: take seconds to import). tests/cli/test_main.py checks both against the modules.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("mesh.cli.up", "run the whole mesh locally until Ctrl-C"),
+    "restart": (
+        "mesh.cli.restart",
+        "rolling restart of one unit of `meshserve up` (drain, then start again)",
+    ),
+    "train": ("mesh.cli.train", "train the next version of a model (live progress)"),
+    "infer": ("mesh.cli.infer", "run one inference request through the gateway"),
+    "call": ("mesh.cli.call", "call any gRPC method by reflection (like grpcurl)"),
+    "apply": (
+        "mesh.cli.apply",
+        "apply routing YAML to the running gateway (like kubectl apply -f)",
+    ),
+    "bench": (
+        "mesh.cli.bench",
+        "a short inference load through the gateway: latency and throughput",
+    ),
+    "trace": ("mesh.cli.trace", "show a request's spans (gateway → sidecar → worker) as a tree"),
+    "datasets": ("mesh.cli.datasets", "manage the datasets of a data worker"),
+    "status": ("registry.cli", "services, instances, health, lease age, loaded versions and load"),
+    "models": ("registry.cli", "the model catalog: list, promote, rollback"),
+    "registry": ("registry.cli", "the discovery store itself"),
+    "gateway": ("gateway.cli", "run the gateway: routes gRPC calls to workers by Istio-style YAML"),
+    "route": ("mesh.cli.route", "inspect routing decisions"),
+    "config": ("mesh.cli.route", "show or change the gateway's routing config"),
+    "certs": ("mesh.security.cli", "the mesh CA and workload certificates"),
+    "auth": ("gateway.auth_cli", "gateway client credentials"),
+    "sidecar": (
+        "mesh.sidecar.cli",
+        "run a worker's sidecar: registration, mTLS, authorization, outbound routing",
+    ),
+    "run": ("mesh.sidecar.launcher", "run a worker and its sidecar as one unit"),
+}
+#: ``meshserve worker <kind>`` commands, the same way.
+WORKERS: dict[str, tuple[str, str]] = {
+    "data": ("workers.data.cli", "run a data worker (stores datasets, streams batches)"),
+    "inference": (
+        "workers.inference.cli",
+        "serve models over the Open Inference Protocol (Triton/KServe v2 gRPC)",
+    ),
+    "training": (
+        "workers.training.cli",
+        "train catalogue models on data-service datasets and publish versions",
+    ),
 }
 
 err = Console(stderr=True)
@@ -70,8 +83,52 @@ def _registrar(module: str) -> _Registrar:
     return register
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Every command, or only those of module ``only`` (one of ``PROCESS_COMMANDS``)."""
+def _positionals(argv: Sequence[str]) -> list[str]:
+    """The words of ``argv`` that are not options (enough to find a command's name)."""
+    return [word for word in argv if not word.startswith("-")]
+
+
+def _wanted(argv: Sequence[str] | None) -> tuple[set[str] | None, set[str] | None]:
+    """The command modules and worker modules to import for ``argv``; None: all of them.
+
+    Nothing for ``meshserve --help``; the command's own module for a command; everything
+    for a word the tables do not know (a command added without its line: slow, not broken).
+    """
+    if argv is None:
+        return None, None
+    words = _positionals(argv)
+    if not words:
+        return set(), set()
+    if words[0] == "worker":
+        if len(words) < 2:
+            return set(), set()
+        kind = WORKERS.get(words[1])
+        return set(), ({kind[0]} if kind is not None else None)
+    command = COMMANDS.get(words[0])
+    if command is None:
+        return None, None
+    return {command[0]}, set()
+
+
+def _add_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    table: dict[str, tuple[str, str]],
+    wanted: set[str] | None,
+) -> None:
+    """Registers the wanted modules' commands; the others only as a name and a help line."""
+    registered: set[str] = set()
+    for name, (module, help_line) in table.items():
+        if wanted is None or module in wanted:
+            if module not in registered:
+                _registrar(module)(subparsers)
+                registered.add(module)
+        else:
+            subparsers.add_parser(name, help=help_line)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``meshserve`` parser; given ``argv``, complete only for the command it names."""
+    wanted_commands, wanted_workers = _wanted(argv)
     parser = argparse.ArgumentParser(
         prog="meshserve", description="A gRPC service mesh for serving and training PyTorch models."
     )
@@ -79,15 +136,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    if only is not None:
-        _registrar(only)(sub)
-        return parser
     worker = sub.add_parser("worker", help="run one worker process")
     worker_sub = worker.add_subparsers(dest="worker", required=True, metavar="KIND")
-    for module in WORKER_MODULES:
-        _registrar(module)(worker_sub)
-    for module in COMMAND_MODULES:
-        _registrar(module)(sub)
+    _add_commands(worker_sub, WORKERS, wanted_workers)
+    _add_commands(sub, COMMANDS, wanted_commands)
     return parser
 
 
@@ -98,16 +150,14 @@ def setup_logging(verbosity: int) -> None:
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
     )
-
-
-def _command(argv: Sequence[str]) -> str | None:
-    """The command word: the first argument that is not an option (``-v`` comes before it)."""
-    return next((word for word in argv if not word.startswith("-")), None)
+    if verbosity == 0:
+        # Its per-node warnings repeat what the command's own one-line error says.
+        logging.getLogger("elastic_transport").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(PROCESS_COMMANDS.get(_command(argv) or ""))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     handler: Handler = args.handler
@@ -115,14 +165,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
-    except (CliError, MeshError, ValueError, OSError) as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+    except MeshError as exc:
+        # Named like a gRPC status (below): the same failure reads the same from any command;
+        # soft_wrap: one line however narrow the terminal, so scripts can grep it.
+        err.print(
+            f"[bold red]error:[/] {exc.code.name}: {escape(str(exc))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
+    except (CliError, ValueError, OSError) as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         name = code.name if code is not None else "UNKNOWN"
-        err.print(f"[bold red]error:[/] {name}: {escape(str(details))}", highlight=False)
+        err.print(
+            f"[bold red]error:[/] {name}: {escape(str(details))}", highlight=False, soft_wrap=True
+        )
         return 1
 
 

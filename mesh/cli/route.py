@@ -10,29 +10,33 @@ import grpc.aio
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import default_gateway
+from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
 from mesh.cli.main import CliError
 from mesh.config.loader import parse_yaml
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
-#: $MESHSERVE_GATEWAY, else the running `meshserve up`'s gateway, else 127.0.0.1:8080.
-DEFAULT_GATEWAY = default_gateway()
 out = Console()
 
 
-def _gateway_option(parser: argparse.ArgumentParser) -> None:
+def gateway_option(parser: argparse.ArgumentParser) -> None:
+    """--gateway and --state-dir; the default is found when the command runs (``_gateway``)."""
     parser.add_argument(
         "--gateway",
-        default=DEFAULT_GATEWAY,
+        default=None,
         help="gateway address (default: $MESHSERVE_GATEWAY, else the running up, else 127.0.0.1:8080)",
     )
+    add_state_dir_argument(parser)
+
+
+def _gateway(args: argparse.Namespace) -> str:
+    return gateway_from_args(args, args.gateway)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     route = subparsers.add_parser("route", help="inspect routing decisions")
     route_sub = route.add_subparsers(dest="route_command", required=True, metavar="COMMAND")
     explain = route_sub.add_parser("explain", help="which endpoint a request would reach, and why")
-    _gateway_option(explain)
+    gateway_option(explain)
     explain.add_argument("--model", default="", help="model_name of the request")
     explain.add_argument("--version", default="", help="model_version (empty: latest)")
     explain.add_argument("--method", default="", help="gRPC path (default: ModelInfer)")
@@ -48,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     config = subparsers.add_parser("config", help="show or change the gateway's routing config")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     apply = config_sub.add_parser("apply", help="validate and apply YAML over the running config")
-    _gateway_option(apply)
+    gateway_option(apply)
     apply.add_argument("files", nargs="+", type=Path, help="YAML files")
     apply.add_argument("--dry-run", action="store_true", help="validate only")
     apply.add_argument(
@@ -56,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     apply.set_defaults(handler=apply_config)
     dump = config_sub.add_parser("dump", help="print the running config as YAML")
-    _gateway_option(dump)
+    gateway_option(dump)
     dump.set_defaults(handler=dump_config)
 
 
@@ -84,7 +88,7 @@ def explain_route(args: argparse.Namespace) -> int:
         model_name=args.model,
         model_version=args.version,
     )
-    reply = asyncio.run(_call(args.gateway, "ExplainRoute", request))
+    reply = asyncio.run(_call(_gateway(args), "ExplainRoute", request))
     assert isinstance(reply, admin_pb2.ExplainRouteResponse)
     table = Table(show_header=False, box=None)
     table.add_row("route", reply.route)
@@ -114,7 +118,7 @@ def apply_config(args: argparse.Namespace) -> int:
     request = admin_pb2.ApplyConfigRequest(
         yaml="\n---\n".join(texts), expected_version=args.expected_version, dry_run=args.dry_run
     )
-    reply = asyncio.run(_call(args.gateway, "ApplyConfig", request))
+    reply = asyncio.run(_call(_gateway(args), "ApplyConfig", request))
     assert isinstance(reply, admin_pb2.ApplyConfigResponse)
     verb = "valid (dry run)" if args.dry_run else f"applied as version {reply.version}"
     out.print(f"{', '.join(reply.resources)}: {verb}", highlight=False)
@@ -122,7 +126,7 @@ def apply_config(args: argparse.Namespace) -> int:
 
 
 def dump_config(args: argparse.Namespace) -> int:
-    reply = asyncio.run(_call(args.gateway, "DumpConfig", admin_pb2.DumpConfigRequest()))
+    reply = asyncio.run(_call(_gateway(args), "DumpConfig", admin_pb2.DumpConfigRequest()))
     assert isinstance(reply, admin_pb2.ConfigDump)
     print(
         f"# version {reply.version} from {reply.source}, applied {reply.applied_at.ToJsonString()}"

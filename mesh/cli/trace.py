@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.tree import Tree
 
-from mesh.cli.endpoints import DEFAULT_STATE_DIR
+from mesh.cli.endpoints import add_state_dir_argument, state_dir_from_args
 from mesh.cli.errors import CliError
 
 out = Console()
@@ -83,7 +83,7 @@ def trace_tree(spans: list[dict[str, Any]], trace_id: str) -> Tree:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = Path(args.file) if args.file else Path(args.state_dir) / TRACES_FILE
+    path = Path(args.file) if args.file else state_dir_from_args(args) / TRACES_FILE
     spans = read_spans(path)
     trace_id = args.trace_id
     if not trace_id:
@@ -110,6 +110,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="inference.GRPCInferenceService/ModelInfer",
         help="with no id: the latest trace rooted at this method",
     )
-    parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
+    add_state_dir_argument(parser)
     parser.add_argument("--file", default=None, help="span file (default <state>/traces.jsonl)")
     parser.set_defaults(handler=run)

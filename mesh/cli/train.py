@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mesh.cli.endpoints import default_gateway
+from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
 from mesh.cli.errors import CliError
 from protos.meshserve.training.v1 import training_pb2 as pb
 from protos.meshserve.training.v1 import training_pb2_grpc
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    with grpc.insecure_channel(args.address or default_gateway()) as channel:
+    with grpc.insecure_channel(gateway_from_args(args, args.address)) as channel:
         job = submit_and_watch(channel, spec)
     print_result(job)
     return 0
@@ -165,4 +165,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--address", default=None, help="gateway or training worker (default: the running up)"
     )
+    add_state_dir_argument(parser)
     parser.set_defaults(handler=run)

@@ -13,7 +13,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from mesh.server import reflection
+from mesh.server import memory, reflection
 from mesh.server.interceptor import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ async def start_server(
     ``credentials`` (e.g. from :mod:`mesh.security.rotation`) make the port TLS; without
     them it is plaintext.
     """
+    # Every server may see large messages: memory they leave freed goes back to the system.
+    memory.return_freed_memory()
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor(), *interceptors],
         options=[

@@ -1,0 +1,95 @@
+"""The entry point imports only the command it runs, and its tables agree with the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mesh.cli.main import COMMANDS, WORKERS, build_parser
+from tests.support.processes import ENV, REPO
+
+
+def _choices(parser: argparse.ArgumentParser) -> dict[str, str | None]:
+    """name → help line of a parser's sub-commands."""
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {action.dest: action.help for action in sub._choices_actions}
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    found: argparse.ArgumentParser = sub.choices[name]
+    return found
+
+
+def test_the_tables_name_every_command_with_its_modules_help_line() -> None:
+    complete = build_parser()  # every module imported, as the help lines are written there
+    top = _choices(complete)
+    assert top.pop("worker") == "run one worker process"
+    assert top == {name: help_line for name, (_, help_line) in COMMANDS.items()}
+    workers = _choices(_subparser(complete, "worker"))
+    assert workers == {name: help_line for name, (_, help_line) in WORKERS.items()}
+
+
+def test_help_lists_every_command_without_importing_them() -> None:
+    assert _choices(build_parser(["--help"])) == _choices(build_parser())
+
+
+def test_a_command_parses_the_same_from_its_own_parser() -> None:
+    argv = ["status", "--es", "http://127.0.0.1:1", "--timeout", "2"]
+    assert build_parser(argv).parse_args(argv) == build_parser().parse_args(argv)
+    argv = ["worker", "data", "--root", "/tmp/x", "--port", "0"]
+    assert build_parser(argv).parse_args(argv) == build_parser().parse_args(argv)
+
+
+def test_an_unknown_command_is_still_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["nosuch"]).parse_args(["nosuch"])
+    assert "invalid choice: 'nosuch'" in capsys.readouterr().err
+
+
+PROBE = """
+import json, sys
+from mesh.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps({name: name in sys.modules for name in ("torch", "elasticsearch")}),
+      file=sys.stderr)
+"""
+
+
+IMPORTS = [
+    (["--help"], False, False),
+    (["status", "--help"], False, True),
+    (["models", "list", "--help"], False, True),
+    (["infer", "--help"], False, False),
+    (["datasets", "list", "--help"], False, False),
+    (["route", "explain", "--help"], False, False),
+    (["worker", "--help"], False, False),
+    (["worker", "inference", "--help"], True, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "torch", "store"), IMPORTS, ids=[" ".join(argv) for argv, _, _ in IMPORTS]
+)
+def test_commands_import_torch_and_the_store_client_only_when_they_need_them(
+    argv: list[str], torch: bool, store: bool
+) -> None:
+    # A process of its own: this one has imported everything already.
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    imported = json.loads(result.stderr.strip().splitlines()[-1])
+    assert imported == {"torch": torch, "elasticsearch": store}
