@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mesh.cli.route import DEFAULT_GATEWAY, apply_config
+from mesh.cli.route import DEFAULT_GATEWAY, admin_key_option, apply_config
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,7 +29,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=DEFAULT_GATEWAY,
         help="gateway address (default: $MESHSERVE_GATEWAY, else the running up)",
     )
-    parser.add_argument("--dry-run", action="store_true", help="validate only")
+    admin_key_option(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate on the gateway and print how routing would change, without applying",
+    )
     parser.add_argument(
         "--expected-version", type=int, default=0, help="apply only over this version"
     )

@@ -36,7 +36,7 @@ def admin(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminAsyncStub:
 
 async def test_apply_canary_splits_90_10_through_the_gateway() -> None:
     async with mesh() as m:
-        stub = admin(m.channel)
+        stub = admin(m.admin_channel)
         before = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
         applied = await stub.ApplyConfig(
             admin_pb2.ApplyConfigRequest(yaml=CANARY, expected_version=before.version)
@@ -58,7 +58,7 @@ async def test_apply_canary_splits_90_10_through_the_gateway() -> None:
 
 async def test_fault_injection_hits_its_percentage() -> None:
     async with mesh(2) as m:
-        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=FAULT))
+        await admin(m.admin_channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=FAULT))
         codes: Counter[grpc.StatusCode] = Counter()
         for _ in range(800):
             try:
@@ -75,7 +75,7 @@ async def test_fault_injection_hits_its_percentage() -> None:
 
 async def test_rejected_apply_keeps_the_running_config_and_is_shown() -> None:
     async with mesh(1) as m:
-        stub = admin(m.channel)
+        stub = admin(m.admin_channel)
         version = (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version
         bad = CANARY.replace("weight: 10", "weight: 20")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -108,7 +108,7 @@ async def test_rejected_apply_keeps_the_running_config_and_is_shown() -> None:
 
 async def test_explain_route_ring_and_endpoints_agree_with_real_routing() -> None:
     async with mesh() as m:
-        stub = admin(m.channel)
+        stub = admin(m.admin_channel)
         explained = await stub.ExplainRoute(
             admin_pb2.ExplainRouteRequest(model_name="resnet", model_version="3")
         )
@@ -210,7 +210,9 @@ async def test_mirror_copies_calls_and_header_edits_apply_both_ways() -> None:
             ),
         )
         await m.wait_endpoints("inference", 2)
-        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=MIRROR_AND_HEADERS))
+        await admin(m.admin_channel).ApplyConfig(
+            admin_pb2.ApplyConfigRequest(yaml=MIRROR_AND_HEADERS)
+        )
         for _ in range(5):
             call = m.inference.ModelInfer(infer("m", "1"), timeout=5)
             assert (await call).id == "w0"  # the client only ever sees the live answer
@@ -237,7 +239,7 @@ spec:
 
 async def test_http2_max_requests_sheds_load_beyond_the_limit() -> None:
     async with mesh(1, config_dir=None) as m:
-        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=CIRCUIT))
+        await admin(m.admin_channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=CIRCUIT))
         hold = asyncio.Event()
         m.workers[0].hold = hold
         held = [
