@@ -188,6 +188,8 @@ class Gateway:
         parts = [str(self.config_dir)] if self.config_dir is not None else []
         if stored is not None:
             parts.append(f"store {stored.name!r} v{stored.version}")
+        elif overlay:
+            parts.append("admin")  # applied in memory (no store)
         config = EMPTY.merged(base, version=0, source="").merged(
             overlay, version=self.state.config.version + 1, source=" + ".join(parts) or "<none>"
         )

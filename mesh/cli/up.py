@@ -31,6 +31,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from mesh.cli.admin_credential import ensure_admin_credential
 from mesh.cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
 from mesh.cli.errors import CliError
 from mesh.cli.train import mlp_spec, print_result, submit_and_watch
@@ -509,6 +510,8 @@ def run(args: argparse.Namespace) -> int:
                     str(state / "certs"),
                     "--es",
                     es,
+                    "--auth-config",
+                    str(ensure_admin_credential(state)),
                 ),
                 _after("gateway listening on "),
                 tier=2,

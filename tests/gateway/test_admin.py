@@ -283,3 +283,102 @@ async def test_a_changed_config_file_is_picked_up(tmp_path: Path) -> None:
             await asyncio.sleep(0.02)
         reply = await m.inference.ModelInfer(infer("resnet"), timeout=5)
         assert reply.model_version in ("1", "2")  # the canary now sets the version
+
+
+SUBSETS = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  subsets:
+    - {name: v1, labels: {version: v1}}
+"""
+
+
+def routed_to(destination: str) -> str:
+    host, _, subset = destination.partition("/")
+    subset_field = f", subset: {subset}" if subset else ""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: inference}}
+spec:
+  hosts: [inference]
+  http:
+    - route: [{{destination: {{host: {host}{subset_field}}}}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("yaml", "problem"),
+    [
+        (
+            routed_to("nosuchservice"),
+            "admin: VirtualService meshserve/inference: spec.http[0].route[0].destination.host: "
+            "'nosuchservice' is not a registered service (registered: data, inference)",
+        ),
+        (
+            routed_to("inference/v9"),
+            "spec.http[0].route[0].destination.subset: subset 'v9' is not defined",
+        ),
+        # v1 exists, but no instance carries version=v1: inference would have no route.
+        (
+            SUBSETS + "---" + routed_to("inference/v1"),
+            "spec.http[0].route: host 'inference' is served now (3 registered instances) but "
+            "no destination of http[0] reaches one",
+        ),
+        # The same, with the only route going to a declared host that has no instance.
+        (
+            routed_to("training"),
+            "no destination of http[0] reaches one (training: host 'training' has no "
+            "registered instance)",
+        ),
+    ],
+)
+async def test_an_apply_that_would_cause_an_outage_is_refused_and_routing_is_unchanged(
+    yaml: str, problem: str
+) -> None:
+    async with mesh() as m:
+        stub = admin(m.admin_channel)
+        before = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml))
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert problem in (refused.value.details() or "")
+        # A dry run is refused the same way.
+        with pytest.raises(grpc.aio.AioRpcError) as dry:
+            await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, dry_run=True))
+        assert dry.value.details() == refused.value.details()
+        after = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        assert after.version == before.version
+        assert [r.yaml for r in after.resources] == [r.yaml for r in before.resources]
+        replies = [await m.inference.ModelInfer(infer("m", str(i)), timeout=5) for i in range(30)]
+        assert {r.id for r in replies} <= {w.name for w in m.workers}
+
+
+async def test_rollback_restores_the_config_before_the_last_apply() -> None:
+    async with mesh(2) as m:
+        stub = admin(m.admin_channel)
+        with pytest.raises(grpc.aio.AioRpcError) as nothing:
+            await stub.RollbackConfig(admin_pb2.RollbackConfigRequest())
+        assert nothing.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        base = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        applied = await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=FAULT))
+        dry = await stub.RollbackConfig(admin_pb2.RollbackConfigRequest(dry_run=True))
+        assert dry.version == applied.version
+        rolled = await stub.RollbackConfig(
+            admin_pb2.RollbackConfigRequest(expected_version=applied.version)
+        )
+        assert rolled.version == applied.version + 1
+        assert rolled.restored == f"the config before version {applied.version}"
+        dump = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        assert [r.yaml for r in dump.resources] == [r.yaml for r in base.resources]
+        # No fault any more: every call succeeds.
+        for i in range(40):
+            await m.inference.ModelInfer(infer("m", str(i)), timeout=5)
+        # Rolling back again undoes the rollback (as `kubectl rollout undo`).
+        again = await stub.RollbackConfig(admin_pb2.RollbackConfigRequest())
+        assert again.resources == ["VirtualService/inference"]
+        dump = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        assert any("fault" in r.yaml for r in dump.resources)

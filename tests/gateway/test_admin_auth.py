@@ -10,6 +10,7 @@ import grpc
 import grpc.aio
 import jwt
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.app import Gateway
 from gateway.auth import ADMIN_LOCKED, AuthConfig, ClientGuard, hash_key, new_key
@@ -187,7 +188,8 @@ async def test_a_gateway_without_auth_config_refuses_admin_and_serves_the_rest(
             assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
             assert "no admin credential configured" in (refused.value.details() or "")
             # Health stays open (the gateway's own non-Admin services are not locked).
-            health = channel.unary_unary("/grpc.health.v1.Health/Check")
-            assert await health(b"", timeout=10) is not None
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await serving.drain(grace=0)
