@@ -284,7 +284,8 @@ class Gateway:
 
         With a store, the version below the running one is written again as a new version
         (history only grows, and every gateway follows); rolling back twice returns to
-        where it started, as ``kubectl rollout undo`` does. Without a store, this gateway's
+        where it started, as ``kubectl rollout undo`` does. When the store's latest version
+        was refused here, the running (last good) version is the one written again. Without a store, this gateway's
         overlay before its last admin change. Returns (config, what was restored, overlay).
         """
         source = "rollback"
@@ -292,12 +293,15 @@ class Gateway:
         stored: ConfigVersion | None = None
         if self.config_store is not None:
             running = self.store_version
+            # The store's latest was refused here (another writer's bad version): the last
+            # good one is what runs, so that is what goes back on top of the store.
+            target = running if self._store_seen > running else running - 1
             if running == 0:
                 raise FailedPrecondition(
                     "nothing to roll back: the running config includes no config store version"
                 )
-            if running > 1:
-                stored = await self.config_store.get(running - 1)
+            if target > 0:
+                stored = await self.config_store.get(target)
                 restored = f"store {stored.name!r} v{stored.version}"
                 text = stored.yaml
             else:

@@ -206,6 +206,14 @@ async def test_a_store_version_naming_an_unknown_host_is_refused_by_a_running_ga
     assert gateway.state.config.version == version and canary_rule(gateway)
     assert gateway.store_version == 1
 
+    # One command puts the last good version back on top of the store (for every gateway).
+    _, restored, _ = await gateway.rollback_config(expected_version=0, dry_run=False)
+    assert restored == "store 'routing' v1"
+    latest = await routing(store).current()
+    v1 = await routing(store).get(1)
+    assert latest is not None and latest.version == 3 and latest.yaml == v1.yaml
+    assert gateway.store_version == 3 and canary_rule(gateway)
+
 
 async def test_rollback_writes_the_previous_version_again(gateway: Gateway, store: Store) -> None:
     with pytest.raises(FailedPrecondition, match="nothing to roll back"):
