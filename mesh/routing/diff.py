@@ -6,6 +6,7 @@ words are built from the small result, not inline with the comparison (conventio
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +46,11 @@ def describe_rule(rule: HTTPRoute) -> str:
     return text
 
 
+def _policy(rule: HTTPRoute) -> HTTPRoute:
+    """The rule without what :func:`describe_rule` shows (what is left is its policy)."""
+    return dataclasses.replace(rule, name="", matches=(), route=(), mirror=None)
+
+
 def _rule_subject(host: str, rule: HTTPRoute) -> str:
     return f"{host} {rule.describe()}"
 
@@ -72,13 +78,15 @@ def _compare_rules(
             )
         elif before is not None and after is not None and before != after:
             old_text, new_text = describe_rule(before), describe_rule(after)
-            if old_text == new_text:
-                # Same calls, same destinations: a timeout, retry, fault or header edit.
-                old_text, new_text = (
-                    "policy as before",
-                    "policy changed (timeout, retries, fault or headers)",
-                )
-            changes.append(RouteChange("changed", _rule_subject(host, after), old_text, new_text))
+            if _policy(before) != _policy(after):
+                # A timeout, retry, fault or header edit: not in the one-line description.
+                new_text += "; and its timeout, retries, fault or header edits changed"
+            elif old_text == new_text:
+                new_text += "; its destinations' header edits changed"
+            subject = _rule_subject(host, after)
+            if before.name != after.name:
+                subject = f"{host} http[{i}] ({before.name or '-'} → {after.name or '-'})"
+            changes.append(RouteChange("changed", subject, old_text, new_text))
     return changes
 
 

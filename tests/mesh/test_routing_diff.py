@@ -35,19 +35,23 @@ def test_changes_read_as_added_removed_and_changed_lines() -> None:
     diff = routing_diff(RUNNING, applied(CANARY))
     kinds = [(c.kind, c.subject) for c in diff.changes]
     assert kinds == [
-        ("changed", "inference http[0] (pinned)"),
-        ("changed", "inference http[1] (canary)"),
+        ("changed", "inference http[0] (infer → pinned)"),
+        ("changed", "inference http[1] (control → canary)"),
     ]
     pinned = diff.changes[0]
     assert pinned.before == (
         "uri prefix '/inference.GRPCInferenceService/ModelInfer' → inference 100%"
     )
-    assert pinned.after == "header x-model-version present → inference 100%"
+    # The infer rule's timeout and retries go with it: said, not spelled out.
+    assert pinned.after == (
+        "header x-model-version present → inference 100%; "
+        "and its timeout, retries, fault or header edits changed"
+    )
     canary = diff.changes[1]
     assert canary.before == "any request → inference 100%"
     assert canary.after == "any request → inference 90%, inference 10%"
     lines = diff_lines(diff)
-    assert lines[2] == "~ inference http[1] (canary): any request → inference 100%"
+    assert lines[2] == "~ inference http[1] (control → canary): any request → inference 100%"
     assert lines[3].strip() == "→ any request → inference 90%, inference 10%"
 
 
@@ -68,3 +72,11 @@ def test_a_new_virtual_service_replaces_the_default_route() -> None:
         "added", "host extra", "default route to extra", "VirtualService/extra"
     )
     assert [c.kind for c in diff.changes[1:]] == ["added", "added"]
+
+
+def test_a_destination_header_edit_alone_is_still_reported() -> None:
+    canary = applied(CANARY)
+    edited = applied(CANARY.replace('x-model-version: "2"', 'x-model-version: "3"'))
+    (change,) = routing_diff(canary, edited).changes
+    assert change.subject == "inference http[1] (canary)"
+    assert change.after.endswith("its destinations' header edits changed")
