@@ -285,8 +285,9 @@ class Gateway:
         With a store, the version below the running one is written again as a new version
         (history only grows, and every gateway follows); rolling back twice returns to
         where it started, as ``kubectl rollout undo`` does. When the store's latest version
-        was refused here, the running (last good) version is the one written again. Without a store, this gateway's
-        overlay before its last admin change. Returns (config, what was restored, overlay).
+        was refused here, the running (last good) version is the one written again.
+        Without a store, this gateway's overlay before its last admin change. Returns
+        (config, what was restored, overlay).
         """
         source = "rollback"
         self._expect(expected_version)

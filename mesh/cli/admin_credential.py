@@ -58,7 +58,7 @@ def ensure_admin_credential(state_dir: Path) -> Path:
 
 
 def admin_key(explicit: str | None = None, state_dir: Path = DEFAULT_STATE_DIR) -> str | None:
-    """The key to send: ``explicit`` (``--api-key``), ``$MESHSERVE_ADMIN_KEY``, the state folder's."""
+    """The key to send: ``--api-key``, else ``$MESHSERVE_ADMIN_KEY``, else the state folder's."""
     if explicit:
         return explicit
     if os.environ.get(ADMIN_KEY_ENV):

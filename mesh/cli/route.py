@@ -1,4 +1,4 @@
-"""``meshserve route explain`` and ``meshserve config apply|dump|rollback``: the gateway's admin API.
+"""``meshserve route explain`` and ``meshserve config apply|dump|rollback``: the admin API.
 
 Every call carries the admin key (``mesh.cli.admin_credential``): ``--api-key``, else
 ``$MESHSERVE_ADMIN_KEY``, else the running ``up``'s ``admin.key``.
