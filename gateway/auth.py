@@ -389,15 +389,20 @@ class ClientGuard:
         self.policies = policies
         self.workload = workload
 
-    def _authorize(self, method: str, client: Client, headers: Mapping[str, str]) -> None:
-        if self.policies is None:
+    def _authorize(self, method: str, client: Client | None, headers: Mapping[str, str]) -> None:
+        """``client`` None: a call without credentials on an open data plane (no principal,
+        as Istio evaluates a request that carries no token)."""
+        policies = self.policies() if self.policies is not None else ()
+        if not policies:
             return
+        principal = client.request_principal if client is not None else None
         request = RequestAttributes(
-            path=method, request_principal=client.request_principal, jwt_aware=True, headers=headers
+            path=method, request_principal=principal, jwt_aware=True, headers=headers
         )
-        decision = evaluate(self.policies(), self.workload, request)
+        decision = evaluate(policies, self.workload, request)
         if not decision.allowed:
-            raise PermissionDenied(f"client {client.name!r}: {decision.reason}")
+            who = f"client {client.name!r}" if client is not None else "anonymous call"
+            raise PermissionDenied(f"{who}: {decision.reason}")
 
     def check(self, method: str, headers: Mapping[str, str]) -> None:
         """Admits one call or raises: Unauthenticated, PermissionDenied, or
@@ -429,6 +434,7 @@ class ClientGuard:
                 (API_KEY_HEADER not in headers and AUTHORIZATION_HEADER not in headers)
                 or not (config.api_keys or config.jwt)
             ):
+                self._authorize(method, None, headers)
                 return None, 0.0
             if exempt(method, config.exempt_methods):
                 return None, 0.0

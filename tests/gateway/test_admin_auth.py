@@ -16,6 +16,8 @@ from gateway.app import Gateway
 from gateway.auth import ADMIN_LOCKED, AuthConfig, ClientGuard, hash_key, new_key
 from gateway.discovery import StaticDiscovery
 from mesh.config.fields import ConfigError
+from mesh.config.loader import parse_yaml
+from mesh.config.security import AuthorizationPolicy
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated
 from mesh.server.app import ServerSettings
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
@@ -193,3 +195,29 @@ async def test_a_gateway_without_auth_config_refuses_admin_and_serves_the_rest(
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await serving.drain(grace=0)
+
+
+def test_authorization_policies_apply_to_calls_without_credentials_on_an_open_data_plane(
+    tmp_path: Path,
+) -> None:
+    policies = [
+        d.resource
+        for d in parse_yaml(
+            """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-metadata-calls}
+spec:
+  selector: {matchLabels: {app: gateway}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/inference.GRPCInferenceService/ModelMetadata"]}}]}]
+""",
+            "edge.yaml",
+        )
+        if isinstance(d.resource, AuthorizationPolicy)
+    ]
+    guard = admin_guard()
+    guard.policies = lambda: policies
+    guard.check(INFER, {})
+    with pytest.raises(PermissionDenied, match="anonymous call: RBAC: access denied"):
+        guard.check("/inference.GRPCInferenceService/ModelMetadata", {})
