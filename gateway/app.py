@@ -372,10 +372,13 @@ class Gateway:
     def _server_interceptors(self, *, relayed: bool = False) -> list[grpc.aio.ServerInterceptor]:
         # Telemetry outermost: rejected calls are traced and counted too. Behind the relay
         # a configured guard has already admitted the call (checking again would spend a
-        # second rate-limit token); the default guard runs here, behind the relay too.
+        # second rate-limit token), so only Admin's scope is checked again here; the
+        # default guard (no auth file) runs here whole, the relay running none.
         traced = [TelemetryServerInterceptor(self.telemetry)] if self.telemetry else []
-        in_server = not relayed or not self._guard_in_relay
-        guarded = [GuardInterceptor(self.guard)] if in_server else []
+        if relayed and self._guard_in_relay:
+            guarded = [GuardInterceptor(self.guard.admin_only)]
+        else:
+            guarded = [GuardInterceptor(self.guard)]
         return [*traced, *guarded, *self.interceptors]
 
     @property

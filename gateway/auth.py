@@ -458,10 +458,19 @@ class ClientGuard:
         return client
 
     async def __call__(self, method: str, context: Context) -> None:
-        headers = {
-            k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
-        }
-        self.check(method, headers)
+        self.check(method, _text_metadata(context))
+
+    async def admin_only(self, method: str, context: Context) -> None:
+        """The admin check alone, for the gRPC server behind a relay that has already
+        admitted the call: Admin stays guarded on that path too, and no second rate-limit
+        token is spent (admission is the relay's)."""
+        if method.startswith(ADMIN_METHODS):
+            headers = _text_metadata(context)
+            self._authorize(method, self._admin(method, headers), headers)
+
+
+def _text_metadata(context: Context) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
 #: The guard of a gateway started without an auth file: the data plane stays open, and

@@ -170,6 +170,16 @@ async def test_admin_through_the_public_port_needs_the_admin_key(data_plane: str
                 assert refused.value.code() is code
             dump = await admin.DumpConfig(request, metadata=ADMIN_METADATA, timeout=10)
             assert dump.version == gateway.state.config.version
+        if gateway.relay is not None:
+            # The gRPC server behind the relay checks Admin's scope too (defence in depth:
+            # its socket is private, but the check must hold on every path).
+            internal = gateway.relay.internal_address
+            async with grpc.aio.insecure_channel(internal) as channel:
+                admin = admin_pb2_grpc.AdminStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await admin.DumpConfig(request, metadata=(("x-api-key", data_key),), timeout=10)
+                assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                await admin.DumpConfig(request, metadata=ADMIN_METADATA, timeout=10)
     finally:
         await serving.drain(grace=0)
 
