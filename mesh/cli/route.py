@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _gateway_option(rollback)
     rollback.add_argument(
-        "--dry-run", action="store_true", help="validate and print the routing diff only"
+        "--dry-run", action="store_true", help="validate only: print what would be restored"
     )
     rollback.add_argument(
         "--expected-version", type=int, default=0, help="roll back only from this version"
