@@ -27,13 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
 from bench.children import ENV, REPO
-from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
-from tests.support.load import InferLoad
+from tests.support.load import InferLoad, routed_inference_ports
 
 READY_TIMEOUT_S = 240.0
 BACK_TIMEOUT_S = 180.0
@@ -131,23 +129,6 @@ class Mesh:
                 self.process.wait()
 
 
-def _routed(gateway: str) -> set[str]:
-    with grpc.insecure_channel(gateway) as channel:
-        try:
-            reply = admin_pb2_grpc.AdminStub(channel).ListEndpoints(
-                admin_pb2.ListEndpointsRequest(host="inference"), timeout=5
-            )
-        except grpc.RpcError:
-            return set()
-    return {
-        e.address.rsplit(":", 1)[1]
-        for g in reply.groups
-        if not g.subset
-        for e in g.endpoints
-        if e.healthy and not e.ejected
-    }
-
-
 def _until(check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -161,7 +142,7 @@ def _whole(mesh: Mesh) -> bool:
     if any(u["state"] != "running" for u in units.values()):
         return False
     inference = {u["address"].rsplit(":", 1)[1] for s, u in units.items() if s.startswith("infer")}
-    return _routed(mesh.up()["gateway"]) == inference
+    return routed_inference_ports(mesh.up()["gateway"], mesh.state) == inference
 
 
 def one_kind(mesh: Mesh, kind: Kind, callers: int, window_s: float) -> Row:
@@ -179,7 +160,9 @@ def one_kind(mesh: Mesh, kind: Kind, callers: int, window_s: float) -> Row:
             if unit["state"] != "running" or unit["pid"] == before["pid"]:
                 return False
             if kind.slug.startswith("inference"):
-                return unit["address"].rsplit(":", 1)[1] in _routed(gateway)
+                return unit["address"].rsplit(":", 1)[1] in routed_inference_ports(
+                    gateway, mesh.state
+                )
             return True
 
         _until(back, BACK_TIMEOUT_S)

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc.aio
 
 from bench.children import process
+from mesh.cli.admin_credential import admin_metadata, ensure_admin_credential
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
@@ -246,13 +247,16 @@ async def multi_version(seconds: float, concurrency: int) -> None:
                 for i in range(4)
             ]
             static = [arg for w in workers for arg in ("--static", f"inference={w}")]
+            # An admin key as `up` makes one (data plane open): Admin needs it.
+            state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            auth = ("--auth-config", str(ensure_admin_credential(state)))
             gateway = stack.enter_context(
-                process("mesh.cli.main", "gateway", "--port", "0", *static)
+                process("mesh.cli.main", "gateway", "--port", "0", *auth, *static)
             )
             async with grpc.aio.insecure_channel(gateway) as channel:
                 yaml = f"apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: inference\n{rule}"
                 await admin_pb2_grpc.AdminStub(channel).ApplyConfig(
-                    admin_pb2.ApplyConfigRequest(yaml=yaml)
+                    admin_pb2.ApplyConfigRequest(yaml=yaml), metadata=admin_metadata(None, state)
                 )
             await wait_ready(gateway)
             rate, latencies = await load(gateway, concurrency, seconds, requests, header=False)

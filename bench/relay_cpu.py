@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
+import timeit
 from pathlib import Path
 from typing import Any
 
 import hpack
 
+from gateway.auth import ADMIN_SCOPE, AuthConfig, ClientGuard, hash_key
 from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from gateway.relay import frames as f
 from gateway.relay.hpack_codec import HeaderEncoder
@@ -30,6 +33,7 @@ from protos.inference import grpc_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = "127.0.0.1:9001"
+INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 
 
 class MemoryTransport(asyncio.Transport):
@@ -49,14 +53,14 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
-async def run(calls: int) -> float:
+async def run(calls: int, guard: ClientGuard | None = None) -> float:
     config = EMPTY.merged(load_path(REPO / "config"), version=1, source="config")
     state = GatewayState(config)
     table = EndpointTable()
     async for update in StaticDiscovery([StaticInstance("inference", "w0", UPSTREAM)]).updates():
         state.set_endpoints(table.apply(update))
         break
-    relay = Relay(state, internal_address="127.0.0.1:1")
+    relay = Relay(state, internal_address="127.0.0.1:1", guard=guard.check if guard else None)
     client_side = Downstream(relay)
     down_transport = MemoryTransport()
     client_side.connection_made(down_transport)
@@ -122,10 +126,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20_000)
     args = parser.parse_args()
-    per_call = asyncio.run(run(args.calls))
+    # What `meshserve up` runs: an admin key, the data plane open (mesh/cli/admin_credential.py).
+    up_guard = ClientGuard(
+        AuthConfig(
+            api_keys={hash_key("msk_bench"): "local-admin"},
+            key_scopes={hash_key("msk_bench"): frozenset({ADMIN_SCOPE})},
+            open_data_plane=True,
+        )
+    )
+    # Interleaved rounds, median of each: other load on the machine hits both alike.
+    rounds = 10
+    plain, guarded = [], []
+    for _ in range(rounds):
+        plain.append(asyncio.run(run(args.calls // rounds)))
+        guarded.append(asyncio.run(run(args.calls // rounds, up_guard)))
+    per_call, guarded_call = statistics.median(plain), statistics.median(guarded)
+    # The guard alone, as the relay calls it (its header dict built from the same request).
+    metadata = {"content-type": "application/grpc", "te": "trailers", "grpc-timeout": "29999m"}
+    check = min(
+        timeit.repeat(
+            lambda: up_guard.check(INFER_PATH, dict(metadata)), number=args.calls, repeat=5
+        )
+    )
     print("| measure | µs per call |")
     print("|---|---:|")
     print(f"| relay Python, one unary call (routing + frames + headers) | {per_call * 1e6:.1f} |")
+    print(f"| the same behind up's guard (admin key, data plane open) | {guarded_call * 1e6:.1f} |")
+    print(f"| up's guard check alone (best of 5) | {check / args.calls * 1e6:.1f} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from gateway.discovery import EndpointTable
 from gateway.state import GatewayState
 from mesh.balance.endpoints import InstanceView
 from mesh.config.hosts import normalise_host
-from mesh.config.loader import parse_yaml
+from mesh.config.loader import Document, parse_yaml
 from mesh.config.snapshot import MeshConfig
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from mesh.routing.decision import RequestInfo
@@ -25,11 +25,19 @@ Context = grpc.aio.ServicerContext[object, object]
 
 
 class Applier(Protocol):
-    """Applies YAML over the running config somewhere other than in memory (a config store)."""
+    """Applies YAML over the running config: validated against the mesh, maybe through a store."""
 
     def __call__(
         self, text: str, *, expected_version: int, dry_run: bool
     ) -> Awaitable[MeshConfig]: ...
+
+
+class Rollback(Protocol):
+    """Restores the config before the running one: (config, what was restored, overlay)."""
+
+    def __call__(
+        self, *, expected_version: int, dry_run: bool
+    ) -> Awaitable[tuple[MeshConfig, str, list[Document]]]: ...
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -64,12 +72,16 @@ class Admin(admin_pb2_grpc.AdminServicer):
         *,
         staleness: Callable[[], float] = lambda: 0.0,
         applier: Applier | None = None,
+        rollback: Rollback | None = None,
     ) -> None:
         self.state = state
         self.table = table
         self._staleness = staleness
-        #: Where ApplyConfig writes; None: the running config only (lost on restart).
+        #: Where ApplyConfig writes; None: the running config only, unchecked against the
+        #: mesh (a bare Admin in tests; the gateway always passes its own).
         self._applier = applier
+        #: What RollbackConfig calls; None: rollback is not offered.
+        self._rollback = rollback
 
     def _instance(self, instance: InstanceView) -> admin_pb2.Instance:
         load = instance.load
@@ -244,3 +256,16 @@ class Admin(admin_pb2_grpc.AdminServicer):
         refs = [d.ref for d in parse_yaml(request.yaml, source)]
         version = self.state.config.version if request.dry_run else config.version
         return admin_pb2.ApplyConfigResponse(version=version, resources=refs)
+
+    async def RollbackConfig(
+        self, request: admin_pb2.RollbackConfigRequest, context: Context
+    ) -> admin_pb2.RollbackConfigResponse:
+        if self._rollback is None:
+            raise FailedPrecondition("this gateway keeps no config history to roll back to")
+        config, restored, overlay = await self._rollback(
+            expected_version=request.expected_version, dry_run=request.dry_run
+        )
+        version = self.state.config.version if request.dry_run else config.version
+        return admin_pb2.RollbackConfigResponse(
+            version=version, restored=restored, resources=[d.ref for d in overlay]
+        )

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc.aio
 
 from gateway.admin import Admin
-from gateway.auth import ClientGuard
+from gateway.auth import ADMIN_LOCKED, ClientGuard
 from gateway.channels import ChannelPool
 from gateway.discovery import DiscoverySource, EndpointTable
 from gateway.methods import MESH_SERVICES
@@ -27,7 +27,8 @@ from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
 from mesh.config.loader import Document, dump_yaml, load_path, parse_yaml, yaml_files
 from mesh.config.snapshot import EMPTY, MeshConfig
-from mesh.errors import Aborted
+from mesh.errors import Aborted, FailedPrecondition
+from mesh.routing.admission import check_admission
 from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
@@ -119,6 +120,10 @@ class Gateway:
         self._overlay_docs: list[Document] = []
         #: The newest store version read, installed or rejected (what a write builds on).
         self._store_seen = 0
+        #: Without a store: the overlay before the last admin change (what rollback restores).
+        self._previous_overlay: list[Document] | None = None
+        #: Whether discovery has reported once: until then registrations are unknown.
+        self._discovered = False
         self.discovery = discovery
         self.config_dir = config_dir
         self.reload_interval = reload_interval
@@ -129,7 +134,12 @@ class Gateway:
         self.telemetry = telemetry
         #: Client authentication, authorization and rate limits: checked by the relay for
         #: every call it takes, or by the gRPC server when it serves the port itself.
-        self.guard = guard
+        #: Without an auth file, a guard that leaves the data plane open and refuses Admin
+        #: (secure by default: see gateway.auth.ADMIN_LOCKED). The relay never serves Admin
+        #: itself (it hands it to the gRPC server), so that guard runs in the gRPC server
+        #: only and the relay's hot path stays free of it.
+        self.guard = guard if guard is not None else ClientGuard(ADMIN_LOCKED)
+        self._guard_in_relay = guard is not None
         self.discovery_retry = discovery_retry
         self.table = EndpointTable()
         # With credentials, upstream calls are mutual TLS (to sidecars).
@@ -144,7 +154,8 @@ class Gateway:
             self.state,
             self.table,
             staleness=lambda: time.monotonic() - self._last_update,
-            applier=self.apply_config if config_store is not None else None,
+            applier=self.apply_config,
+            rollback=self.rollback_config,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
@@ -168,13 +179,23 @@ class Gateway:
     def _build(
         self, base: list[Document], overlay: list[Document], stored: ConfigVersion | None
     ) -> MeshConfig:
-        """Base then overlay, validated as a whole; raises ``ConfigError``."""
+        """Base then overlay, validated as a whole and against what the mesh knows
+        (``mesh.routing.admission``); raises ``ConfigError``.
+
+        Every way a config arrives (directory, store, admin apply, rollback) comes through
+        here, so no source can install a config that strands a served host.
+        """
         parts = [str(self.config_dir)] if self.config_dir is not None else []
         if stored is not None:
             parts.append(f"store {stored.name!r} v{stored.version}")
-        return EMPTY.merged(base, version=0, source="").merged(
+        elif overlay:
+            parts.append("admin")  # applied in memory (no store)
+        config = EMPTY.merged(base, version=0, source="").merged(
             overlay, version=self.state.config.version + 1, source=" + ".join(parts) or "<none>"
         )
+        endpoints = self.state.snapshot if self._discovered else None
+        check_admission(config, self.state.config, endpoints)
+        return config
 
     async def _load_store(self) -> None:
         """At start-up: lays the store's latest version over the directory.
@@ -205,20 +226,23 @@ class Gateway:
         self.state.apply_whole(config)
         log.info("config version %d: %s", config.version, config.source)
 
-    async def apply_config(self, text: str, *, expected_version: int, dry_run: bool) -> MeshConfig:
-        """Admin.ApplyConfig with a store: validate here, then write through the store.
-
-        ``expected_version`` is the running config version the caller read (0: any); the
-        store write itself expects the store version the running config includes, so of
-        two gateways applying at once, one wins and the other gets ``Aborted``.
-        """
-        assert self.config_store is not None
-        source = "admin"
+    def _expect(self, expected_version: int) -> None:
         if expected_version and expected_version != self.state.config.version:
             raise Aborted(
                 f"config version is {self.state.config.version}, "
                 f"not the expected {expected_version}"
             )
+
+    async def apply_config(self, text: str, *, expected_version: int, dry_run: bool) -> MeshConfig:
+        """Admin.ApplyConfig: validate here, then write through the store (if any).
+
+        ``expected_version`` is the running config version the caller read (0: any); the
+        store write itself expects the store version the running config includes, so of
+        two gateways applying at once, one wins and the other gets ``Aborted``. Without a
+        store the change lives in this gateway's memory (lost on restart).
+        """
+        source = "admin"
+        self._expect(expected_version)
         try:
             incoming = parse_yaml(text, source)
             overlay = [
@@ -232,8 +256,19 @@ class Gateway:
             raise
         if dry_run:
             return config
+        return await self._install_overlay(overlay, config, applied_by="gateway admin")
+
+    async def _install_overlay(
+        self, overlay: list[Document], config: MeshConfig, *, applied_by: str
+    ) -> MeshConfig:
+        """Makes an already validated overlay the running one (through the store, if any)."""
+        if self.config_store is None:
+            self._previous_overlay = self._overlay_docs
+            self._overlay_docs = overlay
+            self.state.apply_whole(config)
+            return config
         stored = await self.config_store.apply(
-            dump_yaml(overlay), expected_version=self._store_seen, applied_by="gateway admin"
+            dump_yaml(overlay), expected_version=self._store_seen, applied_by=applied_by
         )
         self._store_seen = max(self._store_seen, stored.version)
         # Installed now rather than when the watch sees it: the caller reads its own write.
@@ -241,6 +276,60 @@ class Gateway:
             self._overlay, self._overlay_docs = stored, overlay
             self.state.apply_whole(self._build(self._base, overlay, stored))
         return self.state.config
+
+    async def rollback_config(
+        self, *, expected_version: int, dry_run: bool
+    ) -> tuple[MeshConfig, str, list[Document]]:
+        """Admin.RollbackConfig: the overlay before the running one, validated like an apply.
+
+        With a store, the version below the running one is written again as a new version
+        (history only grows, and every gateway follows); rolling back twice returns to
+        where it started, as ``kubectl rollout undo`` does. When the store's latest version
+        was refused here, the running (last good) version is the one written again.
+        Without a store, this gateway's overlay before its last admin change. Returns
+        (config, what was restored, overlay).
+        """
+        source = "rollback"
+        self._expect(expected_version)
+        stored: ConfigVersion | None = None
+        if self.config_store is not None:
+            running = self.store_version
+            # The store's latest was refused here (another writer's bad version): the last
+            # good one is what runs, so that is what goes back on top of the store.
+            target = running if self._store_seen > running else running - 1
+            if running == 0:
+                raise FailedPrecondition(
+                    "nothing to roll back: the running config includes no config store version"
+                )
+            if target > 0:
+                stored = await self.config_store.get(target)
+                restored = f"store {stored.name!r} v{stored.version}"
+                text = stored.yaml
+            else:
+                restored, text = "the config directory alone (before store version 1)", ""
+        else:
+            if self._previous_overlay is None:
+                raise FailedPrecondition(
+                    "nothing to roll back: no config was applied to this gateway since it "
+                    "started (and it has no config store)"
+                )
+            restored = f"the config before version {self.state.config.version}"
+            text = dump_yaml(self._previous_overlay)
+        try:
+            overlay = parse_yaml(text, restored)
+            config = self._build(self._base, overlay, stored)
+        except ConfigError as exc:
+            if not dry_run:
+                self.state.reject(source, exc.message)
+            raise
+        if dry_run:
+            return config, restored, overlay
+        applied_by = f"gateway admin rollback to {restored}"
+        return (
+            await self._install_overlay(overlay, config, applied_by=applied_by),
+            restored,
+            overlay,
+        )
 
     def services(self) -> list[Service]:
         def register_proxy(server: grpc.aio.Server) -> None:
@@ -282,10 +371,14 @@ class Gateway:
 
     def _server_interceptors(self, *, relayed: bool = False) -> list[grpc.aio.ServerInterceptor]:
         # Telemetry outermost: rejected calls are traced and counted too. Behind the relay
-        # the guard has already admitted the call (checking again would spend a second
-        # rate-limit token).
+        # a configured guard has already admitted the call (checking again would spend a
+        # second rate-limit token), so only Admin's scope is checked again here; the
+        # default guard (no auth file) runs here whole, the relay running none.
         traced = [TelemetryServerInterceptor(self.telemetry)] if self.telemetry else []
-        guarded = [GuardInterceptor(self.guard)] if self.guard and not relayed else []
+        if relayed and self._guard_in_relay:
+            guarded = [GuardInterceptor(self.guard.admin_only)]
+        else:
+            guarded = [GuardInterceptor(self.guard)]
         return [*traced, *guarded, *self.interceptors]
 
     @property
@@ -317,7 +410,7 @@ class Gateway:
             ssl_context=self._tls_context,
             metrics=self.metrics,
             telemetry=self.telemetry,
-            guard=self.guard.check if self.guard else None,
+            guard=self.guard.check if self._guard_in_relay else None,
         )
         try:
             port = await relay.start(settings.host, settings.port)
@@ -345,6 +438,7 @@ class Gateway:
                         for host in changed_hosts(self.state.snapshot, snapshot):
                             self.metrics.ring_changed(host)
                     self.state.set_endpoints(snapshot)
+                    self._discovered = True
                     addresses = {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
                     self.channels.retain(addresses)
                     if self.relay is not None:

@@ -5,6 +5,9 @@ Configured by a small YAML file (``meshserve gateway --auth-config FILE``)::
     apiKeys:                      # keys are stored hashed: `meshserve auth new-key` prints both
       - client: analytics
         sha256: 3f0a...           # hex SHA-256 of the key
+      - client: ops
+        sha256: 9b1c...
+        scopes: [admin]           # may call the Admin API (meshserve apply, config, route)
     jwt:
       issuer: https://login.example.com/   # optional; checked when set
       audiences: [meshserve]               # optional; checked when set
@@ -18,10 +21,20 @@ Configured by a small YAML file (``meshserve gateway --auth-config FILE``)::
     clients:
       analytics: {rateLimit: {requestsPerSecond: 5, burst: 10}}
     exemptMethods: ["/grpc.health.v1.Health/*"]         # the default
+    dataPlane: authenticated      # or open: calls without credentials pass (Admin never does)
 
 Clients send ``x-api-key: <key>`` or ``authorization: Bearer <key or JWT>``. Failures are
 UNAUTHENTICATED naming what was wrong; a client over its rate gets RESOURCE_EXHAUSTED with
 the ``grpc-retry-pushback-ms`` trailer (gRFC A6) saying when to retry.
+
+The Admin API (``/meshserve.mesh.v1.Admin/*``) needs the ``admin`` scope: an API key listed
+with ``scopes: [admin]``, or a JWT whose ``scope`` (space-separated, OAuth 2.0) or ``scp``
+claim holds it. A known client without it gets PERMISSION_DENIED; no credential,
+UNAUTHENTICATED. A gateway with no admin credential configured refuses Admin to everyone
+(secure by default; :data:`ADMIN_LOCKED` is its guard when it has no auth file at all).
+With ``dataPlane: open``, a call that carries no credential is admitted unauthenticated
+(a credential that is sent is still checked, as Istio's RequestAuthentication does): what
+``meshserve up`` runs, an admin key and an open data plane.
 """
 
 from __future__ import annotations
@@ -60,6 +73,15 @@ RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 DEFAULT_EXEMPT = ("/grpc.health.v1.Health/*",)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+#: The scope an identity needs for the Admin API, and the methods it guards.
+ADMIN_SCOPE = "admin"
+ADMIN_METHODS = "/meshserve.mesh.v1.Admin/"
+DATA_PLANE_MODES = ("authenticated", "open")
+HOW_TO_GRANT_ADMIN = (
+    "start the gateway with --auth-config FILE listing an API key with `scopes: [admin]` "
+    "(`meshserve auth new-key --client ops --scope admin` prints the entry; `meshserve up` "
+    "makes one in <state>/admin.key), or a JWT issuer whose tokens carry scope 'admin'"
+)
 
 
 def hash_key(key: str) -> str:
@@ -98,10 +120,19 @@ class AuthConfig:
 
     #: SHA-256 hex digest → client name.
     api_keys: Mapping[str, str] = field(default_factory=dict)
+    #: SHA-256 hex digest → the scopes of that key (absent: none).
+    key_scopes: Mapping[str, frozenset[str]] = field(default_factory=dict)
     jwt: JwtSettings | None = None
     rate_limit: RateLimit | None = None
     client_limits: Mapping[str, RateLimit] = field(default_factory=dict)
     exempt_methods: tuple[str, ...] = DEFAULT_EXEMPT
+    #: Whether a call without credentials is admitted (never for Admin methods).
+    open_data_plane: bool = False
+
+    @property
+    def admin_possible(self) -> bool:
+        """Whether any credential could carry the admin scope (a key with it, or a JWT)."""
+        return self.jwt is not None or any(ADMIN_SCOPE in s for s in self.key_scopes.values())
 
     @classmethod
     def load(cls, path: Path) -> AuthConfig:
@@ -161,16 +192,20 @@ def _jwt_settings(node: Node, base: Path) -> JwtSettings:
 
 
 def parse_auth_config(node: Node, base: Path) -> AuthConfig:
-    node.mapping(("apiKeys", "jwt", "rateLimit", "clients", "exemptMethods"))
+    node.mapping(("apiKeys", "jwt", "rateLimit", "clients", "exemptMethods", "dataPlane"))
     api_keys: dict[str, str] = {}
+    key_scopes: dict[str, frozenset[str]] = {}
     for item in node.child("apiKeys").items():
-        item.mapping(("client", "sha256"), required=("client", "sha256"))
+        item.mapping(("client", "sha256", "scopes"), required=("client", "sha256"))
         digest = item.child("sha256").string().lower()
         if not _HEX64.fullmatch(digest):
             item.child("sha256").fail("must be 64 hex digits (`meshserve auth new-key` prints it)")
         if digest in api_keys:
             item.child("sha256").fail(f"duplicates the key of client {api_keys[digest]!r}")
         api_keys[digest] = item.child("client").string()
+        scopes = item.child("scopes").string_list()
+        if scopes:
+            key_scopes[digest] = frozenset(scopes)
     limits: dict[str, RateLimit] = {}
     for name, client in node.child("clients").entries():
         client.mapping(("rateLimit",), required=("rateLimit",))
@@ -183,6 +218,8 @@ def parse_auth_config(node: Node, base: Path) -> AuthConfig:
         exempt_methods=node.child("exemptMethods").string_list()
         if node.has("exemptMethods")
         else DEFAULT_EXEMPT,
+        key_scopes=key_scopes,
+        open_data_plane=node.child("dataPlane").choice(DATA_PLANE_MODES, "authenticated") == "open",
     )
     if not config.api_keys and config.jwt is None:
         node.fail("configures no credentials: add apiKeys or jwt")
@@ -198,6 +235,8 @@ class Client:
     method: str
     #: For JWT: Istio's request principal ``<iss>/<sub>``.
     request_principal: str | None = None
+    #: What the credential grants (API key ``scopes``, JWT ``scope``/``scp``).
+    scopes: frozenset[str] = frozenset()
 
 
 def _describe_jwt_error(exc: jwt.PyJWTError, settings: JwtSettings) -> str:
@@ -256,7 +295,7 @@ class Authenticator:
                 found = client
         if found is None:
             raise Unauthenticated("the API key is not valid")
-        return Client(found, "api-key")
+        return Client(found, "api-key", scopes=self.config.key_scopes.get(digest, frozenset()))
 
     def _jwt(self, token: str, settings: JwtSettings) -> Client:
         try:
@@ -300,9 +339,21 @@ class Authenticator:
                 raise Unauthenticated(f"JWT lacks the client claim {settings.client_claim!r}")
             issuer = claims.get("iss")
             principal = f"{issuer}/{claims.get('sub')}" if issuer else None
-            return Client(name, "jwt", principal)
+            return Client(name, "jwt", principal, _jwt_scopes(claims))
         assert error is not None
         raise Unauthenticated(_describe_jwt_error(error, settings))
+
+
+def _jwt_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """OAuth 2.0's ``scope`` (space-separated string) and ``scp`` (a list, or a string)."""
+    scopes: set[str] = set()
+    for claim in ("scope", "scp"):
+        value = claims.get(claim)
+        if isinstance(value, str):
+            scopes.update(value.split())
+        elif isinstance(value, list):
+            scopes.update(v for v in value if isinstance(v, str))
+    return frozenset(scopes)
 
 
 def exempt(method: str, patterns: Sequence[str]) -> bool:
@@ -338,15 +389,20 @@ class ClientGuard:
         self.policies = policies
         self.workload = workload
 
-    def _authorize(self, method: str, client: Client, headers: Mapping[str, str]) -> None:
-        if self.policies is None:
+    def _authorize(self, method: str, client: Client | None, headers: Mapping[str, str]) -> None:
+        """``client`` None: a call without credentials on an open data plane (no principal,
+        as Istio evaluates a request that carries no token)."""
+        policies = self.policies() if self.policies is not None else ()
+        if not policies:
             return
+        principal = client.request_principal if client is not None else None
         request = RequestAttributes(
-            path=method, request_principal=client.request_principal, jwt_aware=True, headers=headers
+            path=method, request_principal=principal, jwt_aware=True, headers=headers
         )
-        decision = evaluate(self.policies(), self.workload, request)
+        decision = evaluate(policies, self.workload, request)
         if not decision.allowed:
-            raise PermissionDenied(f"client {client.name!r}: {decision.reason}")
+            who = f"client {client.name!r}" if client is not None else "anonymous call"
+            raise PermissionDenied(f"{who}: {decision.reason}")
 
     def check(self, method: str, headers: Mapping[str, str]) -> None:
         """Admits one call or raises: Unauthenticated, PermissionDenied, or
@@ -368,14 +424,55 @@ class ClientGuard:
 
     def admit(self, method: str, headers: Mapping[str, str]) -> tuple[Client | None, float]:
         """(client, seconds to wait): pure apart from the limiter's buckets."""
-        if exempt(method, self.config.exempt_methods):
-            return None, 0.0
-        client = self.authenticator.authenticate(headers)
+        config = self.config
+        if method.startswith(ADMIN_METHODS):
+            # Never exempt and never open: Admin changes what every client gets.
+            client = self._admin(method, headers)
+        else:
+            # Cheapest first: `up`'s open data plane answers here on the relay's hot path.
+            if config.open_data_plane and (
+                (API_KEY_HEADER not in headers and AUTHORIZATION_HEADER not in headers)
+                or not (config.api_keys or config.jwt)
+            ):
+                self._authorize(method, None, headers)
+                return None, 0.0
+            if exempt(method, config.exempt_methods):
+                return None, 0.0
+            client = self.authenticator.authenticate(headers)
         self._authorize(method, client, headers)
         return client, self.limiter.take(client.name)
 
+    def _admin(self, method: str, headers: Mapping[str, str]) -> Client:
+        if not self.config.admin_possible:
+            raise PermissionDenied(
+                f"{method} is refused: this gateway has no admin credential configured; "
+                + HOW_TO_GRANT_ADMIN
+            )
+        client = self.authenticator.authenticate(headers)
+        if ADMIN_SCOPE not in client.scopes:
+            raise PermissionDenied(
+                f"client {client.name!r} ({client.method}) lacks the {ADMIN_SCOPE!r} scope "
+                f"that {ADMIN_METHODS}* needs: list its API key with `scopes: [admin]`, or "
+                "issue it a JWT with 'admin' in its scope claim"
+            )
+        return client
+
     async def __call__(self, method: str, context: Context) -> None:
-        headers = {
-            k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
-        }
-        self.check(method, headers)
+        self.check(method, _text_metadata(context))
+
+    async def admin_only(self, method: str, context: Context) -> None:
+        """The admin check alone, for the gRPC server behind a relay that has already
+        admitted the call: Admin stays guarded on that path too, and no second rate-limit
+        token is spent (admission is the relay's)."""
+        if method.startswith(ADMIN_METHODS):
+            headers = _text_metadata(context)
+            self._authorize(method, self._admin(method, headers), headers)
+
+
+def _text_metadata(context: Context) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+#: The guard of a gateway started without an auth file: the data plane stays open, and
+#: Admin is refused to everyone until an admin credential is configured.
+ADMIN_LOCKED = AuthConfig(open_data_plane=True)

@@ -6,8 +6,9 @@ import argparse
 import re
 
 from rich.console import Console
+from rich.markup import escape
 
-from gateway.auth import hash_key, new_key
+from gateway.auth import ADMIN_SCOPE, hash_key, new_key
 from mesh.errors import InvalidArgument
 
 out = Console(highlight=False, soft_wrap=True)
@@ -23,7 +24,9 @@ def cmd_new_key(args: argparse.Namespace) -> int:
     # The key goes to the client once; only its hash is kept in the auth file.
     out.print(f"key (give it to {args.client}; it is not stored anywhere): {key}")
     out.print("add to the gateway's auth file under apiKeys:")
-    out.print(f'  - {{client: {args.client}, sha256: "{hash_key(key)}"}}')
+    scopes = f", scopes: [{', '.join(args.scopes)}]" if args.scopes else ""
+    # Escaped: "[admin]" would read as rich markup.
+    out.print(escape(f'  - {{client: {args.client}, sha256: "{hash_key(key)}"{scopes}}}'))
     return 0
 
 
@@ -32,4 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
     key = sub.add_parser("new-key", help="mint an API key and print its hashed config entry")
     key.add_argument("--client", required=True, help="the client the key identifies")
+    key.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        default=[],
+        choices=(ADMIN_SCOPE,),
+        help=f"what the key grants beyond the data plane ({ADMIN_SCOPE}: the Admin API)",
+    )
     key.set_defaults(handler=cmd_new_key)

@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="YAML file (repeatable)",
     )
     gateway_option(parser)
-    parser.add_argument("--dry-run", action="store_true", help="validate only")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate on the gateway and print how routing would change, without applying",
+    )
     parser.add_argument(
         "--expected-version", type=int, default=0, help="apply only over this version"
     )

@@ -1,4 +1,8 @@
-"""``meshserve route explain`` and ``meshserve config apply|dump``: the gateway's admin API."""
+"""``meshserve route explain`` and ``meshserve config apply|dump|rollback``: the admin API.
+
+Every call carries the admin key (``mesh.cli.admin_credential``): ``--api-key``, else
+``$MESHSERVE_ADMIN_KEY``, else the running ``up``'s ``admin.key``.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +14,35 @@ import grpc.aio
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
+from mesh.cli.admin_credential import ADMIN_KEY_ENV, admin_metadata
+from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args, state_dir_from_args
 from mesh.cli.main import CliError
-from mesh.config.loader import parse_yaml
+from mesh.config.loader import Document, parse_yaml
+from mesh.config.snapshot import MeshConfig
+from mesh.routing.diff import diff_lines, routing_diff
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
 out = Console()
 
 
 def gateway_option(parser: argparse.ArgumentParser) -> None:
-    """--gateway and --state-dir; the default is found when the command runs (``_gateway``)."""
+    """--gateway, --state-dir and --api-key; defaults are found when the command runs."""
     parser.add_argument(
         "--gateway",
         default=None,
         help="gateway address (default: $MESHSERVE_GATEWAY, else the running up, else 127.0.0.1:8080)",
     )
     add_state_dir_argument(parser)
+    admin_key_option(parser)
 
 
-def _gateway(args: argparse.Namespace) -> str:
-    return gateway_from_args(args, args.gateway)
+def admin_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"an API key with the admin scope (default: ${ADMIN_KEY_ENV}, else the running "
+        "up's admin.key)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,7 +67,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     apply = config_sub.add_parser("apply", help="validate and apply YAML over the running config")
     gateway_option(apply)
     apply.add_argument("files", nargs="+", type=Path, help="YAML files")
-    apply.add_argument("--dry-run", action="store_true", help="validate only")
+    apply.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate on the gateway and print how routing would change, without applying",
+    )
     apply.add_argument(
         "--expected-version", type=int, default=0, help="apply only over this version"
     )
@@ -62,6 +79,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     dump = config_sub.add_parser("dump", help="print the running config as YAML")
     gateway_option(dump)
     dump.set_defaults(handler=dump_config)
+    rollback = config_sub.add_parser(
+        "rollback",
+        help="restore the config before the running one (validated like an apply)",
+        description="With the registry's config store, writes the version before the running "
+        "one again as a new version (every gateway follows; a second rollback undoes the "
+        "first). Without a store, restores the gateway's config before its last change.",
+    )
+    gateway_option(rollback)
+    rollback.add_argument(
+        "--dry-run", action="store_true", help="validate only: print what would be restored"
+    )
+    rollback.add_argument(
+        "--expected-version", type=int, default=0, help="roll back only from this version"
+    )
+    rollback.set_defaults(handler=rollback_config)
 
 
 def _headers(pairs: list[str]) -> dict[str, str]:
@@ -74,11 +106,24 @@ def _headers(pairs: list[str]) -> dict[str, str]:
     return headers
 
 
-async def _call(address: str, rpc: str, request: object) -> object:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def _call(args: argparse.Namespace, rpc: str, request: object) -> object:
+    """One Admin call to the gateway ``args`` name, with the admin key they lead to."""
+    metadata = admin_metadata(args.api_key, state_dir_from_args(args))
+    async with grpc.aio.insecure_channel(gateway_from_args(args, args.gateway)) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         method = getattr(stub, rpc)
-        return await method(request, timeout=10)
+        return await method(request, timeout=10, metadata=metadata)
+
+
+def _running(dump: admin_pb2.ConfigDump) -> MeshConfig:
+    """The gateway's running config, rebuilt here from its dump (for the diff)."""
+    docs = [d for r in dump.resources for d in parse_yaml(r.yaml, "gateway")]
+    return MeshConfig.build(docs, version=dump.version, source=dump.source)
+
+
+def _print_diff(before: MeshConfig, after: MeshConfig) -> None:
+    for line in diff_lines(routing_diff(before, after)):
+        out.print(f"  {line}", highlight=False)
 
 
 def explain_route(args: argparse.Namespace) -> int:
@@ -88,7 +133,7 @@ def explain_route(args: argparse.Namespace) -> int:
         model_name=args.model,
         model_version=args.version,
     )
-    reply = asyncio.run(_call(_gateway(args), "ExplainRoute", request))
+    reply = asyncio.run(_call(args, "ExplainRoute", request))
     assert isinstance(reply, admin_pb2.ExplainRouteResponse)
     table = Table(show_header=False, box=None)
     table.add_row("route", reply.route)
@@ -106,27 +151,69 @@ def explain_route(args: argparse.Namespace) -> int:
 
 def apply_config(args: argparse.Namespace) -> int:
     texts = []
+    incoming: list[Document] = []
     for file in args.files:
         try:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise CliError(f"{file}: {exc.strerror or exc}") from exc
         # Validated here first so errors name the file; the gateway validates again,
-        # against the running config (cross-references, versions).
-        parse_yaml(text, str(file))
+        # against the running config and the mesh (cross-references, hosts, versions).
+        incoming.extend(parse_yaml(text, str(file)))
         texts.append(text)
     request = admin_pb2.ApplyConfigRequest(
         yaml="\n---\n".join(texts), expected_version=args.expected_version, dry_run=args.dry_run
     )
-    reply = asyncio.run(_call(_gateway(args), "ApplyConfig", request))
-    assert isinstance(reply, admin_pb2.ApplyConfigResponse)
-    verb = "valid (dry run)" if args.dry_run else f"applied as version {reply.version}"
-    out.print(f"{', '.join(reply.resources)}: {verb}", highlight=False)
+
+    async def dry_run() -> tuple[admin_pb2.ApplyConfigResponse, admin_pb2.ConfigDump]:
+        dump = await _call(args, "DumpConfig", admin_pb2.DumpConfigRequest())
+        reply = await _call(args, "ApplyConfig", request)
+        assert isinstance(reply, admin_pb2.ApplyConfigResponse)
+        assert isinstance(dump, admin_pb2.ConfigDump)
+        return reply, dump
+
+    if args.dry_run:
+        reply, dump = asyncio.run(dry_run())
+        out.print(
+            f"{', '.join(reply.resources)}: valid (dry run over version {dump.version}); "
+            "routing would change:",
+            highlight=False,
+        )
+        running = _running(dump)
+        _print_diff(running, running.merged(incoming, version=0, source="dry run"))
+        return 0
+    applied = asyncio.run(_call(args, "ApplyConfig", request))
+    assert isinstance(applied, admin_pb2.ApplyConfigResponse)
+    out.print(
+        f"{', '.join(applied.resources)}: applied as version {applied.version}", highlight=False
+    )
+    return 0
+
+
+def rollback_config(args: argparse.Namespace) -> int:
+    request = admin_pb2.RollbackConfigRequest(
+        expected_version=args.expected_version, dry_run=args.dry_run
+    )
+
+    async def calls() -> tuple[admin_pb2.ConfigDump, admin_pb2.RollbackConfigResponse]:
+        before = await _call(args, "DumpConfig", admin_pb2.DumpConfigRequest())
+        reply = await _call(args, "RollbackConfig", request)
+        assert isinstance(before, admin_pb2.ConfigDump)
+        assert isinstance(reply, admin_pb2.RollbackConfigResponse)
+        return before, reply
+
+    before, reply = asyncio.run(calls())
+    verb = "would restore" if args.dry_run else f"restored as version {reply.version}"
+    out.print(f"{verb} {reply.restored}", highlight=False)
+    if not args.dry_run:
+        after = asyncio.run(_call(args, "DumpConfig", admin_pb2.DumpConfigRequest()))
+        assert isinstance(after, admin_pb2.ConfigDump)
+        _print_diff(_running(before), _running(after))
     return 0
 
 
 def dump_config(args: argparse.Namespace) -> int:
-    reply = asyncio.run(_call(_gateway(args), "DumpConfig", admin_pb2.DumpConfigRequest()))
+    reply = asyncio.run(_call(args, "DumpConfig", admin_pb2.DumpConfigRequest()))
     assert isinstance(reply, admin_pb2.ConfigDump)
     print(
         f"# version {reply.version} from {reply.source}, applied {reply.applied_at.ToJsonString()}"

@@ -26,6 +26,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from mesh.cli.admin_credential import ensure_admin_credential
 from mesh.cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
 from mesh.cli.errors import CliError
 from mesh.cli.supervision.janitor import Janitor
@@ -280,6 +281,9 @@ def gateway_component(args: argparse.Namespace, state: Path, es: str) -> Compone
             str(state / "certs"),
             "--es",
             es,
+            # Admin needs the admin scope; the CLI sends up's local key (admin.key).
+            "--auth-config",
+            str(ensure_admin_credential(state)),
         ),
         after("gateway listening on "),
         tier=2,

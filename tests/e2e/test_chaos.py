@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
-from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from registry.embedded import free_port
-from tests.support.load import InferLoad, Outcome
+from tests.support.load import InferLoad, Outcome, routed_inference_ports
 from tests.support.up import Up, children, cli, cmdline, kill_leftovers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -66,24 +64,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         kill_leftovers(state)
 
 
-def routed_inference_ports(gateway: str) -> set[str]:
-    """The inference endpoints the gateway would route to now (healthy, not ejected)."""
-    with grpc.insecure_channel(gateway) as channel:
-        try:
-            reply = admin_pb2_grpc.AdminStub(channel).ListEndpoints(
-                admin_pb2.ListEndpointsRequest(host="inference"), timeout=5
-            )
-        except grpc.RpcError:
-            return set()
-    return {
-        port(e.address)
-        for g in reply.groups
-        if not g.subset
-        for e in g.endpoints
-        if e.healthy and not e.ejected
-    }
-
-
 def settled(up: Up) -> None:
     """Every unit running, and the gateway routing to exactly the live inference units."""
 
@@ -92,7 +72,7 @@ def settled(up: Up) -> None:
         if any(unit["state"] != "running" for unit in units.values()):
             return False
         inference = {port(u["address"]) for slug, u in units.items() if slug.startswith("infer")}
-        return routed_inference_ports(up.endpoints()["gateway"]) == inference
+        return routed_inference_ports(up.endpoints()["gateway"], up.state) == inference
 
     poll("the mesh to be whole", whole, SETTLED_TIMEOUT_S)
 
@@ -135,7 +115,7 @@ def under_load(up: Up, slug: str, strike: Callable[[dict[str, Any]], None]) -> F
         if slug.startswith("inference"):
             poll(
                 f"the gateway to route to the new {slug}",
-                lambda: port(after["address"]) in routed_inference_ports(gateway),
+                lambda: port(after["address"]) in routed_inference_ports(gateway, up.state),
                 SETTLED_TIMEOUT_S,
             )
         again = time.monotonic()

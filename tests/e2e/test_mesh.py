@@ -27,12 +27,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from mesh.cli.admin_credential import ADMIN_KEY_FILE, ensure_admin_credential
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from registry.connect import StoreSettings
 from registry.embedded import EmbeddedStore
 from registry.store import open_store
+from tests.gateway.harness import WithMetadata
 from tests.support.processes import ENV, REPO, Launched, cli, group_members
 from workers.inference.stats import LoadReport
 from workers.inference.testing import FP32, MLP, model_config, populate, publish, seeded
@@ -72,6 +74,8 @@ class Mesh:
     repo: Path
     units: list[Unit]
     launched: list[Launched] = field(default_factory=list)
+    #: The Admin API's key (as `up` makes it: its hash in the gateway's auth file).
+    admin_key: str = ""
 
     def launch_unit(self) -> Launched:
         """Starts ``meshserve run inference``; :meth:`ready` waits for its addresses."""
@@ -130,16 +134,20 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     shutil.copytree(REPO / "config", config_dir, ignore=shutil.ignore_patterns("examples"))
     made = cli("certs", "init", f"--dir={certs}")
     assert made.returncode == 0, made.stderr
+    auth_file = ensure_admin_credential(root / "state")
+    admin_key = (root / "state" / ADMIN_KEY_FILE).read_text().strip()
     launched: list[Launched] = []
     with EmbeddedStore(root / "store", advertise=False) as store:
         try:
             gateway = Launched(
                 "mesh.cli.main", "gateway", "--port=0", f"--config={config_dir}",
                 f"--es={store.url}", f"--certs={certs}", "--reload-interval=0.2",
-                name="gateway",
+                f"--auth-config={auth_file}", name="gateway",
             )  # fmt: skip
             launched.append(gateway)
-            mesh = Mesh(store, gateway.address("gateway"), config_dir, certs, repo, [], launched)
+            mesh = Mesh(
+                store, gateway.address("gateway"), config_dir, certs, repo, [], launched, admin_key
+            )
             # Started together: most of their start-up is importing torch.
             for unit in [mesh.launch_unit() for _ in range(3)]:
                 mesh.ready(unit)
@@ -153,7 +161,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 @pytest.fixture
 async def admin(mesh: Mesh) -> AsyncIterator[admin_pb2_grpc.AdminAsyncStub]:
-    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+    key = WithMetadata((("x-api-key", mesh.admin_key),))
+    async with grpc.aio.insecure_channel(mesh.gateway, interceptors=[key]) as channel:
         yield admin_pb2_grpc.AdminStub(channel)
 
 
@@ -247,7 +256,10 @@ async def test_each_version_sticks_to_one_worker(
 async def test_canary_90_10_by_header_applied_through_the_config_store(
     mesh: Mesh, admin: admin_pb2_grpc.AdminAsyncStub, stub: pb_grpc.GRPCInferenceServiceAsyncStub
 ) -> None:
-    applied = cli("config", "apply", "--gateway", mesh.gateway, "config/examples/canary-90-10.yaml")
+    applied = cli(
+        "config", "apply", "--gateway", mesh.gateway, "config/examples/canary-90-10.yaml",
+        "--api-key", mesh.admin_key,
+    )  # fmt: skip
     assert applied.returncode == 0, applied.stderr
     dump = await admin.DumpConfig(admin_pb2.DumpConfigRequest())
     assert "store 'routing' v1" in dump.source

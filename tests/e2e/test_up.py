@@ -72,6 +72,13 @@ def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(
         assert called.returncode == 0, called.stderr
         assert json.loads(called.stdout)["inputs"][0]["name"] == "x"
 
+        # The README's apply: the CLI sends the admin key up wrote in its state folder
+        # (a dry run: the canary's version 2 does not exist in this tour).
+        admin_env = {"MESHSERVE_STATE_DIR": str(mesh_state), "MESHSERVE_ADMIN_KEY": ""}
+        canary = "config/examples/canary-90-10.yaml"
+        dry = cli("apply", "--dry-run", "-f", canary, "--gateway", gateway, env=admin_env)
+        assert dry.returncode == 0 and "routing would change" in dry.stdout, dry.stderr
+
         triton = subprocess.run(
             [sys.executable, "-m", "tests.e2e.triton_tour", gateway, "demo"],
             cwd=ROOT,

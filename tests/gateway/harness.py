@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from gateway.app import Gateway
+from gateway.auth import ADMIN_SCOPE, AuthConfig, ClientGuard, hash_key
 from gateway.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
@@ -20,6 +22,50 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.backends import FakeWorker
 
 REPO = Path(__file__).resolve().parents[2]
+#: The admin credential of every harness gateway (as `meshserve up` makes one).
+ADMIN_KEY = "msk_test-admin-key-for-the-gateway-harness"
+ADMIN_METADATA = (("x-api-key", ADMIN_KEY),)
+
+
+def admin_guard(*, data_plane_keys: dict[str, str] | None = None) -> ClientGuard:
+    """What `up` configures: one admin key, the data plane open (or keyed: client → key)."""
+    keys = {hash_key(ADMIN_KEY): "admin"}
+    keys.update({hash_key(k): c for c, k in (data_plane_keys or {}).items()})
+    return ClientGuard(
+        AuthConfig(
+            api_keys=keys,
+            key_scopes={hash_key(ADMIN_KEY): frozenset({ADMIN_SCOPE})},
+            open_data_plane=True,
+        )
+    )
+
+
+class WithMetadata(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds fixed metadata (a credential) to every unary call of a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        old = client_call_details
+        details = grpc.aio.ClientCallDetails(
+            old.method,
+            old.timeout,
+            grpc.aio.Metadata(*(old.metadata or ()), *self.metadata),
+            old.credentials,
+            old.wait_for_ready,
+        )
+        return await continuation(details, request)
+
+
+def admin_channel(address: str) -> grpc.aio.Channel:
+    """A channel whose calls carry the harness's admin key."""
+    return grpc.aio.insecure_channel(address, interceptors=[WithMetadata(ADMIN_METADATA)])
 
 
 @dataclass
@@ -29,6 +75,8 @@ class Mesh:
     workers: list[FakeWorker]
     addresses: list[str]
     discovery: StaticDiscovery
+    #: Calls carry the admin key (the Admin API needs it).
+    admin_channel: grpc.aio.Channel
 
     @property
     def inference(self) -> pb_grpc.GRPCInferenceServiceAsyncStub:
@@ -60,15 +108,21 @@ async def mesh(
         ]
         discovery = StaticDiscovery(instances)
         gateway = Gateway(
-            discovery, config_dir=config_dir, reload_interval=0.05, data_plane=data_plane
+            discovery,
+            config_dir=config_dir,
+            reload_interval=0.05,
+            data_plane=data_plane,
+            guard=admin_guard(),
         )
         serving = await gateway.start(ServerSettings())
         channel = grpc.aio.insecure_channel(serving.address)
+        privileged = admin_channel(serving.address)
         try:
-            m = Mesh(gateway, channel, workers, addresses, discovery)
+            m = Mesh(gateway, channel, workers, addresses, discovery, privileged)
             await m.wait_endpoints("inference", n)
             yield m
         finally:
+            await privileged.close()
             await channel.close()
             await serving.drain(grace=0)
 

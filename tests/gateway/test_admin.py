@@ -36,7 +36,7 @@ def admin(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminAsyncStub:
 
 async def test_apply_canary_splits_90_10_through_the_gateway() -> None:
     async with mesh() as m:
-        stub = admin(m.channel)
+        stub = admin(m.admin_channel)
         before = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
         applied = await stub.ApplyConfig(
             admin_pb2.ApplyConfigRequest(yaml=CANARY, expected_version=before.version)
@@ -58,7 +58,7 @@ async def test_apply_canary_splits_90_10_through_the_gateway() -> None:
 
 async def test_fault_injection_hits_its_percentage() -> None:
     async with mesh(2) as m:
-        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=FAULT))
+        await admin(m.admin_channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=FAULT))
         codes: Counter[grpc.StatusCode] = Counter()
         for _ in range(800):
             try:
@@ -75,7 +75,7 @@ async def test_fault_injection_hits_its_percentage() -> None:
 
 async def test_rejected_apply_keeps_the_running_config_and_is_shown() -> None:
     async with mesh(1) as m:
-        stub = admin(m.channel)
+        stub = admin(m.admin_channel)
         version = (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version
         bad = CANARY.replace("weight: 10", "weight: 20")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -108,7 +108,7 @@ async def test_rejected_apply_keeps_the_running_config_and_is_shown() -> None:
 
 async def test_explain_route_ring_and_endpoints_agree_with_real_routing() -> None:
     async with mesh() as m:
-        stub = admin(m.channel)
+        stub = admin(m.admin_channel)
         explained = await stub.ExplainRoute(
             admin_pb2.ExplainRouteRequest(model_name="resnet", model_version="3")
         )
@@ -210,7 +210,9 @@ async def test_mirror_copies_calls_and_header_edits_apply_both_ways() -> None:
             ),
         )
         await m.wait_endpoints("inference", 2)
-        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=MIRROR_AND_HEADERS))
+        await admin(m.admin_channel).ApplyConfig(
+            admin_pb2.ApplyConfigRequest(yaml=MIRROR_AND_HEADERS)
+        )
         for _ in range(5):
             call = m.inference.ModelInfer(infer("m", "1"), timeout=5)
             assert (await call).id == "w0"  # the client only ever sees the live answer
@@ -237,7 +239,7 @@ spec:
 
 async def test_http2_max_requests_sheds_load_beyond_the_limit() -> None:
     async with mesh(1, config_dir=None) as m:
-        await admin(m.channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=CIRCUIT))
+        await admin(m.admin_channel).ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=CIRCUIT))
         hold = asyncio.Event()
         m.workers[0].hold = hold
         held = [
@@ -281,3 +283,102 @@ async def test_a_changed_config_file_is_picked_up(tmp_path: Path) -> None:
             await asyncio.sleep(0.02)
         reply = await m.inference.ModelInfer(infer("resnet"), timeout=5)
         assert reply.model_version in ("1", "2")  # the canary now sets the version
+
+
+SUBSETS = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  subsets:
+    - {name: v1, labels: {version: v1}}
+"""
+
+
+def routed_to(destination: str) -> str:
+    host, _, subset = destination.partition("/")
+    subset_field = f", subset: {subset}" if subset else ""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: inference}}
+spec:
+  hosts: [inference]
+  http:
+    - route: [{{destination: {{host: {host}{subset_field}}}}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("yaml", "problem"),
+    [
+        (
+            routed_to("nosuchservice"),
+            "admin: VirtualService meshserve/inference: spec.http[0].route[0].destination.host: "
+            "'nosuchservice' is not a registered service (registered: data, inference)",
+        ),
+        (
+            routed_to("inference/v9"),
+            "spec.http[0].route[0].destination.subset: subset 'v9' is not defined",
+        ),
+        # v1 exists, but no instance carries version=v1: inference would have no route.
+        (
+            SUBSETS + "---" + routed_to("inference/v1"),
+            "spec.http[0].route: host 'inference' is served now (3 registered instances) but "
+            "no destination of http[0] reaches one",
+        ),
+        # The same, with the only route going to a declared host that has no instance.
+        (
+            routed_to("training"),
+            "no destination of http[0] reaches one (training: host 'training' has no "
+            "registered instance)",
+        ),
+    ],
+)
+async def test_an_apply_that_would_cause_an_outage_is_refused_and_routing_is_unchanged(
+    yaml: str, problem: str
+) -> None:
+    async with mesh() as m:
+        stub = admin(m.admin_channel)
+        before = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml))
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert problem in (refused.value.details() or "")
+        # A dry run is refused the same way.
+        with pytest.raises(grpc.aio.AioRpcError) as dry:
+            await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, dry_run=True))
+        assert dry.value.details() == refused.value.details()
+        after = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        assert after.version == before.version
+        assert [r.yaml for r in after.resources] == [r.yaml for r in before.resources]
+        replies = [await m.inference.ModelInfer(infer("m", str(i)), timeout=5) for i in range(30)]
+        assert {r.id for r in replies} <= {w.name for w in m.workers}
+
+
+async def test_rollback_restores_the_config_before_the_last_apply() -> None:
+    async with mesh(2) as m:
+        stub = admin(m.admin_channel)
+        with pytest.raises(grpc.aio.AioRpcError) as nothing:
+            await stub.RollbackConfig(admin_pb2.RollbackConfigRequest())
+        assert nothing.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        base = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        applied = await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=FAULT))
+        dry = await stub.RollbackConfig(admin_pb2.RollbackConfigRequest(dry_run=True))
+        assert dry.version == applied.version
+        rolled = await stub.RollbackConfig(
+            admin_pb2.RollbackConfigRequest(expected_version=applied.version)
+        )
+        assert rolled.version == applied.version + 1
+        assert rolled.restored == f"the config before version {applied.version}"
+        dump = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        assert [r.yaml for r in dump.resources] == [r.yaml for r in base.resources]
+        # No fault any more: every call succeeds.
+        for i in range(40):
+            await m.inference.ModelInfer(infer("m", str(i)), timeout=5)
+        # Rolling back again undoes the rollback (as `kubectl rollout undo`).
+        again = await stub.RollbackConfig(admin_pb2.RollbackConfigRequest())
+        assert again.resources == ["VirtualService/inference"]
+        dump = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
+        assert any("fault" in r.yaml for r in dump.resources)

@@ -14,7 +14,7 @@ import pytest
 from gateway.app import Gateway, validate_documents
 from gateway.discovery import StaticDiscovery
 from mesh.config.fields import ConfigError
-from mesh.errors import Aborted
+from mesh.errors import Aborted, FailedPrecondition
 from mesh.server.app import ServerSettings
 from registry.config_store import ConfigStore
 from registry.connect import StoreSettings
@@ -180,3 +180,73 @@ async def test_rejected_versions_keep_the_running_config_and_the_next_apply_repa
     await gateway.apply_config(dr, expected_version=0, dry_run=False)
     latest = await routing(store).current()
     assert latest is not None and latest.version == 3 and "nowhere" not in latest.yaml
+
+
+UNKNOWN_HOST = CANARY.replace("host: inference", "host: nosuchservice")
+
+
+async def test_a_store_version_naming_an_unknown_host_is_refused_by_a_running_gateway(
+    gateway: Gateway, store: Store
+) -> None:
+    await gateway.apply_config(CANARY, expected_version=0, dry_run=False)
+    version = gateway.state.config.version
+    # Refused before the store when applied through the gateway...
+    with pytest.raises(ConfigError, match="'nosuchservice' is not a registered service"):
+        await gateway.apply_config(UNKNOWN_HOST, expected_version=0, dry_run=False)
+    # ...and when someone else writes it into the store: the last good config keeps routing.
+    await routing(store).apply(UNKNOWN_HOST, expected_version=1)
+
+    async def rejected() -> bool:
+        last = gateway.state.last_rejection
+        return last is not None and last.source == "store 'routing' v2"
+
+    assert await eventually(rejected)
+    last = gateway.state.last_rejection
+    assert last is not None and "spec.http[0].route[0].destination.host" in last.error
+    assert gateway.state.config.version == version and canary_rule(gateway)
+    assert gateway.store_version == 1
+
+    # One command puts the last good version back on top of the store (for every gateway).
+    _, restored, _ = await gateway.rollback_config(expected_version=0, dry_run=False)
+    assert restored == "store 'routing' v1"
+    latest = await routing(store).current()
+    v1 = await routing(store).get(1)
+    assert latest is not None and latest.version == 3 and latest.yaml == v1.yaml
+    assert gateway.store_version == 3 and canary_rule(gateway)
+
+
+async def test_rollback_writes_the_previous_version_again(gateway: Gateway, store: Store) -> None:
+    with pytest.raises(FailedPrecondition, match="nothing to roll back"):
+        await gateway.rollback_config(expected_version=0, dry_run=False)
+    await gateway.apply_config(CANARY, expected_version=0, dry_run=False)
+    fault = CANARY.replace("name: canary", "name: canary\n      timeout: 5s")
+    await gateway.apply_config(fault, expected_version=0, dry_run=False)
+    v1 = await routing(store).get(1)
+
+    _, restored, overlay = await gateway.rollback_config(expected_version=0, dry_run=True)
+    assert restored == "store 'routing' v1" and [d.ref for d in overlay] == [
+        "VirtualService/inference"
+    ]
+    current = await routing(store).current()
+    assert current is not None and current.version == 2  # a dry run writes nothing
+
+    config, restored, _ = await gateway.rollback_config(expected_version=0, dry_run=False)
+    latest = await routing(store).current()
+    assert latest is not None and latest.version == 3 and latest.yaml == v1.yaml
+    assert latest.applied_by == "gateway admin rollback to store 'routing' v1"
+    assert gateway.store_version == 3 and gateway.state.config is config
+    rule = next(r for r in config.virtual_services["inference"].http if r.name == "canary")
+    assert rule.timeout is None
+
+
+async def test_rolling_back_the_first_store_version_leaves_the_directory_alone(
+    gateway: Gateway, store: Store, config_dir: Path
+) -> None:
+    await gateway.apply_config(CANARY, expected_version=0, dry_run=False)
+    assert canary_rule(gateway)
+    config, restored, overlay = await gateway.rollback_config(expected_version=0, dry_run=False)
+    assert restored == "the config directory alone (before store version 1)" and overlay == []
+    latest = await routing(store).current()
+    assert latest is not None and latest.version == 2 and latest.yaml == ""
+    assert not canary_rule(gateway)
+    assert config.source == f"{config_dir} + store 'routing' v2"

@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from mesh.cli.admin_credential import ensure_admin_credential
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -47,11 +48,11 @@ def process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
             proc.stdout.close()
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mesh.cli.main", *args],
         cwd=REPO,
-        env={**ENV, "COLUMNS": "200"},
+        env={**ENV, "COLUMNS": "200", **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
@@ -69,7 +70,14 @@ print(response.model_name, response.model_version, response.id)
 """
 
 
-async def test_gateway_process_routes_survives_sigkill_and_serves_tritonclient() -> None:
+async def test_gateway_process_routes_survives_sigkill_and_serves_tritonclient(
+    tmp_path: Path,
+) -> None:
+    # As `up` does: an admin key in a state folder, its hash in the gateway's auth file.
+    state = tmp_path / "state"
+    auth_file = ensure_admin_credential(state)
+    # The CLI finds the key in the state folder (no --api-key, no $MESHSERVE_ADMIN_KEY).
+    admin_env = {"MESHSERVE_STATE_DIR": str(state), "MESHSERVE_ADMIN_KEY": ""}
     with (
         process("tests.gateway.backends", "w0") as (w0, a0),
         process("tests.gateway.backends", "w1") as (w1, a1),
@@ -77,10 +85,8 @@ async def test_gateway_process_routes_survives_sigkill_and_serves_tritonclient()
     ):
         workers = {"w0": w0, "w1": w1, "w2": w2}
         static = [arg for a in (a0, a1, a2) for arg in ("--static", f"inference={a}")]
-        with process("mesh.cli.main", "gateway", "--port", "0", "--config", "config", *static) as (
-            _,
-            gw,
-        ):
+        gateway_args = ("gateway", "--port", "0", "--config", "config", "--auth-config")
+        with process("mesh.cli.main", *gateway_args, str(auth_file), *static) as (_, gw):
             async with grpc.aio.insecure_channel(gw) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 request = pb.ModelInferRequest(model_name="resnet", model_version="4")
@@ -112,19 +118,52 @@ async def test_gateway_process_routes_survives_sigkill_and_serves_tritonclient()
 
             # The CLI's admin commands against the running gateway.
             explain = cli(
-                "route", "explain", "--gateway", gw, "--model", "resnet", "--version", "4"
-            )
+                "route", "explain", "--gateway", gw, "--model", "resnet", "--version", "4",
+                env=admin_env,
+            )  # fmt: skip
             assert explain.returncode == 0, explain.stderr
             assert (
                 "resnet/4" in explain.stdout and "fields model_name+model_version" in explain.stdout
             )
-            rejected = cli("config", "apply", "--gateway", gw, str(REPO / "pyproject.toml"))
+            # Without the key (another state folder): Admin is refused.
+            keyless = cli(
+                "config", "dump", "--gateway", gw,
+                env={"MESHSERVE_STATE_DIR": str(tmp_path / "elsewhere")},
+            )  # fmt: skip
+            assert keyless.returncode == 1 and "UNAUTHENTICATED" in keyless.stderr
+            rejected = cli(
+                "config", "apply", "--gateway", gw, str(REPO / "pyproject.toml"), env=admin_env
+            )
             assert rejected.returncode == 1
             assert "pyproject.toml: line 2, column 1: not valid YAML" in rejected.stderr
-            applied = cli("config", "apply", "--gateway", gw, "config/examples/canary-90-10.yaml")
+            canary = "config/examples/canary-90-10.yaml"
+            # A dry run prints how routing would change and applies nothing.
+            dry = cli("apply", "--dry-run", "--gateway", gw, "-f", canary, env=admin_env)
+            assert dry.returncode == 0, dry.stderr
+            assert "valid (dry run over version 1)" in dry.stdout
+            assert (
+                "~ inference http[1] (control → canary): any request → inference 100%" in dry.stdout
+            )
+            assert "→ any request → inference 90%, inference 10%" in dry.stdout
+            applied = cli("config", "apply", "--gateway", gw, canary, env=admin_env)
             assert (
                 applied.returncode == 0
                 and "VirtualService/inference: applied as version 2" in applied.stdout
+            ), applied.stderr
+            dump = cli("config", "dump", "--gateway", gw, env=admin_env)
+            assert "# version 2 from config + admin" in dump.stdout
+            assert "x-model-version" in dump.stdout
+            # A host that does not exist is refused, naming the field; routing is unchanged.
+            bad = tmp_path / "bad.yaml"
+            bad.write_text(
+                (REPO / canary).read_text().replace("host: inference", "host: nosuchservice")
             )
-            dump = cli("config", "dump", "--gateway", gw)
-            assert "# version 2 from admin" in dump.stdout and "x-model-version" in dump.stdout
+            refused = cli("apply", "--gateway", gw, "-f", str(bad), env=admin_env)
+            assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+            assert "'nosuchservice' is not a registered service" in refused.stderr
+            # One command restores the config before the canary.
+            rolled = cli("config", "rollback", "--gateway", gw, env=admin_env)
+            assert rolled.returncode == 0, rolled.stderr
+            assert "restored as version 3 the config before version 2" in rolled.stdout
+            dump = cli("config", "dump", "--gateway", gw, env=admin_env)
+            assert "# version 3 from config," in dump.stdout and "name: canary" not in dump.stdout

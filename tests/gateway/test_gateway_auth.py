@@ -33,9 +33,15 @@ async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_on
     assert key is not None
     entry = printed.strip().splitlines()[-1]
     assert hash_key(key.group(1)) in entry
+    assert main(["auth", "new-key", "--client", "ops", "--scope", "admin"]) == 0
+    printed = capsys.readouterr().out
+    admin_key = re.search(r"(msk_\S+)", printed)
+    assert admin_key is not None
+    admin_entry = printed.strip().splitlines()[-1]
+    assert admin_entry.endswith("scopes: [admin]}")
     # A burst of 2 at 1 request/s: the third authenticated call in a row is limited.
     (tmp_path / "auth.yaml").write_text(
-        f"apiKeys:\n{entry}\nrateLimit: {{requestsPerSecond: 1, burst: 2}}\n"
+        f"apiKeys:\n{entry}\n{admin_entry}\nrateLimit: {{requestsPerSecond: 1, burst: 2}}\n"
     )
     guard = ClientGuard(AuthConfig.load(tmp_path / "auth.yaml"))
 
@@ -60,13 +66,21 @@ async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_on
                 reply = await stub.ModelInfer(request, metadata=auth, timeout=10)
                 assert reply.id == "w0"
                 # The gateway's own services are guarded too (the relay hands them over
-                # after its check; the server behind it does not check again).
+                # after its check; the server behind it does not check again). Admin
+                # needs the admin scope: a data-plane key is known but not allowed.
                 admin = admin_pb2_grpc.AdminStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await admin.DumpConfig(admin_pb2.DumpConfigRequest(), timeout=10)
                 assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-                await admin.DumpConfig(admin_pb2.DumpConfigRequest(), metadata=auth, timeout=10)
-                # Two tokens spent (ModelInfer, DumpConfig): the next call waits.
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await admin.DumpConfig(admin_pb2.DumpConfigRequest(), metadata=auth, timeout=10)
+                assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                assert "lacks the 'admin' scope" in (denied.value.details() or "")
+                ops = (("x-api-key", admin_key.group(1)),)
+                await admin.DumpConfig(admin_pb2.DumpConfigRequest(), metadata=ops, timeout=10)
+                # A refused call spends no token; ops has a bucket of its own.
+                await stub.ModelInfer(request, metadata=auth, timeout=10)
+                # Two tokens spent (both ModelInfer): the next call waits.
                 with pytest.raises(grpc.aio.AioRpcError) as limited:
                     await stub.ModelInfer(request, metadata=auth, timeout=10)
                 assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -10,12 +10,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
 
+from mesh.cli.admin_credential import admin_metadata
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,24 @@ class InferLoad:
         """Whether some call that started after ``moment`` succeeded."""
         with self._lock:
             return any(o.code is None and o.started >= moment for o in self.outcomes)
+
+
+def routed_inference_ports(gateway: str, state_dir: Path) -> set[str]:
+    """The ports of the inference endpoints the gateway routes to now (healthy, not
+    ejected), asked through Admin with the admin key of the ``up`` at ``state_dir``."""
+    with grpc.insecure_channel(gateway) as channel:
+        try:
+            reply = admin_pb2_grpc.AdminStub(channel).ListEndpoints(
+                admin_pb2.ListEndpointsRequest(host="inference"),
+                timeout=5,
+                metadata=admin_metadata(None, state_dir),
+            )
+        except grpc.RpcError:
+            return set()
+    return {
+        e.address.rsplit(":", 1)[1]
+        for g in reply.groups
+        if not g.subset
+        for e in g.endpoints
+        if e.healthy and not e.ejected
+    }

@@ -819,3 +819,63 @@ class ApplyConfigResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplyConfigResponse: _TypeAlias = ApplyConfigResponse  # noqa: Y015
+
+@_typing.final
+class RollbackConfigRequest(_message.Message):
+    """Rolls the configuration back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    """Roll back only if the running version is this one (optimistic concurrency);
+    0 rolls back whatever runs.
+    """
+    dry_run: _builtins.bool
+    """Validate only."""
+    def __init__(
+        self,
+        *,
+        expected_version: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "expected_version", b"expected_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackConfigRequest: _TypeAlias = RollbackConfigRequest  # noqa: Y015
+
+@_typing.final
+class RollbackConfigResponse(_message.Message):
+    """The result of a rollback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The new running version (unchanged for a dry run)."""
+    restored: _builtins.str
+    """What was restored, e.g. "store 'routing' v4" or "the config before version 7"."""
+    @_builtins.property
+    def resources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"Kind/name" of each resource of the restored overlay."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        restored: _builtins.str = ...,
+        resources: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "restored", b"restored", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackConfigResponse: _TypeAlias = RollbackConfigResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class AdminStub:
                 request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.SerializeToString,
                 response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.FromString,
                 _registered_method=True)
+        self.RollbackConfig = channel.unary_unary(
+                '/meshserve.mesh.v1.Admin/RollbackConfig',
+                request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.SerializeToString,
+                response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -113,6 +118,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RollbackConfig(self, request, context):
+        """Restores the configuration before the running one, validated like an apply (with a
+        config store: a new version whose YAML is the previous version's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ApplyConfig,
                     request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.FromString,
                     response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.SerializeToString,
+            ),
+            'RollbackConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackConfig,
+                    request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.FromString,
+                    response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class Admin:
             '/meshserve.mesh.v1.Admin/ApplyConfig',
             protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.SerializeToString,
             protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.mesh.v1.Admin/RollbackConfig',
+            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.SerializeToString,
+            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class AdminStub:
     """The running routing configuration and the last rejected one."""
     ApplyConfig: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ApplyConfigRequest, _admin_pb2.ApplyConfigResponse]
     """Validates and applies routing configuration (Istio-style YAML)."""
+    RollbackConfig: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RollbackConfigRequest, _admin_pb2.RollbackConfigResponse]
+    """Restores the configuration before the running one, validated like an apply (with a
+    config store: a new version whose YAML is the previous version's).
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -65,6 +69,10 @@ class AdminAsyncStub(AdminStub):
     """The running routing configuration and the last rejected one."""
     ApplyConfig: _aio.UnaryUnaryMultiCallable[_admin_pb2.ApplyConfigRequest, _admin_pb2.ApplyConfigResponse]  # type: ignore[assignment]
     """Validates and applies routing configuration (Istio-style YAML)."""
+    RollbackConfig: _aio.UnaryUnaryMultiCallable[_admin_pb2.RollbackConfigRequest, _admin_pb2.RollbackConfigResponse]  # type: ignore[assignment]
+    """Restores the configuration before the running one, validated like an apply (with a
+    config store: a new version whose YAML is the previous version's).
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Inspects and configures a running mesh. Served by the gateway."""
@@ -116,5 +124,15 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ApplyConfigResponse, _abc.Awaitable[_admin_pb2.ApplyConfigResponse]]:
         """Validates and applies routing configuration (Istio-style YAML)."""
+
+    @_abc_1.abstractmethod
+    def RollbackConfig(
+        self,
+        request: _admin_pb2.RollbackConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RollbackConfigResponse, _abc.Awaitable[_admin_pb2.RollbackConfigResponse]]:
+        """Restores the configuration before the running one, validated like an apply (with a
+        config store: a new version whose YAML is the previous version's).
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,233 @@
+"""Admin authorization: the admin scope from API keys and JWTs, and Admin refused by default."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import jwt
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.app import Gateway
+from gateway.auth import ADMIN_LOCKED, AuthConfig, ClientGuard, hash_key, new_key
+from gateway.discovery import StaticDiscovery
+from mesh.config.fields import ConfigError
+from mesh.config.loader import parse_yaml
+from mesh.config.security import AuthorizationPolicy
+from mesh.errors import MeshError, PermissionDenied, Unauthenticated
+from mesh.server.app import ServerSettings
+from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
+from tests.gateway.harness import ADMIN_METADATA, REPO, admin_guard
+
+DATA_KEY, OPS_KEY = new_key(), new_key()
+SECRET = b"s" * 64
+DUMP = "/meshserve.mesh.v1.Admin/DumpConfig"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def load(tmp_path: Path, text: str) -> AuthConfig:
+    (tmp_path / "jwt.secret").write_bytes(SECRET)
+    path = tmp_path / "auth.yaml"
+    path.write_text(text)
+    return AuthConfig.load(path)
+
+
+@pytest.fixture
+def guard(tmp_path: Path) -> ClientGuard:
+    return ClientGuard(
+        load(
+            tmp_path,
+            f"""
+apiKeys:
+  - {{client: analytics, sha256: "{hash_key(DATA_KEY)}"}}
+  - {{client: ops, sha256: "{hash_key(OPS_KEY)}", scopes: [admin]}}
+jwt:
+  keys: [{{algorithm: HS256, secretFile: jwt.secret}}]
+""",
+        )
+    )
+
+
+def token(**claims: Any) -> str:
+    body = {"sub": "alice", "exp": int(time.time()) + 600, **claims}
+    return "Bearer " + jwt.encode(body, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    ("headers", "client"),
+    [
+        ({"x-api-key": OPS_KEY}, "ops"),
+        ({"authorization": f"Bearer {OPS_KEY}"}, "ops"),
+        ({"authorization": token(scope="read admin")}, "alice"),
+        ({"authorization": token(scp=["admin"])}, "alice"),
+        ({"authorization": token(scp="admin")}, "alice"),
+    ],
+)
+def test_the_admin_scope_admits_admin_calls(
+    guard: ClientGuard, headers: dict[str, str], client: str
+) -> None:
+    admitted, _ = guard.admit(DUMP, headers)
+    assert admitted is not None and admitted.name == client
+
+
+@pytest.mark.parametrize(
+    ("headers", "error", "problem"),
+    [
+        ({}, Unauthenticated, "missing credentials"),
+        ({"x-api-key": "msk_wrong"}, Unauthenticated, "not valid"),
+        ({"x-api-key": DATA_KEY}, PermissionDenied, "client 'analytics' (api-key) lacks"),
+        ({"authorization": token(scope="read")}, PermissionDenied, "client 'alice' (jwt) lacks"),
+        ({"authorization": token()}, PermissionDenied, "'admin' scope"),
+    ],
+)
+def test_admin_calls_without_the_scope_are_refused(
+    guard: ClientGuard, headers: dict[str, str], error: type[MeshError], problem: str
+) -> None:
+    with pytest.raises(error) as refused:
+        guard.check(DUMP, headers)
+    assert problem in refused.value.message
+    # The data plane takes the same data-plane key.
+    if headers.get("x-api-key") == DATA_KEY:
+        guard.check(INFER, headers)
+
+
+def test_admin_is_never_exempt(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        f'apiKeys: [{{client: a, sha256: "{hash_key(DATA_KEY)}"}}]\nexemptMethods: ["/*"]\n',
+    )
+    guard = ClientGuard(config)
+    guard.check(INFER, {})
+    with pytest.raises(PermissionDenied, match="no admin credential configured"):
+        guard.check(DUMP, {"x-api-key": DATA_KEY})
+
+
+def test_without_an_admin_credential_admin_is_refused_saying_how_to_grant_one() -> None:
+    guard = ClientGuard(ADMIN_LOCKED)
+    guard.check(INFER, {})  # the data plane stays open
+    guard.check(INFER, {"x-api-key": "anything"})  # nothing to check a key against
+    with pytest.raises(PermissionDenied) as refused:
+        guard.check(DUMP, {"x-api-key": OPS_KEY})
+    assert "--auth-config" in refused.value.message and "scopes: [admin]" in refused.value.message
+
+
+def test_an_open_data_plane_admits_calls_without_credentials_but_checks_sent_ones(
+    tmp_path: Path,
+) -> None:
+    config = load(
+        tmp_path,
+        f'apiKeys: [{{client: ops, sha256: "{hash_key(OPS_KEY)}", scopes: [admin]}}]\n'
+        "dataPlane: open\n",
+    )
+    guard = ClientGuard(config)
+    assert guard.admit(INFER, {}) == (None, 0.0)
+    with pytest.raises(Unauthenticated):
+        guard.check(INFER, {"x-api-key": "msk_wrong"})
+    with pytest.raises(Unauthenticated):
+        guard.check(DUMP, {})
+    guard.check(DUMP, {"x-api-key": OPS_KEY})
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("dataPlane: closed", "dataPlane: must be one of authenticated, open"),
+        (f"apiKeys: [{{client: a, sha256: '{'a' * 64}', scopes: admin}}]", "scopes"),
+        (f"apiKeys: [{{client: a, sha256: '{'a' * 64}', roles: [admin]}}]", "unknown field"),
+    ],
+)
+def test_scope_config_errors_name_the_field(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load(tmp_path, text)
+
+
+@pytest.mark.parametrize("data_plane", ["relay", "grpc"])
+async def test_admin_through_the_public_port_needs_the_admin_key(data_plane: str) -> None:
+    """Data-plane key: PERMISSION_DENIED; none: UNAUTHENTICATED; the admin key: served."""
+    data_key = new_key()
+    gateway = Gateway(
+        StaticDiscovery(),
+        config_dir=REPO / "config",
+        data_plane=data_plane,
+        guard=admin_guard(data_plane_keys={"analytics": data_key}),
+    )
+    serving = await gateway.start(ServerSettings())
+    try:
+        assert (gateway.relay is not None) == (data_plane == "relay")
+        async with grpc.aio.insecure_channel(serving.address) as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            request = admin_pb2.DumpConfigRequest()
+            for metadata, code in [
+                ((), grpc.StatusCode.UNAUTHENTICATED),
+                ((("x-api-key", data_key),), grpc.StatusCode.PERMISSION_DENIED),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await admin.DumpConfig(request, metadata=metadata, timeout=10)
+                assert refused.value.code() is code
+            dump = await admin.DumpConfig(request, metadata=ADMIN_METADATA, timeout=10)
+            assert dump.version == gateway.state.config.version
+        if gateway.relay is not None:
+            # The gRPC server behind the relay checks Admin's scope too (defence in depth:
+            # its socket is private, but the check must hold on every path).
+            internal = gateway.relay.internal_address
+            async with grpc.aio.insecure_channel(internal) as channel:
+                admin = admin_pb2_grpc.AdminStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await admin.DumpConfig(request, metadata=(("x-api-key", data_key),), timeout=10)
+                assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                await admin.DumpConfig(request, metadata=ADMIN_METADATA, timeout=10)
+    finally:
+        await serving.drain(grace=0)
+
+
+@pytest.mark.parametrize("data_plane", ["relay", "grpc"])
+async def test_a_gateway_without_auth_config_refuses_admin_and_serves_the_rest(
+    data_plane: str,
+) -> None:
+    gateway = Gateway(StaticDiscovery(), config_dir=REPO / "config", data_plane=data_plane)
+    serving = await gateway.start(ServerSettings())
+    try:
+        async with grpc.aio.insecure_channel(serving.address) as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await admin.ApplyConfig(
+                    admin_pb2.ApplyConfigRequest(yaml=""), metadata=ADMIN_METADATA, timeout=10
+                )
+            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert "no admin credential configured" in (refused.value.details() or "")
+            # Health stays open (the gateway's own non-Admin services are not locked).
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await serving.drain(grace=0)
+
+
+def test_authorization_policies_apply_to_calls_without_credentials_on_an_open_data_plane(
+    tmp_path: Path,
+) -> None:
+    policies = [
+        d.resource
+        for d in parse_yaml(
+            """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-metadata-calls}
+spec:
+  selector: {matchLabels: {app: gateway}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/inference.GRPCInferenceService/ModelMetadata"]}}]}]
+""",
+            "edge.yaml",
+        )
+        if isinstance(d.resource, AuthorizationPolicy)
+    ]
+    guard = admin_guard()
+    guard.policies = lambda: policies
+    guard.check(INFER, {})
+    with pytest.raises(PermissionDenied, match="anonymous call: RBAC: access denied"):
+        guard.check("/inference.GRPCInferenceService/ModelMetadata", {})
