@@ -20,12 +20,12 @@ from typing import Any
 import hpack
 
 from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
-from gateway.relay import frames as f
-from gateway.relay.hpack_codec import HeaderEncoder
-from gateway.relay.relay import Downstream, Relay, Upstream
-from gateway.state import GatewayState
 from mesh.config.loader import load_path
 from mesh.config.snapshot import EMPTY
+from mesh.proxy import frames as f
+from mesh.proxy.hpack_codec import HeaderEncoder
+from mesh.proxy.relay import Downstream, Relay, Upstream
+from mesh.routing.state import GatewayState
 from protos.inference import grpc_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,15 +19,15 @@ from gateway.admin import Admin
 from gateway.auth import ClientGuard
 from gateway.channels import ChannelPool
 from gateway.discovery import DiscoverySource, EndpointTable
-from gateway.methods import MESH_SERVICES
 from gateway.proxy import Proxy
-from gateway.relay.relay import Relay
-from gateway.state import GatewayState
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
 from mesh.config.loader import Document, dump_yaml, load_path, parse_yaml, yaml_files
 from mesh.config.snapshot import EMPTY, MeshConfig
 from mesh.errors import Aborted
+from mesh.proxy.relay import Relay
+from mesh.routing.methods import MESH_SERVICES
+from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.telemetry.interceptors import TelemetryServerInterceptor

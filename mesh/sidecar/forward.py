@@ -9,8 +9,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from gateway.methods import lookup
 from mesh.errors import ResourceExhausted
+from mesh.routing.methods import lookup
 from mesh.security.peer import peer_from_context
 from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
 from mesh.telemetry.propagation import inject

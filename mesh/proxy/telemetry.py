@@ -15,7 +15,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from gateway.relay.hpack_codec import Header
+from mesh.proxy.hpack_codec import Header
 from mesh.routing.decision import RouteDecision
 from mesh.telemetry.interceptors import annotate, finish_span, server_span
 from mesh.telemetry.metrics import labels

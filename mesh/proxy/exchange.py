@@ -24,19 +24,19 @@ from urllib.parse import quote, unquote
 
 import grpc
 
-from gateway.methods import MethodInfo, lookup
-from gateway.relay import frames as f
-from gateway.relay.connection import STREAM_WINDOW, Side
-from gateway.relay.hpack_codec import Header
-from gateway.relay.telemetry import TRACE_HEADERS, CallRecord
 from mesh.balance.cluster import Cluster
 from mesh.balance.endpoints import Endpoint
 from mesh.config.destination_rule import UNLIMITED
 from mesh.errors import MeshError
+from mesh.proxy import frames as f
+from mesh.proxy.connection import STREAM_WINDOW, Side
+from mesh.proxy.hpack_codec import Header
+from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
+from mesh.routing.methods import MethodInfo, lookup
 
 if TYPE_CHECKING:
-    from gateway.relay.relay import Relay
+    from mesh.proxy.relay import Relay
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ from collections.abc import Callable, Collection, Mapping
 
 import grpc
 
-from gateway.relay import frames as f
-from gateway.relay.connection import MAX_STREAMS, Connection, Flusher, Side
-from gateway.relay.exchange import Exchange, error_headers
-from gateway.relay.hpack_codec import Header
-from gateway.relay.telemetry import RelayTelemetry
-from gateway.state import GatewayState
 from mesh.balance.endpoints import Endpoint
+from mesh.proxy import frames as f
+from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
+from mesh.proxy.exchange import Exchange, error_headers
+from mesh.proxy.hpack_codec import Header
+from mesh.proxy.telemetry import RelayTelemetry
 from mesh.routing.services import host_for_method
+from mesh.routing.state import GatewayState
 from mesh.telemetry.metrics import MeshMetrics, labels
 from mesh.telemetry.setup import Telemetry
 
