@@ -251,7 +251,7 @@ async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_
     await sidecar.start()
     try:
         assert sidecar.mode == "PERMISSIVE"
-        assert sidecar.serving is not None and sidecar.plaintext_serving is not None
+        assert sidecar.serving is not None and sidecar.plaintext_address is not None
         mesh = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
         async with grpc.aio.secure_channel(
             f"localhost:{sidecar.serving.port}", mesh.channel_credentials()
@@ -259,7 +259,7 @@ async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_
             assert await call(secure) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
             worker.release.set()
             assert await call(secure, SLOW) == b"done:hi"
-        async with grpc.aio.insecure_channel(sidecar.plaintext_serving.address) as plain:
+        async with grpc.aio.insecure_channel(sidecar.plaintext_address) as plain:
             assert await call(plain) == b"anonymous|hi"
             # Rule 1 needs a principal, which a plaintext caller never has.
             with pytest.raises(grpc.aio.AioRpcError) as denied:
