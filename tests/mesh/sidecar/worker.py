@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import grpc.aio
 
+from mesh.proxy.inbound import PEER_HEADER
 from mesh.server.app import Service
-from mesh.sidecar.forward import PEER_HEADER
 
 ECHO = "/meshtest.Worker/Echo"
 SLOW = "/meshtest.Worker/Slow"
