@@ -1,12 +1,14 @@
-"""CPU cost of the gateway relay per proxied unary call, without sockets.
+"""CPU cost of the relay per proxied unary call, in its two modes, without sockets.
 
 Run: ``.venv/bin/python -m bench.relay_cpu [--calls 20000]``
 
 Feeds a client's HEADERS + DATA and an upstream's HEADERS, DATA and trailers (encoded as
 gRPC's C core encodes them: incremental indexing, no Huffman) straight into the relay's
 protocol objects with in-memory transports, and prints the relay's own Python time per
-call: routing (the pure core, with the sample config's field hash), header codec,
-framing and flow control. What the sockets and event loop add is in bench.gateway.
+call: header codec, framing and flow control, plus, as the gateway, routing (the pure
+core, with the sample config's field hash) and, as a sidecar's inbound, the peer and
+AuthorizationPolicy checks and the concurrency limit (TLS itself is not counted). What
+the sockets and event loop add is in bench.gateway and bench.sidecar.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ from typing import Any
 import hpack
 
 from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
-from mesh.config.loader import load_path
+from mesh.config.loader import load_path, parse_yaml
+from mesh.config.security import AuthorizationPolicy
 from mesh.config.snapshot import EMPTY
 from mesh.proxy import frames as f
 from mesh.proxy.hpack_codec import HeaderEncoder
+from mesh.proxy.inbound import Caller, ConcurrencyLimit, Inbound
 from mesh.proxy.relay import Downstream, Relay, Upstream
 from mesh.routing.state import GatewayState
+from mesh.security.authz import Authorizer, RequestAttributes
+from mesh.security.peer import PeerInfo, check_peer
+from mesh.security.workload import Workload
 from protos.inference import grpc_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,17 +56,53 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
-async def run(calls: int) -> float:
+#: A sidecar's policy: one DENY rule that does not match the caller, evaluated every call.
+POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-training-on-inference}
+spec:
+  selector: {matchLabels: {app: inference}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [ml]}}]}]
+"""
+
+
+async def gateway_relay() -> Relay:
     config = EMPTY.merged(load_path(REPO / "config"), version=1, source="config")
     state = GatewayState(config)
     table = EndpointTable()
     async for update in StaticDiscovery([StaticInstance("inference", "w0", UPSTREAM)]).updates():
         state.set_endpoints(table.apply(update))
         break
-    relay = Relay(state, internal_address="127.0.0.1:1")
+    return Relay(state, internal_address="127.0.0.1:1")
+
+
+async def sidecar_relay() -> Relay:
+    policies = [
+        d.resource
+        for d in parse_yaml(POLICY, "policy.yaml")
+        if isinstance(d.resource, AuthorizationPolicy)
+    ]
+    authorizer = Authorizer(lambda: policies, Workload("meshserve", (("app", "inference"),)))
+
+    def check(peer: PeerInfo, request: RequestAttributes) -> None:
+        check_peer("STRICT", peer)
+        authorizer.check(request)
+
+    inbound = Inbound(UPSTREAM, check, ConcurrencyLimit(1024))
+    return Relay(GatewayState(), internal_address="unix:/nonexistent", inbound=inbound)
+
+
+async def run(calls: int, mode: str) -> float:
+    relay = await (gateway_relay() if mode == "gateway" else sidecar_relay())
     client_side = Downstream(relay)
     down_transport = MemoryTransport()
     client_side.connection_made(down_transport)
+    if relay.inbound is not None:
+        # What a mutual-TLS handshake proved (the transport here has no TLS).
+        spiffe = "spiffe://cluster.local/ns/meshserve/sa/gateway"
+        client_side.caller = Caller(PeerInfo(tls=True, verified=True, spiffe_id=spiffe))
     # Both peers grant all the window there is, as a reader that keeps up would: the
     # relay never queues, so every call is written through.
     endless = f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW}) + f.window_update(
@@ -122,10 +165,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20_000)
     args = parser.parse_args()
-    per_call = asyncio.run(run(args.calls))
-    print("| measure | µs per call |")
+    gateway = asyncio.run(run(args.calls, "gateway"))
+    sidecar = asyncio.run(run(args.calls, "sidecar"))
+    print("| relay Python, one unary call | µs per call |")
     print("|---|---:|")
-    print(f"| relay Python, one unary call (routing + frames + headers) | {per_call * 1e6:.1f} |")
+    print(f"| gateway: routing + frames + headers | {gateway * 1e6:.1f} |")
+    print(
+        f"| sidecar inbound: peer + authz checks, limit, frames + headers | {sidecar * 1e6:.1f} |"
+    )
 
 
 if __name__ == "__main__":

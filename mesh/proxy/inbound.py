@@ -59,6 +59,14 @@ class Caller:
 
     peer: PeerInfo = field(default_factory=PeerInfo)
     ip: str | None = None
+    #: The peer's principal and namespace, read once per connection, not per call.
+    principal: str | None = field(init=False, default=None)
+    namespace: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        identity = self.peer.identity
+        object.__setattr__(self, "principal", self.peer.principal)
+        object.__setattr__(self, "namespace", None if identity is None else identity.namespace)
 
     @classmethod
     def of(cls, transport: asyncio.BaseTransport) -> Caller:
@@ -91,13 +99,12 @@ class Inbound:
             elif name[:1] != b":" and not name.endswith(b"-bin"):
                 text[name.decode("latin-1").lower()] = value.decode("latin-1")
         peer = caller.peer
-        identity = peer.identity
         self.check(
             peer,
             RequestAttributes(
                 path=path,
-                principal=peer.principal,
-                source_namespace=None if identity is None else identity.namespace,
+                principal=caller.principal,
+                source_namespace=caller.namespace,
                 source_ip=caller.ip,
                 host=authority,
                 headers=text,
