@@ -108,7 +108,7 @@ class Gateway:
                 f"data_plane must be one of {', '.join(DATA_PLANES)}, got {data_plane!r}"
             )
         #: "relay": the HTTP/2 relay takes clients and forwards what it can itself;
-        #: "grpc": the grpc.aio proxy takes every call (see gateway/relay/relay.py).
+        #: "grpc": the grpc.aio proxy takes every call (see mesh/proxy/relay.py).
         self.data_plane = data_plane
         self.relay: Relay | None = None
         self.state = state or GatewayState()
@@ -298,7 +298,7 @@ class Gateway:
 
     async def _start_relayed(self, settings: ServerSettings) -> Serving:
         """The gRPC server on a loopback port, the relay on the public one; the relay
-        hands it what needs a gRPC server (see gateway/relay/exchange.py)."""
+        hands it what needs a gRPC server (see mesh/proxy/exchange.py)."""
         # A Unix socket in a private folder: only this user can reach the server behind
         # the relay (a loopback port would let any local process skip the relay's checks).
         folder = Path(tempfile.mkdtemp(prefix="meshserve-gateway-"))

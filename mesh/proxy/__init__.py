@@ -1,1 +1,1 @@
-"""The gateway's HTTP/2 relay: the data plane in front of its gRPC server."""
+"""The mesh's one data plane: an HTTP/2 relay, the gateway's ingress and a sidecar's inbound."""

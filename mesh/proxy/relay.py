@@ -8,6 +8,9 @@ a gRPC message: it reads HTTP/2 frames, routes each new stream with the same pur
 upstream connection, as Envoy does. What needs a gRPC server (the gateway's own
 services, fault injection, mirroring, response header edits, client auth and telemetry
 interceptors) still runs in one, behind the relay on a loopback port.
+
+A sidecar's inbound port is the same relay in another mode (:mod:`mesh.proxy.inbound`):
+TLS listeners, each call checked against the sidecar's policies and sent to its worker.
 """
 
 from __future__ import annotations
