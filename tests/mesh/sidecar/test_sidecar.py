@@ -373,3 +373,34 @@ async def test_policies_reload_from_the_config_folder(
     finally:
         await sidecar.drain()
         await worker_serving.drain(grace=0)
+
+
+async def test_a_worker_on_a_unix_socket_is_reached_through_the_relay(
+    tmp_path: Path, es: AsyncElasticsearch, indices: Indices
+) -> None:
+    worker = Worker()
+    worker_serving = await start_server(
+        ServerSettings(host=f"unix:{tmp_path / 'worker.sock'}"), [worker.service()]
+    )
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference",
+            app_address=worker_serving.address,
+            mtls="STRICT",
+            drain_delay=0,
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+    )
+    serving = await sidecar.start()
+    client = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
+    try:
+        assert worker_serving.address.startswith("unix:")
+        async with grpc.aio.secure_channel(
+            f"localhost:{serving.port}", client.channel_credentials()
+        ) as channel:
+            assert await call(channel) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+    finally:
+        await sidecar.drain()
+        await worker_serving.drain(grace=0)
