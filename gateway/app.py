@@ -22,7 +22,7 @@ from gateway.discovery import DiscoverySource, EndpointTable
 from gateway.proxy import Proxy
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
-from mesh.config.loader import Document, dump_yaml, load_path, parse_yaml, yaml_files
+from mesh.config.loader import Document, dump_yaml, fingerprint, load_path, parse_yaml
 from mesh.config.snapshot import EMPTY, MeshConfig
 from mesh.errors import Aborted
 from mesh.proxy.relay import Relay
@@ -39,18 +39,6 @@ from registry.config_store import ConfigStore, ConfigVersion
 log = logging.getLogger(__name__)
 DATA_PLANES = ("relay", "grpc")
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
-
-
-def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    """What changes when any config file does (name, mtime, size), cheap to poll."""
-    found = []
-    for path in yaml_files(directory):
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        found.append((path.name, stat.st_mtime_ns, stat.st_size))
-    return tuple(found)
 
 
 def validate_documents(text: str) -> None:
@@ -156,7 +144,7 @@ class Gateway:
         if self.config_dir is None:
             return
         directory = self.config_dir
-        self._fingerprint = _fingerprint(directory)
+        self._fingerprint = fingerprint(directory)
         self._base = load_path(directory)
         self.state.apply_whole(self._build(self._base, self._overlay_docs, self._overlay))
 
@@ -363,10 +351,10 @@ class Gateway:
         directory = self.config_dir
         while True:
             await asyncio.sleep(self.reload_interval)
-            fingerprint = await asyncio.to_thread(_fingerprint, directory)
-            if fingerprint == self._fingerprint:
+            current = await asyncio.to_thread(fingerprint, directory)
+            if current == self._fingerprint:
                 continue
-            self._fingerprint = fingerprint
+            self._fingerprint = current
             # Parse off the loop (file I/O); install on it, where routing reads the state.
             try:
                 base = await asyncio.to_thread(load_path, directory)

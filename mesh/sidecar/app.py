@@ -15,9 +15,10 @@ from pathlib import Path
 
 import grpc.aio
 
-from gateway.app import Gateway, _fingerprint
+from gateway.app import Gateway
 from gateway.registry_discovery import RegistryDiscovery
 from mesh.config.fields import ConfigError
+from mesh.config.loader import fingerprint
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthentication
 from mesh.config.snapshot import config_from_path
@@ -296,13 +297,13 @@ class Sidecar:
         the per-call check; the listeners (TLS or not) stay as started, so a change that
         needs another listener takes a restart, and the log says so.
         """
-        fingerprint = await asyncio.to_thread(_fingerprint, directory)
+        seen = await asyncio.to_thread(fingerprint, directory)
         while True:
             await asyncio.sleep(self.settings.reload_interval)
-            current = await asyncio.to_thread(_fingerprint, directory)
-            if current == fingerprint:
+            current = await asyncio.to_thread(fingerprint, directory)
+            if current == seen:
                 continue
-            fingerprint = current
+            seen = current
             try:
                 config = await asyncio.to_thread(config_from_path, directory)
             except ConfigError as exc:
