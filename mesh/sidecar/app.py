@@ -203,6 +203,8 @@ class Sidecar:
             [Service(INBOUND_SERVICE, lambda server: None)],
             interceptors=interceptors,
         )
+        # Not serving until the worker says it is.
+        await serving.set_serving(False)
 
         async def remove_folder() -> None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -228,8 +230,6 @@ class Sidecar:
         # What callers dial is the relay.
         serving.port = port
         serving.settings = ServerSettings(host=s.host, port=port, grace_seconds=s.grace_seconds)
-        # Not serving until the worker says it is.
-        await serving.set_serving(False)
         instance = Instance(
             service=s.service,
             instance_id=s.instance_id or f"{s.service}-{socket.gethostname()}-{port}",
