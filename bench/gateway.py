@@ -141,17 +141,23 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else values[0]
 
 
+#: One path at one concurrency: median req/s, p50 ms and p99 ms of the rounds.
+Result = tuple[float, float, float]
+
+
 async def compare_paths(
     paths: list[tuple[str, str]],
     requests: list[pb.ModelInferRequest],
     seconds: float,
     rounds: int,
-) -> None:
-    """Prints one table row per path and concurrency: median req/s, p50 and p99 of the rounds.
+) -> dict[tuple[str, int], Result]:
+    """Prints one table row per path and concurrency: median req/s, p50 and p99 of the rounds
+    (also returned, by path name and concurrency).
 
     Paths alternate round by round and the median round is reported: on a shared
     machine, load from other processes then hits every path alike.
     """
+    table: dict[tuple[str, int], Result] = {}
     for concurrency in (1, 32):
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in paths}
         for _ in range(rounds):
@@ -162,7 +168,9 @@ async def compare_paths(
                 results[name].append((rate, percentile(latencies, 50), percentile(latencies, 99)))
         for name, runs in results.items():
             rate, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(3))
+            table[name, concurrency] = (rate, p50, p99)
             print(f"| {name} | {concurrency} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |", flush=True)
+    return table
 
 
 async def overhead(seconds: float, rounds: int) -> None:

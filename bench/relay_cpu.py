@@ -1,12 +1,14 @@
-"""CPU cost of the gateway relay per proxied unary call, without sockets.
+"""CPU cost of the relay per proxied unary call, in its two modes, without sockets.
 
 Run: ``.venv/bin/python -m bench.relay_cpu [--calls 20000]``
 
 Feeds a client's HEADERS + DATA and an upstream's HEADERS, DATA and trailers (encoded as
 gRPC's C core encodes them: incremental indexing, no Huffman) straight into the relay's
 protocol objects with in-memory transports, and prints the relay's own Python time per
-call: routing (the pure core, with the sample config's field hash), header codec,
-framing and flow control. What the sockets and event loop add is in bench.gateway.
+call: header codec, framing and flow control, plus, as the gateway, routing (the pure
+core, with the sample config's field hash) and, as a sidecar's inbound, the peer and
+AuthorizationPolicy checks and the concurrency limit (TLS itself is not counted). What
+the sockets and event loop add is in bench.gateway and bench.sidecar.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ import hpack
 
 from gateway.auth import ADMIN_SCOPE, AuthConfig, ClientGuard, hash_key
 from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
-from gateway.relay import frames as f
-from gateway.relay.hpack_codec import HeaderEncoder
-from gateway.relay.relay import Downstream, Relay, Upstream
-from gateway.state import GatewayState
-from mesh.config.loader import load_path
+from mesh.config.loader import load_path, parse_yaml
+from mesh.config.security import AuthorizationPolicy
 from mesh.config.snapshot import EMPTY
+from mesh.proxy import frames as f
+from mesh.proxy.hpack_codec import HeaderEncoder
+from mesh.proxy.inbound import Caller, ConcurrencyLimit, Inbound
+from mesh.proxy.relay import Downstream, Relay, Upstream
+from mesh.routing.state import GatewayState
+from mesh.security.authz import Authorizer, RequestAttributes
+from mesh.security.peer import PeerInfo, check_peer
+from mesh.security.workload import Workload
 from protos.inference import grpc_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,17 +60,53 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
-async def run(calls: int, guard: ClientGuard | None = None) -> float:
+#: A sidecar's policy: one DENY rule that does not match the caller, evaluated every call.
+POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-training-on-inference}
+spec:
+  selector: {matchLabels: {app: inference}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [ml]}}]}]
+"""
+
+
+async def gateway_relay(guard: ClientGuard | None = None) -> Relay:
     config = EMPTY.merged(load_path(REPO / "config"), version=1, source="config")
     state = GatewayState(config)
     table = EndpointTable()
     async for update in StaticDiscovery([StaticInstance("inference", "w0", UPSTREAM)]).updates():
         state.set_endpoints(table.apply(update))
         break
-    relay = Relay(state, internal_address="127.0.0.1:1", guard=guard.check if guard else None)
+    return Relay(state, internal_address="127.0.0.1:1", guard=guard.check if guard else None)
+
+
+async def sidecar_relay() -> Relay:
+    policies = [
+        d.resource
+        for d in parse_yaml(POLICY, "policy.yaml")
+        if isinstance(d.resource, AuthorizationPolicy)
+    ]
+    authorizer = Authorizer(lambda: policies, Workload("meshserve", (("app", "inference"),)))
+
+    def check(peer: PeerInfo, request: RequestAttributes) -> None:
+        check_peer("STRICT", peer)
+        authorizer.check(request)
+
+    inbound = Inbound(UPSTREAM, check, ConcurrencyLimit(1024))
+    return Relay(GatewayState(), internal_address="unix:/nonexistent", inbound=inbound)
+
+
+async def run(calls: int, mode: str, guard: ClientGuard | None = None) -> float:
+    relay = await (gateway_relay(guard) if mode == "gateway" else sidecar_relay())
     client_side = Downstream(relay)
     down_transport = MemoryTransport()
     client_side.connection_made(down_transport)
+    if relay.inbound is not None:
+        # What a mutual-TLS handshake proved (the transport here has no TLS).
+        spiffe = "spiffe://cluster.local/ns/meshserve/sa/gateway"
+        client_side.caller = Caller(PeerInfo(tls=True, verified=True, spiffe_id=spiffe))
     # Both peers grant all the window there is, as a reader that keeps up would: the
     # relay never queues, so every call is written through.
     endless = f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW}) + f.window_update(
@@ -134,13 +177,15 @@ def main() -> None:
             open_data_plane=True,
         )
     )
-    # Interleaved rounds, median of each: other load on the machine hits both alike.
+    # Interleaved rounds, median of each: other load on the machine hits every mode alike.
     rounds = 10
-    plain, guarded = [], []
+    plain: list[float] = []
+    guarded: list[float] = []
+    inbound: list[float] = []
     for _ in range(rounds):
-        plain.append(asyncio.run(run(args.calls // rounds)))
-        guarded.append(asyncio.run(run(args.calls // rounds, up_guard)))
-    per_call, guarded_call = statistics.median(plain), statistics.median(guarded)
+        plain.append(asyncio.run(run(args.calls // rounds, "gateway")))
+        guarded.append(asyncio.run(run(args.calls // rounds, "gateway", up_guard)))
+        inbound.append(asyncio.run(run(args.calls // rounds, "sidecar")))
     # The guard alone, as the relay calls it (its header dict built from the same request).
     metadata = {"content-type": "application/grpc", "te": "trailers", "grpc-timeout": "29999m"}
     check = min(
@@ -148,11 +193,17 @@ def main() -> None:
             lambda: up_guard.check(INFER_PATH, dict(metadata)), number=args.calls, repeat=5
         )
     )
-    print("| measure | µs per call |")
+    print("| relay Python, one unary call | µs per call |")
     print("|---|---:|")
-    print(f"| relay Python, one unary call (routing + frames + headers) | {per_call * 1e6:.1f} |")
-    print(f"| the same behind up's guard (admin key, data plane open) | {guarded_call * 1e6:.1f} |")
+    print(f"| gateway: routing + frames + headers | {statistics.median(plain) * 1e6:.1f} |")
+    print(
+        f"| gateway behind up's guard (admin key, data plane open) | {statistics.median(guarded) * 1e6:.1f} |"
+    )
     print(f"| up's guard check alone (best of 5) | {check / args.calls * 1e6:.1f} |")
+    print(
+        "| sidecar inbound: peer + authz checks, limit, frames + headers | "
+        f"{statistics.median(inbound) * 1e6:.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway.discovery import EndpointTable
-from gateway.state import GatewayState
 from mesh.balance.endpoints import InstanceView
 from mesh.config.hosts import normalise_host
 from mesh.config.loader import Document, parse_yaml
@@ -18,6 +17,7 @@ from mesh.config.snapshot import MeshConfig
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from mesh.routing.decision import RequestInfo
 from mesh.routing.hashkey import RequestFields
+from mesh.routing.state import GatewayState
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_EXPLAIN_METHOD = "/inference.GRPCInferenceService/ModelInfer"

@@ -19,16 +19,16 @@ from gateway.admin import Admin
 from gateway.auth import ADMIN_LOCKED, ClientGuard
 from gateway.channels import ChannelPool
 from gateway.discovery import DiscoverySource, EndpointTable
-from gateway.methods import MESH_SERVICES
 from gateway.proxy import Proxy
-from gateway.relay.relay import Relay
-from gateway.state import GatewayState
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
-from mesh.config.loader import Document, dump_yaml, load_path, parse_yaml, yaml_files
+from mesh.config.loader import Document, dump_yaml, fingerprint, load_path, parse_yaml
 from mesh.config.snapshot import EMPTY, MeshConfig
 from mesh.errors import Aborted, FailedPrecondition
+from mesh.proxy.relay import Relay
 from mesh.routing.admission import check_admission
+from mesh.routing.methods import MESH_SERVICES
+from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
@@ -40,18 +40,6 @@ from registry.config_store import ConfigStore, ConfigVersion
 log = logging.getLogger(__name__)
 DATA_PLANES = ("relay", "grpc")
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
-
-
-def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    """What changes when any config file does (name, mtime, size), cheap to poll."""
-    found = []
-    for path in yaml_files(directory):
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        found.append((path.name, stat.st_mtime_ns, stat.st_size))
-    return tuple(found)
 
 
 def validate_documents(text: str) -> None:
@@ -109,7 +97,7 @@ class Gateway:
                 f"data_plane must be one of {', '.join(DATA_PLANES)}, got {data_plane!r}"
             )
         #: "relay": the HTTP/2 relay takes clients and forwards what it can itself;
-        #: "grpc": the grpc.aio proxy takes every call (see gateway/relay/relay.py).
+        #: "grpc": the grpc.aio proxy takes every call (see mesh/proxy/relay.py).
         self.data_plane = data_plane
         self.relay: Relay | None = None
         self.state = state or GatewayState()
@@ -167,7 +155,7 @@ class Gateway:
         if self.config_dir is None:
             return
         directory = self.config_dir
-        self._fingerprint = _fingerprint(directory)
+        self._fingerprint = fingerprint(directory)
         self._base = load_path(directory)
         self.state.apply_whole(self._build(self._base, self._overlay_docs, self._overlay))
 
@@ -391,7 +379,7 @@ class Gateway:
 
     async def _start_relayed(self, settings: ServerSettings) -> Serving:
         """The gRPC server on a loopback port, the relay on the public one; the relay
-        hands it what needs a gRPC server (see gateway/relay/exchange.py)."""
+        hands it what needs a gRPC server (see mesh/proxy/exchange.py)."""
         # A Unix socket in a private folder: only this user can reach the server behind
         # the relay (a loopback port would let any local process skip the relay's checks).
         folder = Path(tempfile.mkdtemp(prefix="meshserve-gateway-"))
@@ -457,10 +445,10 @@ class Gateway:
         directory = self.config_dir
         while True:
             await asyncio.sleep(self.reload_interval)
-            fingerprint = await asyncio.to_thread(_fingerprint, directory)
-            if fingerprint == self._fingerprint:
+            current = await asyncio.to_thread(fingerprint, directory)
+            if current == self._fingerprint:
                 continue
-            self._fingerprint = fingerprint
+            self._fingerprint = current
             # Parse off the loop (file I/O); install on it, where routing reads the state.
             try:
                 base = await asyncio.to_thread(load_path, directory)

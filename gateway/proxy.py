@@ -15,15 +15,15 @@ import grpc.aio
 from opentelemetry import trace
 
 from gateway.channels import ChannelPool
-from gateway.methods import MethodInfo, lookup
-from gateway.state import GatewayState
 from mesh.balance.cluster import Cluster, ClusterMap
 from mesh.balance.endpoints import Endpoint
 from mesh.config.destination_rule import UNLIMITED
 from mesh.errors import DeadlineExceeded, Unavailable
 from mesh.routing import headers as md
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
+from mesh.routing.methods import MethodInfo, lookup
 from mesh.routing.services import host_for_method
+from mesh.routing.state import GatewayState
 from mesh.routing.weights import percent_hit
 from mesh.telemetry.interceptors import annotate
 from mesh.telemetry.metrics import MeshMetrics, labels

@@ -109,6 +109,18 @@ def yaml_files(path: Path) -> list[Path]:
     return [path]
 
 
+def fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """What changes when any config file does (name, mtime, size), cheap to poll."""
+    found = []
+    for path in yaml_files(directory):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        found.append((path.name, stat.st_mtime_ns, stat.st_size))
+    return tuple(found)
+
+
 def load_path(path: Path | str) -> list[Document]:
     """Every resource in a file or in the YAML files of a directory."""
     documents: list[Document] = []

@@ -256,8 +256,14 @@ class Authorizer:
         self._root = root_namespace
 
     async def __call__(self, method: str, context: Context) -> None:
-        request = attributes_from_context(method, context, port=self._port)
+        self.check(attributes_from_context(method, context, port=self._port))
+
+    def check(self, request: RequestAttributes) -> None:
+        """Raises :class:`PermissionDenied` naming the policy when ``request`` is refused
+        (also what the sidecar's HTTP/2 relay calls, with attributes it read itself)."""
         decision = evaluate(self._policies(), self._workload, request, root_namespace=self._root)
         if not decision.allowed:
-            log.info("%s from %s: %s", method, request.principal or "anonymous", decision.reason)
+            log.info(
+                "%s from %s: %s", request.path, request.principal or "anonymous", decision.reason
+            )
             raise PermissionDenied(decision.reason)

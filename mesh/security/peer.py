@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -141,6 +142,28 @@ def peer_from_auth_context(auth: Mapping[str, Iterable[bytes]]) -> PeerInfo:
 
 def peer_from_context(context: grpc.aio.ServicerContext[Any, Any]) -> PeerInfo:
     return peer_from_auth_context(context.auth_context())
+
+
+def peer_from_ssl(ssl_object: ssl.SSLObject | None) -> PeerInfo:
+    """Reads a Python TLS connection (the relay's); None: plaintext.
+
+    ``getpeercert()`` is empty unless the peer's chain was verified, and the relay's
+    listeners require a certificate of the mesh CA, so a certificate here is a verified one.
+    """
+    if ssl_object is None:
+        return PeerInfo()
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return PeerInfo(tls=True)
+    names: Any = cert.get("subjectAltName", ())  # ((kind, value), ...); typeshed's union
+    ids = [v for kind, v in names if kind == "URI" and str(v).startswith(SCHEME)]
+    spiffe_id = None
+    if len(ids) == 1:
+        try:
+            spiffe_id = WorkloadIdentity.parse(ids[0]).uri
+        except InvalidArgument:
+            spiffe_id = None
+    return PeerInfo(tls=True, verified=True, spiffe_id=spiffe_id)
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ class CertificateSource:
         self._cert = issuer.issue(identity, lifetime=lifetime)
         self._listeners: list[Callable[[IssuedCertificate], None]] = []
         self._ssl: tuple[int, ssl.SSLContext] | None = None
+        self._ssl_server: tuple[int, ssl.SSLContext] | None = None
 
     def renew_after(self, cert: IssuedCertificate) -> dt.datetime:
         return cert.not_before + (cert.not_after - cert.not_before) * self._renew_fraction
@@ -191,16 +192,59 @@ class CertificateSource:
         cached = self._ssl
         if cached is not None and cached[0] == cert.serial:
             return cached[1]
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_verify_locations(cadata=cert.ca_pem.decode())
-        # The ssl module loads a key pair only from files: a private folder, gone at once.
-        with tempfile.TemporaryDirectory(prefix="meshserve-tls-") as folder:
-            chain, key = Path(folder, "cert.pem"), Path(folder, "key.pem")
-            chain.write_bytes(cert.cert_pem)
-            key.touch(mode=0o600)
-            key.write_bytes(cert.key_pem)
-            context.load_cert_chain(chain, key)
-        context.set_alpn_protocols(["h2"])
+        context = _ssl_context(ssl.PROTOCOL_TLS_CLIENT, cert)
         self._ssl = (cert.serial, context)
         return context
+
+    def ssl_server_context(self) -> ssl.SSLContext:
+        """A mutual-TLS listener for plain asyncio servers (the sidecar's HTTP/2 relay):
+        presents the current certificate, requires a client certificate of the mesh CA and
+        speaks HTTP/2 only (ALPN ``h2``, which gRPC clients require).
+
+        An asyncio server keeps the context it was started with, so the context returned
+        here swaps in the one of the current certificate during each handshake (the SNI
+        callback, which OpenSSL runs for every ClientHello, with or without a server
+        name): new connections after a rotation present the new certificate, established
+        ones keep theirs, as with :meth:`server_credentials`.
+        """
+        context = self._server_context()
+
+        def current(connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+            try:
+                fresh = self._server_context()
+            except Exception:  # a failed renewal must not fail the handshake
+                log.exception(
+                    "certificate renewal for %s failed; serving the old one", self.identity
+                )
+                return
+            if connection.context is not fresh:
+                connection.context = fresh
+
+        context.sni_callback = current
+        return context
+
+    def _server_context(self) -> ssl.SSLContext:
+        cert = self.current()
+        cached = self._ssl_server
+        if cached is not None and cached[0] == cert.serial:
+            return cached[1]
+        context = _ssl_context(ssl.PROTOCOL_TLS_SERVER, cert)
+        context.verify_mode = ssl.CERT_REQUIRED
+        self._ssl_server = (cert.serial, context)
+        return context
+
+
+def _ssl_context(protocol: ssl._SSLMethod, cert: IssuedCertificate) -> ssl.SSLContext:
+    """A TLS 1.2+ context presenting ``cert``, trusting the mesh CA, offering HTTP/2."""
+    context = ssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=cert.ca_pem.decode())
+    # The ssl module loads a key pair only from files: a private folder, gone at once.
+    with tempfile.TemporaryDirectory(prefix="meshserve-tls-") as folder:
+        chain, key = Path(folder, "cert.pem"), Path(folder, "key.pem")
+        chain.write_bytes(cert.cert_pem)
+        key.touch(mode=0o600)
+        key.write_bytes(cert.key_pem)
+        context.load_cert_chain(chain, key)
+    context.set_alpn_protocols(["h2"])
+    return context

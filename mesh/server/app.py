@@ -98,7 +98,7 @@ class Serving:
 
     def before_stop(self, hook: Callable[[float], Awaitable[None]]) -> None:
         """Runs ``hook(grace)`` when a drain starts, before the server stops: a front
-        that relays to this server (gateway.relay) finishes its calls through it first."""
+        that relays to this server (mesh.proxy) finishes its calls through it first."""
         self._before_stop.append(hook)
 
     async def set_serving(self, serving: bool) -> None:

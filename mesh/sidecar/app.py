@@ -1,38 +1,36 @@
-"""Assembles a sidecar: guarded inbound server, registration, health mirroring, graceful drain."""
+"""Assembles a sidecar: the relay's inbound mode, registration, health mirroring, graceful drain."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc.aio
 
-from gateway.app import Gateway, _fingerprint
+from gateway.app import Gateway
 from gateway.registry_discovery import RegistryDiscovery
 from mesh.config.fields import ConfigError
+from mesh.config.loader import fingerprint
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthentication
 from mesh.config.snapshot import config_from_path
 from mesh.errors import FailedPrecondition, InvalidArgument
-from mesh.security.authz import Authorizer
-from mesh.security.guard import Context, GuardInterceptor
-from mesh.security.peer import (
-    check_peer,
-    listeners_for,
-    peer_from_context,
-    resolve_mode,
-    server_credentials,
-)
+from mesh.proxy.inbound import ConcurrencyLimit, Inbound
+from mesh.proxy.relay import Relay
+from mesh.routing.state import GatewayState
+from mesh.security.authz import Authorizer, RequestAttributes
+from mesh.security.peer import PeerInfo, check_peer, listeners_for, resolve_mode
 from mesh.security.rotation import CertificateSource
 from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
-from mesh.sidecar.forward import ConcurrencyLimit, Forwarder
 from mesh.sidecar.health import HealthMirror
 from mesh.sidecar.load import LoadProbe, model_refs, registry_load
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
@@ -105,10 +103,13 @@ class SidecarPolicies:
 class Sidecar:
     """A worker's sidecar.
 
-    Inbound calls pass, in order: the mTLS handshake (a certificate of the mesh CA),
-    telemetry (a span and request metrics), the PeerAuthentication check,
-    AuthorizationPolicy, the concurrency limit, then go to the worker as raw bytes. The instance is registered with the
-    sidecar's address, starts NOT_SERVING, and follows the worker's health.
+    Its port is the HTTP/2 relay in inbound mode (:mod:`mesh.proxy.inbound`). Inbound
+    calls pass, in order: the mTLS handshake (a certificate of the mesh CA), telemetry (a
+    span and request metrics), the PeerAuthentication check, AuthorizationPolicy, the
+    concurrency limit, then go to the worker as HTTP/2 frames, never decoded. Health and
+    reflection are answered by the sidecar's own gRPC server, behind the relay on a
+    private Unix socket. The instance is registered with the sidecar's address, starts
+    NOT_SERVING, and follows the worker's health.
     """
 
     def __init__(
@@ -126,12 +127,19 @@ class Sidecar:
         self.policies = policies or SidecarPolicies()
         self._telemetry = telemetry
         self.limit = ConcurrencyLimit(settings.max_concurrency)
-        self.forwarder = Forwarder(settings.app_address, self.limit)
+        self._authorizer = Authorizer(
+            lambda: self.policies.authorization_policies, settings.workload
+        )
+        #: The worker's health and load reports (the calls themselves go through the relay).
+        self.channel = grpc.aio.insecure_channel(settings.app_address)
+        #: The sidecar's own gRPC server (health, reflection); its port and address are
+        #: the relay's, which callers dial.
         self.serving: Serving | None = None
+        self.relay: Relay | None = None
         #: Why the last policy reload was rejected (None: none was).
         self.last_rejection: str | None = None
-        #: PERMISSIVE's plaintext listener, when a plaintext port is set.
-        self.plaintext_serving: Serving | None = None
+        #: PERMISSIVE's plaintext listener (``host:port``), when a plaintext port is set.
+        self.plaintext_address: str | None = None
         self.outbound: Gateway | None = None
         self.outbound_serving: Serving | None = None
         self.registration: Registration | None = None
@@ -146,7 +154,7 @@ class Sidecar:
         trailing metadata on ServerReady) goes into the instance, so the gateway and
         ``meshserve registry status`` see which versions are warm where.
         """
-        probe = LoadProbe(self.forwarder.channel)
+        probe = LoadProbe(self.channel)
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             if self.registration is None:
@@ -158,11 +166,10 @@ class Sidecar:
                 publish=False,
             )
 
-    def _servings(self) -> list[Serving]:
-        return [s for s in (self.serving, self.plaintext_serving) if s is not None]
-
-    async def _check_peer(self, method: str, context: Context) -> None:
-        check_peer(self.mode, peer_from_context(context))
+    def _admit(self, peer: PeerInfo, request: RequestAttributes) -> None:
+        """The relay's check of each call: PeerAuthentication, then AuthorizationPolicy."""
+        check_peer(self.mode, peer)
+        self._authorizer.check(request)
 
     async def start(self) -> Serving:
         s = self.settings
@@ -171,11 +178,6 @@ class Sidecar:
             raise FailedPrecondition(
                 f"mTLS mode {self.mode} needs certificates (run `meshserve certs init`)"
             )
-        credentials = (
-            None
-            if self._certificates is None
-            else server_credentials(self.mode, self._certificates)
-        )
         if s.plaintext_port is not None and "plaintext" not in listeners_for(self.mode)[1:]:
             raise InvalidArgument(
                 f"a plaintext port is PERMISSIVE's second listener; mTLS here is {self.mode}"
@@ -185,44 +187,53 @@ class Sidecar:
                 "PERMISSIVE without --plaintext-port: only mutual TLS is served; "
                 "plaintext callers are refused"
             )
+        tls = None
+        if listeners_for(self.mode)[0] == "mtls":
+            assert self._certificates is not None
+            tls = self._certificates.ssl_server_context()
+        # The sidecar's own services on a Unix socket in a private folder: only this user
+        # can reach them without the relay's checks. Telemetry records the calls the relay
+        # hands it; the relay records those it forwards.
+        folder = Path(tempfile.mkdtemp(prefix="meshserve-sidecar-"))
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self._telemetry is not None:
             interceptors.append(TelemetryServerInterceptor(self._telemetry))
-        interceptors.append(GuardInterceptor(self._check_peer))
-        interceptors.append(
-            GuardInterceptor(Authorizer(lambda: self.policies.authorization_policies, s.workload))
-        )
-
-        def register(server: grpc.aio.Server) -> None:
-            server.add_generic_rpc_handlers([self.forwarder])
-
-        self.serving = await start_server(
-            ServerSettings(host=s.host, port=s.port, grace_seconds=s.grace_seconds),
-            [Service(INBOUND_SERVICE, register)],
+        serving = self.serving = await start_server(
+            ServerSettings(host=f"unix:{folder / 'grpc.sock'}", grace_seconds=s.grace_seconds),
+            [Service(INBOUND_SERVICE, lambda server: None)],
             interceptors=interceptors,
-            credentials=credentials,
         )
-        if s.plaintext_port is not None:
-            # PERMISSIVE's second listener: the same guards and forwarder, no TLS, so
-            # callers outside the mesh are served anonymously (policies see no principal).
-            try:
-                self.plaintext_serving = await start_server(
-                    ServerSettings(
-                        host=s.host, port=s.plaintext_port, grace_seconds=s.grace_seconds
-                    ),
-                    [Service(INBOUND_SERVICE, register)],
-                    interceptors=interceptors,
-                )
-            except BaseException:
-                await self.serving.drain(grace=0)
-                raise
         # Not serving until the worker says it is.
-        for serving in self._servings():
-            await serving.set_serving(False)
+        await serving.set_serving(False)
+
+        async def remove_folder() -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+        serving.on_drain(remove_folder)
+        relay = self.relay = Relay(
+            GatewayState(),  # nothing to route: every call goes to the worker
+            internal_address=serving.address,
+            telemetry=self._telemetry,
+            inbound=Inbound(s.app_address, self._admit, self.limit),
+        )
+        serving.before_stop(relay.drain)
+        try:
+            port = await relay.start(s.host, s.port, tls=tls)
+            if s.plaintext_port is not None:
+                # PERMISSIVE's second listener: the same checks, no TLS, so callers outside
+                # the mesh are served anonymously (policies see no principal).
+                plain = await relay.start(s.host, s.plaintext_port)
+                self.plaintext_address = f"{s.host}:{plain}"
+        except BaseException:
+            await serving.drain(grace=0)
+            raise
+        # What callers dial is the relay.
+        serving.port = port
+        serving.settings = ServerSettings(host=s.host, port=port, grace_seconds=s.grace_seconds)
         instance = Instance(
             service=s.service,
-            instance_id=s.instance_id or f"{s.service}-{socket.gethostname()}-{self.serving.port}",
-            address=f"{'localhost' if s.host in ('127.0.0.1', '::1') else s.host}:{self.serving.port}",
+            instance_id=s.instance_id or f"{s.service}-{socket.gethostname()}-{port}",
+            address=f"{'localhost' if s.host in ('127.0.0.1', '::1') else s.host}:{port}",
             labels=dict(s.labels),
             status=Status.NOT_SERVING,
         )
@@ -237,7 +248,7 @@ class Sidecar:
         self.registration.start()
         if s.outbound_port is not None:
             await self._start_outbound(s.outbound_port)
-        mirror = HealthMirror(self.forwarder.channel, self._worker_health)
+        mirror = HealthMirror(self.channel, self._worker_health)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(mirror.run()), loop.create_task(self._publish_load())]
         if s.config_dir is not None:
@@ -286,13 +297,13 @@ class Sidecar:
         the per-call check; the listeners (TLS or not) stay as started, so a change that
         needs another listener takes a restart, and the log says so.
         """
-        fingerprint = await asyncio.to_thread(_fingerprint, directory)
+        seen = await asyncio.to_thread(fingerprint, directory)
         while True:
             await asyncio.sleep(self.settings.reload_interval)
-            current = await asyncio.to_thread(_fingerprint, directory)
-            if current == fingerprint:
+            current = await asyncio.to_thread(fingerprint, directory)
+            if current == seen:
                 continue
-            fingerprint = current
+            seen = current
             try:
                 config = await asyncio.to_thread(config_from_path, directory)
             except ConfigError as exc:
@@ -318,8 +329,7 @@ class Sidecar:
         if self._draining or self.registration is None or self.serving is None:
             return
         status = Status.SERVING if serving else Status.NOT_SERVING
-        for listener in self._servings():
-            await listener.set_serving(serving)
+        await self.serving.set_serving(serving)
         try:
             await self.registration.update(status=status)
         except Exception as exc:  # the next heartbeat carries it
@@ -337,8 +347,7 @@ class Sidecar:
         if self.registration is not None:
             with contextlib.suppress(Exception):
                 await self.registration.update(status=Status.DRAINING)
-        for listener in self._servings():
-            await listener.set_serving(False)
+        await self.serving.set_serving(False)
         # Callers that have not seen DRAINING yet still get served meanwhile.
         await asyncio.sleep(self.settings.drain_delay)
         if self.registration is not None:
@@ -346,11 +355,12 @@ class Sidecar:
                 await self.registration.deregister()
             except Exception as exc:
                 log.warning("deregistration failed (the lease will expire): %s", exc)
-        await asyncio.gather(*(listener.drain() for listener in self._servings()))
+        # The relay first (GOAWAY, in-flight calls finish), then the server behind it.
+        await self.serving.drain()
         # Outbound last: in-flight inbound calls may have needed it to finish.
         if self.outbound_serving is not None:
             await self.outbound_serving.drain()
-        await self.forwarder.close()
+        await self.channel.close()
 
     async def run_until_signal(self) -> None:
         """Serves until SIGTERM/SIGINT, then drains."""

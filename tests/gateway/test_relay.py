@@ -16,8 +16,8 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.discovery import StaticDiscovery, StaticInstance
-from gateway.relay import frames as f
-from gateway.relay.hpack_codec import HeaderDecoder, HeaderEncoder
+from mesh.proxy import frames as f
+from mesh.proxy.hpack_codec import HeaderDecoder, HeaderEncoder
 from mesh.server.app import ServerSettings, Service, Serving
 from mesh.server.testing import serve
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import re
 from pathlib import Path
 
 import grpc.aio
 import pytest
+from cryptography import x509
 
 from mesh.errors import InvalidArgument
 from mesh.security.ca import CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
+from mesh.security.peer import PeerInfo, peer_from_ssl
 from mesh.security.rotation import CertificateSource, FileIssuer
 from tests.mesh.security.tls_support import FakeClock, call_who, served_serial, tls_server
 
@@ -118,3 +121,56 @@ async def test_the_ssl_context_presents_the_current_certificate_and_follows_rota
         writer.transport.abort()  # the server's HTTP/2 SETTINGS would race a TLS close
     clock.advance(SHORT * 0.7)
     assert client_certs.ssl_client_context() is not first  # renewed: a new context
+
+
+async def test_the_server_ssl_context_follows_rotation_for_new_connections() -> None:
+    """What a sidecar's relay listens with: mutual TLS over plain asyncio, the renewed
+    certificate presented to new connections, whether the client sends SNI or not."""
+    clock = FakeClock()
+    ca = CertificateAuthority.create(TD, clock=clock)
+    server_certs = CertificateSource(ca, SERVER, lifetime=SHORT, clock=clock)
+    client_certs = CertificateSource(ca, CLIENT, lifetime=SHORT, clock=clock)
+    first = server_certs.current()
+    callers: list[PeerInfo] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        callers.append(peer_from_ssl(writer.get_extra_info("ssl_object")))
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client hangs up (aborts)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(
+        accept, "127.0.0.1", 0, ssl=server_certs.ssl_server_context()
+    )
+    port = server.sockets[0].getsockname()[1]
+
+    async def served_serial(server_hostname: str) -> int:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=client_certs.ssl_client_context(),
+            server_hostname=server_hostname,
+        )
+        ssl_object = writer.get_extra_info("ssl_object")
+        assert ssl_object.selected_alpn_protocol() == "h2"
+        der = ssl_object.getpeercert(binary_form=True)
+        writer.transport.abort()
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        # An IP address is never sent as SNI: the callback runs all the same.
+        assert await served_serial("127.0.0.1") == first.serial
+        clock.advance(SHORT * 0.7)
+        renewed = await served_serial("127.0.0.1")
+        assert renewed != first.serial
+        assert await served_serial("localhost") == renewed
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(callers) < 3:
+            assert asyncio.get_running_loop().time() < deadline, "a handshake never completed"
+            await asyncio.sleep(0.01)
+        assert {caller.spiffe_id for caller in callers} == {CLIENT.uri}
+        assert all(caller.tls and caller.verified for caller in callers)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc.aio
 from elasticsearch import AsyncElasticsearch
 
+from mesh.proxy.inbound import PEER_HEADER
 from mesh.security.ca import CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import CertificateSource
 from mesh.server.testing import serve
 from mesh.sidecar.app import Sidecar, SidecarSettings
-from mesh.sidecar.forward import PEER_HEADER
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from registry.schema import Indices

@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 import pytest
 from elasticsearch import AsyncElasticsearch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
@@ -111,6 +112,38 @@ async def call(channel: grpc.aio.Channel, path: str = ECHO, payload: bytes = b"h
 async def test_mtls_peers_reach_the_worker_with_their_identity(rig: Rig) -> None:
     async with rig.client("gateway") as channel:
         assert await call(channel) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+
+
+async def test_a_callers_own_peer_header_never_reaches_the_worker(rig: Rig) -> None:
+    forged = (("x-meshserve-peer", "spiffe://cluster.local/ns/meshserve/sa/admin"),)
+    async with rig.client("gateway") as channel:
+        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+        reply = await method(b"hi", timeout=10, metadata=forged)
+    assert reply == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+
+
+async def test_health_through_the_sidecar_port_mirrors_the_worker(rig: Rig) -> None:
+    """The relay hands health to the sidecar's own gRPC server, which follows the worker."""
+    async with rig.client("gateway") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status_is(status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> bool:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            return bool(reply.status == status)
+
+        await rig.until(lambda: status_is(health_pb2.HealthCheckResponse.SERVING), "SERVING")
+        await rig.worker_serving.set_serving(False)
+        await rig.until(
+            lambda: status_is(health_pb2.HealthCheckResponse.NOT_SERVING), "NOT_SERVING mirrored"
+        )
+        await rig.worker_serving.set_serving(True)
+    # Health passes the same door as every call: a peer the policies deny is refused.
+    async with rig.client("training", namespace="ml") as denied_channel:
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await health_pb2_grpc.HealthStub(denied_channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+    assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_strict_sidecar_refuses_plaintext_and_foreign_certificates(rig: Rig) -> None:
@@ -251,7 +284,7 @@ async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_
     await sidecar.start()
     try:
         assert sidecar.mode == "PERMISSIVE"
-        assert sidecar.serving is not None and sidecar.plaintext_serving is not None
+        assert sidecar.serving is not None and sidecar.plaintext_address is not None
         mesh = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
         async with grpc.aio.secure_channel(
             f"localhost:{sidecar.serving.port}", mesh.channel_credentials()
@@ -259,7 +292,7 @@ async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_
             assert await call(secure) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
             worker.release.set()
             assert await call(secure, SLOW) == b"done:hi"
-        async with grpc.aio.insecure_channel(sidecar.plaintext_serving.address) as plain:
+        async with grpc.aio.insecure_channel(sidecar.plaintext_address) as plain:
             assert await call(plain) == b"anonymous|hi"
             # Rule 1 needs a principal, which a plaintext caller never has.
             with pytest.raises(grpc.aio.AioRpcError) as denied:
@@ -337,6 +370,37 @@ async def test_policies_reload_from_the_config_folder(
             with pytest.raises(grpc.aio.AioRpcError) as still:
                 await call(channel)
             assert still.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await sidecar.drain()
+        await worker_serving.drain(grace=0)
+
+
+async def test_a_worker_on_a_unix_socket_is_reached_through_the_relay(
+    tmp_path: Path, es: AsyncElasticsearch, indices: Indices
+) -> None:
+    worker = Worker()
+    worker_serving = await start_server(
+        ServerSettings(host=f"unix:{tmp_path / 'worker.sock'}"), [worker.service()]
+    )
+    ca = CertificateAuthority.create(TD)
+    sidecar = Sidecar(
+        SidecarSettings(
+            service="inference",
+            app_address=worker_serving.address,
+            mtls="STRICT",
+            drain_delay=0,
+        ),
+        Store(es, indices),
+        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+    )
+    serving = await sidecar.start()
+    client = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
+    try:
+        assert worker_serving.address.startswith("unix:")
+        async with grpc.aio.secure_channel(
+            f"localhost:{serving.port}", client.channel_credentials()
+        ) as channel:
+            assert await call(channel) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
     finally:
         await sidecar.drain()
         await worker_serving.drain(grace=0)

@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import grpc.aio
 
+from mesh.proxy.inbound import PEER_HEADER
 from mesh.server.app import Service
-from mesh.sidecar.forward import PEER_HEADER
 
 ECHO = "/meshtest.Worker/Echo"
 SLOW = "/meshtest.Worker/Slow"
@@ -20,9 +20,9 @@ class Worker:
         self.started = 0
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        peer = dict(context.invocation_metadata() or ()).get(PEER_HEADER, "anonymous")
-        assert isinstance(peer, str)
-        return peer.encode() + b"|" + request
+        # Every value the worker got: a forged one beside the sidecar's would show.
+        peers = [str(v) for k, v in context.invocation_metadata() or () if k == PEER_HEADER]
+        return ",".join(peers or ["anonymous"]).encode() + b"|" + request
 
     async def slow(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         self.started += 1

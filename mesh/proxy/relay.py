@@ -8,6 +8,9 @@ a gRPC message: it reads HTTP/2 frames, routes each new stream with the same pur
 upstream connection, as Envoy does. What needs a gRPC server (the gateway's own
 services, fault injection, mirroring, response header edits, client auth and telemetry
 interceptors) still runs in one, behind the relay on a loopback port.
+
+A sidecar's inbound port is the same relay in another mode (:mod:`mesh.proxy.inbound`):
+TLS listeners, each call checked against the sidecar's policies and sent to its worker.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from collections.abc import Callable, Collection, Mapping
 
 import grpc
 
-from gateway.relay import frames as f
-from gateway.relay.connection import MAX_STREAMS, Connection, Flusher, Side
-from gateway.relay.exchange import Exchange, error_headers
-from gateway.relay.hpack_codec import Header
-from gateway.relay.telemetry import RelayTelemetry
-from gateway.state import GatewayState
 from mesh.balance.endpoints import Endpoint
+from mesh.proxy import frames as f
+from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
+from mesh.proxy.exchange import Exchange, error_headers
+from mesh.proxy.hpack_codec import Header
+from mesh.proxy.inbound import Caller, Inbound
+from mesh.proxy.telemetry import RelayTelemetry
 from mesh.routing.services import host_for_method
+from mesh.routing.state import GatewayState
 from mesh.telemetry.metrics import MeshMetrics, labels
 from mesh.telemetry.setup import Telemetry
 
@@ -51,10 +55,14 @@ class Downstream(Connection):
         #: client that mostly resets is an HTTP/2 "rapid reset" attack (CVE-2023-44487).
         self.opened = 0
         self.reset_early = 0
+        #: Inbound mode: what the connection proved about the client (its TLS identity).
+        self.caller: Caller | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.relay.downstreams.add(self)
+        if self.relay.inbound is not None:
+            self.caller = Caller.of(transport)
 
     def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
         side = self.streams.get(stream_id)
@@ -300,8 +308,11 @@ class Relay:
         metrics: MeshMetrics | None = None,
         telemetry: Telemetry | None = None,
         guard: Callable[[str, Mapping[str, str]], None] | None = None,
+        inbound: Inbound | None = None,
     ) -> None:
         self.state = state
+        #: A sidecar's inbound: each call is checked and goes to the worker, not routed.
+        self.inbound = inbound
         #: Admits a call (method, text metadata) or raises a MeshError: client auth,
         #: authorization and rate limits (gateway.auth.ClientGuard.check).
         self.guard = guard
@@ -318,19 +329,22 @@ class Relay:
         self.exchanges: set[Exchange] = set()
         self.downstreams: set[Downstream] = set()
         self.draining = False
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._needs_message: dict[str, bool] = {}
         self._needs_config: object = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Listens on ``host:port`` (0: any free port); returns the bound port."""
+    async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> int:
+        """Listens on ``host:port`` (0: any free port), with TLS when ``tls`` is given;
+        returns the bound port. A relay may listen on several ports (a sidecar's
+        PERMISSIVE mode: mutual TLS on one, plaintext on another)."""
         try:
-            self._server = await self.loop.create_server(
-                lambda: Downstream(self), host, port, reuse_address=True
+            server = await self.loop.create_server(
+                lambda: Downstream(self), host, port, reuse_address=True, ssl=tls
             )
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        bound: int = self._server.sockets[0].getsockname()[1]
+        self._servers.append(server)
+        bound: int = server.sockets[0].getsockname()[1]
         return bound
 
     def needs_message(self, path: str) -> bool:
@@ -374,8 +388,8 @@ class Relay:
         """Stops accepting, tells clients (GOAWAY), lets calls in flight finish for up
         to ``grace`` seconds, then closes every connection."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for conn in list(self.downstreams):
             conn.write(f.goaway(conn.last_stream, f.NO_ERROR))
         self.flusher.flush()
@@ -394,7 +408,15 @@ class Relay:
         for conn in list(self.downstreams):
             if conn.transport is not None:
                 conn.transport.close()
+        # A TLS close (a sidecar's listener) writes what is queued, then waits for the
+        # client's close_notify, which a stopping loop may never see: a moment, then abort.
+        deadline = self.loop.time() + 1.0
+        while self.downstreams and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.downstreams):
+            if conn.transport is not None:
+                conn.transport.abort()
         self.pool.close()
-        if self._server is not None:
+        for server in self._servers:
             with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+                await server.wait_closed()

@@ -22,8 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from gateway.relay import frames as f
-from gateway.relay.hpack_codec import (
+from mesh.proxy import frames as f
+from mesh.proxy.hpack_codec import (
     Header,
     HeaderDecoder,
     HeaderEncoder,

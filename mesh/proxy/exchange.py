@@ -19,24 +19,25 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, unquote
 
 import grpc
 
-from gateway.methods import MethodInfo, lookup
-from gateway.relay import frames as f
-from gateway.relay.connection import STREAM_WINDOW, Side
-from gateway.relay.hpack_codec import Header
-from gateway.relay.telemetry import TRACE_HEADERS, CallRecord
 from mesh.balance.cluster import Cluster
 from mesh.balance.endpoints import Endpoint
 from mesh.config.destination_rule import UNLIMITED
 from mesh.errors import MeshError
+from mesh.proxy import frames as f
+from mesh.proxy.connection import STREAM_WINDOW, Side
+from mesh.proxy.hpack_codec import Header
+from mesh.proxy.inbound import ANONYMOUS, Inbound
+from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
+from mesh.routing.methods import MethodInfo, lookup
 
 if TYPE_CHECKING:
-    from gateway.relay.relay import Relay
+    from mesh.proxy.relay import Downstream, Relay
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ class Exchange:
         self.deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tracked = False
+        #: Inbound mode: the call holds a place under the sidecar's concurrency limit.
+        self._limited = False
         self._retried_transparently = False
         #: A unary response held back until its trailers: its headers, data (payload,
         #: flow) and their size. Cleared at each attempt.
@@ -164,7 +167,7 @@ class Exchange:
         # Calls the relay forwards itself are recorded here; those it hands to the
         # gateway's gRPC server are recorded there (see _go_internal).
         self.record: CallRecord | None = None
-        if relay.telemetry is not None and self.info is not None:
+        if relay.telemetry is not None and (self.info is not None or relay.inbound is not None):
             self.record = relay.telemetry.start(self.path, headers)
         relay.exchanges.add(self)
         if not self._valid_request():
@@ -248,6 +251,9 @@ class Exchange:
             except MeshError as exc:
                 self._fail_early(exc.code, exc.message, exc.trailers)
                 return
+        if relay.inbound is not None:
+            self._route_inbound(relay.inbound)
+            return
         if self.info is None:
             self._go_internal()
             return
@@ -306,6 +312,27 @@ class Exchange:
         # stream the endpoint never ran is sent again once (_transparent_retry).
         self._attempt()
 
+    def _route_inbound(self, inbound: Inbound) -> None:
+        """A sidecar's inbound: the caller is checked (identity, policies, limit), then the
+        call goes to the worker unrouted, or to the sidecar's own gRPC server (health,
+        reflection). The worker gets the client's deadline as it came (grpc-timeout)."""
+        caller = cast("Downstream", self.down.conn).caller or ANONYMOUS
+        try:
+            headers = inbound.admit(self.path, self.headers, caller)
+        except MeshError as exc:
+            self._fail_early(exc.code, exc.message, exc.trailers)
+            return
+        if headers is None:
+            self._go_internal()
+            return
+        self._limited = True
+        if self.record is not None:
+            # This hop's span is the worker's parent, in place of the caller's.
+            headers = [(n, v) for n, v in headers if n.decode("latin-1") not in TRACE_HEADERS]
+        self.headers = headers
+        self.endpoint = inbound.endpoint
+        self._attempt()
+
     def _client_timeout(self) -> float | None:
         for name, value in self.headers:
             if name == b"grpc-timeout":
@@ -324,7 +351,10 @@ class Exchange:
     def _upstream_headers(self, per_try: float | None, address: str) -> list[Header]:
         decision = self.decision
         if decision is None:
-            return self.headers
+            telemetry, record = self.relay.telemetry, self.record
+            if self.internal or telemetry is None or record is None:
+                return self.headers
+            return [*self.headers, *telemetry.attempt(record, address, self.attempt)]
         out: list[Header] = [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -361,9 +391,13 @@ class Exchange:
         self.attempt += 1
         self._held_headers, self._held, self._held_bytes = None, [], 0
         decision = self.decision
-        if self.internal or decision is None:
+        if self.internal:
             address = relay.internal_address
             self.endpoint = None
+            per_try = None
+        elif decision is None:  # inbound: the worker (_route_inbound)
+            assert self.endpoint is not None
+            address = self.endpoint.address
             per_try = None
         else:
             self.endpoint = decision.candidates[self.attempt]
@@ -614,6 +648,9 @@ class Exchange:
         if self._tracked and self.endpoint is not None:
             self._tracked = False
             self.relay.state.tracker.finish(self.endpoint.address, self.key)
+        if self._limited and self.relay.inbound is not None:
+            self._limited = False
+            self.relay.inbound.limit.release()
         # A client still sending is told to stop once the response is out (RFC 9113 §8.1
         # allows RST_STREAM NO_ERROR after a complete response).
         self.down.finish(reset=not self.request_ended)

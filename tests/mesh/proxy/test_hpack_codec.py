@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.relay.hpack_codec import (
+from mesh.proxy.hpack_codec import (
     HeaderDecoder,
     HeaderEncoder,
     HeaderError,

@@ -1,0 +1,123 @@
+"""The relay's sidecar-inbound mode: who the caller is, whether it may call, where it goes.
+
+A sidecar's relay terminates mutual TLS, so each client connection carries a verified
+identity (:class:`Caller`). Every new stream is then admitted by :meth:`Inbound.admit`:
+PeerAuthentication and AuthorizationPolicy (the sidecar injects them as one check, the
+same policy code its gRPC servers use), then the concurrency limit; the worker receives
+the call unchanged but for ``x-meshserve-peer``, which carries the verified SPIFFE id and
+is never taken from the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mesh.balance.endpoints import Endpoint
+from mesh.errors import ResourceExhausted
+from mesh.proxy.hpack_codec import Header
+from mesh.security.authz import RequestAttributes
+from mesh.security.peer import PeerInfo, peer_from_ssl
+
+#: The verified SPIFFE id of the caller, for the worker (Istio's XFCC, reduced to the URI).
+PEER_HEADER = "x-meshserve-peer"
+_PEER = PEER_HEADER.encode()
+#: Paths the sidecar's own gRPC server answers (its health mirrors the worker's).
+OWN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+#: Admits a call from a caller (its TLS identity) with these attributes, or raises a
+#: MeshError naming why not (PeerAuthentication, then AuthorizationPolicy).
+Check = Callable[[PeerInfo, RequestAttributes], None]
+
+
+class ConcurrencyLimit:
+    """At most ``limit`` calls at once (None: unlimited); refuses rather than queues.
+
+    Refusing at once is Envoy's circuit-breaker behaviour: the caller (the gateway) retries
+    on another endpoint instead of waiting behind a saturated worker.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"concurrency limit must be >= 1, got {limit}")
+        self.limit = limit
+        self.in_flight = 0
+
+    def try_acquire(self) -> bool:
+        if self.limit is not None and self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What one client connection proved: its TLS identity, and its address."""
+
+    peer: PeerInfo = field(default_factory=PeerInfo)
+    ip: str | None = None
+    #: The peer's principal and namespace, read once per connection, not per call.
+    principal: str | None = field(init=False, default=None)
+    namespace: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        identity = self.peer.identity
+        object.__setattr__(self, "principal", self.peer.principal)
+        object.__setattr__(self, "namespace", None if identity is None else identity.namespace)
+
+    @classmethod
+    def of(cls, transport: asyncio.BaseTransport) -> Caller:
+        peername = transport.get_extra_info("peername")
+        ip = peername[0] if isinstance(peername, tuple) and peername else None
+        return cls(peer_from_ssl(transport.get_extra_info("ssl_object")), ip)
+
+
+ANONYMOUS = Caller()
+
+
+class Inbound:
+    """The sidecar-inbound mode of a :class:`mesh.proxy.relay.Relay` (see module doc)."""
+
+    def __init__(self, app_address: str, check: Check, limit: ConcurrencyLimit) -> None:
+        #: The worker: ``host:port`` or ``unix:PATH``.
+        self.endpoint = Endpoint(app_address)
+        self.check = check
+        self.limit = limit
+
+    def admit(self, path: str, headers: list[Header], caller: Caller) -> list[Header] | None:
+        """The request headers for the worker, with the caller's identity; None: a call for
+        the sidecar's own gRPC server. Raises a MeshError when the call is refused; an
+        admitted worker call holds a place under the limit (the caller releases it)."""
+        text: dict[str, str] = {}
+        authority = None
+        for name, value in headers:
+            if name == b":authority":
+                authority = value.decode("latin-1")
+            elif name[:1] != b":" and not name.endswith(b"-bin"):
+                text[name.decode("latin-1").lower()] = value.decode("latin-1")
+        peer = caller.peer
+        self.check(
+            peer,
+            RequestAttributes(
+                path=path,
+                principal=caller.principal,
+                source_namespace=caller.namespace,
+                source_ip=caller.ip,
+                host=authority,
+                headers=text,
+            ),
+        )
+        if path.startswith(OWN_SERVICES):
+            return None
+        if not self.limit.try_acquire():
+            raise ResourceExhausted(
+                f"the sidecar's concurrency limit of {self.limit.limit} calls is reached"
+            )
+        # A caller's own x-meshserve-peer would be a forged identity: always replaced.
+        out = [(n, v) for n, v in headers if n.lower() != _PEER]
+        if peer.spiffe_id is not None:
+            out.append((_PEER, peer.spiffe_id.encode()))
+        return out

@@ -1,0 +1,102 @@
+"""The relay's inbound mode without sockets: what a call is checked with, what the worker gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.errors import PermissionDenied, ResourceExhausted
+from mesh.proxy.hpack_codec import Header
+from mesh.proxy.inbound import ANONYMOUS, PEER_HEADER, Caller, ConcurrencyLimit, Inbound
+from mesh.security.authz import RequestAttributes
+from mesh.security.peer import PeerInfo
+
+GATEWAY = "spiffe://cluster.local/ns/meshserve/sa/gateway"
+MESH = Caller(PeerInfo(tls=True, verified=True, spiffe_id=GATEWAY), "10.0.0.7")
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def request(path: str = INFER, *extra: Header) -> list[Header]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":path", path.encode()),
+        (b":authority", b"localhost:15006"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        *extra,
+    ]
+
+
+class Recorder:
+    """A check that records what it was asked and refuses what it is told to."""
+
+    def __init__(self, refuse: str | None = None) -> None:
+        self.seen: list[tuple[PeerInfo, RequestAttributes]] = []
+        self.refuse = refuse
+
+    def __call__(self, peer: PeerInfo, attributes: RequestAttributes) -> None:
+        self.seen.append((peer, attributes))
+        if self.refuse is not None:
+            raise PermissionDenied(self.refuse)
+
+
+def test_the_check_sees_the_callers_identity_and_the_request() -> None:
+    check = Recorder()
+    inbound = Inbound("unix:/run/worker.sock", check, ConcurrencyLimit(None))
+    inbound.admit(INFER, request(INFER, (b"x-model-version", b"m/7")), MESH)
+    ((peer, attributes),) = check.seen
+    assert peer.spiffe_id == GATEWAY
+    assert attributes.path == INFER
+    assert attributes.principal == "cluster.local/ns/meshserve/sa/gateway"
+    assert attributes.source_namespace == "meshserve"
+    assert attributes.source_ip == "10.0.0.7"
+    assert attributes.host == "localhost:15006"
+    assert attributes.headers["x-model-version"] == "m/7"
+    assert not any(key.startswith(":") for key in attributes.headers)
+    assert inbound.endpoint.address == "unix:/run/worker.sock"
+
+
+def test_the_worker_gets_the_verified_identity_never_the_callers_own() -> None:
+    inbound = Inbound("127.0.0.1:50051", Recorder(), ConcurrencyLimit(None))
+    forged = (PEER_HEADER.encode(), b"spiffe://cluster.local/ns/meshserve/sa/admin")
+    headers = inbound.admit(INFER, request(INFER, forged), MESH)
+    assert headers is not None
+    assert [v for n, v in headers if n == PEER_HEADER.encode()] == [GATEWAY.encode()]
+    assert headers[: len(request())] == request()  # the rest as it came, in order
+    anonymous = inbound.admit(INFER, request(INFER, forged), ANONYMOUS)
+    assert anonymous is not None
+    assert not [v for n, v in anonymous if n == PEER_HEADER.encode()]
+
+
+def test_a_refused_call_takes_no_place_under_the_limit() -> None:
+    limit = ConcurrencyLimit(1)
+    inbound = Inbound("127.0.0.1:50051", Recorder(refuse="RBAC: access denied"), limit)
+    with pytest.raises(PermissionDenied, match="RBAC: access denied"):
+        inbound.admit(INFER, request(), MESH)
+    assert limit.in_flight == 0
+
+
+def test_the_limit_refuses_the_call_over_it() -> None:
+    limit = ConcurrencyLimit(1)
+    inbound = Inbound("127.0.0.1:50051", Recorder(), limit)
+    assert inbound.admit(INFER, request(), MESH) is not None
+    with pytest.raises(ResourceExhausted, match="concurrency limit of 1 calls"):
+        inbound.admit(INFER, request(), MESH)
+    limit.release()
+    assert inbound.admit(INFER, request(), MESH) is not None
+
+
+def test_health_and_reflection_are_checked_then_left_to_the_sidecars_server() -> None:
+    check = Recorder()
+    limit = ConcurrencyLimit(1)
+    inbound = Inbound("127.0.0.1:50051", check, limit)
+    for path in (
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ):
+        assert inbound.admit(path, request(path), MESH) is None
+    assert [attributes.path for _, attributes in check.seen] == [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    assert limit.in_flight == 0
