@@ -28,6 +28,7 @@ from mesh.config.fields import ConfigError
 from mesh.config.loader import Document, dump_yaml, load_path, parse_yaml, yaml_files
 from mesh.config.snapshot import EMPTY, MeshConfig
 from mesh.errors import Aborted
+from mesh.routing.limits import RelayLimits
 from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
@@ -102,6 +103,7 @@ class Gateway:
         tls_context: Callable[[], ssl.SSLContext] | None = None,
         telemetry: Telemetry | None = None,
         guard: ClientGuard | None = None,
+        relay_limits: RelayLimits | None = None,
     ) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(
@@ -111,6 +113,8 @@ class Gateway:
         #: "grpc": the grpc.aio proxy takes every call (see gateway/relay/relay.py).
         self.data_plane = data_plane
         self.relay: Relay | None = None
+        #: The relay's timeouts and per-source limits (defaults: RelayLimits()).
+        self.relay_limits = relay_limits
         self.state = state or GatewayState()
         self.config_store = config_store
         #: The directory's resources, and the store version laid over them (None: none).
@@ -318,6 +322,7 @@ class Gateway:
             metrics=self.metrics,
             telemetry=self.telemetry,
             guard=self.guard.check if self.guard else None,
+            limits=self.relay_limits,
         )
         try:
             port = await relay.start(settings.host, settings.port)

@@ -493,6 +493,12 @@ class Exchange:
         ):
             self._timed_out("deadline exceeded before the request message arrived")
 
+    def _upstreams_fault(self, code: grpc.StatusCode) -> bool:
+        """Whether an upstream's status counts against it: a deadline it reached while
+        still waiting for the client's request (it had the grpc-timeout the relay
+        passed on) is the client's doing, like the relay's own timeout then."""
+        return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self.request_ended
+
     def _timed_out(self, message: str) -> None:
         if self.up is not None:
             self.up.reset(f.CANCEL)
@@ -555,10 +561,12 @@ class Exchange:
             code = status_of(headers)
             up.close()
             if not self.started and code is not grpc.StatusCode.OK and self._may_retry(code, False):
-                self._failed_attempt(code, code.name, connection_failure=False)
+                self._failed_attempt(
+                    code, code.name, connection_failure=False, blame=self._upstreams_fault(code)
+                )
                 return
             self._release(up)
-            self._end_attempt(code)
+            self._end_attempt(code, blame=self._upstreams_fault(code))
             self.down.send_headers(headers, end_stream=True)
             self._finish(code, message_of(headers))
             return

@@ -117,8 +117,8 @@ class Downstream(Connection):
             # Graceful: streams already opened finish; the client opens a new connection.
             self.retiring = True
             self.write(f.goaway(self.last_stream, f.NO_ERROR, b"max connection duration"))
-            if not self.streams and self.transport is not None:
-                self.transport.close()
+            if not self.streams:
+                self._close_now()
         stream_idle = limits.stream_idle_timeout
         for side in list(self.streams.values()):
             side.exchange.check_timers(now, stream_idle)
@@ -198,8 +198,14 @@ class Downstream(Connection):
         self.relay.limiter.release_stream(self.source)
         if not self.streams:
             self.idle_since = self.relay.now
-            if self.retiring and self.transport is not None:
-                self.transport.close()
+            if self.retiring:
+                self._close_now()
+
+    def _close_now(self) -> None:
+        """Closes after writing what is batched (the last stream's trailers, GOAWAY)."""
+        self.flush_output()
+        if self.transport is not None:
+            self.transport.close()
 
     def lost(self, exc: Exception | None) -> None:
         self.relay.downstreams.discard(self)

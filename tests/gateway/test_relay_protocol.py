@@ -32,7 +32,6 @@ from tests.gateway.test_relay import (
     until,
 )
 
-
 #: A second loopback address: the relay's per-source limits tell it from 127.0.0.1.
 ABUSER = "127.0.0.2"
 
