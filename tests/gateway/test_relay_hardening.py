@@ -59,6 +59,14 @@ spec:
       baseEjectionTime: 30s
       maxEjectionPercent: 100
 """
+#: The same, but the ring hashes on the first message's fields: routing waits for it.
+HASHED = CONFIG.replace(
+    "metadata: {name: inference}\nspec:\n  host: inference\n  trafficPolicy:\n",
+    "metadata:\n  name: inference\n"
+    '  annotations: {meshserve.io/hash-fields: "model_name,model_version"}\n'
+    "spec:\n  host: inference\n  trafficPolicy:\n"
+    "    loadBalancer: {consistentHash: {httpHeaderName: x-model-version}}\n",
+)
 
 
 @dataclass
@@ -84,8 +92,10 @@ class Edge:
 
 
 @asynccontextmanager
-async def edge(tmp_path: Path, limits: RelayLimits | None = None) -> AsyncIterator[Edge]:
-    (tmp_path / "inference.yaml").write_text(CONFIG)
+async def edge(
+    tmp_path: Path, limits: RelayLimits | None = None, config: str = CONFIG
+) -> AsyncIterator[Edge]:
+    (tmp_path / "inference.yaml").write_text(config)
     async with AsyncExitStack() as stack:
         workers = [FakeWorker(f"w{i}") for i in range(2)]
         addresses = []
@@ -220,12 +230,17 @@ async def test_malformed_calls_are_answered_by_the_relay_and_never_count_against
         assert replies == {"w0", "w1"}
 
 
+@pytest.mark.parametrize("config", [CONFIG, HASHED], ids=["routed", "waiting-for-message"])
 async def test_a_call_that_never_sends_its_message_ends_at_the_route_timeout_uncounted(
-    tmp_path: Path,
+    tmp_path: Path, config: str
 ) -> None:
     """HEADERS only on a route with a 1 s timeout: DEADLINE_EXCEEDED from the call's first
-    byte, not the worker's fault (consecutiveGatewayErrors 1 would eject it)."""
-    async with edge(tmp_path) as e, client(e) as raw:
+    byte, not the worker's fault (consecutiveGatewayErrors 1 would eject it) — whether the
+    call was routed at once or waits for the message its ring hashes on."""
+    async with edge(tmp_path, config=config) as e, client(e) as raw:
+        relay = e.gateway.relay
+        assert relay is not None
+        assert relay.needs_message(INFER) is (config is HASHED)
         start = asyncio.get_running_loop().time()
         for sid in (1, 3, 5):
             _send(raw, sid, INFER, BASE, end=False)
@@ -234,8 +249,6 @@ async def test_a_call_that_never_sends_its_message_ends_at_the_route_timeout_unc
             assert _status(trailers) == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
         assert asyncio.get_running_loop().time() - start < 20  # not the 300 s idle timeout
         assert e.untouched()
-        relay = e.gateway.relay
-        assert relay is not None
         await until(lambda: not relay.exchanges)
 
 
