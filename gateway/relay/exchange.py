@@ -165,6 +165,7 @@ class Exchange:
         self.started = False  # response headers forwarded to the client
         self.done = False
         self.deadline: float | None = None
+        self._deadline_known = False
         self._timer: asyncio.TimerHandle | None = None
         self._tracked = False
         self._retried_transparently = False
@@ -189,26 +190,21 @@ class Exchange:
             return
         if self._ready():
             self._route()
-            return
-        # Waiting for the first message (the host hashes on its fields): the client's
-        # deadline and the route's timeout still run, from the first byte.
+
+    def _unrouted_deadline(self) -> float | None:
+        """For a call waiting for the first message it is routed on: the client's
+        deadline and the route's timeout, from the first byte. Looked up on the relay's
+        tick, not per call: most calls are routed before the first tick."""
         text = tuple(
             (n.decode("latin-1"), v.decode("latin-1"))
-            for n, v in headers
+            for n, v in self.headers
             if n[:1] != b":" and not n.endswith(b"-bin")
         )
-        budgets = [
-            b
-            for b in (
-                self._client_timeout(),
-                route_timeout(
-                    relay.state.clusters, self.path, self.authority.decode("latin-1"), text
-                ),
-            )
-            if b is not None
-        ]
-        if budgets:
-            self.deadline = self.begun + min(budgets)
+        timeout = route_timeout(
+            self.relay.state.clusters, self.path, self.authority.decode("latin-1"), text
+        )
+        budgets = [b for b in (self._client_timeout(), timeout) if b is not None]
+        return self.begun + min(budgets) if budgets else None
 
     # -- requests -------------------------------------------------------------------------
 
@@ -485,13 +481,13 @@ class Exchange:
             return
         if stream_idle and now - self.active >= stream_idle:
             self._timed_out(f"stream idle for {stream_idle:g}s")
-        elif (
-            self.deadline is not None
-            and self.decision is None
-            and not self.internal
-            and now >= self.deadline
-        ):
-            self._timed_out("deadline exceeded before the request message arrived")
+            return
+        if self.decision is None and not self.internal:
+            if not self._deadline_known:
+                self._deadline_known = True
+                self.deadline = self._unrouted_deadline()
+            if self.deadline is not None and now >= self.deadline:
+                self._timed_out("deadline exceeded before the request message arrived")
 
     def _upstreams_fault(self, code: grpc.StatusCode) -> bool:
         """Whether an upstream's status counts against it: a deadline it reached while
