@@ -511,9 +511,13 @@ async def test_rapid_reset_is_answered_with_goaway_and_a_few_cancels_are_not() -
                 client.request(sid, UNARY, end=False)
                 client.send(f.rst_stream(sid, f.CANCEL))
             assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
+        # Reconnecting at once is refused (cool-off): the abuse costs the abuser.
+        async with raw_client(s, source=ABUSER) as again:
+            assert await _goaway_code(again) == f.ENHANCE_YOUR_CALM
         relay = s.gateway.relay
         assert relay is not None
         await until(lambda: not relay.exchanges)  # the reset calls left nothing behind
+        assert relay.limiter.refused == {"cool_off": 1}
         assert await s.unary(b"abc", timeout=10) == b"cba"
 
 
