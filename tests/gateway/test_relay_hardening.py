@@ -202,6 +202,20 @@ MALFORMED: list[tuple[str, list[Header], list[bytes] | None, grpc.StatusCode, by
     ),
     ("END_STREAM, no message", BASE, None, grpc.StatusCode.INTERNAL, b"without a message"),
     ("empty DATA ends it", BASE, [b""], grpc.StatusCode.INTERNAL, b"without a message"),
+    (
+        "GET",
+        _without(b":method", (b":method", b"GET")),
+        None,
+        grpc.StatusCode.UNIMPLEMENTED,
+        b"gRPC only",
+    ),
+    (
+        "ftp",
+        _without(b":scheme", (b":scheme", b"ftp")),
+        [_message(REQUEST)],
+        grpc.StatusCode.INTERNAL,
+        b":scheme",
+    ),
 ]
 
 
@@ -220,6 +234,11 @@ async def test_malformed_calls_are_answered_by_the_relay_and_never_count_against
             _, trailers = await raw.until_end(sid)
             assert _status(trailers) == code.value[0], name
             assert trailers is not None and words in trailers, (name, trailers)
+        # A path that names no method.
+        _send(raw, 1001, "/inference.GRPCInferenceService/ModelInfer/x", BASE, end=False)
+        _, trailers = await raw.until_end(1001)
+        assert _status(trailers) == grpc.StatusCode.UNIMPLEMENTED.value[0]
+        assert trailers is not None and b"malformed method path" in trailers
         assert e.untouched()
         # Nothing reached a worker's handler, and both still serve.
         assert not any(w.seen for w in e.workers)
