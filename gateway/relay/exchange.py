@@ -496,9 +496,13 @@ class Exchange:
         return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self.request_ended
 
     def _timed_out(self, message: str) -> None:
+        """The relay's own timers (stream idle, or the deadline of a call not routed
+        yet) ended the call: never an endpoint's failure (a quiet server stream is not
+        broken; an upstream that never answers a whole request meets the route timeout),
+        as Envoy's stream idle timeout is not."""
         if self.up is not None:
             self.up.reset(f.CANCEL)
-        self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=self.request_ended)
+        self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=False)
         self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, message)
 
     def _end_attempt(
