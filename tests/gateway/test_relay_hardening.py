@@ -309,6 +309,17 @@ async def test_idle_connections_and_streams_are_closed_at_their_timeouts(tmp_pat
             assert trailers is not None and b"stream idle for 1s" in trailers
             assert _status(trailers) == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
             assert await _eof_or_goaway(idle) == (f.NO_ERROR, b"idle for 1.5s")
+        # A header block whose CONTINUATION never comes: closed at request_headers_timeout.
+        async with client(e) as split:
+            _send(split, 1, INFER, _without(b"te"), end=True)  # answered at once
+            _, trailers = await split.until_end(1)
+            assert _status(trailers) == grpc.StatusCode.INTERNAL.value[0]
+            block = split.encoder.encode([(b":path", INFER.encode()), *BASE])
+            split.send(f.frame(f.HEADERS, 0, 3, block[:10]))  # no END_HEADERS
+            assert await _eof_or_goaway(split) == (
+                f.NO_ERROR,
+                b"a header block not completed within 0.5s",
+            )
         assert e.untouched()
         await until(lambda: not relay.downstreams and relay.limiter.total_streams == 0)
         assert relay.limiter.connections == {}
