@@ -93,11 +93,11 @@ class Edge:
 
 @asynccontextmanager
 async def edge(
-    tmp_path: Path, limits: RelayLimits | None = None, config: str = CONFIG
+    tmp_path: Path, limits: RelayLimits | None = None, config: str = CONFIG, n: int = 2
 ) -> AsyncIterator[Edge]:
     (tmp_path / "inference.yaml").write_text(config)
     async with AsyncExitStack() as stack:
-        workers = [FakeWorker(f"w{i}") for i in range(2)]
+        workers = [FakeWorker(f"w{i}") for i in range(n)]
         addresses = []
         for worker in workers:
             serving, _ = await stack.enter_async_context(serve(worker.services()))
@@ -115,7 +115,7 @@ async def edge(
         serving = await gateway.start(ServerSettings())
         channel = grpc.aio.insecure_channel(serving.address)
         try:
-            await until(lambda: len(gateway.state.snapshot.endpoints("inference")) == 2)
+            await until(lambda: len(gateway.state.snapshot.endpoints("inference")) == n)
             yield Edge(gateway, serving, workers, addresses, channel)
         finally:
             for worker in workers:
@@ -395,3 +395,55 @@ async def test_a_bidi_stream_may_end_without_a_message(tmp_path: Path, path: str
         _send(raw, 1, path, BASE, end=True)
         _, trailers = await raw.until_end(1)
         assert _status(trailers) == 0
+
+
+#: One worker, no retries, ejected after two server errors in a row.
+TWO_STRIKES = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http:
+    - retries: {attempts: 0}
+      route: [{destination: {host: inference}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, interval: 10s, baseEjectionTime: 30s,
+                       maxEjectionPercent: 100}
+"""
+
+
+async def test_a_client_cancellation_neither_counts_nor_forgives(tmp_path: Path) -> None:
+    """A cancel is the client's doing: it must not count against the worker, nor reset
+    its run of errors (else a client could keep a failing worker in service)."""
+    async with edge(tmp_path, config=TWO_STRIKES, n=1) as e, client(e) as raw:
+        worker, address = e.workers[0], e.addresses[0]
+        cluster = e.gateway.state.clusters.cluster("inference")
+        assert cluster.outliers is not None
+        worker.fail_with = grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError):
+            await e.inference.ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=10)
+        assert cluster.outliers.state(address).consecutive_errors == 1
+        # A call the worker is holding, cancelled by the client.
+        worker.fail_with, worker.hold = None, asyncio.Event()
+        seen = len(worker.seen)
+        _send(raw, 1, INFER, BASE, end=False)
+        raw.send(f.frame(f.DATA, f.END_STREAM, 1, _message(REQUEST)))
+        await until(lambda: len(worker.seen) > seen)
+        raw.send(f.rst_stream(1, f.CANCEL))
+        relay = e.gateway.relay
+        assert relay is not None
+        await until(lambda: not relay.exchanges)
+        assert cluster.outliers.state(address).consecutive_errors == 1
+        # The second error in a row ejects it.
+        worker.hold.set()
+        worker.fail_with = grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError):
+            await e.inference.ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=10)
+        assert cluster.outliers.state(address).ejected
