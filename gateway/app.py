@@ -27,6 +27,7 @@ from mesh.config.snapshot import EMPTY, MeshConfig
 from mesh.errors import Aborted, FailedPrecondition
 from mesh.proxy.relay import Relay
 from mesh.routing.admission import check_admission
+from mesh.routing.limits import RelayLimits
 from mesh.routing.methods import MESH_SERVICES
 from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
@@ -91,6 +92,7 @@ class Gateway:
         tls_context: Callable[[], ssl.SSLContext] | None = None,
         telemetry: Telemetry | None = None,
         guard: ClientGuard | None = None,
+        relay_limits: RelayLimits | None = None,
     ) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(
@@ -100,6 +102,8 @@ class Gateway:
         #: "grpc": the grpc.aio proxy takes every call (see mesh/proxy/relay.py).
         self.data_plane = data_plane
         self.relay: Relay | None = None
+        #: The relay's timeouts and per-source limits (defaults: RelayLimits()).
+        self.relay_limits = relay_limits
         self.state = state or GatewayState()
         self.config_store = config_store
         #: The directory's resources, and the store version laid over them (None: none).
@@ -399,6 +403,7 @@ class Gateway:
             metrics=self.metrics,
             telemetry=self.telemetry,
             guard=self.guard.check if self._guard_in_relay else None,
+            limits=self.relay_limits,
         )
         try:
             port = await relay.start(settings.host, settings.port)

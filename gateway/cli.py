@@ -15,6 +15,7 @@ from gateway.discovery import DiscoverySource, StaticDiscovery, parse_static
 from gateway.registry_discovery import RegistryDiscovery
 from mesh.cli.main import CliError
 from mesh.config.resource import DEFAULT_NAMESPACE
+from mesh.routing.limits import RelayLimits
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
 from mesh.telemetry import logs
@@ -74,8 +75,42 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="relay: an HTTP/2 relay serves the port and forwards calls itself, handing "
         "what needs a gRPC server to one behind it (default); grpc: the gRPC proxy alone",
     )
+    limits = parser.add_argument_group(
+        "relay timeouts and limits",
+        "Envoy's semantics (docs/gateway.md); seconds for timeouts, 0 turns one off",
+    )
+    defaults = RelayLimits()
+    for name, kind, help_text in _LIMIT_FLAGS:
+        limits.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=getattr(defaults, name),
+            metavar="N",
+            help=f"{help_text} (default {getattr(defaults, name):g})",
+        )
     add_store_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+#: RelayLimits fields exposed as flags: (field, type, help).
+_LIMIT_FLAGS: tuple[tuple[str, type[float] | type[int], str], ...] = (
+    ("request_headers_timeout", float, "seconds a new connection has to send request headers"),
+    ("stream_idle_timeout", float, "a stream with no frames for this long is ended"),
+    ("idle_timeout", float, "a connection with no streams for this long is closed"),
+    ("max_connection_duration", float, "connections this old get a graceful GOAWAY"),
+    ("max_connections_per_source", int, "connections one client address may hold"),
+    ("max_streams_per_source", int, "open streams one client address may hold"),
+    ("max_streams", int, "open streams in all"),
+    ("abuse_cool_off", float, "seconds a client closed for abuse is refused"),
+)
+
+
+def limits_from_args(args: argparse.Namespace) -> RelayLimits:
+    try:
+        return RelayLimits(**{name: getattr(args, name) for name, _, _ in _LIMIT_FLAGS})
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     settings = ServerSettings(host=args.host, port=args.port)
+    relay_limits = limits_from_args(args)
     telemetry = setup(TelemetrySettings.from_env(service_name="gateway"))
     logs.install(show_ids=telemetry.settings.traces != "none")
     traced = telemetry.settings.traces != "none" or bool(telemetry.settings.metrics)
@@ -120,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 tls_context=tls_context,
                 telemetry=telemetry if traced else None,
                 guard=guard,
+                relay_limits=relay_limits,
             )
             if guard is not None:
                 # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.

@@ -215,6 +215,9 @@ class Connection(asyncio.Protocol):
         self.recv_window = CONNECTION_WINDOW
         #: (stream id, flags of the HEADERS, block so far) while CONTINUATION is awaited.
         self._continuation: tuple[int, int, bytearray] | None = None
+        #: When the pending header block began (its completion is timed: a peer could
+        #: otherwise hold a half-sent block, and the connection, forever).
+        self.continuation_since = 0.0
         self.closed = False
         self.going_away = False
         #: The transport's write buffer is over its high-water mark: DATA waits.
@@ -357,6 +360,7 @@ class Connection(asyncio.Protocol):
                 self._headers(stream_id, flags, block)
             else:
                 self._continuation = (stream_id, flags, bytearray(block))
+                self.continuation_since = time.monotonic()
         elif kind == f.CONTINUATION:
             pending = self._continuation
             if pending is None or pending[0] != stream_id:
@@ -393,6 +397,10 @@ class Connection(asyncio.Protocol):
         elif kind == f.PUSH_PROMISE:
             raise f.ProtocolError("PUSH_PROMISE with push disabled")
         # PRIORITY and unknown frame types are ignored (RFC 9113 §4.1, §5.3.2).
+
+    @property
+    def awaiting_continuation(self) -> bool:
+        return self._continuation is not None
 
     def _count_control_frame(self) -> None:
         now = time.monotonic()

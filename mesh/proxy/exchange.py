@@ -33,7 +33,14 @@ from mesh.proxy.connection import STREAM_WINDOW, Side
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import ANONYMOUS, Inbound
 from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
-from mesh.routing.decision import RequestInfo, RouteDecision, decide
+from mesh.routing.callcheck import (
+    MessageFramer,
+    Rejection,
+    check_end,
+    check_headers,
+    encoding_of,
+)
+from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
 from mesh.routing.methods import MethodInfo, lookup
 
 if TYPE_CHECKING:
@@ -130,6 +137,11 @@ class Exchange:
         self.down = down
         down.exchange = self
         self.headers = headers
+        #: The call's first byte: the route timeout counts from here, so a client that
+        #: never sends its message is answered at the route timeout, not held open.
+        self.begun = relay.loop.time()
+        #: The last frame either way (relay.now, tick-coarse): the stream idle timeout.
+        self.active = self.begun
         self.path = ""
         self.authority = b""
         for name, value in headers:
@@ -154,6 +166,7 @@ class Exchange:
         self.started = False  # response headers forwarded to the client
         self.done = False
         self.deadline: float | None = None
+        self._deadline_known = False
         self._timer: asyncio.TimerHandle | None = None
         self._tracked = False
         #: Inbound mode: the call holds a place under the sidecar's concurrency limit.
@@ -169,30 +182,57 @@ class Exchange:
         self.record: CallRecord | None = None
         if relay.telemetry is not None and (self.info is not None or relay.inbound is not None):
             self.record = relay.telemetry.start(self.path, headers)
+        #: Follows the request's message boundaries (compressed flags, message count).
+        self.framer = MessageFramer(encoding_of(headers))
         relay.exchanges.add(self)
-        if not self._valid_request():
+        # A malformed call is the relay's to answer (mesh/routing/callcheck.py): it never
+        # reaches an upstream, so it never counts against one.
+        rejected = check_headers(headers) or self._check_end()
+        if rejected is not None:
+            self._reject(rejected)
             return
         if self._ready():
             self._route()
 
+    def _unrouted_deadline(self) -> float | None:
+        """For a call waiting for the first message it is routed on: the client's
+        deadline and the route's timeout, from the first byte. Looked up on the relay's
+        tick, not per call: most calls are routed before the first tick."""
+        text = tuple(
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in self.headers
+            if n[:1] != b":" and not n.endswith(b"-bin")
+        )
+        timeout = route_timeout(
+            self.relay.state.clusters, self.path, self.authority.decode("latin-1"), text
+        )
+        budgets = [b for b in (self._client_timeout(), timeout) if b is not None]
+        return self.begun + min(budgets) if budgets else None
+
     # -- requests -------------------------------------------------------------------------
 
-    def _valid_request(self) -> bool:
-        method = next((v for n, v in self.headers if n == b":method"), None)
-        content = next((v for n, v in self.headers if n == b"content-type"), b"")
-        if method != b"POST" or not content.startswith(b"application/grpc"):
-            self._fail_early(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"the gateway serves gRPC only (got {method!r} {content.decode('latin-1')!r})",
-            )
-            return False
-        return True
+    def _check_end(self) -> Rejection | None:
+        """At the request's end: a unary or server-streaming call needs its message."""
+        if not self.request_ended:
+            return None
+        info = self.info
+        return check_end(
+            self.framer.messages, client_streaming=info.client_streaming if info else None
+        )
 
     def request_data(self, payload: bytes, flow: int, end_stream: bool) -> None:
         if self.done:
             self.down.credit_back(flow)
             return
+        self.active = self.relay.now
+        rejected = self.framer.feed(payload) if payload else None
         self.request_ended = end_stream
+        if rejected is None and end_stream:
+            rejected = self._check_end()
+        if rejected is not None:
+            self.down.credit_back(flow)
+            self._reject(rejected)
+            return
         up = self.up
         if up is not None and up.open:
             up.send_data(payload, end_stream=end_stream, on_sent=self.down.credit_back, flow=flow)
@@ -305,9 +345,8 @@ class Exchange:
         if self.record is not None and relay.telemetry is not None:
             relay.telemetry.routed(self.record, decision)
         self.key = decision.hash_key.key if decision.hash_key else None
-        now = relay.loop.time()
         budgets = [b for b in (self._client_timeout(), decision.timeout) if b is not None]
-        self.deadline = now + min(budgets) if budgets else None
+        self.deadline = self.begun + min(budgets) if budgets else None
         # The body stays kept (up to REPLAY_LIMIT) even with no retries configured: a
         # stream the endpoint never ran is sent again once (_transparent_retry).
         self._attempt()
@@ -449,23 +488,72 @@ class Exchange:
         overall = self.deadline is not None and self.relay.loop.time() >= self.deadline - 1e-3
         if self.up is not None:
             self.up.reset(f.CANCEL)
+        # A timeout is the upstream's failure only when it had the whole request: one
+        # that is waiting for the client's message is not slow, the client is.
+        blame = self.request_ended
         if overall:
-            self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED)
-            self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=blame)
+            self._give_up(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "deadline exceeded" if blame else "deadline exceeded before the request ended",
+            )
             return
         self._failed_attempt(
-            grpc.StatusCode.DEADLINE_EXCEEDED, "per-try timeout", connection_failure=False
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "per-try timeout",
+            connection_failure=False,
+            blame=blame,
         )
 
-    def _end_attempt(self, code: grpc.StatusCode, *, connection_failure: bool = False) -> None:
-        """Counts the attempt's outcome for in-flight loads and outlier detection."""
+    def check_timers(self, now: float, stream_idle: float) -> None:
+        """The relay's tick (gateway/relay/relay.py): the stream idle timeout, and the
+        deadline of a call still waiting for the message it is routed on."""
+        if self.done:
+            # Answered, its response still queued for a client that does not read.
+            if stream_idle and now - self.active >= stream_idle and self.down.open:
+                self.down.reset(f.CANCEL)
+            return
+        if stream_idle and now - self.active >= stream_idle:
+            self._timed_out(f"stream idle for {stream_idle:g}s")
+            return
+        if self.decision is None and not self.internal:
+            if not self._deadline_known:
+                self._deadline_known = True
+                self.deadline = self._unrouted_deadline()
+            if self.deadline is not None and now >= self.deadline:
+                self._timed_out("deadline exceeded before the request message arrived")
+
+    def _upstreams_fault(self, code: grpc.StatusCode) -> bool:
+        """Whether an upstream's status counts against it: a deadline it reached while
+        still waiting for the client's request (it had the grpc-timeout the relay
+        passed on) is the client's doing, like the relay's own timeout then."""
+        return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self.request_ended
+
+    def _timed_out(self, message: str) -> None:
+        """The relay's own timers (stream idle, or the deadline of a call not routed
+        yet) ended the call: never an endpoint's failure (a quiet server stream is not
+        broken; an upstream that never answers a whole request meets the route timeout),
+        as Envoy's stream idle timeout is not."""
+        if self.up is not None:
+            self.up.reset(f.CANCEL)
+        self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=False)
+        self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+    def _end_attempt(
+        self, code: grpc.StatusCode, *, connection_failure: bool = False, blame: bool = True
+    ) -> None:
+        """Counts the attempt's outcome for in-flight loads and, when the upstream
+        produced it (``blame``), for outlier detection: an outcome the relay or the
+        client caused (its own validation, a timeout waiting for the client, a
+        cancellation) never counts against an endpoint."""
         endpoint, cluster = self.endpoint, self.cluster
         if endpoint is None or cluster is None:
             return
         if self._tracked:
             self._tracked = False
             self.relay.state.tracker.finish(endpoint.address, self.key)
-        self.relay.record(self, endpoint, code, connection_failure=connection_failure)
+        if blame:
+            self.relay.record(self, endpoint, code, connection_failure=connection_failure)
 
     def _may_retry(self, code: grpc.StatusCode, connection_failure: bool) -> bool:
         decision = self.decision
@@ -482,10 +570,10 @@ class Exchange:
         )
 
     def _failed_attempt(
-        self, code: grpc.StatusCode, detail: str, *, connection_failure: bool
+        self, code: grpc.StatusCode, detail: str, *, connection_failure: bool, blame: bool = True
     ) -> None:
         """The current attempt failed before answering: next successor or give up."""
-        self._end_attempt(code, connection_failure=connection_failure)
+        self._end_attempt(code, connection_failure=connection_failure, blame=blame)
         address = self.endpoint.address if self.endpoint else self.relay.internal_address
         if self._may_retry(code, connection_failure):
             log.info(
@@ -502,14 +590,17 @@ class Exchange:
     def response_headers(self, up: Side, headers: list[Header], end_stream: bool) -> None:
         if up is not self.up or self.done:
             return
+        self.active = self.relay.now
         if end_stream:
             code = status_of(headers)
             up.close()
             if not self.started and code is not grpc.StatusCode.OK and self._may_retry(code, False):
-                self._failed_attempt(code, code.name, connection_failure=False)
+                self._failed_attempt(
+                    code, code.name, connection_failure=False, blame=self._upstreams_fault(code)
+                )
                 return
             self._release(up)
-            self._end_attempt(code)
+            self._end_attempt(code, blame=self._upstreams_fault(code))
             self.down.send_headers(headers, end_stream=True)
             self._finish(code, message_of(headers))
             return
@@ -543,6 +634,7 @@ class Exchange:
         if up is not self.up or self.done:
             up.credit_back(flow)
             return
+        self.active = self.relay.now
         if self._held_headers is not None and not self.started:
             if not end_stream and self._held_bytes + len(payload) <= HOLD_LIMIT:
                 self._held.append((payload, flow))
@@ -615,8 +707,16 @@ class Exchange:
             return
         if self.up is not None:
             self.up.reset(f.CANCEL)
-        self._end_attempt(grpc.StatusCode.CANCELLED)
+        self._end_attempt(grpc.StatusCode.CANCELLED, blame=False)
         self._finish(grpc.StatusCode.CANCELLED, "cancelled by the client")
+
+    def _reject(self, rejection: Rejection) -> None:
+        """Answers a malformed call (mesh/routing/callcheck.py) without any upstream: one
+        already opened is cancelled, and nothing counts against its endpoint."""
+        if self.up is not None and self.up.open:
+            self.up.reset(f.CANCEL)
+        self._end_attempt(rejection.code, blame=False)
+        self._give_up(rejection.code, rejection.message, rejection.headers)
 
     def _fail_early(
         self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()
@@ -627,12 +727,12 @@ class Exchange:
         self.down.send_headers(headers, end_stream=True)
         self._finish(code, message)
 
-    def _give_up(self, code: grpc.StatusCode, message: str) -> None:
+    def _give_up(self, code: grpc.StatusCode, message: str, extra: tuple[Header, ...] = ()) -> None:
         if self.up is not None and self.up.open:
             self.up.reset(f.CANCEL)
-        self.down.send_headers(
-            error_headers(code, message, trailers_only=not self.started), end_stream=True
-        )
+        headers = error_headers(code, message, trailers_only=not self.started)
+        headers.extend(extra)
+        self.down.send_headers(headers, end_stream=True)
         self._finish(code, message)
 
     def _finish(self, code: grpc.StatusCode, message: str | None) -> None:

@@ -31,6 +31,7 @@ from mesh.proxy.exchange import Exchange, error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
 from mesh.proxy.telemetry import RelayTelemetry
+from mesh.routing.limits import RelayLimits, SourceLimiter
 from mesh.routing.services import host_for_method
 from mesh.routing.state import GatewayState
 from mesh.telemetry.metrics import MeshMetrics, labels
@@ -57,12 +58,78 @@ class Downstream(Connection):
         self.reset_early = 0
         #: Inbound mode: what the connection proved about the client (its TLS identity).
         self.caller: Caller | None = None
+        #: The client's address: what per-source limits count ("local" for a Unix socket).
+        self.source = "local"
+        self.admitted = False
+        now = relay.loop.time()
+        self.born = now
+        #: Since when the connection has had no streams (for the idle timeout).
+        self.idle_since = now
+        #: A complete request header block has arrived (request_headers_timeout).
+        self.seen_headers = False
+        #: Told GOAWAY at its max duration: new streams are refused, it closes when empty.
+        self.retiring = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.source = str(peer[0])
+        refused = self.relay.limiter.admit_connection(self.source)
+        if refused is not None:
+            # Refused cheaply: SETTINGS (already written), GOAWAY, close.
+            log.info("refusing a connection: %s", refused)
+            self.close_with(f.ENHANCE_YOUR_CALM, refused)
+            return
+        self.admitted = True
         self.relay.downstreams.add(self)
         if self.relay.inbound is not None:
             self.caller = Caller.of(transport)
+
+    def close_with(self, code: int, reason: str) -> None:
+        """GOAWAY (streams up to the last one seen may still be answered), then close."""
+        self.write(f.goaway(self.last_stream, code, reason.encode()[:256]))
+        self.flush_output()
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    def fail(self, code: int, message: str) -> None:
+        if code == f.ENHANCE_YOUR_CALM:
+            # Abuse (rapid reset, floods): the client is refused for a while, so that
+            # reconnecting after each GOAWAY costs it, not every other client.
+            self.relay.limiter.penalize(self.source)
+        super().fail(code, message)
+
+    def check_timers(self, now: float, limits: RelayLimits) -> None:
+        """The connection's timeouts, checked on the relay's tick (see RelayLimits)."""
+        headers_timeout = limits.request_headers_timeout
+        if headers_timeout:
+            if not self.seen_headers and now - self.born >= headers_timeout:
+                self.close_with(f.NO_ERROR, f"no request headers within {headers_timeout:g}s")
+                return
+            if self.awaiting_continuation and now - self.continuation_since >= headers_timeout:
+                self.close_with(
+                    f.NO_ERROR, f"a header block not completed within {headers_timeout:g}s"
+                )
+                return
+        if (
+            limits.idle_timeout
+            and not self.streams
+            and now - self.idle_since >= limits.idle_timeout
+        ):
+            self.close_with(f.NO_ERROR, f"idle for {limits.idle_timeout:g}s")
+            return
+        duration = limits.max_connection_duration
+        if duration and not self.retiring and now - self.born >= duration:
+            # Graceful: streams already opened finish; the client opens a new connection.
+            self.retiring = True
+            self.write(f.goaway(self.last_stream, f.NO_ERROR, b"max connection duration"))
+            if not self.streams:
+                self._close_now()
+        stream_idle = limits.stream_idle_timeout
+        for side in list(self.streams.values()):
+            side.exchange.check_timers(now, stream_idle)
 
     def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
         side = self.streams.get(stream_id)
@@ -77,8 +144,13 @@ class Downstream(Connection):
                 return  # a stream we already finished (say, reset): late trailers
             raise f.ProtocolError(f"client opened even stream {stream_id}")
         self.last_stream = stream_id
-        if self.relay.draining or len(self.streams) >= MAX_STREAMS:
+        self.seen_headers = True
+        if self.relay.draining or self.retiring or len(self.streams) >= MAX_STREAMS:
             self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
+            return
+        refused = self.relay.limiter.admit_stream(self.source)
+        if refused is not None:
+            self._answer(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, refused, end_stream)
             return
         side = Side(self, stream_id, None)
         self.streams[stream_id] = side
@@ -107,7 +179,12 @@ class Downstream(Connection):
             return  # late trailers of a finished stream, or (on_headers says) not a stream
         # A new call: answered RESOURCE_EXHAUSTED, as a gRPC server does.
         self.last_stream = stream_id
-        status = error_headers(grpc.StatusCode.RESOURCE_EXHAUSTED, detail, trailers_only=True)
+        self.seen_headers = True
+        self._answer(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, detail, end_stream)
+
+    def _answer(self, stream_id: int, code: grpc.StatusCode, detail: str, end_stream: bool) -> None:
+        """Answers a stream the relay never opened (no exchange, nothing counted)."""
+        status = error_headers(code, detail, trailers_only=True)
         block = self.encoder.encode(status)
         self.write(f.headers(stream_id, block, end_stream=True, max_size=self.peer_max_frame))
         if not end_stream:
@@ -124,11 +201,28 @@ class Downstream(Connection):
                 f"{self.reset_early} of {self.opened} streams reset before their response",
             )
 
+    def stream_closed(self, side: Side) -> None:
+        super().stream_closed(side)
+        self.relay.limiter.release_stream(self.source)
+        if not self.streams:
+            self.idle_since = self.relay.now
+            if self.retiring:
+                self._close_now()
+
+    def _close_now(self) -> None:
+        """Closes after writing what is batched (the last stream's trailers, GOAWAY)."""
+        self.flush_output()
+        if self.transport is not None:
+            self.transport.close()
+
     def lost(self, exc: Exception | None) -> None:
         self.relay.downstreams.discard(self)
         for side in list(self.streams.values()):
             side.close()
             side.exchange.client_reset()
+        if self.admitted:
+            self.admitted = False
+            self.relay.limiter.release_connection(self.source)
 
 
 class Upstream(Connection):
@@ -309,10 +403,13 @@ class Relay:
         telemetry: Telemetry | None = None,
         guard: Callable[[str, Mapping[str, str]], None] | None = None,
         inbound: Inbound | None = None,
+        limits: RelayLimits | None = None,
     ) -> None:
         self.state = state
         #: A sidecar's inbound: each call is checked and goes to the worker, not routed.
         self.inbound = inbound
+        #: Timeouts and per-source limits (mesh/routing/limits.py).
+        self.limits = limits or RelayLimits()
         #: Admits a call (method, text metadata) or raises a MeshError: client auth,
         #: authorization and rate limits (gateway.auth.ClientGuard.check).
         self.guard = guard
@@ -324,6 +421,11 @@ class Relay:
         self.request_id = request_id or (lambda: f"{bits(128):032x}")
         self.metrics = metrics
         self.loop = asyncio.get_running_loop()
+        #: The loop's time as of the last timer tick: activity stamps read it instead of
+        #: the clock (one attribute read per frame); timeouts are tick-coarse anyway.
+        self.now = self.loop.time()
+        self.limiter = SourceLimiter(self.limits, self.loop.time)
+        self._tick: asyncio.TimerHandle | None = None
         self.flusher = Flusher()
         self.pool = UpstreamPool(self, ssl_context)
         self.exchanges: set[Exchange] = set()
@@ -345,7 +447,23 @@ class Relay:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self._servers.append(server)
         bound: int = server.sockets[0].getsockname()[1]
+        if self._tick is None:  # one timer for every listener
+            self._tick = self.loop.call_later(self.limits.tick, self._check_timers)
         return bound
+
+    def _check_timers(self) -> None:
+        """One pass over connections and their calls each tick: the timeouts of
+        RelayLimits and the deadline of calls not routed yet (one timer in all, not one
+        per stream)."""
+        now = self.now = self.loop.time()
+        limits = self.limits
+        try:
+            for conn in list(self.downstreams):
+                if not conn.closed:
+                    conn.check_timers(now, limits)
+        finally:
+            self.flusher.flush()
+            self._tick = self.loop.call_later(limits.tick, self._check_timers)
 
     def needs_message(self, path: str) -> bool:
         """Whether routing waits for the first message (the host hashes on its fields)."""
@@ -388,6 +506,9 @@ class Relay:
         """Stops accepting, tells clients (GOAWAY), lets calls in flight finish for up
         to ``grace`` seconds, then closes every connection."""
         self.draining = True
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         for server in self._servers:
             server.close()
         for conn in list(self.downstreams):

@@ -184,3 +184,17 @@ def decide(
         mirror_percentage=rule.mirror_percentage if rule.mirror else 0.0,
         explanation=tuple(steps),
     )
+
+
+def route_timeout(
+    clusters: ClusterMap, method: str, authority: str, metadata: md.Metadata
+) -> float | None:
+    """The timeout of the rule that would route this call, found without its message
+    (which hash keys may need, the rule never does): a proxy waiting for a first message
+    that never comes holds the call no longer than its route allows."""
+    host = clusters.host_for(method, authority) if split_method(method) else None
+    vs = clusters.config.virtual_service(host) if host is not None else None
+    if vs is None:
+        return None
+    found = find_rule(vs, method, md.as_dict(metadata))
+    return found[0].timeout if found is not None else None

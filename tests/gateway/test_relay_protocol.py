@@ -32,6 +32,9 @@ from tests.gateway.test_relay import (
     until,
 )
 
+#: A second loopback address: the relay's per-source limits tell it from 127.0.0.1.
+ABUSER = "127.0.0.2"
+
 
 class RawClient:
     """One HTTP/2 client connection written frame by frame."""
@@ -98,9 +101,14 @@ class RawClient:
 
 
 @asynccontextmanager
-async def raw_client(s: Setup, settings: dict[int, int] | None = None) -> AsyncIterator[RawClient]:
+async def raw_client(
+    s: Setup, settings: dict[int, int] | None = None, *, source: str | None = None
+) -> AsyncIterator[RawClient]:
+    """A raw connection to the relay; ``source``: another loopback address to connect
+    from (a client the relay tells apart from the test's gRPC channel, on 127.0.0.1)."""
     host, port = s.serving.address.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    local = (source, 0) if source is not None else None
+    reader, writer = await asyncio.open_connection(host, int(port), local_addr=local)
     client = RawClient(reader, writer)
     client.send(f.PREFACE + f.settings(settings or {}))
     try:
@@ -470,21 +478,24 @@ async def _goaway_code(client: RawClient) -> int | None:
             return f.parse_goaway(payload)[1]
 
 
-async def test_a_ping_flood_is_answered_with_goaway() -> None:
+async def test_a_ping_flood_is_answered_with_goaway_and_a_cool_off() -> None:
     async with relayed() as s:
-        async with raw_client(s) as client:
+        async with raw_client(s, source=ABUSER) as client:
             # With the opening SETTINGS, one frame over the limit, and none after it (bytes
             # arriving after the close would reset the connection before GOAWAY is read).
             client.send(f.frame(f.PING, 0, 0, b"12345678") * CONTROL_FRAMES_PER_SECOND)
             assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
-        # Other clients are served.
+        # The abuser reconnecting is refused for the cool-off...
+        async with raw_client(s, source=ABUSER) as client:
+            assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
+        # ...while other clients are served.
         assert await s.unary(b"abc", timeout=10) == b"cba"
 
 
 async def test_rapid_reset_is_answered_with_goaway_and_a_few_cancels_are_not() -> None:
     """HTTP/2 "rapid reset" (CVE-2023-44487): streams opened and reset at once."""
     async with relayed() as s:
-        async with raw_client(s) as client:
+        async with raw_client(s, source=ABUSER) as client:
             # A few cancelled calls, then one that completes: a normal client.
             for sid in range(1, 21, 2):
                 client.request(sid, UNARY, end=False)
@@ -500,9 +511,13 @@ async def test_rapid_reset_is_answered_with_goaway_and_a_few_cancels_are_not() -
                 client.request(sid, UNARY, end=False)
                 client.send(f.rst_stream(sid, f.CANCEL))
             assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
+        # Reconnecting at once is refused (cool-off): the abuse costs the abuser.
+        async with raw_client(s, source=ABUSER) as again:
+            assert await _goaway_code(again) == f.ENHANCE_YOUR_CALM
         relay = s.gateway.relay
         assert relay is not None
         await until(lambda: not relay.exchanges)  # the reset calls left nothing behind
+        assert relay.limiter.refused == {"cool_off": 1}
         assert await s.unary(b"abc", timeout=10) == b"cba"
 
 

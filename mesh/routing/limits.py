@@ -1,0 +1,149 @@
+"""How long a proxy keeps what is idle, and how much one client may hold.
+
+Timeouts follow Envoy's HTTP connection manager (names and meaning; 0 disables one):
+
+- ``request_headers_timeout`` (Envoy: off by default, 10 s in its edge best practices):
+  a new connection must deliver a complete request header block within it, and a
+  header block split over CONTINUATION frames must complete within it;
+- ``stream_idle_timeout`` (Envoy's default 5 min): a stream with no frames either way
+  for this long is ended (DEADLINE_EXCEEDED);
+- ``idle_timeout`` (Envoy's default 1 h): a connection with no streams for this long
+  is closed (GOAWAY, then close);
+- ``max_connection_duration`` (Envoy: off by default): a connection this old is told
+  GOAWAY (graceful: streams in flight finish) and closed once its last stream ends.
+
+The route timeout (VirtualService ``timeout``) is not here: it is per route. Unlike
+Envoy's, whose timer starts when the request is complete, the proxy counts it from the
+call's first byte, so a client that never sends its message is answered at the route
+timeout rather than held until the stream idle timeout.
+
+Per-source limits play the part of Envoy's connection limits and overload manager,
+keyed on the client's address so that one client's abuse costs that client: connections
+and open streams per source, open streams in all, and a cool-off during which a source
+whose connection was closed for abuse (rapid reset, floods) is refused.
+
+:class:`SourceLimiter` is pure bookkeeping with an injected clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """The relay's timeouts (seconds, 0: off) and per-source limits (0: unlimited)."""
+
+    request_headers_timeout: float = 10.0
+    stream_idle_timeout: float = 300.0
+    idle_timeout: float = 3600.0
+    max_connection_duration: float = 0.0
+    max_connections_per_source: int = 128
+    #: Two full connections' worth (each allows 4096 concurrent streams).
+    max_streams_per_source: int = 8192
+    max_streams: int = 65536
+    abuse_cool_off: float = 30.0
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{field.name} must be a number >= 0, got {value!r}")
+
+    @property
+    def tick(self) -> float:
+        """How often the relay checks its timers: a quarter of the shortest timeout, so
+        one fires at most 25% late, and at most once a second (cheap: one pass over the
+        connections and calls, no timer per stream)."""
+        timeouts = [
+            t
+            for t in (
+                self.request_headers_timeout,
+                self.stream_idle_timeout,
+                self.idle_timeout,
+                self.max_connection_duration,
+            )
+            if t > 0
+        ]
+        return min([1.0, *(t / 4 for t in timeouts)])
+
+
+class SourceLimiter:
+    """Counts connections and open streams per client address against :class:`RelayLimits`,
+    and remembers sources in cool-off. Each ``admit_*`` returns None (admitted, counted)
+    or why not; each admitted one must be released once."""
+
+    def __init__(self, limits: RelayLimits, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self._clock = clock
+        self.connections: dict[str, int] = {}
+        self.streams: dict[str, int] = {}
+        self.total_streams = 0
+        #: Source → end of its cool-off.
+        self._cooling: dict[str, float] = {}
+        #: Refusals so far, by reason (for tests and the memory check).
+        self.refused: dict[str, int] = {}
+
+    def _refuse(self, reason: str, message: str) -> str:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        return message
+
+    def cooling_off(self, source: str) -> float:
+        """Seconds left of ``source``'s cool-off (0: none)."""
+        until = self._cooling.get(source)
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left <= 0:
+            del self._cooling[source]
+            return 0.0
+        return left
+
+    def admit_connection(self, source: str) -> str | None:
+        left = self.cooling_off(source)
+        if left > 0:
+            return self._refuse(
+                "cool_off", f"cooling off for {left:.0f}s after abuse from {source}"
+            )
+        limit = self.limits.max_connections_per_source
+        count = self.connections.get(source, 0)
+        if limit and count >= limit:
+            return self._refuse("connections", f"{source} has {count} connections open")
+        self.connections[source] = count + 1
+        return None
+
+    def release_connection(self, source: str) -> None:
+        count = self.connections.get(source, 0) - 1
+        if count > 0:
+            self.connections[source] = count
+        else:
+            self.connections.pop(source, None)
+
+    def admit_stream(self, source: str) -> str | None:
+        limits = self.limits
+        if limits.max_streams and self.total_streams >= limits.max_streams:
+            return self._refuse("streams", f"the gateway has {self.total_streams} streams open")
+        count = self.streams.get(source, 0)
+        if limits.max_streams_per_source and count >= limits.max_streams_per_source:
+            return self._refuse("source_streams", f"{source} has {count} streams open")
+        self.streams[source] = count + 1
+        self.total_streams += 1
+        return None
+
+    def release_stream(self, source: str) -> None:
+        self.total_streams -= 1
+        count = self.streams.get(source, 0) - 1
+        if count > 0:
+            self.streams[source] = count
+        else:
+            self.streams.pop(source, None)
+
+    def penalize(self, source: str) -> None:
+        """``source`` was closed for abuse: refuse it for the cool-off period."""
+        if self.limits.abuse_cool_off <= 0:
+            return
+        now = self._clock()
+        if len(self._cooling) > 4096:  # expired entries go before the map can grow
+            self._cooling = {s: t for s, t in self._cooling.items() if t > now}
+        self._cooling[source] = now + self.limits.abuse_cool_off

@@ -1,0 +1,137 @@
+"""The per-call check: which requests the proxy answers itself, and with what status."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from mesh.routing.callcheck import (
+    MessageFramer,
+    check_compressed,
+    check_end,
+    check_headers,
+)
+
+GOOD: list[tuple[bytes, bytes]] = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+    (b":authority", b"gateway"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+]
+
+
+def _with(name: bytes, value: bytes | None) -> list[tuple[bytes, bytes]]:
+    """GOOD with ``name`` replaced by ``value`` (None: removed)."""
+    headers = [(n, v) for n, v in GOOD if n != name]
+    if value is not None:
+        headers.append((name, value))
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "code", "words"),
+    [
+        (b":method", b"GET", grpc.StatusCode.UNIMPLEMENTED, "gRPC only"),
+        (b":method", None, grpc.StatusCode.UNIMPLEMENTED, "gRPC only"),
+        (b"content-type", None, grpc.StatusCode.UNIMPLEMENTED, "gRPC only"),
+        (b"content-type", b"application/json", grpc.StatusCode.UNIMPLEMENTED, "gRPC only"),
+        (b"content-type", b"application/grpcx", grpc.StatusCode.UNIMPLEMENTED, "gRPC only"),
+        (b"te", None, grpc.StatusCode.INTERNAL, "te: trailers"),
+        (b"te", b"gzip", grpc.StatusCode.INTERNAL, "te: trailers"),
+        (b":scheme", b"ftp", grpc.StatusCode.INTERNAL, ":scheme"),
+        (b":scheme", None, grpc.StatusCode.INTERNAL, ":scheme"),
+        (b":path", None, grpc.StatusCode.INTERNAL, ":path"),
+        (b":path", b"/", grpc.StatusCode.UNIMPLEMENTED, "malformed method path"),
+        (b":path", b"/a/b/c", grpc.StatusCode.UNIMPLEMENTED, "malformed method path"),
+        (b":path", b"a/b", grpc.StatusCode.UNIMPLEMENTED, "malformed method path"),
+        (b":path", b"/svc/", grpc.StatusCode.UNIMPLEMENTED, "malformed method path"),
+    ],
+)
+def test_malformed_headers_are_rejected_with_a_named_problem(
+    name: bytes, value: bytes | None, code: grpc.StatusCode, words: str
+) -> None:
+    rejected = check_headers(_with(name, value))
+    assert rejected is not None
+    assert rejected.code is code
+    assert words in rejected.message
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [b"application/grpc", b"application/grpc+proto", b"application/grpc;charset=utf-8"],
+)
+def test_grpc_content_types_are_accepted(content_type: bytes) -> None:
+    assert check_headers(_with(b"content-type", content_type)) is None
+    assert check_headers(_with(b":scheme", b"https")) is None
+
+
+@pytest.mark.parametrize(
+    ("encoding", "code"),
+    [
+        (None, grpc.StatusCode.INTERNAL),
+        (b"identity", grpc.StatusCode.INTERNAL),
+        (b"snappy", grpc.StatusCode.UNIMPLEMENTED),
+        (b"gzip", None),
+        (b"deflate", None),
+    ],
+)
+def test_a_compressed_message_needs_an_offered_encoding(
+    encoding: bytes | None, code: grpc.StatusCode | None
+) -> None:
+    rejected = check_compressed(encoding)
+    assert (rejected.code if rejected else None) is code
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        assert rejected is not None
+        assert dict(rejected.headers)[b"grpc-accept-encoding"] == b"deflate,gzip,identity"
+
+
+@pytest.mark.parametrize(
+    ("messages", "client_streaming", "rejected"),
+    [
+        (0, False, True),  # unary or server-streaming without its message
+        (1, False, False),
+        (0, True, False),  # client streaming: no message is a valid request
+        (0, None, False),  # an unknown method: not judged
+    ],
+)
+def test_a_unary_request_must_carry_a_message(
+    messages: int, client_streaming: bool | None, rejected: bool
+) -> None:
+    verdict = check_end(messages, client_streaming=client_streaming)
+    assert (verdict is not None) is rejected
+    if verdict is not None:
+        assert verdict.code is grpc.StatusCode.INTERNAL
+
+
+def _message(payload: bytes, *, compressed: bool = False) -> bytes:
+    return bytes([int(compressed)]) + len(payload).to_bytes(4, "big") + payload
+
+
+def test_the_framer_counts_messages_split_anywhere() -> None:
+    body = _message(b"abc") + _message(b"") + _message(b"x" * 300)
+    for cut in range(1, len(body)):
+        framer = MessageFramer(None)
+        assert framer.feed(body[:cut]) is None
+        assert framer.feed(body[cut:]) is None
+        assert framer.messages == 3, cut
+        assert not framer.partial
+
+
+def test_the_framer_finds_a_compressed_flag_in_a_later_message() -> None:
+    body = _message(b"abc") + _message(b"zz", compressed=True)
+    framer = MessageFramer(None)
+    assert framer.feed(body[:7]) is None
+    rejected = framer.feed(body[7:])
+    assert rejected is not None and rejected.code is grpc.StatusCode.INTERNAL
+    # With an offered encoding the same body passes.
+    framer = MessageFramer(b"gzip")
+    assert framer.feed(body) is None
+    assert framer.messages == 2
+
+
+def test_a_partial_message_is_reported() -> None:
+    framer = MessageFramer(None)
+    framer.feed(_message(b"abcdef")[:8])
+    assert framer.partial and framer.messages == 0

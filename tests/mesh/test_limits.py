@@ -1,0 +1,80 @@
+"""Per-source limits and the abuse cool-off, under a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.routing.limits import RelayLimits, SourceLimiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_connections_per_source_are_limited_and_released() -> None:
+    limiter = SourceLimiter(RelayLimits(max_connections_per_source=2), Clock())
+    assert limiter.admit_connection("a") is None
+    assert limiter.admit_connection("a") is None
+    refused = limiter.admit_connection("a")
+    assert refused is not None and "2 connections" in refused
+    assert limiter.admit_connection("b") is None  # another source is not affected
+    limiter.release_connection("a")
+    assert limiter.admit_connection("a") is None
+    assert limiter.refused == {"connections": 1}
+
+
+def test_streams_are_limited_per_source_and_in_all() -> None:
+    limiter = SourceLimiter(RelayLimits(max_streams_per_source=2, max_streams=3), Clock())
+    assert limiter.admit_stream("a") is None
+    assert limiter.admit_stream("a") is None
+    assert limiter.admit_stream("a") is not None  # per source
+    assert limiter.admit_stream("b") is None
+    assert limiter.admit_stream("c") is not None  # the global budget
+    limiter.release_stream("a")
+    assert limiter.admit_stream("c") is None
+    assert limiter.total_streams == 3
+    for source in ("a", "b", "c"):
+        limiter.release_stream(source)
+    assert limiter.total_streams == 0 and limiter.streams == {}
+
+
+def test_zero_means_unlimited() -> None:
+    limiter = SourceLimiter(
+        RelayLimits(max_connections_per_source=0, max_streams_per_source=0, max_streams=0),
+        Clock(),
+    )
+    for _ in range(10_000):
+        assert limiter.admit_stream("a") is None
+        assert limiter.admit_connection("a") is None
+
+
+def test_an_abusive_source_cools_off_and_is_forgiven() -> None:
+    clock = Clock()
+    limiter = SourceLimiter(RelayLimits(abuse_cool_off=30), clock)
+    limiter.penalize("a")
+    refused = limiter.admit_connection("a")
+    assert refused is not None and "cooling off" in refused
+    assert limiter.admit_connection("b") is None
+    clock.now += 29.9
+    assert limiter.admit_connection("a") is not None
+    clock.now += 0.2
+    assert limiter.admit_connection("a") is None
+    assert limiter.refused == {"cool_off": 2}
+
+
+@pytest.mark.parametrize(
+    "bad", [{"stream_idle_timeout": -1}, {"max_streams": -5}, {"idle_timeout": "1h"}]
+)
+def test_limits_are_validated(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RelayLimits(**bad)  # type: ignore[arg-type]
+
+
+def test_the_tick_follows_the_shortest_timeout() -> None:
+    assert RelayLimits().tick == 1.0
+    assert RelayLimits(stream_idle_timeout=0.4).tick == pytest.approx(0.1)
+    assert RelayLimits(request_headers_timeout=0, stream_idle_timeout=0).tick == 1.0
