@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from mesh.cli.errors import CliError
 from mesh.errors import MeshError
+from mesh.server import lifeline
 
 #: Modules that add top-level commands: each has ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -89,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.command == "worker":
+        # Started by `meshserve run`: exit when it does, however it ends.
+        lifeline.watch_from_env()
     handler: Handler = args.handler
     try:
         return handler(args)
