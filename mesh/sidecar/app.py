@@ -8,7 +8,7 @@ import logging
 import signal
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc.aio
@@ -75,6 +75,9 @@ class SidecarSettings:
     outbound_port: int | None = None
     #: Routing YAML for outbound calls (VirtualService, DestinationRule); None: defaults.
     config_dir: Path | None = None
+    #: The worker's secret, sent with every call to it (a worker on a TCP port checks it:
+    #: mesh.server.sidecar_secret); None: the worker is on a private Unix socket.
+    app_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.service or not self.app_address:
@@ -126,7 +129,7 @@ class Sidecar:
         self.policies = policies or SidecarPolicies()
         self._telemetry = telemetry
         self.limit = ConcurrencyLimit(settings.max_concurrency)
-        self.forwarder = Forwarder(settings.app_address, self.limit)
+        self.forwarder = Forwarder(settings.app_address, self.limit, app_secret=settings.app_secret)
         self.serving: Serving | None = None
         #: Why the last policy reload was rejected (None: none was).
         self.last_rejection: str | None = None
@@ -146,7 +149,7 @@ class Sidecar:
         trailing metadata on ServerReady) goes into the instance, so the gateway and
         ``meshserve registry status`` see which versions are warm where.
         """
-        probe = LoadProbe(self.forwarder.channel)
+        probe = LoadProbe(self.forwarder.channel, self.forwarder.app_metadata)
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             if self.registration is None:
@@ -237,7 +240,9 @@ class Sidecar:
         self.registration.start()
         if s.outbound_port is not None:
             await self._start_outbound(s.outbound_port)
-        mirror = HealthMirror(self.forwarder.channel, self._worker_health)
+        mirror = HealthMirror(
+            self.forwarder.channel, self._worker_health, metadata=self.forwarder.app_metadata
+        )
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(mirror.run()), loop.create_task(self._publish_load())]
         if s.config_dir is not None:

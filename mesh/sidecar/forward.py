@@ -13,6 +13,7 @@ from gateway.methods import lookup
 from mesh.errors import ResourceExhausted
 from mesh.security.peer import peer_from_context
 from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
+from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 from mesh.telemetry.propagation import inject
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[bytes, bytes]
 #: The verified SPIFFE id of the caller, for the worker (Istio's XFCC, reduced to the URI).
 PEER_HEADER = "x-meshserve-peer"
+#: Headers only the sidecar sets: a caller's copies are dropped, never forwarded.
+_SET_HERE = frozenset({PEER_HEADER, SECRET_HEADER})
 #: Metadata the transport owns; grpc sets these itself on the upstream call.
 _HOP_BY_HOP = frozenset({"user-agent", "te", "content-type", "host", "connection"})
 #: The sidecar answers these itself (its health mirrors the worker's).
@@ -66,9 +69,15 @@ class Forwarder(grpc.GenericRpcHandler):
         limit: ConcurrencyLimit,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        app_secret: str | None = None,
     ) -> None:
         self.app_address = app_address
         self.limit = limit
+        #: Sent on every call to the worker, the sidecar's own included (health, load):
+        #: a worker on a TCP port serves only calls carrying its secret.
+        self.app_metadata: tuple[tuple[str, str], ...] = (
+            ((SECRET_HEADER, app_secret),) if app_secret is not None else ()
+        )
         self.channel = grpc.aio.insecure_channel(
             app_address,
             options=[
@@ -103,8 +112,9 @@ class Forwarder(grpc.GenericRpcHandler):
         metadata: list[tuple[str, str | bytes]] = [
             (k, v)
             for k, v in (context.invocation_metadata() or ())
-            if forwardable(k) and k != PEER_HEADER
+            if forwardable(k) and k not in _SET_HERE
         ]
+        metadata.extend(self.app_metadata)
         peer = peer_from_context(context)
         if peer.spiffe_id is not None:
             metadata.append((PEER_HEADER, peer.spiffe_id))
