@@ -10,9 +10,11 @@ listens on a Unix socket in a private folder instead, and needs no secret.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from mesh.errors import Unauthenticated
@@ -41,11 +43,21 @@ def read_secret(path: Path) -> str:
 
 
 def write_secret(path: Path) -> str:
-    """Writes a new secret to ``path``, readable by this user only; fails if it exists."""
+    """Writes a new secret to ``path``, readable by this user only, replacing any there.
+
+    Atomic (a temporary file, then a rename): a reader sees the old secret or the new one,
+    never part of one, and a rerun (a Kubernetes init container after a pod restart) works.
+    """
     secret = new_secret()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(secret + "\n")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(secret + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     return secret
 
 
