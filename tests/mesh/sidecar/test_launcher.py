@@ -242,3 +242,36 @@ async def test_a_sidecar_that_fails_to_start_leaves_no_worker(
         assert not Path(worker_line.split()[3].removeprefix("unix:")).parent.exists()
     finally:
         _end(process)
+
+
+#: A worker that never announces an address: ``run`` stays in its start-up.
+_NEVER_READY = "import os, time; print('starting pid', os.getpid(), flush=True); time.sleep(600)"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_during_start_up_stops_the_worker(
+    sig: signal.Signals, store_url: str, indices: Indices
+) -> None:
+    command = shlex.join([sys.executable, "-c", _NEVER_READY])
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "mesh.cli.main", "run", "data", f"--worker-command={command}",
+            "--mtls=DISABLE", f"--es={store_url}", f"--prefix={indices.prefix}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # relayed by run: the worker has started
+        assert line.startswith("starting pid "), line
+        worker_pid = int(line.split()[-1])
+        process.send_signal(sig)
+        assert process.wait(60) == 128 + sig
+        await _until(lambda: not _alive(worker_pid), "the worker is stopped")
+    finally:
+        _end(process)
