@@ -10,11 +10,12 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from mesh.errors import FailedPrecondition, Unavailable
 from mesh.server.lifeline import Lifeline, die_with_parent
 from mesh.server.private import PrivateSocket
+from mesh.server.sidecar_secret import write_secret
 from mesh.sidecar.cli import SidecarPlan, add_sidecar_arguments, plan, running
 
 log = logging.getLogger(__name__)
@@ -23,19 +24,48 @@ log = logging.getLogger(__name__)
 READY_MARK = "listening on "
 #: A custom ``--worker-command`` finds the address to listen on (``unix:PATH``) here.
 LISTEN_ENV = "MESHSERVE_WORKER_LISTEN"
+#: ...or, with ``--worker-listen tcp``, the file holding the secret calls must carry.
+SECRET_FILE_ENV = "MESHSERVE_SIDECAR_SECRET_FILE"
+WORKER_LISTEN_MODES = ("unix", "tcp")
 Process = asyncio.subprocess.Process
 WORKER_START_TIMEOUT = 60.0
 
 
-def worker_command(kind: str, command: str | None, extra: Sequence[str], listen: str) -> list[str]:
-    """``meshserve worker KIND --listen LISTEN ...`` by default (run with this interpreter).
+@dataclass(frozen=True)
+class Door:
+    """How the sidecar reaches its worker and nothing else does (docs/security.md)."""
 
-    A custom ``command`` gets no address flag (it may be any program): it finds ``listen``
-    in ``$MESHSERVE_WORKER_LISTEN`` and announces where it listens in its ready line.
+    #: Flags for ``meshserve worker KIND``.
+    flags: tuple[str, ...]
+    #: The same told to a custom ``--worker-command`` (any program), in its environment.
+    env: dict[str, str]
+    #: What the sidecar sends with every call (TCP mode), else None.
+    secret: str | None = field(default=None, repr=False)
+
+
+def door(mode: str, private: PrivateSocket) -> Door:
+    """``unix``: a socket in ``private``'s folder (0700). ``tcp``: any free loopback port,
+    and a secret in that folder that the worker requires and the sidecar sends."""
+    if mode == "unix":
+        return Door(("--listen", private.address), {LISTEN_ENV: private.address})
+    secret_file = private.folder / "sidecar-secret"
+    secret = write_secret(secret_file)
+    return Door(
+        ("--port", "0", "--sidecar-secret-file", str(secret_file)),
+        {SECRET_FILE_ENV: str(secret_file)},
+        secret,
+    )
+
+
+def worker_command(kind: str, command: str | None, extra: Sequence[str], door: Door) -> list[str]:
+    """``meshserve worker KIND --listen unix:PATH ...`` by default (this interpreter).
+
+    A custom ``command`` gets no flag (it may be any program): it finds the same in its
+    environment (``door.env``) and announces where it listens in its ready line.
     """
     if command:
         return [*shlex.split(command), *extra]
-    return [sys.executable, "-m", "mesh.cli.main", "worker", kind, "--listen", listen, *extra]
+    return [sys.executable, "-m", "mesh.cli.main", "worker", kind, *door.flags, *extra]
 
 
 def parse_ready(line: str) -> str | None:
@@ -89,15 +119,17 @@ def run(args: argparse.Namespace) -> int:
     # The worker listens in a folder only this user can enter: no local process but the
     # sidecar (and root) can reach it, so none skips mTLS and AuthorizationPolicy.
     private = PrivateSocket.create("meshserve-worker-", "worker.sock")
-    command = worker_command(args.kind, args.worker_command, extra, private.address)
     try:
-        return asyncio.run(_run_unit(command, private, sidecar_plan))
+        unit_door = door(args.worker_listen, private)
+        sidecar_plan.settings = replace(sidecar_plan.settings, app_secret=unit_door.secret)
+        command = worker_command(args.kind, args.worker_command, extra, unit_door)
+        return asyncio.run(_run_unit(command, unit_door, sidecar_plan))
     finally:
         private.remove()
         sidecar_plan.telemetry.shutdown()
 
 
-async def _spawn(command: list[str], listen: str, lifeline: Lifeline) -> Process:
+async def _spawn(command: list[str], env: dict[str, str], lifeline: Lifeline) -> Process:
     """Starts the worker tied to this process: it dies with it, however this one ends.
 
     Called on the event loop's thread, the main thread, which lives as long as the
@@ -107,7 +139,7 @@ async def _spawn(command: list[str], listen: str, lifeline: Lifeline) -> Process
         return await asyncio.create_subprocess_exec(
             *command,
             stdout=asyncio.subprocess.PIPE,
-            env={**lifeline.child_env(), LISTEN_ENV: listen},
+            env={**lifeline.child_env(), **env},
             pass_fds=lifeline.pass_fds,
             preexec_fn=die_with_parent,
         )
@@ -115,7 +147,7 @@ async def _spawn(command: list[str], listen: str, lifeline: Lifeline) -> Process
         lifeline.spawned()
 
 
-async def _run_unit(command: list[str], private: PrivateSocket, sidecar_plan: SidecarPlan) -> int:
+async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -> int:
     """Worker, then sidecar; returns the exit status. No path out leaves the worker running."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -134,7 +166,7 @@ async def _run_unit(command: list[str], private: PrivateSocket, sidecar_plan: Si
     worker: Process | None = None
     pump: asyncio.Task[None] | None = None
     try:
-        worker = await _spawn(command, private.address, lifeline)
+        worker = await _spawn(command, door.env, lifeline)
         try:
             address = await asyncio.wait_for(_await_address(worker), WORKER_START_TIMEOUT)
         except TimeoutError as exc:
@@ -189,6 +221,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--worker-command",
         metavar="COMMAND",
         help="start the worker with this command line instead of `meshserve worker KIND`",
+    )
+    parser.add_argument(
+        "--worker-listen",
+        choices=WORKER_LISTEN_MODES,
+        default="unix",
+        help="unix (default): the worker listens on a Unix socket in a private folder; tcp: "
+        "on a free 127.0.0.1 port, serving only calls that carry a secret its sidecar sends",
     )
     add_sidecar_arguments(parser)
     parser.add_argument(

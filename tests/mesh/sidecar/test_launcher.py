@@ -20,7 +20,9 @@ import grpc.aio
 import pytest
 from elasticsearch import AsyncElasticsearch
 
-from mesh.sidecar.launcher import parse_ready, worker_command
+from mesh.server.private import PrivateSocket
+from mesh.server.sidecar_secret import HEADER, read_secret
+from mesh.sidecar.launcher import LISTEN_ENV, SECRET_FILE_ENV, door, parse_ready, worker_command
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from registry.directory import read_live
@@ -29,10 +31,12 @@ from registry.schema import Indices
 REPO = Path(__file__).resolve().parents[3]
 
 
-def test_ready_line_and_default_command() -> None:
+def test_ready_line_and_default_command(tmp_path: Path) -> None:
     assert parse_ready("w1 listening on 127.0.0.1:5000 pid 3") == "127.0.0.1:5000"
     assert parse_ready("loading weights") is None
-    assert worker_command("data", None, ["--root", "x"], "unix:/p/w.sock")[-6:] == [
+    private = PrivateSocket(Path("/p"), "w.sock")
+    unix = door("unix", private)
+    assert worker_command("data", None, ["--root", "x"], unix)[-6:] == [
         "worker",
         "data",
         "--listen",
@@ -41,13 +45,20 @@ def test_ready_line_and_default_command() -> None:
         "x",
     ]
     # A custom command is left as written: it finds the address in $MESHSERVE_WORKER_LISTEN.
-    assert worker_command("data", "python -m w 'a b'", ["-v"], "unix:/p/w.sock") == [
+    assert unix.env == {LISTEN_ENV: "unix:/p/w.sock"} and unix.secret is None
+    assert worker_command("data", "python -m w 'a b'", ["-v"], unix) == [
         "python",
         "-m",
         "w",
         "a b",
         "-v",
     ]
+    # TCP: a free loopback port, and a fresh secret in the private folder for both sides.
+    tcp = door("tcp", PrivateSocket(tmp_path, "w.sock"))
+    secret_file = tmp_path / "sidecar-secret"
+    assert tcp.flags == ("--port", "0", "--sidecar-secret-file", str(secret_file))
+    assert tcp.env == {SECRET_FILE_ENV: str(secret_file)}
+    assert tcp.secret == read_secret(secret_file)
 
 
 @dataclass
@@ -83,19 +94,24 @@ def _end(process: subprocess.Popen[str]) -> None:
         process.stdout.close()
 
 
+def _started(process: subprocess.Popen[str]) -> Launched:
+    """The launched unit once both its ready lines are out."""
+    assert process.stdout is not None
+    worker_line = process.stdout.readline()
+    assert worker_line.startswith("w9 listening on "), worker_line
+    sidecar_line = process.stdout.readline()
+    assert sidecar_line.startswith("sidecar listening on "), sidecar_line
+    return Launched(
+        process, sidecar_line.split()[3], worker_line.split()[3], int(worker_line.split()[-1])
+    )
+
+
 @pytest.fixture
 def launched(store_url: str, indices: Indices) -> Iterator[Launched]:
     """``meshserve run inference`` with a fake worker, both listening."""
     process = _launch(store_url, indices)
     try:
-        assert process.stdout is not None
-        worker_line = process.stdout.readline()
-        assert worker_line.startswith("w9 listening on "), worker_line
-        sidecar_line = process.stdout.readline()
-        assert sidecar_line.startswith("sidecar listening on "), sidecar_line
-        yield Launched(
-            process, sidecar_line.split()[3], worker_line.split()[3], int(worker_line.split()[-1])
-        )
+        yield _started(process)
     finally:
         _end(process)
 
@@ -273,5 +289,33 @@ async def test_a_signal_during_start_up_stops_the_worker(
         process.send_signal(sig)
         assert process.wait(60) == 128 + sig
         await _until(lambda: not _alive(worker_pid), "the worker is stopped")
+    finally:
+        _end(process)
+
+
+@pytest.mark.e2e
+async def test_tcp_mode_refuses_a_call_without_the_sidecars_secret(
+    store_url: str, indices: Indices
+) -> None:
+    process = _launch(store_url, indices, "--worker-listen=tcp")
+    try:
+        unit = _started(process)
+        assert unit.worker.startswith("127.0.0.1:"), unit.worker
+        request = pb.ModelInferRequest(model_name="m")
+        async with grpc.aio.insecure_channel(unit.worker) as direct:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.GRPCInferenceServiceStub(direct).ModelInfer(request, timeout=10)
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as guessed:
+                await pb_grpc.GRPCInferenceServiceStub(direct).ModelInfer(
+                    request, metadata=((HEADER, "a guess of the right length.."),), timeout=10
+                )
+            assert guessed.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        async with grpc.aio.insecure_channel(unit.sidecar) as channel:
+            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        assert reply.id == "w9"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        assert not _alive(unit.worker_pid)
     finally:
         _end(process)
