@@ -154,14 +154,17 @@ async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -
     assert main is not None
     stopped_by: list[int] = []
 
-    def stop_early(sig: int) -> None:
-        # Until the sidecar takes over SIGTERM/SIGINT (it drains), a signal abandons the
-        # start-up; the ``finally`` below still stops the worker.
+    def stop_now(sig: int) -> None:
+        # Outside the sidecar's watch (start-up, or a second signal while stopping), a
+        # signal abandons what is under way; the ``finally`` below still stops the worker.
         stopped_by.append(sig)
         main.cancel()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_early, sig)
+    def take_signals() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_now, sig)
+
+    take_signals()
     lifeline = Lifeline()
     worker: Process | None = None
     pump: asyncio.Task[None] | None = None
@@ -185,13 +188,14 @@ async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -
             signalled.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await signalled
+            take_signals()  # the sidecar released them
             # Leaving ``running`` drains the sidecar (DRAINING, deregister, in-flight done)
             # before the worker is stopped, so no forwarded call loses its worker.
         return await _stop(worker, sidecar_plan.settings.grace_seconds)
     except asyncio.CancelledError:
         if not stopped_by:
             raise
-        log.warning("signal %d while starting: stopping the worker", stopped_by[0])
+        log.warning("signal %d: stopping the worker now", stopped_by[0])
         return 128 + stopped_by[0]
     finally:
         if worker is not None and worker.returncode is None:
