@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import shutil
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +30,7 @@ from mesh.routing.methods import MESH_SERVICES
 from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.server.private import PrivateSocket
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.metrics import MeshMetrics
 from mesh.telemetry.setup import Telemetry
@@ -386,14 +385,18 @@ class Gateway:
         hands it what needs a gRPC server (see mesh/proxy/exchange.py)."""
         # A Unix socket in a private folder: only this user can reach the server behind
         # the relay (a loopback port would let any local process skip the relay's checks).
-        folder = Path(tempfile.mkdtemp(prefix="meshserve-gateway-"))
-        internal = dataclasses.replace(settings, host=f"unix:{folder / 'grpc.sock'}", port=0)
-        serving = await start_server(
-            internal, self.services(), interceptors=self._server_interceptors(relayed=True)
-        )
+        private = PrivateSocket.create("meshserve-gateway-")
+        internal = dataclasses.replace(settings, host=private.address, port=0)
+        try:
+            serving = await start_server(
+                internal, self.services(), interceptors=self._server_interceptors(relayed=True)
+            )
+        except BaseException:
+            private.remove()
+            raise
 
         async def remove_folder() -> None:
-            shutil.rmtree(folder, ignore_errors=True)
+            private.remove()
 
         serving.on_drain(remove_folder)
         relay = Relay(

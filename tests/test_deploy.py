@@ -55,6 +55,17 @@ def test_workers_run_beside_their_sidecar_and_the_gateway_reads_the_routing_conf
         assert sidecar[sidecar.index("--app") + 1] == "127.0.0.1:9000"
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["routing"]["configMap"]["name"] == "meshserve-routing"
+        # The worker's port serves its sidecar only: both read one per-pod secret, which an
+        # init container writes into a volume of the pod's own (docs/security.md).
+        worker = containers["worker"]["args"]
+        secret = worker[worker.index("--sidecar-secret-file") + 1]
+        assert sidecar[sidecar.index("--app-secret-file") + 1] == secret
+        (init,) = spec["initContainers"]
+        assert f"write_secret(Path('{secret}'))" in init["command"][-1]
+        assert "emptyDir" in volumes["unit"]
+        for container in (*containers.values(), init):
+            mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+            assert mounts["unit"] == str(Path(secret).parent), container["name"]
         assert volumes["certs"]["secret"]["secretName"] == f"meshserve-certs-{name}"
     gateway = deployments["gateway"]["spec"]["template"]["spec"]
     assert gateway["containers"][0]["args"][0] == "gateway"

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from mesh.cli.errors import CliError
 from mesh.errors import MeshError
+from mesh.server import lifeline
 
 #: Every top-level command: the module whose ``register(subparsers)`` adds it, and the help
 #: line ``meshserve --help`` shows without importing that module (torch and the store client
@@ -160,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.command == "worker":
+        # Started by `meshserve run`: exit when it does, however it ends.
+        lifeline.watch_from_env()
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -5,7 +5,9 @@ identity (:class:`Caller`). Every new stream is then admitted by :meth:`Inbound.
 PeerAuthentication and AuthorizationPolicy (the sidecar injects them as one check, the
 same policy code its gRPC servers use), then the concurrency limit; the worker receives
 the call unchanged but for ``x-meshserve-peer``, which carries the verified SPIFFE id and
-is never taken from the caller.
+is never taken from the caller, and, for a worker on a TCP port, the unit's secret
+(``x-meshserve-sidecar-secret``, see :mod:`mesh.server.sidecar_secret`), never taken from
+the caller either.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from mesh.errors import ResourceExhausted
 from mesh.proxy.hpack_codec import Header
 from mesh.security.authz import RequestAttributes
 from mesh.security.peer import PeerInfo, peer_from_ssl
+from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 
 #: The verified SPIFFE id of the caller, for the worker (Istio's XFCC, reduced to the URI).
 PEER_HEADER = "x-meshserve-peer"
 _PEER = PEER_HEADER.encode()
+#: Headers only the sidecar sets: a caller's copies are dropped, never forwarded.
+_SET_HERE = frozenset({_PEER, SECRET_HEADER.encode()})
 #: Paths the sidecar's own gRPC server answers (its health mirrors the worker's).
 OWN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 #: Admits a call from a caller (its TLS identity) with these attributes, or raises a
@@ -81,11 +86,22 @@ ANONYMOUS = Caller()
 class Inbound:
     """The sidecar-inbound mode of a :class:`mesh.proxy.relay.Relay` (see module doc)."""
 
-    def __init__(self, app_address: str, check: Check, limit: ConcurrencyLimit) -> None:
+    def __init__(
+        self,
+        app_address: str,
+        check: Check,
+        limit: ConcurrencyLimit,
+        *,
+        app_secret: str | None = None,
+    ) -> None:
         #: The worker: ``host:port`` or ``unix:PATH``.
         self.endpoint = Endpoint(app_address)
         self.check = check
         self.limit = limit
+        #: Added to every call: a worker on a TCP port serves only calls carrying it.
+        self._secret: tuple[Header, ...] = (
+            ((SECRET_HEADER.encode(), app_secret.encode()),) if app_secret is not None else ()
+        )
 
     def admit(self, path: str, headers: list[Header], caller: Caller) -> list[Header] | None:
         """The request headers for the worker, with the caller's identity; None: a call for
@@ -116,8 +132,10 @@ class Inbound:
             raise ResourceExhausted(
                 f"the sidecar's concurrency limit of {self.limit.limit} calls is reached"
             )
-        # A caller's own x-meshserve-peer would be a forged identity: always replaced.
-        out = [(n, v) for n, v in headers if n.lower() != _PEER]
+        # A caller's own x-meshserve-peer would be a forged identity, and its own secret
+        # header at best a guess: both are always replaced.
+        out = [(n, v) for n, v in headers if n.lower() not in _SET_HERE]
         if peer.spiffe_id is not None:
             out.append((_PEER, peer.spiffe_id.encode()))
+        out.extend(self._secret)
         return out

@@ -13,8 +13,10 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from mesh.security.guard import GuardInterceptor
 from mesh.server import memory, reflection
 from mesh.server.interceptor import ErrorMappingInterceptor
+from mesh.server.sidecar_secret import SecretCheck
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ class ServerSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: How long a drain waits for in-flight calls before cancelling them.
     grace_seconds: float = 10.0
+    #: Serve only calls carrying this secret (the sidecar's; see mesh.server.sidecar_secret).
+    sidecar_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -142,6 +146,9 @@ async def start_server(
     """
     # Every server may see large messages: memory they leave freed goes back to the system.
     memory.return_freed_memory()
+    if settings.sidecar_secret is not None:
+        # First after error mapping: a call without the secret reaches no other code.
+        interceptors = [GuardInterceptor(SecretCheck(settings.sidecar_secret)), *interceptors]
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor(), *interceptors],
         options=[
@@ -164,7 +171,7 @@ async def start_server(
         else:
             port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
-        raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
+        raise OSError(f"cannot listen on {settings.address}: {exc}") from exc
     await server.start()
     serving = Serving(server, health, port, settings, names)
     await serving.set_serving(True)

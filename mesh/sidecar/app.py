@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc.aio
@@ -25,12 +23,15 @@ from mesh.config.snapshot import config_from_path
 from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.proxy.inbound import ConcurrencyLimit, Inbound
 from mesh.proxy.relay import Relay
+from mesh.routing.limits import RelayLimits
 from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes
 from mesh.security.peer import PeerInfo, check_peer, listeners_for, resolve_mode
 from mesh.security.rotation import CertificateSource
 from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.server.private import PrivateSocket
+from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 from mesh.sidecar.health import HealthMirror
 from mesh.sidecar.load import LoadProbe, model_refs, registry_load
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
@@ -40,6 +41,11 @@ from registry.lease import Registration
 from registry.store import Store
 
 log = logging.getLogger(__name__)
+#: The inbound relay's limits: the edge's, but no abuse cool-off. A sidecar's callers are
+#: mesh peers over mTLS, and one gateway connection multiplexes many clients: a client's
+#: rapid reset relayed through it may still get that connection a GOAWAY, but locking the
+#: gateway's address out for a while would cut every client off this worker.
+INBOUND_LIMITS = RelayLimits(abuse_cool_off=0.0)
 
 #: Matches the gateway's service names (``mesh.routing.services``): the inbound service.
 INBOUND_SERVICE = "meshserve.sidecar.Inbound"
@@ -73,6 +79,9 @@ class SidecarSettings:
     outbound_port: int | None = None
     #: Routing YAML for outbound calls (VirtualService, DestinationRule); None: defaults.
     config_dir: Path | None = None
+    #: The worker's secret, sent with every call to it (a worker on a TCP port checks it:
+    #: mesh.server.sidecar_secret); None: the worker is on a private Unix socket.
+    app_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.service or not self.app_address:
@@ -132,6 +141,11 @@ class Sidecar:
         )
         #: The worker's health and load reports (the calls themselves go through the relay).
         self.channel = grpc.aio.insecure_channel(settings.app_address)
+        #: Sent on the sidecar's own calls to the worker (health, load): a worker on a TCP
+        #: port serves only calls carrying its secret (mesh/server/sidecar_secret.py).
+        self.app_metadata: tuple[tuple[str, str], ...] = (
+            ((SECRET_HEADER, settings.app_secret),) if settings.app_secret is not None else ()
+        )
         #: The sidecar's own gRPC server (health, reflection); its port and address are
         #: the relay's, which callers dial.
         self.serving: Serving | None = None
@@ -154,7 +168,7 @@ class Sidecar:
         trailing metadata on ServerReady) goes into the instance, so the gateway and
         ``meshserve registry status`` see which versions are warm where.
         """
-        probe = LoadProbe(self.channel)
+        probe = LoadProbe(self.channel, self.app_metadata)
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             if self.registration is None:
@@ -194,27 +208,32 @@ class Sidecar:
         # The sidecar's own services on a Unix socket in a private folder: only this user
         # can reach them without the relay's checks. Telemetry records the calls the relay
         # hands it; the relay records those it forwards.
-        folder = Path(tempfile.mkdtemp(prefix="meshserve-sidecar-"))
+        private = PrivateSocket.create("meshserve-sidecar-")
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self._telemetry is not None:
             interceptors.append(TelemetryServerInterceptor(self._telemetry))
-        serving = self.serving = await start_server(
-            ServerSettings(host=f"unix:{folder / 'grpc.sock'}", grace_seconds=s.grace_seconds),
-            [Service(INBOUND_SERVICE, lambda server: None)],
-            interceptors=interceptors,
-        )
+        try:
+            serving = self.serving = await start_server(
+                ServerSettings(host=private.address, grace_seconds=s.grace_seconds),
+                [Service(INBOUND_SERVICE, lambda server: None)],
+                interceptors=interceptors,
+            )
+        except BaseException:
+            private.remove()
+            raise
         # Not serving until the worker says it is.
         await serving.set_serving(False)
 
         async def remove_folder() -> None:
-            shutil.rmtree(folder, ignore_errors=True)
+            private.remove()
 
         serving.on_drain(remove_folder)
         relay = self.relay = Relay(
             GatewayState(),  # nothing to route: every call goes to the worker
             internal_address=serving.address,
             telemetry=self._telemetry,
-            inbound=Inbound(s.app_address, self._admit, self.limit),
+            inbound=Inbound(s.app_address, self._admit, self.limit, app_secret=s.app_secret),
+            limits=INBOUND_LIMITS,
         )
         serving.before_stop(relay.drain)
         try:
@@ -248,7 +267,7 @@ class Sidecar:
         self.registration.start()
         if s.outbound_port is not None:
             await self._start_outbound(s.outbound_port)
-        mirror = HealthMirror(self.channel, self._worker_health)
+        mirror = HealthMirror(self.channel, self._worker_health, metadata=self.app_metadata)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(mirror.run()), loop.create_task(self._publish_load())]
         if s.config_dir is not None:

@@ -23,6 +23,7 @@ from mesh.security.ca import (
 )
 from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import CertificateSource, FileIssuer
+from mesh.server.sidecar_secret import read_secret
 from mesh.sidecar.app import Sidecar, SidecarPolicies, SidecarSettings
 from mesh.telemetry import logs
 from mesh.telemetry.setup import Telemetry, TelemetrySettings, setup
@@ -65,7 +66,7 @@ class SidecarPlan:
     store: StoreSettings
 
 
-def plan(args: argparse.Namespace, app_address: str) -> SidecarPlan:
+def plan(args: argparse.Namespace, app_address: str, app_secret: str | None = None) -> SidecarPlan:
     """Validates flags into a plan; a bad flag or file fails here, before any process starts."""
     mtls: MtlsMode | None = args.mtls
     settings = SidecarSettings(
@@ -83,6 +84,7 @@ def plan(args: argparse.Namespace, app_address: str) -> SidecarPlan:
         outbound_port=args.outbound_port,
         plaintext_port=args.plaintext_port,
         config_dir=args.config,
+        app_secret=app_secret,
     )
     policies = SidecarPolicies()
     if args.config is not None:
@@ -128,7 +130,8 @@ async def running(plan: SidecarPlan) -> AsyncIterator[Sidecar]:
 
 
 def run(args: argparse.Namespace) -> int:
-    sidecar_plan = plan(args, args.app)
+    secret = read_secret(args.app_secret_file) if args.app_secret_file else None
+    sidecar_plan = plan(args, args.app, secret)
 
     async def main() -> None:
         async with running(sidecar_plan) as sidecar:
@@ -200,6 +203,20 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_arguments(parser)
 
 
+def add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    """``meshserve sidecar``'s worker flags (``meshserve run`` sets these itself)."""
+    parser.add_argument(
+        "--app", required=True, metavar="ADDRESS", help="the worker (host:port or unix:PATH)"
+    )
+    parser.add_argument(
+        "--app-secret-file",
+        type=Path,
+        metavar="PATH",
+        help="send the secret in this file with every call to the worker (the worker's "
+        "--sidecar-secret-file): for a worker on a TCP port",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "sidecar",
@@ -210,8 +227,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the worker's own calls from localhost:--outbound-port. SIGTERM drains.",
     )
     parser.add_argument("--service", required=True, help="the worker's service name")
-    parser.add_argument(
-        "--app", required=True, metavar="ADDRESS", help="the worker (host:port or unix:PATH)"
-    )
+    add_app_arguments(parser)
     add_sidecar_arguments(parser)
     parser.set_defaults(handler=run)

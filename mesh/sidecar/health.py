@@ -32,7 +32,9 @@ class HealthMirror:
         retry: float = 0.1,
         max_retry: float = 1.0,
         sleep: Sleep = asyncio.sleep,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        self._metadata = metadata
         self._stub = health_pb2_grpc.HealthStub(channel)
         self._on_change = on_change
         self._service = service
@@ -52,7 +54,7 @@ class HealthMirror:
         request = health_pb2.HealthCheckRequest(service=self._service)
         while True:
             try:
-                async for reply in self._stub.Watch(request):
+                async for reply in self._stub.Watch(request, metadata=self._metadata):
                     delay = self._retry
                     await self._set(reply.status == health_pb2.HealthCheckResponse.SERVING)
                 # The worker ended the stream (it is shutting down): not serving.

@@ -10,23 +10,62 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from mesh.errors import FailedPrecondition, Unavailable
-from mesh.sidecar.cli import add_sidecar_arguments, plan, running
+from mesh.server.lifeline import Lifeline, die_with_parent
+from mesh.server.private import PrivateSocket
+from mesh.server.sidecar_secret import write_secret
+from mesh.sidecar.cli import SidecarPlan, add_sidecar_arguments, plan, running
 
 log = logging.getLogger(__name__)
 
 #: Workers announce their address with one stdout line containing this, then the address.
 READY_MARK = "listening on "
+#: A custom ``--worker-command`` finds the address to listen on (``unix:PATH``) here.
+LISTEN_ENV = "MESHSERVE_WORKER_LISTEN"
+#: ...or, with ``--worker-listen tcp``, the file holding the secret calls must carry.
+SECRET_FILE_ENV = "MESHSERVE_SIDECAR_SECRET_FILE"
+WORKER_LISTEN_MODES = ("unix", "tcp")
+Process = asyncio.subprocess.Process
 WORKER_START_TIMEOUT = 60.0
 
 
-def worker_command(kind: str, command: str | None, extra: Sequence[str]) -> list[str]:
-    """``meshserve worker KIND --port 0 ...`` by default (run with this interpreter)."""
+@dataclass(frozen=True)
+class Door:
+    """How the sidecar reaches its worker and nothing else does (docs/security.md)."""
+
+    #: Flags for ``meshserve worker KIND``.
+    flags: tuple[str, ...]
+    #: The same told to a custom ``--worker-command`` (any program), in its environment.
+    env: dict[str, str]
+    #: What the sidecar sends with every call (TCP mode), else None.
+    secret: str | None = field(default=None, repr=False)
+
+
+def door(mode: str, private: PrivateSocket) -> Door:
+    """``unix``: a socket in ``private``'s folder (0700). ``tcp``: any free loopback port,
+    and a secret in that folder that the worker requires and the sidecar sends."""
+    if mode == "unix":
+        return Door(("--listen", private.address), {LISTEN_ENV: private.address})
+    secret_file = private.folder / "sidecar-secret"
+    secret = write_secret(secret_file)
+    return Door(
+        ("--port", "0", "--sidecar-secret-file", str(secret_file)),
+        {SECRET_FILE_ENV: str(secret_file)},
+        secret,
+    )
+
+
+def worker_command(kind: str, command: str | None, extra: Sequence[str], door: Door) -> list[str]:
+    """``meshserve worker KIND --listen unix:PATH ...`` by default (this interpreter).
+
+    A custom ``command`` gets no flag (it may be any program): it finds the same in its
+    environment (``door.env``) and announces where it listens in its ready line.
+    """
     if command:
         return [*shlex.split(command), *extra]
-    return [sys.executable, "-m", "mesh.cli.main", "worker", kind, "--port", "0", *extra]
+    return [sys.executable, "-m", "mesh.cli.main", "worker", kind, *door.flags, *extra]
 
 
 def parse_ready(line: str) -> str | None:
@@ -37,7 +76,7 @@ def parse_ready(line: str) -> str | None:
     return rest[0] if rest else None
 
 
-async def _await_address(worker: asyncio.subprocess.Process) -> str:
+async def _await_address(worker: Process) -> str:
     assert worker.stdout is not None
     while True:
         raw = await worker.stdout.readline()
@@ -51,7 +90,7 @@ async def _await_address(worker: asyncio.subprocess.Process) -> str:
             return address
 
 
-async def _pump(worker: asyncio.subprocess.Process) -> None:
+async def _pump(worker: Process) -> None:
     """Keeps relaying the worker's stdout (a full pipe would block it)."""
     assert worker.stdout is not None
     async for raw in worker.stdout:
@@ -59,7 +98,7 @@ async def _pump(worker: asyncio.subprocess.Process) -> None:
         sys.stdout.flush()
 
 
-async def _stop(worker: asyncio.subprocess.Process, grace: float) -> int:
+async def _stop(worker: Process, grace: float) -> int:
     if worker.returncode is None:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -73,58 +112,112 @@ async def _stop(worker: asyncio.subprocess.Process, grace: float) -> int:
 
 def run(args: argparse.Namespace) -> int:
     extra = shlex.split(args.worker_args)
-    command = worker_command(args.kind, args.worker_command, extra)
     args.service = args.service or args.kind
     # Validate every sidecar flag and file before the worker starts; the worker's address
     # is filled in once it announces it.
     sidecar_plan = plan(args, app_address="(the worker)")
-
-    async def main() -> int:
-        worker = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-        pump: asyncio.Task[None] | None = None
-        try:
-            try:
-                address = await asyncio.wait_for(_await_address(worker), WORKER_START_TIMEOUT)
-            except TimeoutError as exc:
-                raise Unavailable(
-                    f"the worker did not print '{READY_MARK}ADDRESS' within "
-                    f"{WORKER_START_TIMEOUT:.0f} s: {shlex.join(command)}"
-                ) from exc
-            pump = asyncio.create_task(_pump(worker))
-            sidecar_plan.settings = replace(sidecar_plan.settings, app_address=address)
-            async with running(sidecar_plan) as sidecar:
-                signalled = asyncio.create_task(sidecar.run_until_signal())
-                exited = asyncio.create_task(worker.wait())
-                await asyncio.wait({signalled, exited}, return_when=asyncio.FIRST_COMPLETED)
-                if exited.done():
-                    log.error("the worker exited (%s): draining its sidecar", worker.returncode)
-                signalled.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await signalled
-                # Leaving ``running`` drains the sidecar (DRAINING, deregister, in-flight done)
-                # before the worker is stopped, so no forwarded call loses its worker.
-            code = await _stop(worker, sidecar_plan.settings.grace_seconds)
-            return code
-        finally:
-            if worker.returncode is None:
-                worker.kill()
-                await worker.wait()
-            if pump is not None:
-                pump.cancel()
-
+    # The worker listens in a folder only this user can enter: no local process but the
+    # sidecar (and root) can reach it, so none skips mTLS and AuthorizationPolicy.
+    private = PrivateSocket.create("meshserve-worker-", "worker.sock")
     try:
-        return asyncio.run(main())
+        unit_door = door(args.worker_listen, private)
+        sidecar_plan.settings = replace(sidecar_plan.settings, app_secret=unit_door.secret)
+        command = worker_command(args.kind, args.worker_command, extra, unit_door)
+        return asyncio.run(_run_unit(command, unit_door, sidecar_plan))
     finally:
+        private.remove()
         sidecar_plan.telemetry.shutdown()
+
+
+async def _spawn(command: list[str], env: dict[str, str], lifeline: Lifeline) -> Process:
+    """Starts the worker tied to this process: it dies with it, however this one ends.
+
+    Called on the event loop's thread, the main thread, which lives as long as the
+    process: ``PR_SET_PDEATHSIG`` fires when the forking *thread* ends.
+    """
+    try:
+        return await asyncio.create_subprocess_exec(
+            *command,
+            stdout=asyncio.subprocess.PIPE,
+            env={**lifeline.child_env(), **env},
+            pass_fds=lifeline.pass_fds,
+            preexec_fn=die_with_parent,
+        )
+    finally:
+        lifeline.spawned()
+
+
+async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -> int:
+    """Worker, then sidecar; returns the exit status. No path out leaves the worker running."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    stopped_by: list[int] = []
+
+    def stop_now(sig: int) -> None:
+        # Outside the sidecar's watch (start-up, or a second signal while stopping), a
+        # signal abandons what is under way; the ``finally`` below still stops the worker.
+        stopped_by.append(sig)
+        main.cancel()
+
+    def take_signals() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_now, sig)
+
+    take_signals()
+    lifeline = Lifeline()
+    worker: Process | None = None
+    pump: asyncio.Task[None] | None = None
+    try:
+        worker = await _spawn(command, door.env, lifeline)
+        try:
+            address = await asyncio.wait_for(_await_address(worker), WORKER_START_TIMEOUT)
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"the worker did not print '{READY_MARK}ADDRESS' within "
+                f"{WORKER_START_TIMEOUT:.0f} s: {shlex.join(command)}"
+            ) from exc
+        pump = asyncio.create_task(_pump(worker))
+        sidecar_plan.settings = replace(sidecar_plan.settings, app_address=address)
+        async with running(sidecar_plan) as sidecar:
+            signalled = asyncio.create_task(sidecar.run_until_signal())
+            exited = asyncio.create_task(worker.wait())
+            await asyncio.wait({signalled, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                log.error("the worker exited (%s): draining its sidecar", worker.returncode)
+            signalled.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await signalled
+            take_signals()  # the sidecar released them
+            # Leaving ``running`` drains the sidecar (DRAINING, deregister, in-flight done)
+            # before the worker is stopped, so no forwarded call loses its worker.
+        return await _stop(worker, sidecar_plan.settings.grace_seconds)
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        log.warning("signal %d: stopping the worker now", stopped_by[0])
+        return 128 + stopped_by[0]
+    finally:
+        if worker is not None and worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+        lifeline.close()
+        if pump is not None:
+            pump.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "run",
         help="run a worker and its sidecar as one unit",
-        description="Starts `meshserve worker KIND --port 0 [--worker-args]` (or --worker-command), "
-        "waits for its 'listening on ADDRESS' line, then runs its sidecar. SIGTERM drains the "
-        "sidecar first, then stops the worker; if the worker dies, the sidecar drains and exits.",
+        description="Starts `meshserve worker KIND --listen unix:PATH [--worker-args]` (or "
+        "--worker-command, told the address in $MESHSERVE_WORKER_LISTEN), waits for its "
+        "'listening on ADDRESS' line, then runs its sidecar. The socket sits in a fresh folder "
+        "only this user can enter: the worker is reachable through its sidecar only. SIGTERM "
+        "drains the sidecar first, then stops the worker; if the worker dies, the sidecar "
+        "drains and exits; if this process dies, even by SIGKILL, the worker exits too.",
     )
     parser.add_argument("kind", help="worker kind (inference, training, data)")
     parser.add_argument("--service", help="service name in the registry (default: KIND)")
@@ -132,6 +225,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--worker-command",
         metavar="COMMAND",
         help="start the worker with this command line instead of `meshserve worker KIND`",
+    )
+    parser.add_argument(
+        "--worker-listen",
+        choices=WORKER_LISTEN_MODES,
+        default="unix",
+        help="unix (default): the worker listens on a Unix socket in a private folder; tcp: "
+        "on a free 127.0.0.1 port, serving only calls that carry a secret its sidecar sends",
     )
     add_sidecar_arguments(parser)
     parser.add_argument(

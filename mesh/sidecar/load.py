@@ -50,14 +50,19 @@ class LoadProbe:
     probe then stays quiet and the sidecar publishes its own in-flight count alone.
     """
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        self._metadata = metadata
         self.supported = True
 
     async def read(self) -> LoadReport | None:
         if not self.supported:
             return None
-        call = self._stub.ServerReady(pb.ServerReadyRequest(), timeout=PROBE_TIMEOUT)
+        call = self._stub.ServerReady(
+            pb.ServerReadyRequest(), timeout=PROBE_TIMEOUT, metadata=self._metadata
+        )
         try:
             await call
             trailers = await call.trailing_metadata()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerSettings
+from mesh.server.app import DEFAULT_MAX_MESSAGE_BYTES
+from mesh.server.listen import add_listen_arguments, server_settings
 from workers.data import server
 from workers.data.storage import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BYTES
 
@@ -15,8 +16,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run a data worker (stores datasets, streams batches)",
         description="Serves meshserve.data.v1.DataService over a dataset root.",
     )
-    parser.add_argument("--port", type=int, required=True, help="port to listen on (0: any free)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    add_listen_arguments(parser, default_port=None)
     parser.add_argument(
         "--root", required=True, help="fsspec URL of the dataset root (a directory path works)"
     )
@@ -46,11 +46,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _handle(args: argparse.Namespace) -> int:
     config = server.DataWorkerConfig(
-        server=ServerSettings(
-            host=args.host,
-            port=args.port,
-            max_message_bytes=args.max_message_bytes,
-            grace_seconds=args.grace_seconds,
+        server=server_settings(
+            args, max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds
         ),
         root=args.root,
         chunk_bytes=args.chunk_bytes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mesh.server.app import ServerSettings
+from mesh.server.listen import add_listen_arguments, server_settings
 from workers.inference.server import WorkerSettings, main
 
 
@@ -13,8 +13,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "inference", help="serve models over the Open Inference Protocol (Triton/KServe v2 gRPC)"
     )
     parser.add_argument("--model-repo", required=True, help="model repository URL or directory")
-    parser.add_argument("--port", type=int, default=8001, help="port to listen on (0: any free)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    add_listen_arguments(parser, default_port=8001)
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if present"
     )
@@ -53,4 +52,4 @@ def run(args: argparse.Namespace) -> int:
         batching=not args.no_batching,
         threads=args.threads,
     )
-    return main(settings, ServerSettings(host=args.host, port=args.port))
+    return main(settings, server_settings(args))

@@ -7,7 +7,7 @@ import asyncio
 import os
 
 from mesh.cli.errors import CliError
-from mesh.server.app import ServerSettings
+from mesh.server.listen import add_listen_arguments, server_settings
 from registry.connect import ES_URL_ENV, add_store_arguments, settings_from_args
 from registry.jobs import DEFAULT_CLAIM_TTL
 from workers.training.manager import WorkerSettings
@@ -17,8 +17,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser(
         "training", help="train catalogue models on data-service datasets and publish versions"
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
+    add_listen_arguments(parser, default_port=0)
     parser.add_argument(
         "--artifacts", required=True, help="fsspec URL for checkpoints and job files"
     )
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     asyncio.run(
         server.run(
             settings,
-            ServerSettings(host=args.host, port=args.port),
+            server_settings(args),
             args.state,
             registry,
             args.job_claim_ttl,

@@ -1,6 +1,9 @@
 """A fake inference worker as a process: ``python -m tests.mesh.sidecar.worker_proc NAME``.
 
-Traced when ``MESHSERVE_TRACES`` is set (see ``mesh.telemetry.setup``).
+Traced when ``MESHSERVE_TRACES`` is set (see ``mesh.telemetry.setup``). Under ``meshserve
+run`` it behaves as the real workers do: it listens where ``$MESHSERVE_WORKER_LISTEN`` says
+(or on a loopback port, requiring the secret in ``$MESHSERVE_SIDECAR_SECRET_FILE``) and
+exits when its lifeline (``$MESHSERVE_PARENT_FD``) breaks.
 """
 
 from __future__ import annotations
@@ -8,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 import grpc.aio
 
+from mesh.server import lifeline
 from mesh.server.app import ServerSettings, serve_until_signal, start_server
+from mesh.server.sidecar_secret import read_secret
+from mesh.sidecar.launcher import LISTEN_ENV, SECRET_FILE_ENV
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.setup import TelemetrySettings, setup
 from tests.gateway.backends import FakeWorker
@@ -22,9 +29,11 @@ async def main(name: str) -> None:
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if telemetry.settings.traces != "none":
         interceptors.append(TelemetryServerInterceptor(telemetry))
-    serving = await start_server(
-        ServerSettings(), FakeWorker(name).services(), interceptors=interceptors
-    )
+    listen = os.environ.get(LISTEN_ENV)
+    secret_file = os.environ.get(SECRET_FILE_ENV)
+    secret = read_secret(Path(secret_file)) if secret_file else None
+    settings = ServerSettings(host=listen or "127.0.0.1", sidecar_secret=secret)
+    serving = await start_server(settings, FakeWorker(name).services(), interceptors=interceptors)
     print(f"{name} listening on {serving.address} pid {os.getpid()}", flush=True)
     try:
         await serve_until_signal(serving)
@@ -33,4 +42,5 @@ async def main(name: str) -> None:
 
 
 if __name__ == "__main__":
+    lifeline.watch_from_env()
     asyncio.run(main(sys.argv[1]))
