@@ -39,6 +39,8 @@ from protos.inference import grpc_service_pb2 as oip
 from protos.inference import grpc_service_pb2_grpc as oip_grpc
 from protos.meshserve.data.v1 import data_pb2 as data_pb
 from protos.meshserve.data.v1 import data_pb2_grpc
+from protos.meshserve.training.v1 import training_pb2 as training_pb
+from protos.meshserve.training.v1 import training_pb2_grpc
 from registry.connect import StoreSettings
 from registry.embedded import free_port
 
@@ -125,6 +127,18 @@ def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threadi
             created = data.CreateBuiltinDataset(request, timeout=30)
             out.print(f"created dataset {created.name} version {created.version}")
         if not any((state / "models" / DEMO_MODEL).glob("[0-9]*/model.pt")):
+            training = training_pb2_grpc.TrainingServiceStub(channel)
+
+            def training_routed() -> bool:
+                return _answers(lambda: training.ListJobs(training_pb.ListJobsRequest(), timeout=2))
+
+            # Units become routable one by one (each once its worker reports SERVING).
+            _wait(
+                "the gateway to route to the training worker",
+                training_routed,
+                stopping,
+                DISCOVERY_TIMEOUT_S,
+            )
             spec = mlp_spec(
                 DEMO_MODEL,
                 DEMO_DATASET,
