@@ -99,7 +99,13 @@ async def _pump(worker: Process) -> None:
 
 
 async def _stop(worker: Process, grace: float) -> int:
-    if worker.returncode is None:
+    """Stops the worker (SIGTERM, SIGKILL after ``grace``); returns the unit's exit status.
+
+    0 when the worker stopped as asked; else the worker's own status, a death by signal N
+    as 128 + N, as a shell reports it (returned as is, -9 would reach the supervisor as 247).
+    """
+    asked = worker.returncode is None
+    if asked:
         worker.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(worker.wait(), timeout=grace)
@@ -107,7 +113,16 @@ async def _stop(worker: Process, grace: float) -> int:
             log.warning("the worker ignored SIGTERM for %.0f s: killing it", grace)
             worker.kill()
             await worker.wait()
-    return worker.returncode or 0
+    return unit_status(worker.returncode or 0, asked=asked)
+
+
+def unit_status(worker_status: int, *, asked: bool) -> int:
+    """The unit's exit status for its worker's (see :func:`_stop`)."""
+    if worker_status >= 0:
+        return worker_status
+    if asked and -worker_status == signal.SIGTERM:
+        return 0
+    return 128 - worker_status
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,13 +22,35 @@ from elasticsearch import AsyncElasticsearch
 
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import HEADER, read_secret
-from mesh.sidecar.launcher import LISTEN_ENV, SECRET_FILE_ENV, door, parse_ready, worker_command
+from mesh.sidecar.launcher import (
+    LISTEN_ENV,
+    SECRET_FILE_ENV,
+    door,
+    parse_ready,
+    unit_status,
+    worker_command,
+)
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from registry.directory import read_live
 from registry.schema import Indices
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize(
+    ("worker", "asked", "unit"),
+    [
+        (0, True, 0),
+        (3, False, 3),
+        (-signal.SIGTERM, True, 0),  # stopped as asked
+        (-signal.SIGTERM, False, 128 + signal.SIGTERM),  # someone else stopped it
+        (-signal.SIGKILL, False, 128 + signal.SIGKILL),
+        (-signal.SIGKILL, True, 128 + signal.SIGKILL),  # ignored SIGTERM, then killed
+    ],
+)
+def test_the_units_status_reads_as_a_shells(worker: int, asked: bool, unit: int) -> None:
+    assert unit_status(worker, asked=asked) == unit
 
 
 def test_ready_line_and_default_command(tmp_path: Path) -> None:
@@ -177,6 +199,8 @@ async def test_a_dying_worker_takes_its_sidecar_down(
     process, worker_pid = launched.process, launched.worker_pid
     os.kill(worker_pid, signal.SIGKILL)
     await _until(lambda: process.poll() is not None, "the launcher exits")
+    # As a shell reports it, so the supervisor says "exited with status 137 (SIGKILL)".
+    assert process.returncode == 128 + signal.SIGKILL
 
     async def deregistered() -> bool:
         live = await read_live(es, indices, datetime.now(UTC), service="inference")
