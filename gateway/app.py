@@ -16,12 +16,12 @@ import grpc.aio
 from gateway.admin import Admin
 from gateway.auth import ADMIN_LOCKED, ClientGuard
 from gateway.channels import ChannelPool
-from gateway.discovery import DiscoverySource, EndpointTable
 from gateway.proxy import Proxy
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.loader import Document
 from mesh.config.snapshot import MeshConfig
 from mesh.proxy.relay import Relay
+from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
 from mesh.routing.limits import RelayLimits
 from mesh.routing.methods import MESH_SERVICES
 from mesh.routing.pipeline import ConfigPipeline, validate_documents
@@ -247,33 +247,27 @@ class Gateway:
         return serving
 
     async def _watch_discovery(self) -> None:
-        """Folds discovery updates into endpoint snapshots, forever.
+        """Folds discovery updates into endpoint snapshots, forever (``follow``).
 
         A source that fails is restarted after a pause; meanwhile the gateway keeps
         routing on its last snapshot (last known good), and the admin API's staleness
         grows so operators can see it.
         """
-        while True:
-            try:
-                async for update in self.discovery.updates():
-                    snapshot = self.table.apply(update)
-                    if self.metrics is not None:
-                        for host in changed_hosts(self.state.snapshot, snapshot):
-                            self.metrics.ring_changed(host)
-                    self.state.set_endpoints(snapshot)
-                    self.pipeline.discovered = True
-                    addresses = {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
-                    self.channels.retain(addresses)
-                    if self.relay is not None:
-                        self.relay.pool.retain(addresses)
-                    self._last_update = time.monotonic()
-                    self.endpoints_changed.set()
-                    self.endpoints_changed = asyncio.Event()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("discovery source failed; routing on the last snapshot, retrying")
-            await asyncio.sleep(self.discovery_retry)
+        await follow(self.discovery, self.table, self._endpoints, retry=self.discovery_retry)
+
+    def _endpoints(self, snapshot: EndpointsSnapshot) -> None:
+        if self.metrics is not None:
+            for host in changed_hosts(self.state.snapshot, snapshot):
+                self.metrics.ring_changed(host)
+        self.state.set_endpoints(snapshot)
+        self.pipeline.discovered = True
+        addresses = {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
+        self.channels.retain(addresses)
+        if self.relay is not None:
+            self.relay.pool.retain(addresses)
+        self._last_update = time.monotonic()
+        self.endpoints_changed.set()
+        self.endpoints_changed = asyncio.Event()
 
     async def close(self) -> None:
         for task in self._tasks:
