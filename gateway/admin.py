@@ -9,13 +9,13 @@ import grpc
 import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gateway.discovery import EndpointTable
 from mesh.balance.endpoints import InstanceView
 from mesh.config.hosts import normalise_host
 from mesh.config.loader import Document, parse_yaml
 from mesh.config.snapshot import MeshConfig
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from mesh.routing.decision import RequestInfo
+from mesh.routing.discovery import EndpointTable
 from mesh.routing.hashkey import RequestFields
 from mesh.routing.state import GatewayState
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc

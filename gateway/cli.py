@@ -11,10 +11,9 @@ from pathlib import Path
 
 from gateway.app import DATA_PLANES, Gateway, validate_documents
 from gateway.auth import AuthConfig, ClientGuard
-from gateway.discovery import DiscoverySource, StaticDiscovery, parse_static
-from gateway.registry_discovery import RegistryDiscovery
 from mesh.cli.main import CliError
 from mesh.config.resource import DEFAULT_NAMESPACE
+from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_static
 from mesh.routing.limits import RelayLimits
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
@@ -23,6 +22,7 @@ from mesh.telemetry.setup import TelemetrySettings, setup
 from registry.cli import resolve_url
 from registry.config_store import ConfigStore
 from registry.connect import add_store_arguments, settings_from_args
+from registry.discovery import RegistryDiscovery
 from registry.store import open_store
 
 log = logging.getLogger(__name__)

@@ -380,6 +380,17 @@ class Exchange:
 
     def _go_internal(self) -> None:
         """Sends the call, headers untouched, to the gateway's full gRPC server."""
+        if self.relay.internal_address is None:
+            # A sidecar's outbound has no gRPC server behind it: what only one could do
+            # is refused by name, never forwarded without it.
+            self._fail_early(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{self.path}: not a mesh method"
+                if self.info is None
+                else f"{self.path}: the route's fault injection, mirroring or response "
+                "header edits are not applied on a sidecar's outbound (use the gateway)",
+            )
+            return
         self.internal = True
         self.keep = False
         if self.record is not None and self.relay.telemetry is not None:
@@ -431,6 +442,7 @@ class Exchange:
         self._held_headers, self._held, self._held_bytes = None, [], 0
         decision = self.decision
         if self.internal:
+            assert relay.internal_address is not None  # _go_internal checked
             address = relay.internal_address
             self.endpoint = None
             per_try = None

@@ -396,7 +396,7 @@ class Relay:
         self,
         state: GatewayState,
         *,
-        internal_address: str,
+        internal_address: str | None,
         ssl_context: Callable[[], ssl.SSLContext] | None = None,
         request_id: Callable[[], str] | None = None,
         metrics: MeshMetrics | None = None,
@@ -415,6 +415,8 @@ class Relay:
         self.guard = guard
         #: Spans and request metrics for the calls the relay forwards itself.
         self.telemetry = RelayTelemetry(telemetry) if telemetry is not None else None
+        #: The gRPC server behind the relay (None: a sidecar's outbound, which has none;
+        #: calls that would need it are refused with UNIMPLEMENTED).
         self.internal_address = internal_address
         # 128 random bits as 32 hex digits, like a uuid4's hex but without a syscall.
         bits = random.Random().getrandbits

@@ -13,9 +13,10 @@ can tell, so that ``meshserve apply`` cannot take a served host down:
   candidate, every rule for it must still have a destination (weight above 0) whose
   host/subset selects at least one registered instance.
 
-A pure function of (candidate, running config, endpoints): the gateway calls it from one
-place (``Gateway._build``) for every way a config arrives. Refusals are ``ConfigError``
-(INVALID_ARGUMENT, as every other config refusal), each naming the resource and the field.
+A pure function of (candidate, running config, endpoints): the config pipeline calls it
+from one place (``mesh.routing.pipeline.merge``) for every way a config arrives, at the
+gateway and at every sidecar's outbound. Refusals are ``ConfigError`` (INVALID_ARGUMENT,
+as every other config refusal), each naming the resource and the field.
 """
 
 from __future__ import annotations

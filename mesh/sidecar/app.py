@@ -13,8 +13,6 @@ from pathlib import Path
 
 import grpc.aio
 
-from gateway.app import Gateway
-from gateway.registry_discovery import RegistryDiscovery
 from mesh.config.fields import ConfigError
 from mesh.config.loader import fingerprint
 from mesh.config.resource import DEFAULT_NAMESPACE
@@ -24,6 +22,7 @@ from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.proxy.inbound import ConcurrencyLimit, Inbound
 from mesh.proxy.relay import Relay
 from mesh.routing.limits import RelayLimits
+from mesh.routing.pipeline import validate_documents
 from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes
 from mesh.security.peer import PeerInfo, check_peer, listeners_for, resolve_mode
@@ -34,8 +33,10 @@ from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 from mesh.sidecar.health import HealthMirror
 from mesh.sidecar.load import LoadProbe, model_refs, registry_load
+from mesh.sidecar.outbound import Outbound
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.setup import Telemetry
+from registry.discovery import RegistryDiscovery
 from registry.instances import Instance, Status
 from registry.lease import Registration
 from registry.store import Store
@@ -77,7 +78,8 @@ class SidecarSettings:
     plaintext_port: int | None = None
     #: Where the worker's outgoing calls enter (localhost only); None: no outbound.
     outbound_port: int | None = None
-    #: Routing YAML for outbound calls (VirtualService, DestinationRule); None: defaults.
+    #: Routing YAML for outbound calls (VirtualService, DestinationRule), the base under
+    #: the registry's config store (``meshserve apply``); None: the store's alone.
     config_dir: Path | None = None
     #: The worker's secret, sent with every call to it (a worker on a TCP port checks it:
     #: mesh.server.sidecar_secret); None: the worker is on a private Unix socket.
@@ -154,8 +156,8 @@ class Sidecar:
         self.last_rejection: str | None = None
         #: PERMISSIVE's plaintext listener (``host:port``), when a plaintext port is set.
         self.plaintext_address: str | None = None
-        self.outbound: Gateway | None = None
-        self.outbound_serving: Serving | None = None
+        #: The worker's way out (the relay in routing mode), when an outbound port is set.
+        self.outbound: Outbound | None = None
         self.registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
@@ -282,32 +284,31 @@ class Sidecar:
         return self.serving
 
     async def _start_outbound(self, port: int) -> None:
-        """The worker's way out: the gateway's routing core on localhost, mTLS to peers.
+        """The worker's way out: the relay in routing mode on localhost, mTLS to peers.
 
-        Peers are sidecars: with certificates, every upstream call presents this workload's
-        certificate (new channels pick up rotated ones).
+        Routed by the config pipeline the gateway uses: the config directory, with the
+        registry's config store over it (``meshserve apply`` reaches every outbound).
+        Peers are sidecars: with certificates, every upstream connection presents this
+        workload's certificate (new connections pick up rotated ones).
         """
-        credentials = tls_context = None
+        tls_context = None
         if self._certificates is not None:
-            credentials = self._certificates.channel_credentials
             tls_context = self._certificates.ssl_client_context
-        self.outbound = Gateway(
+        self.outbound = Outbound(
             RegistryDiscovery(self._store.watcher()),
             config_dir=self.settings.config_dir,
-            channel_credentials=credentials,
+            config_store=self._store.config(validator=validate_documents),
             tls_context=tls_context,
             telemetry=self._telemetry,
+            reload_interval=self.settings.reload_interval,
         )
         try:
-            self.outbound_serving = await self.outbound.start(
-                ServerSettings(
-                    host="127.0.0.1", port=port, grace_seconds=self.settings.grace_seconds
-                )
-            )
+            address = await self.outbound.start(port)
         except BaseException:
+            self.outbound = None
             await self.drain()
             raise
-        log.info("outbound for %s on %s", self.settings.service, self.outbound_serving.address)
+        log.info("outbound for %s on %s", self.settings.service, address)
 
     async def _watch_policies(self, directory: Path) -> None:
         """Reloads the security policies when the config folder changes (last known good).
@@ -377,8 +378,8 @@ class Sidecar:
         # The relay first (GOAWAY, in-flight calls finish), then the server behind it.
         await self.serving.drain()
         # Outbound last: in-flight inbound calls may have needed it to finish.
-        if self.outbound_serving is not None:
-            await self.outbound_serving.drain()
+        if self.outbound is not None:
+            await self.outbound.drain(self.settings.grace_seconds)
         await self.channel.close()
 
     async def run_until_signal(self) -> None:

@@ -115,9 +115,7 @@ async def running(plan: SidecarPlan) -> AsyncIterator[Sidecar]:
         serving = await sidecar.start()
         try:
             outbound = (
-                f", outbound on {sidecar.outbound_serving.address}"
-                if sidecar.outbound_serving is not None
-                else ""
+                f", outbound on {sidecar.outbound.address}" if sidecar.outbound is not None else ""
             )
             # One parseable line on stdout: scripts and tests read the bound port from it.
             print(

@@ -174,6 +174,7 @@ async def test_admin_through_the_public_port_needs_the_admin_key(data_plane: str
             # The gRPC server behind the relay checks Admin's scope too (defence in depth:
             # its socket is private, but the check must hold on every path).
             internal = gateway.relay.internal_address
+            assert internal is not None  # the gateway's relay has its gRPC server behind it
             async with grpc.aio.insecure_channel(internal) as channel:
                 admin = admin_pb2_grpc.AdminStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -61,15 +61,15 @@ async def test_worker_reaches_another_service_through_its_sidecar(
         )
         await caller.start()
         stack.push_async_callback(caller.drain)
-        assert caller.outbound is not None and caller.outbound_serving is not None
-        outbound = caller.outbound
+        assert caller.outbound is not None and caller.outbound.address is not None
+        outbound, address = caller.outbound, caller.outbound.address
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
         # Discovered through the registry once the callee's worker is SERVING there.
         while not any(e.healthy for e in outbound.state.snapshot.endpoints("inference")):
             assert loop.time() < deadline, "the outbound side never discovered inference"
             await asyncio.sleep(0.05)
-        async with grpc.aio.insecure_channel(caller.outbound_serving.address) as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
                 pb.ModelInferRequest(model_name="m"), timeout=10
             )

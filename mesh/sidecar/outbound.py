@@ -1,0 +1,109 @@
+"""A sidecar's outbound: the relay in routing mode, where its worker's calls leave.
+
+The worker dials ``127.0.0.1:outbound_port`` in plaintext; the relay routes each call as
+the gateway does (:func:`mesh.routing.decision.decide` over a :class:`GatewayState`) and
+dials the chosen peer sidecar over mutual TLS with this workload's certificate. The state
+is fed by the same config pipeline as the gateway's (:mod:`mesh.routing.pipeline`): the
+sidecar's config directory as the base and the registry's config store over it, so a
+``meshserve apply`` written through the store by any gateway reaches every outbound. A
+store version that fails validation here is refused and recorded; routing stays on the
+last good config. Endpoints come from the registry watch (:mod:`mesh.routing.discovery`).
+
+There is no gRPC server behind this relay: it serves no Admin, health or reflection, and
+a route that needs one (fault injection, mirroring, response header edits, until the
+relay applies them itself) is refused with UNIMPLEMENTED rather than routed without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+from mesh.balance.endpoints import EndpointsSnapshot
+from mesh.proxy.relay import Relay
+from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
+from mesh.routing.limits import RelayLimits
+from mesh.routing.pipeline import ConfigPipeline, VersionStore
+from mesh.routing.state import GatewayState
+from mesh.telemetry.setup import Telemetry
+
+log = logging.getLogger(__name__)
+#: The only client is this unit's own worker, on loopback: an abuse cool-off would lock
+#: the worker out of the mesh and protect nobody.
+OUTBOUND_LIMITS = RelayLimits(abuse_cool_off=0.0)
+
+
+class Outbound:
+    """The relay in routing mode on loopback, fed by discovery and the config pipeline."""
+
+    def __init__(
+        self,
+        discovery: DiscoverySource,
+        *,
+        config_dir: Path | None = None,
+        config_store: VersionStore | None = None,
+        tls_context: Callable[[], ssl.SSLContext] | None = None,
+        telemetry: Telemetry | None = None,
+        reload_interval: float = 1.0,
+        discovery_retry: float = 1.0,
+    ) -> None:
+        self.state = GatewayState()
+        self.pipeline = ConfigPipeline(
+            self.state, config_dir=config_dir, store=config_store, reload_interval=reload_interval
+        )
+        self.discovery = discovery
+        self.discovery_retry = discovery_retry
+        self.table = EndpointTable()
+        self._tls_context = tls_context
+        self._telemetry = telemetry
+        self.relay: Relay | None = None
+        #: Where the worker dials (``127.0.0.1:port``), once started.
+        self.address: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, port: int) -> str:
+        """Loads the config (a bad directory is fatal here, as at the gateway), listens on
+        ``127.0.0.1:port`` (0: any free port) and follows discovery and the config sources.
+        Returns the address."""
+        await self.pipeline.start()
+        relay = Relay(
+            self.state,
+            internal_address=None,
+            ssl_context=self._tls_context,
+            telemetry=self._telemetry,
+            limits=OUTBOUND_LIMITS,
+        )
+        bound = await relay.start("127.0.0.1", port)
+        self.relay = relay
+        self.address = f"127.0.0.1:{bound}"
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(
+                follow(self.discovery, self.table, self._endpoints, retry=self.discovery_retry)
+            ),
+            *self.pipeline.watchers(),
+        ]
+        return self.address
+
+    def _endpoints(self, snapshot: EndpointsSnapshot) -> None:
+        self.state.set_endpoints(snapshot)
+        self.pipeline.discovered = True
+        if self.relay is not None:
+            self.relay.pool.retain(
+                {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
+            )
+
+    async def drain(self, grace: float) -> None:
+        """Stops following the sources, then drains the relay (in-flight calls finish)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.relay is not None:
+            await self.relay.drain(grace)

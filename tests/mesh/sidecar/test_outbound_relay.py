@@ -1,0 +1,62 @@
+"""The outbound relay on its own (no registry): routes by the pipeline's config, and refuses
+by name what only a gRPC server behind it could do (it has none)."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.routing.discovery import StaticDiscovery, StaticInstance
+from mesh.server.testing import serve
+from mesh.sidecar.outbound import Outbound
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.gateway.backends import FakeWorker
+
+FAULTY = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http:
+    - fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+      route: [{destination: {host: inference}}]
+"""
+
+
+async def test_routes_by_the_pipeline_and_refuses_what_needs_a_server() -> None:
+    async with AsyncExitStack() as stack:
+        worker, _ = await stack.enter_async_context(serve(FakeWorker("inference-0").services()))
+        outbound = Outbound(
+            StaticDiscovery([StaticInstance("inference", "i0", worker.address)]),
+            reload_interval=0.05,
+        )
+        address = await outbound.start(0)
+        stack.push_async_callback(outbound.drain, 0)
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        reply = await infer(pb.ModelInferRequest(model_name="m"), timeout=10)
+        assert reply.id == "inference-0"
+
+        # Not a mesh method: no server behind the outbound answers health.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert "not a mesh method" in (refused.value.details() or "")
+
+        # An admin apply without a store (in memory), then a route with fault injection:
+        # refused by name rather than routed without its fault.
+        before = outbound.state.config.version
+        config = await outbound.pipeline.apply(FAULTY, expected_version=0, dry_run=False)
+        assert config.version == before + 1 == outbound.state.config.version
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await infer(pb.ModelInferRequest(model_name="m"), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert "fault injection" in (refused.value.details() or "")
