@@ -27,12 +27,15 @@ import grpc
 from mesh.balance.cluster import Cluster
 from mesh.balance.endpoints import Endpoint
 from mesh.config.destination_rule import UNLIMITED
+from mesh.config.virtual_service import Destination, HeaderOperations
 from mesh.errors import MeshError
 from mesh.proxy import frames as f
 from mesh.proxy.connection import STREAM_WINDOW, Side
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import ANONYMOUS, Inbound
+from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
 from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
+from mesh.routing import headers as md
 from mesh.routing.callcheck import (
     MessageFramer,
     Rejection,
@@ -41,6 +44,7 @@ from mesh.routing.callcheck import (
     encoding_of,
 )
 from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
+from mesh.routing.faults import fault_action, mirror_target
 from mesh.routing.methods import MethodInfo, lookup
 
 if TYPE_CHECKING:
@@ -74,7 +78,7 @@ _HTTP_STATUS = {
     b"504": grpc.StatusCode.UNAVAILABLE,
 }
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-REQUEST_ID = "x-request-id"
+REQUEST_ID = md.REQUEST_ID
 
 
 def parse_timeout(value: bytes) -> float | None:
@@ -160,6 +164,10 @@ class Exchange:
         self.endpoint: Endpoint | None = None
         self.internal = False
         self.decision: RouteDecision | None = None
+        #: The route's response header edits (rule, then destination).
+        self.response_edits: tuple[HeaderOperations, ...] = ()
+        #: The call's mirrored copy, while it is being fed.
+        self.mirror: Mirror | None = None
         self.cluster: Cluster | None = None
         self.key: str | None = None
         self.attempt = -1
@@ -233,6 +241,8 @@ class Exchange:
             self.down.credit_back(flow)
             self._reject(rejected)
             return
+        if self.mirror is not None:
+            self.mirror.send(payload, end_stream)
         up = self.up
         if up is not None and up.open:
             up.send_data(payload, end_stream=end_stream, on_sent=self.down.credit_back, flow=flow)
@@ -242,7 +252,7 @@ class Exchange:
         # Not routed yet (or between attempts): held, and credited once forwarded.
         self.body.append((payload, flow))
         self.body_bytes += len(payload)
-        if self.up is None and self.attempt < 0 and self._ready():
+        if self.up is None and self.attempt < 0 and self.decision is None and self._ready():
             self._route()
 
     def _keep(self, payload: bytes, flow: int) -> None:
@@ -323,9 +333,23 @@ class Exchange:
         except MeshError as exc:
             self._fail_early(exc.code, str(exc))
             return
-        if decision.fault is not None or decision.mirror is not None or decision.response_headers:
-            self._go_internal()
+        fault = fault_action(decision.fault, relay.state.rng)
+        if fault.delay is not None:
+            # Held on a timer (cancelled with the call: _finish), not a task per call.
+            self.decision = decision
+            self._timer = relay.loop.call_later(fault.delay, self._admit, decision, fault.abort)
             return
+        self._admit(decision, fault.abort)
+
+    def _admit(self, decision: RouteDecision, abort: grpc.StatusCode | None) -> None:
+        """After any fault delay: the fault's abort, admission, then the first attempt."""
+        relay = self.relay
+        self._timer = None
+        if abort is not None:
+            # The relay's own answer: no endpoint saw the call, none is blamed.
+            self._fail_early(abort, f"fault injected by {decision.route}")
+            return
+        clusters = relay.state.clusters
         if not decision.candidates:
             self._fail_early(
                 grpc.StatusCode.UNAVAILABLE,
@@ -342,14 +366,39 @@ class Exchange:
             )
             return
         self.decision, self.cluster = decision, cluster
+        self.response_edits = decision.response_headers
         if self.record is not None and relay.telemetry is not None:
             relay.telemetry.routed(self.record, decision)
         self.key = decision.hash_key.key if decision.hash_key else None
         budgets = [b for b in (self._client_timeout(), decision.timeout) if b is not None]
         self.deadline = self.begun + min(budgets) if budgets else None
+        mirror = mirror_target(decision, relay.state.rng)
+        if mirror is not None:
+            self._start_mirror(decision, mirror)
         # The body stays kept (up to REPLAY_LIMIT) even with no retries configured: a
         # stream the endpoint never ran is sent again once (_transparent_retry).
         self._attempt()
+
+    def _start_mirror(self, decision: RouteDecision, target: Destination) -> None:
+        """Opens the copy's stream and sends it what the client sent so far; the rest
+        follows frame by frame (request_data)."""
+        relay = self.relay
+        cluster = relay.state.clusters.cluster(target.host, target.subset or "")
+        pick = cluster.pick(self.key, relay.state.rng)
+        if not pick.candidates:
+            return
+        remaining = self._remaining(None)
+        timeout = MIRROR_TIMEOUT if remaining is None else max(remaining, 0.0)
+        headers = self._base_headers(decision.metadata)
+        headers.append((md.SHADOW.encode(), b"1"))
+        headers.append((b"grpc-timeout", format_timeout(timeout)))
+        mirror = self.mirror = Mirror(relay, pick.candidates[0].address, headers, timeout)
+        body = self.body
+        if not body and self.request_ended:
+            mirror.send(b"", True)
+        last = len(body) - 1
+        for i, (payload, _) in enumerate(body):
+            mirror.send(payload, self.request_ended and i == last)
 
     def _route_inbound(self, inbound: Inbound) -> None:
         """A sidecar's inbound: the caller is checked (identity, policies, limit), then the
@@ -394,6 +443,23 @@ class Exchange:
             if self.internal or telemetry is None or record is None:
                 return self.headers
             return [*self.headers, *telemetry.attempt(record, address, self.attempt)]
+        metadata = decision.metadata
+        telemetry, record = self.relay.telemetry, self.record
+        traced: list[Header] = []
+        if telemetry is not None and record is not None:
+            # This hop's span is the upstream's parent, in place of the caller's.
+            metadata = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
+            traced = telemetry.attempt(record, address, self.attempt)
+        out = self._base_headers(metadata, traced)
+        remaining = self._remaining(per_try)
+        if remaining is not None:
+            out.append((b"grpc-timeout", format_timeout(remaining)))
+        return out
+
+    def _base_headers(self, metadata: md.Metadata, extra: Iterable[Header] = ()) -> list[Header]:
+        """A routed call's request headers upstream, less its grpc-timeout: pseudo-headers,
+        gRPC's transport headers and binary metadata as they came, then ``extra``, then
+        the decision's (edited) text metadata."""
         out: list[Header] = [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -404,16 +470,8 @@ class Exchange:
         for name, value in self.headers:
             if name in _TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
                 out.append((name, value))
-        metadata = decision.metadata
-        telemetry, record = self.relay.telemetry, self.record
-        if telemetry is not None and record is not None:
-            # This hop's span is the upstream's parent, in place of the caller's.
-            metadata = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
-            out.extend(telemetry.attempt(record, address, self.attempt))
+        out.extend(extra)
         out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata)
-        remaining = self._remaining(per_try)
-        if remaining is not None:
-            out.append((b"grpc-timeout", format_timeout(remaining)))
         return out
 
     def _remaining(self, per_try: float | None) -> float | None:
@@ -601,6 +659,9 @@ class Exchange:
                 return
             self._release(up)
             self._end_attempt(code, blame=self._upstreams_fault(code))
+            if self.response_edits and not self.started:
+                # Trailers-only: these are the response's headers too.
+                headers = md.edit_block(self.response_edits, headers)
             self.down.send_headers(headers, end_stream=True)
             self._finish(code, message_of(headers))
             return
@@ -619,6 +680,8 @@ class Exchange:
         self.body = []
         self.body_bytes = 0
         self.keep = False
+        if self.response_edits:
+            headers = md.edit_block(self.response_edits, headers)
         self.down.send_headers(headers, end_stream=False)
 
     def _release(self, up: Side) -> None:
@@ -740,6 +803,11 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        if self.mirror is not None:
+            if not self.request_ended:
+                # The copy's request would never end: it goes with the primary.
+                self.mirror.drop()
+            self.mirror = None
         if self.record is not None and self.relay.telemetry is not None:
             self.relay.telemetry.finish(self.record, code, message)
         if self._timer is not None:

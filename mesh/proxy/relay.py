@@ -30,6 +30,7 @@ from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
 from mesh.proxy.exchange import Exchange, error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
+from mesh.proxy.mirror import Mirror
 from mesh.proxy.telemetry import RelayTelemetry
 from mesh.routing.limits import RelayLimits, SourceLimiter
 from mesh.routing.services import host_for_method
@@ -244,7 +245,7 @@ class Upstream(Connection):
             # Retired while connecting, its calls gone: stream_closed had no transport.
             transport.close()
 
-    def open_stream(self, exchange: Exchange) -> Side:
+    def open_stream(self, exchange: Exchange | Mirror) -> Side:
         side = Side(self, self.next_id, exchange)
         self.streams[self.next_id] = side
         self.next_id += 2
