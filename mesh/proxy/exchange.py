@@ -3,14 +3,14 @@
 An exchange pairs a client's stream (``down``) with a stream on an upstream connection
 (``up``) and moves HEADERS and DATA between them unchanged except for the request's
 headers, which carry the routing decision's edits, a request id and the remaining
-deadline. It keeps the request body while a retry is still possible, so a call that an
-upstream refuses, drops or fails with a retryable status before answering is replayed
-on the next ring successor, as :class:`gateway.proxy.Proxy` does for the gRPC path.
+deadline, and the response's headers, which carry the route's response header edits.
+It keeps the request body while a retry is still possible, so a call that an upstream
+refuses, drops or fails with a retryable status before answering is replayed on the
+next ring successor. A rule's fault is injected here (a delay on the loop's timer, an
+abort answered by the relay) and its mirror fed from here (:mod:`mesh.proxy.mirror`).
 
-Calls whose rule needs more than routing (fault injection, mirroring, response header
-edits) and calls to the gateway's own services (Admin, reflection, health) go to the
-gateway's full gRPC server instead: one more local hop, every feature kept. (A gateway
-with edge interceptors serves its port with the gRPC server alone: gateway/app.py.)
+Calls to the gateway's own services (Admin, reflection, health) go to the gateway's
+gRPC server instead (``_go_internal``): they are not mesh calls.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class Exchange:
         self._held: list[tuple[bytes, int]] = []
         self._held_bytes = 0
         # Calls the relay forwards itself are recorded here; those it hands to the
-        # gateway's gRPC server are recorded there (see _go_internal).
+        # gateway's gRPC server (its own services) are recorded there (see _go_internal).
         self.record: CallRecord | None = None
         if relay.telemetry is not None and (self.info is not None or relay.inbound is not None):
             self.record = relay.telemetry.start(self.path, headers)

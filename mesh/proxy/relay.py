@@ -1,13 +1,14 @@
-"""The gateway's data plane: an HTTP/2 relay in front of its gRPC server.
+"""The mesh's data plane: an HTTP/2 relay, at the gateway in front of its own gRPC server.
 
 Why it exists: a gRPC proxy written with ``grpc.aio`` pays for two full gRPC calls per
 request (a server call in, a client call out), and on a small machine that machinery,
 not routing, is most of the gateway's cost (docs/benchmarks.md). The relay never parses
 a gRPC message: it reads HTTP/2 frames, routes each new stream with the same pure core
 (:func:`mesh.routing.decision.decide`), and forwards the stream's frames to a pooled
-upstream connection, as Envoy does. What needs a gRPC server (the gateway's own
-services, fault injection, mirroring, response header edits, client auth and telemetry
-interceptors) still runs in one, behind the relay on a loopback port.
+upstream connection, as Envoy does. Everything a route asks for happens here: retries,
+timeouts, fault injection, mirroring (:mod:`mesh.proxy.mirror`) and header edits. Only
+the gateway's own services (Admin, health, reflection) are answered by a gRPC server,
+behind the relay on a private Unix socket.
 
 A sidecar's inbound port is the same relay in another mode (:mod:`mesh.proxy.inbound`):
 TLS listeners, each call checked against the sidecar's policies and sent to its worker.
