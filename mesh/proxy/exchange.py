@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, unquote
@@ -26,7 +25,6 @@ import grpc
 
 from mesh.balance.cluster import Cluster
 from mesh.balance.endpoints import Endpoint
-from mesh.config.destination_rule import UNLIMITED
 from mesh.config.virtual_service import Destination, HeaderOperations
 from mesh.errors import MeshError
 from mesh.proxy import frames as f
@@ -35,6 +33,7 @@ from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import ANONYMOUS, Inbound
 from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
 from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
+from mesh.routing import callpolicy as policy
 from mesh.routing import headers as md
 from mesh.routing.callcheck import (
     MessageFramer,
@@ -61,10 +60,6 @@ REPLAY_LIMIT = 1 << 20
 HOLD_LIMIT = STREAM_WINDOW // 2
 #: How much of a first message routing reads for ``model_name``/``model_version``.
 FIELD_PREFIX = 1 << 16
-#: Headers gRPC's transport owns, forwarded as they came (grpc-timeout is rewritten).
-_TRANSPORT = frozenset(
-    {b"content-type", b"te", b"grpc-encoding", b"grpc-accept-encoding", b"user-agent"}
-)
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 #: gRPC's mapping of HTTP statuses when a response carries no grpc-status.
 _HTTP_STATUS = {
@@ -77,26 +72,6 @@ _HTTP_STATUS = {
     b"503": grpc.StatusCode.UNAVAILABLE,
     b"504": grpc.StatusCode.UNAVAILABLE,
 }
-_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-REQUEST_ID = md.REQUEST_ID
-
-
-def parse_timeout(value: bytes) -> float | None:
-    """Seconds in a ``grpc-timeout`` value (at most 8 digits and a unit), or None."""
-    unit = _TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not digits.isdigit() or len(digits) > 8:
-        return None
-    return int(digits) * unit
-
-
-def format_timeout(seconds: float) -> bytes:
-    """A ``grpc-timeout`` value for ``seconds`` (rounded up, in the finest unit that fits)."""
-    for unit, scale in ((b"u", 1e6), (b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60)):
-        amount = math.ceil(max(seconds, 0.0) * scale)
-        if amount < 100_000_000:
-            return str(max(amount, 1)).encode() + unit
-    return b"99999999H"
 
 
 def status_of(headers: Iterable[Header]) -> grpc.StatusCode:
@@ -206,16 +181,13 @@ class Exchange:
         """For a call waiting for the first message it is routed on: the client's
         deadline and the route's timeout, from the first byte. Looked up on the relay's
         tick, not per call: most calls are routed before the first tick."""
-        text = tuple(
-            (n.decode("latin-1"), v.decode("latin-1"))
-            for n, v in self.headers
-            if n[:1] != b":" and not n.endswith(b"-bin")
-        )
         timeout = route_timeout(
-            self.relay.state.clusters, self.path, self.authority.decode("latin-1"), text
+            self.relay.state.clusters,
+            self.path,
+            self.authority.decode("latin-1"),
+            policy.routing_metadata(self.headers),
         )
-        budgets = [b for b in (self._client_timeout(), timeout) if b is not None]
-        return self.begun + min(budgets) if budgets else None
+        return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -307,24 +279,14 @@ class Exchange:
         if self.info is None:
             self._go_internal()
             return
-        text, has_id = [], False
-        for name, value in self.headers:
-            if name[:1] == b":" or name in _TRANSPORT or name.startswith(b"grpc-"):
-                continue
-            if name.endswith(b"-bin"):
-                continue
-            key = name.decode("latin-1")
-            has_id = has_id or key == REQUEST_ID
-            text.append((key, value.decode("latin-1")))
-        if not has_id:
-            text.append((REQUEST_ID, relay.request_id()))
+        text = policy.routing_metadata(self.headers, relay.request_id)
         clusters = relay.state.clusters
         try:
             decision = decide(
                 clusters,
                 RequestInfo(
                     self.path,
-                    tuple(text),
+                    text,
                     authority=self.authority.decode("latin-1"),
                     message=self._first_message(),
                 ),
@@ -358,7 +320,7 @@ class Exchange:
             return
         cluster = clusters.cluster(decision.host, decision.subset)
         limit = cluster.policy.connection_pool.http2_max_requests
-        if limit < UNLIMITED and relay.state.tracker.total(cluster.healthy) >= limit:
+        if policy.over_request_limit(limit, relay.state.tracker.total(cluster.healthy)):
             self._fail_early(
                 grpc.StatusCode.UNAVAILABLE,
                 f"{decision.target} has {limit} requests in flight "
@@ -370,8 +332,9 @@ class Exchange:
         if self.record is not None and relay.telemetry is not None:
             relay.telemetry.routed(self.record, decision)
         self.key = decision.hash_key.key if decision.hash_key else None
-        budgets = [b for b in (self._client_timeout(), decision.timeout) if b is not None]
-        self.deadline = self.begun + min(budgets) if budgets else None
+        self.deadline = policy.call_deadline(
+            self.begun, policy.client_timeout(self.headers), decision.timeout
+        )
         mirror = mirror_target(decision, relay.state.rng)
         if mirror is not None:
             self._start_mirror(decision, mirror)
@@ -391,7 +354,7 @@ class Exchange:
         timeout = MIRROR_TIMEOUT if remaining is None else max(remaining, 0.0)
         headers = self._base_headers(decision.metadata)
         headers.append((md.SHADOW.encode(), b"1"))
-        headers.append((b"grpc-timeout", format_timeout(timeout)))
+        headers.append((b"grpc-timeout", policy.format_timeout(timeout)))
         mirror = self.mirror = Mirror(relay, pick.candidates[0].address, headers, timeout)
         body = self.body
         if not body and self.request_ended:
@@ -421,12 +384,6 @@ class Exchange:
         self.endpoint = inbound.endpoint
         self._attempt()
 
-    def _client_timeout(self) -> float | None:
-        for name, value in self.headers:
-            if name == b"grpc-timeout":
-                return parse_timeout(value)
-        return None
-
     def _go_internal(self) -> None:
         """Sends the call, headers untouched, to the gateway's full gRPC server."""
         self.internal = True
@@ -453,7 +410,7 @@ class Exchange:
         out = self._base_headers(metadata, traced)
         remaining = self._remaining(per_try)
         if remaining is not None:
-            out.append((b"grpc-timeout", format_timeout(remaining)))
+            out.append((b"grpc-timeout", policy.format_timeout(remaining)))
         return out
 
     def _base_headers(self, metadata: md.Metadata, extra: Iterable[Header] = ()) -> list[Header]:
@@ -468,18 +425,14 @@ class Exchange:
         if self.authority:
             out.append((b":authority", self.authority))
         for name, value in self.headers:
-            if name in _TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
+            if name in policy.TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
                 out.append((name, value))
         out.extend(extra)
         out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata)
         return out
 
     def _remaining(self, per_try: float | None) -> float | None:
-        now = self.relay.loop.time()
-        remaining = None if self.deadline is None else self.deadline - now
-        if per_try is None:
-            return remaining
-        return per_try if remaining is None else min(per_try, remaining)
+        return policy.attempt_budget(self.deadline, self.relay.loop.time(), per_try)
 
     # -- attempts -------------------------------------------------------------------------
 
@@ -617,14 +570,14 @@ class Exchange:
         decision = self.decision
         if self.internal or self.started or decision is None or not self.keep:
             return False
-        retries = decision.retries
-        if self.attempt >= min(retries.attempts, len(decision.candidates) - 1):
-            return False
-        if connection_failure and retries.retries_connection_failures():
-            return True
         assert self.info is not None
-        return self.info.idempotent and retries.should_retry(
-            code, connection_failure=connection_failure
+        return policy.may_retry(
+            decision.retries,
+            attempt=self.attempt,
+            candidates=len(decision.candidates),
+            idempotent=self.info.idempotent,
+            code=code,
+            connection_failure=connection_failure,
         )
 
     def _failed_attempt(
