@@ -14,7 +14,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from mesh.proxy import frames as f
-from mesh.proxy.connection import Side
+from mesh.proxy.connection import STREAM_WINDOW, Side
 from mesh.proxy.hpack_codec import Header
 
 if TYPE_CHECKING:
@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 #: A copy's deadline when the primary call has none.
 MIRROR_TIMEOUT = 30.0
-#: A copy whose upstream has this many bytes not yet written is dropped.
-MIRROR_QUEUE_LIMIT = 1 << 16
+#: A copy whose upstream already has this many bytes not yet written (its window is
+#: full) is dropped: the bound a stream's buffer has anywhere in the relay (one stream
+#: window), plus at most the frame that found it full.
+MIRROR_QUEUE_LIMIT = STREAM_WINDOW
 
 
 class Mirror:
@@ -44,7 +46,7 @@ class Mirror:
         up = self.up
         if up is None:
             return
-        if not up.open or self.queued + len(payload) > MIRROR_QUEUE_LIMIT:
+        if not up.open or self.queued >= MIRROR_QUEUE_LIMIT:
             self.drop()
             return
         self.queued += len(payload)

@@ -213,3 +213,34 @@ async def test_a_slow_or_dead_mirror_never_slows_or_fails_the_primary() -> None:
             dead = f"127.0.0.1:{sock.getsockname()[1]}"
         await _mirrored(m, dead)
         await _every_kind(m)
+
+
+async def test_a_mirror_that_never_reads_is_dropped_not_buffered() -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts, never reads nor answers: the copy's window stays shut
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with mesh(2, config_dir=None) as m:
+            relay = m.gateway.relay
+            assert relay is not None
+            await _mirrored(m, address)
+            big = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"x" * (3 << 20)])
+            # A long deadline: the copy's own (the same budget) must not be what ends it.
+            assert (await m.inference.ModelInfer(big, timeout=60)).id == "w0"
+            # The copy's 3 MiB could not be written: past one stream window it is reset.
+            conns = [c for c in relay.pool.open if c.address == address]
+            assert conns
+            await _until(
+                lambda: not any(c.streams for c in conns),
+                "the stuck copy is still buffered",
+                seconds=5.0,
+            )
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
