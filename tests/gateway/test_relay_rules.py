@@ -244,3 +244,14 @@ async def test_a_mirror_that_never_reads_is_dropped_not_buffered() -> None:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_response_header_edits_apply_to_a_trailers_only_error() -> None:
+    async with mesh(2, config_dir=None) as m:
+        await _mirrored(m, m.addresses[1])
+        m.workers[0].fail_with = grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await m.inference.ModelInfer(infer("m"), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        trailers = dict(caught.value.trailing_metadata() or ())
+        assert trailers.get("x-served-by") == "meshserve"
