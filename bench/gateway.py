@@ -24,6 +24,7 @@ import grpc.aio
 
 from bench.children import process
 from mesh.cli.admin_credential import admin_metadata, ensure_admin_credential
+from mesh.routing import headers as md
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
@@ -123,7 +124,7 @@ async def load(
             while time.monotonic() < stop:
                 request = rng.choice(requests)
                 metadata = (
-                    (("x-model-version", f"{request.model_name}/{request.model_version}"),)
+                    ((md.MODEL_VERSION, f"{request.model_name}/{request.model_version}"),)
                     if header
                     else ()
                 )

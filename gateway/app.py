@@ -1,4 +1,5 @@
-"""Assembles a running gateway: proxy, admin, discovery loop and config hot reload."""
+"""Assembles a running gateway: the relay (its data plane), the gRPC server of its own
+services (Admin, health, reflection), the discovery loop and config hot reload."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import grpc.aio
 
 from gateway.admin import Admin
 from gateway.auth import ADMIN_LOCKED, ClientGuard
-from gateway.channels import ChannelPool
-from gateway.proxy import Proxy
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.loader import Document
 from mesh.config.snapshot import MeshConfig
@@ -36,7 +35,6 @@ from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from registry.config_store import ConfigStore
 
 log = logging.getLogger(__name__)
-DATA_PLANES = ("relay", "grpc")
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 #: The config store's validator lives with the pipeline; re-exported for gateway.cli.
 __all__ = ["Gateway", "changed_hosts", "validate_documents"]
@@ -76,19 +74,18 @@ class Gateway:
         channel_credentials: Callable[[], grpc.ChannelCredentials] | None = None,
         metrics: MeshMetrics | None = None,
         config_store: ConfigStore | None = None,
-        data_plane: str = "relay",
         tls_context: Callable[[], ssl.SSLContext] | None = None,
         telemetry: Telemetry | None = None,
         guard: ClientGuard | None = None,
         relay_limits: RelayLimits | None = None,
     ) -> None:
-        if data_plane not in DATA_PLANES:
+        if channel_credentials is not None and tls_context is None:
+            # The relay dials upstreams itself: mutual TLS needs its SSL context.
             raise ValueError(
-                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {data_plane!r}"
+                "upstream TLS needs tls_context (the relay's client SSL context); "
+                "channel_credentials alone is not enough"
             )
-        #: "relay": the HTTP/2 relay takes clients and forwards what it can itself;
-        #: "grpc": the grpc.aio proxy takes every call (see mesh/proxy/relay.py).
-        self.data_plane = data_plane
+        #: The data plane, once started: every client call goes through it.
         self.relay: Relay | None = None
         #: The relay's timeouts and per-source limits (defaults: RelayLimits()).
         self.relay_limits = relay_limits
@@ -101,7 +98,8 @@ class Gateway:
         self.discovery = discovery
         self.config_dir = config_dir
         self.reload_interval = reload_interval
-        #: Edge concerns in front of the proxy (client auth and rate limits: gateway.auth).
+        #: Extra interceptors of the gRPC server of the gateway's own services (Admin,
+        #: health, reflection); mesh calls never reach it (the relay forwards them).
         self.interceptors = tuple(interceptors)
         #: Traces and request metrics: the relay records the calls it forwards, the gRPC
         #: server (outermost interceptor) the ones it serves.
@@ -116,13 +114,10 @@ class Gateway:
         self._guard_in_relay = guard is not None
         self.discovery_retry = discovery_retry
         self.table = EndpointTable()
-        # With credentials, upstream calls are mutual TLS (to sidecars).
-        self.channels = ChannelPool(credentials=channel_credentials)
-        # The relay dials upstreams itself when it has the same identity for TLS.
+        # With a context, upstream connections are mutual TLS (to sidecars).
+        # ``channel_credentials`` is accepted beside it for callers that still pass both.
         self._tls_context = tls_context
-        self._relay_cannot_dial = channel_credentials is not None and tls_context is None
         self.metrics = metrics
-        self.proxy = Proxy(self.state, self.channels, metrics=metrics)
         self._last_update = time.monotonic()
         self.admin = Admin(
             self.state,
@@ -155,68 +150,47 @@ class Gateway:
         return await self.pipeline.rollback(expected_version=expected_version, dry_run=dry_run)
 
     def services(self) -> list[Service]:
-        def register_proxy(server: grpc.aio.Server) -> None:
-            server.add_generic_rpc_handlers([self.proxy])
-
         def register_admin(server: grpc.aio.Server) -> None:
             admin_pb2_grpc.add_AdminServicer_to_server(self.admin, server)
 
-        # The proxy is one generic handler; the other mesh services are listed so that
-        # health and reflection name them (the gateway answers reflection itself).
-        services = [Service(MESH_SERVICES[0], register_proxy)]
-        services += [Service(name, lambda server: None) for name in MESH_SERVICES[1:]]
+        # The relay forwards the mesh services; they are listed here so that health and
+        # reflection name them (the gateway answers reflection itself).
+        services = [Service(name, lambda server: None) for name in MESH_SERVICES]
         services.append(Service(ADMIN_SERVICE, register_admin))
         return services
 
     async def start(self, settings: ServerSettings) -> Serving:
         await self.pipeline.start()
-        if self.data_plane == "relay" and self.relay_can_forward:
-            serving = await self._start_relayed(settings)
-        else:
-            if self.data_plane == "relay":
-                log.info(
-                    "gRPC data plane: edge interceptors or upstream TLS without a relay "
-                    "context need every call in the gRPC server"
-                )
-            serving = await start_server(
-                settings, self.services(), interceptors=self._server_interceptors()
-            )
+        serving = await self._start_relayed(settings)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
         self._tasks.extend(self.pipeline.watchers())
         serving.on_drain(self.close)
         return serving
 
-    def _server_interceptors(self, *, relayed: bool = False) -> list[grpc.aio.ServerInterceptor]:
+    def _server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         # Telemetry outermost: rejected calls are traced and counted too. Behind the relay
         # a configured guard has already admitted the call (checking again would spend a
         # second rate-limit token), so only Admin's scope is checked again here; the
         # default guard (no auth file) runs here whole, the relay running none.
         traced = [TelemetryServerInterceptor(self.telemetry)] if self.telemetry else []
-        if relayed and self._guard_in_relay:
+        if self._guard_in_relay:
             guarded = [GuardInterceptor(self.guard.admin_only)]
         else:
             guarded = [GuardInterceptor(self.guard)]
         return [*traced, *guarded, *self.interceptors]
 
-    @property
-    def relay_can_forward(self) -> bool:
-        """Whether the relay may forward calls itself. Not with edge interceptors (they
-        must see every call) nor with upstream mutual TLS but no
-        ``tls_context``: then every call would need the gRPC server, and a relay in front
-        of it would only add a hop, so the gRPC server takes the port itself."""
-        return not self.interceptors and not self._relay_cannot_dial
-
     async def _start_relayed(self, settings: ServerSettings) -> Serving:
-        """The gRPC server on a loopback port, the relay on the public one; the relay
-        hands it what needs a gRPC server (see mesh/proxy/exchange.py)."""
+        """The gRPC server of the gateway's own services on a private Unix socket, the
+        relay on the public port; the relay hands it the calls that are not mesh calls
+        (Admin, health, reflection: see mesh/proxy/exchange.py)."""
         # A Unix socket in a private folder: only this user can reach the server behind
         # the relay (a loopback port would let any local process skip the relay's checks).
         private = PrivateSocket.create("meshserve-gateway-")
         internal = dataclasses.replace(settings, host=private.address, port=0)
         try:
             serving = await start_server(
-                internal, self.services(), interceptors=self._server_interceptors(relayed=True)
+                internal, self.services(), interceptors=self._server_interceptors()
             )
         except BaseException:
             private.remove()
@@ -262,7 +236,6 @@ class Gateway:
         self.state.set_endpoints(snapshot)
         self.pipeline.discovered = True
         addresses = {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
-        self.channels.retain(addresses)
         if self.relay is not None:
             self.relay.pool.retain(addresses)
         self._last_update = time.monotonic()
@@ -276,5 +249,3 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        await self.proxy.close()
-        await self.channels.close()

@@ -60,6 +60,7 @@ from mesh.config.fields import ConfigError, Node, Where
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy
 from mesh.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from mesh.routing import headers as md
 from mesh.security.authz import RequestAttributes, evaluate, match_value
 from mesh.security.guard import Context
 from mesh.security.workload import Workload
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
 #: gRFC A6: the server's pushback, in milliseconds, as a trailer.
-RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+RETRY_PUSHBACK_TRAILER = md.RETRY_PUSHBACK
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 DEFAULT_EXEMPT = ("/grpc.health.v1.Health/*",)
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -9,7 +9,7 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-from gateway.app import DATA_PLANES, Gateway, validate_documents
+from gateway.app import Gateway, validate_documents
 from gateway.auth import AuthConfig, ClientGuard
 from mesh.cli.main import CliError
 from mesh.config.resource import DEFAULT_NAMESPACE
@@ -68,13 +68,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--reload-interval", type=float, default=1.0, help="seconds between config directory checks"
     )
-    parser.add_argument(
-        "--data-plane",
-        choices=DATA_PLANES,
-        default="relay",
-        help="relay: an HTTP/2 relay serves the port and forwards calls itself, handing "
-        "what needs a gRPC server to one behind it (default); grpc: the gRPC proxy alone",
-    )
     limits = parser.add_argument_group(
         "relay timeouts and limits",
         "Envoy's semantics (docs/gateway.md); seconds for timeouts, 0 turns one off",
@@ -127,12 +120,12 @@ def run(args: argparse.Namespace) -> int:
     if args.auth_config is not None:
         # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
         guard = ClientGuard(AuthConfig.load(args.auth_config))
-    credentials = tls_context = None
+    tls_context = None
     if args.certs is not None:
-        # Mutual TLS to the sidecars, as the mesh identity of the gateway (for the gRPC
-        # proxy's channels and the relay's connections alike).
+        # Mutual TLS to the sidecars, as the mesh identity of the gateway (the relay's
+        # upstream connections).
         source = certificates(args.certs, args.namespace, "gateway", dt.timedelta(hours=24))
-        credentials, tls_context = source.channel_credentials, source.ssl_client_context
+        tls_context = source.ssl_client_context
     store_settings = None if instances else settings_from_args(args, resolve_url(args))
 
     async def main() -> None:
@@ -149,10 +142,8 @@ def run(args: argparse.Namespace) -> int:
                 discovery,
                 config_dir=args.config,
                 reload_interval=args.reload_interval,
-                channel_credentials=credentials,
                 metrics=telemetry.metrics if telemetry.settings.metrics else None,
                 config_store=config_store,
-                data_plane=args.data_plane,
                 tls_context=tls_context,
                 telemetry=telemetry if traced else None,
                 guard=guard,

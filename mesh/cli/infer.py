@@ -14,6 +14,7 @@ from rich.table import Table
 
 from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
 from mesh.cli.errors import CliError
+from mesh.routing import headers as md
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc
 
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = parse_inputs(args.data, args.input, [])
     address = gateway_from_args(args, args.address)
     metadata_headers: tuple[tuple[str, str], ...] = (
-        (("x-model-version", args.version),) if args.version else ()
+        ((md.MODEL_VERSION, args.version),) if args.version else ()
     )
     with grpc.insecure_channel(address) as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)

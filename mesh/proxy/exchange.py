@@ -3,21 +3,20 @@
 An exchange pairs a client's stream (``down``) with a stream on an upstream connection
 (``up``) and moves HEADERS and DATA between them unchanged except for the request's
 headers, which carry the routing decision's edits, a request id and the remaining
-deadline. It keeps the request body while a retry is still possible, so a call that an
-upstream refuses, drops or fails with a retryable status before answering is replayed
-on the next ring successor, as :class:`gateway.proxy.Proxy` does for the gRPC path.
+deadline, and the response's headers, which carry the route's response header edits.
+It keeps the request body while a retry is still possible, so a call that an upstream
+refuses, drops or fails with a retryable status before answering is replayed on the
+next ring successor. A rule's fault is injected here (a delay on the loop's timer, an
+abort answered by the relay) and its mirror fed from here (:mod:`mesh.proxy.mirror`).
 
-Calls whose rule needs more than routing (fault injection, mirroring, response header
-edits) and calls to the gateway's own services (Admin, reflection, health) go to the
-gateway's full gRPC server instead: one more local hop, every feature kept. (A gateway
-with edge interceptors serves its port with the gRPC server alone: gateway/app.py.)
+Calls to the gateway's own services (Admin, reflection, health) go to the gateway's
+gRPC server instead (``_go_internal``): they are not mesh calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, unquote
@@ -26,13 +25,16 @@ import grpc
 
 from mesh.balance.cluster import Cluster
 from mesh.balance.endpoints import Endpoint
-from mesh.config.destination_rule import UNLIMITED
+from mesh.config.virtual_service import Destination, HeaderOperations
 from mesh.errors import MeshError
 from mesh.proxy import frames as f
 from mesh.proxy.connection import STREAM_WINDOW, Side
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import ANONYMOUS, Inbound
+from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
 from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
+from mesh.routing import callpolicy as policy
+from mesh.routing import headers as md
 from mesh.routing.callcheck import (
     MessageFramer,
     Rejection,
@@ -41,6 +43,7 @@ from mesh.routing.callcheck import (
     encoding_of,
 )
 from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
+from mesh.routing.faults import fault_action, mirror_target
 from mesh.routing.methods import MethodInfo, lookup
 
 if TYPE_CHECKING:
@@ -57,10 +60,6 @@ REPLAY_LIMIT = 1 << 20
 HOLD_LIMIT = STREAM_WINDOW // 2
 #: How much of a first message routing reads for ``model_name``/``model_version``.
 FIELD_PREFIX = 1 << 16
-#: Headers gRPC's transport owns, forwarded as they came (grpc-timeout is rewritten).
-_TRANSPORT = frozenset(
-    {b"content-type", b"te", b"grpc-encoding", b"grpc-accept-encoding", b"user-agent"}
-)
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 #: gRPC's mapping of HTTP statuses when a response carries no grpc-status.
 _HTTP_STATUS = {
@@ -73,26 +72,6 @@ _HTTP_STATUS = {
     b"503": grpc.StatusCode.UNAVAILABLE,
     b"504": grpc.StatusCode.UNAVAILABLE,
 }
-_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-REQUEST_ID = "x-request-id"
-
-
-def parse_timeout(value: bytes) -> float | None:
-    """Seconds in a ``grpc-timeout`` value (at most 8 digits and a unit), or None."""
-    unit = _TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not digits.isdigit() or len(digits) > 8:
-        return None
-    return int(digits) * unit
-
-
-def format_timeout(seconds: float) -> bytes:
-    """A ``grpc-timeout`` value for ``seconds`` (rounded up, in the finest unit that fits)."""
-    for unit, scale in ((b"u", 1e6), (b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60)):
-        amount = math.ceil(max(seconds, 0.0) * scale)
-        if amount < 100_000_000:
-            return str(max(amount, 1)).encode() + unit
-    return b"99999999H"
 
 
 def status_of(headers: Iterable[Header]) -> grpc.StatusCode:
@@ -160,6 +139,10 @@ class Exchange:
         self.endpoint: Endpoint | None = None
         self.internal = False
         self.decision: RouteDecision | None = None
+        #: The route's response header edits (rule, then destination).
+        self.response_edits: tuple[HeaderOperations, ...] = ()
+        #: The call's mirrored copy, while it is being fed.
+        self.mirror: Mirror | None = None
         self.cluster: Cluster | None = None
         self.key: str | None = None
         self.attempt = -1
@@ -178,7 +161,7 @@ class Exchange:
         self._held: list[tuple[bytes, int]] = []
         self._held_bytes = 0
         # Calls the relay forwards itself are recorded here; those it hands to the
-        # gateway's gRPC server are recorded there (see _go_internal).
+        # gateway's gRPC server (its own services) are recorded there (see _go_internal).
         self.record: CallRecord | None = None
         if relay.telemetry is not None and (self.info is not None or relay.inbound is not None):
             self.record = relay.telemetry.start(self.path, headers)
@@ -198,16 +181,13 @@ class Exchange:
         """For a call waiting for the first message it is routed on: the client's
         deadline and the route's timeout, from the first byte. Looked up on the relay's
         tick, not per call: most calls are routed before the first tick."""
-        text = tuple(
-            (n.decode("latin-1"), v.decode("latin-1"))
-            for n, v in self.headers
-            if n[:1] != b":" and not n.endswith(b"-bin")
-        )
         timeout = route_timeout(
-            self.relay.state.clusters, self.path, self.authority.decode("latin-1"), text
+            self.relay.state.clusters,
+            self.path,
+            self.authority.decode("latin-1"),
+            policy.routing_metadata(self.headers),
         )
-        budgets = [b for b in (self._client_timeout(), timeout) if b is not None]
-        return self.begun + min(budgets) if budgets else None
+        return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -233,6 +213,8 @@ class Exchange:
             self.down.credit_back(flow)
             self._reject(rejected)
             return
+        if self.mirror is not None:
+            self.mirror.send(payload, end_stream)
         up = self.up
         if up is not None and up.open:
             up.send_data(payload, end_stream=end_stream, on_sent=self.down.credit_back, flow=flow)
@@ -242,7 +224,7 @@ class Exchange:
         # Not routed yet (or between attempts): held, and credited once forwarded.
         self.body.append((payload, flow))
         self.body_bytes += len(payload)
-        if self.up is None and self.attempt < 0 and self._ready():
+        if self.up is None and self.attempt < 0 and self.decision is None and self._ready():
             self._route()
 
     def _keep(self, payload: bytes, flow: int) -> None:
@@ -297,24 +279,14 @@ class Exchange:
         if self.info is None:
             self._go_internal()
             return
-        text, has_id = [], False
-        for name, value in self.headers:
-            if name[:1] == b":" or name in _TRANSPORT or name.startswith(b"grpc-"):
-                continue
-            if name.endswith(b"-bin"):
-                continue
-            key = name.decode("latin-1")
-            has_id = has_id or key == REQUEST_ID
-            text.append((key, value.decode("latin-1")))
-        if not has_id:
-            text.append((REQUEST_ID, relay.request_id()))
+        text = policy.routing_metadata(self.headers, relay.request_id)
         clusters = relay.state.clusters
         try:
             decision = decide(
                 clusters,
                 RequestInfo(
                     self.path,
-                    tuple(text),
+                    text,
                     authority=self.authority.decode("latin-1"),
                     message=self._first_message(),
                 ),
@@ -323,9 +295,23 @@ class Exchange:
         except MeshError as exc:
             self._fail_early(exc.code, str(exc))
             return
-        if decision.fault is not None or decision.mirror is not None or decision.response_headers:
-            self._go_internal()
+        fault = fault_action(decision.fault, relay.state.rng)
+        if fault.delay is not None:
+            # Held on a timer (cancelled with the call: _finish), not a task per call.
+            self.decision = decision
+            self._timer = relay.loop.call_later(fault.delay, self._admit, decision, fault.abort)
             return
+        self._admit(decision, fault.abort)
+
+    def _admit(self, decision: RouteDecision, abort: grpc.StatusCode | None) -> None:
+        """After any fault delay: the fault's abort, admission, then the first attempt."""
+        relay = self.relay
+        self._timer = None
+        if abort is not None:
+            # The relay's own answer: no endpoint saw the call, none is blamed.
+            self._fail_early(abort, f"fault injected by {decision.route}")
+            return
+        clusters = relay.state.clusters
         if not decision.candidates:
             self._fail_early(
                 grpc.StatusCode.UNAVAILABLE,
@@ -334,7 +320,7 @@ class Exchange:
             return
         cluster = clusters.cluster(decision.host, decision.subset)
         limit = cluster.policy.connection_pool.http2_max_requests
-        if limit < UNLIMITED and relay.state.tracker.total(cluster.healthy) >= limit:
+        if policy.over_request_limit(limit, relay.state.tracker.total(cluster.healthy)):
             self._fail_early(
                 grpc.StatusCode.UNAVAILABLE,
                 f"{decision.target} has {limit} requests in flight "
@@ -342,14 +328,40 @@ class Exchange:
             )
             return
         self.decision, self.cluster = decision, cluster
+        self.response_edits = decision.response_headers
         if self.record is not None and relay.telemetry is not None:
             relay.telemetry.routed(self.record, decision)
         self.key = decision.hash_key.key if decision.hash_key else None
-        budgets = [b for b in (self._client_timeout(), decision.timeout) if b is not None]
-        self.deadline = self.begun + min(budgets) if budgets else None
+        self.deadline = policy.call_deadline(
+            self.begun, policy.client_timeout(self.headers), decision.timeout
+        )
+        mirror = mirror_target(decision, relay.state.rng)
+        if mirror is not None:
+            self._start_mirror(decision, mirror)
         # The body stays kept (up to REPLAY_LIMIT) even with no retries configured: a
         # stream the endpoint never ran is sent again once (_transparent_retry).
         self._attempt()
+
+    def _start_mirror(self, decision: RouteDecision, target: Destination) -> None:
+        """Opens the copy's stream and sends it what the client sent so far; the rest
+        follows frame by frame (request_data)."""
+        relay = self.relay
+        cluster = relay.state.clusters.cluster(target.host, target.subset or "")
+        pick = cluster.pick(self.key, relay.state.rng)
+        if not pick.candidates:
+            return
+        remaining = self._remaining(None)
+        timeout = MIRROR_TIMEOUT if remaining is None else max(remaining, 0.0)
+        headers = self._base_headers(decision.metadata)
+        headers.append((md.SHADOW.encode(), b"1"))
+        headers.append((b"grpc-timeout", policy.format_timeout(timeout)))
+        mirror = self.mirror = Mirror(relay, pick.candidates[0].address, headers, timeout)
+        body = self.body
+        if not body and self.request_ended:
+            mirror.send(b"", True)
+        last = len(body) - 1
+        for i, (payload, _) in enumerate(body):
+            mirror.send(payload, self.request_ended and i == last)
 
     def _route_inbound(self, inbound: Inbound) -> None:
         """A sidecar's inbound: the caller is checked (identity, policies, limit), then the
@@ -372,24 +384,12 @@ class Exchange:
         self.endpoint = inbound.endpoint
         self._attempt()
 
-    def _client_timeout(self) -> float | None:
-        for name, value in self.headers:
-            if name == b"grpc-timeout":
-                return parse_timeout(value)
-        return None
-
     def _go_internal(self) -> None:
         """Sends the call, headers untouched, to the gateway's full gRPC server."""
         if self.relay.internal_address is None:
-            # A sidecar's outbound has no gRPC server behind it: what only one could do
-            # is refused by name, never forwarded without it.
-            self._fail_early(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{self.path}: not a mesh method"
-                if self.info is None
-                else f"{self.path}: the route's fault injection, mirroring or response "
-                "header edits are not applied on a sidecar's outbound (use the gateway)",
-            )
+            # A sidecar's outbound has no gRPC server behind it (no Admin, health or
+            # reflection of its own): such a call is refused by name.
+            self._fail_early(grpc.StatusCode.UNIMPLEMENTED, f"{self.path}: not a mesh method")
             return
         self.internal = True
         self.keep = False
@@ -405,6 +405,23 @@ class Exchange:
             if self.internal or telemetry is None or record is None:
                 return self.headers
             return [*self.headers, *telemetry.attempt(record, address, self.attempt)]
+        metadata = decision.metadata
+        telemetry, record = self.relay.telemetry, self.record
+        traced: list[Header] = []
+        if telemetry is not None and record is not None:
+            # This hop's span is the upstream's parent, in place of the caller's.
+            metadata = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
+            traced = telemetry.attempt(record, address, self.attempt)
+        out = self._base_headers(metadata, traced)
+        remaining = self._remaining(per_try)
+        if remaining is not None:
+            out.append((b"grpc-timeout", policy.format_timeout(remaining)))
+        return out
+
+    def _base_headers(self, metadata: md.Metadata, extra: Iterable[Header] = ()) -> list[Header]:
+        """A routed call's request headers upstream, less its grpc-timeout: pseudo-headers,
+        gRPC's transport headers and binary metadata as they came, then ``extra``, then
+        the decision's (edited) text metadata."""
         out: list[Header] = [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -413,26 +430,14 @@ class Exchange:
         if self.authority:
             out.append((b":authority", self.authority))
         for name, value in self.headers:
-            if name in _TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
+            if name in policy.TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
                 out.append((name, value))
-        metadata = decision.metadata
-        telemetry, record = self.relay.telemetry, self.record
-        if telemetry is not None and record is not None:
-            # This hop's span is the upstream's parent, in place of the caller's.
-            metadata = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
-            out.extend(telemetry.attempt(record, address, self.attempt))
+        out.extend(extra)
         out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata)
-        remaining = self._remaining(per_try)
-        if remaining is not None:
-            out.append((b"grpc-timeout", format_timeout(remaining)))
         return out
 
     def _remaining(self, per_try: float | None) -> float | None:
-        now = self.relay.loop.time()
-        remaining = None if self.deadline is None else self.deadline - now
-        if per_try is None:
-            return remaining
-        return per_try if remaining is None else min(per_try, remaining)
+        return policy.attempt_budget(self.deadline, self.relay.loop.time(), per_try)
 
     # -- attempts -------------------------------------------------------------------------
 
@@ -571,14 +576,14 @@ class Exchange:
         decision = self.decision
         if self.internal or self.started or decision is None or not self.keep:
             return False
-        retries = decision.retries
-        if self.attempt >= min(retries.attempts, len(decision.candidates) - 1):
-            return False
-        if connection_failure and retries.retries_connection_failures():
-            return True
         assert self.info is not None
-        return self.info.idempotent and retries.should_retry(
-            code, connection_failure=connection_failure
+        return policy.may_retry(
+            decision.retries,
+            attempt=self.attempt,
+            candidates=len(decision.candidates),
+            idempotent=self.info.idempotent,
+            code=code,
+            connection_failure=connection_failure,
         )
 
     def _failed_attempt(
@@ -613,6 +618,9 @@ class Exchange:
                 return
             self._release(up)
             self._end_attempt(code, blame=self._upstreams_fault(code))
+            if self.response_edits and not self.started:
+                # Trailers-only: these are the response's headers too.
+                headers = md.edit_block(self.response_edits, headers)
             self.down.send_headers(headers, end_stream=True)
             self._finish(code, message_of(headers))
             return
@@ -631,6 +639,8 @@ class Exchange:
         self.body = []
         self.body_bytes = 0
         self.keep = False
+        if self.response_edits:
+            headers = md.edit_block(self.response_edits, headers)
         self.down.send_headers(headers, end_stream=False)
 
     def _release(self, up: Side) -> None:
@@ -752,6 +762,11 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        if self.mirror is not None:
+            if not self.request_ended:
+                # The copy's request would never end: it goes with the primary.
+                self.mirror.drop()
+            self.mirror = None
         if self.record is not None and self.relay.telemetry is not None:
             self.relay.telemetry.finish(self.record, code, message)
         if self._timer is not None:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from mesh.balance.endpoints import Endpoint
 from mesh.errors import ResourceExhausted
 from mesh.proxy.hpack_codec import Header
+from mesh.routing import headers as md
 from mesh.security.authz import RequestAttributes
 from mesh.security.peer import PeerInfo, peer_from_ssl
 from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 
 #: The verified SPIFFE id of the caller, for the worker (Istio's XFCC, reduced to the URI).
-PEER_HEADER = "x-meshserve-peer"
+PEER_HEADER = md.PEER
 _PEER = PEER_HEADER.encode()
 #: Headers only the sidecar sets: a caller's copies are dropped, never forwarded.
 _SET_HERE = frozenset({_PEER, SECRET_HEADER.encode()})

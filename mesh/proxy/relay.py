@@ -1,13 +1,14 @@
-"""The gateway's data plane: an HTTP/2 relay in front of its gRPC server.
+"""The mesh's data plane: an HTTP/2 relay, at the gateway in front of its own gRPC server.
 
 Why it exists: a gRPC proxy written with ``grpc.aio`` pays for two full gRPC calls per
 request (a server call in, a client call out), and on a small machine that machinery,
 not routing, is most of the gateway's cost (docs/benchmarks.md). The relay never parses
 a gRPC message: it reads HTTP/2 frames, routes each new stream with the same pure core
 (:func:`mesh.routing.decision.decide`), and forwards the stream's frames to a pooled
-upstream connection, as Envoy does. What needs a gRPC server (the gateway's own
-services, fault injection, mirroring, response header edits, client auth and telemetry
-interceptors) still runs in one, behind the relay on a loopback port.
+upstream connection, as Envoy does. Everything a route asks for happens here: retries,
+timeouts, fault injection, mirroring (:mod:`mesh.proxy.mirror`) and header edits. Only
+the gateway's own services (Admin, health, reflection) are answered by a gRPC server,
+behind the relay on a private Unix socket.
 
 A sidecar's inbound port is the same relay in another mode (:mod:`mesh.proxy.inbound`):
 TLS listeners, each call checked against the sidecar's policies and sent to its worker.
@@ -30,6 +31,7 @@ from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
 from mesh.proxy.exchange import Exchange, error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
+from mesh.proxy.mirror import Mirror
 from mesh.proxy.telemetry import RelayTelemetry
 from mesh.routing.limits import RelayLimits, SourceLimiter
 from mesh.routing.services import host_for_method
@@ -244,7 +246,7 @@ class Upstream(Connection):
             # Retired while connecting, its calls gone: stream_closed had no transport.
             transport.close()
 
-    def open_stream(self, exchange: Exchange) -> Side:
+    def open_stream(self, exchange: Exchange | Mirror) -> Side:
         side = Side(self, self.next_id, exchange)
         self.streams[self.next_id] = side
         self.next_id += 2

@@ -1,4 +1,5 @@
-"""gRPC metadata as ordered pairs, and Istio header edits (remove, set, add) applied to it."""
+"""Header names the mesh reads or writes, gRPC metadata as ordered pairs, and Istio header
+edits (remove, set, add) applied to it or to an HTTP/2 header block."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ from collections.abc import Iterable, Sequence
 from mesh.config.virtual_service import HeaderOperations
 
 Metadata = tuple[tuple[str, str], ...]
+#: An HTTP/2 header field as the relay's HPACK codec carries it.
+RawHeader = tuple[bytes, bytes]
+
+# -- the one list of header names (every module imports them from here) --------------------
+#: The model version a call is for: the Istio-style consistent-hash key.
+MODEL_VERSION = "x-model-version"
+#: A call's id, kept when the client sends one, made by the first proxy otherwise.
+REQUEST_ID = "x-request-id"
+#: Marks a mirrored copy (Istio's ``-shadow`` host suffix plays the same part).
+SHADOW = "x-meshserve-shadow"
+#: The caller's identity, as a sidecar's inbound passes it to its worker.
+PEER = "x-meshserve-peer"
+#: gRPC's retry pushback trailer (A6): how long a client should wait before retrying.
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
+#: A call's deadline on the wire.
+GRPC_TIMEOUT = "grpc-timeout"
 
 
 def normalise(metadata: Iterable[tuple[str, str | bytes]]) -> Metadata:
@@ -33,3 +50,32 @@ def apply(operations: HeaderOperations, metadata: Sequence[tuple[str, str]]) -> 
 
 def get(metadata: Sequence[tuple[str, str]], name: str) -> str | None:
     return as_dict(metadata).get(name)
+
+
+def _editable(name: bytes) -> bool:
+    """Response header edits touch metadata only: not pseudo-headers, gRPC's own
+    (``grpc-status``, ``grpc-message``, …), the content type, nor binary values."""
+    return not (
+        name[:1] == b":"
+        or name.startswith(b"grpc-")
+        or name == b"content-type"
+        or name.endswith(b"-bin")
+    )
+
+
+def edit_block(
+    operations: Sequence[HeaderOperations], block: Sequence[RawHeader]
+) -> list[RawHeader]:
+    """Applies response header edits (in order: rule, then destination) to an HTTP/2
+    header block: the fields edits may not touch keep their place at the front, the
+    edited metadata follows."""
+    if not operations:
+        return list(block)
+    kept = [(n, v) for n, v in block if not _editable(n)]
+    text: Metadata = tuple(
+        (n.decode("latin-1"), v.decode("latin-1")) for n, v in block if _editable(n)
+    )
+    for ops in operations:
+        text = apply(ops, text)
+    kept.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in text)
+    return kept

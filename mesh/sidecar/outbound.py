@@ -9,9 +9,9 @@ sidecar's config directory as the base and the registry's config store over it, 
 store version that fails validation here is refused and recorded; routing stays on the
 last good config. Endpoints come from the registry watch (:mod:`mesh.routing.discovery`).
 
-There is no gRPC server behind this relay: it serves no Admin, health or reflection, and
-a route that needs one (fault injection, mirroring, response header edits, until the
-relay applies them itself) is refused with UNIMPLEMENTED rather than routed without them.
+There is no gRPC server behind this relay: it serves no Admin, health or reflection (a
+call for one is answered UNIMPLEMENTED). Fault injection, mirroring and response header
+edits are the relay's own, as on the gateway.
 """
 
 from __future__ import annotations

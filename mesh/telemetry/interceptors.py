@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from mesh.errors import MeshError
+from mesh.routing import headers as md
 from mesh.server.interceptor import rewrap
 from mesh.telemetry.metrics import labels
 from mesh.telemetry.propagation import extract, inject
@@ -39,7 +40,7 @@ HASH_KEY = "meshserve.hash_key"
 _ROUTED: ContextVar[dict[str, str] | None] = ContextVar("meshserve_routed", default=None)
 
 #: Metadata a client may set to name the model for telemetry (the gateway's routing keys).
-MODEL_HEADERS = {"x-model-name": MODEL_NAME, "x-model-version": MODEL_VERSION}
+MODEL_HEADERS = {"x-model-name": MODEL_NAME, md.MODEL_VERSION: MODEL_VERSION}
 
 
 def split_method(path: str) -> tuple[str, str]:
@@ -119,7 +120,7 @@ def server_span(
         kind=SpanKind.SERVER,
         attributes=attributes,
     )
-    metric_labels = labels(method=path, model_version=headers.get("x-model-version") or None)
+    metric_labels = labels(method=path, model_version=headers.get(md.MODEL_VERSION) or None)
     return span, metric_labels
 
 

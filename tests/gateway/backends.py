@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
 from mesh.server.app import Service
 from protos.inference import grpc_service_pb2 as pb
@@ -30,6 +31,8 @@ class FakeWorker:
     #: Seconds left of the deadline as each call arrived (None: no deadline).
     deadlines: list[float | None] = field(default_factory=list)
     hold: asyncio.Event | None = None
+    #: Every request message received, in order (all four call kinds).
+    requests: list[Message] = field(default_factory=list)
 
     def _enter(self, context: Context) -> None:
         metadata = {
@@ -52,6 +55,7 @@ class FakeWorker:
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
         self._enter(context)
+        self.requests.append(request)
         await self._maybe_fail(context)
         if self.hold is not None:
             await self.hold.wait()
@@ -71,12 +75,14 @@ class FakeWorker:
         self._enter(context)
         await self._maybe_fail(context)
         async for request in requests:
+            self.requests.append(request)
             yield pb.ModelStreamInferResponse(infer_response=self._response(request, context))
 
     async def stream_batches(
         self, request: data_pb2.StreamBatchesRequest, context: Context
     ) -> AsyncIterator[data_pb2.Batch]:
         self._enter(context)
+        self.requests.append(request)
         await self._maybe_fail(context)
         for index in range(request.batch_size):
             # example_ids carries the worker's number, so tests can tell who answered.
@@ -88,6 +94,7 @@ class FakeWorker:
         self._enter(context)
         await self._maybe_fail(context)
         items = [r async for r in requests]
+        self.requests.extend(items)
         return data_pb2.Dataset(
             name=items[0].header.name, version=self.name, num_examples=len(items)
         )

@@ -92,9 +92,7 @@ class Mesh:
 
 
 @asynccontextmanager
-async def mesh(
-    n: int = 3, config_dir: Path | None = REPO / "config", *, data_plane: str = "relay"
-) -> AsyncIterator[Mesh]:
+async def mesh(n: int = 3, config_dir: Path | None = REPO / "config") -> AsyncIterator[Mesh]:
     async with AsyncExitStack() as stack:
         workers = [FakeWorker(f"w{i}") for i in range(n)]
         addresses = []
@@ -111,7 +109,6 @@ async def mesh(
             discovery,
             config_dir=config_dir,
             reload_interval=0.05,
-            data_plane=data_plane,
             guard=admin_guard(),
         )
         serving = await gateway.start(ServerSettings())

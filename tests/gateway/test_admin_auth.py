@@ -145,19 +145,17 @@ def test_scope_config_errors_name_the_field(tmp_path: Path, text: str, problem: 
         load(tmp_path, text)
 
 
-@pytest.mark.parametrize("data_plane", ["relay", "grpc"])
-async def test_admin_through_the_public_port_needs_the_admin_key(data_plane: str) -> None:
+async def test_admin_through_the_public_port_needs_the_admin_key() -> None:
     """Data-plane key: PERMISSION_DENIED; none: UNAUTHENTICATED; the admin key: served."""
     data_key = new_key()
     gateway = Gateway(
         StaticDiscovery(),
         config_dir=REPO / "config",
-        data_plane=data_plane,
         guard=admin_guard(data_plane_keys={"analytics": data_key}),
     )
     serving = await gateway.start(ServerSettings())
     try:
-        assert (gateway.relay is not None) == (data_plane == "relay")
+        assert gateway.relay is not None
         async with grpc.aio.insecure_channel(serving.address) as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
             request = admin_pb2.DumpConfigRequest()
@@ -185,11 +183,8 @@ async def test_admin_through_the_public_port_needs_the_admin_key(data_plane: str
         await serving.drain(grace=0)
 
 
-@pytest.mark.parametrize("data_plane", ["relay", "grpc"])
-async def test_a_gateway_without_auth_config_refuses_admin_and_serves_the_rest(
-    data_plane: str,
-) -> None:
-    gateway = Gateway(StaticDiscovery(), config_dir=REPO / "config", data_plane=data_plane)
+async def test_a_gateway_without_auth_config_refuses_admin_and_serves_the_rest() -> None:
+    gateway = Gateway(StaticDiscovery(), config_dir=REPO / "config")
     serving = await gateway.start(ServerSettings())
     try:
         async with grpc.aio.insecure_channel(serving.address) as channel:

@@ -23,9 +23,8 @@ from tests.gateway.backends import FakeWorker
 from tests.gateway.harness import REPO
 
 
-@pytest.mark.parametrize("data_plane", ["relay", "grpc"])
 async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_ones(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], data_plane: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["auth", "new-key", "--client", "analytics"]) == 0
     printed = capsys.readouterr().out
@@ -48,9 +47,9 @@ async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_on
     worker = FakeWorker("w0")
     async with serve(worker.services()) as (backend, _):
         discovery = StaticDiscovery([StaticInstance("inference", "w0", backend.address)])
-        gateway = Gateway(discovery, config_dir=REPO / "config", guard=guard, data_plane=data_plane)
+        gateway = Gateway(discovery, config_dir=REPO / "config", guard=guard)
         serving = await gateway.start(ServerSettings())
-        assert (gateway.relay is not None) == (data_plane == "relay")
+        assert gateway.relay is not None
         try:
             deadline = asyncio.get_running_loop().time() + 10
             while not gateway.state.snapshot.endpoints("inference"):

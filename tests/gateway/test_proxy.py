@@ -19,12 +19,9 @@ from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from tests.gateway.backends import FakeWorker
 from tests.gateway.harness import REPO, infer, mesh
 
-#: Every test runs on both data planes: the HTTP/2 relay (default) and the grpc.aio proxy.
-pytestmark = pytest.mark.parametrize("data_plane", ["relay", "grpc"])
 
-
-async def test_unary_sticks_by_version_and_forwards_metadata(data_plane: str) -> None:
-    async with mesh(data_plane=data_plane) as m:
+async def test_unary_sticks_by_version_and_forwards_metadata() -> None:
+    async with mesh() as m:
         call = m.inference.ModelInfer(
             infer("resnet", "3"), metadata=(("x-tenant", "a"),), timeout=5
         )
@@ -52,14 +49,14 @@ async def test_unary_sticks_by_version_and_forwards_metadata(data_plane: str) ->
         assert per_try is not None and 25 < per_try < 30.5
 
 
-async def test_request_id_is_kept_when_the_client_sends_one(data_plane: str) -> None:
-    async with mesh(1, data_plane=data_plane) as m:
+async def test_request_id_is_kept_when_the_client_sends_one() -> None:
+    async with mesh(1) as m:
         await m.inference.ModelInfer(infer("x"), metadata=(("x-request-id", "abc"),), timeout=5)
         assert m.workers[0].seen[-1]["x-request-id"] == "abc"
 
 
-async def test_server_streaming_client_streaming_and_bidi(data_plane: str) -> None:
-    async with mesh(2, data_plane=data_plane) as m:
+async def test_server_streaming_client_streaming_and_bidi() -> None:
+    async with mesh(2) as m:
         data = data_pb2_grpc.DataServiceStub(m.channel)
         batches = [
             b
@@ -88,8 +85,8 @@ async def test_server_streaming_client_streaming_and_bidi(data_plane: str) -> No
         assert unary.id == replies[0].infer_response.id
 
 
-async def test_failed_worker_is_retried_on_the_ring_successor_then_ejected(data_plane: str) -> None:
-    async with mesh(data_plane=data_plane) as m:
+async def test_failed_worker_is_retried_on_the_ring_successor_then_ejected() -> None:
+    async with mesh() as m:
         owner_name = (await m.inference.ModelInfer(infer("llama", "1"), timeout=5)).id
         owner = next(w for w in m.workers if w.name == owner_name)
         owner.fail_with = grpc.StatusCode.UNAVAILABLE
@@ -104,8 +101,8 @@ async def test_failed_worker_is_retried_on_the_ring_successor_then_ejected(data_
         assert cluster.outliers is not None and cluster.outliers.is_ejected(address)
 
 
-async def test_non_retryable_errors_pass_through_unchanged(data_plane: str) -> None:
-    async with mesh(2, data_plane=data_plane) as m:
+async def test_non_retryable_errors_pass_through_unchanged() -> None:
+    async with mesh(2) as m:
         for w in m.workers:
             w.fail_with = grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -115,8 +112,8 @@ async def test_non_retryable_errors_pass_through_unchanged(data_plane: str) -> N
         assert sum(len(w.seen) for w in m.workers) == 1
 
 
-async def test_no_healthy_endpoint_and_unknown_method(data_plane: str) -> None:
-    async with mesh(1, data_plane=data_plane) as m:
+async def test_no_healthy_endpoint_and_unknown_method() -> None:
+    async with mesh(1) as m:
         m.discovery.push("remove", StaticInstance("inference", "w0-inference", m.addresses[0]))
         await m.wait_endpoints("inference", 0)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -131,9 +128,9 @@ async def test_no_healthy_endpoint_and_unknown_method(data_plane: str) -> None:
         assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
-async def test_a_joining_worker_takes_keys_only_for_itself(data_plane: str) -> None:
+async def test_a_joining_worker_takes_keys_only_for_itself() -> None:
     async with (
-        mesh(3, data_plane=data_plane) as m,
+        mesh(3) as m,
         serve(FakeWorker("w3").services()) as (serving, _),
     ):
         keys = [(f"m{i}", "1") for i in range(40)]
@@ -145,12 +142,10 @@ async def test_a_joining_worker_takes_keys_only_for_itself(data_plane: str) -> N
         assert moved and all(after[k] == "w3" for k in moved)
 
 
-async def test_broken_config_file_is_rejected_and_the_old_one_keeps_routing(
-    tmp_path: Path, data_plane: str
-) -> None:
+async def test_broken_config_file_is_rejected_and_the_old_one_keeps_routing(tmp_path: Path) -> None:
     for name in ("inference.yaml", "data.yaml"):
         (tmp_path / name).write_text((REPO / "config" / name).read_text())
-    async with mesh(2, config_dir=tmp_path, data_plane=data_plane) as m:
+    async with mesh(2, config_dir=tmp_path) as m:
         version = m.gateway.state.config.version
         (tmp_path / "inference.yaml").write_text(
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec: {hosts: [inference], http: [{route: []}]}\n"
@@ -183,9 +178,7 @@ class FlakyDiscovery:
         await asyncio.Event().wait()
 
 
-async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscribes(
-    data_plane: str,
-) -> None:
+async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscribes() -> None:
     async with (
         serve(FakeWorker("w0").services()) as (a, _),
         serve(FakeWorker("w1").services()) as (b, _),
@@ -193,7 +186,7 @@ async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscrib
         first = [StaticInstance("inference", "w0", a.address)]
         second = [*first, StaticInstance("inference", "w1", b.address)]
         source = FlakyDiscovery(first, second)
-        gateway = Gateway(source, discovery_retry=0.01, data_plane=data_plane)
+        gateway = Gateway(source, discovery_retry=0.01)
         serving = await gateway.start(ServerSettings())
         try:
             deadline = asyncio.get_running_loop().time() + 10
@@ -205,10 +198,8 @@ async def test_a_failing_discovery_source_keeps_the_last_snapshot_and_resubscrib
             await serving.drain(grace=0)
 
 
-async def test_server_stream_is_retried_on_another_endpoint_before_its_first_message(
-    data_plane: str,
-) -> None:
-    async with mesh(2, data_plane=data_plane) as m:
+async def test_server_stream_is_retried_on_another_endpoint_before_its_first_message() -> None:
+    async with mesh(2) as m:
         m.workers[0].fail_with = grpc.StatusCode.UNAVAILABLE
         data = data_pb2_grpc.DataServiceStub(m.channel)
         for _ in range(6):  # ROUND_ROBIN sends half of them to the failing worker first

@@ -259,7 +259,9 @@ class _Counting(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-async def test_edge_interceptors_see_every_call_so_no_relay_is_started() -> None:
+async def test_gateway_interceptors_see_its_own_services_and_the_relay_forwards_mesh_calls() -> (
+    None
+):
     async with AsyncExitStack() as stack:
         upstream = Upstream()
         worker, _ = await stack.enter_async_context(serve(upstream.services()))
@@ -271,9 +273,15 @@ async def test_edge_interceptors_see_every_call_so_no_relay_is_started() -> None
         )
         serving = await gateway.start(ServerSettings())
         stack.push_async_callback(serving.drain, 0)
-        assert gateway.relay is None
+        assert gateway.relay is not None
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(serving.address))
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
         await until(lambda: bool(gateway.state.snapshot.endpoints("inference")))
         assert await call(b"abc", timeout=10) == b"cba"
-        assert counting.seen == [UNARY]
+        # A mesh call never reaches the gateway's gRPC server; its own services do.
+        assert counting.seen == []
+        health: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/grpc.health.v1.Health/Check"
+        )
+        await health(b"", timeout=10)
+        assert counting.seen == ["/grpc.health.v1.Health/Check"]

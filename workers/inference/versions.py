@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 
 from mesh.errors import InvalidArgument, NotFound
+from mesh.routing import headers as md
 from protos.inference import model_config_pb2 as mc
 
 #: The header a gateway sets to pin a request to a version (Istio-style canary splits).
-VERSION_HEADER = "x-model-version"
+VERSION_HEADER = md.MODEL_VERSION
 
 
 def allowed_versions(policy: mc.ModelVersionPolicy, on_disk: Iterable[int]) -> list[int]:

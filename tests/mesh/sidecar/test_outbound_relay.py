@@ -29,7 +29,7 @@ spec:
 """
 
 
-async def test_routes_by_the_pipeline_and_refuses_what_needs_a_server() -> None:
+async def test_routes_by_the_pipeline_injects_faults_and_refuses_what_needs_a_server() -> None:
     async with AsyncExitStack() as stack:
         worker, _ = await stack.enter_async_context(serve(FakeWorker("inference-0").services()))
         outbound = Outbound(
@@ -52,11 +52,11 @@ async def test_routes_by_the_pipeline_and_refuses_what_needs_a_server() -> None:
         assert "not a mesh method" in (refused.value.details() or "")
 
         # An admin apply without a store (in memory), then a route with fault injection:
-        # refused by name rather than routed without its fault.
+        # the outbound is the same relay as the gateway, so it injects the fault itself.
         before = outbound.state.config.version
         config = await outbound.pipeline.apply(FAULTY, expected_version=0, dry_run=False)
         assert config.version == before + 1 == outbound.state.config.version
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await infer(pb.ModelInferRequest(model_name="m"), timeout=10)
-        assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
-        assert "fault injection" in (refused.value.details() or "")
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "fault injected by VirtualService/inference" in (refused.value.details() or "")

@@ -1,0 +1,108 @@
+"""Per-call policy, pure and written once: which request headers routing sees (the
+hop-by-hop filter), the request id, the deadline budget, ``http2MaxRequests``
+admission and retry eligibility. The relay (mesh/proxy/exchange.py) is its one caller
+today; a sidecar's outbound mode uses the same functions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from mesh.config.destination_rule import UNLIMITED
+from mesh.config.virtual_service import RetryPolicy
+from mesh.routing import headers as md
+
+#: Headers gRPC's transport owns: forwarded as they came (grpc-timeout is rewritten),
+#: never routed on nor edited.
+TRANSPORT = frozenset(
+    {b"content-type", b"te", b"grpc-encoding", b"grpc-accept-encoding", b"user-agent"}
+)
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def routable(name: bytes) -> bool:
+    """Whether a request header is metadata routing sees and header edits touch: not a
+    pseudo-header, not the transport's nor gRPC's own, not binary."""
+    return not (
+        name[:1] == b":" or name in TRANSPORT or name.startswith(b"grpc-") or name.endswith(b"-bin")
+    )
+
+
+def routing_metadata(
+    headers: Sequence[md.RawHeader], request_id: Callable[[], str] | None = None
+) -> md.Metadata:
+    """The request's routable metadata as text; with ``request_id``, an ``x-request-id``
+    made by it is added when the caller sent none (a caller's id is kept)."""
+    text = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if routable(n)]
+    if request_id is not None and not any(k == md.REQUEST_ID for k, _ in text):
+        text.append((md.REQUEST_ID, request_id()))
+    return tuple(text)
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """Seconds in a ``grpc-timeout`` value (at most 8 digits and a unit), or None."""
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not digits.isdigit() or len(digits) > 8:
+        return None
+    return int(digits) * unit
+
+
+def format_timeout(seconds: float) -> bytes:
+    """A ``grpc-timeout`` value for ``seconds`` (rounded up, in the finest unit that fits)."""
+    for unit, scale in ((b"u", 1e6), (b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60)):
+        amount = math.ceil(max(seconds, 0.0) * scale)
+        if amount < 100_000_000:
+            return str(max(amount, 1)).encode() + unit
+    return b"99999999H"
+
+
+def client_timeout(headers: Sequence[md.RawHeader]) -> float | None:
+    """The caller's deadline budget (its ``grpc-timeout``), if it set one."""
+    for name, value in headers:
+        if name == b"grpc-timeout":
+            return parse_timeout(value)
+    return None
+
+
+def call_deadline(begun: float, client: float | None, route: float | None) -> float | None:
+    """When the whole call must end: the tighter of the caller's deadline and the route's
+    timeout, both counted from the call's first byte; None: neither is set."""
+    budgets = [b for b in (client, route) if b is not None]
+    return begun + min(budgets) if budgets else None
+
+
+def attempt_budget(deadline: float | None, now: float, per_try: float | None) -> float | None:
+    """Seconds the next attempt may take: what is left of the call, capped by the
+    per-try timeout (may be ≤ 0: the call is out of time); None: unbounded."""
+    remaining = None if deadline is None else deadline - now
+    if per_try is None:
+        return remaining
+    return per_try if remaining is None else min(per_try, remaining)
+
+
+def over_request_limit(limit: int, in_flight: int) -> bool:
+    """``connectionPool.http.http2MaxRequests``: a destination at its limit sheds the call."""
+    return limit < UNLIMITED and in_flight >= limit
+
+
+def may_retry(
+    retries: RetryPolicy,
+    *,
+    attempt: int,
+    candidates: int,
+    idempotent: bool,
+    code: grpc.StatusCode,
+    connection_failure: bool,
+) -> bool:
+    """Whether a failed attempt (0-based ``attempt``) is tried again on the next of
+    ``candidates`` endpoints: within ``retries.attempts`` and the endpoints there are; a
+    connection failure (the upstream never saw the call) whenever ``retryOn`` covers it,
+    any other status only for an idempotent method whose ``retryOn`` lists it."""
+    if attempt >= min(retries.attempts, candidates - 1):
+        return False
+    if connection_failure and retries.retries_connection_failures():
+        return True
+    return idempotent and retries.should_retry(code, connection_failure=connection_failure)

@@ -1,0 +1,170 @@
+"""The per-call policy, table by table: header filter, request id, deadline budget,
+http2MaxRequests admission, retry eligibility."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from mesh.config.destination_rule import UNLIMITED
+from mesh.config.virtual_service import RetryPolicy
+from mesh.routing import callpolicy as policy
+
+U = grpc.StatusCode.UNAVAILABLE
+HEADERS = [
+    (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+    (b"content-type", b"application/grpc"),
+    (b"user-agent", b"grpc-python"),
+    (b"te", b"trailers"),
+    (b"grpc-timeout", b"5S"),
+    (b"grpc-encoding", b"identity"),
+    (b"trace-bin", b"\x00"),
+    (b"x-model-version", b"2"),
+    (b"x-tenant", b"a"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "routable"),
+    [
+        (b":authority", False),
+        (b"content-type", False),
+        (b"te", False),
+        (b"user-agent", False),
+        (b"grpc-timeout", False),
+        (b"grpc-retry-pushback-ms", False),
+        (b"trace-bin", False),
+        (b"x-model-version", True),
+        (b"x-request-id", True),
+        (b"traceparent", True),
+    ],
+)
+def test_routable_headers(name: bytes, routable: bool) -> None:
+    assert policy.routable(name) is routable
+
+
+def test_routing_metadata_adds_a_request_id_only_when_the_caller_sent_none() -> None:
+    made = iter(["id-1", "id-2"])
+    text = policy.routing_metadata(HEADERS, lambda: next(made))
+    assert text == (("x-model-version", "2"), ("x-tenant", "a"), ("x-request-id", "id-1"))
+    kept = policy.routing_metadata([*HEADERS, (b"x-request-id", b"mine")], lambda: next(made))
+    assert dict(kept)["x-request-id"] == "mine"
+    assert "x-request-id" not in dict(policy.routing_metadata(HEADERS))
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"5S", 5.0),
+        (b"250m", 0.25),
+        (b"2M", 120.0),
+        (b"1H", 3600.0),
+        (b"100u", 1e-4),
+        (b"7n", 7e-9),
+        (b"123456789S", None),  # more than 8 digits
+        (b"5", None),
+        (b"S", None),
+        (b"-5S", None),
+        (b"5x", None),
+    ],
+)
+def test_parse_timeout(value: bytes, seconds: float | None) -> None:
+    assert policy.parse_timeout(value) == (pytest.approx(seconds) if seconds else None)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "value"),
+    [(0.25, b"250000u"), (0.0, b"1u"), (-1.0, b"1u"), (150.0, b"150000m"), (1e6, b"1000000S")],
+)
+def test_format_timeout_rounds_up_in_the_finest_unit(seconds: float, value: bytes) -> None:
+    assert policy.format_timeout(seconds) == value
+    parsed = policy.parse_timeout(value)
+    assert parsed is not None and parsed >= seconds
+
+
+@pytest.mark.parametrize(
+    ("client", "route", "deadline"),
+    [
+        (None, None, None),
+        (5.0, None, 105.0),
+        (None, 2.0, 102.0),
+        (5.0, 2.0, 102.0),
+        (1.0, 3.0, 101.0),
+    ],
+)
+def test_call_deadline_is_the_tighter_budget(
+    client: float | None, route: float | None, deadline: float | None
+) -> None:
+    assert policy.call_deadline(100.0, client, route) == deadline
+
+
+@pytest.mark.parametrize(
+    ("deadline", "now", "per_try", "budget"),
+    [
+        (None, 10.0, None, None),
+        (None, 10.0, 1.5, 1.5),
+        (15.0, 10.0, None, 5.0),
+        (15.0, 10.0, 1.5, 1.5),
+        (11.0, 10.0, 1.5, 1.0),
+        (9.0, 10.0, 1.5, -1.0),  # out of time: the caller gives up
+    ],
+)
+def test_attempt_budget(
+    deadline: float | None, now: float, per_try: float | None, budget: float | None
+) -> None:
+    assert policy.attempt_budget(deadline, now, per_try) == budget
+
+
+def test_client_timeout() -> None:
+    assert policy.client_timeout(HEADERS) == 5.0
+    assert policy.client_timeout(HEADERS[:2]) is None
+
+
+@pytest.mark.parametrize(
+    ("limit", "in_flight", "shed"),
+    [(UNLIMITED, 10**9, False), (2, 1, False), (2, 2, True), (2, 3, True), (0, 0, True)],
+)
+def test_http2_max_requests(limit: int, in_flight: int, shed: bool) -> None:
+    assert policy.over_request_limit(limit, in_flight) is shed
+
+
+DEFAULT = RetryPolicy()
+CODES_ONLY = RetryPolicy(attempts=3, retry_on=frozenset({"unavailable"}))
+NONE = RetryPolicy(attempts=0)
+
+
+@pytest.mark.parametrize(
+    ("retries", "attempt", "candidates", "idempotent", "code", "connection", "retry"),
+    [
+        (DEFAULT, 0, 3, True, U, False, True),
+        (DEFAULT, 0, 3, False, U, False, False),  # not idempotent: the upstream ran it
+        (DEFAULT, 0, 3, False, U, True, True),  # it never saw the call
+        (DEFAULT, 1, 3, True, U, False, True),
+        (DEFAULT, 2, 3, True, U, False, False),  # attempts spent
+        (DEFAULT, 0, 1, True, U, False, False),  # no other endpoint
+        (DEFAULT, 0, 3, True, grpc.StatusCode.INTERNAL, False, False),
+        (CODES_ONLY, 0, 3, False, U, True, False),  # retryOn has no connection token
+        (CODES_ONLY, 2, 4, True, U, False, True),
+        (NONE, 0, 3, True, U, True, False),
+    ],
+)
+def test_may_retry(
+    retries: RetryPolicy,
+    attempt: int,
+    candidates: int,
+    idempotent: bool,
+    code: grpc.StatusCode,
+    connection: bool,
+    retry: bool,
+) -> None:
+    assert (
+        policy.may_retry(
+            retries,
+            attempt=attempt,
+            candidates=candidates,
+            idempotent=idempotent,
+            code=code,
+            connection_failure=connection,
+        )
+        is retry
+    )
