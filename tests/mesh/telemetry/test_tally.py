@@ -1,0 +1,76 @@
+"""Request metrics aggregated in plain Python and read by the SDK's readers on collection."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from opentelemetry.sdk.metrics.export import Histogram, Metric, MetricsData, Sum
+
+from mesh.telemetry.metrics import LATENCY_BUCKETS, RequestTally, labels
+from mesh.telemetry.setup import TelemetrySettings, setup
+
+
+def by_name(data: MetricsData | None) -> dict[str, Metric]:
+    assert data is not None
+    return {
+        m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    }
+
+
+def test_reader_sees_counts_buckets_and_in_flight_beside_the_sdks_counters() -> None:
+    telemetry = setup(TelemetrySettings(metrics=("memory",)))
+    m = telemetry.metrics
+    call = labels(method="/svc/M", model_version="3")
+    routed = labels(route="r0", destination="inference")
+    for seconds in (0.0005, 0.003, 0.003):
+        m.started(call)
+        m.finished(call, "OK", seconds, routed)
+    m.started(call)
+    m.finished(call, "UNAVAILABLE", 0.2, routed)
+    m.started(call)  # still running at collection
+    m.started(call)
+    m.abandoned(call)  # handed to another hop, which records it
+    m.retried(routed)
+    assert telemetry.metric_reader is not None
+    metrics = by_name(telemetry.metric_reader.get_metrics_data())
+    # One scope: the tally's metrics sit beside the SDK's own counters.
+    data = telemetry.metric_reader.get_metrics_data()
+    assert data is not None and len(data.resource_metrics[0].scope_metrics) == 1
+    assert "meshserve.retries" in metrics
+    points = {
+        p.attributes["status"]: p.value  # type: ignore[index]
+        for p in cast(Sum, metrics["meshserve.requests"].data).data_points
+    }
+    assert points == {"OK": 3, "UNAVAILABLE": 1}
+    assert cast(Sum, metrics["meshserve.requests"].data).is_monotonic
+    ok = next(
+        p
+        for p in cast(Histogram, metrics["meshserve.request.duration"].data).data_points
+        if p.attributes == {**call, **routed, "status": "OK"}
+    )
+    assert ok.count == 3 and abs(ok.sum - 0.0065) < 1e-9
+    assert (ok.min, ok.max) == (0.0005, 0.003)
+    assert list(ok.explicit_bounds) == list(LATENCY_BUCKETS)
+    # 0.0005 is on the first bound (upper bounds inclusive); 0.003 falls in (0.0025, 0.005].
+    assert ok.bucket_counts[0] == 1 and ok.bucket_counts[3] == 2 and sum(ok.bucket_counts) == 3
+    (flight,) = cast(Sum, metrics["meshserve.requests.in_flight"].data).data_points
+    assert dict(flight.attributes or {}) == call and flight.value == 1
+    assert not cast(Sum, metrics["meshserve.requests.in_flight"].data).is_monotonic
+    assert metrics["meshserve.request.duration"].unit == "s"
+
+
+def test_without_a_metrics_exporter_nothing_is_kept() -> None:
+    telemetry = setup(TelemetrySettings())
+    assert telemetry.tally is None
+    telemetry.metrics.started(labels(method="/svc/M"))
+    telemetry.metrics.finished(labels(method="/svc/M"), "OK", 0.1)
+    assert telemetry.metrics.tally is None
+
+
+def test_an_empty_tally_adds_no_metric() -> None:
+    tally = RequestTally(clock_ns=lambda: 5)
+    assert tally.metrics() == []
+    tally.started({"rpc_method": "/svc/M"})
+    (flight,) = tally.metrics()
+    (point,) = cast(Sum, flight.data).data_points
+    assert (point.start_time_unix_nano, point.time_unix_nano, point.value) == (5, 5, 1)
