@@ -8,7 +8,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
@@ -76,7 +76,7 @@ class RequestTally:
     per call: the largest per-call cost left on the relay's path (bench.relay_cpu). Here a
     call costs a dict lookup and a few additions under a lock; a metric reader asks for
     :meth:`metrics` when it collects (mesh/telemetry/setup.py merges them into what the
-    SDK collected), so names, units, labels and buckets are what the SDK's instruments
+    SDK collected; in-flight is an observable instrument reading :meth:`in_flight`), so names, units, labels and buckets are what the SDK's instruments
     would have exported. Cumulative, as Prometheus reads them.
     """
 
@@ -115,12 +115,21 @@ class RequestTally:
             if seconds > series.max:
                 series.max = seconds
 
+    def in_flight(self, options: CallbackOptions) -> list[Observation]:
+        """In-flight per label set: the callback of an observable up-down counter.
+
+        An SDK instrument, so that once a call has started a push reader always finds
+        something to export (it exports nothing at all when the SDK collected nothing,
+        which would leave the merged request metrics unsent)."""
+        with self._lock:
+            flight = list(self._in_flight.items())
+        return [Observation(n, dict(key)) for key, n in flight]
+
     def metrics(self) -> list[Metric]:
-        """The three request metrics as the SDK's cumulative instruments would export them."""
+        """Request count and latency as the SDK's cumulative instruments would export them."""
         now = self._clock_ns()
         start = self._start_ns
         with self._lock:
-            flight = list(self._in_flight.items())
             done = [
                 (key, s.count, s.sum, list(s.buckets), s.min, s.max)
                 for key, s in self._done.items()
@@ -132,12 +141,10 @@ class RequestTally:
             )
             for key, count, total, buckets, low, high in done
         ]
-        flights = [NumberDataPoint(dict(key), start, now, n) for key, n in flight]
         cumulative = AggregationTemporality.CUMULATIVE
         found = [
             Metric(REQUESTS, REQUESTS_HELP, "1", Sum(counts, cumulative, is_monotonic=True)),
             Metric(DURATION, DURATION_HELP, "s", Histogram(latencies, cumulative)),
-            Metric(IN_FLIGHT, IN_FLIGHT_HELP, "1", Sum(flights, cumulative, is_monotonic=False)),
         ]
         # As the SDK does, an instrument with no series yet is left out.
         return [m for m in found if m.data.data_points]
@@ -158,6 +165,10 @@ class MeshMetrics:
 
     def __init__(self, meter: Meter, tally: RequestTally | None = None) -> None:
         self.tally = tally
+        if tally is not None:
+            meter.create_observable_up_down_counter(
+                IN_FLIGHT, callbacks=[tally.in_flight], unit="1", description=IN_FLIGHT_HELP
+            )
         self.retries = meter.create_counter(
             "meshserve.retries", unit="1", description="Attempts after the first"
         )

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import io
 from typing import cast
 
-from opentelemetry.sdk.metrics.export import Histogram, Metric, MetricsData, Sum
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    Histogram,
+    Metric,
+    MetricsData,
+    PeriodicExportingMetricReader,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
 
-from mesh.telemetry.metrics import LATENCY_BUCKETS, RequestTally, labels
-from mesh.telemetry.setup import TelemetrySettings, setup
+from mesh.telemetry.metrics import LATENCY_BUCKETS, MeshMetrics, RequestTally, labels
+from mesh.telemetry.setup import TallyExporter, TelemetrySettings, setup
 
 
 def by_name(data: MetricsData | None) -> dict[str, Metric]:
@@ -71,6 +81,30 @@ def test_an_empty_tally_adds_no_metric() -> None:
     tally = RequestTally(clock_ns=lambda: 5)
     assert tally.metrics() == []
     tally.started({"rpc_method": "/svc/M"})
-    (flight,) = tally.metrics()
-    (point,) = cast(Sum, flight.data).data_points
+    assert tally.metrics() == []  # in-flight is the SDK's observable instrument
+    tally.finished({"rpc_method": "/svc/M"}, {"rpc_method": "/svc/M", "status": "OK"}, 0.1)
+    count, _ = tally.metrics()
+    (point,) = cast(Sum, count.data).data_points
     assert (point.start_time_unix_nano, point.time_unix_nano, point.value) == (5, 5, 1)
+
+
+def test_a_push_exporter_gets_the_request_metrics() -> None:
+    out = io.StringIO()
+    tally = RequestTally()
+    resource = Resource.create({})
+    exporter = TallyExporter(ConsoleMetricExporter(out=out), tally, resource)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+    provider = MeterProvider(resource=resource, metric_readers=[reader])
+    try:
+        metrics = MeshMetrics(provider.get_meter("meshserve"), tally)
+        metrics.started(labels(method="/svc/M"))
+        metrics.finished(labels(method="/svc/M"), "OK", 0.1)
+        assert provider.force_flush()
+    finally:
+        provider.shutdown()
+    for name in (
+        "meshserve.requests",
+        "meshserve.request.duration",
+        "meshserve.requests.in_flight",
+    ):
+        assert f'"name": "{name}"' in out.getvalue()
