@@ -55,6 +55,14 @@ def labels(
     return {k: v for k, v in found.items() if v is not None}
 
 
+_Key = frozenset[tuple[str, str | int]]
+#: Label sets kept per metric, as the SDK's default cardinality limit: client-chosen
+#: values (a method path, a model version) must not grow memory without bound.
+CARDINALITY_LIMIT = 2000
+#: Where calls beyond the limit are counted (the SDK's own overflow series).
+OVERFLOW: _Key = frozenset({("otel.metric.overflow", True)})
+
+
 class _Latency:
     """One series of the latency histogram: explicit-bucket counts, sum, min and max."""
 
@@ -85,27 +93,36 @@ class RequestTally:
         self._start_ns = clock_ns()
         # Written from the event loop, read from a scrape or export thread.
         self._lock = threading.Lock()
-        self._in_flight: dict[frozenset[tuple[str, str | int]], int] = {}
-        self._done: dict[frozenset[tuple[str, str | int]], _Latency] = {}
+        self._in_flight: dict[_Key, int] = {}
+        self._done: dict[_Key, _Latency] = {}
+
+    def _flight(self, attributes: Attributes, delta: int) -> None:
+        key = frozenset(attributes.items())
+        # Series are never dropped, so a label set over the limit at its start is
+        # still over it at its end: both land on the overflow series.
+        if key not in self._in_flight and len(self._in_flight) >= CARDINALITY_LIMIT:
+            key = OVERFLOW
+        self._in_flight[key] = self._in_flight.get(key, 0) + delta
 
     def started(self, attributes: Attributes) -> None:
-        key = frozenset(attributes.items())
         with self._lock:
-            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            self._flight(attributes, 1)
 
     def abandoned(self, attributes: Attributes) -> None:
-        key = frozenset(attributes.items())
         with self._lock:
-            self._in_flight[key] = self._in_flight.get(key, 0) - 1
+            self._flight(attributes, -1)
 
     def finished(self, attributes: Attributes, done: Attributes, seconds: float) -> None:
-        key = frozenset(attributes.items())
         series_key = frozenset(done.items())
         with self._lock:
-            self._in_flight[key] = self._in_flight.get(key, 0) - 1
+            self._flight(attributes, -1)
             series = self._done.get(series_key)
             if series is None:
-                series = self._done[series_key] = _Latency()
+                if len(self._done) >= CARDINALITY_LIMIT:
+                    series_key = OVERFLOW
+                series = self._done.get(series_key)
+                if series is None:
+                    series = self._done[series_key] = _Latency()
             # OTel's explicit buckets: bucket i holds bounds[i-1] < v <= bounds[i].
             series.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             series.count += 1

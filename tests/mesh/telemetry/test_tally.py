@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import cast
 
+from opentelemetry.metrics import CallbackOptions
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -16,7 +17,14 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from mesh.telemetry.metrics import LATENCY_BUCKETS, MeshMetrics, RequestTally, labels
+from mesh.telemetry.metrics import (
+    CARDINALITY_LIMIT,
+    LATENCY_BUCKETS,
+    OVERFLOW,
+    MeshMetrics,
+    RequestTally,
+    labels,
+)
 from mesh.telemetry.setup import TallyExporter, TelemetrySettings, setup
 
 
@@ -108,3 +116,24 @@ def test_a_push_exporter_gets_the_request_metrics() -> None:
         "meshserve.requests.in_flight",
     ):
         assert f'"name": "{name}"' in out.getvalue()
+
+
+def test_label_sets_beyond_the_limit_share_the_overflow_series() -> None:
+    tally = RequestTally()
+    for i in range(CARDINALITY_LIMIT + 5):
+        call = {"rpc_method": f"/svc/M{i}"}
+        tally.started(call)
+        tally.finished(call, {**call, "status": "OK"}, 0.001)
+    count, duration = tally.metrics()
+    points = cast(Sum, count.data).data_points
+    assert len(points) == CARDINALITY_LIMIT + 1
+    (overflow,) = [p for p in points if p.attributes == {"otel.metric.overflow": True}]
+    assert overflow.value == 5
+    (latency,) = [
+        p
+        for p in cast(Histogram, duration.data).data_points
+        if p.attributes == {"otel.metric.overflow": True}
+    ]
+    assert latency.count == 5
+    (flight,) = [o for o in tally.in_flight(CallbackOptions()) if o.attributes == dict(OVERFLOW)]
+    assert flight.value == 0  # started and finished on the same series
