@@ -14,8 +14,9 @@ One run: a model repository with a TorchScript MLP 64→256→256→10 with dyna
 inference`` on it, direct; (b) a ``meshserve up`` mesh (temporary ``--state-dir`` whose
 ``models/`` is this repository, ``--no-demo``; two inference workers, each behind its
 sidecar) through its gateway: gateway → sidecar (mTLS) → worker. perf_analyzer measures
-each (``-i grpc``, count windows) at each concurrency; a table gives infer/s, p50 and p99
-per path and concurrency with the mesh's ratios against direct.
+each (``-i grpc``, count windows; when a busy machine never gives three windows within
+30 %, the cell is measured again within 100 % and marked) at each concurrency; a table gives
+infer/s, p50 and p99 per path and concurrency with the mesh's ratios against direct.
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ class Row:
     throughput: float
     p50_ms: float
     p99_ms: float
+    #: Measured under the first stability criterion (see STABILITY).
+    stable: bool = True
+
+
+#: perf_analyzer's stability criteria, tried in turn: three windows within 30 %, then
+#: (a busy shared machine may never settle) within 100 %; a row measured under the
+#: looser one is marked in the table.
+STABILITY = (30, 100)
 
 
 def analyze(address: str, path: str, concurrency: Sequence[int], requests: int) -> list[Row]:
@@ -107,17 +116,21 @@ def analyze(address: str, path: str, concurrency: Sequence[int], requests: int) 
     with tempfile.TemporaryDirectory(prefix="perf-analyzer-") as out:
         report = Path(out) / "report.csv"
         for c in concurrency:
-            command = [
-                str(binary),
-                *("-m", MODEL, "-i", "grpc", "-u", address),
-                *("--concurrency-range", f"{c}:{c}"),
-                *("--measurement-mode", "count_windows"),
-                *("--measurement-request-count", str(requests)),
-                # A busy shared machine rarely gives three windows within 10%.
-                *("--stability-percentage", "30", "--max-trials", "8"),
-                *("-f", str(report)),
-            ]
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            for stability in STABILITY:
+                command = [
+                    str(binary),
+                    *("-m", MODEL, "-i", "grpc", "-u", address),
+                    *("--concurrency-range", f"{c}:{c}"),
+                    *("--measurement-mode", "count_windows"),
+                    *("--measurement-request-count", str(requests)),
+                    *("--stability-percentage", str(stability), "--max-trials", "8"),
+                    *("-f", str(report)),
+                ]
+                done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+                if done.returncode == 0 and report.exists():
+                    break
+                if "stable measurement" not in done.stdout + done.stderr:
+                    break  # not a matter of noise: report it below
             if done.returncode != 0 or not report.exists():
                 raise RuntimeError(
                     f"perf_analyzer failed on {path} at c={c} ({done.returncode}):\n"
@@ -132,6 +145,7 @@ def analyze(address: str, path: str, concurrency: Sequence[int], requests: int) 
                             float(line["Inferences/Second"]),
                             float(line["p50 latency"]) / 1000,
                             float(line["p99 latency"]) / 1000,
+                            stable=stability == STABILITY[0],
                         )
                     )
             report.unlink()
@@ -196,7 +210,14 @@ def mesh(repo: Path, training: int, data: int) -> Iterator[str]:
 
 
 def table(rows: list[Row], concurrency: Sequence[int]) -> Table:
-    out = Table(title="perf_analyzer, gRPC, MLP 64→256→256→10 with dynamic batching (CPU)")
+    out = Table(
+        title="perf_analyzer, gRPC, MLP 64→256→256→10 with dynamic batching (CPU)",
+        caption=(
+            f"* windows stable only within {STABILITY[-1]} % (busy machine)"
+            if any(not r.stable for r in rows)
+            else None
+        ),
+    )
     for name in ("path", "concurrency", "infer/s", "p50 ms", "p99 ms", "infer/s / direct"):
         out.add_column(name, justify="left" if name == "path" else "right")
     out.add_column("p99 / direct p99", justify="right")
@@ -208,7 +229,7 @@ def table(rows: list[Row], concurrency: Sequence[int]) -> Table:
             out.add_row(
                 path,
                 str(c),
-                f"{r.throughput:.0f}",
+                f"{r.throughput:.0f}{'' if r.stable else '*'}",
                 f"{r.p50_ms:.1f}",
                 f"{r.p99_ms:.1f}",
                 f"{r.throughput / base.throughput:.2f}",
