@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 # -qq: this machine kind's pip config names local indexes that warn on every package.
 PIP_FLAGS  ?= -qq --disable-pip-version-check
 
-.PHONY: up test lint typecheck pytest protos bench clean venv
+.PHONY: up test lint typecheck pytest protos bench bench-perf clean venv
 
 venv: $(STAMP)
 
@@ -43,5 +43,11 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# Triton's perf_analyzer through up's mesh vs one worker direct. The tool needs a venv of
+# its own (tritonclient 2.41), Debian's libb64 and CUDA's runtime library: bench/perf_venv.sh.
+bench-perf: $(STAMP)
+	PYTHON=$(PYTHON) bash bench/perf_venv.sh
+	$(PY) -m bench.perf_analyzer
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) bench/.perf-venv .mypy_cache .ruff_cache .pytest_cache

@@ -36,6 +36,7 @@ from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes
 from mesh.security.peer import PeerInfo, check_peer
 from mesh.security.workload import Workload
+from mesh.telemetry.setup import Telemetry, TelemetrySettings, setup
 from protos.inference import grpc_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,17 +73,25 @@ spec:
 """
 
 
-async def gateway_relay(guard: ClientGuard | None = None) -> Relay:
+async def gateway_relay(
+    guard: ClientGuard | None = None, telemetry: Telemetry | None = None
+) -> Relay:
     config = EMPTY.merged(load_path(REPO / "config"), version=1, source="config")
     state = GatewayState(config)
     table = EndpointTable()
     async for update in StaticDiscovery([StaticInstance("inference", "w0", UPSTREAM)]).updates():
         state.set_endpoints(table.apply(update))
         break
-    return Relay(state, internal_address="127.0.0.1:1", guard=guard.check if guard else None)
+    return Relay(
+        state,
+        internal_address="127.0.0.1:1",
+        guard=guard.check if guard else None,
+        telemetry=telemetry,
+        metrics=telemetry.metrics if telemetry is not None else None,
+    )
 
 
-async def sidecar_relay() -> Relay:
+async def sidecar_relay(telemetry: Telemetry | None = None) -> Relay:
     policies = [
         d.resource
         for d in parse_yaml(POLICY, "policy.yaml")
@@ -95,11 +104,17 @@ async def sidecar_relay() -> Relay:
         authorizer.check(request)
 
     inbound = Inbound(UPSTREAM, check, ConcurrencyLimit(1024))
-    return Relay(GatewayState(), internal_address="unix:/nonexistent", inbound=inbound)
+    return Relay(
+        GatewayState(), internal_address="unix:/nonexistent", inbound=inbound, telemetry=telemetry
+    )
 
 
-async def run(calls: int, mode: str, guard: ClientGuard | None = None) -> float:
-    relay = await (gateway_relay(guard) if mode == "gateway" else sidecar_relay())
+async def run(
+    calls: int, mode: str, guard: ClientGuard | None = None, telemetry: Telemetry | None = None
+) -> float:
+    relay = await (
+        gateway_relay(guard, telemetry) if mode == "gateway" else sidecar_relay(telemetry)
+    )
     client_side = Downstream(relay)
     down_transport = MemoryTransport()
     client_side.connection_made(down_transport)
@@ -182,10 +197,21 @@ def main() -> None:
     plain: list[float] = []
     guarded: list[float] = []
     inbound: list[float] = []
+    # Telemetry as a sidecar runs it by default (no exporter: request metrics and the
+    # caller's trace context), and with a metrics reader (MESHSERVE_METRICS=prometheus
+    # reads the same in-memory reader on each scrape).
+    default = setup(TelemetrySettings())
+    scraped = setup(TelemetrySettings(metrics=("memory",)))
+    inbound_default: list[float] = []
+    inbound_metrics: list[float] = []
+    gateway_metrics: list[float] = []
     for _ in range(rounds):
         plain.append(asyncio.run(run(args.calls // rounds, "gateway")))
         guarded.append(asyncio.run(run(args.calls // rounds, "gateway", up_guard)))
         inbound.append(asyncio.run(run(args.calls // rounds, "sidecar")))
+        inbound_default.append(asyncio.run(run(args.calls // rounds, "sidecar", None, default)))
+        inbound_metrics.append(asyncio.run(run(args.calls // rounds, "sidecar", None, scraped)))
+        gateway_metrics.append(asyncio.run(run(args.calls // rounds, "gateway", None, scraped)))
     # The guard alone, as the relay calls it (its header dict built from the same request).
     metadata = {"content-type": "application/grpc", "te": "trailers", "grpc-timeout": "29999m"}
     check = min(
@@ -203,6 +229,18 @@ def main() -> None:
     print(
         "| sidecar inbound: peer + authz checks, limit, frames + headers | "
         f"{statistics.median(inbound) * 1e6:.1f} |"
+    )
+    print(
+        "| sidecar inbound + default telemetry (no exporter, as `up` runs it) | "
+        f"{statistics.median(inbound_default) * 1e6:.1f} |"
+    )
+    print(
+        "| sidecar inbound + request metrics read by a reader | "
+        f"{statistics.median(inbound_metrics) * 1e6:.1f} |"
+    )
+    print(
+        "| gateway + request metrics read by a reader (no traces) | "
+        f"{statistics.median(gateway_metrics) * 1e6:.1f} |"
     )
 
 

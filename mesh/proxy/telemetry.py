@@ -24,16 +24,21 @@ from mesh.telemetry.setup import Telemetry
 
 #: Trace headers the relay replaces with its own span's on the upstream call.
 TRACE_HEADERS = frozenset({TRACEPARENT, TRACESTATE})
+_TRACE_HEADER_BYTES = frozenset(h.encode() for h in TRACE_HEADERS)
 
 
 class CallRecord:
     """One call's span and metric labels, from its first frame to its status."""
 
-    __slots__ = ("labels", "routed", "span", "started")
+    __slots__ = ("labels", "passed", "routed", "span", "started")
 
-    def __init__(self, span: Span, metric_labels: dict[str, str]) -> None:
+    def __init__(
+        self, span: Span, metric_labels: dict[str, str], passed: list[Header] | None = None
+    ) -> None:
         self.span = span
         self.labels = metric_labels
+        #: Not tracing: the caller's own trace headers, passed on to the upstream as sent.
+        self.passed = passed
         #: Labels learned while routing (route, destination): on the count and latency.
         self.routed: dict[str, str] = {}
         self.started = time.perf_counter()
@@ -47,12 +52,25 @@ class RelayTelemetry:
         # caller's trace context on unchanged (the upstream's parent is the caller's
         # span, not one never exported), and spares the relay most of what telemetry
         # costs it per call (bench.relay_cpu).
-        self._tracer = (
-            trace.NoOpTracer() if telemetry.settings.traces == "none" else telemetry.tracer
-        )
+        # Not tracing, the relay skips the span altogether: it only looks for the
+        # caller's trace headers, to pass them on untouched, and the model version label
+        # (no metadata decode, no context extract or inject per call).
+        self._tracing = telemetry.settings.traces != "none"
+        self._tracer = telemetry.tracer if self._tracing else trace.NoOpTracer()
         self._metrics = telemetry.metrics
 
     def start(self, path: str, headers: list[Header]) -> CallRecord:
+        if not self._tracing:
+            passed: list[Header] = []
+            version = None
+            for name, value in headers:
+                if name in _TRACE_HEADER_BYTES:
+                    passed.append((name, value))
+                elif name == b"x-model-version" and value:
+                    version = value.decode("latin-1")
+            metric_labels = labels(method=path, model_version=version)
+            self._metrics.started(metric_labels)
+            return CallRecord(trace.INVALID_SPAN, metric_labels, passed)
         metadata = [
             (n.decode("latin-1"), v.decode("latin-1"))
             for n, v in headers
@@ -63,23 +81,28 @@ class RelayTelemetry:
         return CallRecord(span, metric_labels)
 
     def routed(self, record: CallRecord, decision: RouteDecision) -> None:
+        record.routed = labels(route=decision.route, destination=decision.target)
+        if record.passed is not None:
+            return
         annotate(
             record.span,
             route=decision.route,
             destination=decision.target,
             hash_key=decision.hash_key.key if decision.hash_key else None,
         )
-        record.routed = labels(route=decision.route, destination=decision.target)
 
     def attempt(self, record: CallRecord, endpoint: str, attempt: int) -> list[Header]:
         """Annotates the attempt; returns the trace headers for its upstream call."""
+        if record.passed is not None:
+            return record.passed
         annotate(record.span, endpoint=endpoint, retry_count=attempt)
         carrier = inject((), trace.set_span_in_context(record.span))
         return [(k.encode(), v.encode() if isinstance(v, str) else v) for k, v in carrier]
 
     def finish(self, record: CallRecord, code: grpc.StatusCode, message: str | None) -> None:
-        finish_span(record.span, code, message)
-        record.span.end()
+        if record.passed is None:
+            finish_span(record.span, code, message)
+            record.span.end()
         self._metrics.finished(
             record.labels, code.name, time.perf_counter() - record.started, record.routed
         )
@@ -87,4 +110,4 @@ class RelayTelemetry:
     def abandon(self, record: CallRecord) -> None:
         """The call went to the gateway's gRPC server, which records it itself: no span
         (it is never ended, so never exported) and no count here."""
-        self._metrics.in_flight.add(-1, record.labels)
+        self._metrics.abandoned(record.labels)

@@ -18,8 +18,12 @@ from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     InMemoryMetricReader,
     MetricExporter,
+    MetricExportResult,
     MetricReader,
+    MetricsData,
     PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
 )
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -31,10 +35,11 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Tracer
 
 from mesh.errors import FailedPrecondition, InvalidArgument
-from mesh.telemetry.metrics import MeshMetrics
+from mesh.telemetry.metrics import MeshMetrics, RequestTally
 from mesh.telemetry.prometheus import PrometheusServer
 
 TRACE_EXPORTERS = ("none", "console", "otlp", "memory", "file")
@@ -137,6 +142,65 @@ class JsonLinesSpanExporter(SpanExporter):
             self._file.close()
 
 
+def with_tally(
+    data: MetricsData | None, tally: RequestTally, resource: Resource
+) -> MetricsData | None:
+    """What the SDK collected plus the request metrics ``tally`` kept, in the mesh's scope."""
+    extra = tally.metrics()
+    if not extra:
+        return data
+    if data is None or not data.resource_metrics:
+        scope = ScopeMetrics(InstrumentationScope(INSTRUMENTATION), extra, "")
+        return MetricsData([ResourceMetrics(resource, [scope], "")])
+    first, *rest = data.resource_metrics
+    scopes = list(first.scope_metrics)
+    for i, found in enumerate(scopes):
+        if found.scope.name == INSTRUMENTATION:
+            scopes[i] = ScopeMetrics(found.scope, [*found.metrics, *extra], found.schema_url)
+            break
+    else:
+        scopes.append(ScopeMetrics(InstrumentationScope(INSTRUMENTATION), extra, ""))
+    return MetricsData([ResourceMetrics(first.resource, scopes, first.schema_url), *rest])
+
+
+class TallyMemoryReader(InMemoryMetricReader):
+    """An in-memory reader (tests, the Prometheus scrape) that also reads the tally."""
+
+    def __init__(self, tally: RequestTally, resource: Resource) -> None:
+        super().__init__()
+        self._tally = tally
+        self._resource = resource
+
+    def get_metrics_data(self) -> MetricsData | None:
+        return with_tally(super().get_metrics_data(), self._tally, self._resource)
+
+
+class TallyExporter(MetricExporter):
+    """Wraps a push exporter (console, OTLP) so each export carries the tally too."""
+
+    def __init__(self, inner: MetricExporter, tally: RequestTally, resource: Resource) -> None:
+        # The reader asks the exporter for its temporality and aggregation preferences.
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality,
+            preferred_aggregation=inner._preferred_aggregation,
+        )
+        self._inner = inner
+        self._tally = tally
+        self._resource = resource
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        data = with_tally(metrics_data, self._tally, self._resource) or metrics_data
+        return self._inner.export(data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
 def _optional(module: str, name: str, what: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
@@ -159,6 +223,8 @@ class Telemetry:
     #: Set with the ``memory`` metrics exporter.
     metric_reader: InMemoryMetricReader | None = None
     prometheus: PrometheusServer | None = None
+    #: The request metrics' aggregate; None when no metrics exporter would read it.
+    tally: RequestTally | None = None
     _metrics: MeshMetrics | None = field(default=None, repr=False)
 
     @property
@@ -172,7 +238,7 @@ class Telemetry:
     @property
     def metrics(self) -> MeshMetrics:
         if self._metrics is None:
-            self._metrics = MeshMetrics(self.meter)
+            self._metrics = MeshMetrics(self.meter, self.tally)
         return self._metrics
 
     def install_global(self) -> None:
@@ -221,21 +287,28 @@ def setup(settings: TelemetrySettings) -> Telemetry:
     memory_reader = None
     prometheus = None
     interval_ms = settings.metric_interval_seconds * 1000
+    # Request metrics are aggregated apart from the SDK (mesh/telemetry/metrics.py) and
+    # only when some reader will read them.
+    tally = RequestTally() if settings.metrics else None
     for name in settings.metrics:
+        assert tally is not None
         if name == "console":
-            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(), interval_ms))
+            console = TallyExporter(ConsoleMetricExporter(), tally, resource)
+            readers.append(PeriodicExportingMetricReader(console, interval_ms))
         elif name == "otlp":
             otlp: MetricExporter = _optional(
                 "opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
                 "OTLPMetricExporter",
                 "OTLP metrics",
             )()
-            readers.append(PeriodicExportingMetricReader(otlp, interval_ms))
+            readers.append(
+                PeriodicExportingMetricReader(TallyExporter(otlp, tally, resource), interval_ms)
+            )
         elif name == "memory":
-            memory_reader = InMemoryMetricReader()
+            memory_reader = TallyMemoryReader(tally, resource)
             readers.append(memory_reader)
         elif name == "prometheus":
-            scrape_reader = InMemoryMetricReader()
+            scrape_reader = TallyMemoryReader(tally, resource)
             readers.append(scrape_reader)
             prometheus = PrometheusServer(
                 scrape_reader, host=settings.prometheus_host, port=settings.prometheus_port
@@ -248,4 +321,5 @@ def setup(settings: TelemetrySettings) -> Telemetry:
         spans=spans,
         metric_reader=memory_reader,
         prometheus=prometheus,
+        tally=tally,
     )
