@@ -4,11 +4,15 @@ A test feeds a client's bytes and each upstream connection's bytes and reads wha
 relay wrote to each; nothing listens or connects. The relay needs a running event loop
 (it reads the loop's clock and schedules its connects as tasks), so the harness owns
 one and :meth:`MemoryRelay.run_callbacks` runs what is ready on it, never waiting.
+Its clock stands still (:attr:`MemoryRelay.now`, moved only by :meth:`MemoryRelay.advance`)
+and routing's random choices are seeded, so a run is the same every time: what Hypothesis
+needs to replay and shrink a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,12 +72,23 @@ class MemoryPool(UpstreamPool):
         self.relay.flusher.flush()
 
 
+class ManualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when told (timers fire when it passes them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
 class MemoryRelay:
     """A gateway relay (the sample config, :data:`UPSTREAM` for the inference service)
     with one client connection; upstream connections appear in ``pool.connections``."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = ManualClockLoop()
         self.relay: Relay = self.loop.run_until_complete(self._build())
         self.pool = MemoryPool(self.relay)
         self.relay.pool = self.pool
@@ -83,7 +98,7 @@ class MemoryRelay:
 
     async def _build(self) -> Relay:
         config = EMPTY.merged(load_path(REPO / "config"), version=1, source="config")
-        state = GatewayState(config)
+        state = GatewayState(config, clock=self.loop.time, rng=random.Random(0))
         table = EndpointTable()
         discovery = StaticDiscovery([StaticInstance("inference", "w0", UPSTREAM)])
         async for update in discovery.updates():
@@ -95,6 +110,11 @@ class MemoryRelay:
         """Runs the callbacks and tasks ready on the loop (connects, scheduled flushes)."""
         for _ in range(3):
             self.loop.run_until_complete(asyncio.sleep(0))
+
+    def advance(self, seconds: float) -> None:
+        """Moves the clock on and runs the timers now due (the relay's tick among them)."""
+        self.loop.now += seconds
+        self.run_callbacks()
 
     def call(self, function: Callable[[], object]) -> None:
         """Calls ``function`` on the running loop (as a protocol callback is), then runs

@@ -4,7 +4,8 @@ h2 is the reference HTTP/2 state machine: every frame the relay writes is parsed
 checked by it on both sides (a protocol, flow-control or header error there is a relay
 bug). The client opens unary and bidi-streaming calls, sends messages of random sizes
 (large ones span several WINDOW_UPDATEs on both hops), ends or cancels them; the server
-answers, resets, or sends GOAWAY and closes; either pings. Checked after every step:
+answers, resets, or sends GOAWAY and closes; either pings; each peer reads (credits back)
+what it received only when a rule says so, so the relay's queues fill and drain. Checked after every step:
 no frame h2 rejects, no negative window in the relay; a call the client completes got
 exactly the response messages and status the server sent on its last attempt; and at
 the end, once every call is over, the relay holds no stream and no exchange.
@@ -78,6 +79,8 @@ class Server:
     transport: MemoryTransport
     h2: H2Connection
     alive: bool = True
+    #: Data received and not yet read (acknowledged): flow length by stream.
+    unread: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,21 +99,29 @@ class Attempt:
     over: bool = False
 
 
-def _config(client_side: bool) -> H2Configuration:
-    return H2Configuration(client_side=client_side, header_encoding=None)
+def _peer(client_side: bool) -> H2Connection:
+    conn = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
+    conn.initiate_connection()
+    # As gRPC peers do: a connection window larger than a stream's, so a stream's own
+    # window is what stops it.
+    conn.increment_flow_control_window(1 << 20)
+    return conn
 
 
 class RelayMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.mesh = MemoryRelay()
-        self.client = H2Connection(_config(True))
-        self.client.initiate_connection()
+        self.client = _peer(True)
         self.calls: dict[int, Call] = {}
         self.by_stream: dict[int, Call] = {}
         self.servers: list[Server] = []
+        #: What the client received and has not read yet: a slow reader's window closes.
+        self.client_unread: dict[int, int] = {}
         self.attempts: dict[tuple[int, int], Attempt] = {}
         self.last_attempt: dict[int, Attempt] = {}
+        #: An h2 connection failed: teardown's checks would only fail again.
+        self.broken = False
         self.pump()
 
     # -- moving bytes ----------------------------------------------------------------
@@ -123,9 +134,7 @@ class RelayMachine(RuleBasedStateMachine):
                 moved = True
                 self.mesh.from_client(out)
             for upstream, transport in self.mesh.pool.connections[len(self.servers) :]:
-                conn = H2Connection(_config(False))
-                conn.initiate_connection()
-                self.servers.append(Server(upstream, transport, conn))
+                self.servers.append(Server(upstream, transport, _peer(False)))
             for server in self.servers:
                 out = server.h2.data_to_send()
                 if out and server.alive:
@@ -144,11 +153,11 @@ class RelayMachine(RuleBasedStateMachine):
                 return
         raise AssertionError("bytes still moving after 10000 passes")
 
-    @staticmethod
-    def _receive(conn: H2Connection, data: bytes, side: str) -> list[h2.events.Event]:
+    def _receive(self, conn: H2Connection, data: bytes, side: str) -> list[h2.events.Event]:
         try:
             return conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
+            self.broken = True
             raise AssertionError(f"the relay sent the {side} a frame h2 rejects: {exc!r}") from exc
 
     def _send_pending(self) -> bool:
@@ -235,7 +244,10 @@ class RelayMachine(RuleBasedStateMachine):
             attempt = self.attempts.get(key)
             if isinstance(event, h2.events.DataReceived):
                 assert attempt is not None
-                server.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                unread = server.unread
+                unread[event.stream_id] = (
+                    unread.get(event.stream_id, 0) + event.flow_controlled_length
+                )
             elif isinstance(event, h2.events.StreamEnded):
                 assert attempt is not None
                 attempt.request_ended = True
@@ -360,6 +372,28 @@ class RelayMachine(RuleBasedStateMachine):
                 attempt.over = True
         self.pump()
 
+    @staticmethod
+    def _read(conn: H2Connection, unread: dict[int, int], data: st.DataObject) -> None:
+        """Reads one stream's data or everything: one stream's window stays spent while
+        the connection's, credited by the others, does not."""
+        streams = data.draw(st.sampled_from([[s] for s in sorted(unread)] + [sorted(unread)]))
+        for stream_id in streams:
+            conn.acknowledge_received_data(unread.pop(stream_id), stream_id)
+
+    @precondition(lambda self: self.client_unread)
+    @rule(data=st.data())
+    def client_reads(self, data: st.DataObject) -> None:
+        """The client reads what it received (until then its windows stay spent)."""
+        self._read(self.client, self.client_unread, data)
+        self.pump()
+
+    @precondition(lambda self: any(s.alive and s.unread for s in self.servers))
+    @rule(data=st.data())
+    def server_reads(self, data: st.DataObject) -> None:
+        server = data.draw(st.sampled_from([s for s in self.servers if s.alive and s.unread]))
+        self._read(server.h2, server.unread, data)
+        self.pump()
+
     @rule(from_client=st.booleans(), opaque=st.binary(min_size=8, max_size=8))
     def ping(self, from_client: bool, opaque: bytes) -> None:
         alive = [s for s in self.servers if s.alive]
@@ -381,6 +415,8 @@ class RelayMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            if self.broken:
+                return
             # Every call still open ends: the client cancels it.
             for call in self.calls.values():
                 if not call.over:
@@ -401,8 +437,8 @@ class RelayMachine(RuleBasedStateMachine):
 #: RELAY_H2_EXAMPLES=2000 explores new random ones.
 _EXPLORE = int(os.environ.get("RELAY_H2_EXAMPLES", "0"))
 RelayMachine.TestCase.settings = settings(
-    max_examples=_EXPLORE or 60,
-    stateful_step_count=40,
+    max_examples=_EXPLORE or 80,
+    stateful_step_count=50,
     derandomize=not _EXPLORE,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
