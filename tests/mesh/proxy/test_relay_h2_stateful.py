@@ -23,6 +23,7 @@ from typing import Any
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hypothesis import HealthCheck, settings
@@ -45,6 +46,8 @@ FAULT_CODES = {
     h2.errors.ErrorCodes.COMPRESSION_ERROR,
 }
 sizes = st.integers(min_value=0, max_value=150_000)
+#: Metadata sizes: most small, some over a frame (HEADERS + CONTINUATION on both hops).
+pads = st.sampled_from([0, 0, 10, 20_000])
 
 
 def message(size: int) -> bytes:
@@ -120,6 +123,11 @@ class RelayMachine(RuleBasedStateMachine):
         self.client_unread: dict[int, int] = {}
         self.attempts: dict[tuple[int, int], Attempt] = {}
         self.last_attempt: dict[int, Attempt] = {}
+        #: Each call's padding metadata (large ones need CONTINUATION frames).
+        self.pads: dict[int, bytes] = {}
+        #: Whose SETTINGS lowered the initial window: the relay's send windows toward it
+        #: may then be negative, as RFC 9113 §6.9.2 allows.
+        self.lowered: set[int] = set()
         #: An h2 connection failed: teardown's checks would only fail again.
         self.broken = False
         self.pump()
@@ -237,7 +245,9 @@ class RelayMachine(RuleBasedStateMachine):
                 raise AssertionError(f"the relay sent the server GOAWAY: {event}")
             key = (id(server), getattr(event, "stream_id", 0) or 0)
             if isinstance(event, h2.events.RequestReceived):
-                number = int(dict(event.headers)[b"x-call"])
+                headers = dict(event.headers)
+                number = int(headers[b"x-call"])
+                assert headers[b"x-pad"] == self.pads[number], f"call {number}: metadata changed"
                 opened = Attempt(server, event.stream_id, number)
                 self.attempts[key] = self.last_attempt[number] = opened
                 continue
@@ -258,11 +268,12 @@ class RelayMachine(RuleBasedStateMachine):
 
     # -- rules -------------------------------------------------------------------------
 
-    @rule(streaming=st.booleans(), size=sizes)
-    def open_call(self, streaming: bool, size: int) -> None:
+    @rule(streaming=st.booleans(), size=sizes, pad=pads)
+    def open_call(self, streaming: bool, size: int, pad: int) -> None:
         number = len(self.calls)
         stream_id = self.client.get_next_available_stream_id()
         call = Call(number, stream_id, streaming)
+        self.pads[number] = b"p" * pad
         self.calls[number] = self.by_stream[stream_id] = call
         headers = [
             (b":method", b"POST"),
@@ -272,6 +283,7 @@ class RelayMachine(RuleBasedStateMachine):
             (b"content-type", b"application/grpc"),
             (b"te", b"trailers"),
             (b"x-call", str(number).encode()),
+            (b"x-pad", b"p" * pad),
         ]
         self.client.send_headers(stream_id, headers)
         if not streaming:
@@ -316,8 +328,8 @@ class RelayMachine(RuleBasedStateMachine):
         ]
 
     @precondition(lambda self: self._answerable())
-    @rule(data=st.data(), status=st.sampled_from([b"0", b"3", b"5"]))
-    def server_answer(self, data: st.DataObject, status: bytes) -> None:
+    @rule(data=st.data(), status=st.sampled_from([b"0", b"3", b"5"]), pad=pads)
+    def server_answer(self, data: st.DataObject, status: bytes, pad: int) -> None:
         attempt = data.draw(st.sampled_from(self._answerable()))
         if self.calls[attempt.call].streaming:
             replies = data.draw(st.lists(sizes, max_size=3))
@@ -334,7 +346,7 @@ class RelayMachine(RuleBasedStateMachine):
             attempt.pending += reply(size)
             attempt.sent += reply(size)
         attempt.status = status
-        attempt.trailers = [(b"grpc-status", status)]
+        attempt.trailers = [(b"grpc-status", status), (b"x-pad", b"t" * pad)]
         self.pump()
 
     @precondition(lambda self: self._answerable())
@@ -404,13 +416,26 @@ class RelayMachine(RuleBasedStateMachine):
 
     # -- invariants ----------------------------------------------------------------------
 
+    @rule(data=st.data(), window=st.sampled_from([1000, 16_384, 65_535, 1 << 20]))
+    def peer_settings(self, data: st.DataObject, window: int) -> None:
+        """A peer changes its initial stream window mid-call (every open stream's moves)."""
+        peers = [(self.mesh.client, self.client)] + [
+            (s.upstream, s.h2) for s in self.servers if s.alive
+        ]
+        relay_conn, peer = data.draw(st.sampled_from(peers))
+        if window < peer.local_settings.initial_window_size:
+            self.lowered.add(id(relay_conn))
+        peer.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.pump()
+
     @invariant()
     def windows_never_negative(self) -> None:
         conns: list[Any] = [self.mesh.client, *(s.upstream for s in self.servers if s.alive)]
         for conn in conns:
             assert conn.send_window >= 0 and conn.recv_window >= 0, conn
             for side in conn.streams.values():
-                assert side.send_window >= 0 and side.recv_window >= 0, (conn, side.id)
+                assert side.recv_window >= 0, (conn, side.id)
+                assert side.send_window >= 0 or id(conn) in self.lowered, (conn, side.id)
 
     def teardown(self) -> None:
         try:
