@@ -4,8 +4,9 @@ h2 is the reference HTTP/2 state machine: every frame the relay writes is parsed
 checked by it on both sides (a protocol, flow-control or header error there is a relay
 bug). The client opens unary and bidi-streaming calls, sends messages of random sizes
 (large ones span several WINDOW_UPDATEs on both hops), ends or cancels them; the server
-answers, resets, or sends GOAWAY and closes; either pings; each peer reads (credits back)
-what it received only when a rule says so, so the relay's queues fill and drain. Checked after every step:
+answers, resets, or sends GOAWAY and closes; either pings or changes its initial window;
+metadata is sometimes larger than a frame; each peer reads (credits back) what it
+received only when a rule says so, so the relay's queues fill and drain. Checked after every step:
 no frame h2 rejects, no negative window in the relay; a call the client completes got
 exactly the response messages and status the server sent on its last attempt; and at
 the end, once every call is over, the relay holds no stream and no exchange.
