@@ -74,6 +74,7 @@ class Call:
     request_ended: bool = False
     data: bytearray = field(default_factory=bytearray)
     status: bytes | None = None
+    trailer_pad: bytes = b""
     over: bool = False
 
 
@@ -99,6 +100,7 @@ class Attempt:
     trailers: list[tuple[bytes, bytes]] | None = None
     sent: bytearray = field(default_factory=bytearray)
     status: bytes | None = None
+    pad: bytes = b""
     answered: bool = False
     over: bool = False
 
@@ -220,6 +222,8 @@ class RelayMachine(RuleBasedStateMachine):
                 for name, value in event.headers:
                     if name == b"grpc-status":
                         call.status = value
+                    elif name == b"x-pad":
+                        call.trailer_pad = value
             elif isinstance(event, h2.events.StreamEnded):
                 assert call is not None
                 call.over = True
@@ -236,6 +240,7 @@ class RelayMachine(RuleBasedStateMachine):
         if attempt is not None and attempt.answered:
             assert call.status == attempt.status, (call.number, call.status, attempt.status)
             assert bytes(call.data) == bytes(attempt.sent), f"call {call.number}: other messages"
+            assert call.trailer_pad == attempt.pad, f"call {call.number}: trailers changed"
         else:
             # The relay answered (a reset or lost upstream, a refused call): an error.
             assert call.status != b"0" and not call.data, (call.number, call.status)
@@ -347,7 +352,8 @@ class RelayMachine(RuleBasedStateMachine):
             attempt.pending += reply(size)
             attempt.sent += reply(size)
         attempt.status = status
-        attempt.trailers = [(b"grpc-status", status), (b"x-pad", b"t" * pad)]
+        attempt.pad = b"t" * pad
+        attempt.trailers = [(b"grpc-status", status), (b"x-pad", attempt.pad)]
         self.pump()
 
     @precondition(lambda self: self._answerable())
