@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from gateway.discovery import StaticInstance
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway.harness import REPO, infer, mesh
+from tests.support.istio_yaml import routed_to, version_subsets
 
 CANARY = (REPO / "config" / "examples" / "canary-90-10.yaml").read_text()
 
@@ -285,31 +286,6 @@ async def test_a_changed_config_file_is_picked_up(tmp_path: Path) -> None:
         assert reply.model_version in ("1", "2")  # the canary now sets the version
 
 
-SUBSETS = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: inference}
-spec:
-  host: inference
-  subsets:
-    - {name: v1, labels: {version: v1}}
-"""
-
-
-def routed_to(destination: str) -> str:
-    host, _, subset = destination.partition("/")
-    subset_field = f", subset: {subset}" if subset else ""
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: inference}}
-spec:
-  hosts: [inference]
-  http:
-    - route: [{{destination: {{host: {host}{subset_field}}}}}]
-"""
-
-
 @pytest.mark.parametrize(
     ("yaml", "problem"),
     [
@@ -324,7 +300,7 @@ spec:
         ),
         # v1 exists, but no instance carries version=v1: inference would have no route.
         (
-            SUBSETS + "---" + routed_to("inference/v1"),
+            version_subsets("v1") + "---" + routed_to("inference/v1"),
             "spec.http[0].route: host 'inference' is served now (3 registered instances) but "
             "no destination of http[0] reaches one",
         ),

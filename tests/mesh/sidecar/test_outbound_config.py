@@ -26,6 +26,7 @@ from registry.schema import Indices
 from registry.store import Store
 from tests.gateway.backends import FakeWorker
 from tests.gateway.harness import ADMIN_METADATA, REPO, admin_guard
+from tests.support.istio_yaml import BAD_SUBSET
 
 TD = "cluster.local"
 #: A header-matched route to a subset: canary callers reach v2, everyone else v1.
@@ -60,17 +61,6 @@ spec:
       labels: {version: v2}
 """
 #: Parses, but routes to a subset no DestinationRule defines: the merge refuses it.
-BAD_SUBSET = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: inference
-spec:
-  hosts: [inference]
-  http:
-    - route:
-        - destination: {host: inference, subset: nowhere}
-"""
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
