@@ -44,3 +44,19 @@ spec:
   http:
     - route: [{{destination: {{host: {host}{subset_field}}}}}]
 """
+
+
+def lane_subsets(host: str = "inference") -> str:
+    """A round-robin DestinationRule for ``host`` with two subsets by the ``lane`` label,
+    live and shadow: the split the mirror tests route to and mirror into."""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {host}}}
+spec:
+  host: {host}
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+  subsets:
+    - {{name: live, labels: {{lane: live}}}}
+    - {{name: shadow, labels: {{lane: shadow}}}}
+"""
