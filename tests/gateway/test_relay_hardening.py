@@ -20,10 +20,10 @@ from mesh.proxy import frames as f
 from mesh.proxy.hpack_codec import Header
 from mesh.routing.limits import RelayLimits
 from mesh.server.app import ServerSettings, Serving
-from mesh.server.testing import serve
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.backends import FakeWorker
+from tests.gateway.harness import serve_workers
 from tests.gateway.test_relay import until
 from tests.gateway.test_relay_protocol import ABUSER, RawClient, connect_raw
 
@@ -97,11 +97,7 @@ async def edge(
 ) -> AsyncIterator[Edge]:
     (tmp_path / "inference.yaml").write_text(config)
     async with AsyncExitStack() as stack:
-        workers = [FakeWorker(f"w{i}") for i in range(n)]
-        addresses = []
-        for worker in workers:
-            serving, _ = await stack.enter_async_context(serve(worker.services()))
-            addresses.append(serving.address)
+        workers, addresses = await serve_workers(stack, n)
         gateway = Gateway(
             StaticDiscovery(
                 [
