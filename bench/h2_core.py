@@ -32,27 +32,12 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, StreamEnded
 
-from bench.relay_cpu import MemoryTransport
+from bench.relay_cpu import BODY, REQUEST_HEADERS, RESPONSE_HEADERS, TRAILERS, MemoryTransport
 from bench.relay_cpu import run as relay_run
 from mesh.proxy import frames as f
 from mesh.proxy.connection import Connection, Flusher, Side
 from mesh.proxy.hpack_codec import Header
-from protos.inference import grpc_service_pb2 as pb
 
-REQUEST_HEADERS: list[Header] = [
-    (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
-    (b":authority", b"127.0.0.1:8080"),
-    (b":method", b"POST"),
-    (b":scheme", b"http"),
-    (b"content-type", b"application/grpc"),
-    (b"te", b"trailers"),
-    (b"grpc-accept-encoding", b"identity, deflate, gzip"),
-    (b"user-agent", b"grpc-python-asyncio/1.85.1 grpc-c/58.0.0 (linux; chttp2)"),
-]
-RESPONSE_HEADERS: list[Header] = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-TRAILERS: list[Header] = [(b"grpc-status", b"0")]
-_MESSAGE = pb.ModelInferRequest(model_name="resnet", model_version="3").SerializeToString()
-BODY = b"\x00" + len(_MESSAGE).to_bytes(4, "big") + _MESSAGE
 #: Both peers grant all the window there is (as relay_cpu's do): nothing ever queues.
 ENDLESS = f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW}) + f.window_update(
     0, f.MAX_WINDOW - f.DEFAULT_WINDOW

@@ -4,7 +4,6 @@ services (Admin, health, reflection), the discovery loop and config hot reload."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import ssl
@@ -28,6 +27,7 @@ from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.server.private import PrivateSocket
+from mesh.server.tasks import cancel_all
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.metrics import MeshMetrics
 from mesh.telemetry.setup import Telemetry
@@ -243,9 +243,4 @@ class Gateway:
         self.endpoints_changed = asyncio.Event()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from typing import TypeVar
 
 import grpc.aio
 from rich.console import Console
@@ -21,6 +22,8 @@ from mesh.config.loader import Document, parse_yaml
 from mesh.config.snapshot import MeshConfig
 from mesh.routing.diff import diff_lines, routing_diff
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
+
+_Reply = TypeVar("_Reply")
 
 out = Console()
 
@@ -115,6 +118,17 @@ async def _call(args: argparse.Namespace, rpc: str, request: object) -> object:
         return await method(request, timeout=10, metadata=metadata)
 
 
+async def _dump_then(
+    args: argparse.Namespace, rpc: str, request: object, reply_type: type[_Reply]
+) -> tuple[admin_pb2.ConfigDump, _Reply]:
+    """The running config, then one change to it: the dump is what the diff starts from."""
+    dump = await _call(args, "DumpConfig", admin_pb2.DumpConfigRequest())
+    reply = await _call(args, rpc, request)
+    assert isinstance(dump, admin_pb2.ConfigDump)
+    assert isinstance(reply, reply_type)
+    return dump, reply
+
+
 def _running(dump: admin_pb2.ConfigDump) -> MeshConfig:
     """The gateway's running config, rebuilt here from its dump (for the diff)."""
     docs = [d for r in dump.resources for d in parse_yaml(r.yaml, "gateway")]
@@ -164,16 +178,10 @@ def apply_config(args: argparse.Namespace) -> int:
     request = admin_pb2.ApplyConfigRequest(
         yaml="\n---\n".join(texts), expected_version=args.expected_version, dry_run=args.dry_run
     )
-
-    async def dry_run() -> tuple[admin_pb2.ApplyConfigResponse, admin_pb2.ConfigDump]:
-        dump = await _call(args, "DumpConfig", admin_pb2.DumpConfigRequest())
-        reply = await _call(args, "ApplyConfig", request)
-        assert isinstance(reply, admin_pb2.ApplyConfigResponse)
-        assert isinstance(dump, admin_pb2.ConfigDump)
-        return reply, dump
-
     if args.dry_run:
-        reply, dump = asyncio.run(dry_run())
+        dump, reply = asyncio.run(
+            _dump_then(args, "ApplyConfig", request, admin_pb2.ApplyConfigResponse)
+        )
         out.print(
             f"{', '.join(reply.resources)}: valid (dry run over version {dump.version}); "
             "routing would change:",
@@ -194,15 +202,9 @@ def rollback_config(args: argparse.Namespace) -> int:
     request = admin_pb2.RollbackConfigRequest(
         expected_version=args.expected_version, dry_run=args.dry_run
     )
-
-    async def calls() -> tuple[admin_pb2.ConfigDump, admin_pb2.RollbackConfigResponse]:
-        before = await _call(args, "DumpConfig", admin_pb2.DumpConfigRequest())
-        reply = await _call(args, "RollbackConfig", request)
-        assert isinstance(before, admin_pb2.ConfigDump)
-        assert isinstance(reply, admin_pb2.RollbackConfigResponse)
-        return before, reply
-
-    before, reply = asyncio.run(calls())
+    before, reply = asyncio.run(
+        _dump_then(args, "RollbackConfig", request, admin_pb2.RollbackConfigResponse)
+    )
     verb = "would restore" if args.dry_run else f"restored as version {reply.version}"
     out.print(f"{verb} {reply.restored}", highlight=False)
     if not args.dry_run:

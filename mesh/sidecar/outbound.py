@@ -17,7 +17,6 @@ edits are the relay's own, as on the gateway.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
 from mesh.routing.limits import RelayLimits
 from mesh.routing.pipeline import ConfigPipeline, VersionStore
 from mesh.routing.state import GatewayState
+from mesh.server.tasks import cancel_all
 from mesh.telemetry.setup import Telemetry
 
 log = logging.getLogger(__name__)
@@ -99,11 +99,6 @@ class Outbound:
 
     async def drain(self, grace: float) -> None:
         """Stops following the sources, then drains the relay (in-flight calls finish)."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         if self.relay is not None:
             await self.relay.drain(grace)

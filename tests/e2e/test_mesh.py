@@ -35,6 +35,7 @@ from registry.connect import StoreSettings
 from registry.embedded import EmbeddedStore
 from registry.store import open_store
 from tests.gateway.harness import WithMetadata
+from tests.support.istio_yaml import BAD_SUBSET
 from tests.support.processes import ENV, REPO, Launched, cli, group_members
 from workers.inference.stats import LoadReport
 from workers.inference.testing import FP32, MLP, model_config, populate, publish, seeded
@@ -331,19 +332,6 @@ async def test_fault_injection_hits_its_percentage(
 
 async def one_plain(stub: pb_grpc.GRPCInferenceServiceAsyncStub) -> bool:
     return (await stub.ModelInfer(infer("beta", "2"), timeout=10)).model_version == "2"
-
-
-BAD_SUBSET = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: inference
-spec:
-  hosts: [inference]
-  http:
-    - route:
-        - destination: {host: inference, subset: nowhere}
-"""
 
 
 async def test_a_broken_config_is_rejected_and_the_old_one_keeps_routing(

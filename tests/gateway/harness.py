@@ -91,14 +91,21 @@ class Mesh:
             await asyncio.wait_for(self.gateway.endpoints_changed.wait(), timeout=10)
 
 
+async def serve_workers(stack: AsyncExitStack, n: int) -> tuple[list[FakeWorker], list[str]]:
+    """``n`` fake workers named w0, w1, …, each served on a free port until ``stack``
+    closes, and their addresses in the same order."""
+    workers = [FakeWorker(f"w{i}") for i in range(n)]
+    addresses = []
+    for worker in workers:
+        serving, _ = await stack.enter_async_context(serve(worker.services()))
+        addresses.append(serving.address)
+    return workers, addresses
+
+
 @asynccontextmanager
 async def mesh(n: int = 3, config_dir: Path | None = REPO / "config") -> AsyncIterator[Mesh]:
     async with AsyncExitStack() as stack:
-        workers = [FakeWorker(f"w{i}") for i in range(n)]
-        addresses = []
-        for worker in workers:
-            serving, _ = await stack.enter_async_context(serve(worker.services()))
-            addresses.append(serving.address)
+        workers, addresses = await serve_workers(stack, n)
         instances = [
             StaticInstance(service, f"{w.name}-{service}", a)
             for w, a in zip(workers, addresses, strict=True)

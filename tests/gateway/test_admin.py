@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from gateway.discovery import StaticInstance
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway.harness import REPO, infer, mesh
+from tests.support.istio_yaml import lane_subsets, routed_to, version_subsets
 
 CANARY = (REPO / "config" / "examples" / "canary-90-10.yaml").read_text()
 
@@ -174,7 +175,8 @@ async def test_reflection_lists_every_mesh_service_through_the_gateway() -> None
         assert responses[1].file_descriptor_response.file_descriptor_proto
 
 
-MIRROR_AND_HEADERS = """
+MIRROR_AND_HEADERS = (
+    """
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: inference}
@@ -186,17 +188,10 @@ spec:
         response: {set: {x-served-by: meshserve}}
       mirror: {host: inference, subset: shadow}
       route: [{destination: {host: inference, subset: live}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: inference}
-spec:
-  host: inference
-  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
-  subsets:
-    - {name: live, labels: {lane: live}}
-    - {name: shadow, labels: {lane: shadow}}
 """
+    + "---"
+    + lane_subsets()
+)
 
 
 async def test_mirror_copies_calls_and_header_edits_apply_both_ways() -> None:
@@ -285,31 +280,6 @@ async def test_a_changed_config_file_is_picked_up(tmp_path: Path) -> None:
         assert reply.model_version in ("1", "2")  # the canary now sets the version
 
 
-SUBSETS = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: inference}
-spec:
-  host: inference
-  subsets:
-    - {name: v1, labels: {version: v1}}
-"""
-
-
-def routed_to(destination: str) -> str:
-    host, _, subset = destination.partition("/")
-    subset_field = f", subset: {subset}" if subset else ""
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: inference}}
-spec:
-  hosts: [inference]
-  http:
-    - route: [{{destination: {{host: {host}{subset_field}}}}}]
-"""
-
-
 @pytest.mark.parametrize(
     ("yaml", "problem"),
     [
@@ -324,7 +294,7 @@ spec:
         ),
         # v1 exists, but no instance carries version=v1: inference would have no route.
         (
-            SUBSETS + "---" + routed_to("inference/v1"),
+            version_subsets("v1") + "---" + routed_to("inference/v1"),
             "spec.http[0].route: host 'inference' is served now (3 registered instances) but "
             "no destination of http[0] reaches one",
         ),

@@ -20,21 +20,11 @@ from registry.config_store import ConfigStore
 from registry.connect import StoreSettings
 from registry.embedded import EmbeddedStore
 from registry.store import Store, open_store
+from tests.support.istio_yaml import BAD_SUBSET
 
 REPO = Path(__file__).resolve().parents[2]
 
 CANARY = (REPO / "config" / "examples" / "canary-90-10.yaml").read_text()
-BAD_SUBSET = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: inference
-spec:
-  hosts: [inference]
-  http:
-    - route:
-        - destination: {host: inference, subset: nowhere}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,12 @@ from mesh.proxy import frames as f
 from mesh.proxy.hpack_codec import Header
 from mesh.routing.limits import RelayLimits
 from mesh.server.app import ServerSettings, Serving
-from mesh.server.testing import serve
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.backends import FakeWorker
+from tests.gateway.harness import serve_workers
 from tests.gateway.test_relay import until
-from tests.gateway.test_relay_protocol import ABUSER, RawClient
+from tests.gateway.test_relay_protocol import ABUSER, RawClient, connect_raw
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 READY = "/inference.GRPCInferenceService/ModelReady"
@@ -97,11 +97,7 @@ async def edge(
 ) -> AsyncIterator[Edge]:
     (tmp_path / "inference.yaml").write_text(config)
     async with AsyncExitStack() as stack:
-        workers = [FakeWorker(f"w{i}") for i in range(n)]
-        addresses = []
-        for worker in workers:
-            serving, _ = await stack.enter_async_context(serve(worker.services()))
-            addresses.append(serving.address)
+        workers, addresses = await serve_workers(stack, n)
         gateway = Gateway(
             StaticDiscovery(
                 [
@@ -123,22 +119,6 @@ async def edge(
                     worker.hold.set()
             await channel.close()
             await serving.drain(grace=0)
-
-
-@asynccontextmanager
-async def client(
-    e: Edge, *, source: str | None = None, preface: bool = True
-) -> AsyncIterator[RawClient]:
-    host, port = e.serving.address.rsplit(":", 1)
-    local = (source, 0) if source is not None else None
-    reader, writer = await asyncio.open_connection(host, int(port), local_addr=local)
-    raw = RawClient(reader, writer)
-    if preface:
-        raw.send(f.PREFACE + f.settings({}))
-    try:
-        yield raw
-    finally:
-        writer.close()
 
 
 def _send(
@@ -224,7 +204,7 @@ async def test_malformed_calls_are_answered_by_the_relay_and_never_count_against
 ) -> None:
     """The issue's attack: each of these ejected a healthy worker (consecutive errors 1
     here). The relay answers them itself; outlier detection never hears of them."""
-    async with edge(tmp_path) as e, client(e) as raw:
+    async with edge(tmp_path) as e, connect_raw(e.serving.address) as raw:
         for i, (name, headers, body, code, words) in enumerate(MALFORMED * 3):
             sid = 2 * i + 1
             _send(raw, sid, INFER, headers, end=body is None)
@@ -256,7 +236,7 @@ async def test_a_call_that_never_sends_its_message_ends_at_the_route_timeout_unc
     """HEADERS only on a route with a 1 s timeout: DEADLINE_EXCEEDED from the call's first
     byte, not the worker's fault (consecutiveGatewayErrors 1 would eject it) — whether the
     call was routed at once or waits for the message its ring hashes on."""
-    async with edge(tmp_path, config=config) as e, client(e) as raw:
+    async with edge(tmp_path, config=config) as e, connect_raw(e.serving.address) as raw:
         relay = e.gateway.relay
         assert relay is not None
         assert relay.needs_message(INFER) is (config is HASHED)
@@ -292,25 +272,25 @@ async def test_idle_connections_and_streams_are_closed_at_their_timeouts(tmp_pat
         relay = e.gateway.relay
         assert relay is not None
         # A connection that sends nothing at all: closed at request_headers_timeout.
-        async with client(e, preface=False) as silent:
+        async with connect_raw(e.serving.address, preface=False) as silent:
             assert await _eof_or_goaway(silent) in (
                 None,
                 (f.NO_ERROR, b"no request headers within 0.5s"),
             )
         # The preface and SETTINGS, then nothing: the same.
-        async with client(e) as quiet:
+        async with connect_raw(e.serving.address) as quiet:
             assert await _eof_or_goaway(quiet) == (f.NO_ERROR, b"no request headers within 0.5s")
         # A stream that sends only HEADERS on a route with no timeout: the stream idle
         # timeout ends it (DEADLINE_EXCEEDED), uncounted; then the connection, without
         # streams, is closed at the idle timeout.
-        async with client(e) as idle:
+        async with connect_raw(e.serving.address) as idle:
             _send(idle, 1, STREAM, BASE, end=False)
             _, trailers = await idle.until_end(1)
             assert trailers is not None and b"stream idle for 1s" in trailers
             assert _status(trailers) == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
             assert await _eof_or_goaway(idle) == (f.NO_ERROR, b"idle for 1.5s")
         # A header block whose CONTINUATION never comes: closed at request_headers_timeout.
-        async with client(e) as split:
+        async with connect_raw(e.serving.address) as split:
             _send(split, 1, INFER, _without(b"te"), end=True)  # answered at once
             _, trailers = await split.until_end(1)
             assert _status(trailers) == grpc.StatusCode.INTERNAL.value[0]
@@ -329,7 +309,7 @@ async def test_a_connection_past_its_max_duration_is_told_goaway_and_drains(
     tmp_path: Path,
 ) -> None:
     limits = RelayLimits(max_connection_duration=1.0)
-    async with edge(tmp_path, limits) as e, client(e) as raw:
+    async with edge(tmp_path, limits) as e, connect_raw(e.serving.address) as raw:
         _send(raw, 1, STREAM, BASE, end=False)  # open, no message yet
         got = await raw.next_frame(timeout=20)
         while got is not None and got[0] != f.GOAWAY:
@@ -356,7 +336,10 @@ async def test_per_source_limits_hold_while_another_client_keeps_its_throughput(
     async with edge(tmp_path, limits) as e:
         relay = e.gateway.relay
         assert relay is not None
-        async with client(e, source=ABUSER) as a, client(e, source=ABUSER) as b:
+        async with (
+            connect_raw(e.serving.address, source=ABUSER) as a,
+            connect_raw(e.serving.address, source=ABUSER) as b,
+        ):
             # Held streams (HEADERS only, no route timeout) up to the source's limit...
             for sid in range(1, 17, 2):
                 _send(a, sid, STREAM, BASE, end=False)
@@ -367,7 +350,7 @@ async def test_per_source_limits_hold_while_another_client_keeps_its_throughput(
             assert _status(trailers) == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
             assert trailers is not None and b"127.0.0.2 has 8 streams open" in trailers
             # A third connection from the same address is refused outright.
-            async with client(e, source=ABUSER) as c:
+            async with connect_raw(e.serving.address, source=ABUSER) as c:
                 assert await _eof_or_goaway(c) == (
                     f.ENHANCE_YOUR_CALM,
                     b"127.0.0.2 has 2 connections open",
@@ -391,7 +374,7 @@ async def test_per_source_limits_hold_while_another_client_keeps_its_throughput(
 @pytest.mark.parametrize("path", [STREAM])
 async def test_a_bidi_stream_may_end_without_a_message(tmp_path: Path, path: str) -> None:
     """Client streaming methods are not judged by message count."""
-    async with edge(tmp_path) as e, client(e) as raw:
+    async with edge(tmp_path) as e, connect_raw(e.serving.address) as raw:
         _send(raw, 1, path, BASE, end=True)
         _, trailers = await raw.until_end(1)
         assert _status(trailers) == 0
@@ -422,7 +405,7 @@ spec:
 async def test_a_client_cancellation_neither_counts_nor_forgives(tmp_path: Path) -> None:
     """A cancel is the client's doing: it must not count against the worker, nor reset
     its run of errors (else a client could keep a failing worker in service)."""
-    async with edge(tmp_path, config=TWO_STRIKES, n=1) as e, client(e) as raw:
+    async with edge(tmp_path, config=TWO_STRIKES, n=1) as e, connect_raw(e.serving.address) as raw:
         worker, address = e.workers[0], e.addresses[0]
         cluster = e.gateway.state.clusters.cluster("inference")
         assert cluster.outliers is not None

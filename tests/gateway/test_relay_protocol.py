@@ -26,7 +26,6 @@ from tests.gateway.test_relay import (
     SERVICE,
     UNARY,
     MiB,
-    Setup,
     Upstream,
     relayed,
     until,
@@ -101,16 +100,23 @@ class RawClient:
 
 
 @asynccontextmanager
-async def raw_client(
-    s: Setup, settings: dict[int, int] | None = None, *, source: str | None = None
+async def connect_raw(
+    address: str,
+    settings: dict[int, int] | None = None,
+    *,
+    source: str | None = None,
+    preface: bool = True,
 ) -> AsyncIterator[RawClient]:
-    """A raw connection to the relay; ``source``: another loopback address to connect
-    from (a client the relay tells apart from the test's gRPC channel, on 127.0.0.1)."""
-    host, port = s.serving.address.rsplit(":", 1)
+    """A raw connection to the relay at ``address``, closed on the way out. ``source``:
+    another loopback address to connect from (a client the relay tells apart from the
+    test's gRPC channel, on 127.0.0.1); ``preface``: False to send nothing at all, for a
+    test about a client that never opens properly."""
+    host, port = address.rsplit(":", 1)
     local = (source, 0) if source is not None else None
     reader, writer = await asyncio.open_connection(host, int(port), local_addr=local)
     client = RawClient(reader, writer)
-    client.send(f.PREFACE + f.settings(settings or {}))
+    if preface:
+        client.send(f.PREFACE + f.settings(settings or {}))
     try:
         yield client
     finally:
@@ -120,7 +126,7 @@ async def raw_client(
 async def test_an_oversized_header_list_fails_its_stream_not_the_connection() -> None:
     """RFC 9113 §10.5.1: a header list over SETTINGS_MAX_HEADER_LIST_SIZE is the one
     stream's problem; the other calls multiplexed on the connection go on."""
-    async with relayed() as s, raw_client(s) as client:
+    async with relayed() as s, connect_raw(s.serving.address) as client:
         big = [(b"x-big-%d" % i, b"v" * 1000) for i in range(80)]  # ~80 KiB > 64 KiB
         client.request(1, UNARY, big, end=True)
         client.request(3, UNARY, end=False)
@@ -135,7 +141,7 @@ async def test_an_oversized_header_list_fails_its_stream_not_the_connection() ->
 async def test_draining_delivers_responses_still_queued_for_a_slow_client() -> None:
     """A call whose upstream has finished can still be queued for the client's window;
     draining waits for it as for a call in flight (the client would see a cut response)."""
-    async with relayed() as s, raw_client(s) as client:
+    async with relayed() as s, connect_raw(s.serving.address) as client:
         relay = s.gateway.relay
         assert relay is not None
         client.request(1, BIDI, end=False)
@@ -192,7 +198,10 @@ async def test_a_client_that_grants_window_but_never_reads_does_not_grow_the_rel
     2^31-1 that never reads must see the relay stop at its socket (pause_writing) and hold
     the rest in the upstream's flow-control window, not in an unbounded write buffer."""
     huge = f.MAX_WINDOW
-    async with relayed() as s, raw_client(s, {f.INITIAL_WINDOW_SIZE: huge}) as client:
+    async with (
+        relayed() as s,
+        connect_raw(s.serving.address, {f.INITIAL_WINDOW_SIZE: huge}) as client,
+    ):
         relay = s.gateway.relay
         assert relay is not None
         client.send(f.window_update(0, huge - f.DEFAULT_WINDOW))
@@ -238,64 +247,54 @@ async def gateway_to_black_hole() -> AsyncIterator[Serving]:
         hole.close()
 
 
-async def raw_connection(serving: Serving) -> RawClient:
-    host, port = serving.address.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    client = RawClient(reader, writer)
-    client.send(f.PREFACE + f.settings({}))
-    return client
-
-
 async def test_a_client_overrunning_its_window_is_stopped() -> None:
     """RFC 9113 §6.9.1: DATA past the window the relay advertised is a FLOW_CONTROL_ERROR.
     Without the check, a client could make the relay queue without bound for an upstream
     that does not read."""
     async with gateway_to_black_hole() as serving:
-        client = await raw_connection(serving)
-        client.request(1, BIDI, end=False)
-        chunk = f.frame(f.DATA, 0, 1, bytes(f.MIN_MAX_FRAME_SIZE))
-        # One frame past the 1 MiB stream window (and no more, so that the relay has read
-        # everything when it closes: unread input would turn its close into a reset).
-        for _ in range(MiB // f.MIN_MAX_FRAME_SIZE + 1):
-            client.send(chunk)
-        error = None
-        while error is None:
-            got = await client.next_frame()
-            assert got is not None, "connection closed without an error"
-            kind, _, stream_id, payload = got
-            if kind == f.GOAWAY:
-                error = f.parse_goaway(payload)[1]
-            elif kind == f.RST_STREAM and stream_id == 1:
-                error = f.parse_u32(payload)
-        assert error == f.FLOW_CONTROL_ERROR
-        client.writer.close()
+        async with connect_raw(serving.address) as client:
+            client.request(1, BIDI, end=False)
+            chunk = f.frame(f.DATA, 0, 1, bytes(f.MIN_MAX_FRAME_SIZE))
+            # One frame past the 1 MiB stream window (and no more, so that the relay has read
+            # everything when it closes: unread input would turn its close into a reset).
+            for _ in range(MiB // f.MIN_MAX_FRAME_SIZE + 1):
+                client.send(chunk)
+            error = None
+            while error is None:
+                got = await client.next_frame()
+                assert got is not None, "connection closed without an error"
+                kind, _, stream_id, payload = got
+                if kind == f.GOAWAY:
+                    error = f.parse_goaway(payload)[1]
+                elif kind == f.RST_STREAM and stream_id == 1:
+                    error = f.parse_u32(payload)
+            assert error == f.FLOW_CONTROL_ERROR
 
 
 async def test_streams_past_the_advertised_concurrency_limit_are_refused() -> None:
     """The relay advertises SETTINGS_MAX_CONCURRENT_STREAMS; a client opening more gets
     REFUSED_STREAM (RFC 9113 §5.1.2), which bounds what one connection can make it hold."""
     async with gateway_to_black_hole() as serving:
-        client = await raw_connection(serving)
-        for i in range(MAX_STREAMS + 1):
-            client.request(1 + 2 * i, BIDI, end=False)
-        last = 1 + 2 * MAX_STREAMS
-        while True:
-            got = await client.next_frame()
-            assert got is not None, "connection closed"
-            kind, _, stream_id, payload = got
-            if kind == f.RST_STREAM and stream_id == last:
-                assert f.parse_u32(payload) == f.REFUSED_STREAM
-                break
-            assert kind != f.RST_STREAM, f"stream {stream_id} reset"
-            assert kind != f.GOAWAY
-        client.writer.close()
+        async with connect_raw(serving.address) as client:
+            for i in range(MAX_STREAMS + 1):
+                client.request(1 + 2 * i, BIDI, end=False)
+            last = 1 + 2 * MAX_STREAMS
+            while True:
+                got = await client.next_frame()
+                assert got is not None, "connection closed"
+                kind, _, stream_id, payload = got
+                if kind == f.RST_STREAM and stream_id == last:
+                    assert f.parse_u32(payload) == f.REFUSED_STREAM
+                    break
+                assert kind != f.RST_STREAM, f"stream {stream_id} reset"
+                assert kind != f.GOAWAY
 
 
 async def test_streams_a_client_stops_reading_do_not_stall_other_calls() -> None:
     """RFC 9113 §5.2.2: an intermediary that credits its connection window only as each
     stream's data is written on lets a few stalled streams hold the whole upstream
     connection's window; every other call to that upstream, from any client, then hangs."""
-    async with relayed() as s, raw_client(s) as client:
+    async with relayed() as s, connect_raw(s.serving.address) as client:
         relay = s.gateway.relay
         assert relay is not None
         client.send(f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW))
@@ -405,7 +404,7 @@ async def test_a_connection_retired_while_it_connects_closes_once_up() -> None:
 async def test_data_after_the_clients_end_stream_resets_the_stream() -> None:
     """RFC 9113 §5.1: a stream the client half-closed (END_STREAM) takes no more DATA;
     that is a stream error STREAM_CLOSED, not more request bytes to forward upstream."""
-    async with relayed() as s, raw_client(s) as client:
+    async with relayed() as s, connect_raw(s.serving.address) as client:
         client.request(1, UNARY, end=False)
         client.message(1, b"hold", end=True)
         await until(lambda: bool(s.upstream.remaining))
@@ -480,13 +479,13 @@ async def _goaway_code(client: RawClient) -> int | None:
 
 async def test_a_ping_flood_is_answered_with_goaway_and_a_cool_off() -> None:
     async with relayed() as s:
-        async with raw_client(s, source=ABUSER) as client:
+        async with connect_raw(s.serving.address, source=ABUSER) as client:
             # With the opening SETTINGS, one frame over the limit, and none after it (bytes
             # arriving after the close would reset the connection before GOAWAY is read).
             client.send(f.frame(f.PING, 0, 0, b"12345678") * CONTROL_FRAMES_PER_SECOND)
             assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
         # The abuser reconnecting is refused for the cool-off...
-        async with raw_client(s, source=ABUSER) as client:
+        async with connect_raw(s.serving.address, source=ABUSER) as client:
             assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
         # ...while other clients are served.
         assert await s.unary(b"abc", timeout=10) == b"cba"
@@ -495,7 +494,7 @@ async def test_a_ping_flood_is_answered_with_goaway_and_a_cool_off() -> None:
 async def test_rapid_reset_is_answered_with_goaway_and_a_few_cancels_are_not() -> None:
     """HTTP/2 "rapid reset" (CVE-2023-44487): streams opened and reset at once."""
     async with relayed() as s:
-        async with raw_client(s, source=ABUSER) as client:
+        async with connect_raw(s.serving.address, source=ABUSER) as client:
             # A few cancelled calls, then one that completes: a normal client.
             for sid in range(1, 21, 2):
                 client.request(sid, UNARY, end=False)
@@ -512,7 +511,7 @@ async def test_rapid_reset_is_answered_with_goaway_and_a_few_cancels_are_not() -
                 client.send(f.rst_stream(sid, f.CANCEL))
             assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
         # Reconnecting at once is refused (cool-off): the abuse costs the abuser.
-        async with raw_client(s, source=ABUSER) as again:
+        async with connect_raw(s.serving.address, source=ABUSER) as again:
             assert await _goaway_code(again) == f.ENHANCE_YOUR_CALM
         relay = s.gateway.relay
         assert relay is not None

@@ -18,6 +18,7 @@ from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from protos.meshserve.mesh.v1 import admin_pb2
 from tests.gateway.harness import Mesh, infer, mesh
 from tests.gateway.test_admin import admin
+from tests.support.istio_yaml import lane_subsets
 
 FAULT = """
 apiVersion: networking.istio.io/v1
@@ -119,16 +120,6 @@ spec:
     - headers: {response: {set: {x-served-by: meshserve}, remove: [x-worker]}}
       mirror: {host: %(host)s, subset: shadow}
       route: [{destination: {host: %(host)s, subset: live}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: %(host)s}
-spec:
-  host: %(host)s
-  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
-  subsets:
-    - {name: live, labels: {lane: live}}
-    - {name: shadow, labels: {lane: shadow}}
 """
 
 
@@ -146,7 +137,10 @@ async def _mirrored(m: Mesh, shadow_address: str) -> None:
         ),
     )
     await m.wait_endpoints("inference", 2)
-    await _apply(m, "---\n".join(MIRROR % {"host": h} for h in ("inference", "data")))
+    await _apply(
+        m,
+        "---\n".join(MIRROR % {"host": h} + "---" + lane_subsets(h) for h in ("inference", "data")),
+    )
 
 
 async def _every_kind(m: Mesh) -> None:

@@ -12,20 +12,12 @@ from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
 from mesh.config.snapshot import MeshConfig, config_from_path
 from mesh.routing.admission import admission_problems, check_admission
+from tests.support.istio_yaml import version_subsets
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNING = config_from_path(REPO / "config")
 
-SUBSETS = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: inference}
-spec:
-  host: inference
-  subsets:
-    - {name: v1, labels: {version: v1}}
-    - {name: v9, labels: {version: v9}}
-"""
+SUBSETS = version_subsets("v1", "v9")
 
 
 def vs(*destinations: str, host: str = "inference", mirror: str = "") -> str:

@@ -15,29 +15,12 @@ from mesh.config.snapshot import EMPTY
 from mesh.routing.discovery import StaticInstance
 from mesh.routing.pipeline import ConfigPipeline, describe, merge, overlaid
 from mesh.routing.state import GatewayState
+from tests.support.istio_yaml import routed_to, version_subsets
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = load_path(REPO / "config")
 
-SUBSETS = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: inference}
-spec:
-  host: inference
-  subsets:
-    - {name: v1, labels: {version: v1}}
-    - {name: v2, labels: {version: v2}}
-"""
-
-
-def route_to(subset: str) -> str:
-    return (
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
-        "metadata: {name: inference}\n"
-        "spec:\n  hosts: [inference]\n  http:\n"
-        f"    - route:\n        - destination: {{host: inference, subset: {subset}}}\n"
-    )
+SUBSETS = version_subsets("v1", "v2")
 
 
 def registered(*versions: str) -> EndpointsSnapshot:
@@ -63,13 +46,13 @@ class Stored:
         # The directory alone, nothing known yet: valid.
         ("", None, None),
         # A subset the overlay's DestinationRule defines, an instance in it.
-        (route_to("v2") + "---\n" + SUBSETS, registered("v1", "v2"), None),
+        (routed_to("inference/v2") + "---\n" + SUBSETS, registered("v1", "v2"), None),
         # Not yet discovered: registrations are unknown, so only the config itself counts.
-        (route_to("v2") + "---\n" + SUBSETS, None, None),
+        (routed_to("inference/v2") + "---\n" + SUBSETS, None, None),
         # A subset nothing defines: inconsistent in itself.
-        (route_to("nowhere"), None, "nowhere"),
+        (routed_to("inference/nowhere"), None, "nowhere"),
         # A served host left without a reachable route (admission).
-        (route_to("v2") + "---\n" + SUBSETS, registered("v1"), "inference"),
+        (routed_to("inference/v2") + "---\n" + SUBSETS, registered("v1"), "inference"),
     ],
 )
 def test_merge(overlay: str, endpoints: EndpointsSnapshot | None, problem: str | None) -> None:
@@ -85,8 +68,8 @@ def test_merge(overlay: str, endpoints: EndpointsSnapshot | None, problem: str |
 
 
 def test_an_overlay_replaces_resources_of_the_same_kind_namespace_and_name() -> None:
-    first = parse_yaml(route_to("v1") + "---\n" + SUBSETS, "a")
-    second = parse_yaml(route_to("v2"), "b")
+    first = parse_yaml(routed_to("inference/v1") + "---\n" + SUBSETS, "a")
+    second = parse_yaml(routed_to("inference/v2"), "b")
     merged = overlaid(first, second)
     assert [(d.kind, d.resource.metadata.name) for d in merged] == [
         ("DestinationRule", "inference"),
@@ -113,13 +96,20 @@ def test_describe(config_dir: Path | None, stored: Stored | None, admin: bool, s
     ("versions", "installed", "rejected"),
     [
         # Each good version replaces the overlay.
-        ([route_to("v1") + "---\n" + SUBSETS, route_to("v2") + "---\n" + SUBSETS], 2, None),
+        (
+            [
+                routed_to("inference/v1") + "---\n" + SUBSETS,
+                routed_to("inference/v2") + "---\n" + SUBSETS,
+            ],
+            2,
+            None,
+        ),
         # A bad one after a good one: refused, the good one keeps running.
-        ([route_to("v1") + "---\n" + SUBSETS, route_to("nowhere")], 1, 2),
+        ([routed_to("inference/v1") + "---\n" + SUBSETS, routed_to("inference/nowhere")], 1, 2),
         # Unparseable YAML is refused the same way.
-        ([route_to("v1") + "---\n" + SUBSETS, "kind: [unclosed"], 1, 2),
+        ([routed_to("inference/v1") + "---\n" + SUBSETS, "kind: [unclosed"], 1, 2),
         # A bad first version: the directory alone keeps routing.
-        ([route_to("nowhere")], 0, 1),
+        ([routed_to("inference/nowhere")], 0, 1),
     ],
 )
 def test_store_versions_install_or_are_refused(

@@ -7,19 +7,12 @@ from pathlib import Path
 from mesh.config.loader import parse_yaml
 from mesh.config.snapshot import MeshConfig, config_from_path
 from mesh.routing.diff import RouteChange, diff_lines, routing_diff
+from tests.support.istio_yaml import version_subsets
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNING = config_from_path(REPO / "config")
 CANARY = (REPO / "config" / "examples" / "canary-90-10.yaml").read_text()
-SUBSETS = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: inference}
-spec:
-  host: inference
-  subsets:
-    - {name: v1, labels: {version: v1}}
-"""
+SUBSETS = version_subsets("v1")
 
 
 def applied(text: str) -> MeshConfig:

@@ -11,18 +11,16 @@ from elasticsearch import AsyncElasticsearch
 
 from mesh.proxy.inbound import PEER_HEADER
 from mesh.security.ca import CertificateAuthority
-from mesh.security.identity import WorkloadIdentity
-from mesh.security.rotation import CertificateSource
 from mesh.server.testing import serve
-from mesh.sidecar.app import Sidecar, SidecarSettings
+from mesh.sidecar.app import SidecarSettings
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from registry.schema import Indices
 from registry.store import Store
 from tests.gateway.backends import FakeWorker
+from tests.mesh.sidecar.started import TD, started_sidecar
 
 REPO = Path(__file__).resolve().parents[3]
-TD = "cluster.local"
 
 
 async def test_worker_reaches_another_service_through_its_sidecar(
@@ -33,34 +31,24 @@ async def test_worker_reaches_another_service_through_its_sidecar(
     inference = FakeWorker("inference-0")
     async with AsyncExitStack() as stack:
         inference_serving, _ = await stack.enter_async_context(serve(inference.services()))
-        callee = Sidecar(
-            SidecarSettings(
-                service="inference",
-                app_address=inference_serving.address,
-                mtls="STRICT",
-                drain_delay=0,
-            ),
-            store,
-            certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
+        callee = SidecarSettings(
+            service="inference",
+            app_address=inference_serving.address,
+            mtls="STRICT",
+            drain_delay=0,
         )
-        await callee.start()
-        stack.push_async_callback(callee.drain)
+        await started_sidecar(stack, callee, store, ca)
         # The caller's own worker is irrelevant here: only its outbound side is used.
         trainer, _ = await stack.enter_async_context(serve(FakeWorker("trainer").services()))
-        caller = Sidecar(
-            SidecarSettings(
-                service="training",
-                app_address=trainer.address,
-                mtls="STRICT",
-                drain_delay=0,
-                outbound_port=0,
-                config_dir=REPO / "config",
-            ),
-            store,
-            certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "training")),
+        settings = SidecarSettings(
+            service="training",
+            app_address=trainer.address,
+            mtls="STRICT",
+            drain_delay=0,
+            outbound_port=0,
+            config_dir=REPO / "config",
         )
-        await caller.start()
-        stack.push_async_callback(caller.drain)
+        caller = await started_sidecar(stack, settings, store, ca)
         assert caller.outbound is not None and caller.outbound.address is not None
         outbound, address = caller.outbound, caller.outbound.address
         loop = asyncio.get_running_loop()

@@ -12,11 +12,9 @@ from elasticsearch import AsyncElasticsearch
 from gateway.app import Gateway
 from mesh.routing.pipeline import validate_documents
 from mesh.security.ca import CertificateAuthority
-from mesh.security.identity import WorkloadIdentity
-from mesh.security.rotation import CertificateSource
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
-from mesh.sidecar.app import Sidecar, SidecarSettings
+from mesh.sidecar.app import SidecarSettings
 from mesh.sidecar.outbound import Outbound
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -26,8 +24,9 @@ from registry.schema import Indices
 from registry.store import Store
 from tests.gateway.backends import FakeWorker
 from tests.gateway.harness import ADMIN_METADATA, REPO, admin_guard
+from tests.mesh.sidecar.started import TD, started_sidecar
+from tests.support.istio_yaml import BAD_SUBSET
 
-TD = "cluster.local"
 #: A header-matched route to a subset: canary callers reach v2, everyone else v1.
 BY_HEADER = """
 apiVersion: networking.istio.io/v1
@@ -60,17 +59,6 @@ spec:
       labels: {version: v2}
 """
 #: Parses, but routes to a subset no DestinationRule defines: the merge refuses it.
-BAD_SUBSET = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: inference
-spec:
-  hosts: [inference]
-  http:
-    - route:
-        - destination: {host: inference, subset: nowhere}
-"""
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
@@ -86,34 +74,24 @@ async def start_mesh(stack: AsyncExitStack, store: Store) -> Outbound:
     ca = CertificateAuthority.create(TD)
     for version in ("v1", "v2"):
         worker, _ = await stack.enter_async_context(serve(FakeWorker(version).services()))
-        callee = Sidecar(
-            SidecarSettings(
-                service="inference",
-                app_address=worker.address,
-                mtls="STRICT",
-                drain_delay=0,
-                labels=(("version", version),),
-            ),
-            store,
-            certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
-        )
-        await callee.start()
-        stack.push_async_callback(callee.drain)
-    trainer, _ = await stack.enter_async_context(serve(FakeWorker("trainer").services()))
-    caller = Sidecar(
-        SidecarSettings(
-            service="training",
-            app_address=trainer.address,
+        callee = SidecarSettings(
+            service="inference",
+            app_address=worker.address,
             mtls="STRICT",
             drain_delay=0,
-            outbound_port=0,
-            reload_interval=0.05,
-        ),
-        store,
-        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "training")),
+            labels=(("version", version),),
+        )
+        await started_sidecar(stack, callee, store, ca)
+    trainer, _ = await stack.enter_async_context(serve(FakeWorker("trainer").services()))
+    settings = SidecarSettings(
+        service="training",
+        app_address=trainer.address,
+        mtls="STRICT",
+        drain_delay=0,
+        outbound_port=0,
+        reload_interval=0.05,
     )
-    await caller.start()
-    stack.push_async_callback(caller.drain)
+    caller = await started_sidecar(stack, settings, store, ca)
     assert caller.outbound is not None
     outbound = caller.outbound
     await until(

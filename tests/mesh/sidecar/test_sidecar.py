@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,32 +77,51 @@ DENY_TRAINING = tuple(
 )
 
 
-@pytest.fixture
-async def rig(es: AsyncElasticsearch, indices: Indices) -> AsyncIterator[Rig]:
+@asynccontextmanager
+async def rigged(
+    es: AsyncElasticsearch,
+    indices: Indices,
+    settings: Callable[[str], SidecarSettings],
+    *,
+    policies: SidecarPolicies | None = None,
+    worker_at: ServerSettings | None = None,
+) -> AsyncIterator[Rig]:
+    """A worker (served at ``worker_at``) behind a started inference sidecar, which
+    ``settings(worker address)`` configures, with a certificate from a fresh CA; both drained
+    on the way out, the worker's held calls released first so that drain does not wait."""
     worker = Worker()
-    worker_serving = await start_server(ServerSettings(), [worker.service()])
+    worker_serving = await start_server(worker_at or ServerSettings(), [worker.service()])
     ca = CertificateAuthority.create(TD)
     sidecar = Sidecar(
-        SidecarSettings(
-            service="inference",
-            app_address=worker_serving.address,
-            mtls="STRICT",
-            max_concurrency=2,
-            drain_delay=0.0,
-            grace_seconds=10,
-        ),
+        settings(worker_serving.address),
         Store(es, indices),
         certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
-        policies=SidecarPolicies(authorization_policies=DENY_TRAINING),
+        policies=policies,
     )
     await sidecar.start()
-    r = Rig(worker, worker_serving, sidecar, ca, es, indices)
     try:
-        yield r
+        yield Rig(worker, worker_serving, sidecar, ca, es, indices)
     finally:
         worker.release.set()
         await sidecar.drain()
         await worker_serving.drain(grace=0)
+
+
+@pytest.fixture
+async def rig(es: AsyncElasticsearch, indices: Indices) -> AsyncIterator[Rig]:
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
+            service="inference",
+            app_address=address,
+            mtls="STRICT",
+            max_concurrency=2,
+            drain_delay=0.0,
+            grace_seconds=10,
+        )
+
+    policies = SidecarPolicies(authorization_policies=DENY_TRAINING)
+    async with rigged(es, indices, settings, policies=policies) as r:
+        yield r
 
 
 async def call(channel: grpc.aio.Channel, path: str = ECHO, payload: bytes = b"hi") -> bytes:
@@ -262,27 +282,18 @@ spec: {mtls: {mode: PERMISSIVE}}
 async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_port(
     es: AsyncElasticsearch, indices: Indices
 ) -> None:
-    worker = Worker()
-    worker_serving = await start_server(ServerSettings(), [worker.service()])
-    ca = CertificateAuthority.create(TD)
-    sidecar = Sidecar(
-        SidecarSettings(
-            service="inference",
-            app_address=worker_serving.address,
-            plaintext_port=0,
-            drain_delay=0,
-        ),
-        Store(es, indices),
-        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
-        policies=SidecarPolicies(
-            peer_authentications=[r for r in ALLOW_MESH_ONLY if isinstance(r, PeerAuthentication)],
-            authorization_policies=[
-                r for r in ALLOW_MESH_ONLY if isinstance(r, AuthorizationPolicy)
-            ],
-        ),
+    policies = SidecarPolicies(
+        peer_authentications=[r for r in ALLOW_MESH_ONLY if isinstance(r, PeerAuthentication)],
+        authorization_policies=[r for r in ALLOW_MESH_ONLY if isinstance(r, AuthorizationPolicy)],
     )
-    await sidecar.start()
-    try:
+
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
+            service="inference", app_address=address, plaintext_port=0, drain_delay=0
+        )
+
+    async with rigged(es, indices, settings, policies=policies) as r:
+        worker, sidecar, ca = r.worker, r.sidecar, r.ca
         assert sidecar.mode == "PERMISSIVE"
         assert sidecar.serving is not None and sidecar.plaintext_address is not None
         mesh = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
@@ -303,9 +314,6 @@ async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call(wrong)
             assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
-    finally:
-        await sidecar.drain()
-        await worker_serving.drain(grace=0)
 
 
 async def test_a_plaintext_port_contradicts_strict(
@@ -326,24 +334,21 @@ async def test_a_plaintext_port_contradicts_strict(
 async def test_policies_reload_from_the_config_folder(
     tmp_path: Path, es: AsyncElasticsearch, indices: Indices
 ) -> None:
-    worker = Worker()
-    worker_serving = await start_server(ServerSettings(), [worker.service()])
-    ca = CertificateAuthority.create(TD)
-    sidecar = Sidecar(
-        SidecarSettings(
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
             service="inference",
-            app_address=worker_serving.address,
+            app_address=address,
             mtls="STRICT",
             drain_delay=0,
             config_dir=tmp_path,
             reload_interval=0.05,
-        ),
-        Store(es, indices),
-        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
-    )
-    serving = await sidecar.start()
-    client = CertificateSource(ca, WorkloadIdentity(TD, "ml", "training"))
-    try:
+        )
+
+    async with rigged(es, indices, settings) as r:
+        sidecar = r.sidecar
+        assert sidecar.serving is not None
+        serving = sidecar.serving
+        client = CertificateSource(r.ca, WorkloadIdentity(TD, "ml", "training"))
         async with grpc.aio.secure_channel(
             f"localhost:{serving.port}",
             client.channel_credentials(),
@@ -370,37 +375,23 @@ async def test_policies_reload_from_the_config_folder(
             with pytest.raises(grpc.aio.AioRpcError) as still:
                 await call(channel)
             assert still.value.code() is grpc.StatusCode.PERMISSION_DENIED
-    finally:
-        await sidecar.drain()
-        await worker_serving.drain(grace=0)
 
 
 async def test_a_worker_on_a_unix_socket_is_reached_through_the_relay(
     tmp_path: Path, es: AsyncElasticsearch, indices: Indices
 ) -> None:
-    worker = Worker()
-    worker_serving = await start_server(
-        ServerSettings(host=f"unix:{tmp_path / 'worker.sock'}"), [worker.service()]
-    )
-    ca = CertificateAuthority.create(TD)
-    sidecar = Sidecar(
-        SidecarSettings(
-            service="inference",
-            app_address=worker_serving.address,
-            mtls="STRICT",
-            drain_delay=0,
-        ),
-        Store(es, indices),
-        certificates=CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference")),
-    )
-    serving = await sidecar.start()
-    client = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
-    try:
-        assert worker_serving.address.startswith("unix:")
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
+            service="inference", app_address=address, mtls="STRICT", drain_delay=0
+        )
+
+    worker_at = ServerSettings(host=f"unix:{tmp_path / 'worker.sock'}")
+    async with rigged(es, indices, settings, worker_at=worker_at) as r:
+        assert r.sidecar.serving is not None
+        serving = r.sidecar.serving
+        client = CertificateSource(r.ca, WorkloadIdentity(TD, "meshserve", "gateway"))
+        assert r.worker_serving.address.startswith("unix:")
         async with grpc.aio.secure_channel(
             f"localhost:{serving.port}", client.channel_credentials()
         ) as channel:
             assert await call(channel) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
-    finally:
-        await sidecar.drain()
-        await worker_serving.drain(grace=0)
