@@ -213,13 +213,19 @@ def served(
     return by_version
 
 
-async def test_mesh_is_up_and_sidecars_publish_the_workers_load(
-    mesh: Mesh, admin: admin_pb2_grpc.AdminAsyncStub, stub: pb_grpc.GRPCInferenceServiceAsyncStub
-) -> None:
+async def mesh_serving(admin: admin_pb2_grpc.AdminAsyncStub) -> None:
+    """Polls until the gateway sees all three inference workers SERVING."""
+
     async def three() -> bool:
         return len(await serving_endpoints(admin)) == 3
 
     await until(three, "three SERVING inference endpoints at the gateway")
+
+
+async def test_mesh_is_up_and_sidecars_publish_the_workers_load(
+    mesh: Mesh, admin: admin_pb2_grpc.AdminAsyncStub, stub: pb_grpc.GRPCInferenceServiceAsyncStub
+) -> None:
+    await mesh_serving(admin)
     # Through the gateway, the worker's load report rides on the trailing metadata.
     call = stub.ModelInfer(infer("alpha", "1"), timeout=10)
     assert (await call).model_version == "1"
@@ -337,6 +343,7 @@ async def one_plain(stub: pb_grpc.GRPCInferenceServiceAsyncStub) -> bool:
 async def test_a_broken_config_is_rejected_and_the_old_one_keeps_routing(
     mesh: Mesh, admin: admin_pb2_grpc.AdminAsyncStub, stub: pb_grpc.GRPCInferenceServiceAsyncStub
 ) -> None:
+    await mesh_serving(admin)  # when run alone, nothing before it waited
     running = await admin.DumpConfig(admin_pb2.DumpConfigRequest())
     # Through the admin API (which writes through the store): refused before the store.
     with pytest.raises(grpc.aio.AioRpcError) as refused:
