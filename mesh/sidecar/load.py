@@ -7,10 +7,10 @@ import logging
 import grpc
 import grpc.aio
 
+from mesh.balance.report import LoadReport
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from registry.instances import Load, ModelRef
-from workers.inference.stats import LoadReport
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from mesh.balance.report import LoadReport
 from mesh.cli.admin_credential import ADMIN_KEY_FILE, ensure_admin_credential
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -37,7 +38,6 @@ from registry.store import open_store
 from tests.gateway.harness import WithMetadata
 from tests.support.istio_yaml import BAD_SUBSET
 from tests.support.processes import ENV, REPO, Launched, cli, group_members
-from workers.inference.stats import LoadReport
 from workers.inference.testing import FP32, MLP, model_config, populate, publish, seeded
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from mesh.balance.report import LoadReport
 from mesh.errors import InvalidArgument, MeshError
 from protos.inference import grpc_service_pb2 as pb
 from workers.inference.model import ModelError
 from workers.inference.repository import ModelRepository
-from workers.inference.stats import LoadReport, Statistics
+from workers.inference.stats import Statistics
 from workers.inference.tensors import decode_inputs, encode_output
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 import grpc.aio
 
+from mesh.balance.report import LoadReport
 from mesh.server.app import Service
 from mesh.server.testing import serve
 from mesh.sidecar.load import LoadProbe, model_refs, registry_load
 from protos.inference import grpc_service_pb2 as pb
 from registry.instances import Load, ModelRef
-from workers.inference.stats import LoadReport
 
 REPORT = LoadReport(
     in_flight=3,

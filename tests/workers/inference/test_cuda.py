@@ -16,6 +16,7 @@ import grpc.aio
 import pytest
 import torch
 
+from mesh.balance.report import LoadReport
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.workers.inference import test_service
@@ -25,7 +26,6 @@ from workers.inference import model as model_module
 from workers.inference import testing
 from workers.inference.model import load_model
 from workers.inference.server import WorkerSettings, run_worker
-from workers.inference.stats import LoadReport
 from workers.inference.tensors import encode_bytes_elements
 from workers.model_repo import EXPORT_PLATFORM, ModelRepo
 

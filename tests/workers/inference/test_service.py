@@ -13,13 +13,13 @@ import grpc.aio
 import numpy as np
 import torch
 
+from mesh.balance.report import LoadReport
 from mesh.server.app import ServerSettings
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.workers.inference.conftest import Client, Template
 from workers.inference import testing
 from workers.inference.server import WorkerSettings, run_worker
-from workers.inference.stats import LoadReport
 from workers.inference.tensors import encode_bytes_elements
 from workers.model_repo import ModelRepo
 
