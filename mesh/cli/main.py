@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.command == "worker":
-        # Started by `meshserve run`: exit when it does, however it ends.
+        # Started by `meshserve run`: exit when it does, however it ends, and leave no
+        # socket folder behind if it went first.
         lifeline.watch_from_env()
     handler: Handler = args.handler
     try:

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 #: The child finds the read end of its lifeline under this environment variable.
 PARENT_FD_ENV = "MESHSERVE_PARENT_FD"
+#: A folder the parent made for the child (its private socket's). The parent removes it
+#: when it ends; a child whose lifeline breaks removes it first, so a parent killed
+#: outright leaves nothing behind either.
+FOLDER_ENV = "MESHSERVE_UNIT_FOLDER"
 _PR_SET_PDEATHSIG = 1
 #: After the lifeline breaks, how long the worker may drain before it is ended outright.
 DEFAULT_EXIT_GRACE = 30.0
@@ -104,13 +109,15 @@ def watch_from_env(
     environ: MutableMapping[str, str] | None = None,
     on_eof: Callable[[], None] = stop_self,
 ) -> threading.Thread | None:
-    """In the child: watches the lifeline named by ``$MESHSERVE_PARENT_FD``, if any.
+    """In the child: watches the lifeline named by ``$MESHSERVE_PARENT_FD``, if any, and
+    removes ``$MESHSERVE_UNIT_FOLDER`` (if named) when it breaks, before ``on_eof``.
 
     The variable is removed, and the descriptor made non-inheritable, so that processes
     this one starts neither hold the pipe nor mistake some other descriptor for it.
     """
     env = os.environ if environ is None else environ
     text = env.pop(PARENT_FD_ENV, None)
+    folder = env.pop(FOLDER_ENV, None)
     if text is None:
         return None
     try:
@@ -118,4 +125,14 @@ def watch_from_env(
         os.set_inheritable(fd, False)
     except (ValueError, OSError) as exc:
         raise ValueError(f"${PARENT_FD_ENV} is not an open file descriptor: {text!r}") from exc
-    return watch(fd, on_eof)
+    if not folder:
+        return watch(fd, on_eof)
+
+    def orphaned() -> None:
+        # Right away, not at exit: the stop that follows may end this process by a
+        # signal's default action, which runs no exit handlers. The socket keeps working
+        # for calls in flight; no new caller could reach it anyway, its sidecar is gone.
+        shutil.rmtree(folder, ignore_errors=True)
+        on_eof()
+
+    return watch(fd, orphaned)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from mesh.errors import FailedPrecondition, Unavailable
-from mesh.server.lifeline import Lifeline, die_with_parent
+from mesh.server.lifeline import FOLDER_ENV, Lifeline, die_with_parent
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import write_secret
 from mesh.sidecar.cli import SidecarPlan, add_sidecar_arguments, plan, running
@@ -46,13 +46,15 @@ class Door:
 def door(mode: str, private: PrivateSocket) -> Door:
     """``unix``: a socket in ``private``'s folder (0700). ``tcp``: any free loopback port,
     and a secret in that folder that the worker requires and the sidecar sends."""
+    # The worker removes the folder too when it exits, should this process be gone first.
+    folder = {FOLDER_ENV: str(private.folder)}
     if mode == "unix":
-        return Door(("--listen", private.address), {LISTEN_ENV: private.address})
+        return Door(("--listen", private.address), {LISTEN_ENV: private.address, **folder})
     secret_file = private.folder / "sidecar-secret"
     secret = write_secret(secret_file)
     return Door(
         ("--port", "0", "--sidecar-secret-file", str(secret_file)),
-        {SECRET_FILE_ENV: str(secret_file)},
+        {SECRET_FILE_ENV: str(secret_file), **folder},
         secret,
     )
 

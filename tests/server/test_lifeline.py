@@ -8,10 +8,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from mesh.server.lifeline import PARENT_FD_ENV, Lifeline, watch, watch_from_env
+from mesh.server.lifeline import FOLDER_ENV, PARENT_FD_ENV, Lifeline, watch, watch_from_env
 from tests.support.processes import REPO
 
 DEADLINE = 30.0
@@ -44,6 +45,28 @@ def test_the_variable_is_taken_once_and_checked() -> None:
     assert not os.get_inheritable(lifeline.read_fd)
     os.close(lifeline.write_fd)
     assert broken.wait(DEADLINE)
+
+
+def test_a_broken_lifeline_removes_the_units_folder_before_stopping(tmp_path: Path) -> None:
+    folder = tmp_path / "unit"
+    folder.mkdir()
+    (folder / "worker.sock").touch()
+    lifeline = Lifeline()
+    env = {PARENT_FD_ENV: str(lifeline.read_fd), FOLDER_ENV: str(folder)}
+    seen: list[bool] = []
+    broken = threading.Event()
+
+    def on_eof() -> None:
+        seen.append(folder.exists())
+        broken.set()
+
+    assert watch_from_env(env, on_eof=on_eof) is not None
+    assert env == {}  # neither variable reaches what the worker starts
+    assert folder.exists()  # nothing happens while the parent lives
+    os.close(lifeline.write_fd)
+    assert broken.wait(DEADLINE)
+    # Gone before the stop began: a stop by signal would run no exit handler.
+    assert seen == [False]
 
 
 def test_a_worker_exits_when_its_lifeline_breaks_without_pdeathsig() -> None:

@@ -20,6 +20,7 @@ import grpc.aio
 import pytest
 from elasticsearch import AsyncElasticsearch
 
+from mesh.server.lifeline import FOLDER_ENV
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import HEADER, read_secret
 from mesh.sidecar.launcher import (
@@ -67,7 +68,7 @@ def test_ready_line_and_default_command(tmp_path: Path) -> None:
         "x",
     ]
     # A custom command is left as written: it finds the address in $MESHSERVE_WORKER_LISTEN.
-    assert unix.env == {LISTEN_ENV: "unix:/p/w.sock"} and unix.secret is None
+    assert unix.env == {LISTEN_ENV: "unix:/p/w.sock", FOLDER_ENV: "/p"} and unix.secret is None
     assert worker_command("data", "python -m w 'a b'", ["-v"], unix) == [
         "python",
         "-m",
@@ -79,7 +80,7 @@ def test_ready_line_and_default_command(tmp_path: Path) -> None:
     tcp = door("tcp", PrivateSocket(tmp_path, "w.sock"))
     secret_file = tmp_path / "sidecar-secret"
     assert tcp.flags == ("--port", "0", "--sidecar-secret-file", str(secret_file))
-    assert tcp.env == {SECRET_FILE_ENV: str(secret_file)}
+    assert tcp.env == {SECRET_FILE_ENV: str(secret_file), FOLDER_ENV: str(tmp_path)}
     assert tcp.secret == read_secret(secret_file)
 
 
@@ -213,12 +214,15 @@ async def test_a_dying_worker_takes_its_sidecar_down(
 async def test_a_killed_run_takes_its_worker_down(launched: Launched) -> None:
     """SIGKILL: no drain, no ``finally``; the kernel breaks the lifeline (and PDEATHSIG)."""
     folder = Path(launched.worker.removeprefix("unix:")).parent
+    assert folder.is_dir()
     try:
         launched.process.kill()
         launched.process.wait(30)
         await _until(lambda: not _alive(launched.worker_pid), "the orphaned worker exits")
+        # The worker outlived its parent, so it removed the private folder on its way out.
+        assert not folder.exists()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # nobody was left to remove it
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 #: Connects to a Unix socket, as uid 65534 when told to: prints "connected" or raises.

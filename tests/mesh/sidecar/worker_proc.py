@@ -2,8 +2,9 @@
 
 Traced when ``MESHSERVE_TRACES`` is set (see ``mesh.telemetry.setup``). Under ``meshserve
 run`` it behaves as the real workers do: it listens where ``$MESHSERVE_WORKER_LISTEN`` says
-(or on a loopback port, requiring the secret in ``$MESHSERVE_SIDECAR_SECRET_FILE``) and
-exits when its lifeline (``$MESHSERVE_PARENT_FD``) breaks.
+(or on a loopback port, requiring the secret in ``$MESHSERVE_SIDECAR_SECRET_FILE``),
+exits when its lifeline (``$MESHSERVE_PARENT_FD``) breaks, and removes its unit's folder
+(``$MESHSERVE_UNIT_FOLDER``) on the way out.
 """
 
 from __future__ import annotations
