@@ -101,7 +101,7 @@ def build_repository(path: Path, queue_delay_us: int, instances: int, optimize: 
 
 def worker(repo: Path, device: str, batching: bool, threads: int) -> AbstractContextManager[str]:
     """A ``meshserve worker inference`` child on ``repo``; yields its address."""
-    args = ["mesh.cli.main", "worker", "inference", "--port", "0"]
+    args = ["cli.main", "worker", "inference", "--port", "0"]
     args += ["--model-repo", str(repo), "--device", device, "--poll-interval", "0"]
     args += ["--threads", str(threads)]
     if not batching:

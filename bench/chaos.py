@@ -90,7 +90,7 @@ class Mesh:
         with log.open("w") as sink:
             self.process = subprocess.Popen(
                 [
-                    *(sys.executable, "-m", "mesh.cli.main", "up"),
+                    *(sys.executable, "-m", "cli.main", "up"),
                     *("--state-dir", str(state), "--port", "0", "--demo-epochs", "1"),
                 ],
                 cwd=REPO,

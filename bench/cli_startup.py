@@ -24,9 +24,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 #: The old entry point: every module imported up front, then the command parsed and run.
-EAGER = (
-    "import sys; from mesh.cli import main as m; m.build_parser(); sys.exit(m.main(sys.argv[1:]))"
-)
+EAGER = "import sys; from cli import main as m; m.build_parser(); sys.exit(m.main(sys.argv[1:]))"
 COMMANDS: tuple[tuple[str, ...], ...] = (
     ("--help",),
     ("status", "--help"),
@@ -52,7 +50,7 @@ def main() -> None:
         lazy: list[float] = []
         eager: list[float] = []
         for _ in range(args.runs):
-            lazy.append(wall([sys.executable, "-m", "mesh.cli.main", *command]))
+            lazy.append(wall([sys.executable, "-m", "cli.main", *command]))
             eager.append(wall([sys.executable, "-c", EAGER, *command]))
         table.add_row(
             "meshserve " + " ".join(command),

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc.aio
 
 from bench.children import process
-from mesh.cli.admin_credential import admin_metadata, ensure_admin_credential
+from cli.admin_credential import admin_metadata, ensure_admin_credential
 from mesh.routing import headers as md
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -188,7 +188,7 @@ async def overhead(seconds: float, rounds: int) -> None:
         worker = stack.enter_context(process("bench.workers", "echo"))
         gateway = stack.enter_context(
             process(
-                "mesh.cli.main",
+                "cli.main",
                 "gateway",
                 "--port",
                 "0",
@@ -260,7 +260,7 @@ async def multi_version(seconds: float, concurrency: int) -> None:
             state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             auth = ("--auth-config", str(ensure_admin_credential(state)))
             gateway = stack.enter_context(
-                process("mesh.cli.main", "gateway", "--port", "0", *auth, *static)
+                process("cli.main", "gateway", "--port", "0", *auth, *static)
             )
             async with grpc.aio.insecure_channel(gateway) as channel:
                 yaml = f"apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: inference\n{rule}"

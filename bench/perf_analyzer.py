@@ -175,7 +175,7 @@ def mesh(repo: Path, training: int, data: int) -> Iterator[str]:
     with log.open("w") as sink:
         up = subprocess.Popen(
             [
-                *(sys.executable, "-m", "mesh.cli.main", "up"),
+                *(sys.executable, "-m", "cli.main", "up"),
                 *("--state-dir", str(state), "--port", "0", "--no-demo"),
                 *("--training-workers", str(training), "--data-workers", str(data)),
             ],
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(tmp)
         build_repository(repo)
         # up runs its inference workers with one torch thread: the direct worker too.
-        worker = ["mesh.cli.main", "worker", "inference", "--port", "0", "--threads", "1"]
+        worker = ["cli.main", "worker", "inference", "--port", "0", "--threads", "1"]
         with process(*worker, "--model-repo", str(repo), "--poll-interval", "0") as direct:
             wait_model_ready(direct)
             rows += analyze(direct, DIRECT, args.concurrency, args.requests)

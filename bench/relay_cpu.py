@@ -186,7 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20_000)
     args = parser.parse_args()
-    # What `meshserve up` runs: an admin key, the data plane open (mesh/cli/admin_credential.py).
+    # What `meshserve up` runs: an admin key, the data plane open (cli/admin_credential.py).
     up_guard = ClientGuard(
         AuthConfig(
             api_keys={hash_key("msk_bench"): "local-admin"},

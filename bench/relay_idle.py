@@ -45,7 +45,7 @@ SETTINGS: dict[str, list[str]] = {
 @contextmanager
 def gateway(static: str, extra: list[str]) -> Iterator[tuple[str, int]]:
     """A gateway process: (address, pid)."""
-    command = [sys.executable, "-m", "mesh.cli.main", "gateway", "--port", "0"]
+    command = [sys.executable, "-m", "cli.main", "gateway", "--port", "0"]
     command += ["--config", str(REPO / "config"), "--static", f"inference={static}", *extra]
     proc = subprocess.Popen(
         command,

@@ -34,7 +34,7 @@ def _sidecar(stack: ExitStack, worker: str, store: str, certs: Path | None) -> s
     mtls = ["--mtls=STRICT", f"--certs={certs}"] if certs else ["--mtls=DISABLE"]
     address = stack.enter_context(
         process(
-            "mesh.cli.main",
+            "cli.main",
             "sidecar",
             "--service=inference",
             f"--app={worker}",
@@ -51,7 +51,7 @@ def _gateway(stack: ExitStack, upstream: str, certs: Path | None) -> str:
     extra = [f"--certs={certs}"] if certs else []
     return stack.enter_context(
         process(
-            "mesh.cli.main",
+            "cli.main",
             "gateway",
             "--port=0",
             "--config=config",

@@ -9,9 +9,9 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+from cli.main import CliError
 from gateway.app import Gateway, validate_documents
 from gateway.auth import AuthConfig, ClientGuard
-from mesh.cli.main import CliError
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_static
 from mesh.routing.limits import RelayLimits

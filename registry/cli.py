@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import UpEndpoints, add_state_dir_argument, state_dir_from_args
-from mesh.cli.supervision.report import print_units
+from cli.endpoints import UpEndpoints, add_state_dir_argument, state_dir_from_args
+from cli.supervision.report import print_units
 from mesh.errors import Unavailable
 from registry.catalog import ANY
 from registry.connect import (

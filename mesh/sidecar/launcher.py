@@ -67,7 +67,7 @@ def worker_command(kind: str, command: str | None, extra: Sequence[str], door: D
     """
     if command:
         return [*shlex.split(command), *extra]
-    return [sys.executable, "-m", "mesh.cli.main", "worker", kind, *door.flags, *extra]
+    return [sys.executable, "-m", "cli.main", "worker", kind, *door.flags, *extra]
 
 
 def parse_ready(line: str) -> str | None:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import ADMIN_SCOPE, AuthConfig, Authenticator
-from mesh.cli.admin_credential import (
+from cli.admin_credential import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_FILE,
     admin_key,
     admin_metadata,
     ensure_admin_credential,
 )
+from gateway.auth import ADMIN_SCOPE, AuthConfig, Authenticator
 
 
 def test_up_writes_a_private_key_and_an_auth_file_holding_only_its_hash(tmp_path: Path) -> None:

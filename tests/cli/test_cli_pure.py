@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mesh.cli.call import split_target
-from mesh.cli.endpoints import UpEndpoints, default_gateway
-from mesh.cli.errors import CliError
-from mesh.cli.infer import build_request, decode_outputs, parse_inputs
-from mesh.cli.trace import trace_tree
+from cli.call import split_target
+from cli.endpoints import UpEndpoints, default_gateway
+from cli.errors import CliError
+from cli.infer import build_request, decode_outputs, parse_inputs
+from cli.trace import trace_tree
 from protos.inference import grpc_service_pb2 as pb
 
 

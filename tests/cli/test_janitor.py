@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from mesh.cli.supervision.janitor import Janitor
+from cli.supervision.janitor import Janitor
 from registry.connect import StoreSettings
 from registry.embedded import EmbeddedStore
 from registry.instances import Instance

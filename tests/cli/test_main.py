@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mesh.cli.main import COMMANDS, WORKERS, build_parser
+from cli.main import COMMANDS, WORKERS, build_parser
 from tests.support.processes import ENV, REPO
 
 
@@ -53,7 +53,7 @@ def test_an_unknown_command_is_still_refused_by_name(capsys: pytest.CaptureFixtu
 
 PROBE = """
 import json, sys
-from mesh.cli.main import main
+from cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit:

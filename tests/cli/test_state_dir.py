@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli.endpoints import UpEndpoints, gateway_from_args, state_dir_from_args
-from mesh.cli.main import build_parser
+from cli.endpoints import UpEndpoints, gateway_from_args, state_dir_from_args
+from cli.main import build_parser
 from registry.cli import NoStore, resolve_url
 from registry.embedded import Endpoint
 

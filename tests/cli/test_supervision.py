@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mesh.cli.endpoints import UpEndpoints
-from mesh.cli.errors import CliError
-from mesh.cli.main import build_parser
-from mesh.cli.restart import find_unit
-from mesh.cli.supervision.policy import GiveUp, Restart, RestartPolicy, RestartTracker
-from mesh.cli.supervision.report import units_table
-from mesh.cli.supervision.units import UnitState, UnitStatus, describe_exit, slug
+from cli.endpoints import UpEndpoints
+from cli.errors import CliError
+from cli.main import build_parser
+from cli.restart import find_unit
+from cli.supervision.policy import GiveUp, Restart, RestartPolicy, RestartTracker
+from cli.supervision.report import units_table
+from cli.supervision.units import UnitState, UnitStatus, describe_exit, slug
 
 POLICY = RestartPolicy(
     initial_backoff_s=0.5, max_backoff_s=4.0, stable_after_s=30.0, max_restarts=5, window_s=60.0
@@ -195,7 +195,7 @@ def test_process_commands_parse_with_their_module_alone(
 def test_a_restarted_gateway_or_store_does_not_import_torch() -> None:
     # In a fresh interpreter: this one may have imported torch already.
     probe = (
-        "import sys; from mesh.cli.main import build_parser; "
+        "import sys; from cli.main import build_parser; "
         "[build_parser([c]) for c in ('gateway', 'registry')]; "
         "print('torch' in sys.modules)"
     )

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli.supervision.policy import RestartPolicy
-from mesh.cli.supervision.processes import Component, after, await_ready, spawn
-from mesh.cli.supervision.supervisor import Supervisor
-from mesh.cli.supervision.units import UnitState
+from cli.supervision.policy import RestartPolicy
+from cli.supervision.processes import Component, after, await_ready, spawn
+from cli.supervision.supervisor import Supervisor
+from cli.supervision.units import UnitState
 from registry.embedded import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]

@@ -27,8 +27,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from cli.admin_credential import ADMIN_KEY_FILE, ensure_admin_credential
 from mesh.balance.report import LoadReport
-from mesh.cli.admin_credential import ADMIN_KEY_FILE, ensure_admin_credential
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
@@ -81,7 +81,7 @@ class Mesh:
     def launch_unit(self) -> Launched:
         """Starts ``meshserve run inference``; :meth:`ready` waits for its addresses."""
         launched = Launched(
-            "mesh.cli.main", "run", "inference",
+            "cli.main", "run", "inference",
             "--worker-args", f"--model-repo {self.repo} --threads 1 --poll-interval 0",
             "--mtls=STRICT", f"--certs={self.certs}", "--drain-delay=0.2", "--grace=2",
             f"--es={self.store.url}",
@@ -141,7 +141,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     with EmbeddedStore(root / "store", advertise=False) as store:
         try:
             gateway = Launched(
-                "mesh.cli.main", "gateway", "--port=0", f"--config={config_dir}",
+                "cli.main", "gateway", "--port=0", f"--config={config_dir}",
                 f"--es={store.url}", f"--certs={certs}", "--reload-interval=0.2",
                 f"--auth-config={auth_file}", name="gateway",
             )  # fmt: skip

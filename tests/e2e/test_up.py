@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli.endpoints import UP_FILE
+from cli.endpoints import UP_FILE
 from registry.embedded import free_port
 from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers, naming
 

@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from mesh.cli.admin_credential import ensure_admin_credential
+from cli.admin_credential import ensure_admin_credential
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -50,7 +50,7 @@ def process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mesh.cli.main", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=REPO,
         env={**ENV, "COLUMNS": "200", **(env or {})},
         capture_output=True,
@@ -86,7 +86,7 @@ async def test_gateway_process_routes_survives_sigkill_and_serves_tritonclient(
         workers = {"w0": w0, "w1": w1, "w2": w2}
         static = [arg for a in (a0, a1, a2) for arg in ("--static", f"inference={a}")]
         gateway_args = ("gateway", "--port", "0", "--config", "config", "--auth-config")
-        with process("mesh.cli.main", *gateway_args, str(auth_file), *static) as (_, gw):
+        with process("cli.main", *gateway_args, str(auth_file), *static) as (_, gw):
             async with grpc.aio.insecure_channel(gw) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 request = pb.ModelInferRequest(model_name="resnet", model_version="4")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli.main import main
+from cli.main import main
 from registry.catalog import Catalog, ModelVersion
 from registry.connect import StoreSettings
 from registry.embedded import ENDPOINT_FILE, answers
@@ -143,7 +143,7 @@ def test_serve_store_runs_in_the_foreground_and_is_found(
         [
             sys.executable,
             "-m",
-            "mesh.cli.main",
+            "cli.main",
             "registry",
             "serve-store",
             "--data-dir",

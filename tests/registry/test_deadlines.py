@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli.main import main
+from cli.main import main
 from mesh.errors import Unavailable
 from registry.connect import StoreSettings, connect
 from registry.embedded import Endpoint
@@ -132,7 +132,7 @@ def test_status_finds_a_store_by_state_dir_and_fails_in_time_once_it_is_stopped(
 ) -> None:
     state = tmp_path / "state"
     store = Launched(
-        "mesh.cli.main", "registry", "serve-store", "--data-dir", str(state / "store"), name="store"
+        "cli.main", "registry", "serve-store", "--data-dir", str(state / "store"), name="store"
     )
     try:
         url = store.wait_for(lambda line: line.startswith("elasticsearch ")).split()[1]

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from mesh.cli.admin_credential import admin_metadata
+from cli.admin_credential import admin_metadata
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc

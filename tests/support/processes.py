@@ -118,7 +118,7 @@ def group_members(pgids: set[int]) -> list[int]:
 def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """``meshserve ARGS`` run to completion (wide terminal: tables stay on one line)."""
     return subprocess.run(
-        [sys.executable, "-m", "mesh.cli.main", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=REPO,
         env={**ENV, "COLUMNS": "200"},
         capture_output=True,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mesh.cli.endpoints import UP_FILE
+from cli.endpoints import UP_FILE
 from tests.support.processes import process_stats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def cli(
     *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mesh.cli.main", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=ROOT,
         env={**ENV, **(env or {})},
         capture_output=True,
@@ -106,7 +106,7 @@ class Up:
                 [
                     sys.executable,
                     "-m",
-                    "mesh.cli.main",
+                    "cli.main",
                     "up",
                     "--state-dir",
                     str(state),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli.main import main
+from cli.main import main
 from mesh.security.ca import CertificateAuthority, load_issued
 
 

@@ -91,7 +91,7 @@ async def test_sigterm_of_a_sidecar_under_load_loses_no_request(
         ).split()[3]
         processes.start(
             f"sidecar-{name}",
-            "mesh.cli.main",
+            "cli.main",
             "sidecar",
             "--service=inference",
             f"--instance-id=inference-{name}",
@@ -177,7 +177,7 @@ async def test_one_trace_from_client_through_gateway_and_sidecar_to_worker(
     ).split()[3]
     processes.start(
         "sidecar",
-        "mesh.cli.main",
+        "cli.main",
         "sidecar",
         "--service=inference",
         f"--app={app}",
@@ -189,7 +189,7 @@ async def test_one_trace_from_client_through_gateway_and_sidecar_to_worker(
     )
     line = processes.start(
         "gateway",
-        "mesh.cli.main",
+        "cli.main",
         "gateway",
         "--port=0",
         f"--config={REPO / 'config'}",

@@ -97,7 +97,7 @@ def _launch(store_url: str, indices: Indices, *extra: str) -> subprocess.Popen[s
     command = f"{shlex.quote(sys.executable)} -m tests.mesh.sidecar.worker_proc w9"
     return subprocess.Popen(
         [
-            sys.executable, "-m", "mesh.cli.main", "run", "inference",
+            sys.executable, "-m", "cli.main", "run", "inference",
             f"--worker-command={command}", "--mtls=DISABLE", "--drain-delay=0.5",
             f"--es={store_url}", f"--prefix={indices.prefix}", *extra,
         ],
@@ -300,7 +300,7 @@ async def test_a_signal_during_start_up_stops_the_worker(
     command = shlex.join([sys.executable, "-c", _NEVER_READY])
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "mesh.cli.main", "run", "data", f"--worker-command={command}",
+            sys.executable, "-m", "cli.main", "run", "data", f"--worker-command={command}",
             "--mtls=DISABLE", f"--es={store_url}", f"--prefix={indices.prefix}",
         ],
         cwd=REPO,

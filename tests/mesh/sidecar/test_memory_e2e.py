@@ -46,12 +46,12 @@ def mesh(tmp_path: Path, store_url: str) -> Iterator[tuple[str, Launched, Launch
     started: list[Launched] = []
     try:
         worker = Launched(
-            "mesh.cli.main", "worker", "inference", "--model-repo", repo, "--port", "0",
+            "cli.main", "worker", "inference", "--model-repo", repo, "--port", "0",
             "--poll-interval", "0", name="worker",
         )  # fmt: skip
         started.append(worker)
         sidecar = Launched(
-            "mesh.cli.main", "sidecar", "--service=inference", f"--app={worker.address()}",
+            "cli.main", "sidecar", "--service=inference", f"--app={worker.address()}",
             "--mtls=DISABLE", f"--es={store_url}", f"--prefix=mem{tmp_path.name[-8:].lower()}",
             name="sidecar",
         )  # fmt: skip

@@ -26,7 +26,7 @@ async def spawn(*argv: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mesh.cli.main",
+        "cli.main",
         *argv,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -394,7 +394,7 @@ async def test_health_and_reflection_list_the_data_service(server: Server) -> No
 async def test_datasets_cli_creates_uploads_lists_and_streams(
     server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mesh.cli.main import main
+    from cli.main import main
 
     address = server.serving.address
     npz = tmp_path / "d.npz"

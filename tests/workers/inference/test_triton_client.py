@@ -30,7 +30,7 @@ INPUTS: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def worker_address(template_repo: Template) -> Iterator[str]:
     """One worker process for the module, started the way users start it."""
-    command = [sys.executable, "-m", "mesh.cli.main", "worker", "inference", "--port", "0"]
+    command = [sys.executable, "-m", "cli.main", "worker", "inference", "--port", "0"]
     command += ["--model-repo", str(template_repo.path), "--device", "cpu", "--poll-interval", "0"]
     process = subprocess.Popen(
         command,

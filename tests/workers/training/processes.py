@@ -19,7 +19,7 @@ class WorkerProcess:
 
     def __init__(self, args: list[str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli.main", "worker", "training", "--port", "0", *args],
+            [sys.executable, "-m", "cli.main", "worker", "training", "--port", "0", *args],
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             stdout=subprocess.PIPE,

@@ -11,7 +11,7 @@ import grpc.aio
 import pytest
 from elasticsearch import AsyncElasticsearch
 
-from mesh.cli.main import main
+from cli.main import main
 from mesh.server.app import ServerSettings
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
 from registry.catalog import Catalog, Stage

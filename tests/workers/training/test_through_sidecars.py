@@ -51,7 +51,7 @@ class Unit:
 
     def __init__(self, kind: str, traces: Path, store: list[str], *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli.main", "run", kind, "--mtls=DISABLE", *store, *args],
+            [sys.executable, "-m", "cli.main", "run", kind, "--mtls=DISABLE", *store, *args],
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MESHSERVE_TRACES": f"file:{traces}"},
             stdout=subprocess.PIPE,

@@ -26,15 +26,15 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.admin_credential import ensure_admin_credential
-from mesh.cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
-from mesh.cli.errors import CliError
-from mesh.cli.supervision.janitor import Janitor
-from mesh.cli.supervision.policy import RestartPolicy
-from mesh.cli.supervision.processes import Component, Running, after, await_ready, spawn
-from mesh.cli.supervision.supervisor import Supervisor
-from mesh.cli.supervision.units import UnitStatus
-from mesh.cli.train import mlp_spec, print_result, submit_and_watch
+from cli.admin_credential import ensure_admin_credential
+from cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
+from cli.errors import CliError
+from cli.supervision.janitor import Janitor
+from cli.supervision.policy import RestartPolicy
+from cli.supervision.processes import Component, Running, after, await_ready, spawn
+from cli.supervision.supervisor import Supervisor
+from cli.supervision.units import UnitStatus
+from cli.train import mlp_spec, print_result, submit_and_watch
 from protos.inference import grpc_service_pb2 as oip
 from protos.inference import grpc_service_pb2_grpc as oip_grpc
 from protos.meshserve.data.v1 import data_pb2 as data_pb
@@ -79,7 +79,7 @@ def _run_component(args: argparse.Namespace, kind: str, es: str, *extra: str) ->
 def _ensure_certs(state: Path) -> None:
     if (state / "certs" / "ca.pem").exists():
         return
-    from mesh.cli.main import main as cli
+    from cli.main import main as cli
 
     code = cli(["certs", "init", "--dir", str(state / "certs")])
     if code != 0:

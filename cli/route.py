@@ -1,6 +1,6 @@
 """``meshserve route explain`` and ``meshserve config apply|dump|rollback``: the admin API.
 
-Every call carries the admin key (``mesh.cli.admin_credential``): ``--api-key``, else
+Every call carries the admin key (``cli.admin_credential``): ``--api-key``, else
 ``$MESHSERVE_ADMIN_KEY``, else the running ``up``'s ``admin.key``.
 """
 
@@ -15,9 +15,9 @@ import grpc.aio
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.admin_credential import ADMIN_KEY_ENV, admin_metadata
-from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args, state_dir_from_args
-from mesh.cli.main import CliError
+from cli.admin_credential import ADMIN_KEY_ENV, admin_metadata
+from cli.endpoints import add_state_dir_argument, gateway_from_args, state_dir_from_args
+from cli.main import CliError
 from mesh.config.loader import Document, parse_yaml
 from mesh.config.snapshot import MeshConfig
 from mesh.routing.diff import diff_lines, routing_diff

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.cli.supervision.units import UnitStatus
+from cli.supervision.units import UnitStatus
 
 #: Environment variable naming the state folder of ``meshserve up`` (beats ``.meshserve``).
 STATE_DIR_ENV = "MESHSERVE_STATE_DIR"

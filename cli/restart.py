@@ -18,9 +18,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mesh.cli.endpoints import DEFAULT_STATE_DIR, UpEndpoints
-from mesh.cli.errors import CliError
-from mesh.cli.supervision.units import UnitState, UnitStatus
+from cli.endpoints import DEFAULT_STATE_DIR, UpEndpoints
+from cli.errors import CliError
+from cli.supervision.units import UnitState, UnitStatus
 
 out = Console()
 
@@ -42,7 +42,7 @@ def find_unit(units: tuple[UnitStatus, ...], name: str) -> UnitStatus:
 def _is_meshserve(pid: int) -> bool:
     """Guards against a reused pid: the process must be one of ours."""
     try:
-        return b"mesh.cli.main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"cli.main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from mesh.cli.errors import CliError
+from cli.errors import CliError
 
 #: How long a component may take to print its ready line.
 START_TIMEOUT_S = 90.0
@@ -104,7 +104,7 @@ def spawn(component: Component, verbose: int, log: Path) -> Spawned:
     ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child ends, not the process:
     a child spawned from a short-lived helper thread would be told to stop at once.
     """
-    argv = [sys.executable, "-m", "mesh.cli.main", *(["-" + "v" * verbose] if verbose else [])]
+    argv = [sys.executable, "-m", "cli.main", *(["-" + "v" * verbose] if verbose else [])]
     process = subprocess.Popen(
         [*argv, *component.argv],
         stdin=subprocess.DEVNULL,

@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
-from mesh.cli.errors import CliError
+from cli.endpoints import add_state_dir_argument, gateway_from_args
+from cli.errors import CliError
 from protos.meshserve.training.v1 import training_pb2 as pb
 from protos.meshserve.training.v1 import training_pb2_grpc
 

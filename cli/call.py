@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from rich.console import Console
 
-from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
-from mesh.cli.errors import CliError
+from cli.endpoints import add_state_dir_argument, gateway_from_args
+from cli.errors import CliError
 
 out = Console()
 

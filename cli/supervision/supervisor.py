@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.cli.supervision.policy import GiveUp, RestartPolicy, RestartTracker
-from mesh.cli.supervision.processes import (
+from cli.supervision.policy import GiveUp, RestartPolicy, RestartTracker
+from cli.supervision.processes import (
     Component,
     Running,
     Spawned,
@@ -25,7 +25,7 @@ from mesh.cli.supervision.processes import (
     spawn,
     stop_together,
 )
-from mesh.cli.supervision.units import UnitState, UnitStatus, describe_exit
+from cli.supervision.units import UnitState, UnitStatus, describe_exit
 
 #: Exit statuses of a unit that stopped because it was asked to (it drained and exited).
 _CLEAN = (0, -signal.SIGTERM)

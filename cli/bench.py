@@ -12,9 +12,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import add_state_dir_argument, gateway_from_args
-from mesh.cli.errors import CliError
-from mesh.cli.infer import NUMPY
+from cli.endpoints import add_state_dir_argument, gateway_from_args
+from cli.errors import CliError
+from cli.infer import NUMPY
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc
 

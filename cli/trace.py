@@ -15,8 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.tree import Tree
 
-from mesh.cli.endpoints import add_state_dir_argument, state_dir_from_args
-from mesh.cli.errors import CliError
+from cli.endpoints import add_state_dir_argument, state_dir_from_args
+from cli.errors import CliError
 
 out = Console()
 

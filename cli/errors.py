@@ -1,7 +1,7 @@
 """The CLI's user-facing error, in its own module.
 
-``python -m mesh.cli.main`` runs main.py as ``__main__``; a class defined there
-would differ from the one command modules import from ``mesh.cli.main``, and
+``python -m cli.main`` runs main.py as ``__main__``; a class defined there
+would differ from the one command modules import from ``cli.main``, and
 main() would not catch their errors.
 """
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from mesh.cli.errors import CliError
+from cli.errors import CliError
 from mesh.errors import MeshError
 from mesh.server import lifeline
 
@@ -22,30 +22,30 @@ from mesh.server import lifeline
 #: line ``meshserve --help`` shows without importing that module (torch and the store client
 #: take seconds to import). tests/cli/test_main.py checks both against the modules.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("mesh.cli.up", "run the whole mesh locally until Ctrl-C"),
+    "up": ("cli.up", "run the whole mesh locally until Ctrl-C"),
     "restart": (
-        "mesh.cli.restart",
+        "cli.restart",
         "rolling restart of one unit of `meshserve up` (drain, then start again)",
     ),
-    "train": ("mesh.cli.train", "train the next version of a model (live progress)"),
-    "infer": ("mesh.cli.infer", "run one inference request through the gateway"),
-    "call": ("mesh.cli.call", "call any gRPC method by reflection (like grpcurl)"),
+    "train": ("cli.train", "train the next version of a model (live progress)"),
+    "infer": ("cli.infer", "run one inference request through the gateway"),
+    "call": ("cli.call", "call any gRPC method by reflection (like grpcurl)"),
     "apply": (
-        "mesh.cli.apply",
+        "cli.apply",
         "apply routing YAML to the running gateway (like kubectl apply -f)",
     ),
     "bench": (
-        "mesh.cli.bench",
+        "cli.bench",
         "a short inference load through the gateway: latency and throughput",
     ),
-    "trace": ("mesh.cli.trace", "show a request's spans (gateway → sidecar → worker) as a tree"),
-    "datasets": ("mesh.cli.datasets", "manage the datasets of a data worker"),
+    "trace": ("cli.trace", "show a request's spans (gateway → sidecar → worker) as a tree"),
+    "datasets": ("cli.datasets", "manage the datasets of a data worker"),
     "status": ("registry.cli", "services, instances, health, lease age, loaded versions and load"),
     "models": ("registry.cli", "the model catalog: list, promote, rollback"),
     "registry": ("registry.cli", "the discovery store itself"),
     "gateway": ("gateway.cli", "run the gateway: routes gRPC calls to workers by Istio-style YAML"),
-    "route": ("mesh.cli.route", "inspect routing decisions"),
-    "config": ("mesh.cli.route", "show or change the gateway's routing config"),
+    "route": ("cli.route", "inspect routing decisions"),
+    "config": ("cli.route", "show or change the gateway's routing config"),
     "certs": ("mesh.security.cli", "the mesh CA and workload certificates"),
     "auth": ("gateway.auth_cli", "gateway client credentials"),
     "sidecar": (

@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.endpoints import UpEndpoints
-from mesh.cli.supervision.units import UnitState, UnitStatus
+from cli.endpoints import UpEndpoints
+from cli.supervision.units import UnitState, UnitStatus
 
 _COLORS = {
     UnitState.RUNNING: "green",
