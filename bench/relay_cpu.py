@@ -24,7 +24,6 @@ from typing import Any
 import hpack
 
 from gateway.auth import ADMIN_SCOPE, AuthConfig, ClientGuard, hash_key
-from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from mesh.config.loader import load_path, parse_yaml
 from mesh.config.security import AuthorizationPolicy
 from mesh.config.snapshot import EMPTY
@@ -32,6 +31,7 @@ from mesh.proxy import frames as f
 from mesh.proxy.hpack_codec import Header, HeaderEncoder
 from mesh.proxy.inbound import Caller, ConcurrencyLimit, Inbound
 from mesh.proxy.relay import Downstream, Relay, Upstream
+from mesh.routing.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes
 from mesh.security.peer import PeerInfo, check_peer

@@ -14,7 +14,7 @@ import grpc.aio
 
 from gateway.app import Gateway
 from gateway.auth import ADMIN_SCOPE, AuthConfig, ClientGuard, hash_key
-from gateway.discovery import StaticDiscovery, StaticInstance
+from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
 from protos.inference import grpc_service_pb2 as pb

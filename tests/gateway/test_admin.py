@@ -12,7 +12,7 @@ import grpc.aio
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
-from gateway.discovery import StaticInstance
+from mesh.routing.discovery import StaticInstance
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway.harness import REPO, infer, mesh
 from tests.support.istio_yaml import lane_subsets, routed_to, version_subsets

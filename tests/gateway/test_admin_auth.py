@@ -14,11 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.app import Gateway
 from gateway.auth import ADMIN_LOCKED, AuthConfig, ClientGuard, hash_key, new_key
-from gateway.discovery import StaticDiscovery
 from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated
+from mesh.routing.discovery import StaticDiscovery
 from mesh.server.app import ServerSettings
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway.harness import ADMIN_METADATA, REPO, admin_guard

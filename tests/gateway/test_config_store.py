@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway.app import Gateway, validate_documents
-from gateway.discovery import StaticDiscovery
 from mesh.config.fields import ConfigError
 from mesh.errors import Aborted, FailedPrecondition
+from mesh.routing.discovery import StaticDiscovery
 from mesh.server.app import ServerSettings
 from registry.config_store import ConfigStore
 from registry.connect import StoreSettings

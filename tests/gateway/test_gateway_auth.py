@@ -13,7 +13,7 @@ import pytest
 from cli.main import main
 from gateway.app import Gateway
 from gateway.auth import AuthConfig, ClientGuard, hash_key
-from gateway.discovery import StaticDiscovery, StaticInstance
+from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
 from protos.inference import grpc_service_pb2 as pb

@@ -11,7 +11,7 @@ import grpc.aio
 from opentelemetry.sdk.metrics.export import Sum
 
 from gateway.app import Gateway
-from gateway.discovery import StaticDiscovery, StaticInstance
+from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
 from mesh.telemetry.setup import TelemetrySettings, setup

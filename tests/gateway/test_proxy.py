@@ -11,7 +11,7 @@ import grpc.aio
 import pytest
 
 from gateway.app import Gateway
-from gateway.discovery import DiscoveryUpdate, StaticInstance
+from mesh.routing.discovery import DiscoveryUpdate, StaticInstance
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
 from protos.inference import grpc_service_pb2 as pb

@@ -15,9 +15,9 @@ import grpc.aio
 import pytest
 
 from gateway.app import Gateway
-from gateway.discovery import StaticDiscovery, StaticInstance
 from mesh.proxy import frames as f
 from mesh.proxy.hpack_codec import HeaderDecoder, HeaderEncoder
+from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings, Service, Serving
 from mesh.server.testing import serve
 

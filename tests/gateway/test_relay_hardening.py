@@ -15,9 +15,9 @@ import grpc.aio
 import pytest
 
 from gateway.app import Gateway
-from gateway.discovery import StaticDiscovery, StaticInstance
 from mesh.proxy import frames as f
 from mesh.proxy.hpack_codec import Header
+from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.routing.limits import RelayLimits
 from mesh.server.app import ServerSettings, Serving
 from protos.inference import grpc_service_pb2 as pb

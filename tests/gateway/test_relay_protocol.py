@@ -14,11 +14,11 @@ import grpc.aio
 import pytest
 
 from gateway.app import Gateway
-from gateway.discovery import StaticDiscovery, StaticInstance
 from mesh.proxy import frames as f
 from mesh.proxy.connection import CONTROL_FRAMES_PER_SECOND, MAX_STREAMS
 from mesh.proxy.hpack_codec import Header, HeaderDecoder, HeaderEncoder
 from mesh.proxy.relay import PREMATURE_RESETS
+from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings, Service, Serving
 from mesh.server.testing import serve
 from tests.gateway.test_relay import (

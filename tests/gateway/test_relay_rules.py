@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from gateway.discovery import StaticInstance
+from mesh.routing.discovery import StaticInstance
 from protos.inference import grpc_service_pb2 as pb
 from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from protos.meshserve.mesh.v1 import admin_pb2

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.discovery import StaticInstance
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
 from mesh.config.snapshot import MeshConfig, config_from_path
 from mesh.routing.admission import admission_problems, check_admission
+from mesh.routing.discovery import StaticInstance
 from tests.support.istio_yaml import version_subsets
 
 REPO = Path(__file__).resolve().parents[2]

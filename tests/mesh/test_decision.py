@@ -9,7 +9,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway.discovery import StaticInstance
 from mesh.balance.cluster import ClusterMap
 from mesh.balance.endpoints import Endpoint, EndpointsSnapshot
 from mesh.balance.load import LoadTracker
@@ -17,6 +16,7 @@ from mesh.config.loader import load_path
 from mesh.config.snapshot import MeshConfig, config_from_path, config_from_yaml
 from mesh.errors import Unimplemented
 from mesh.routing.decision import RequestInfo, decide
+from mesh.routing.discovery import StaticInstance
 from mesh.routing.hashkey import RequestFields
 from protos.inference import grpc_service_pb2 as pb
 

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from mesh.config.loader import load_path
 from mesh.config.snapshot import EMPTY
 from mesh.proxy.relay import Downstream, Relay, Upstream, UpstreamPool
+from mesh.routing.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from mesh.routing.state import GatewayState
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,6 @@ import pytest
 from elasticsearch import AsyncElasticsearch
 
 from gateway.app import Gateway
-from gateway.registry_discovery import RegistryDiscovery
 from mesh.security.ca import CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import CertificateSource
@@ -27,6 +26,7 @@ from mesh.telemetry.interceptors import TelemetryClientInterceptor
 from mesh.telemetry.setup import TelemetrySettings, setup
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from registry.discovery import RegistryDiscovery
 from registry.schema import Indices
 from registry.store import Store
 
