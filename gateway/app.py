@@ -22,7 +22,7 @@ from mesh.proxy.relay import Relay
 from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
 from mesh.routing.limits import RelayLimits
 from mesh.routing.methods import MESH_SERVICES
-from mesh.routing.pipeline import ConfigPipeline, validate_documents
+from mesh.routing.pipeline import ConfigPipeline
 from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
 from mesh.server.app import ServerSettings, Service, Serving, start_server
@@ -36,8 +36,6 @@ from registry.config_store import ConfigStore
 
 log = logging.getLogger(__name__)
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
-#: The config store's validator lives with the pipeline; re-exported for gateway.cli.
-__all__ = ["Gateway", "changed_hosts", "validate_documents"]
 
 
 def changed_hosts(old: EndpointsSnapshot, new: EndpointsSnapshot) -> list[str]:

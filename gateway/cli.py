@@ -10,11 +10,12 @@ import logging
 from pathlib import Path
 
 from cli.main import CliError
-from gateway.app import Gateway, validate_documents
+from gateway.app import Gateway
 from gateway.auth import AuthConfig, ClientGuard
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_static
 from mesh.routing.limits import RelayLimits
+from mesh.routing.pipeline import validate_documents
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
 from mesh.telemetry import logs

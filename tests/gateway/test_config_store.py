@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import Gateway, validate_documents
+from gateway.app import Gateway
 from mesh.config.fields import ConfigError
 from mesh.errors import Aborted, FailedPrecondition
 from mesh.routing.discovery import StaticDiscovery
+from mesh.routing.pipeline import validate_documents
 from mesh.server.app import ServerSettings
 from registry.config_store import ConfigStore
 from registry.connect import StoreSettings
