@@ -3,6 +3,7 @@ the inference protocol keeps Triton's numbers."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -138,17 +139,57 @@ def test_every_proto_compiles_with_the_documented_include_path(tmp_path: Path) -
     assert load.returncode == 0 and load.stdout.strip() == "AdminStub", load.stderr
 
 
-@pytest.mark.skipif(shutil.which("protoc") is None, reason="no protoc on PATH for --cpp_out")
-def test_cpp_generation_as_documented(tmp_path: Path) -> None:
+def documented_commands() -> dict[str, str]:
+    """docs/clients.md's codegen commands by language (the comment line above each)."""
+    text = (build.ROOT / "docs" / "clients.md").read_text()
+    block = re.search(r"```sh\n(PROTOS=.*?)```", text, flags=re.DOTALL)
+    assert block, "docs/clients.md no longer has its codegen block"
+    commands = {}
+    for paragraph in block.group(1).split("\n\n")[1:]:
+        comment, _, command = paragraph.partition("\n")
+        commands[comment.removeprefix("# ").split(" ")[0]] = command
+    return commands
+
+
+#: The tools each documented command needs beyond the shell (grpcio-tools is ours).
+DOC_TOOLS = {"C++": ("protoc", "grpc_cpp_plugin"), "Python": ()}
+
+
+@pytest.mark.parametrize(("language", "tools"), DOC_TOOLS.items())
+def test_documented_codegen_commands_run_as_written(
+    tmp_path: Path, language: str, tools: tuple[str, ...]
+) -> None:
+    """The doc's command itself, in bash, from a folder that has protos/ as the repository
+    does; languages whose generator is not installed here are skipped by name."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{language} codegen needs {', '.join(missing)} on PATH")
+    (tmp_path / "protos").symlink_to(build.PROTO_DIR)
+    text = (build.ROOT / "docs" / "clients.md").read_text()
+    protos = re.search(r'^(PROTOS="[^"]*")', text, flags=re.MULTILINE)
+    assert protos
+    script = f"set -e\n{protos.group(1)}\n{documented_commands()[language]}"
+    # `python` in the doc is the one with grpcio-tools: this venv's.
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
     done = subprocess.run(
-        ["protoc", "-I", "protos", f"--cpp_out={tmp_path}", *documented_protos()],
-        cwd=build.ROOT,
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": path},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "inference" / "grpc_service.pb.h").exists()
+    generated = {p.relative_to(tmp_path / "gen").as_posix() for p in (tmp_path / "gen").rglob("*")}
+    expected = {
+        "C++": {"cpp/inference/grpc_service.pb.h", "cpp/inference/grpc_service.grpc.pb.cc"},
+        "Python": {"py/inference/grpc_service_pb2.py", "py/meshserve/data/v1/data_pb2_grpc.py"},
+    }[language]
+    assert expected <= generated
+
+
+def test_the_documented_commands_cover_the_languages_the_doc_names() -> None:
+    assert set(documented_commands()) == {"Go", "Java", "C++", "TypeScript", "Python"}
 
 
 @pytest.mark.parametrize(
