@@ -16,6 +16,7 @@ from mesh.errors import InvalidArgument, MeshError, NotFound
 from mesh.server.app import Service
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from workers.inference.load_parameters import config_override
 from workers.inference.versions import VERSION_HEADER, parse_version
 from workers.inference.worker import InferenceWorker
 
@@ -192,12 +193,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            # Triton's config/file overrides would bypass the repository's atomic
-            # publishing; versions reach a worker only through the repository.
-            names = ", ".join(sorted(request.parameters))
-            raise InvalidArgument(f"load parameters are not supported (got {names})")
-        await self.repository.load(request.model_name)
+        config = config_override(request.model_name, request.parameters)
+        await self.repository.load(request.model_name, config)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
