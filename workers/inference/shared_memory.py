@@ -206,9 +206,7 @@ class SharedMemoryRegistry:
         None when the request names no region: the common path pays one look at each
         tensor's (usually empty) parameters.
         """
-        if not any(t.parameters for t in request.inputs) and not any(
-            o.parameters for o in request.outputs
-        ):
+        if not _has_parameters(request):
             return None
         inputs = {t.name: _target(t.name, "input", t.parameters) for t in request.inputs}
         outputs = {o.name: _target(o.name, "output", o.parameters) for o in request.outputs}
@@ -259,6 +257,11 @@ class SharedMemoryRegistry:
                 if key in tensor.parameters:
                     del tensor.parameters[key]
         return rewritten
+
+
+def _has_parameters(request: pb.ModelInferRequest) -> bool:
+    # Runs for every request: a look at each tensor's parameter map, usually empty.
+    return any(t.parameters for t in request.inputs) or any(o.parameters for o in request.outputs)
 
 
 @dataclass(frozen=True)
