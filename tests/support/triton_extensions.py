@@ -3,7 +3,7 @@
 Runs in its own process (tritonclient's ``inference.*`` protobuf symbols clash with
 meshserve's). Nothing from meshserve is imported here. Usage::
 
-    python -m tests.support.triton_extensions HOST:PORT control|shm|swap [ARGS_JSON] < args.json
+    python -m tests.support.triton_extensions HOST:PORT SCENARIO [ARGS_JSON] < args.json
 
 The arguments come from ARGS_JSON if given, else from stdin.
 
@@ -60,16 +60,45 @@ def control(client: Any, args: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def cause(client: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """Waits until the index lists ``model`` with a reason starting ``args["reason"]``.
+
+    Then asks to load it. (Before its load fails, a version reads "not loaded yet".)
+    """
+    deadline = time.monotonic() + args["deadline_s"]
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        index = client.get_model_repository_index(as_json=True).get("models", [])
+        rows = [m for m in index if m["name"] == args["model"]]
+        if rows and all(m.get("reason", "").startswith(args["reason"]) for m in rows):
+            break
+        time.sleep(0.2)
+    return {"index": rows, "load": failure(lambda: client.load_model(args["model"]))}
+
+
 def swap(client: Any, args: dict[str, Any]) -> dict[str, Any]:
-    """Infers without a pause until the outputs change; reports every failure meanwhile."""
+    """Infers without a pause until the outputs change; reports every failure meanwhile.
+
+    It starts once ``args["settle"]`` requests in a row have succeeded (the model may
+    still be loading when it is called).
+    """
     x = np.asarray(args["x"], dtype=np.float32)
     model = args["model"]
-    first = client.infer(model, [fp32("x", x)]).as_numpy("y").tolist()
+    deadline = time.monotonic() + args["deadline_s"]
+    streak = 0
+    while streak < args.get("settle", 1):
+        try:
+            first = client.infer(model, [fp32("x", x)]).as_numpy("y").tolist()
+            streak += 1
+        except InferenceServerException:
+            if time.monotonic() > deadline:
+                raise
+            streak = 0
+            time.sleep(0.2)
     print("serving", flush=True)  # the test replaces model.pt once it reads this
     errors: list[str] = []
     requests = 0
     latest = first
-    deadline = time.monotonic() + args["deadline_s"]
     while latest == first and time.monotonic() < deadline:
         requests += 1
         try:
@@ -158,7 +187,7 @@ def shared_memory(client: Any, args: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-SCENARIOS = {"control": control, "swap": swap, "shm": shared_memory}
+SCENARIOS = {"control": control, "cause": cause, "swap": swap, "shm": shared_memory}
 
 
 if __name__ == "__main__":
