@@ -170,7 +170,7 @@ class Exchange:
         # gateway's gRPC server (its own services) are recorded there (see _go_internal).
         self.record: CallRecord | None = None
         if relay.telemetry is not None and (self.info is not None or relay.inbound is not None):
-            self.record = relay.telemetry.start(self.path, headers)
+            self.record = relay.telemetry.start(self.path, headers, self.request_id)
         #: Follows the request's message boundaries (compressed flags, message count).
         self.framer = MessageFramer(encoding_of(headers))
         relay.exchanges.add(self)
@@ -607,7 +607,11 @@ class Exchange:
         address = self.endpoint.address if self.endpoint else self.relay.internal_address
         if self._may_retry(code, connection_failure):
             log.info(
-                "retrying %s on the next endpoint after %s from %s", self.path, code.name, address
+                "retrying %s (x-request-id %s) on the next endpoint after %s from %s",
+                self.path,
+                self._call_id(),
+                code.name,
+                address,
             )
             self.relay.count_retry(self)
             self.up = None
