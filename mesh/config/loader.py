@@ -61,8 +61,10 @@ def parse_yaml(text: str, source: str) -> list[Document]:
 def parse_resource(raw: Any, source: str, number: int = 1) -> Resource:
     """One resource from one parsed YAML document."""
     node = Node(raw, Where(source, f"document {number}"))
+    # ``status`` is the API server's (``kubectl get -o yaml``): accepted, ignored.
     node.mapping(
-        ("apiVersion", "kind", "metadata", "spec"), required=("apiVersion", "kind", "metadata")
+        ("apiVersion", "kind", "metadata", "spec", "status"),
+        required=("apiVersion", "kind", "metadata"),
     )
     kind = node.child("kind").choice(tuple(API_VERSIONS))
     api_version = node.child("apiVersion").string()
