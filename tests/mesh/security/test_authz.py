@@ -80,6 +80,8 @@ spec:
   rules: [{}]
 """
 )
+
+
 def req(path: str, principal: str | None = None, **headers: str) -> RequestAttributes:
     ns = None if principal is None else principal.split("/")[2]
     return RequestAttributes(path, principal, ns, headers=headers)
