@@ -89,7 +89,15 @@ ANNOTATION_BOUNDED_LOAD = "meshserve.io/bounded-load"
 ANNOTATION_HOT_KEY_REPLICAS = "meshserve.io/hot-key-replicas"
 ANNOTATION_HOT_KEY_THRESHOLD = "meshserve.io/hot-key-threshold"
 ANNOTATION_COLD_SPILL = "meshserve.io/cold-spill"
+ANNOTATION_RING_POINTS = "meshserve.io/ring-points"
+ANNOTATION_RETRY_ORDER = "meshserve.io/retry-order"
+#: ``meshserve.io/ring-points``: Envoy's whole ring (Istio's) or points per endpoint.
+RING_POINTS = ("whole-ring", "per-endpoint")
+#: ``meshserve.io/retry-order``: Envoy's rehashed picks (Istio's) or ring successors.
+RETRY_ORDERS = ("rehash", "ring-successor")
 DEFAULT_COLD_SPILL = 2.0
+#: The factor the docs suggest (and config/inference.yaml sets); bounded loads are off
+#: unless the annotation asks for them.
 DEFAULT_BOUNDED_LOAD = 1.25
 DEFAULT_HOT_KEY_THRESHOLD = 4
 #: Request fields a hash key may be read from: names → field numbers of ModelInferRequest
@@ -103,14 +111,20 @@ class Extensions:
 
     #: Request fields that form the hash key, in order; empty: no field hashing.
     hash_fields: tuple[str, ...] = ()
-    #: Bounded-load factor c (capacity ⌈c·average⌉); None disables bounded loads.
-    bounded_load: float | None = DEFAULT_BOUNDED_LOAD
+    #: Bounded-load factor c (capacity ⌈c·average⌉); None (Istio's plain consistent
+    #: hashing, the default) disables bounded loads.
+    bounded_load: float | None = None
     #: Ring successors a hot key is spread over (1: never spread).
     hot_key_replicas: int = 1
     #: In-flight requests for one key from which it counts as hot.
     hot_key_threshold: int = DEFAULT_HOT_KEY_THRESHOLD
     #: How far past capacity a full owner keeps a key no successor holds warm.
     cold_spill: float = DEFAULT_COLD_SPILL
+    #: Each endpoint owns weight * minimumRingSize points (keys stay put when endpoints
+    #: come and go); False: minimumRingSize is the whole ring, as in Envoy.
+    per_endpoint_ring: bool = False
+    #: Retries (and spills) go to ring successors clockwise; False: Envoy's rehashed picks.
+    successor_retries: bool = False
 
 
 @dataclass(frozen=True)
@@ -331,6 +345,8 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
         ANNOTATION_HOT_KEY_REPLICAS,
         ANNOTATION_HOT_KEY_THRESHOLD,
         ANNOTATION_COLD_SPILL,
+        ANNOTATION_RING_POINTS,
+        ANNOTATION_RETRY_ORDER,
     )
     for key in annotations:
         if key.startswith("meshserve.io/") and key not in known:
@@ -368,6 +384,18 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
                 f'must be a factor >= 1.0 (e.g. "2"; "1" is classic bounded loads), got {text!r}'
             )
         ext = replace(ext, cold_spill=spill)
+    if (text := annotations.get(ANNOTATION_RING_POINTS)) is not None:
+        if text not in RING_POINTS:
+            node.child(ANNOTATION_RING_POINTS).fail(
+                f"must be one of {', '.join(RING_POINTS)}, got {text!r}"
+            )
+        ext = replace(ext, per_endpoint_ring=text == "per-endpoint")
+    if (text := annotations.get(ANNOTATION_RETRY_ORDER)) is not None:
+        if text not in RETRY_ORDERS:
+            node.child(ANNOTATION_RETRY_ORDER).fail(
+                f"must be one of {', '.join(RETRY_ORDERS)}, got {text!r}"
+            )
+        ext = replace(ext, successor_retries=text == "ring-successor")
     replicas = _count(node, annotations, ANNOTATION_HOT_KEY_REPLICAS, ext.hot_key_replicas)
     threshold = _count(node, annotations, ANNOTATION_HOT_KEY_THRESHOLD, ext.hot_key_threshold)
     return replace(ext, hot_key_replicas=replicas, hot_key_threshold=threshold)
