@@ -22,6 +22,19 @@ from mesh.config.virtual_service import VirtualService, parse_virtual_service
 
 Resource = VirtualService | DestinationRule | PeerAuthentication | AuthorizationPolicy
 YAML_SUFFIXES = (".yaml", ".yml")
+#: Istio's other kinds: refused by name, so a file that carries one is never half applied.
+UNSUPPORTED_KINDS = (
+    "Gateway",
+    "ServiceEntry",
+    "RequestAuthentication",
+    "Sidecar",
+    "EnvoyFilter",
+    "WorkloadEntry",
+    "WorkloadGroup",
+    "Telemetry",
+    "WasmPlugin",
+    "ProxyConfig",
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,10 @@ def parse_resource(raw: Any, source: str, number: int = 1) -> Resource:
         ("apiVersion", "kind", "metadata", "spec", "status"),
         required=("apiVersion", "kind", "metadata"),
     )
-    kind = node.child("kind").choice(tuple(API_VERSIONS))
+    kind_node = node.child("kind")
+    if kind_node.value in UNSUPPORTED_KINDS:
+        kind_node.fail(f"{kind_node.value} is an Istio kind that meshserve does not support")
+    kind = kind_node.choice(tuple(API_VERSIONS))
     api_version = node.child("apiVersion").string()
     name_hint = (
         raw.get("metadata", {}).get("name") if isinstance(raw.get("metadata"), dict) else None

@@ -171,15 +171,15 @@ _OPERATION_FIELDS = {
 
 
 def parse_authorization_policy(spec: Node, metadata: Metadata) -> AuthorizationPolicy:
-    spec.mapping(
-        ("selector", "action", "rules"),
-        # CUSTOM delegates to an external authorizer meshserve has none of; accepting it
-        # would skip the policy, so it could never deny anything.
-        unsupported=("targetRef", "targetRefs", "provider"),
-    )
     action_node = spec.child("action")
     if action_node.value == "CUSTOM":
+        # CUSTOM delegates to an external authorizer meshserve has none of; accepting it
+        # would skip the policy, so it could never deny anything.
         action_node.fail("CUSTOM is an Istio action that meshserve does not support")
+    spec.mapping(
+        ("selector", "action", "rules"),
+        unsupported=("targetRef", "targetRefs", "provider"),
+    )
     action = action_node.choice(("ALLOW", "DENY", "AUDIT"), "ALLOW")
     rules = []
     for rule in spec.child("rules").items():
