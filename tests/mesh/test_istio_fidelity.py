@@ -69,11 +69,19 @@ def instances() -> list[StaticInstance]:
     ]
 
 
-def route(config: MeshConfig, method: str = INFER, seed: int = 1, **headers: str) -> RouteDecision:
+def route(
+    config: MeshConfig,
+    method: str = INFER,
+    *,
+    seed: int = 1,
+    headers: dict[str, str] | None = None,
+) -> RouteDecision:
     clusters = ClusterMap(
         config, EndpointsSnapshot.from_instances(instances()), LoadTracker(), lambda: 0.0
     )
-    return decide(clusters, RequestInfo(method, tuple(headers.items())), random.Random(seed))
+    return decide(
+        clusters, RequestInfo(method, tuple((headers or {}).items())), random.Random(seed)
+    )
 
 
 def one(text: str) -> object:
@@ -96,8 +104,8 @@ def headers_route_to_a_subset() -> None:
         + VERSIONS,
         source="istio.yaml",
     )
-    assert route(config, **{"end-user": "jason"}).subset == "v2"
-    assert route(config, **{"end-user": "sam"}).subset == "v1"
+    assert route(config, headers={"end-user": "jason"}).subset == "v2"
+    assert route(config, headers={"end-user": "sam"}).subset == "v1"
 
 
 def weights_are_relative() -> None:
@@ -127,8 +135,8 @@ def regexes_are_re2() -> None:
         + VERSIONS,
         source="istio.yaml",
     )
-    assert route(config, **{"x-user": "jäson"}).subset == "v2"
-    assert route(config, **{"x-user": "jason1"}).subset == ""
+    assert route(config, headers={"x-user": "jäson"}).subset == "v2"
+    assert route(config, headers={"x-user": "jason1"}).subset == ""
 
 
 def ignore_uri_case_on_prefix() -> None:
@@ -236,7 +244,7 @@ def ring_size_is_the_whole_ring() -> None:
     ring = clusters.cluster("inference").ring
     assert ring is not None and sum(ring.points().values()) == 1024
     # Retries as Envoy picks them on a ring: rehashed, never a host twice.
-    order = route(config, **{"x-user": "u1"}).candidates
+    order = route(config, headers={"x-user": "u1"}).candidates
     assert order == ring.order("u1", successors=False)
 
 
