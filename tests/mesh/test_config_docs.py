@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+from mesh.config.resource import SERVER_METADATA
+
 REPO = Path(__file__).resolve().parents[2]
 PARSERS = sorted((REPO / "mesh" / "config").glob("*.py"))
 #: Keys of the envelope, documented in prose rather than in a field table.
@@ -30,7 +32,6 @@ def parser_fields() -> set[str]:
                 for constant in ast.walk(value):
                     if isinstance(constant, ast.Constant) and isinstance(constant.value, str):
                         found.add(constant.value)
-    from mesh.config.resource import SERVER_METADATA
 
     return found | set(SERVER_METADATA)
 
