@@ -373,6 +373,11 @@ ERRORS: list[tuple[str, str]] = [
     ),
     (
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n",
+        "config/test.yaml: document 1: kind: Gateway is an Istio kind that meshserve does not "
+        "support",
+    ),
+    (
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: g}\nspec: {}\n",
         "config/test.yaml: document 1: kind: must be one of VirtualService",
     ),
     (
