@@ -92,6 +92,20 @@ def test_committed_stubs_are_regenerated(tmp_path: Path) -> None:
             {"repository_name": 1, "model_name": 2, "parameters": 3},
         ),
         (
+            oip.SystemSharedMemoryRegisterRequest,
+            {"name": 1, "key": 2, "offset": 3, "byte_size": 4},
+        ),
+        (
+            oip.SystemSharedMemoryStatusResponse.RegionStatus,
+            {"name": 1, "key": 2, "offset": 3, "byte_size": 4},
+        ),
+        (oip.SystemSharedMemoryStatusResponse, {"regions": 1}),
+        (oip.SystemSharedMemoryUnregisterRequest, {"name": 1}),
+        (
+            oip.CudaSharedMemoryRegisterRequest,
+            {"name": 1, "raw_handle": 2, "device_id": 3, "byte_size": 4},
+        ),
+        (
             mc.ModelConfig,
             {
                 "name": 1,
@@ -129,6 +143,12 @@ def test_inference_service_paths() -> None:
         "RepositoryIndex",
         "RepositoryModelLoad",
         "RepositoryModelUnload",
+        "SystemSharedMemoryStatus",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryStatus",
+        "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
     }
     stream = service.methods_by_name["ModelStreamInfer"]
     assert stream.client_streaming and stream.server_streaming
