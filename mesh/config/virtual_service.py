@@ -11,23 +11,7 @@ import grpc
 from mesh.config.fields import Node
 from mesh.config.regex import Regex, RegexError, compile_regex
 from mesh.config.resource import Metadata, export_to, resource_host
-from mesh.config.retries import (
-    DEFAULT_RETRY_ATTEMPTS,
-    DEFAULT_RETRY_ON,
-    HTTP_TO_GRPC,
-    RETRY_ON_CODES,
-    RetryPolicy,
-    http_to_grpc,
-    parse_retries,
-)
-
-__all__ = [
-    "DEFAULT_RETRY_ATTEMPTS",
-    "DEFAULT_RETRY_ON",
-    "HTTP_TO_GRPC",
-    "RETRY_ON_CODES",
-    "RetryPolicy",
-]
+from mesh.config.retries import RetryPolicy, http_to_grpc, parse_retries
 
 # --- value types ------------------------------------------------------------------------
 

@@ -12,8 +12,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from mesh.config.destination_rule import UNLIMITED
-from mesh.config.retries import BACKOFF_BASE, BACKOFF_MAX
-from mesh.config.virtual_service import RetryPolicy
+from mesh.config.retries import BACKOFF_BASE, BACKOFF_MAX, RetryPolicy
 from mesh.routing import headers as md
 
 #: Headers gRPC's transport owns: forwarded as they came (grpc-timeout is rewritten),

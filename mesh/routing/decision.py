@@ -7,13 +7,8 @@ from dataclasses import dataclass, field
 
 from mesh.balance.cluster import ClusterMap
 from mesh.balance.endpoints import Endpoint
-from mesh.config.virtual_service import (
-    Destination,
-    Fault,
-    HeaderOperations,
-    HTTPRoute,
-    RetryPolicy,
-)
+from mesh.config.retries import RetryPolicy
+from mesh.config.virtual_service import Destination, Fault, HeaderOperations, HTTPRoute
 from mesh.errors import Unimplemented
 from mesh.routing import headers as md
 from mesh.routing.hashkey import HashKey, RequestFields, hash_key, read_fields

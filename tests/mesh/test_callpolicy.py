@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from mesh.config.destination_rule import UNLIMITED
-from mesh.config.virtual_service import RetryPolicy
+from mesh.config.retries import RetryPolicy
 from mesh.routing import callpolicy as policy
 
 U = grpc.StatusCode.UNAVAILABLE

@@ -12,9 +12,10 @@ from mesh.config.destination_rule import DestinationRule, Extensions
 from mesh.config.fields import ConfigError, parse_duration
 from mesh.config.hosts import normalise_host
 from mesh.config.loader import load_path, parse_yaml
+from mesh.config.retries import DEFAULT_RETRY_ON
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.snapshot import config_from_path, config_from_yaml
-from mesh.config.virtual_service import DEFAULT_RETRY_ON, VirtualService
+from mesh.config.virtual_service import VirtualService
 
 REPO = Path(__file__).resolve().parents[2]
 
