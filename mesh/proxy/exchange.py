@@ -469,7 +469,9 @@ class Exchange:
             address = self.endpoint.address
             per_try = None
         else:
-            self.endpoint = decision.candidates[self.attempt]
+            # Past the last candidate a retry goes round again: as Envoy's previous-hosts
+            # predicate, it avoids endpoints already tried only while another is left.
+            self.endpoint = decision.candidates[self.attempt % len(decision.candidates)]
             address = self.endpoint.address
             per_try = decision.retries.per_try_timeout
             relay.state.tracker.start(address, self.key)
@@ -593,7 +595,6 @@ class Exchange:
         return policy.may_retry(
             decision.retries,
             attempt=self.attempt,
-            candidates=len(decision.candidates),
             idempotent=self.info.idempotent,
             code=code,
             connection_failure=connection_failure,
@@ -615,9 +616,26 @@ class Exchange:
             )
             self.relay.count_retry(self)
             self.up = None
-            self._attempt()
+            self._back_off()
             return
         self._give_up(code, f"upstream {address}: {detail}")
+
+    def _back_off(self) -> None:
+        """Waits Envoy's jittered back-off before the next attempt (never past the call's
+        deadline). The timer slot holds it, so an ending call cancels it; request data
+        that arrives meanwhile is held and replayed by the attempt."""
+        relay = self.relay
+        delay = policy.retry_backoff(self.attempt + 1, relay.state.rng)
+        if self.deadline is not None:
+            delay = min(delay, max(self.deadline - relay.loop.time(), 0.0))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = relay.loop.call_later(delay, self._after_back_off)
+
+    def _after_back_off(self) -> None:
+        self._timer = None
+        if not self.done:
+            self._attempt()
 
     # -- responses ------------------------------------------------------------------------
 

@@ -6,12 +6,13 @@ today; a sidecar's outbound mode uses the same functions."""
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 
 import grpc
 
 from mesh.config.destination_rule import UNLIMITED
-from mesh.config.virtual_service import RetryPolicy
+from mesh.config.retries import BACKOFF_BASE, BACKOFF_MAX, RetryPolicy
 from mesh.routing import headers as md
 
 #: Headers gRPC's transport owns: forwarded as they came (grpc-timeout is rewritten),
@@ -113,17 +114,24 @@ def may_retry(
     retries: RetryPolicy,
     *,
     attempt: int,
-    candidates: int,
     idempotent: bool,
     code: grpc.StatusCode,
     connection_failure: bool,
 ) -> bool:
-    """Whether a failed attempt (0-based ``attempt``) is tried again on the next of
-    ``candidates`` endpoints: within ``retries.attempts`` and the endpoints there are; a
-    connection failure (the upstream never saw the call) whenever ``retryOn`` covers it,
-    any other status only for an idempotent method whose ``retryOn`` lists it."""
-    if attempt >= min(retries.attempts, candidates - 1):
+    """Whether a failed attempt (0-based ``attempt``) is tried again: within
+    ``retries.attempts`` (on another endpoint while one is left, else on one already
+    tried, as Envoy does); a connection failure (the upstream never saw the call)
+    whenever ``retryOn`` covers it, any other status only for an idempotent method whose
+    ``retryOn`` lists it."""
+    if attempt >= retries.attempts:
         return False
     if connection_failure and retries.retries_connection_failures():
         return True
     return idempotent and retries.should_retry(code, connection_failure=connection_failure)
+
+
+def retry_backoff(retry: int, rng: random.Random) -> float:
+    """Seconds to wait before the ``retry``-th retry (1-based): Envoy's fully jittered
+    exponential back-off, uniform in [0, (2^retry - 1) · 25 ms), capped at 250 ms."""
+    ceiling = min(BACKOFF_BASE * ((1 << min(retry, 16)) - 1), BACKOFF_MAX)
+    return rng.random() * ceiling
