@@ -100,3 +100,19 @@ def test_health_and_reflection_are_checked_then_left_to_the_sidecars_server() ->
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     ]
     assert limit.in_flight == 0
+
+
+def test_the_average_in_flight_is_time_weighted_and_starts_over() -> None:
+    now = [0.0]
+    limit = ConcurrencyLimit(None, clock=lambda: now[0])
+    limit.try_acquire()  # one call for the whole second
+    now[0] = 0.5
+    limit.try_acquire()  # a second one for half of it
+    now[0] = 1.0
+    assert limit.average() == 1.5
+    limit.release()
+    limit.release()
+    now[0] = 2.0
+    # Both ended at once: the next second saw none, though an instant count at 1.0 saw two.
+    assert limit.average() == 0.0
+    assert limit.try_acquire() and limit.average() == 1.0  # no time passed: the count now
