@@ -166,6 +166,16 @@ def p99(outcomes: list[Outcome]) -> float:
     return latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
 
 
+def first_scale_up(record: Path, marks: dict[str, float], wall_offset: float) -> float | None:
+    """Seconds from the step to the first decision for more than one worker."""
+    step = marks["step_up"] + wall_offset
+    for line in record.read_text().splitlines():
+        decision = json.loads(line)
+        if decision["time"] >= step and decision["desired"] > 1:
+            return float(decision["time"] - step)
+    return None
+
+
 def wait(check: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -251,6 +261,8 @@ def main() -> None:
                 mesh.wait_ready()
             gateway = mesh.up()["gateway"]
             marks: dict[str, float] = {}
+            # autoscale.jsonl has wall-clock times; the marks are monotonic.
+            wall_offset = time.time() - time.monotonic()
             with Sampler(mesh) as sampler, InferLoad(gateway, callers=args.low, pause_s=0) as low:
                 marks["start"] = time.monotonic()
                 with out.status(f"{args.low} callers"):
@@ -266,6 +278,7 @@ def main() -> None:
                     wait(lambda: mesh.running_inference() == 1, args.down_timeout, "scale-down")
                     time.sleep(3)
                 marks["end"] = time.monotonic()
+            decided = first_scale_up(mesh.state / "autoscale.jsonl", marks, wall_offset)
             logs = sorted((mesh.state / "logs").glob("inference-worker-*.log"))
             cold = sum(log.read_text().count(COLD_LOAD) for log in logs)
             scaled = mesh.log.read_text().count("started (scale-up)")
@@ -290,6 +303,9 @@ def main() -> None:
     )
     table.add_column("measure")
     table.add_column("value", justify="right")
+    table.add_row(
+        "step to the scale-up decision", f"{decided:.1f} s" if decided is not None else "never"
+    )
     table.add_row("step to the first new worker routed", f"{first:.1f} s" if first else "never")
     table.add_row(
         f"step to {max(s.routed for s in sampler.samples)} workers routed",
