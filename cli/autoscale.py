@@ -20,11 +20,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli.errors import CliError
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.scaling.autoscaler import Autoscaler, Bounds, Candidate, Decision, least_loaded
+
+if TYPE_CHECKING:
+    from registry.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,12 @@ class KubernetesScaler:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             # Outside a cluster: the user's kubeconfig.
-            config.load_kube_config()  # type: ignore[no-untyped-call]
+            try:
+                config.load_kube_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException as exc:
+                raise CliError(
+                    f"no Kubernetes cluster to scale in: not in a pod, and {exc}"
+                ) from None
         self._apps = client.AppsV1Api()
         self._core = client.CoreV1Api()
         self.namespace = namespace
@@ -126,36 +134,46 @@ class KubernetesScaler:
 
 async def _run(args: argparse.Namespace, settings: AutoscaleSettings) -> None:
     from registry.connect import StoreSettings
-    from registry.directory import read_live
-    from registry.instances import utc_now
     from registry.store import open_store
 
     kube = KubernetesScaler(args.namespace, args.deployment, args.selector or f"app={args.service}")
     scaler = Autoscaler(settings, args.bounds)
     async with open_store(StoreSettings.from_env(url=args.es)) as store:
         while True:
-            snapshot = await read_live(store.es, store.indices, utc_now(), args.service)
-            loads = {
-                i.address.rpartition(":")[0]: i.load.in_flight for i in snapshot.instances.values()
-            }
-            now = time.monotonic()
-            scaler.observe(now, float(sum(loads.values())))
-            current = await asyncio.to_thread(kube.replicas)
-            decision = scaler.decide(now, current)
-            if decision.desired != current:
-                pods = await asyncio.to_thread(kube.pods)
-                scale = plan(decision, current, pods, loads)
-                if scale.replicas is not None:
-                    log.warning(
-                        "%s: %d -> %d replicas (load %d%s)",
-                        args.deployment,
-                        current,
-                        scale.replicas,
-                        sum(loads.values()),
-                        ", panic" if decision.panic else "",
-                    )
-                    await asyncio.to_thread(kube.apply, scale)
+            try:
+                await _once(args, store, kube, scaler)
+            except Exception as exc:  # the store or the API briefly away: the replicas stay
+                log.warning("autoscale %s: %s", args.deployment, exc)
             await asyncio.sleep(args.interval)
+
+
+async def _once(
+    args: argparse.Namespace, store: Store, kube: KubernetesScaler, scaler: Autoscaler
+) -> None:
+    """One reading, one decision, and the API calls it takes."""
+    from registry.directory import read_live
+    from registry.instances import utc_now
+
+    snapshot = await read_live(store.es, store.indices, utc_now(), args.service)
+    loads = {i.address.rpartition(":")[0]: i.load.in_flight for i in snapshot.instances.values()}
+    now = time.monotonic()
+    scaler.observe(now, float(sum(loads.values())))
+    current = await asyncio.to_thread(kube.replicas)
+    decision = scaler.decide(now, current)
+    if decision.desired == current:
+        return
+    pods = await asyncio.to_thread(kube.pods)
+    scale = plan(decision, current, pods, loads)
+    if scale.replicas is not None:
+        log.warning(
+            "%s: %d -> %d replicas (load %d%s)",
+            args.deployment,
+            current,
+            scale.replicas,
+            sum(loads.values()),
+            ", panic" if decision.panic else "",
+        )
+        await asyncio.to_thread(kube.apply, scale)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,9 +36,10 @@ class Bounds:
     def parse(cls, text: str) -> Bounds:
         low, sep, high = text.partition(":")
         try:
-            return cls(int(low), int(high)) if sep else cls(int(low), int(low))
-        except ValueError as exc:
-            raise ValueError(f"replicas must read MIN:MAX (e.g. 1:4), got {text!r}") from exc
+            least, most = int(low), int(high if sep else low)
+        except ValueError:
+            raise ValueError(f"replicas must read MIN:MAX (e.g. 1:4), got {text!r}") from None
+        return cls(least, most)
 
     def clamp(self, replicas: int) -> int:
         return max(self.min, min(self.max, replicas))
