@@ -187,7 +187,7 @@ class Supervisor:
             result.append(
                 UnitStatus(
                     name=unit.component.name,
-                    state=unit.state,
+                    state=UnitState.DRAINING if unit.retiring else unit.state,
                     pid=process.pid if process is not None else None,
                     restarts=unit.tracker.restarts,
                     last_exit=unit.last_exit,

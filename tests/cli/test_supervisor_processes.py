@@ -96,6 +96,7 @@ def test_an_added_unit_starts_and_a_retired_one_drains_and_is_never_restarted(
         assert unit.running is not None
         process = unit.running.process
         supervisor.retire(unit)
+        assert [u.state for u in supervisor.statuses()] == [UnitState.DRAINING]
         tick_until(supervisor, lambda: not supervisor.units)
         assert process.poll() is not None  # it stopped: SIGTERM, and it was not restarted
         assert supervisor.statuses() == ()
