@@ -19,6 +19,7 @@ import grpc.aio
 import pytest
 
 from gateway.app import Gateway
+from gateway.fleet import is_local
 from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings, Service
 from mesh.server.testing import serve
@@ -251,3 +252,19 @@ async def test_shared_memory_is_forwarded_and_cuda_shared_memory_refused(
         code, message = await status_of(cuda(b"", timeout=10))
         assert code is grpc.StatusCode.UNIMPLEMENTED
         assert message.startswith("CUDA shared memory is not supported by meshserve: ")
+
+
+@pytest.mark.parametrize(
+    ("address", "local"),
+    [
+        ("127.0.0.1:9001", True),
+        ("127.0.0.53:9001", True),  # all of 127/8 is loopback
+        ("localhost:9001", True),
+        ("[::1]:9001", True),
+        ("10.0.0.7:9001", True),  # one of this host's own addresses
+        ("10.0.0.8:9001", False),
+        ("worker-2.example:9001", False),
+    ],
+)
+def test_shared_memory_goes_to_the_workers_on_this_host(address: str, local: bool) -> None:
+    assert is_local(address, frozenset({"10.0.0.7"})) is local
