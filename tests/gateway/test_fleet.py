@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf.struct_pb2 import Struct
 
 from gateway.app import Gateway
 from gateway.fleet import is_local
@@ -42,10 +43,13 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class Recorder:
-    """A worker that records the fleet calls it gets; stalls them while ``stall`` is clear."""
+    """A worker that records the fleet calls it gets and answers ``answers[method]`` (empty
+    by default) or fails with ``failures[method]``; stalls them while ``stall`` is clear."""
 
     seen: list[tuple[str, bytes]] = field(default_factory=list)
     stall: asyncio.Event | None = None
+    answers: dict[str, bytes] = field(default_factory=dict)
+    failures: dict[str, tuple[grpc.StatusCode, str]] = field(default_factory=dict)
 
     def service(self) -> Service:
         def handler(method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
@@ -53,11 +57,20 @@ class Recorder:
                 self.seen.append((method, request))
                 if self.stall is not None:
                     await self.stall.wait()
-                return b""
+                if method in self.failures:
+                    await context.abort(*self.failures[method])
+                return self.answers.get(method, b"")
 
             return answer
 
-        methods = ("RepositoryModelLoad", "RepositoryModelUnload", "RepositoryIndex")
+        methods = (
+            "RepositoryModelLoad",
+            "RepositoryModelUnload",
+            "RepositoryIndex",
+            "SystemSharedMemoryRegister",
+            "SystemSharedMemoryStatus",
+            "SystemSharedMemoryUnregister",
+        )
 
         def register(server: grpc.aio.Server) -> None:
             handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -66,6 +79,16 @@ class Recorder:
             server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(OIP, handlers)])
 
         return Service(OIP, register)
+
+
+@asynccontextmanager
+async def recorders(*workers: Recorder) -> AsyncIterator[Fleet]:
+    async with AsyncExitStack() as stack:
+        addresses = []
+        for recorder in workers:
+            serving, _ = await stack.enter_async_context(serve([recorder.service()]))
+            addresses.append(serving.address)
+        yield await stack.enter_async_context(fleet(addresses))
 
 
 @dataclass
@@ -189,18 +212,13 @@ async def test_a_worker_that_is_down_is_named_with_the_worst_status(repository: 
 
 
 async def test_requests_pass_through_untouched() -> None:
-    recorders = [Recorder(), Recorder()]
-    async with AsyncExitStack() as stack:
-        addresses = []
-        for recorder in recorders:
-            serving, _ = await stack.enter_async_context(serve([recorder.service()]))
-            addresses.append(serving.address)
-        mesh = await stack.enter_async_context(fleet(addresses))
+    workers = [Recorder(), Recorder()]
+    async with recorders(*workers) as mesh:
         request = pb.RepositoryModelLoadRequest(model_name="simple")
         request.parameters["config"].string_param = '{"max_batch_size": 8}'
         request.parameters["file:1/model.pt"].bytes_param = b"\x00weights"
         await mesh.stub.RepositoryModelLoad(request, timeout=10)
-        for recorder in recorders:
+        for recorder in workers:
             assert recorder.seen == [("RepositoryModelLoad", request.SerializeToString())]
 
 
@@ -233,19 +251,53 @@ async def test_a_stalled_worker_is_named_before_the_callers_deadline(repository:
         assert f"{serving.address}: DEADLINE_EXCEEDED: no answer within" in message
 
 
-async def test_shared_memory_is_forwarded_and_cuda_shared_memory_refused(
-    repository: Path,
-) -> None:
+def regions(**sizes: int) -> bytes:
+    """A SystemSharedMemoryStatusResponse by wire shape (``map<string, RegionStatus>
+    regions = 1``): Struct is ``map<string, Value> fields = 1``."""
+    message = Struct()
+    message.update(sizes)
+    return message.SerializeToString()
+
+
+async def test_system_shared_memory_reaches_the_workers_on_this_host() -> None:
+    workers = [Recorder(), Recorder()]
+    workers[0].answers["SystemSharedMemoryStatus"] = regions(input=64)
+    workers[1].answers["SystemSharedMemoryStatus"] = regions(output=32)
+    workers[1].failures["SystemSharedMemoryUnregister"] = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no region 'ghost'",
+    )
+    async with recorders(*workers) as mesh:
+
+        def call(method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+            return mesh.channel.unary_unary(f"/{OIP}/{method}")
+
+        register = b"\x0a\x05input\x12\x08/shm-in0"  # name, key: forwarded as they came
+        assert await call("SystemSharedMemoryRegister")(register, timeout=10) == b""
+        assert all(("SystemSharedMemoryRegister", register) in w.seen for w in workers)
+        status = await call("SystemSharedMemoryStatus")(b"", timeout=10)
+        assert dict(Struct.FromString(status)) == {"input": 64, "output": 32}
+        code, message = await status_of(call("SystemSharedMemoryUnregister")(b"", timeout=10))
+        failing = mesh.addresses[1]  # the second recorder's
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert message == (
+            "SystemSharedMemoryUnregister failed on 1 of 2 workers: "
+            f"{failing}: FAILED_PRECONDITION: no region 'ghost'"
+        )
+
+
+async def test_real_workers_answer_shared_memory_and_cuda_is_refused(repository: Path) -> None:
     async with two_workers(repository) as (_, mesh):
         status: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = mesh.channel.unary_unary(
             f"/{OIP}/SystemSharedMemoryStatus"
         )
         code, message = await status_of(status(b"", timeout=10))
-        # The workers do not implement it (yet): each is named with what it answered.
-        a, b = sorted(mesh.addresses)  # workers are asked, and named, in address order
-        assert code is grpc.StatusCode.UNIMPLEMENTED
-        assert message.startswith("SystemSharedMemoryStatus failed on 2 of 2 workers: ")
-        assert f"{a}: UNIMPLEMENTED" in message and f"{b}: UNIMPLEMENTED" in message
+        # Whatever the workers answer (UNIMPLEMENTED until they implement it: each is named
+        # with its answer; then no region, none being registered), it is one answer.
+        if code is not grpc.StatusCode.OK:
+            a, b = sorted(mesh.addresses)  # workers are asked, and named, in address order
+            assert message.startswith("SystemSharedMemoryStatus failed on 2 of 2 workers: ")
+            assert f"{a}: {code.name}" in message and f"{b}: {code.name}" in message
         cuda: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = mesh.channel.unary_unary(
             f"/{OIP}/CudaSharedMemoryRegister"
         )
