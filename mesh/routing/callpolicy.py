@@ -1,6 +1,6 @@
 """Per-call policy, pure and written once: which request headers routing sees (the
-hop-by-hop filter), the request id, the deadline budget, ``http2MaxRequests``
-admission and retry eligibility. The relay (mesh/proxy/exchange.py) is its one caller
+hop-by-hop filter), the request id (and its echo in responses), the deadline budget,
+``http2MaxRequests`` admission and retry eligibility. The relay (mesh/proxy/exchange.py) is its one caller
 today; a sidecar's outbound mode uses the same functions."""
 
 from __future__ import annotations
@@ -39,6 +39,27 @@ def routing_metadata(
     if request_id is not None and not any(k == md.REQUEST_ID for k, _ in text):
         text.append((md.REQUEST_ID, request_id()))
     return tuple(text)
+
+
+_REQUEST_ID = md.REQUEST_ID.encode()
+
+
+def request_id(headers: Sequence[md.RawHeader], make: Callable[[], str]) -> str:
+    """A call's id: the caller's ``x-request-id`` when it sent one (kept, as Envoy keeps
+    it), else a new one from ``make``."""
+    for name, value in headers:
+        if name == _REQUEST_ID:
+            return value.decode("latin-1")
+    return make()
+
+
+def with_request_id(block: Sequence[md.RawHeader], call_id: str) -> list[md.RawHeader]:
+    """A response header block that carries the call's id, so a client in any language can
+    find the call in the proxy's logs and spans (Envoy's ``always_set_request_id_in_response``);
+    any id the upstream set is replaced by the one the call was given."""
+    out = [(n, v) for n, v in block if n != _REQUEST_ID]
+    out.append((_REQUEST_ID, call_id.encode("latin-1")))
+    return out
 
 
 def parse_timeout(value: bytes) -> float | None:

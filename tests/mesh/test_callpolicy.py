@@ -168,3 +168,20 @@ def test_may_retry(
         )
         is retry
     )
+
+
+def test_a_call_keeps_the_callers_request_id_or_gets_a_new_one() -> None:
+    made = iter(["new-1"])
+    assert policy.request_id([*HEADERS, (b"x-request-id", b"mine")], lambda: "unused") == "mine"
+    assert policy.request_id(HEADERS, lambda: next(made)) == "new-1"
+
+
+def test_a_response_block_carries_the_calls_id_in_place_of_any_other() -> None:
+    block = [(b":status", b"200"), (b"x-request-id", b"upstream's"), (b"x-worker", b"w0")]
+    assert policy.with_request_id(block, "r-1") == [
+        (b":status", b"200"),
+        (b"x-worker", b"w0"),
+        (b"x-request-id", b"r-1"),
+    ]
+    trailers_only = [(b":status", b"200"), (b"grpc-status", b"14")]
+    assert policy.with_request_id(trailers_only, "r-2")[-1] == (b"x-request-id", b"r-2")
