@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,16 @@ def test_statistics_are_summed_over_the_workers(up: tuple[Up, str]) -> None:
     assert seen["failures"] == []
     # Every answer counts every worker's inferences: the same total each time.
     assert seen["after"] == [seen["before"] + 64] * 3
+
+
+def test_system_shared_memory_round_trip_through_the_gateway(up: tuple[Up, str]) -> None:
+    _, gateway = up
+    key = f"meshserve-fleet-{uuid.uuid4().hex[:8]}"
+    seen = triton(gateway, f"shm:{key}", "8")
+    # Registered on both workers (each inference may land on either), listed once.
+    assert seen["status"] == ["input_data", "output_data"]
+    assert seen["results"] == [[[2, 3, 4], [-2, -1, 0]]] * 8
+    assert not seen["after"]
 
 
 def test_the_readme_canary_leaves_another_model_alone(up: tuple[Up, str]) -> None:

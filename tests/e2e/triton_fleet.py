@@ -7,7 +7,8 @@ Runs in its own process (tritonclient's ``inference.*`` protobufs clash with mes
 
 Steps: ``unload``, ``load`` (then the model's readiness, the repository index and a few
 inferences), ``infer COUNT`` (COUNT inferences of ``simple``, many in flight, and the
-statistics before and after).
+statistics before and after), ``shm KEY`` (Triton's system shared-memory example: inputs
+and outputs of ``simple`` in regions, COUNT times, then the regions unregistered).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 MODEL = "simple"
@@ -77,6 +79,42 @@ def infer_many(client: Any, n: int) -> dict[str, Any]:
     }
 
 
+def shared_memory(client: Any, key: str, n: int) -> dict[str, Any]:
+    """As Triton's simple_grpc_shm_client.py: both inputs in one region, both outputs in
+    another; ``n`` inferences (the ring picks a worker for each: every worker on this host
+    must know the regions)."""
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 2, dtype=np.int32)
+    size = a.nbytes
+    client.unregister_system_shared_memory()
+    inputs = shm.create_shared_memory_region("input_data", f"/{key}_in", 2 * size)
+    outputs = shm.create_shared_memory_region("output_data", f"/{key}_out", 2 * size)
+    seen: dict[str, Any] = {"results": []}
+    try:
+        shm.set_shared_memory_region(inputs, [a, b])
+        client.register_system_shared_memory("input_data", f"/{key}_in", 2 * size)
+        client.register_system_shared_memory("output_data", f"/{key}_out", 2 * size)
+        # regions is a map, name → status.
+        seen["status"] = sorted(client.get_system_shared_memory_status(as_json=True)["regions"])
+        for _ in range(n):
+            tensors = [grpcclient.InferInput(f"INPUT{i}", [1, 16], "INT32") for i in (0, 1)]
+            tensors[0].set_shared_memory("input_data", size)
+            tensors[1].set_shared_memory("input_data", size, offset=size)
+            wanted = [grpcclient.InferRequestedOutput(f"OUTPUT{i}") for i in (0, 1)]
+            wanted[0].set_shared_memory("output_data", size)
+            wanted[1].set_shared_memory("output_data", size, offset=size)
+            client.infer(MODEL, tensors, outputs=wanted)
+            total = shm.get_contents_as_numpy(outputs, np.int32, [1, 16])
+            difference = shm.get_contents_as_numpy(outputs, np.int32, [1, 16], offset=size)
+            seen["results"].append([total.tolist()[0][:3], difference.tolist()[0][:3]])
+        client.unregister_system_shared_memory()
+        seen["after"] = client.get_system_shared_memory_status(as_json=True).get("regions", {})
+    finally:
+        shm.destroy_shared_memory_region(inputs)
+        shm.destroy_shared_memory_region(outputs)
+    return seen
+
+
 def main(url: str, step: str, n: int) -> dict[str, Any]:
     client = grpcclient.InferenceServerClient(url)
     if step == "unload":
@@ -87,6 +125,8 @@ def main(url: str, step: str, n: int) -> dict[str, Any]:
         return view(client)
     if step == "infer":
         return infer_many(client, n)
+    if step.startswith("shm:"):
+        return shared_memory(client, step.split(":", 1)[1], n)
     raise SystemExit(f"unknown step {step!r}")
 
 
