@@ -124,6 +124,28 @@ def plan_batch(sizes: Sequence[int], waited_s: float, policy: BatchPolicy) -> Di
     return Wait(policy.max_queue_delay_s - waited_s)
 
 
+#: A CPU batch whose recent passes took at most this long runs on the event loop itself.
+INLINE_LIMIT_S = 0.0005
+#: Weight of the newest pass in the recent average (an exponential moving average).
+RECENT_WEIGHT = 0.2
+
+
+def runs_inline(recent_s: float | None, limit_s: float) -> bool:
+    """Whether the next batch runs on the event loop instead of an executor thread.
+
+    Handing a batch to a thread and its results back costs two thread wake-ups and GIL
+    hand-offs under load, more than a small model's whole forward pass on the CPU: the
+    worker spent 450-600 µs of CPU per request that way against 350-390 µs inline
+    (issue 17, docs/benchmarks.md). Inline, a pass blocks the loop, so only passes known
+    to be short run there; an unmeasured one (the first) goes to the executor.
+    """
+    return recent_s is not None and recent_s <= limit_s
+
+
+def recent_average(recent_s: float | None, sample_s: float) -> float:
+    return sample_s if recent_s is None else recent_s + (sample_s - recent_s) * RECENT_WEIGHT
+
+
 @dataclass
 class _Pending:
     inputs: Mapping[str, Tensor]
@@ -199,6 +221,9 @@ class DynamicBatcher:
     new requests. Going through a scheduling task, an event and ``run_in_executor``
     cost several loop iterations between batches: the instance sat idle a quarter to
     a third of the time at concurrency 64 (docs/benchmarks.md).
+
+    On the CPU, a batch whose recent passes were short (:func:`runs_inline`) runs on the
+    loop itself, with no thread hand-off at all.
     """
 
     def __init__(
@@ -208,6 +233,7 @@ class DynamicBatcher:
         stats: Statistics,
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inline_limit_s: float = INLINE_LIMIT_S,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -222,6 +248,11 @@ class DynamicBatcher:
         #: A re-plan already scheduled for arrivals in this loop iteration.
         self._planning = False
         self.executions = 0
+        #: CPU only: a GPU pass is the GPU path's to schedule (streams, staging).
+        self._inline_limit_s = inline_limit_s if model.device.type == "cpu" else -1.0
+        #: Recent average time of a batch's pass (None until one ran); written on the
+        #: thread that ran it (a float store is atomic under the GIL).
+        self.recent_pass_s: float | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -283,7 +314,13 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         self._running += 1
         try:
-            if self._executor is None:
+            if runs_inline(self.recent_pass_s, self._inline_limit_s):
+                done: Future[list[dict[str, Tensor] | BaseException]] = Future()
+                done.set_result(self._execute(batch))
+                # Through the loop, not a direct call: I/O and other callbacks get their
+                # turn between two inline batches, and plans do not recurse.
+                loop.call_soon(self._finished, batch, done)
+            elif self._executor is None:
                 pending = loop.run_in_executor(None, self._execute, batch)
                 pending.add_done_callback(lambda done: self._finished(batch, done))
             else:
@@ -350,6 +387,7 @@ class DynamicBatcher:
             results = [{n: parts[i] for n, parts in pieces.items()} for i in range(len(batch))]
         t3 = time.perf_counter_ns()
         self.executions += 1
+        self.recent_pass_s = recent_average(self.recent_pass_s, (t3 - t0) / 1e9)
         self._stats.record_execution(
             model.name,
             model.version,
