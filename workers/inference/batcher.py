@@ -245,6 +245,12 @@ class DynamicBatcher:
         self._running = 0
         #: A re-plan for when the oldest request's queue delay runs out.
         self._timer: asyncio.TimerHandle | None = None
+        #: The request whose queue delay the timer waits out: while it heads the queue,
+        #: arrivals leave the timer alone instead of cancelling and re-arming it.
+        self._timer_head: _Pending | None = None
+        #: The loop this batcher serves, looked up once (on Python 3.11 each lookup asks
+        #: the kernel for the pid, a syscall on every request).
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: A re-plan already scheduled for arrivals in this loop iteration.
         self._planning = False
         self.executions = 0
@@ -265,7 +271,9 @@ class DynamicBatcher:
         key = tuple(
             sorted((n, shape_of(t)[1:] if batched else shape_of(t)) for n, t in inputs.items())
         )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Tensor]] = loop.create_future()
         self._queue.append(_Pending(inputs, size, key, self._clock(), future))
         if not self._planning:
@@ -278,40 +286,57 @@ class DynamicBatcher:
         self._planning = False
         self._plan()
 
-    def _plan(self) -> None:
-        """Starts every batch that should run now; arms a timer for the next decision."""
+    def _timer_fired(self) -> None:
+        self._timer = self._timer_head = None
+        self._plan()
+
+    def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+            self._timer = self._timer_head = None
+
+    def _plan(self) -> None:
+        """Starts every batch that should run now; arms a timer for the next decision."""
         while self._running < self.policy.instances:
             # Requests whose caller gave up (deadline, cancellation) leave the queue.
             while self._queue and self._queue[0].future.done():
                 self._queue.popleft()
             if not self._queue:
-                return
+                break
             head = self._queue[0]
             group = [p for p in self._queue if p.key == head.key and not p.future.done()]
             decision = plan_batch(
                 [p.size for p in group], self._clock() - head.enqueued, self.policy
             )
             if isinstance(decision, Wait):
-                self._timer = asyncio.get_running_loop().call_later(decision.seconds, self._plan)
+                # The wait ends when the head's queue delay does: a timer armed for this
+                # head already fires then.
+                if self._timer_head is not head:
+                    self._disarm()
+                    assert self._loop is not None  # set by the first infer
+                    self._timer = self._loop.call_later(decision.seconds, self._timer_fired)
+                    self._timer_head = head
                 return
             batch = group[: decision.count]
             chosen = {id(p) for p in batch}
             self._queue = deque(p for p in self._queue if id(p) not in chosen)
             started = self._clock()
-            for p in batch:
-                self._stats.record_queue(
-                    self.model.name, self.model.version, int((started - p.enqueued) * 1e9)
-                )
+            # One lock and one update per batch, not per request.
+            self._stats.record_queue(
+                self.model.name,
+                self.model.version,
+                sum(int((started - p.enqueued) * 1e9) for p in batch),
+                count=len(batch),
+            )
             self._start(batch)
-        # Every instance is busy: requests keep queuing, so the next batch grows; the
-        # first batch to finish plans again.
+        # Nothing queued, or every instance is busy: requests keep queuing, so the next
+        # batch grows, and the first batch to finish plans again.
+        self._disarm()
 
     def _start(self, batch: Sequence[_Pending]) -> None:
         """Hands one batch to the executor; :meth:`_finished` runs on the loop when it is done."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by the first infer
         self._running += 1
         try:
             if runs_inline(self.recent_pass_s, self._inline_limit_s):

@@ -264,3 +264,20 @@ async def test_short_passes_run_on_the_event_loop_after_the_first(
     assert threads[0] != loop_thread  # unmeasured: off the loop
     assert [t == loop_thread for t in threads[1:]] == [on_loop_after_first] * 2
     assert batcher.recent_pass_s is not None and batcher.executions == 3
+
+
+async def test_arrivals_during_a_queue_delay_keep_its_timer() -> None:
+    # The wait ends when the oldest request's delay does: later arrivals re-plan, but
+    # must not cancel and re-arm the timer (per-request work on the hot path).
+    module = testing.seeded(testing.MLP(), 3)
+    batcher = DynamicBatcher(loaded(module), BatchPolicy(16, 30.0), Statistics())
+    first = asyncio.create_task(batcher.infer({"x": torch.ones(1, 4)}))
+    await until(lambda: batcher._timer is not None)
+    timer = batcher._timer
+    rest = [asyncio.create_task(batcher.infer({"x": torch.ones(1, 4)})) for _ in range(3)]
+    await until(lambda: batcher.queue_depth == 4 and not batcher._planning)
+    assert batcher._timer is timer and timer is not None and not timer.cancelled()
+    for task in [first, *rest]:
+        task.cancel()
+    await asyncio.gather(first, *rest, return_exceptions=True)
+    timer.cancel()
