@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 # -qq: this machine kind's pip config names local indexes that warn on every package.
 PIP_FLAGS  ?= -qq --disable-pip-version-check
 
-.PHONY: up test lint typecheck pytest protos bench bench-perf clean venv
+.PHONY: up test lint typecheck pytest protos bench bench-perf bench-floor clean venv
 
 venv: $(STAMP)
 
@@ -48,6 +48,11 @@ bench: $(STAMP)
 bench-perf: $(STAMP)
 	PYTHON=$(PYTHON) bash bench/perf_venv.sh
 	$(PY) -m bench.perf_analyzer
+
+# The worker against the floor server (bench/oip_floor.py), before (main) and after (issue 17).
+bench-floor: $(STAMP)
+	PYTHON=$(PYTHON) bash bench/perf_venv.sh
+	$(PY) -m bench.worker_floor
 
 clean:
 	rm -rf $(VENV) bench/.perf-venv .mypy_cache .ruff_cache .pytest_cache
