@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from cli.endpoints import UP_FILE
 from registry.embedded import free_port
-from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers, naming
+from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -123,33 +122,3 @@ def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(
         assert again.process.returncode == 0, again.output()
     finally:
         again.kill()
-
-
-def test_up_fails_in_one_line_when_the_gateway_port_is_taken_and_leaves_nothing(
-    mesh_state: Path,
-) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = cli(
-            "up",
-            "--state-dir",
-            str(mesh_state),
-            "--port",
-            str(port),
-            "--no-demo",
-            "--data-workers",
-            "0",
-            "--training-workers",
-            "0",
-            "--inference-workers",
-            "0",
-            timeout=120,
-        )
-    assert result.returncode == 1
-    assert "gateway exited with status 1 before it was ready" in result.stderr
-    assert f"cannot listen on 127.0.0.1:{port}" in " ".join(result.stderr.split())
-    assert "Traceback" not in result.stderr
-    assert not (mesh_state / UP_FILE).exists()
-    assert not naming(mesh_state)
