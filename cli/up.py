@@ -242,6 +242,10 @@ def plan_workers(args: argparse.Namespace, es: str) -> list[Component]:
                 f"127.0.0.1:{outbound}",
                 "--device",
                 "cpu" if args.device == "auto" else args.device,
+                # Jobs in the registry, and every published version recorded in its model
+                # catalog: `meshserve models list|promote|rollback` work out of the box.
+                "--es",
+                es,
             ]
         )
         components.append(
