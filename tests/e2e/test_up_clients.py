@@ -8,15 +8,18 @@ grpcurl test then watches.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from registry.embedded import free_port
 from tests.support.grpcurl import Result, grpcurl
-from tests.support.up import Up, cli, kill_leftovers
+from tests.support.up import ROOT, Up, cli, kill_leftovers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -167,3 +170,22 @@ def test_real_grpcurl_bidirectional_stream_from_stdin(running: Running) -> None:
     )
     assert sorted(r["infer_response"]["id"] for r in replies) == ["0", "1", "2"], replies
     assert all(r["infer_response"]["model_name"] == "demo" for r in replies)
+
+
+def test_the_readme_tour_makes_batch_npy_before_it_infers_on_it(
+    running: Running, tmp_path: Path
+) -> None:
+    readme = (ROOT / "README.md").read_text().splitlines()
+    uses = next(i for i, line in enumerate(readme) if "--input x=batch.npy" in line)
+    makes = next(i for i, line in enumerate(readme) if "np.save('batch.npy'" in line)
+    assert makes < uses
+    # The README's own line, as a user pastes it (with this venv's python).
+    command = readme[makes].replace("python ", f"{sys.executable} ", 1)
+    made = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    inferred = cli(
+        "infer", "demo", "--input", f"x={tmp_path / 'batch.npy'}", "--json",
+        "--address", running.gateway,
+    )  # fmt: skip
+    assert inferred.returncode == 0, inferred.stderr
+    assert len(json.loads(inferred.stdout)["outputs"]["logits"]) == 8
