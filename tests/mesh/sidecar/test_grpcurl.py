@@ -6,6 +6,7 @@ in process; grpcurl runs as a subprocess with a mesh certificate from the same C
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -86,3 +87,16 @@ async def test_grpcurl_in_plaintext_is_refused_at_once_with_a_message_that_says_
         assert "Unauthenticated" in refused.stderr, refused.stderr
         assert "requires mutual TLS (mTLS)" in refused.stderr, refused.stderr
         assert "deadline" not in refused.stderr
+
+
+async def test_a_client_that_is_not_http2_gets_the_reason_as_a_line_and_a_close(
+    door: Door,
+) -> None:
+    host, port = door.target.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 30)  # to EOF: the door closed it
+    finally:
+        writer.close()
+    assert b"requires mutual TLS (mTLS)" in answer
