@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -34,7 +33,7 @@ from registry.connect import StoreSettings
 from registry.embedded import EmbeddedStore
 from registry.store import open_store
 from tests.gateway.harness import WithMetadata
-from tests.support.grpcurl import Result, grpcurl_async
+from tests.support.grpcurl import grpcurl_async
 from tests.support.istio_yaml import BAD_SUBSET
 from tests.support.processes import ENV, REPO, Launched, cli, group_members
 from workers.inference.testing import FP32, MLP, model_config, populate, publish, seeded
@@ -403,23 +402,6 @@ async def test_tritonclient_through_the_gateway(mesh: Mesh) -> None:
     assert results["async"] == results["fp32"] and results["stream"] == {"0": results["fp32"]}
 
 
-def grpcurl_json(result: Result) -> list[dict[str, Any]]:
-    """grpcurl's output: one pretty-printed JSON message after another."""
-    assert result.returncode == 0, result.stderr
-    decoder = json.JSONDecoder()
-    messages, text, pos = [], result.stdout, 0
-    while (pos := _skip_space(text, pos)) < len(text):
-        message, pos = decoder.raw_decode(text, pos)
-        messages.append(message)
-    return messages
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos
-
-
 def stream_request(model: str, version: str) -> str:
     """A ModelInferRequest in grpcurl's JSON (proto field names, typed contents)."""
     return json.dumps(
@@ -465,23 +447,23 @@ async def test_real_grpcurl_through_the_gateway_and_on_a_worker(
         assert described.returncode == 0, described.stderr
         for rpc in ("rpc ModelInfer", "rpc ModelStreamInfer", "rpc ServerReady"):
             assert rpc in described.stdout, described.stdout
-        (metadata,) = grpcurl_json(
+        (metadata,) = (
             await grpcurl_async(
                 *at(target, "-d", '{"name": "alpha"}'),
                 "inference.GRPCInferenceService/ModelMetadata",
             )
-        )
+        ).messages()
         assert metadata["name"] == "alpha" and metadata["inputs"][0]["name"] == "x"
         # Bidirectional: two requests from stdin, a response for each. (grpcurl prints the
         # proto's own field names.)
         stdin = stream_request("alpha", "1") + "\n" + stream_request("alpha", "2")
-        replies = grpcurl_json(
+        replies = (
             await grpcurl_async(
                 *at(target, "-d", "@"),
                 "inference.GRPCInferenceService/ModelStreamInfer",
                 stdin=stdin,
             )
-        )
+        ).messages()
         versions = sorted(r["infer_response"]["model_version"] for r in replies)
         assert versions == ["1", "2"], replies
         assert all(len(r["infer_response"]["raw_output_contents"]) == 1 for r in replies)

@@ -13,12 +13,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from registry.embedded import free_port
-from tests.support.grpcurl import Result, grpcurl
+from tests.support.grpcurl import grpcurl
 from tests.support.up import ROOT, Up, cli, kill_leftovers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -44,22 +43,6 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     finally:
         up.kill()
         kill_leftovers(state)
-
-
-def messages(result: Result) -> list[dict[str, Any]]:
-    """grpcurl's output: one pretty-printed JSON message after another."""
-    assert result.returncode == 0, result.stderr
-    decoder = json.JSONDecoder()
-    found: list[dict[str, Any]] = []
-    text = result.stdout
-    pos = 0
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos == len(text):
-            return found
-        message, pos = decoder.raw_decode(text, pos)
-        found.append(message)
 
 
 def test_models_list_promote_and_rollback_work_out_of_the_box(running: Running) -> None:
@@ -106,40 +89,36 @@ def test_real_grpcurl_server_streaming_through_the_gateway(running: Running) -> 
     sizes = 0
     for split in ("SPLIT_TRAIN", "SPLIT_VALIDATION"):
         request = {"dataset": "demo-blobs", "split": split, "batch_size": 100}
-        batches = messages(
-            grpcurl(
-                "-plaintext",
-                "-d",
-                json.dumps(request),
-                running.gateway,
-                "meshserve.data.v1.DataService/StreamBatches",
-            )
-        )
+        batches = grpcurl(
+            "-plaintext",
+            "-d",
+            json.dumps(request),
+            running.gateway,
+            "meshserve.data.v1.DataService/StreamBatches",
+        ).messages()
         assert len(batches) >= 1
         assert [int(b.get("index", 0)) for b in batches] == list(range(len(batches)))
         sizes += sum(int(b["size"]) for b in batches)
     assert sizes == 600
 
     # WatchJob: the job that trained version 2 (the test before), its history to the end.
-    jobs = messages(
+    jobs = (
         grpcurl(
             "-plaintext",
             "-d",
             '{"model_name": "demo"}',
             running.gateway,
             "meshserve.training.v1.TrainingService/ListJobs",
-        )
+        ).messages()
     )[0]["jobs"]
     assert jobs and jobs[0]["state"] == "JOB_STATE_SUCCEEDED", jobs
-    events = messages(
-        grpcurl(
-            "-plaintext",
-            "-d",
-            json.dumps({"job_id": jobs[0]["id"]}),
-            running.gateway,
-            "meshserve.training.v1.TrainingService/WatchJob",
-        )
-    )
+    events = grpcurl(
+        "-plaintext",
+        "-d",
+        json.dumps({"job_id": jobs[0]["id"]}),
+        running.gateway,
+        "meshserve.training.v1.TrainingService/WatchJob",
+    ).messages()
     assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
     assert any("published" in e for e in events), events
     assert events[-1]["state_changed"]["state"] == "JOB_STATE_SUCCEEDED", events[-1]
@@ -158,16 +137,14 @@ def test_real_grpcurl_bidirectional_stream_from_stdin(running: Running) -> None:
         ],
     }
     stdin = "\n".join(json.dumps({**request, "id": str(i)}) for i in range(3))
-    replies = messages(
-        grpcurl(
-            "-plaintext",
-            "-d",
-            "@",
-            running.gateway,
-            "inference.GRPCInferenceService/ModelStreamInfer",
-            stdin=stdin,
-        )
-    )
+    replies = grpcurl(
+        "-plaintext",
+        "-d",
+        "@",
+        running.gateway,
+        "inference.GRPCInferenceService/ModelStreamInfer",
+        stdin=stdin,
+    ).messages()
     assert sorted(r["infer_response"]["id"] for r in replies) == ["0", "1", "2"], replies
     assert all(r["infer_response"]["model_name"] == "demo" for r in replies)
 

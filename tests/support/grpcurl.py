@@ -8,11 +8,13 @@ share its event loop, so a blocking ``subprocess.run`` would starve them), or wi
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +38,22 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The call's messages: grpcurl prints one pretty-printed JSON object each (with the
+        proto's own field names; fields at their default value left out)."""
+        assert self.returncode == 0, self.stderr
+        decoder = json.JSONDecoder()
+        found: list[dict[str, Any]] = []
+        text = self.stdout
+        pos = 0
+        while True:
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+            if pos == len(text):
+                return found
+            message, pos = decoder.raw_decode(text, pos)
+            found.append(message)
 
 
 def grpcurl(*args: str, stdin: str | None = None) -> Result:

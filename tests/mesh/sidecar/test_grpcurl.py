@@ -7,6 +7,7 @@ in process; grpcurl runs as a subprocess with a mesh certificate from the same C
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -71,8 +72,24 @@ async def test_grpcurl_with_a_mesh_certificate_lists_and_describes_the_fronted_s
     described = await grpcurl_async(*door.tls, door.target, "describe", DATA_SERVICE)
     assert described.returncode == 0, described.stderr
     assert "rpc StreamBatches" in described.stdout and "rpc ListDatasets" in described.stdout
-    called = await grpcurl_async(*door.tls, door.target, f"{DATA_SERVICE}/ListDatasets")
-    assert called.returncode == 0, called.stderr
+    # A unary call, then a server-streaming one, through the sidecar to the worker.
+    builtin = {
+        "name": "blobs",
+        "split": {"validation_fraction": 0.25, "seed": 1},
+        "blobs": {"num_examples": 40, "num_classes": 2, "num_features": 3},
+    }
+    created = await grpcurl_async(
+        *door.tls, "-d", json.dumps(builtin), door.target, f"{DATA_SERVICE}/CreateBuiltinDataset"
+    )
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["name"] == "blobs"
+    request = {"dataset": "blobs", "split": "SPLIT_TRAIN", "batch_size": 10}
+    streamed = await grpcurl_async(
+        *door.tls, "-d", json.dumps(request), door.target, f"{DATA_SERVICE}/StreamBatches"
+    )
+    # 30 training examples (a quarter of 40 is validation) in batches of 10.
+    batches = streamed.messages()
+    assert [(b.get("index", "0"), b["size"]) for b in batches] == [("0", 10), ("1", 10), ("2", 10)]
 
 
 async def test_grpcurl_in_plaintext_is_refused_at_once_with_a_message_that_says_mtls(
