@@ -214,6 +214,8 @@ ROUTING = {
     meshserve.io/bounded-load: "1.25"
     meshserve.io/hot-key-replicas: "2"
     meshserve.io/hot-key-threshold: "4"
+    meshserve.io/ring-points: per-endpoint
+    meshserve.io/retry-order: ring-successor
 spec:
   host: inference
   trafficPolicy: {loadBalancer: {consistentHash: {ringHash: {minimumRingSize: 1024}}}}

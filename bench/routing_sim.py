@@ -50,7 +50,9 @@ Router = Callable[[str, LoadTracker], Endpoint]
 
 
 def ring_router(endpoints: list[Endpoint], policy: RingPolicy) -> Router:
-    ring = HashRing(endpoints, vnodes=1024)
+    # meshserve's strategies run on its per-endpoint ring (config/inference.yaml's
+    # meshserve.io/ring-points); Istio's plain hashing on Envoy's whole ring.
+    ring = HashRing(endpoints, vnodes=1024, per_endpoint=policy.successors)
     return lambda key, tracker: choose(ring, key, tracker, policy, explain=False).candidates[0]
 
 
@@ -134,12 +136,14 @@ def main() -> None:
 
     routers: dict[str, Callable[[], Router]] = {
         "meshserve: bounded load 1.25, cold spill 2, hot keys over 2": ring(
-            RingPolicy(1.25, 2, 4, 2.0)
+            RingPolicy(1.25, 2, 4, 2.0, successors=True)
         ),
-        "bounded load 1.25, cold spill 2": ring(RingPolicy(1.25, 1, 4, 2.0)),
-        "classic bounded load 1.25 (cold spill 1)": ring(RingPolicy(1.25, 1, 4, 1.0)),
-        "hot keys over 2 only": ring(RingPolicy(None, 2, 4)),
-        "plain consistent hash": ring(RingPolicy(None, 1, 4)),
+        "bounded load 1.25, cold spill 2": ring(RingPolicy(1.25, 1, 4, 2.0, successors=True)),
+        "classic bounded load 1.25 (cold spill 1)": ring(
+            RingPolicy(1.25, 1, 4, 1.0, successors=True)
+        ),
+        "hot keys over 2 only": ring(RingPolicy(None, 2, 4, successors=True)),
+        "plain consistent hash (Istio's)": ring(RingPolicy(None, 1, 4)),
         "round robin": lambda: round_robin_router(endpoints),
     }
     print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import sysconfig
@@ -11,19 +12,25 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-#: The repository root: proto imports are written relative to it
-#: (``import "protos/meshserve/data/v1/data.proto"``), so generated modules
-#: import each other as ``protos.meshserve...``.
+#: The repository root.
 ROOT = Path(__file__).resolve().parent.parent
+#: The include root: proto imports are written relative to it
+#: (``import "meshserve/data/v1/data.proto";``), the way every client
+#: generator is run (``protoc -I protos``, docs/clients.md). The Python stubs
+#: are generated the same way, so their descriptors carry the same file names
+#: a Go or Node client sees, and :func:`fix_imports` moves their imports under
+#: the ``protos`` package they are committed in.
 PROTO_DIR = ROOT / "protos"
+#: The Python package the stubs live in.
+PACKAGE = "protos"
 
 #: Suffixes of everything protoc writes for one source file.
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
-def proto_sources(root: Path = ROOT) -> list[Path]:
-    """All .proto files under protos/, relative to the repository root."""
-    return sorted(p.relative_to(root) for p in (root / "protos").rglob("*.proto"))
+def proto_sources(proto_dir: Path = PROTO_DIR) -> list[Path]:
+    """All .proto files under ``proto_dir``, relative to it (as protoc names them with -I)."""
+    return sorted(p.relative_to(proto_dir) for p in proto_dir.rglob("*.proto"))
 
 
 def _plugin(name: str) -> str:
@@ -36,14 +43,39 @@ def _plugin(name: str) -> str:
     return found
 
 
+def fix_imports(text: str, top_level: Iterable[str], package: str = PACKAGE) -> str:
+    """Puts the generated modules' references to each other under ``package``.
+
+    protoc names a generated module after the proto's path under the include
+    root (``inference.model_config_pb2``) and has no option to prefix it; the
+    stubs are importable as ``protos.inference…``, so the import lines (grpcio's
+    and mypy-protobuf's alike: ``from inference import model_config_pb2 as …``)
+    and the module name handed to the descriptor builder get the prefix.
+    Descriptor file names and wire names are untouched.
+    """
+    names = "|".join(re.escape(name) for name in sorted(top_level))
+    if not names:
+        return text
+    text = re.sub(rf"^from ({names})([. ])", rf"from {package}.\1\2", text, flags=re.MULTILINE)
+    text = re.sub(rf"^import ({names})\.", rf"import {package}.\1.", text, flags=re.MULTILINE)
+    return re.sub(
+        rf"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')(({names})\.)",
+        rf"\1{package}.\2",
+        text,
+    )
+
+
 def generate(out_dir: Path, sources: Iterable[Path] | None = None) -> list[Path]:
-    """Runs protoc for every source into ``out_dir``; returns the files written."""
-    srcs = [str(s) for s in (sources if sources is not None else proto_sources())]
+    """Runs protoc with ``-I protos`` for every source into ``out_dir`` (the package root).
+
+    Returns the files written, import lines already fixed up.
+    """
+    srcs = sorted(sources) if sources is not None else proto_sources()
     well_known = str(resources.files("grpc_tools") / "_proto")
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
-        f"-I{ROOT}",
+        f"-I{PROTO_DIR}",
         f"-I{well_known}",
         f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
         f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
@@ -51,22 +83,24 @@ def generate(out_dir: Path, sources: Iterable[Path] | None = None) -> list[Path]
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
-        *srcs,
+        *(str(s) for s in srcs),
     ]
     code = protoc.main(args)
     if code != 0:
         raise RuntimeError(f"protoc failed with exit code {code}")
-    generated_root = out_dir / "protos"
-    written = [
-        p for p in generated_root.rglob("*") if p.is_file() and p.name.endswith(GENERATED_SUFFIXES)
-    ]
+    top_level = {s.parts[0] for s in srcs}
+    written = sorted(
+        out_dir / s.parent / (s.stem + suffix) for s in srcs for suffix in GENERATED_SUFFIXES
+    )
+    for path in written:
+        path.write_text(fix_imports(path.read_text(), top_level))
     for directory in {p.parent for p in written}:
         # Every generated folder must be a package for `protos.x.y` imports.
         walk = directory
-        while walk != out_dir and walk.is_relative_to(generated_root):
+        while walk != out_dir and walk.is_relative_to(out_dir):
             (walk / "__init__.py").touch(exist_ok=True)
             walk = walk.parent
-    return sorted(written)
+    return written
 
 
 def normalise(text: str) -> str:
@@ -79,7 +113,7 @@ def main() -> int:
     for old in PROTO_DIR.rglob("*"):
         if old.is_file() and old.name.endswith(GENERATED_SUFFIXES):
             old.unlink()
-    written = generate(ROOT)
+    written = generate(PROTO_DIR)
     print(f"generated {len(written)} files from {len(proto_sources())} protos")
     return 0
 

@@ -54,15 +54,22 @@ class Cluster:
         self.ring: HashRing | None = None
         if lb.consistent_hash is not None:
             size = lb.consistent_hash.minimum_ring_size
+            per_endpoint = extensions.per_endpoint_ring
             if (
                 reuse
                 and previous is not None
                 and previous.ring is not None
                 and previous.ring.vnodes == size
+                and previous.ring.per_endpoint == per_endpoint
             ):
                 self.ring = previous.ring
             else:
-                self.ring = HashRing(healthy, vnodes=size, generation=members.generation)
+                self.ring = HashRing(
+                    healthy,
+                    vnodes=size,
+                    generation=members.generation,
+                    per_endpoint=per_endpoint,
+                )
         self._round_robin: RoundRobin = (
             previous._round_robin if reuse and previous is not None else RoundRobin(healthy)
         )
@@ -75,6 +82,7 @@ class Cluster:
             hot_key_replicas=extensions.hot_key_replicas,
             hot_key_threshold=extensions.hot_key_threshold,
             cold_spill=extensions.cold_spill,
+            successors=extensions.successor_retries,
         )
 
     @property

@@ -10,13 +10,15 @@ import grpc
 
 from mesh.config.destination_rule import MAX_EJECTION_TIME, OutlierDetection
 
-#: gRPC statuses that count as a "5xx" for consecutive5xxErrors.
+#: gRPC statuses that count as a "5xx" for consecutive5xxErrors: those Envoy's gRPC→HTTP
+#: mapping turns into a 5xx (DEADLINE_EXCEEDED is 504 there).
 SERVER_ERRORS = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )
 #: Statuses that count as gateway errors (HTTP 502/503/504) for consecutiveGatewayErrors;

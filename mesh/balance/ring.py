@@ -27,13 +27,46 @@ def hash_key(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
 
 
-class HashRing:
-    """An immutable ring: each endpoint owns ``weight * vnodes`` points.
+#: Envoy's ``maximum_ring_size`` default (Istio does not set it).
+MAX_RING_SIZE = 8 * 1024 * 1024
+#: Istio's ``host_selection_retry_max_attempts`` with its previous-hosts retry predicate.
+HOST_SELECTION_ATTEMPTS = 5
+_MASK = HASH_SPACE - 1
 
-    Points per endpoint do not depend on how many endpoints there are, so adding one
-    moves only the keys that land on its new points (≈ 1/(n+1) of them, all to it) and
-    removing one moves only its own keys. ``vnodes`` comes from the DestinationRule's
-    ``ringHash.minimumRingSize``: a ring of one endpoint already has that many points.
+
+def envoy_points(weights: Sequence[int], minimum_ring_size: int) -> list[int]:
+    """Points per endpoint as Envoy's ring hash builds them: ``minimumRingSize`` is the
+    size of the whole ring, scaled up so the lightest endpoint gets a whole point, and
+    each endpoint's share follows its weight (hashes accumulated as Envoy does)."""
+    total = sum(weights)
+    if not weights or total <= 0:
+        return [0] * len(weights)
+    lightest = min(weights) / total
+    scale = min(math.ceil(lightest * minimum_ring_size) / lightest, float(MAX_RING_SIZE))
+    counts = []
+    current = target = 0.0
+    for weight in weights:
+        target += scale * weight / total
+        count = 0
+        while current < target:
+            current += 1
+            count += 1
+        counts.append(count)
+    return counts
+
+
+class HashRing:
+    """An immutable ring, sized as Envoy's by default or per endpoint (meshserve's).
+
+    Envoy's (``per_endpoint=False``, Istio's behaviour): ``vnodes`` (the DestinationRule's
+    ``ringHash.minimumRingSize``) is the size of the whole ring, shared by weight. A
+    joining endpoint takes its points' keys, and the others shrink to make room, so some
+    keys also move between the endpoints already there.
+
+    Per endpoint (the ``meshserve.io/ring-points: per-endpoint`` extension): each endpoint
+    owns ``weight * vnodes`` points, which do not depend on how many endpoints there are,
+    so adding one moves only the keys that land on its new points (≈ 1/(n+1) of them, all
+    to it) and removing one moves only its own keys: warm weights stay where they are.
     """
 
     __slots__ = (
@@ -43,24 +76,39 @@ class HashRing:
         "_successors",
         "endpoints",
         "generation",
+        "per_endpoint",
         "total_weight",
         "vnodes",
     )
 
     def __init__(
-        self, endpoints: Sequence[Endpoint], *, vnodes: int = 1024, generation: int = 0
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        vnodes: int = 1024,
+        generation: int = 0,
+        per_endpoint: bool = False,
     ) -> None:
         if vnodes < 1:
             raise ValueError(f"vnodes must be >= 1, got {vnodes}")
         self.endpoints = tuple(sorted(endpoints))
         self.vnodes = vnodes
+        self.per_endpoint = per_endpoint
         self.generation = generation
         self._by_address = {e.address: e for e in self.endpoints}
         if len(self._by_address) != len(self.endpoints):
             raise ValueError("endpoint addresses on a ring must be distinct")
-        nodes = {
-            e.address: {"instance": e, "vnodes": vnodes, "weight": e.weight} for e in self.endpoints
-        }
+        if per_endpoint:
+            nodes = {
+                e.address: {"instance": e, "vnodes": vnodes, "weight": e.weight}
+                for e in self.endpoints
+            }
+        else:
+            counts = envoy_points([e.weight for e in self.endpoints], vnodes)
+            nodes = {
+                e.address: {"instance": e, "vnodes": count, "weight": 1}
+                for e, count in zip(self.endpoints, counts, strict=True)
+            }
         built = _UHashRing(nodes, hash_fn=hash_key) if nodes else None
         points = built.get_points() if built is not None else []
         self._points: tuple[int, ...] = tuple(p for p, _ in points)
@@ -68,7 +116,7 @@ class HashRing:
         self.total_weight = sum(e.weight for e in self.endpoints)
         # Successor orders of recently seen keys. The ring never changes, so entries never
         # go stale; a plain dict is safe to share (a racing writer stores the same value).
-        self._successors: dict[str, tuple[Endpoint, ...]] = {}
+        self._successors: dict[tuple[str, bool], tuple[Endpoint, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.endpoints)
@@ -86,14 +134,37 @@ class HashRing:
             return None
         return self._by_address[self._owners[self._position(key)]]
 
-    def order(self, key: str) -> tuple[Endpoint, ...]:
-        """:meth:`successors` as a tuple, memoised per key (hot keys repeat)."""
-        found = self._successors.get(key)
+    def order(self, key: str, *, successors: bool = True) -> tuple[Endpoint, ...]:
+        """The endpoints to try for ``key``, owner first, memoised per key (hot keys
+        repeat): its :meth:`successors` clockwise, or with ``successors=False`` Envoy's
+        :meth:`rehashed` retry choices."""
+        found = self._successors.get((key, successors))
         if found is None:
             if len(self._successors) >= _SUCCESSOR_CACHE:
                 self._successors.clear()
-            found = self._successors[key] = tuple(self.successors(key))
+            found = tuple(self.successors(key) if successors else self.rehashed(key))
+            self._successors[(key, successors)] = found
         return found
+
+    def _owner_at(self, position: int) -> str:
+        index = bisect(self._points, position)
+        return self._owners[0 if index == len(self._points) else index]
+
+    def rehashed(self, key: str) -> Iterator[Endpoint]:
+        """Distinct endpoints as Envoy's ring picks them for retries, which Istio asks to
+        avoid hosts already tried: the owner, then the owners of the key's hash mutated
+        for each host-selection attempt (``hash ^ (~0 - attempt + 1)``, at most
+        :data:`HOST_SELECTION_ATTEMPTS`); a retry past them reuses one."""
+        if not self._points:
+            return
+        position = hash_key(key)
+        seen: set[str] = set()
+        for attempt in range(HOST_SELECTION_ATTEMPTS + 1):
+            mutated = position if attempt == 0 else position ^ ((_MASK - attempt + 1) & _MASK)
+            owner = self._owner_at(mutated)
+            if owner not in seen:
+                seen.add(owner)
+                yield self._by_address[owner]
 
     def successors(self, key: str) -> Iterator[Endpoint]:
         """Distinct endpoints clockwise from ``key``: the owner first, then retry order."""
@@ -140,6 +211,10 @@ class RingPolicy:
     #: A full owner keeps a request whose key no successor holds warm until it has this
     #: many times its capacity in flight; 1.0 is classic bounded loads.
     cold_spill: float = 2.0
+    #: Try ring successors clockwise after the owner (meshserve's, so a failed-over or
+    #: spilled call lands where its weights are likely warm); False: Envoy's rehashed
+    #: choices (Istio's behaviour).
+    successors: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,7 +250,7 @@ def choose(
        else to the next successor with room once the owner holds ``cold_spill`` times its
        capacity (with ``cold_spill`` 1, classic bounded loads).
     """
-    order = list(ring.order(key))
+    order = list(ring.order(key, successors=policy.successors))
     if excluded:
         order = [e for e in order if e.address not in excluded]
     reasons: list[str] = []

@@ -7,8 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from mesh.config.fields import Node
-from mesh.config.hosts import normalise_host
-from mesh.config.resource import Metadata
+from mesh.config.resource import Metadata, export_to, resource_host
 
 #: Istio's defaults for outlierDetection fields that are left out.
 DEFAULT_CONSECUTIVE_5XX = 5
@@ -62,11 +61,9 @@ class OutlierDetection:
 
 @dataclass(frozen=True)
 class ConnectionPool:
+    """The connection-pool settings meshserve enforces (see ``_NOT_ENFORCED``)."""
+
     http2_max_requests: int = UNLIMITED
-    max_requests_per_connection: int = 0
-    max_retries: int = UNLIMITED
-    http1_max_pending_requests: int = UNLIMITED
-    max_connections: int = UNLIMITED
     connect_timeout: float = 10.0
 
 
@@ -92,7 +89,15 @@ ANNOTATION_BOUNDED_LOAD = "meshserve.io/bounded-load"
 ANNOTATION_HOT_KEY_REPLICAS = "meshserve.io/hot-key-replicas"
 ANNOTATION_HOT_KEY_THRESHOLD = "meshserve.io/hot-key-threshold"
 ANNOTATION_COLD_SPILL = "meshserve.io/cold-spill"
+ANNOTATION_RING_POINTS = "meshserve.io/ring-points"
+ANNOTATION_RETRY_ORDER = "meshserve.io/retry-order"
+#: ``meshserve.io/ring-points``: Envoy's whole ring (Istio's) or points per endpoint.
+RING_POINTS = ("whole-ring", "per-endpoint")
+#: ``meshserve.io/retry-order``: Envoy's rehashed picks (Istio's) or ring successors.
+RETRY_ORDERS = ("rehash", "ring-successor")
 DEFAULT_COLD_SPILL = 2.0
+#: The factor the docs suggest (and config/inference.yaml sets); bounded loads are off
+#: unless the annotation asks for them.
 DEFAULT_BOUNDED_LOAD = 1.25
 DEFAULT_HOT_KEY_THRESHOLD = 4
 #: Request fields a hash key may be read from: names → field numbers of ModelInferRequest
@@ -106,14 +111,20 @@ class Extensions:
 
     #: Request fields that form the hash key, in order; empty: no field hashing.
     hash_fields: tuple[str, ...] = ()
-    #: Bounded-load factor c (capacity ⌈c·average⌉); None disables bounded loads.
-    bounded_load: float | None = DEFAULT_BOUNDED_LOAD
+    #: Bounded-load factor c (capacity ⌈c·average⌉); None (Istio's plain consistent
+    #: hashing, the default) disables bounded loads.
+    bounded_load: float | None = None
     #: Ring successors a hot key is spread over (1: never spread).
     hot_key_replicas: int = 1
     #: In-flight requests for one key from which it counts as hot.
     hot_key_threshold: int = DEFAULT_HOT_KEY_THRESHOLD
     #: How far past capacity a full owner keeps a key no successor holds warm.
     cold_spill: float = DEFAULT_COLD_SPILL
+    #: Each endpoint owns weight * minimumRingSize points (keys stay put when endpoints
+    #: come and go); False: minimumRingSize is the whole ring, as in Envoy.
+    per_endpoint_ring: bool = False
+    #: Retries (and spills) go to ring successors clockwise; False: Envoy's rehashed picks.
+    successor_retries: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,11 +154,7 @@ def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) ->
         unsupported=("workloadSelector",),
         required=("host",),
     )
-    host_node = spec.child("host")
-    try:
-        host = normalise_host(host_node.string())
-    except ValueError as exc:
-        host_node.fail(str(exc))
+    host = resource_host(spec.child("host"), metadata.namespace)
     policy = _traffic_policy(spec.child("trafficPolicy"), TrafficPolicy())
     subsets: list[Subset] = []
     for item in spec.child("subsets").items():
@@ -165,7 +172,7 @@ def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) ->
         traffic_policy=policy,
         subsets=tuple(subsets),
         extensions=extensions,
-        export_to=spec.child("exportTo").string_list(),
+        export_to=export_to(spec.child("exportTo"), metadata.namespace),
     )
 
 
@@ -220,10 +227,18 @@ def _load_balancer(node: Node) -> LoadBalancer:
         node.fail("must have exactly one of simple or consistentHash")
     if node.has("simple"):
         simple = node.child("simple").choice(
-            ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "LEAST_CONN")
+            ("UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "LEAST_CONN", "PASSTHROUGH")
         )
-        # LEAST_CONN is Istio's deprecated alias of LEAST_REQUEST.
-        name: SimplePolicy = "LEAST_REQUEST" if simple == "LEAST_CONN" else simple  # type: ignore[assignment]
+        if simple == "PASSTHROUGH":
+            # Istio sends the call to the address the caller dialled, bypassing balancing;
+            # a mesh call names a service, not an endpoint, so there is none to pass to.
+            node.child("simple").fail(
+                "PASSTHROUGH is an Istio value that meshserve does not support"
+            )
+        # LEAST_CONN is Istio's deprecated alias of LEAST_REQUEST; UNSPECIFIED is the default.
+        name: SimplePolicy = (
+            "LEAST_REQUEST" if simple in ("LEAST_CONN", "UNSPECIFIED") else simple  # type: ignore[assignment]
+        )
         return LoadBalancer(simple=name)
     ch = node.child("consistentHash").mapping(
         ("httpHeaderName", "ringHash", "minimumRingSize"),
@@ -237,7 +252,8 @@ def _load_balancer(node: Node) -> LoadBalancer:
     size_node = ch.child("minimumRingSize")
     if ch.has("ringHash"):
         size_node = ch.child("ringHash").mapping(("minimumRingSize",)).child("minimumRingSize")
-    size = size_node.integer(DEFAULT_MINIMUM_RING_SIZE, 1, 8_388_608)
+    # 0 is the proto's unset value: Envoy's default, as in Istio.
+    size = size_node.integer(0, 0, 8_388_608) or DEFAULT_MINIMUM_RING_SIZE
     return LoadBalancer(simple=None, consistent_hash=ConsistentHash(header, size))
 
 
@@ -273,6 +289,15 @@ def _outlier(node: Node) -> OutlierDetection:
     )
 
 
+#: connectionPool counters meshserve does not enforce. Each is accepted at its default
+#: (0, the proto's unset value, or Istio's "unlimited"), which is what meshserve does;
+#: any other value would be a limit silently not applied, so it is refused.
+_NOT_ENFORCED = {
+    "http": ("maxRequestsPerConnection", "maxRetries", "http1MaxPendingRequests"),
+    "tcp": ("maxConnections",),
+}
+
+
 def _connection_pool(node: Node) -> ConnectionPool:
     node.mapping(("http", "tcp"))
     http = node.child("http")
@@ -297,14 +322,17 @@ def _connection_pool(node: Node) -> ConnectionPool:
             ("maxConnections", "connectTimeout"),
             unsupported=("tcpKeepalive", "maxConnectionDuration", "idleTimeout"),
         )
+    for block, keys in _NOT_ENFORCED.items():
+        for key in keys:
+            value = node.child(block).child(key)
+            if value.integer(0, 0, UNLIMITED) not in (0, UNLIMITED):
+                value.fail(
+                    "is an Istio field that meshserve does not support (only its default, "
+                    "0 or unset, is accepted: the limit would not be enforced)"
+                )
     return ConnectionPool(
-        http2_max_requests=http.child("http2MaxRequests").integer(UNLIMITED, 1, UNLIMITED),
-        max_requests_per_connection=http.child("maxRequestsPerConnection").integer(0, 0, UNLIMITED),
-        max_retries=http.child("maxRetries").integer(UNLIMITED, 0, UNLIMITED),
-        http1_max_pending_requests=http.child("http1MaxPendingRequests").integer(
-            UNLIMITED, 1, UNLIMITED
-        ),
-        max_connections=tcp.child("maxConnections").integer(UNLIMITED, 1, UNLIMITED),
+        # 0 is the proto's unset value: Istio's default (unlimited).
+        http2_max_requests=http.child("http2MaxRequests").integer(0, 0, UNLIMITED) or UNLIMITED,
         connect_timeout=tcp.child("connectTimeout").duration(10.0),
     )
 
@@ -317,6 +345,8 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
         ANNOTATION_HOT_KEY_REPLICAS,
         ANNOTATION_HOT_KEY_THRESHOLD,
         ANNOTATION_COLD_SPILL,
+        ANNOTATION_RING_POINTS,
+        ANNOTATION_RETRY_ORDER,
     )
     for key in annotations:
         if key.startswith("meshserve.io/") and key not in known:
@@ -354,6 +384,18 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
                 f'must be a factor >= 1.0 (e.g. "2"; "1" is classic bounded loads), got {text!r}'
             )
         ext = replace(ext, cold_spill=spill)
+    if (text := annotations.get(ANNOTATION_RING_POINTS)) is not None:
+        if text not in RING_POINTS:
+            node.child(ANNOTATION_RING_POINTS).fail(
+                f"must be one of {', '.join(RING_POINTS)}, got {text!r}"
+            )
+        ext = replace(ext, per_endpoint_ring=text == "per-endpoint")
+    if (text := annotations.get(ANNOTATION_RETRY_ORDER)) is not None:
+        if text not in RETRY_ORDERS:
+            node.child(ANNOTATION_RETRY_ORDER).fail(
+                f"must be one of {', '.join(RETRY_ORDERS)}, got {text!r}"
+            )
+        ext = replace(ext, successor_retries=text == "ring-successor")
     replicas = _count(node, annotations, ANNOTATION_HOT_KEY_REPLICAS, ext.hot_key_replicas)
     threshold = _count(node, annotations, ANNOTATION_HOT_KEY_THRESHOLD, ext.hot_key_threshold)
     return replace(ext, hot_key_replicas=replicas, hot_key_threshold=threshold)

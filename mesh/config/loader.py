@@ -22,6 +22,19 @@ from mesh.config.virtual_service import VirtualService, parse_virtual_service
 
 Resource = VirtualService | DestinationRule | PeerAuthentication | AuthorizationPolicy
 YAML_SUFFIXES = (".yaml", ".yml")
+#: Istio's other kinds: refused by name, so a file that carries one is never half applied.
+UNSUPPORTED_KINDS = (
+    "Gateway",
+    "ServiceEntry",
+    "RequestAuthentication",
+    "Sidecar",
+    "EnvoyFilter",
+    "WorkloadEntry",
+    "WorkloadGroup",
+    "Telemetry",
+    "WasmPlugin",
+    "ProxyConfig",
+)
 
 
 @dataclass(frozen=True)
@@ -61,10 +74,15 @@ def parse_yaml(text: str, source: str) -> list[Document]:
 def parse_resource(raw: Any, source: str, number: int = 1) -> Resource:
     """One resource from one parsed YAML document."""
     node = Node(raw, Where(source, f"document {number}"))
+    # ``status`` is the API server's (``kubectl get -o yaml``): accepted, ignored.
     node.mapping(
-        ("apiVersion", "kind", "metadata", "spec"), required=("apiVersion", "kind", "metadata")
+        ("apiVersion", "kind", "metadata", "spec", "status"),
+        required=("apiVersion", "kind", "metadata"),
     )
-    kind = node.child("kind").choice(tuple(API_VERSIONS))
+    kind_node = node.child("kind")
+    if kind_node.value in UNSUPPORTED_KINDS:
+        kind_node.fail(f"{kind_node.value} is an Istio kind that meshserve does not support")
+    kind = kind_node.choice(tuple(API_VERSIONS))
     api_version = node.child("apiVersion").string()
     name_hint = (
         raw.get("metadata", {}).get("name") if isinstance(raw.get("metadata"), dict) else None

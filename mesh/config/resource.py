@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from mesh.config.fields import Node
+from mesh.config.hosts import CLUSTER_DOMAIN, MESH_NAMESPACE, normalise_host
 
 NETWORKING_API_VERSIONS = (
     "networking.istio.io/v1",
@@ -20,6 +21,20 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
 }
 DEFAULT_NAMESPACE = "meshserve"
+#: metadata the Kubernetes API server writes; a copied object keeps it, and it routes nothing.
+SERVER_METADATA = (
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "selfLink",
+    "generateName",
+)
 
 _DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -46,10 +61,8 @@ def parse_metadata(node: Node, source: str) -> Metadata:
             "namespace",
             "labels",
             "annotations",
-            "uid",
-            "resourceVersion",
-            "generation",
-            "creationTimestamp",
+            # What the API server adds (``kubectl get -o yaml``): accepted, ignored.
+            *SERVER_METADATA,
         ),
         required=("name",),
     )
@@ -65,3 +78,35 @@ def parse_metadata(node: Node, source: str) -> Metadata:
         annotations=tuple(sorted(node.child("annotations").string_map().items())),
         source=source,
     )
+
+
+def resource_host(node: Node, namespace: str) -> str:
+    """A host as Istio reads it in a resource of ``namespace``: a short name is a service
+    of that namespace, so it is a mesh service only in the mesh's own namespace."""
+    text = node.string()
+    if "." not in text.strip().rstrip(".") and namespace != MESH_NAMESPACE:
+        node.fail(
+            f"short host {text!r} in namespace {namespace!r} means "
+            f"{text}.{namespace}.{CLUSTER_DOMAIN} (as in Istio), which is not a mesh service: "
+            f"use {text}.{MESH_NAMESPACE}.{CLUSTER_DOMAIN} or metadata.namespace {MESH_NAMESPACE}"
+        )
+    try:
+        return normalise_host(text)
+    except ValueError as exc:
+        node.fail(str(exc))
+
+
+def export_to(node: Node, namespace: str) -> tuple[str, ...]:
+    """``exportTo``: every mesh service lives in namespace meshserve, so a resource works
+    as Istio documents it exactly when it is visible there (``*``, the meshserve
+    namespace, or ``.`` in a resource of that namespace). Any other list would hide it
+    from the mesh in Istio, which meshserve does not model: refused, not ignored."""
+    entries = node.string_list()
+    visible = {"*", MESH_NAMESPACE} | ({"."} if namespace == MESH_NAMESPACE else set())
+    if entries and not visible & set(entries):
+        node.fail(
+            f"exportTo {list(entries)} hides the resource from namespace {MESH_NAMESPACE!r}, "
+            "where every mesh service lives; meshserve does not support that (use '*' or "
+            f"'{MESH_NAMESPACE}', or leave exportTo out)"
+        )
+    return entries

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import grpc
 
 from mesh.config.fields import Node
-from mesh.config.hosts import normalise_host
-from mesh.config.resource import Metadata
+from mesh.config.regex import Regex, RegexError, compile_regex
+from mesh.config.resource import Metadata, export_to, resource_host
+from mesh.config.retries import RetryPolicy, http_to_grpc, parse_retries
 
 # --- value types ------------------------------------------------------------------------
 
@@ -21,8 +22,8 @@ class StringMatch:
 
     kind: Literal["exact", "prefix", "regex", "present"]
     value: str = ""
-    #: Compiled once at load time for ``regex`` (RE2-style full match, as in Istio).
-    pattern: re.Pattern[str] | None = field(default=None, compare=False)
+    #: Compiled once at load time for ``regex`` (RE2, full match, as in Istio).
+    pattern: Regex | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         return "present" if self.kind == "present" else f"{self.kind} {self.value!r}"
@@ -48,11 +49,10 @@ class Headers:
 
 @dataclass(frozen=True)
 class Destination:
-    """A mesh host (normalised to its service name), optional subset and port."""
+    """A mesh host (normalised to its service name) and optional subset."""
 
     host: str
     subset: str | None = None
-    port: int | None = None
 
     def describe(self) -> str:
         return self.host + (f"/{self.subset}" if self.subset else "")
@@ -74,61 +74,6 @@ class MatchRequest:
     headers: tuple[tuple[str, StringMatch], ...] = ()
     without_headers: tuple[tuple[str, StringMatch], ...] = ()
     ignore_uri_case: bool = False
-
-
-#: Status codes each retryOn token stands for. Envoy's HTTP tokens are accepted so Istio
-#: files carry over; for gRPC they mean the statuses the HTTP codes map to.
-RETRY_ON_CODES: dict[str, frozenset[grpc.StatusCode]] = {
-    "cancelled": frozenset({grpc.StatusCode.CANCELLED}),
-    "deadline-exceeded": frozenset({grpc.StatusCode.DEADLINE_EXCEEDED}),
-    "internal": frozenset({grpc.StatusCode.INTERNAL}),
-    "resource-exhausted": frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED}),
-    "unavailable": frozenset({grpc.StatusCode.UNAVAILABLE}),
-    "5xx": frozenset(
-        {
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.INTERNAL,
-            grpc.StatusCode.UNKNOWN,
-            grpc.StatusCode.DATA_LOSS,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-        }
-    ),
-    "gateway-error": frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}),
-    "retriable-status-codes": frozenset({grpc.StatusCode.UNAVAILABLE}),
-    "retriable-4xx": frozenset({grpc.StatusCode.ABORTED}),
-    # Connection-level failures: the upstream never saw the call.
-    "connect-failure": frozenset(),
-    "refused-stream": frozenset(),
-    "reset": frozenset(),
-}
-CONNECTION_FAILURE_TOKENS = frozenset({"connect-failure", "refused-stream", "reset", "5xx"})
-#: Istio's default when a rule has no ``retries``: 2 attempts on these conditions.
-DEFAULT_RETRY_ON = frozenset(
-    {"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
-)
-DEFAULT_RETRY_ATTEMPTS = 2
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """``retries``: how many extra attempts, each bounded how long, on which failures."""
-
-    attempts: int = DEFAULT_RETRY_ATTEMPTS
-    per_try_timeout: float | None = None
-    retry_on: frozenset[str] = DEFAULT_RETRY_ON
-
-    @property
-    def codes(self) -> frozenset[grpc.StatusCode]:
-        return frozenset().union(*(RETRY_ON_CODES[token] for token in self.retry_on))
-
-    def retries_connection_failures(self) -> bool:
-        return bool(self.retry_on & CONNECTION_FAILURE_TOKENS)
-
-    def should_retry(self, code: grpc.StatusCode, *, connection_failure: bool = False) -> bool:
-        """Whether a failed attempt with ``code`` may be tried again on another endpoint."""
-        if connection_failure and self.retries_connection_failures():
-            return True
-        return code in self.codes
 
 
 @dataclass(frozen=True)
@@ -159,7 +104,7 @@ class HTTPRoute:
     route: tuple[RouteDestination, ...] = ()
     #: Whole-call timeout in seconds; None leaves the caller's deadline alone.
     timeout: float | None = None
-    retries: RetryPolicy = RetryPolicy()
+    retries: RetryPolicy = field(default_factory=RetryPolicy)
     fault: Fault | None = None
     mirror: Destination | None = None
     mirror_percentage: float = 100.0
@@ -175,7 +120,6 @@ class VirtualService:
     #: Normalised service names this resource routes.
     hosts: tuple[str, ...]
     http: tuple[HTTPRoute, ...]
-    gateways: tuple[str, ...] = ()
     export_to: tuple[str, ...] = ()
 
     @property
@@ -187,47 +131,31 @@ class VirtualService:
 
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+\-.^_`|~]+")
 
-#: HTTP status → gRPC status, as gRPC's own HTTP-to-gRPC mapping document defines it.
-HTTP_TO_GRPC: dict[int, grpc.StatusCode] = {
-    400: grpc.StatusCode.INTERNAL,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.UNIMPLEMENTED,
-    429: grpc.StatusCode.UNAVAILABLE,
-    502: grpc.StatusCode.UNAVAILABLE,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.UNAVAILABLE,
-}
-
 
 def parse_virtual_service(spec: Node, metadata: Metadata) -> VirtualService:
     spec.mapping(
-        ("hosts", "gateways", "http", "exportTo"),
-        unsupported=("tcp", "tls"),
+        ("hosts", "http", "exportTo"),
+        # A rule bound to gateways (or to ``mesh`` only) would apply everywhere here:
+        # meshserve has no Gateway resources, and its gateway and sidecars share the rules.
+        unsupported=("tcp", "tls", "gateways"),
         required=("hosts",),
     )
-    hosts = tuple(_host(node) for node in spec.child("hosts").items())
+    namespace = metadata.namespace
+    hosts = tuple(resource_host(node, namespace) for node in spec.child("hosts").items())
     if not hosts:
         spec.child("hosts").fail("must name at least one host")
-    http = tuple(_http_route(node, index) for index, node in enumerate(spec.child("http").items()))
+    http = tuple(
+        _http_route(node, index, namespace) for index, node in enumerate(spec.child("http").items())
+    )
     return VirtualService(
         metadata=metadata,
         hosts=hosts,
         http=http,
-        gateways=spec.child("gateways").string_list(),
-        export_to=spec.child("exportTo").string_list(),
+        export_to=export_to(spec.child("exportTo"), namespace),
     )
 
 
-def _host(node: Node) -> str:
-    text = node.string()
-    try:
-        return normalise_host(text)
-    except ValueError as exc:
-        node.fail(str(exc))
-
-
-def _http_route(node: Node, index: int) -> HTTPRoute:
+def _http_route(node: Node, index: int, namespace: str) -> HTTPRoute:
     node.mapping(
         (
             "name",
@@ -252,12 +180,15 @@ def _http_route(node: Node, index: int) -> HTTPRoute:
         ),
         required=("route",),
     )
-    route = tuple(_route_destination(item) for item in node.child("route").items())
+    route = tuple(_route_destination(item, namespace) for item in node.child("route").items())
     if not route:
         node.child("route").fail("must have at least one destination")
     _check_weights(node.child("route"), route)
+    if len(route) == 1 and route[0].weight != 100:
+        # Istio: a lone destination's weight "is assumed to be 100".
+        route = (replace(route[0], weight=100),)
     timeout = node.child("timeout").duration(0.0, allow_zero=True) if node.has("timeout") else None
-    mirror = _destination(node.child("mirror")) if node.has("mirror") else None
+    mirror = _destination(node.child("mirror"), namespace) if node.has("mirror") else None
     mirror_percentage = node.child("mirrorPercentage").percentage()
     if mirror_percentage is not None and mirror is None:
         node.child("mirrorPercentage").fail("is set but there is no mirror")
@@ -268,7 +199,7 @@ def _http_route(node: Node, index: int) -> HTTPRoute:
         route=route,
         # Istio: "0s" disables the timeout, like leaving it out.
         timeout=timeout or None,
-        retries=_retries(node.child("retries")),
+        retries=parse_retries(node.child("retries")),
         fault=_fault(node.child("fault")) if node.has("fault") else None,
         mirror=mirror,
         mirror_percentage=100.0 if mirror_percentage is None else mirror_percentage,
@@ -277,34 +208,31 @@ def _http_route(node: Node, index: int) -> HTTPRoute:
 
 
 def _check_weights(node: Node, route: tuple[RouteDestination, ...]) -> None:
+    """Istio sends each destination weight/total of the traffic and refuses only a total
+    of 0; a lone destination takes everything whatever its weight."""
     if len(route) == 1:
         return
-    total = sum(r.weight for r in route)
-    if total != 100:
-        weights = " + ".join(str(r.weight) for r in route)
-        node.fail(f"destination weights must sum to 100, got {weights} = {total}")
+    if sum(r.weight for r in route) == 0:
+        node.fail("destination weights sum to 0: no destination would get any traffic")
 
 
-def _route_destination(node: Node) -> RouteDestination:
+def _route_destination(node: Node, namespace: str) -> RouteDestination:
     node.mapping(("destination", "weight", "headers"), required=("destination",))
-    # A lone destination gets all traffic; with several, weights are checked to sum to 100.
-    weight_node = node.child("weight")
-    weight = weight_node.integer(100 if weight_node.value is None else 0, 0, 100)
+    # Absent is 0, as in Istio's proto; a lone destination takes all traffic anyway.
+    weight = node.child("weight").integer(0, 0, 2**31 - 1)
     return RouteDestination(
-        destination=_destination(node.child("destination")),
+        destination=_destination(node.child("destination"), namespace),
         weight=weight,
         headers=_headers(node.child("headers")),
     )
 
 
-def _destination(node: Node) -> Destination:
-    node.mapping(("host", "subset", "port"), required=("host",))
-    port = None
-    if node.has("port"):
-        port_node = node.child("port").mapping(("number",), required=("number",))
-        port = port_node.child("number").integer(0, 1, 65535)
+def _destination(node: Node, namespace: str) -> Destination:
+    # A mesh service has one port per instance (its registered address), so a port would
+    # select nothing meshserve could honour: refused rather than ignored.
+    node.mapping(("host", "subset"), unsupported=("port",), required=("host",))
     subset = node.child("subset").opt_string()
-    return Destination(host=_host(node.child("host")), subset=subset, port=port)
+    return Destination(host=resource_host(node.child("host"), namespace), subset=subset)
 
 
 def _match(node: Node) -> MatchRequest:
@@ -323,6 +251,13 @@ def _match(node: Node) -> MatchRequest:
         ),
     )
     ignore_case = node.child("ignoreUriCase").boolean(False)
+    if ignore_case and node.child("uri").has("regex"):
+        # Istio ignores case for exact and prefix only; accepting it here would let a
+        # reader believe the regex ignores case while it does not.
+        node.child("ignoreUriCase").fail(
+            "has no effect on uri.regex in Istio (exact and prefix only): write (?i) in "
+            "the regex instead"
+        )
     uri = _string_match(node.child("uri"), ignore_case=ignore_case) if node.has("uri") else None
     if uri is not None and uri.kind == "present":
         node.child("uri").fail("must have one of exact, prefix or regex")
@@ -354,9 +289,9 @@ def _string_match(node: Node, *, ignore_case: bool = False) -> StringMatch:
     value = node.child(kind).string(allow_empty=kind == "exact")
     if kind == "regex":
         try:
-            pattern = re.compile(value, re.IGNORECASE if ignore_case else 0)
-        except re.error as exc:
-            node.child(kind).fail(f"is not a valid regular expression: {exc}")
+            pattern = compile_regex(value)
+        except RegexError as exc:
+            node.child(kind).fail(str(exc))
         return StringMatch("regex", value, pattern)
     return StringMatch(kind, value.lower() if ignore_case else value)  # type: ignore[arg-type]
 
@@ -382,37 +317,20 @@ def _header_operations(node: Node) -> HeaderOperations:
     if node.value is None:
         return HeaderOperations()
     node.mapping(("set", "add", "remove"))
+    # HTTP/2 header names are lower case on the wire and Envoy lower-cases edits: an
+    # upper-case name in an Istio file edits the same header.
     set_ = tuple(
-        (_header_name(v, k), v.string(allow_empty=True)) for k, v in node.child("set").entries()
+        (_header_name(v, k.lower()), v.string(allow_empty=True))
+        for k, v in node.child("set").entries()
     )
     add = tuple(
-        (_header_name(v, k), v.string(allow_empty=True)) for k, v in node.child("add").entries()
+        (_header_name(v, k.lower()), v.string(allow_empty=True))
+        for k, v in node.child("add").entries()
     )
-    remove = tuple(_header_name(item, item.string()) for item in node.child("remove").items())
+    remove = tuple(
+        _header_name(item, item.string().lower()) for item in node.child("remove").items()
+    )
     return HeaderOperations(set=set_, add=add, remove=remove)
-
-
-def _retries(node: Node) -> RetryPolicy:
-    if node.value is None:
-        return RetryPolicy()
-    node.mapping(
-        ("attempts", "perTryTimeout", "retryOn"),
-        unsupported=("retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"),
-    )
-    attempts = node.child("attempts").integer(DEFAULT_RETRY_ATTEMPTS, 0, 100)
-    per_try = node.child("perTryTimeout").duration() if node.has("perTryTimeout") else None
-    retry_on = DEFAULT_RETRY_ON
-    if node.has("retryOn"):
-        on = node.child("retryOn")
-        tokens = [t.strip() for t in on.string().split(",") if t.strip()]
-        for token in tokens:
-            if token not in RETRY_ON_CODES:
-                on.fail(
-                    f"unknown retry condition {token!r} (expected some of: "
-                    f"{', '.join(RETRY_ON_CODES)})"
-                )
-        retry_on = frozenset(tokens)
-    return RetryPolicy(attempts=attempts, per_try_timeout=per_try, retry_on=retry_on)
 
 
 def _fault(node: Node) -> Fault:
@@ -450,7 +368,7 @@ def _abort_status(node: Node) -> grpc.StatusCode:
         node.fail("must have exactly one of grpcStatus or httpStatus")
     if node.has("httpStatus"):
         status = node.child("httpStatus").integer(0, 200, 599)
-        return HTTP_TO_GRPC.get(status, grpc.StatusCode.UNKNOWN)
+        return http_to_grpc(status)
     names = [c.name for c in grpc.StatusCode if c is not grpc.StatusCode.OK]
     name = node.child("grpcStatus").choice(names)
     return grpc.StatusCode[name]

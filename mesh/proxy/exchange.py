@@ -129,6 +129,12 @@ class Exchange:
             elif name == b":authority":
                 self.authority = value
         self.info: MethodInfo | None = lookup(self.path)
+        #: The call's id, returned in the response's headers whatever answers it (an
+        #: upstream, the gateway's own server, the relay itself). A sidecar's inbound
+        #: leaves it to the proxy in front (None): the caller's id is already the call's.
+        self.request_id = (
+            policy.request_id(headers, relay.request_id) if relay.inbound is None else None
+        )
         self.request_ended = end_stream
         #: Request payloads received: those not yet forwarded carry their flow length
         #: (credited to the client when written upstream), forwarded ones carry 0.
@@ -164,7 +170,7 @@ class Exchange:
         # gateway's gRPC server (its own services) are recorded there (see _go_internal).
         self.record: CallRecord | None = None
         if relay.telemetry is not None and (self.info is not None or relay.inbound is not None):
-            self.record = relay.telemetry.start(self.path, headers)
+            self.record = relay.telemetry.start(self.path, headers, self.request_id)
         #: Follows the request's message boundaries (compressed flags, message count).
         self.framer = MessageFramer(encoding_of(headers))
         relay.exchanges.add(self)
@@ -176,6 +182,13 @@ class Exchange:
             return
         if self._ready():
             self._route()
+
+    def _call_id(self) -> str:
+        return self.request_id or self.relay.request_id()
+
+    def _stamped(self, block: list[Header]) -> list[Header]:
+        """A response header block (not trailers) with the call's id."""
+        return block if self.request_id is None else policy.with_request_id(block, self.request_id)
 
     def _unrouted_deadline(self) -> float | None:
         """For a call waiting for the first message it is routed on: the client's
@@ -279,7 +292,7 @@ class Exchange:
         if self.info is None:
             self._go_internal()
             return
-        text = policy.routing_metadata(self.headers, relay.request_id)
+        text = policy.routing_metadata(self.headers, self._call_id)
         clusters = relay.state.clusters
         try:
             decision = decide(
@@ -456,7 +469,9 @@ class Exchange:
             address = self.endpoint.address
             per_try = None
         else:
-            self.endpoint = decision.candidates[self.attempt]
+            # Past the last candidate a retry goes round again: as Envoy's previous-hosts
+            # predicate, it avoids endpoints already tried only while another is left.
+            self.endpoint = decision.candidates[self.attempt % len(decision.candidates)]
             address = self.endpoint.address
             per_try = decision.retries.per_try_timeout
             relay.state.tracker.start(address, self.key)
@@ -580,7 +595,6 @@ class Exchange:
         return policy.may_retry(
             decision.retries,
             attempt=self.attempt,
-            candidates=len(decision.candidates),
             idempotent=self.info.idempotent,
             code=code,
             connection_failure=connection_failure,
@@ -594,13 +608,34 @@ class Exchange:
         address = self.endpoint.address if self.endpoint else self.relay.internal_address
         if self._may_retry(code, connection_failure):
             log.info(
-                "retrying %s on the next endpoint after %s from %s", self.path, code.name, address
+                "retrying %s (x-request-id %s) on the next endpoint after %s from %s",
+                self.path,
+                self._call_id(),
+                code.name,
+                address,
             )
             self.relay.count_retry(self)
             self.up = None
-            self._attempt()
+            self._back_off()
             return
         self._give_up(code, f"upstream {address}: {detail}")
+
+    def _back_off(self) -> None:
+        """Waits Envoy's jittered back-off before the next attempt (never past the call's
+        deadline). The timer slot holds it, so an ending call cancels it; request data
+        that arrives meanwhile is held and replayed by the attempt."""
+        relay = self.relay
+        delay = policy.retry_backoff(self.attempt + 1, relay.state.rng)
+        if self.deadline is not None:
+            delay = min(delay, max(self.deadline - relay.loop.time(), 0.0))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = relay.loop.call_later(delay, self._after_back_off)
+
+    def _after_back_off(self) -> None:
+        self._timer = None
+        if not self.done:
+            self._attempt()
 
     # -- responses ------------------------------------------------------------------------
 
@@ -618,9 +653,11 @@ class Exchange:
                 return
             self._release(up)
             self._end_attempt(code, blame=self._upstreams_fault(code))
-            if self.response_edits and not self.started:
+            if not self.started:
                 # Trailers-only: these are the response's headers too.
-                headers = md.edit_block(self.response_edits, headers)
+                headers = self._stamped(headers)
+                if self.response_edits:
+                    headers = md.edit_block(self.response_edits, headers)
             self.down.send_headers(headers, end_stream=True)
             self._finish(code, message_of(headers))
             return
@@ -639,6 +676,7 @@ class Exchange:
         self.body = []
         self.body_bytes = 0
         self.keep = False
+        headers = self._stamped(headers)
         if self.response_edits:
             headers = md.edit_block(self.response_edits, headers)
         self.down.send_headers(headers, end_stream=False)
@@ -746,7 +784,7 @@ class Exchange:
         """Answers without any upstream (refused, or routing failed)."""
         headers = error_headers(code, message, trailers_only=True)
         headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers)
-        self.down.send_headers(headers, end_stream=True)
+        self.down.send_headers(self._stamped(headers), end_stream=True)
         self._finish(code, message)
 
     def _give_up(self, code: grpc.StatusCode, message: str, extra: tuple[Header, ...] = ()) -> None:
@@ -754,6 +792,8 @@ class Exchange:
             self.up.reset(f.CANCEL)
         headers = error_headers(code, message, trailers_only=not self.started)
         headers.extend(extra)
+        if not self.started:
+            headers = self._stamped(headers)
         self.down.send_headers(headers, end_stream=True)
         self._finish(code, message)
 

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
+from mesh.routing.headers import REQUEST_ID
+
 Header = tuple[bytes, bytes]
 
 STATIC: tuple[Header, ...] = HeaderTable.STATIC_TABLE
@@ -233,6 +235,10 @@ def encode_field(name: bytes, value: bytes) -> bytes:
 
 _SHORT_BLOCK = 4
 _short_blocks: dict[tuple[Header, ...], bytes] = {}
+#: The relay ends each response's headers with the call's id (callpolicy.with_request_id):
+#: a value new every call, so it is encoded after the cached rest of the block, which
+#: it would otherwise make unique (a cache entry per call, the cache cleared every 1024).
+_PER_CALL = REQUEST_ID.encode()
 
 
 class HeaderEncoder:
@@ -243,6 +249,10 @@ class HeaderEncoder:
 
     def encode(self, headers: Iterable[Header]) -> bytes:
         fields = tuple(headers)
+        tail = b""
+        if fields and fields[-1][0] == _PER_CALL:
+            tail = encode_field(*fields[-1])
+            fields = fields[:-1]
         if len(fields) <= _SHORT_BLOCK:
             # Response headers and trailers repeat call after call.
             body = _short_blocks.get(fields)
@@ -253,6 +263,7 @@ class HeaderEncoder:
                 _short_blocks[fields] = body
         else:
             body = b"".join([encode_field(n, v) for n, v in fields])
+        body += tail
         if self._first:
             # We never index, so our table size is 0 whatever the peer's setting; saying
             # so once (RFC 7541 §6.3) keeps any later SETTINGS change trivially honoured.

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import grpc
 
@@ -34,6 +34,7 @@ from mesh.proxy.inbound import Caller, Inbound
 from mesh.proxy.mirror import Mirror
 from mesh.proxy.telemetry import RelayTelemetry
 from mesh.proxy.tls_door import TlsDoor
+from mesh.routing import callpolicy as policy
 from mesh.routing.limits import RelayLimits, SourceLimiter
 from mesh.routing.services import host_for_method
 from mesh.routing.state import GatewayState
@@ -153,7 +154,9 @@ class Downstream(Connection):
             return
         refused = self.relay.limiter.admit_stream(self.source)
         if refused is not None:
-            self._answer(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, refused, end_stream)
+            self._answer(
+                stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, refused, end_stream, headers
+            )
             return
         side = Side(self, stream_id, None)
         self.streams[stream_id] = side
@@ -185,9 +188,21 @@ class Downstream(Connection):
         self.seen_headers = True
         self._answer(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, detail, end_stream)
 
-    def _answer(self, stream_id: int, code: grpc.StatusCode, detail: str, end_stream: bool) -> None:
-        """Answers a stream the relay never opened (no exchange, nothing counted)."""
+    def _answer(
+        self,
+        stream_id: int,
+        code: grpc.StatusCode,
+        detail: str,
+        end_stream: bool,
+        request: Sequence[Header] = (),
+    ) -> None:
+        """Answers a stream the relay never opened (no exchange, nothing counted), with
+        the call's id as every answer carries it (Exchange.request_id)."""
         status = error_headers(code, detail, trailers_only=True)
+        if self.relay.inbound is None:
+            status = policy.with_request_id(
+                status, policy.request_id(request, self.relay.request_id)
+            )
         block = self.encoder.encode(status)
         self.write(f.headers(stream_id, block, end_stream=True, max_size=self.peer_max_frame))
         if not end_stream:

@@ -59,7 +59,7 @@ class RelayTelemetry:
         self._tracer = telemetry.tracer if self._tracing else trace.NoOpTracer()
         self._metrics = telemetry.metrics
 
-    def start(self, path: str, headers: list[Header]) -> CallRecord:
+    def start(self, path: str, headers: list[Header], request_id: str | None) -> CallRecord:
         if not self._tracing:
             passed: list[Header] = []
             version = None
@@ -76,7 +76,7 @@ class RelayTelemetry:
             for n, v in headers
             if n[:1] != b":" and not n.endswith(b"-bin")
         ]
-        span, metric_labels = server_span(self._tracer, path, metadata, None)
+        span, metric_labels = server_span(self._tracer, path, metadata, None, request_id)
         self._metrics.started(metric_labels)
         return CallRecord(span, metric_labels)
 

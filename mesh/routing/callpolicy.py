@@ -1,17 +1,18 @@
 """Per-call policy, pure and written once: which request headers routing sees (the
-hop-by-hop filter), the request id, the deadline budget, ``http2MaxRequests``
-admission and retry eligibility. The relay (mesh/proxy/exchange.py) is its one caller
+hop-by-hop filter), the request id (and its echo in responses), the deadline budget,
+``http2MaxRequests`` admission and retry eligibility. The relay (mesh/proxy/exchange.py) is its one caller
 today; a sidecar's outbound mode uses the same functions."""
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 
 import grpc
 
 from mesh.config.destination_rule import UNLIMITED
-from mesh.config.virtual_service import RetryPolicy
+from mesh.config.retries import BACKOFF_BASE, BACKOFF_MAX, RetryPolicy
 from mesh.routing import headers as md
 
 #: Headers gRPC's transport owns: forwarded as they came (grpc-timeout is rewritten),
@@ -39,6 +40,27 @@ def routing_metadata(
     if request_id is not None and not any(k == md.REQUEST_ID for k, _ in text):
         text.append((md.REQUEST_ID, request_id()))
     return tuple(text)
+
+
+_REQUEST_ID = md.REQUEST_ID.encode()
+
+
+def request_id(headers: Sequence[md.RawHeader], make: Callable[[], str]) -> str:
+    """A call's id: the caller's ``x-request-id`` when it sent one (kept, as Envoy keeps
+    it), else a new one from ``make``."""
+    for name, value in headers:
+        if name == _REQUEST_ID:
+            return value.decode("latin-1")
+    return make()
+
+
+def with_request_id(block: Sequence[md.RawHeader], call_id: str) -> list[md.RawHeader]:
+    """A response header block that carries the call's id, so a client in any language can
+    find the call in the proxy's logs and spans (Envoy's ``always_set_request_id_in_response``);
+    any id the upstream set is replaced by the one the call was given."""
+    out = [(n, v) for n, v in block if n != _REQUEST_ID]
+    out.append((_REQUEST_ID, call_id.encode("latin-1")))
+    return out
 
 
 def parse_timeout(value: bytes) -> float | None:
@@ -92,17 +114,24 @@ def may_retry(
     retries: RetryPolicy,
     *,
     attempt: int,
-    candidates: int,
     idempotent: bool,
     code: grpc.StatusCode,
     connection_failure: bool,
 ) -> bool:
-    """Whether a failed attempt (0-based ``attempt``) is tried again on the next of
-    ``candidates`` endpoints: within ``retries.attempts`` and the endpoints there are; a
-    connection failure (the upstream never saw the call) whenever ``retryOn`` covers it,
-    any other status only for an idempotent method whose ``retryOn`` lists it."""
-    if attempt >= min(retries.attempts, candidates - 1):
+    """Whether a failed attempt (0-based ``attempt``) is tried again: within
+    ``retries.attempts`` (on another endpoint while one is left, else on one already
+    tried, as Envoy does); a connection failure (the upstream never saw the call)
+    whenever ``retryOn`` covers it, any other status only for an idempotent method whose
+    ``retryOn`` lists it."""
+    if attempt >= retries.attempts:
         return False
     if connection_failure and retries.retries_connection_failures():
         return True
     return idempotent and retries.should_retry(code, connection_failure=connection_failure)
+
+
+def retry_backoff(retry: int, rng: random.Random) -> float:
+    """Seconds to wait before the ``retry``-th retry (1-based): Envoy's fully jittered
+    exponential back-off, uniform in [0, (2^retry - 1) · 25 ms), capped at 250 ms."""
+    ceiling = min(BACKOFF_BASE * ((1 << min(retry, 16)) - 1), BACKOFF_MAX)
+    return rng.random() * ceiling

@@ -7,13 +7,8 @@ from dataclasses import dataclass, field
 
 from mesh.balance.cluster import ClusterMap
 from mesh.balance.endpoints import Endpoint
-from mesh.config.virtual_service import (
-    Destination,
-    Fault,
-    HeaderOperations,
-    HTTPRoute,
-    RetryPolicy,
-)
+from mesh.config.retries import RetryPolicy
+from mesh.config.virtual_service import Destination, Fault, HeaderOperations, HTTPRoute
 from mesh.errors import Unimplemented
 from mesh.routing import headers as md
 from mesh.routing.hashkey import HashKey, RequestFields, hash_key, read_fields
@@ -71,7 +66,8 @@ class RouteDecision:
 def decide(
     clusters: ClusterMap, request: RequestInfo, rng: random.Random, *, explain: bool = False
 ) -> RouteDecision:
-    """Routes one call. Raises :class:`Unimplemented` for a method no mesh host serves.
+    """Routes one call. Raises :class:`Unimplemented` for a method no mesh host serves,
+    and when the host's VirtualService has no rule that matches (Envoy's "no route").
 
     Steps: find the host; the VirtualService's first matching rule; a weighted
     destination; header edits (rule, then destination); the hash key from the *edited*
@@ -99,8 +95,11 @@ def decide(
     if vs is not None:
         found = find_rule(vs, request.method, headers)
         if found is None:
-            if explain:
-                steps.append(f"{vs.ref}: no rule matches; default route to {host}")
+            # Envoy answers a request no route matches with 404 (gRPC UNIMPLEMENTED): a
+            # VirtualService that covers a host decides every call to it.
+            raise Unimplemented(
+                f"no route: no rule of {vs.ref} matches {request.method} (host {host})"
+            )
         else:
             rule, matched = found
             route_name = f"{vs.ref} {rule.describe()}"

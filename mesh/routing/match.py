@@ -19,7 +19,7 @@ def string_matches(match: StringMatch, value: str | None) -> bool:
         return value.startswith(match.value)
     assert match.pattern is not None  # compiled at load time for every regex
     # Istio (RE2 in Envoy) requires the whole value to match, not a substring.
-    return match.pattern.fullmatch(value) is not None
+    return match.pattern.fullmatch(value)
 
 
 def request_matches(match: MatchRequest, method: str, headers: Mapping[str, str]) -> bool:

@@ -6,8 +6,17 @@ import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from mesh.config.security import AuthorizationPolicy, Condition, Operation, Rule, Source
+from mesh.config.regex import Regex
+from mesh.config.security import (
+    AuthorizationPolicy,
+    Condition,
+    Operation,
+    Rule,
+    Source,
+    path_template,
+)
 from mesh.errors import PermissionDenied
 from mesh.security.guard import Context
 from mesh.security.peer import PeerInfo, peer_from_context
@@ -57,6 +66,42 @@ def match_value(pattern: str, value: str | None) -> bool:
     return value == pattern
 
 
+@lru_cache(maxsize=1024)
+def _template(pattern: str) -> Regex:
+    # Validated at load (mesh/config/security.py); compiled once per pattern here.
+    return path_template(pattern)
+
+
+def match_path(pattern: str, path: str | None) -> bool:
+    """A ``paths`` entry: a path template when it has ``{*}``/``{**}``, else as
+    :func:`match_value`."""
+    if "{" in pattern:
+        return path is not None and _template(pattern).fullmatch(path)
+    return match_value(pattern, path)
+
+
+def _paths(values: Sequence[str], not_values: Sequence[str], path: str) -> bool:
+    if values and not any(match_path(p, path) for p in values):
+        return False
+    return not any(match_path(p, path) for p in not_values)
+
+
+def _hosts(values: Sequence[str], not_values: Sequence[str], host: str | None) -> bool:
+    # Host names are case-insensitive (RFC 4343); Istio matches ``hosts`` ignoring case.
+    lowered = None if host is None else host.lower()
+    return _field(tuple(v.lower() for v in values), tuple(v.lower() for v in not_values), lowered)
+
+
+def service_account(principal: str | None) -> str | None:
+    """``<namespace>/<service account>`` of a principal ``<td>/ns/<ns>/sa/<sa>``."""
+    if principal is None:
+        return None
+    parts = principal.split("/")
+    if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
+        return f"{parts[2]}/{parts[4]}"
+    return None
+
+
 def _field(values: Sequence[str], not_values: Sequence[str], value: str | None) -> bool:
     """An empty list matches anything; ``not`` values exclude (an absent value is no match)."""
     if values and not any(match_value(p, value) for p in values):
@@ -89,15 +134,27 @@ def source_matches(source: Source, request: RequestAttributes, *, deny: bool = F
         )
         and _field(source.namespaces, source.not_namespaces, request.source_namespace)
         and _ip_field(source.ip_blocks, source.not_ip_blocks, request.source_ip)
+        and _ip_field(source.remote_ip_blocks, source.not_remote_ip_blocks, request.source_ip)
+        and _exact(
+            source.service_accounts,
+            source.not_service_accounts,
+            service_account(request.principal),
+        )
     )
+
+
+def _exact(values: Sequence[str], not_values: Sequence[str], value: str | None) -> bool:
+    if values and value not in values:
+        return False
+    return value is None or value not in not_values
 
 
 def operation_matches(op: Operation, request: RequestAttributes) -> bool:
     port = None if request.port is None else str(request.port)
     return (
-        _field(op.paths, op.not_paths, request.path)
+        _paths(op.paths, op.not_paths, request.path)
         and _field(op.methods, op.not_methods, request.method)
-        and _field(op.hosts, op.not_hosts, request.host)
+        and _hosts(op.hosts, op.not_hosts, request.host)
         and _field(op.ports, op.not_ports, port)
     )
 
@@ -107,6 +164,8 @@ CONDITION_KEYS: dict[str, Callable[[RequestAttributes], str | None]] = {
     "source.principal": lambda r: r.principal,
     "source.namespace": lambda r: r.source_namespace,
     "source.ip": lambda r: r.source_ip,
+    # Without trusted proxies (Istio's default numTrustedProxies 0) the client is the peer.
+    "remote.ip": lambda r: r.source_ip,
     "destination.port": lambda r: None if r.port is None else str(r.port),
 }
 
@@ -127,7 +186,7 @@ def condition_matches(cond: Condition, request: RequestAttributes, *, deny: bool
         # Fail closed, as Istio does for attributes it cannot evaluate: such a rule always
         # matches in a DENY policy and never in an ALLOW policy.
         return deny
-    if cond.key == "source.ip":
+    if cond.key in ("source.ip", "remote.ip"):
         return _ip_field(cond.values, cond.not_values, value)
     return _field(cond.values, cond.not_values, value)
 
@@ -161,7 +220,7 @@ def evaluate(
     *,
     root_namespace: str = ROOT_NAMESPACE,
 ) -> AuthzDecision:
-    """Istio's order: CUSTOM (not supported, skipped), DENY, then ALLOW.
+    """Istio's order: DENY, then ALLOW (CUSTOM is refused at load).
 
     Any matching DENY rule denies. If any ALLOW policy applies to the workload, the request
     must match one of their rules (an ALLOW policy without rules therefore denies all);

@@ -35,12 +35,20 @@ DESTINATION = "meshserve.destination"
 RETRY_COUNT = "meshserve.retry_count"
 #: The consistent-hash key (``model/version`` when hashing on the request's model fields).
 HASH_KEY = "meshserve.hash_key"
+#: The call's ``x-request-id`` (Envoy tags it ``guid:x-request-id``): the id the gateway
+#: returns in the response headers, so a client can find its call's spans by it.
+REQUEST_ID = "meshserve.request_id"
 #: Route and destination of the call being served, filled in by :func:`annotate` as the
 #: proxy decides; each RPC runs in its own task, so each sees only its own.
 _ROUTED: ContextVar[dict[str, str] | None] = ContextVar("meshserve_routed", default=None)
 
 #: Metadata a client may set to name the model for telemetry (the gateway's routing keys).
-MODEL_HEADERS = {"x-model-name": MODEL_NAME, md.MODEL_VERSION: MODEL_VERSION}
+#: Request headers recorded on every server span, by attribute.
+SPAN_HEADERS = {
+    "x-model-name": MODEL_NAME,
+    md.MODEL_VERSION: MODEL_VERSION,
+    md.REQUEST_ID: REQUEST_ID,
+}
 
 
 def split_method(path: str) -> tuple[str, str]:
@@ -103,17 +111,24 @@ def _context_code(context: Context) -> grpc.StatusCode | None:
 
 
 def server_span(
-    tracer: Tracer, path: str, metadata: Sequence[tuple[str, str | bytes]], peer: str | None
+    tracer: Tracer,
+    path: str,
+    metadata: Sequence[tuple[str, str | bytes]],
+    peer: str | None,
+    request_id: str | None = None,
 ) -> tuple[Span, dict[str, str]]:
     """A SERVER span for one call (parented by the caller's ``traceparent``) and the
-    call's metric labels: what every server-side hop records, the gateway's relay too."""
+    call's metric labels: what every server-side hop records, the gateway's relay too
+    (which passes the ``request_id`` it made when the caller sent none)."""
     attributes: dict[str, str] = rpc_attributes(path)
     if peer:
         attributes["net.sock.peer.addr"] = peer
     headers = {k: v for k, v in metadata if isinstance(v, str)}
-    for header, key in MODEL_HEADERS.items():
+    for header, key in SPAN_HEADERS.items():
         if headers.get(header):
             attributes[key] = headers[header]
+    if request_id:
+        attributes[REQUEST_ID] = request_id
     span = tracer.start_span(
         f"{attributes['rpc.service']}/{attributes['rpc.method']}",
         context=extract(metadata),

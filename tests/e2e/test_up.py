@@ -1,18 +1,31 @@
-"""`meshserve up` end to end: the whole mesh as subprocesses, the README tour, a clean stop, a restart."""
+"""`meshserve up` end to end: the whole mesh as subprocesses, the README tour, a Node.js
+client, a clean stop, a restart.
+
+One module-scoped ``up`` serves the Node.js client and then the tour, which ends it with
+Ctrl-C (starting it and training the demo model is most of the cost): the tour stays the
+module's last test.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 
 from cli.endpoints import UP_FILE
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from registry.embedded import free_port
+from tests.support.node_client import run_client
 from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -25,15 +38,113 @@ def mesh_state(tmp_path: Path) -> Iterator[Path]:
     kill_leftovers(state)
 
 
-def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(
-    mesh_state: Path, tmp_path: Path
-) -> None:
-    port = free_port()
-    up = Up(mesh_state, port, tmp_path / "up-1.log")
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """The module's mesh, ready. The tour stops it itself; else it is stopped here."""
+    base = tmp_path_factory.mktemp("up")
+    running = Up(base / "state", free_port(), base / "up-1.log")
     try:
-        endpoints = up.wait_ready()
-        gateway = str(endpoints["gateway"])
-        assert gateway == f"127.0.0.1:{port}"
+        running.wait_ready()
+        yield running
+        if running.process.poll() is None:
+            running.interrupt()
+            assert running.process.returncode == 0, running.output()[-3000:]
+    finally:
+        running.kill()
+        kill_leftovers(running.state)
+
+
+def running_gateway(up: Up) -> str:
+    if up.process.poll() is not None:
+        pytest.fail("the module's up has stopped: the tour (which stops it) must run last")
+    return str(up.endpoints()["gateway"])
+
+
+#: Model inputs (the demo model takes 4 features) and what the Node client uploads.
+ROWS = [[0.5, -1.0, 2.0, 0.1], [1.0, 0.0, -0.5, 0.25], [0.0, 0.0, 0.0, 0.0]]
+UPLOAD = "node-upload"
+
+
+def reference_logits(gateway: str) -> list[list[float]]:
+    """The demo model's outputs for ROWS, asked through grpc's Python client in typed
+    contents: the Node client's raw FP32 bytes must decode to the same numbers."""
+    with grpc.insecure_channel(gateway) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            pb.ModelInferRequest(
+                model_name="demo",
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name="x",
+                        datatype="FP32",
+                        shape=[len(ROWS), 4],
+                        contents=pb.InferTensorContents(fp32_contents=[v for r in ROWS for v in r]),
+                    )
+                ],
+            ),
+            timeout=30,
+        )
+    assert reply.outputs[0].shape == [len(ROWS), 3]
+    values = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(len(ROWS), 3)
+    return [[float(v) for v in row] for row in values]
+
+
+def test_a_nodejs_client_makes_every_kind_of_call_through_the_gateway(up: Up) -> None:
+    gateway = running_gateway(up)
+    seen = run_client(
+        gateway, {"model": "demo", "rows": ROWS, "dataset": "demo-blobs", "upload": UPLOAD}
+    )
+    assert seen["load"]["services"] == [
+        "inference.GRPCInferenceService",
+        "meshserve.data.v1.DataService",
+        "meshserve.training.v1.TrainingService",
+        "meshserve.mesh.v1.Admin",
+    ]
+    assert seen["server_live"] == {"live": True}
+    assert seen["model_metadata"] == {
+        "name": "demo",
+        "versions": ["1"],
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}],
+    }
+    expected = reference_logits(gateway)
+    infer = seen["model_infer"]
+    assert infer["model_version"] == "1"
+    assert infer["output"]["name"] == "logits" and infer["output"]["shape"] == [len(ROWS), 3]
+    assert np.allclose(infer["output"]["data"], expected, rtol=1e-5, atol=1e-6)
+    # demo-blobs: 600 examples of 4 FP32 features, in batches of 128.
+    assert seen["stream_batches"] == {
+        "batches": 5,
+        "indexes": [0, 1, 2, 3, 4],
+        "examples": 600,
+        "first_tensor": {"name": "x", "shape": [128, 4], "bytes": 128 * 4 * 4},
+    }
+    assert seen["create_dataset"] == {"name": UPLOAD, "version": "1", "examples": 12}
+    with grpc.insecure_channel(gateway) as channel:
+        stored = data_pb2_grpc.DataServiceStub(channel).GetDataset(
+            data_pb2.GetDatasetRequest(name=UPLOAD), timeout=30
+        )
+    assert stored.num_examples == 12
+    streamed = seen["model_stream_infer"]
+    assert streamed["errors"] == []
+    assert sorted(streamed["outputs"]) == [f"node-{i}" for i in range(len(ROWS))]
+    for i, row in enumerate(expected):
+        assert np.allclose(streamed["outputs"][f"node-{i}"], row, rtol=1e-5, atol=1e-6)
+    # A stream answered once, then held open past its 1.5 s deadline.
+    assert seen["deadline"]["code"] == "DEADLINE_EXCEEDED" and seen["deadline"]["answered"] == 1
+    assert seen["deadline"]["elapsed_ms"] >= 1400
+    assert seen["cancelled"] == {"code": "CANCELLED", "received": 1}
+    ids = seen["request_id"]
+    assert ids["returned"] == [ids["sent"]]
+    assert len(ids["generated"]) == 1 and re.fullmatch(r"[0-9a-f]{32}", ids["generated"][0])
+    assert ids["failed"] == {"code": "NOT_FOUND", "id": [ids["sent"]]}
+
+
+def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(up: Up) -> None:
+    gateway = running_gateway(up)
+    mesh_state = up.state
+    port = int(gateway.rsplit(":", 1)[1])
+    endpoints = up.endpoints()
+    try:
         output = up.output()
         assert "demo version 1" in output, output  # the first up trained the demo model
         assert (mesh_state / "certs" / "ca.pem").exists()
@@ -105,7 +216,7 @@ def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(
         up.kill()
 
     # A second up finds the dataset and model it left: no new dataset, no training.
-    again = Up(mesh_state, port, tmp_path / "up-2.log")
+    again = Up(mesh_state, port, up.log.parent / "up-2.log")
     try:
         again.wait_ready()
         output = again.output()

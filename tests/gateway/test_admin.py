@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from mesh.routing.discovery import StaticInstance
@@ -78,13 +79,14 @@ async def test_rejected_apply_keeps_the_running_config_and_is_shown() -> None:
     async with mesh(1) as m:
         stub = admin(m.admin_channel)
         version = (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version
-        bad = CANARY.replace("weight: 10", "weight: 20")
+        # Istio refuses only weights that sum to 0 (any other sum is relative).
+        bad = CANARY.replace("weight: 90", "weight: 0").replace("weight: 10", "weight: 0")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=bad))
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details() == (
-            "admin: VirtualService/inference: spec.http[1].route: destination weights must sum "
-            "to 100, got 90 + 20 = 110"
+            "admin: VirtualService/inference: spec.http[1].route: destination weights sum "
+            "to 0: no destination would get any traffic"
         )
         dump = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
         assert dump.version == version
@@ -163,6 +165,11 @@ async def test_reflection_lists_every_mesh_service_through_the_gateway() -> None
             yield reflection_pb2.ServerReflectionRequest(
                 file_containing_symbol="inference.GRPCInferenceService"
             )
+            # What grpcurl `describe` does next: fetch each import by its file name,
+            # which is the path under protos/ (the -I protos layout).
+            yield reflection_pb2.ServerReflectionRequest(
+                file_by_filename="inference/model_config.proto"
+            )
 
         responses = [r async for r in call(requests())]
         names = {s.name for s in responses[0].list_services_response.service}
@@ -172,7 +179,16 @@ async def test_reflection_lists_every_mesh_service_through_the_gateway() -> None
             "meshserve.training.v1.TrainingService",
             "meshserve.mesh.v1.Admin",
         } <= names
-        assert responses[1].file_descriptor_response.file_descriptor_proto
+        service_file = descriptor_pb2.FileDescriptorProto.FromString(
+            responses[1].file_descriptor_response.file_descriptor_proto[0]
+        )
+        assert service_file.name == "inference/grpc_service.proto"
+        assert list(service_file.dependency) == ["inference/model_config.proto"]
+        imported = descriptor_pb2.FileDescriptorProto.FromString(
+            responses[2].file_descriptor_response.file_descriptor_proto[0]
+        )
+        assert imported.name == "inference/model_config.proto"
+        assert "ModelConfig" in {m.name for m in imported.message_type}
 
 
 MIRROR_AND_HEADERS = (

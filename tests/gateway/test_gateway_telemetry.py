@@ -50,9 +50,16 @@ async def test_retries_ring_changes_and_span_parenting() -> None:
         async with grpc.aio.insecure_channel(serving.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             # Some model lands on the failing worker first and is retried on the other.
+            returned = []
             for i in range(20):
-                reply = await stub.ModelInfer(pb.ModelInferRequest(model_name=f"m{i}"), timeout=10)
+                # The first call brings its own id; the gateway makes the others'.
+                sent = (("x-request-id", "client-chosen-id"),) if i == 0 else ()
+                call = stub.ModelInfer(
+                    pb.ModelInferRequest(model_name=f"m{i}"), timeout=10, metadata=sent
+                )
+                reply = await call
                 assert reply.id == "ok"
+                returned.append(dict(await call.initial_metadata())["x-request-id"])
     assert failing.seen, "no request was tried on the failing worker first"
     assert telemetry.spans is not None
     gateway_spans = list(telemetry.spans.get_finished_spans())
@@ -61,6 +68,11 @@ async def test_retries_ring_changes_and_span_parenting() -> None:
     span_ids = {f"{s.context.span_id:016x}" for s in gateway_spans if s.context is not None}
     parents = {m["traceparent"].split("-")[2] for m in failing.seen + healthy.seen}
     assert parents <= span_ids and parents
+    # The id the gateway returned names the call's span, and reached the worker.
+    assert returned[0] == "client-chosen-id" and len(set(returned)) == 20
+    spans_by_id = {dict(s.attributes or {}).get("meshserve.request_id") for s in gateway_spans}
+    assert spans_by_id == set(returned)
+    assert {m["x-request-id"] for m in healthy.seen} <= set(returned)
     retried = [s for s in gateway_spans if dict(s.attributes or {}).get("meshserve.retry_count")]
     assert len(retried) == len(failing.seen)
     assert telemetry.metric_reader is not None

@@ -5,6 +5,7 @@ limits that make one client's abuse cost that client (raw HTTP/2 clients, real w
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -349,6 +350,8 @@ async def test_per_source_limits_hold_while_another_client_keeps_its_throughput(
             _, trailers = await b.until_end(1)
             assert _status(trailers) == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
             assert trailers is not None and b"127.0.0.2 has 8 streams open" in trailers
+            # Answered by the relay before any exchange, yet with the call's id.
+            assert re.search(rb"^x-request-id: [0-9a-f]{32}$", trailers, flags=re.MULTILINE)
             # A third connection from the same address is refused outright.
             async with connect_raw(e.serving.address, source=ABUSER) as c:
                 assert await _eof_or_goaway(c) == (

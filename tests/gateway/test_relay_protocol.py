@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -133,6 +134,7 @@ async def test_an_oversized_header_list_fails_its_stream_not_the_connection() ->
         client.message(3, b"abc", end=True)
         _, first = await client.until_end(1)
         assert first is not None and b"grpc-status: 8\n" in first  # RESOURCE_EXHAUSTED
+        assert re.search(rb"^x-request-id: [0-9a-f]{32}$", first, flags=re.MULTILINE)
         data, trailers = await client.until_end(3)
         assert trailers is not None and b"grpc-status: 0\n" in trailers
         assert data.endswith(b"cba")

@@ -3,11 +3,13 @@ http2MaxRequests admission, retry eligibility."""
 
 from __future__ import annotations
 
+import random
+
 import grpc
 import pytest
 
 from mesh.config.destination_rule import UNLIMITED
-from mesh.config.virtual_service import RetryPolicy
+from mesh.config.retries import RetryPolicy
 from mesh.routing import callpolicy as policy
 
 U = grpc.StatusCode.UNAVAILABLE
@@ -134,37 +136,62 @@ NONE = RetryPolicy(attempts=0)
 
 
 @pytest.mark.parametrize(
-    ("retries", "attempt", "candidates", "idempotent", "code", "connection", "retry"),
+    ("retries", "attempt", "idempotent", "code", "connection", "retry"),
     [
-        (DEFAULT, 0, 3, True, U, False, True),
-        (DEFAULT, 0, 3, False, U, False, False),  # not idempotent: the upstream ran it
-        (DEFAULT, 0, 3, False, U, True, True),  # it never saw the call
-        (DEFAULT, 1, 3, True, U, False, True),
-        (DEFAULT, 2, 3, True, U, False, False),  # attempts spent
-        (DEFAULT, 0, 1, True, U, False, False),  # no other endpoint
-        (DEFAULT, 0, 3, True, grpc.StatusCode.INTERNAL, False, False),
-        (CODES_ONLY, 0, 3, False, U, True, False),  # retryOn has no connection token
-        (CODES_ONLY, 2, 4, True, U, False, True),
-        (NONE, 0, 3, True, U, True, False),
+        (DEFAULT, 0, True, U, False, True),
+        (DEFAULT, 0, False, U, False, False),  # not idempotent: the upstream ran it
+        (DEFAULT, 0, False, U, True, True),  # it never saw the call
+        (DEFAULT, 1, True, U, False, True),
+        (DEFAULT, 2, True, U, False, False),  # attempts spent
+        (DEFAULT, 0, True, grpc.StatusCode.INTERNAL, False, False),
+        (CODES_ONLY, 0, False, U, True, False),  # retryOn has no connection token
+        (CODES_ONLY, 2, True, U, False, True),
+        (NONE, 0, True, U, True, False),
     ],
 )
 def test_may_retry(
     retries: RetryPolicy,
     attempt: int,
-    candidates: int,
     idempotent: bool,
     code: grpc.StatusCode,
     connection: bool,
     retry: bool,
 ) -> None:
+    """Istio's budget is attempts alone: with one endpoint a retry reuses it (Envoy's
+    previous-hosts predicate avoids tried hosts only while another is left)."""
     assert (
         policy.may_retry(
             retries,
             attempt=attempt,
-            candidates=candidates,
             idempotent=idempotent,
             code=code,
             connection_failure=connection,
         )
         is retry
     )
+
+
+def test_a_call_keeps_the_callers_request_id_or_gets_a_new_one() -> None:
+    made = iter(["new-1"])
+    assert policy.request_id([*HEADERS, (b"x-request-id", b"mine")], lambda: "unused") == "mine"
+    assert policy.request_id(HEADERS, lambda: next(made)) == "new-1"
+
+
+def test_a_response_block_carries_the_calls_id_in_place_of_any_other() -> None:
+    block = [(b":status", b"200"), (b"x-request-id", b"upstream's"), (b"x-worker", b"w0")]
+    assert policy.with_request_id(block, "r-1") == [
+        (b":status", b"200"),
+        (b"x-worker", b"w0"),
+        (b"x-request-id", b"r-1"),
+    ]
+    trailers_only = [(b":status", b"200"), (b"grpc-status", b"14")]
+    assert policy.with_request_id(trailers_only, "r-2")[-1] == (b"x-request-id", b"r-2")
+
+
+@pytest.mark.parametrize(("retry", "ceiling"), [(1, 0.025), (2, 0.075), (3, 0.175), (4, 0.25)])
+def test_retry_backoff_is_envoys_jittered_exponential(retry: int, ceiling: float) -> None:
+    rng = random.Random(7)
+    waits = [policy.retry_backoff(retry, rng) for _ in range(2000)]
+    assert all(0.0 <= w < ceiling for w in waits)
+    # Fully jittered: spread over the whole interval, not bunched at its top.
+    assert min(waits) < ceiling * 0.05 and max(waits) > ceiling * 0.95

@@ -12,9 +12,10 @@ from mesh.config.destination_rule import DestinationRule, Extensions
 from mesh.config.fields import ConfigError, parse_duration
 from mesh.config.hosts import normalise_host
 from mesh.config.loader import load_path, parse_yaml
+from mesh.config.retries import DEFAULT_RETRY_ON
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.snapshot import config_from_path, config_from_yaml
-from mesh.config.virtual_service import DEFAULT_RETRY_ON, VirtualService
+from mesh.config.virtual_service import VirtualService
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +96,7 @@ def test_virtual_service_full_rule_parses() -> None:
               headers:
                 request: {set: {x-a: "1"}, add: {x-b: "2"}, remove: [x-c]}
               route:
-                - destination: {host: inference, port: {number: 8001}}
+                - destination: {host: inference}
                   weight: 75
                 - destination: {host: inference.meshserve}
                   weight: 25
@@ -121,7 +122,6 @@ def test_virtual_service_full_rule_parses() -> None:
     assert rule.headers.request.set == (("x-a", "1"),)
     assert rule.headers.request.remove == ("x-c",)
     assert [d.destination.host for d in rule.route] == ["inference", "inference"]
-    assert rule.route[0].destination.port == 8001
 
 
 def test_destination_rule_defaults_follow_istio() -> None:
@@ -239,23 +239,22 @@ ERRORS: list[tuple[str, str]] = [
                 weight: 90
             - route:
               - destination: {host: inference}
-                weight: 150
+                weight: -5
             """
         ),
         "config/test.yaml: VirtualService/inference: spec.http[1].route[0].weight: "
-        "must be an integer in [0, 100], got 150",
+        "must be an integer in [0, 2147483647], got -5",
     ),
     (
         vs_yaml(
             """
             - route:
               - destination: {host: inference}
-                weight: 80
+                weight: 0
               - destination: {host: inference}
-                weight: 10
             """
         ),
-        "spec.http[0].route: destination weights must sum to 100, got 80 + 10 = 90",
+        "spec.http[0].route: destination weights sum to 0",
     ),
     (vs_yaml(ROUTE.replace("route:", "rout:")), "spec.http[0].rout: unknown field"),
     (
@@ -268,12 +267,12 @@ ERRORS: list[tuple[str, str]] = [
     ),
     (vs_yaml(ROUTE + "\n  timeout: 5 seconds"), "spec.http[0].timeout: must be a duration such as"),
     (
-        vs_yaml(ROUTE + "\n  retries: {retryOn: 'unavailable,teapot'}"),
+        vs_yaml(ROUTE + "\n  retries: {attempts: 1, retryOn: 'unavailable,teapot'}"),
         "spec.http[0].retries.retryOn: unknown retry condition 'teapot'",
     ),
     (
         vs_yaml(ROUTE + "\n  retries: {attempts: -1}"),
-        "spec.http[0].retries.attempts: must be an integer in [0, 100], got -1",
+        "spec.http[0].retries.attempts: must be an integer in [0, 2147483647], got -1",
     ),
     (
         vs_yaml(ROUTE + "\n  fault: {abort: {grpcStatus: BROKEN}}"),
@@ -298,7 +297,7 @@ ERRORS: list[tuple[str, str]] = [
         vs_yaml(
             "- match: [{uri: {regex: '(unclosed'}}]\n  route:\n  - destination: {host: inference}"
         ),
-        "spec.http[0].match[0].uri.regex: is not a valid regular expression",
+        "spec.http[0].match[0].uri.regex: not an RE2 regular expression",
     ),
     (
         vs_yaml(
@@ -317,7 +316,7 @@ ERRORS: list[tuple[str, str]] = [
     ),
     (
         dr_yaml("host: inference\ntrafficPolicy:\n  loadBalancer: {simple: FASTEST}"),
-        "config/test.yaml: DestinationRule/inference: spec.trafficPolicy.loadBalancer.simple: must be one of ROUND_ROBIN",
+        "config/test.yaml: DestinationRule/inference: spec.trafficPolicy.loadBalancer.simple: must be one of UNSPECIFIED, ROUND_ROBIN",
     ),
     (
         dr_yaml(
@@ -375,6 +374,11 @@ ERRORS: list[tuple[str, str]] = [
     ),
     (
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n",
+        "config/test.yaml: document 1: kind: Gateway is an Istio kind that meshserve does not "
+        "support",
+    ),
+    (
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: g}\nspec: {}\n",
         "config/test.yaml: document 1: kind: must be one of VirtualService",
     ),
     (
@@ -392,7 +396,7 @@ ERRORS: list[tuple[str, str]] = [
     ),
     (
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: CUSTOM}\n",
-        "AuthorizationPolicy/a: spec.provider: is required with action CUSTOM",
+        "AuthorizationPolicy/a: spec.action: CUSTOM is an Istio action that meshserve does not support",
     ),
     (
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{from: [{source: {ipBlocks: [not-an-ip]}}]}]}\n",

@@ -43,7 +43,8 @@ def fail(
         (grpc.StatusCode.INVALID_ARGUMENT, False),
         (grpc.StatusCode.NOT_FOUND, False),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, False),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, False),
+        # Envoy's gRPC→HTTP mapping makes it a 504: a 5xx.
+        (grpc.StatusCode.DEADLINE_EXCEEDED, True),
     ],
 )
 def test_which_statuses_count_as_5xx(code: grpc.StatusCode, ejects: bool) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mesh.balance.endpoints import Endpoint
 from mesh.balance.load import LoadTracker
-from mesh.balance.ring import HashRing, RingPolicy, capacity, choose
+from mesh.balance.ring import HashRing, RingPolicy, capacity, choose, envoy_points
 
 VNODES = 160  # smaller than the 1024 default to keep examples fast; same code path
 KEYS = [f"model-{i}/{i % 7}" for i in range(2000)]
@@ -38,9 +38,9 @@ def test_same_key_same_endpoint_across_rebuilds(n: int, key: str) -> None:
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(2, 9))
 def test_adding_an_endpoint_moves_about_one_over_n_plus_one_all_to_it(n: int) -> None:
-    before = HashRing(endpoints(n), vnodes=VNODES)
+    before = HashRing(endpoints(n), vnodes=VNODES, per_endpoint=True)
     newcomer = endpoints(1, start=n)[0]
-    after = HashRing([*endpoints(n), newcomer], vnodes=VNODES)
+    after = HashRing([*endpoints(n), newcomer], vnodes=VNODES, per_endpoint=True)
     moved = [k for k in KEYS if before.primary(k) != after.primary(k)]
     assert all(after.primary(k) == newcomer for k in moved)
     expected = 1 / (n + 1)
@@ -53,8 +53,8 @@ def test_adding_an_endpoint_moves_about_one_over_n_plus_one_all_to_it(n: int) ->
 def test_removing_an_endpoint_moves_only_its_keys(n: int, gone: int) -> None:
     members = endpoints(n)
     leaving = members[gone % n]
-    before = HashRing(members, vnodes=VNODES)
-    after = HashRing([e for e in members if e != leaving], vnodes=VNODES)
+    before = HashRing(members, vnodes=VNODES, per_endpoint=True)
+    after = HashRing([e for e in members if e != leaving], vnodes=VNODES, per_endpoint=True)
     for key in KEYS[:500]:
         if before.primary(key) != leaving:
             assert after.primary(key) == before.primary(key)
@@ -71,7 +71,7 @@ def test_successors_are_distinct_and_start_at_the_owner(n: int, key: str) -> Non
 
 def test_shares_sum_to_one_and_weights_scale_them() -> None:
     heavy = Endpoint("10.0.0.9:8001", weight=3)
-    ring = HashRing([*endpoints(3), heavy], vnodes=VNODES)
+    ring = HashRing([*endpoints(3), heavy], vnodes=VNODES, per_endpoint=True)
     shares = ring.shares()
     assert sum(shares.values()) == pytest.approx(1.0)
     assert ring.points()[heavy.address] == 3 * VNODES
@@ -87,6 +87,50 @@ def test_empty_ring() -> None:
 
 def test_minimum_ring_size_is_met_by_one_endpoint() -> None:
     assert sum(HashRing(endpoints(1), vnodes=1024).points().values()) == 1024
+    assert sum(HashRing(endpoints(1), vnodes=1024, per_endpoint=True).points().values()) == 1024
+
+
+@pytest.mark.parametrize(
+    ("weights", "size", "points"),
+    [
+        ([1, 1, 1, 1], 1024, [256, 256, 256, 256]),
+        # Envoy scales the ring so the lightest endpoint gets its share in whole points:
+        # ceil(1024 / 3) * 3 = 1026.
+        ([1, 1, 1], 1024, [342, 342, 342]),
+        ([1, 3], 1024, [256, 768]),
+        ([1, 1], 1, [1, 1]),
+    ],
+)
+def test_minimum_ring_size_is_the_whole_ring_as_in_envoy(
+    weights: list[int], size: int, points: list[int]
+) -> None:
+    members = [Endpoint(f"10.0.1.{i}:8001", weight=w) for i, w in enumerate(weights)]
+    ring = HashRing(members, vnodes=size)
+    assert [ring.points()[e.address] for e in members] == points
+    assert envoy_points(weights, size) == points
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 8), key=key_strategy)
+def test_rehashed_retry_order_is_distinct_and_starts_at_the_owner(n: int, key: str) -> None:
+    """Envoy's retries on a ring (Istio's previous-hosts predicate, 5 host selections):
+    the owner, then owners of the mutated hash, never one twice."""
+    ring = HashRing(endpoints(n), vnodes=VNODES)
+    order = ring.order(key, successors=False)
+    assert order[0] == ring.primary(key)
+    assert len(set(order)) == len(order) <= min(n, 6)
+    assert choose(ring, key, LoadTracker(), RingPolicy(bounded_load=None)).candidates == order
+
+
+def test_rehashed_retries_usually_leave_the_successor() -> None:
+    """Which endpoint a retry reaches differs by mode: Envoy's rehash lands anywhere,
+    meshserve's successor order always on the next clockwise."""
+    ring = HashRing(endpoints(6), vnodes=VNODES)
+    differ = sum(
+        ring.order(k, successors=False)[1:2] != ring.order(k, successors=True)[1:2]
+        for k in KEYS[:300]
+    )
+    assert differ > 100
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -99,9 +143,11 @@ def test_bounded_loads_keep_every_endpoint_within_the_factor(
     n: int, factor: float, keys: list[int]
 ) -> None:
     """Placing requests one by one (none finishing), no endpoint exceeds ⌈c·(m+1)/n⌉."""
-    ring = HashRing(endpoints(n), vnodes=VNODES)
+    ring = HashRing(endpoints(n), vnodes=VNODES, per_endpoint=True)
     tracker = LoadTracker()
-    policy = RingPolicy(bounded_load=factor, cold_spill=1.0)  # classic bounded loads
+    policy = RingPolicy(
+        bounded_load=factor, cold_spill=1.0, successors=True
+    )  # classic bounded loads
     for placed, key in enumerate(keys):
         chosen = choose(ring, f"v{key}", tracker, policy).candidates[0]
         assert tracker.in_flight(chosen.address) < capacity(factor, placed, 1, n)
@@ -111,10 +157,10 @@ def test_bounded_loads_keep_every_endpoint_within_the_factor(
 
 
 def test_without_bounded_loads_a_hot_key_piles_on_one_endpoint() -> None:
-    ring = HashRing(endpoints(4), vnodes=VNODES)
+    ring = HashRing(endpoints(4), vnodes=VNODES, per_endpoint=True)
     for policy, most in (
-        (RingPolicy(bounded_load=None), 100),
-        (RingPolicy(bounded_load=1.25, cold_spill=1.0), 32),
+        (RingPolicy(bounded_load=None, successors=True), 100),
+        (RingPolicy(bounded_load=1.25, cold_spill=1.0, successors=True), 32),
     ):
         tracker = LoadTracker()
         for _ in range(100):
@@ -123,12 +169,14 @@ def test_without_bounded_loads_a_hot_key_piles_on_one_endpoint() -> None:
 
 
 def test_bounded_load_walks_clockwise_past_full_endpoints() -> None:
-    ring = HashRing(endpoints(3), vnodes=VNODES)
+    ring = HashRing(endpoints(3), vnodes=VNODES, per_endpoint=True)
     order = list(ring.successors("k"))
     tracker = LoadTracker()
     for _ in range(5):
         tracker.start(order[0].address)  # owner full: cap = ceil(1.25 * 6 / 3) = 3
-    choice = choose(ring, "k", tracker, RingPolicy(bounded_load=1.25, cold_spill=1.0))
+    choice = choose(
+        ring, "k", tracker, RingPolicy(bounded_load=1.25, cold_spill=1.0, successors=True)
+    )
     assert choice.candidates[0] == order[1]
     # The owner stays a retry candidate, right after the chosen one.
     assert choice.candidates[1] == order[0]
@@ -144,9 +192,9 @@ def test_bounded_load_walks_clockwise_past_full_endpoints() -> None:
 def test_cold_spill_bounds_every_endpoint_at_its_multiple_of_capacity(
     n: int, spill: float, keys: list[int]
 ) -> None:
-    ring = HashRing(endpoints(n), vnodes=VNODES)
+    ring = HashRing(endpoints(n), vnodes=VNODES, per_endpoint=True)
     tracker = LoadTracker()
-    policy = RingPolicy(bounded_load=1.25, cold_spill=spill)
+    policy = RingPolicy(bounded_load=1.25, cold_spill=spill, successors=True)
     for placed, key in enumerate(keys):
         chosen = choose(ring, f"v{key}", tracker, policy).candidates[0]
         assert tracker.in_flight(chosen.address) < math.ceil(spill * capacity(1.25, placed, 1, n))
@@ -154,9 +202,9 @@ def test_cold_spill_bounds_every_endpoint_at_its_multiple_of_capacity(
 
 
 def test_a_full_owner_spills_to_a_warm_successor_first_and_keeps_cold_keys_a_while() -> None:
-    ring = HashRing(endpoints(4), vnodes=VNODES)
+    ring = HashRing(endpoints(4), vnodes=VNODES, per_endpoint=True)
     owner, second, third, _ = ring.successors("k")
-    policy = RingPolicy(bounded_load=1.0, cold_spill=2.0)
+    policy = RingPolicy(bounded_load=1.0, cold_spill=2.0, successors=True)
     tracker = LoadTracker()
     for _ in range(2):
         tracker.start(owner.address)  # owner at cap = ceil(1.0 * 3 / 4) = 1 (and beyond)
@@ -170,7 +218,7 @@ def test_a_full_owner_spills_to_a_warm_successor_first_and_keeps_cold_keys_a_whi
     assert choose(ring, "k", tracker, policy).candidates[0] == third
 
 
-HOT = RingPolicy(bounded_load=None, hot_key_replicas=2, hot_key_threshold=2)
+HOT = RingPolicy(bounded_load=None, hot_key_replicas=2, hot_key_threshold=2, successors=True)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +234,7 @@ HOT = RingPolicy(bounded_load=None, hot_key_replicas=2, hot_key_threshold=2)
 def test_hot_keys_spread_over_two_successors(
     key_in_flight: int, owner_load: int, second_load: int, expect_second: bool
 ) -> None:
-    ring = HashRing(endpoints(4), vnodes=VNODES)
+    ring = HashRing(endpoints(4), vnodes=VNODES, per_endpoint=True)
     owner, second, *_ = ring.successors("hot")
     tracker = LoadTracker()
     for _ in range(key_in_flight):
@@ -200,10 +248,14 @@ def test_hot_keys_spread_over_two_successors(
 
 
 def test_retry_order_is_clockwise_and_skips_excluded() -> None:
-    ring = HashRing(endpoints(5), vnodes=VNODES)
+    ring = HashRing(endpoints(5), vnodes=VNODES, per_endpoint=True)
     order = list(ring.successors("k"))
     choice = choose(
-        ring, "k", LoadTracker(), RingPolicy(), excluded={order[0].address, order[2].address}
+        ring,
+        "k",
+        LoadTracker(),
+        RingPolicy(successors=True),
+        excluded={order[0].address, order[2].address},
     )
     assert list(choice.candidates) == [order[1], order[3], order[4]]
 

@@ -20,6 +20,8 @@ from mesh.errors import MeshError, NotFound, Unavailable
 from protos.inference import model_config_pb2 as mc
 from workers.inference.batcher import BatchPolicy, DynamicBatcher
 from workers.inference.cache import ModelCache
+from workers.inference.causes import load_failure
+from workers.inference.fingerprint import Fingerprint, recheck, take
 from workers.inference.model import LoadedModel, Signature, load_model
 from workers.inference.stats import Statistics
 from workers.inference.versions import allowed_versions, choose_version
@@ -36,6 +38,8 @@ class Served:
 
     model: LoadedModel
     batcher: DynamicBatcher
+    #: The model file as it was just before it loaded (None: unreadable then).
+    fingerprint: Fingerprint | None = None
 
 
 @dataclass
@@ -56,17 +60,16 @@ class ModelState:
     unloaded: bool = False
     #: A changed config whose versions failed to load; not retried until it changes again.
     rejected: mc.ModelConfig | None = None
+    #: The config RepositoryModelLoad was given (Triton's ``config`` parameter): it
+    #: stands in for config.pbtxt until a load without one.
+    override: mc.ModelConfig | None = None
+    #: Versions whose model file was replaced with content that failed to load: the
+    #: digest not retried until the file changes again, and why it failed.
+    rejected_files: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def servable(self) -> set[int]:
         return set(self.allowed) | self.retiring
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, MeshError | RepositoryError):
-        return str(exc)
-    # Torch's load errors carry paths and internals: the kind is enough for clients.
-    return f"load failed: {type(exc).__name__}"
 
 
 class ModelRepository:
@@ -132,18 +135,28 @@ class ModelRepository:
                 state = self._models.setdefault(name, ModelState(name))
                 if not state.unloaded:
                     await self._sync(state)
+                    await self._reload_changed_files(state)
 
     async def _sync(self, state: ModelState, *, reload: bool = False) -> None:
         try:
-            config = await asyncio.to_thread(self.repo.read_config, state.name)
+            if state.override is not None:
+                config = mc.ModelConfig()
+                config.CopyFrom(state.override)
+            else:
+                config = await asyncio.to_thread(self.repo.read_config, state.name)
             config.name = state.name
             signature = Signature.from_config(config)
             policy = BatchPolicy.from_config(config)
             on_disk = await asyncio.to_thread(self.repo.list_versions, state.name)
         except (RepositoryError, MeshError, OSError) as exc:
             # Last known good: a broken config keeps the versions already serving.
-            state.error = _reason(exc)
+            state.error = load_failure(exc)
             log.warning("model %s: %s", state.name, state.error)
+            return
+        if reload and state.ready and state.config is not None:
+            # Triton's reload: the loaded versions serve until the reloaded ones are
+            # warm, and stay if the reload fails.
+            await self._swap_config(state, config, signature, policy, on_disk)
             return
         if reload:
             self._drop(state)
@@ -193,7 +206,7 @@ class ModelRepository:
             try:
                 loaded[version] = await self._build(config, version, batch_policy)
             except Exception as exc:
-                failed[version] = _reason(exc)
+                failed[version] = load_failure(exc)
                 log.warning("model %s version %s failed to load", state.name, version, exc_info=exc)
         newest = max(allowed, default=None)
         if newest is not None and newest not in loaded:
@@ -207,6 +220,7 @@ class ModelRepository:
         for version, served in loaded.items():
             self.cache.put((state.name, version), served)
             self._loaded(state.name, served.model)
+        state.rejected_files.clear()
         state.config, state.signature, state.policy, state.error = (
             config,
             signature,
@@ -216,10 +230,48 @@ class ModelRepository:
         state.allowed, state.retiring, state.rejected = allowed, set(), None
         state.ready, state.failed = set(loaded), failed
 
+    async def _reload_changed_files(self, state: ModelState) -> None:
+        """Reloads each loaded version whose model file changed (load before unload).
+
+        The old load serves until the new one is warm; if the new content fails to
+        load, the old one keeps serving and the index says why, until the file
+        changes again.
+        """
+        if state.config is None:
+            return
+        config = state.config
+        for version in sorted(state.ready):
+            key = (state.name, version)
+            served = self.cache.peek(key)
+            if served is None or served.fingerprint is None:
+                continue  # not in memory: its next load reads the file as it is then
+            now = await asyncio.to_thread(recheck, self.repo, config, version, served.fingerprint)
+            if now is None or now.digest == served.fingerprint.digest:
+                if now is not None:
+                    served.fingerprint = now  # same bytes, new stamp: do not hash again
+                continue
+            rejected = state.rejected_files.get(version)
+            if rejected is not None and rejected[0] == now.digest:
+                continue
+            log.info("model %s version %s: model file changed; reloading it", state.name, version)
+            try:
+                fresh = await self._build(config, version, state.policy)
+            except Exception as exc:
+                reason = f"changed model file not loaded, previous one serving: {load_failure(exc)}"
+                state.rejected_files[version] = (now.digest, reason)
+                log.warning("model %s version %s: %s", state.name, version, reason, exc_info=exc)
+                continue
+            if self.cache.peek(key) is not served or state.config is not config:
+                continue  # unloaded, evicted or reconfigured meanwhile: that wins
+            self.cache.put(key, fresh)
+            self._loaded(state.name, fresh.model)
+            state.rejected_files.pop(version, None)
+
     def _drop(self, state: ModelState) -> None:
         for version in state.servable | state.ready | set(state.failed):
             self.cache.evict((state.name, version))
         state.allowed, state.retiring, state.ready, state.failed = [], set(), set(), {}
+        state.rejected_files.clear()
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -231,23 +283,27 @@ class ModelRepository:
         try:
             served = await self._build(state.config, version, state.policy)
         except Exception as exc:
-            state.failed[version] = _reason(exc)
+            state.failed[version] = load_failure(exc)
             state.ready.discard(version)
             log.warning("model %s version %s failed to load", name, version, exc_info=exc)
             raise Unavailable(
                 f"model {name!r} version {version} failed to load: {state.failed[version]}"
             ) from None
         state.failed.pop(version, None)
+        state.rejected_files.pop(version, None)
         state.ready.add(version)
         self._loaded(name, served.model)
         return served
 
     async def _build(self, config: mc.ModelConfig, version: int, policy: BatchPolicy) -> Served:
         """Loads and warms one version off the event loop, with its batcher."""
+        # Taken before the load reads the file: a replacement during the load then
+        # shows as a change on the next poll rather than going unnoticed.
+        fingerprint = await asyncio.to_thread(take, self.repo, config, version)
         model = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._loader, self.repo, config, version, self.device
         )
-        return Served(model, DynamicBatcher(model, policy, self.stats, self._executor))
+        return Served(model, DynamicBatcher(model, policy, self.stats, self._executor), fingerprint)
 
     def _loaded(self, name: str, model: LoadedModel) -> None:
         kind = "GPU" if self.device.type == "cuda" else "CPU"
@@ -316,16 +372,32 @@ class ModelRepository:
 
     # -- explicit control --------------------------------------------------------------------
 
-    async def load(self, name: str) -> None:
-        """(Re)loads ``name`` from the repository: re-reads its config and versions."""
+    async def load(self, name: str, config: mc.ModelConfig | None = None) -> None:
+        """(Re)loads ``name``: re-reads its versions, and its config unless ``config`` is given.
+
+        ``config`` (Triton's load-time override) serves instead of config.pbtxt until
+        a load without one. A loaded model serves until its reload is warm and keeps
+        serving if the reload fails (the error says why).
+        """
         async with self._lock:
             exists = await asyncio.to_thread(self.repo.list_models)
             if name not in exists:
                 raise NotFound(f"model {name!r} is not in the repository")
+            if config is not None:
+                # A config that cannot describe a model is the caller's error, not a load's.
+                Signature.from_config(config)
             state = self._models.setdefault(name, ModelState(name))
+            previous = state.override
             state.unloaded = False
+            state.override = config
+            # An explicit load retries what polling would not (a rejected config or file).
+            state.rejected = None
             await self._sync(state, reload=True)
             if state.error:
+                if state.ready:
+                    # The loaded versions keep serving under the config they loaded with;
+                    # polling must not retry the refused one behind the caller's back.
+                    state.override, state.rejected = previous, None
                 raise Unavailable(f"model {name!r} cannot load: {state.error}")
             failed = [f"version {v}: {r}" for v, r in sorted(state.failed.items())]
             if failed and not state.ready:
@@ -355,9 +427,10 @@ class ModelRepository:
                 elif self.cache.is_loading(key):
                     row = (name, str(version), "LOADING", "")
                 elif version in state.ready:
-                    # A loaded version may still carry a model-level note (a rejected config).
+                    # A loaded version may still carry a note: a rejected config or file.
+                    notes = [state.error, state.rejected_files.get(version, ("", ""))[1]]
                     reason = (
-                        state.error
+                        "; ".join(n for n in notes if n)
                         if self.cache.is_loaded(key)
                         else "evicted from the cache; reloads on demand"
                     )

@@ -94,6 +94,8 @@ async def run_worker(
         servicer.ready = False
         await serving.drain(grace=0)
         await repository.stop()
+        # Unmaps every region and closes its descriptor; the objects stay the clients'.
+        worker.shared_memory.close()
         executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -12,10 +12,11 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from mesh.errors import InvalidArgument, MeshError, NotFound
+from mesh.errors import InvalidArgument, MeshError, NotFound, Unimplemented
 from mesh.server.app import Service
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from workers.inference.load_parameters import config_override
 from workers.inference.versions import VERSION_HEADER, parse_version
 from workers.inference.worker import InferenceWorker
 
@@ -24,7 +25,19 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "meshserve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
+EXTENSIONS = (
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "schedule_policy",
+    "system_shared_memory",
+)
+#: Why CudaSharedMemory* answer UNIMPLEMENTED: what a CUDA region would need.
+CUDA_SHARED_MEMORY_MISSING = (
+    "CUDA shared memory is not supported: the worker does not open CUDA IPC handles "
+    "(cudaIpcOpenMemHandle), so it cannot map a client's device memory; use system shared "
+    "memory (SystemSharedMemoryRegister) or send tensors in the request"
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -192,12 +205,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            # Triton's config/file overrides would bypass the repository's atomic
-            # publishing; versions reach a worker only through the repository.
-            names = ", ".join(sorted(request.parameters))
-            raise InvalidArgument(f"load parameters are not supported (got {names})")
-        await self.repository.load(request.model_name)
+        config = config_override(request.model_name, request.parameters)
+        await self.repository.load(request.model_name, config)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -205,6 +214,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.worker.shared_memory.status(request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name,
+                    key=region.key,
+                    offset=region.offset,
+                    byte_size=region.byte_size,
+                )
+            )
+        return response
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.worker.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.worker.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Context
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        raise Unimplemented(CUDA_SHARED_MEMORY_MISSING)
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise Unimplemented(CUDA_SHARED_MEMORY_MISSING)
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        raise Unimplemented(CUDA_SHARED_MEMORY_MISSING)
 
     def service(self) -> Service:
         return Service(SERVICE_NAME, self.register)

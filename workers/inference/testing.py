@@ -76,6 +76,19 @@ class Fragile(nn.Module):
         return x * 2
 
 
+class FailsWarmUp(nn.Module):
+    """FP32 x [B, 2] -> FP32 y [B, 2] (x + 1); raises on an all-zero input, i.e. the warm-up's.
+
+    Stands for a model that cannot load (its warm-up pass raises) but whose message
+    says why, as the issue's ``RuntimeError: stoll`` did.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool((x != 0).any()):
+            raise RuntimeError("stoll")
+        return x + 1
+
+
 class _TensorOp(nn.Module):
     """A TorchScript interface: any module mapping a tensor to a tensor."""
 

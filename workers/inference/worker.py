@@ -10,6 +10,7 @@ from mesh.errors import InvalidArgument, MeshError
 from protos.inference import grpc_service_pb2 as pb
 from workers.inference.model import ModelError
 from workers.inference.repository import ModelRepository
+from workers.inference.shared_memory import SharedMemoryRegistry
 from workers.inference.stats import Statistics
 from workers.inference.tensors import decode_inputs, encode_output
 
@@ -21,9 +22,15 @@ class InferenceError(MeshError):
 class InferenceWorker:
     """Runs ModelInfer requests against a :class:`ModelRepository` and keeps the books."""
 
-    def __init__(self, repository: ModelRepository, stats: Statistics) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        stats: Statistics,
+        shared_memory: SharedMemoryRegistry | None = None,
+    ) -> None:
         self.repository = repository
         self.stats = stats
+        self.shared_memory = shared_memory or SharedMemoryRegistry()
         self.in_flight = 0
 
     async def infer(
@@ -41,6 +48,10 @@ class InferenceWorker:
         version: int | None = None
         ok = False
         try:
+            # None unless the request names a shared-memory region (Triton's extension).
+            shared = self.shared_memory.plan(request)
+            if shared is not None:
+                request = shared.request
             served = await self.repository.acquire(
                 request.model_name, request.model_version, header_version, timeout
             )
@@ -59,7 +70,9 @@ class InferenceWorker:
             for name in wanted:
                 tensor, raw = encode_output(name, outputs[name])
                 response.outputs.append(tensor)
-                response.raw_output_contents.append(raw)
+                response.raw_output_contents.append(
+                    raw if shared is None else shared.place(name, raw)
+                )
             ok = True
             return response
         finally:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.proxy import hpack_codec
 from mesh.proxy.hpack_codec import (
     HeaderDecoder,
     HeaderEncoder,
@@ -60,6 +61,19 @@ def test_our_encoding_decodes_with_the_reference_and_with_ours(
         block = encoder.encode(headers)
         assert reference.decode(block, raw=True) == headers
         assert ours.decode(block) == headers
+
+
+def test_a_response_ending_with_its_request_id_reuses_the_cached_rest() -> None:
+    encoder, reference = HeaderEncoder(), hpack.Decoder()
+    encoder.encode([])  # the table-size update
+    base = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    encoder.encode(base)
+    cached = len(hpack_codec._short_blocks)
+    for call in range(50):
+        block = [*base, (b"x-request-id", f"{call:032x}".encode())]
+        assert reference.decode(encoder.encode(block), raw=True) == block
+    # A new id every call, yet no new cache entry: the cache keeps its other blocks.
+    assert len(hpack_codec._short_blocks) == cached
 
 
 def test_encoding_is_stateless_literals() -> None:

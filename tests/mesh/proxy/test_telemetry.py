@@ -15,7 +15,9 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 def upstream_traceparent(traces: str) -> str:
     telemetry = setup(TelemetrySettings(traces=traces))
     relay = RelayTelemetry(telemetry)
-    record = relay.start(INFER, [(b":path", INFER.encode()), (b"traceparent", CALLER.encode())])
+    record = relay.start(
+        INFER, [(b":path", INFER.encode()), (b"traceparent", CALLER.encode())], "r-1"
+    )
     headers: list[Header] = relay.attempt(record, "127.0.0.1:50051", 0)
     relay.finish(record, grpc.StatusCode.OK, None)
     telemetry.shutdown()

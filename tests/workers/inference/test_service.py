@@ -288,7 +288,7 @@ async def test_repository_index_unload_and_load(client: Client) -> None:
     code, details = await status_of(stub.RepositoryModelLoad(override))
     assert (code, details) == (
         grpc.StatusCode.INVALID_ARGUMENT,
-        "load parameters are not supported (got config)",
+        "model 'mlp': config must declare inputs and outputs",
     )
 
 

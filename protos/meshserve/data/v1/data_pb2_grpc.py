@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.meshserve.data.v1 import data_pb2 as protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2
+from protos.meshserve.data.v1 import data_pb2 as meshserve_dot_data_dot_v1_dot_data__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/meshserve/data/v1/data_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/data/v1/data_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,33 +37,33 @@ class DataServiceStub:
         """
         self.CreateDataset = channel.stream_unary(
                 '/meshserve.data.v1.DataService/CreateDataset',
-                request_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.CreateDatasetRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
+                request_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.CreateDatasetRequest.SerializeToString,
+                response_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
                 _registered_method=True)
         self.CreateBuiltinDataset = channel.unary_unary(
                 '/meshserve.data.v1.DataService/CreateBuiltinDataset',
-                request_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.CreateBuiltinDatasetRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
+                request_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.CreateBuiltinDatasetRequest.SerializeToString,
+                response_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
                 _registered_method=True)
         self.GetDataset = channel.unary_unary(
                 '/meshserve.data.v1.DataService/GetDataset',
-                request_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.GetDatasetRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
+                request_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/meshserve.data.v1.DataService/ListDatasets',
-                request_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsResponse.FromString,
+                request_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
         self.DeleteDataset = channel.unary_unary(
                 '/meshserve.data.v1.DataService/DeleteDataset',
-                request_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetResponse.FromString,
+                request_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
         self.StreamBatches = channel.unary_stream(
                 '/meshserve.data.v1.DataService/StreamBatches',
-                request_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.StreamBatchesRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Batch.FromString,
+                request_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.StreamBatchesRequest.SerializeToString,
+                response_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.Batch.FromString,
                 _registered_method=True)
 
 
@@ -120,33 +120,33 @@ def add_DataServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.CreateDataset,
-                    request_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.CreateDatasetRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.SerializeToString,
+                    request_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.CreateDatasetRequest.FromString,
+                    response_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.SerializeToString,
             ),
             'CreateBuiltinDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateBuiltinDataset,
-                    request_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.CreateBuiltinDatasetRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.SerializeToString,
+                    request_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.CreateBuiltinDatasetRequest.FromString,
+                    response_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.SerializeToString,
             ),
             'GetDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDataset,
-                    request_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.GetDatasetRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.SerializeToString,
+                    request_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.GetDatasetRequest.FromString,
+                    response_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
-                    request_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsResponse.SerializeToString,
             ),
             'DeleteDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDataset,
-                    request_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetResponse.SerializeToString,
             ),
             'StreamBatches': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamBatches,
-                    request_deserializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.StreamBatchesRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Batch.SerializeToString,
+                    request_deserializer=meshserve_dot_data_dot_v1_dot_data__pb2.StreamBatchesRequest.FromString,
+                    response_serializer=meshserve_dot_data_dot_v1_dot_data__pb2.Batch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,8 +175,8 @@ class DataService:
             request_iterator,
             target,
             '/meshserve.data.v1.DataService/CreateDataset',
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.CreateDatasetRequest.SerializeToString,
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.CreateDatasetRequest.SerializeToString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,
@@ -202,8 +202,8 @@ class DataService:
             request,
             target,
             '/meshserve.data.v1.DataService/CreateBuiltinDataset',
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.CreateBuiltinDatasetRequest.SerializeToString,
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.CreateBuiltinDatasetRequest.SerializeToString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,
@@ -229,8 +229,8 @@ class DataService:
             request,
             target,
             '/meshserve.data.v1.DataService/GetDataset',
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.GetDatasetRequest.SerializeToString,
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.GetDatasetRequest.SerializeToString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,
@@ -256,8 +256,8 @@ class DataService:
             request,
             target,
             '/meshserve.data.v1.DataService/ListDatasets',
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsRequest.SerializeToString,
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsResponse.FromString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsRequest.SerializeToString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -283,8 +283,8 @@ class DataService:
             request,
             target,
             '/meshserve.data.v1.DataService/DeleteDataset',
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetRequest.SerializeToString,
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetResponse.FromString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetRequest.SerializeToString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -310,8 +310,8 @@ class DataService:
             request,
             target,
             '/meshserve.data.v1.DataService/StreamBatches',
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.StreamBatchesRequest.SerializeToString,
-            protos_dot_meshserve_dot_data_dot_v1_dot_data__pb2.Batch.FromString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.StreamBatchesRequest.SerializeToString,
+            meshserve_dot_data_dot_v1_dot_data__pb2.Batch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.meshserve.mesh.v1 import admin_pb2 as protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2
+from protos.meshserve.mesh.v1 import admin_pb2 as meshserve_dot_mesh_dot_v1_dot_admin__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/meshserve/mesh/v1/admin_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/mesh/v1/admin_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,38 +37,38 @@ class AdminStub:
         """
         self.ListInstances = channel.unary_unary(
                 '/meshserve.mesh.v1.Admin/ListInstances',
-                request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
+                request_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
                 _registered_method=True)
         self.ListEndpoints = channel.unary_unary(
                 '/meshserve.mesh.v1.Admin/ListEndpoints',
-                request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsResponse.FromString,
+                request_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsResponse.FromString,
                 _registered_method=True)
         self.GetRing = channel.unary_unary(
                 '/meshserve.mesh.v1.Admin/GetRing',
-                request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.GetRingRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.Ring.FromString,
+                request_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.GetRingRequest.SerializeToString,
+                response_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.Ring.FromString,
                 _registered_method=True)
         self.ExplainRoute = channel.unary_unary(
                 '/meshserve.mesh.v1.Admin/ExplainRoute',
-                request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteResponse.FromString,
+                request_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteRequest.SerializeToString,
+                response_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteResponse.FromString,
                 _registered_method=True)
         self.DumpConfig = channel.unary_unary(
                 '/meshserve.mesh.v1.Admin/DumpConfig',
-                request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.DumpConfigRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ConfigDump.FromString,
+                request_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.DumpConfigRequest.SerializeToString,
+                response_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ConfigDump.FromString,
                 _registered_method=True)
         self.ApplyConfig = channel.unary_unary(
                 '/meshserve.mesh.v1.Admin/ApplyConfig',
-                request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.FromString,
+                request_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.SerializeToString,
+                response_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.FromString,
                 _registered_method=True)
         self.RollbackConfig = channel.unary_unary(
                 '/meshserve.mesh.v1.Admin/RollbackConfig',
-                request_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.FromString,
+                request_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.SerializeToString,
+                response_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.FromString,
                 _registered_method=True)
 
 
@@ -131,38 +131,38 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ListInstances': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInstances,
-                    request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesRequest.FromString,
+                    response_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesResponse.SerializeToString,
             ),
             'ListEndpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEndpoints,
-                    request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsRequest.FromString,
+                    response_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsResponse.SerializeToString,
             ),
             'GetRing': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRing,
-                    request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.GetRingRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.Ring.SerializeToString,
+                    request_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.GetRingRequest.FromString,
+                    response_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.Ring.SerializeToString,
             ),
             'ExplainRoute': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainRoute,
-                    request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteRequest.FromString,
+                    response_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteResponse.SerializeToString,
             ),
             'DumpConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.DumpConfig,
-                    request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.DumpConfigRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ConfigDump.SerializeToString,
+                    request_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.DumpConfigRequest.FromString,
+                    response_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ConfigDump.SerializeToString,
             ),
             'ApplyConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyConfig,
-                    request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.FromString,
+                    response_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.SerializeToString,
             ),
             'RollbackConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.RollbackConfig,
-                    request_deserializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.FromString,
+                    response_serializer=meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -191,8 +191,8 @@ class Admin:
             request,
             target,
             '/meshserve.mesh.v1.Admin/ListInstances',
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class Admin:
             request,
             target,
             '/meshserve.mesh.v1.Admin/ListEndpoints',
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsRequest.SerializeToString,
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsResponse.FromString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsRequest.SerializeToString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ListEndpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -245,8 +245,8 @@ class Admin:
             request,
             target,
             '/meshserve.mesh.v1.Admin/GetRing',
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.GetRingRequest.SerializeToString,
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.Ring.FromString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.GetRingRequest.SerializeToString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.Ring.FromString,
             options,
             channel_credentials,
             insecure,
@@ -272,8 +272,8 @@ class Admin:
             request,
             target,
             '/meshserve.mesh.v1.Admin/ExplainRoute',
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteRequest.SerializeToString,
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteResponse.FromString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteRequest.SerializeToString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ExplainRouteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -299,8 +299,8 @@ class Admin:
             request,
             target,
             '/meshserve.mesh.v1.Admin/DumpConfig',
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.DumpConfigRequest.SerializeToString,
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ConfigDump.FromString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.DumpConfigRequest.SerializeToString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ConfigDump.FromString,
             options,
             channel_credentials,
             insecure,
@@ -326,8 +326,8 @@ class Admin:
             request,
             target,
             '/meshserve.mesh.v1.Admin/ApplyConfig',
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.SerializeToString,
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.FromString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigRequest.SerializeToString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.ApplyConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -353,8 +353,8 @@ class Admin:
             request,
             target,
             '/meshserve.mesh.v1.Admin/RollbackConfig',
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.SerializeToString,
-            protos_dot_meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.FromString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigRequest.SerializeToString,
+            meshserve_dot_mesh_dot_v1_dot_admin__pb2.RollbackConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

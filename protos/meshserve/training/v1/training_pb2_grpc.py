@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.meshserve.training.v1 import training_pb2 as protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2
+from protos.meshserve.training.v1 import training_pb2 as meshserve_dot_training_dot_v1_dot_training__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/meshserve/training/v1/training_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/training/v1/training_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,33 +37,33 @@ class TrainingServiceStub:
         """
         self.SubmitJob = channel.unary_unary(
                 '/meshserve.training.v1.TrainingService/SubmitJob',
-                request_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.SubmitJobRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
+                request_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/meshserve.training.v1.TrainingService/GetJob',
-                request_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
+                request_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/meshserve.training.v1.TrainingService/ListJobs',
-                request_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsResponse.FromString,
+                request_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/meshserve.training.v1.TrainingService/CancelJob',
-                request_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
+                request_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/meshserve.training.v1.TrainingService/WatchJob',
-                request_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.JobEvent.FromString,
+                request_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.JobEvent.FromString,
                 _registered_method=True)
         self.Evaluate = channel.unary_unary(
                 '/meshserve.training.v1.TrainingService/Evaluate',
-                request_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateRequest.SerializeToString,
-                response_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateResponse.FromString,
+                request_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
 
 
@@ -118,33 +118,33 @@ def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitJob,
-                    request_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.SubmitJobRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.SerializeToString,
+                    request_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.SubmitJobRequest.FromString,
+                    response_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.Job.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
-                    request_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.GetJobRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.SerializeToString,
+                    request_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.GetJobRequest.FromString,
+                    response_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.Job.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsRequest.FromString,
+                    response_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
-                    request_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.CancelJobRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.SerializeToString,
+                    request_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.CancelJobRequest.FromString,
+                    response_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.Job.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
-                    request_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.JobEvent.SerializeToString,
+                    request_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
+                    response_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.JobEvent.SerializeToString,
             ),
             'Evaluate': grpc.unary_unary_rpc_method_handler(
                     servicer.Evaluate,
-                    request_deserializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateRequest.FromString,
-                    response_serializer=protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateRequest.FromString,
+                    response_serializer=meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,8 +173,8 @@ class TrainingService:
             request,
             target,
             '/meshserve.training.v1.TrainingService/SubmitJob',
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.SubmitJobRequest.SerializeToString,
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.SubmitJobRequest.SerializeToString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -200,8 +200,8 @@ class TrainingService:
             request,
             target,
             '/meshserve.training.v1.TrainingService/GetJob',
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.GetJobRequest.SerializeToString,
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.GetJobRequest.SerializeToString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -227,8 +227,8 @@ class TrainingService:
             request,
             target,
             '/meshserve.training.v1.TrainingService/ListJobs',
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsRequest.SerializeToString,
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsResponse.FromString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsRequest.SerializeToString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -254,8 +254,8 @@ class TrainingService:
             request,
             target,
             '/meshserve.training.v1.TrainingService/CancelJob',
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -281,8 +281,8 @@ class TrainingService:
             request,
             target,
             '/meshserve.training.v1.TrainingService/WatchJob',
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.JobEvent.FromString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -308,8 +308,8 @@ class TrainingService:
             request,
             target,
             '/meshserve.training.v1.TrainingService/Evaluate',
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateRequest.SerializeToString,
-            protos_dot_meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateResponse.FromString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateRequest.SerializeToString,
+            meshserve_dot_training_dot_v1_dot_training__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,
