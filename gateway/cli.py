@@ -122,11 +122,14 @@ def run(args: argparse.Namespace) -> int:
         # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
         guard = ClientGuard(AuthConfig.load(args.auth_config))
     tls_context = None
+    channel_credentials = None
     if args.certs is not None:
         # Mutual TLS to the sidecars, as the mesh identity of the gateway (the relay's
         # upstream connections).
         source = certificates(args.certs, args.namespace, "gateway", dt.timedelta(hours=24))
         tls_context = source.ssl_client_context
+        # The same identity for the gateway's own calls to every worker (gateway/fleet.py).
+        channel_credentials = source.channel_credentials
     store_settings = None if instances else settings_from_args(args, resolve_url(args))
 
     async def main() -> None:
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics=telemetry.metrics if telemetry.settings.metrics else None,
                 config_store=config_store,
                 tls_context=tls_context,
+                channel_credentials=channel_credentials,
                 telemetry=telemetry if traced else None,
                 guard=guard,
                 relay_limits=relay_limits,

@@ -35,6 +35,7 @@ from mesh.proxy.mirror import Mirror
 from mesh.proxy.telemetry import RelayTelemetry
 from mesh.proxy.tls_door import TlsDoor
 from mesh.routing import callpolicy as policy
+from mesh.routing.hashkey import MODEL_NAMED_METHODS
 from mesh.routing.limits import RelayLimits, SourceLimiter
 from mesh.routing.services import host_for_method
 from mesh.routing.state import GatewayState
@@ -493,7 +494,8 @@ class Relay:
             self._tick = self.loop.call_later(limits.tick, self._check_timers)
 
     def needs_message(self, path: str) -> bool:
-        """Whether routing waits for the first message (the host hashes on its fields)."""
+        """Whether routing waits for the first message: the host hashes on its fields, or
+        one of its rules matches on the model the request names."""
         config = self.state.clusters.config
         if config is not self._needs_config:
             self._needs_config, self._needs_message = config, {}
@@ -501,9 +503,10 @@ class Relay:
         if found is None:
             host = host_for_method(path)
             rule = config.destination_rule(host) if host else None
-            found = self._needs_message[path] = rule is not None and bool(
-                rule.extensions.hash_fields
-            )
+            vs = config.virtual_service(host) if host else None
+            found = self._needs_message[path] = (
+                rule is not None and bool(rule.extensions.hash_fields)
+            ) or (vs is not None and vs.matches_model and path in MODEL_NAMED_METHODS)
         return found
 
     def record(

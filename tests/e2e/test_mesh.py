@@ -259,11 +259,20 @@ async def test_each_version_sticks_to_one_worker(
 
 
 async def test_canary_90_10_by_header_applied_through_the_config_store(
-    mesh: Mesh, admin: admin_pb2_grpc.AdminAsyncStub, stub: pb_grpc.GRPCInferenceServiceAsyncStub
+    mesh: Mesh,
+    admin: admin_pb2_grpc.AdminAsyncStub,
+    stub: pb_grpc.GRPCInferenceServiceAsyncStub,
+    tmp_path: Path,
 ) -> None:
+    # The README's canary, for this mesh's model alpha instead of demo.
+    canary = tmp_path / "canary.yaml"
+    canary.write_text(
+        (REPO / "config/examples/canary-90-10.yaml")
+        .read_text()
+        .replace("exact: demo", "exact: alpha")
+    )
     applied = cli(
-        "config", "apply", "--gateway", mesh.gateway, "config/examples/canary-90-10.yaml",
-        "--api-key", mesh.admin_key,
+        "config", "apply", "--gateway", mesh.gateway, str(canary), "--api-key", mesh.admin_key,
     )  # fmt: skip
     assert applied.returncode == 0, applied.stderr
     dump = await admin.DumpConfig(admin_pb2.DumpConfigRequest())
@@ -284,6 +293,9 @@ async def test_canary_90_10_by_header_applied_through_the_config_store(
     assert set(versions) == {"1", "2"}
     # The worker honours x-model-version (the request names none): the versions it reports.
     assert abs(versions["2"] / 2000 - 0.10) <= 0.03, versions
+    # Another model keeps its latest version: the canary matches alpha only.
+    others = [await stub.ModelInfer(infer("beta"), timeout=20) for _ in range(50)]
+    assert {r.model_version for r in others} == {str(MODELS["beta"])}
 
 
 FAULT = """
