@@ -16,11 +16,24 @@ PIP_FLAGS  ?= -qq --disable-pip-version-check
 
 venv: $(STAMP)
 
+# Runs a command as one set-up step: its label, then "done in N s" (or how it failed) on
+# the same line. The first `make up`/`make test` takes minutes (torch alone is hundreds of
+# MB): a line per step says what it is doing and how long each part took, not a silence.
+STEP = $(PYTHON) -c 'import subprocess, sys, time; \
+print(sys.argv[1], "...", end=" ", flush=True); start = time.monotonic(); \
+code = subprocess.call(sys.argv[2:]); took = time.monotonic() - start; \
+print(f"done in {took:.1f} s" if code == 0 else f"FAILED (exit {code}) after {took:.1f} s", \
+flush=True); sys.exit(code)'
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
-	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev,triton,datasets]"
-	touch $(STAMP)
+	@echo "setting up $(VENV) (first use, or pyproject.toml changed):"
+	@if test -x $(PY); then echo "[1/3] virtual environment $(VENV): exists"; \
+	else $(STEP) "[1/3] creating the virtual environment $(VENV)" $(PYTHON) -m venv $(VENV); fi
+	@$(STEP) "[2/3] installing torch ($(TORCH_SPEC))" $(PY) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
+	@$(STEP) "[3/3] installing meshserve with its dev, triton and datasets extras" \
+		$(PY) -m pip install $(PIP_FLAGS) -e ".[dev,triton,datasets]"
+	@touch $(STAMP)
+	@echo "$(VENV) is ready"
 
 up: $(STAMP)
 	$(VENV)/bin/meshserve up

@@ -33,6 +33,7 @@ from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
 from mesh.proxy.mirror import Mirror
 from mesh.proxy.telemetry import RelayTelemetry
+from mesh.proxy.tls_door import TlsDoor
 from mesh.routing import callpolicy as policy
 from mesh.routing.hashkey import MODEL_NAMED_METHODS
 from mesh.routing.limits import RelayLimits, SourceLimiter
@@ -450,6 +451,8 @@ class Relay:
         self.pool = UpstreamPool(self, ssl_context)
         self.exchanges: set[Exchange] = set()
         self.downstreams: set[Downstream] = set()
+        #: Plaintext clients of a TLS listener, being told why not (mesh.proxy.tls_door).
+        self.refused: set[asyncio.Transport] = set()
         self.draining = False
         self._servers: list[asyncio.Server] = []
         self._needs_message: dict[str, bool] = {}
@@ -459,10 +462,15 @@ class Relay:
         """Listens on ``host:port`` (0: any free port), with TLS when ``tls`` is given;
         returns the bound port. A relay may listen on several ports (a sidecar's
         PERMISSIVE mode: mutual TLS on one, plaintext on another)."""
+        factory: Callable[[], asyncio.Protocol]
+        if tls is None:
+            factory = lambda: Downstream(self)  # noqa: E731
+        else:
+            # Through the door: a plaintext client is told that TLS is required, at once,
+            # instead of redialling a dropped connection until its deadline.
+            factory = lambda: TlsDoor(lambda: Downstream(self), tls, self.refused)  # noqa: E731
         try:
-            server = await self.loop.create_server(
-                lambda: Downstream(self), host, port, reuse_address=True, ssl=tls
-            )
+            server = await self.loop.create_server(factory, host, port, reuse_address=True)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self._servers.append(server)
@@ -533,6 +541,8 @@ class Relay:
             self._tick = None
         for server in self._servers:
             server.close()
+        for transport in list(self.refused):
+            transport.abort()
         for conn in list(self.downstreams):
             conn.write(f.goaway(conn.last_stream, f.NO_ERROR))
         self.flusher.flush()
