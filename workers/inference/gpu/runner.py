@@ -87,6 +87,9 @@ class CudaRunner:
         self.device = device
         self._pool = SlotPool(plan.instances, STAGING_SLOTS)
         self._instances = [self._new_instance(max_batch_size) for _ in range(plan.instances)]
+        # Buffers are allocated on the default stream and then used on the instances' own:
+        # once, at load, wait until the allocations are done (never on the request path).
+        torch.cuda.synchronize(device)
         #: Whether the graphs were captured (False: the plan asked for none, or capture failed).
         self.graphs_captured = False
         if plan.cuda_graphs:
@@ -119,6 +122,7 @@ class CudaRunner:
                 instance.static_inputs = [
                     self._buffer(largest, lay, pinned=False) for lay in self._layouts
                 ]
+                torch.cuda.synchronize(self.device)  # the zero-fill, as above
                 # One memory pool per instance: its graphs never replay at once (the
                 # instance lock orders them on one stream), so they may share memory;
                 # the largest first, so the smaller ones fit in what it reserved.
