@@ -27,3 +27,9 @@ timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider -o addopts
     tests/workers/inference/test_cuda_runner.py tests/workers/inference/test_cuda.py \
     tests/workers/inference/test_gpu_plan.py 2>&1 | tee "$OUT/tests.txt"
 timeout "${BENCH_TIMEOUT:-230}" "$PY" -m bench.gpu_serving "$@" 2>&1 | tee "$OUT/bench.txt"
+# Time left in the call: the same FP16 workload with CUDA graphs off, worker only (a ratio
+# of what the graphs buy on the same machine).
+if [ "$SECONDS" -lt "${EXTRA_BEFORE_S:-270}" ]; then
+    timeout 100 "$PY" -m bench.gpu_serving --models fp16 --no-graphs --no-mesh --seconds 6 \
+        2>&1 | tee "$OUT/bench_eager.txt"
+fi
