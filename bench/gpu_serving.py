@@ -306,6 +306,16 @@ def drive(
     return row, ran
 
 
+def batch_schedule(ran: Counter[int], entries: int = 256) -> list[int]:
+    """The worker's batch sizes in proportion to its executions, as one cycle of ``entries``.
+
+    Sizes under half an entry's share drop out rather than each counting once, which
+    would tilt a long tail of rare sizes towards larger batches than the worker ran.
+    """
+    total = ran.total()
+    return [size for size, n in sorted(ran.items()) for _ in range(round(entries * n / total))]
+
+
 def plain_loop(
     file: Path, name: str, ran: Counter[int], setup: Setup, seconds: float, warm_s: float
 ) -> Row:
@@ -316,10 +326,7 @@ def plain_loop(
         warnings.simplefilter("ignore", DeprecationWarning)
         module = torch.jit.load(io.BytesIO(file.read_bytes()), map_location=device)  # type: ignore[no-untyped-call]
     module.eval()
-    # The worker's batch sizes in proportion (at most 64 entries per cycle).
-    total = max(ran.total(), 1)
-    schedule = [size for size, n in ran.most_common() for _ in range(max(1, round(64 * n / total)))]
-    schedule = schedule or [setup.max_batch]
+    schedule = batch_schedule(ran) or [setup.max_batch]
     inputs = {s: torch.randn(s, *setup.image, device=device).to(dtype) for s in set(schedule)}
 
     def sync() -> None:
