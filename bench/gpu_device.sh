@@ -27,9 +27,10 @@ timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider -o addopts
     tests/workers/inference/test_cuda_runner.py tests/workers/inference/test_cuda.py \
     tests/workers/inference/test_gpu_plan.py 2>&1 | tee "$OUT/tests.txt"
 timeout "${BENCH_TIMEOUT:-230}" "$PY" -m bench.gpu_serving "$@" 2>&1 | tee "$OUT/bench.txt"
-# Time left in the call: the same FP16 workload with CUDA graphs off, worker only (a ratio
-# of what the graphs buy on the same machine).
+# Time left in the call: one more probe, worker only (default: the FP16 run with the GIL's
+# switch interval at 0.5 ms, to test whether GIL hand-offs hold the worker's batches back).
 if [ "$SECONDS" -lt "${EXTRA_BEFORE_S:-270}" ]; then
-    timeout 100 "$PY" -m bench.gpu_serving --models fp16 --no-graphs --no-mesh --seconds 6 \
-        2>&1 | tee "$OUT/bench_eager.txt"
+    # shellcheck disable=SC2086  # EXTRA is a list of arguments
+    timeout 100 "$PY" -m bench.gpu_serving ${EXTRA:---models fp16 --no-mesh --seconds 6 --switch-interval 0.0005} \
+        2>&1 | tee "$OUT/bench_extra.txt"
 fi

@@ -37,6 +37,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
@@ -306,7 +307,7 @@ def drive(
     return row, ran
 
 
-def batch_schedule(ran: Counter[int], entries: int = 256) -> list[int]:
+def batch_schedule(ran: Counter[int], entries: int = 64) -> list[int]:
     """The worker's batch sizes in proportion to its executions, as one cycle of ``entries``.
 
     Sizes under half an entry's share drop out rather than each counting once, which
@@ -314,6 +315,28 @@ def batch_schedule(ran: Counter[int], entries: int = 256) -> list[int]:
     """
     total = ran.total()
     return [size for size, n in sorted(ran.items()) for _ in range(round(entries * n / total))]
+
+
+def loop(
+    module: Callable[[torch.Tensor], object],
+    inputs: dict[int, torch.Tensor],
+    schedule: list[int],
+    seconds: float,
+    sync: Callable[[], None],
+) -> tuple[int, float]:
+    """Forward passes around ``schedule`` for about ``seconds``; (images, elapsed seconds).
+
+    The clock is read between passes, not after a whole cycle, so a long cycle of large
+    batches on a slow device does not overrun; the GPU is drained before the clock stops.
+    """
+    images, began, index = 0, time.perf_counter(), 0
+    while time.perf_counter() - began < seconds:
+        size = schedule[index % len(schedule)]
+        module(inputs[size])
+        images += size
+        index += 1
+    sync()
+    return images, time.perf_counter() - began
 
 
 def plain_loop(
@@ -334,23 +357,15 @@ def plain_loop(
             torch.cuda.synchronize(device)
 
     with torch.inference_mode():
-        # Warm on the schedule itself: TorchScript's profiling executor re-specializes as
-        # shapes change and settles only after many; the worker had its warm-up too.
-        warm_until = time.perf_counter() + warm_s
-        for cycle in range(3):
-            for s in schedule:
-                module(inputs[s])
-            sync()
-            if cycle and time.perf_counter() > warm_until:
-                break
-        images, began = 0, time.perf_counter()
+        # Warm every size, then the schedule itself: TorchScript's profiling executor
+        # re-specializes (slowly) as shapes change and settles only after many passes;
+        # the worker had its warm-up too.
+        for size in sorted(inputs):
+            for _ in range(3):
+                module(inputs[size])
+        loop(module, inputs, schedule, warm_s, sync)
         with Utilisation() as util:
-            while time.perf_counter() - began < seconds:
-                for s in schedule:
-                    module(inputs[s])
-                    images += s
-                sync()
-            elapsed = time.perf_counter() - began
+            images, elapsed = loop(module, inputs, schedule, seconds, sync)
     return Row(
         name, "plain loop", images / elapsed, None, None, statistics.mean(schedule), util.mean
     )
@@ -372,10 +387,14 @@ def start_mesh(stack: ExitStack, worker: str, tmp: Path) -> str:
     return _gateway(stack, sidecar, certs)
 
 
-def worker_process(repo: Path, device: str) -> AbstractContextManager[str]:
-    args = ["cli.main", "worker", "inference", "--port", "0", "--model-repo", str(repo)]
+def worker_process(
+    repo: Path, device: str, switch_interval: float | None = None
+) -> AbstractContextManager[str]:
+    args = ["worker", "inference", "--port", "0", "--model-repo", str(repo)]
     args += ["--device", device, "--poll-interval", "0"]
-    return process(*args, stop_timeout=30)
+    if switch_interval is not None:
+        return process("bench.switch_worker", str(switch_interval), *args, stop_timeout=30)
+    return process("cli.main", *args, stop_timeout=30)
 
 
 def print_table(rows: list[Row], setup: Setup, args: argparse.Namespace) -> None:
@@ -384,7 +403,8 @@ def print_table(rows: list[Row], setup: Setup, args: argparse.Namespace) -> None
         f"\n## GPU serving: ResNet-50-sized CNN {'(tiny) ' if setup.tiny else ''}on {gpu}, "
         f"{args.procs}x{args.inflight} in flight, {args.seconds:g} s per run, "
         f"max_batch {setup.max_batch}, {setup.instances} instances, "
-        f"CUDA graphs {'on' if setup.graphs else 'off'}; torch {torch.__version__}\n"
+        f"CUDA graphs {'on' if setup.graphs else 'off'}, worker switch interval "
+        f"{args.switch_interval or sys.getswitchinterval()} s; torch {torch.__version__}\n"
     )
     print("| model | path | infer/s | ÷ plain loop | p50 ms | p99 ms | mean batch | GPU util % |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -416,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-delay-us", type=int, default=500)
     parser.add_argument("--models", default="fp16,fp32", help="comma-separated: fp16, fp32")
     parser.add_argument("--mesh", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="the worker's sys.setswitchinterval (a probe; default: Python's 5 ms)",
+    )
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (1.0 if args.tiny else 10.0)
     args.warmup = args.warmup or (1.0 if args.tiny else 3.0)
@@ -439,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         files = build_repository(tmp / "repo", setup)
         began = time.monotonic()
-        worker = stack.enter_context(worker_process(tmp / "repo", setup.device))
+        worker = stack.enter_context(
+            worker_process(tmp / "repo", setup.device, args.switch_interval)
+        )
         asyncio.run(wait_model_ready(worker, names))
         print(f"worker at {worker}: models loaded in {time.monotonic() - began:.1f} s", flush=True)
         gateway = None
