@@ -143,7 +143,10 @@ class ClusterMap:
         previous: ClusterMap | None = None,
     ) -> None:
         self.config = config
+        #: The registry's endpoints as discovery reported them (what the next map reuses).
         self.snapshot = snapshot
+        #: What routing balances over: the registry's endpoints plus ServiceEntries'.
+        self.routable = config.routable(snapshot)
         self.tracker = tracker
         self.clock = clock
         # Clusters the previous map built, or inherited unbuilt (clusters are built lazily).
@@ -187,7 +190,7 @@ class ClusterMap:
             if found_subset is not None:
                 labels = found_subset.labels
         previous = self._previous.get(key)
-        members = select(self.snapshot.endpoints(host), host, subset, labels)
+        members = select(self.routable.endpoints(host), host, subset, labels)
         generation = self._generations.get(key, 0)
         if previous is None or previous.members.endpoints != members.endpoints:
             generation += 1
@@ -204,12 +207,12 @@ class ClusterMap:
         return (
             frozenset(config.virtual_services)
             | frozenset(config.destination_rules)
-            | frozenset(self.snapshot.hosts())
+            | frozenset(self.routable.hosts())
         )
 
     def known(self) -> list[tuple[str, str]]:
         """Every host/subset that config or discovery names."""
-        keys = {(h, "") for h in self.snapshot.hosts()}
+        keys = {(h, "") for h in self.routable.hosts()}
         for rule in self.config.destination_rules.values():
             keys.add((rule.host, ""))
             keys.update((rule.host, s.name) for s in rule.subsets)

@@ -93,8 +93,9 @@ class Outbound:
         self.state.set_endpoints(snapshot)
         self.pipeline.discovered = True
         if self.relay is not None:
+            routable = self.state.clusters.routable  # ServiceEntries' endpoints stay too
             self.relay.pool.retain(
-                {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
+                {e.address for h in routable.hosts() for e in routable.endpoints(h)}
             )
 
     async def drain(self, grace: float) -> None:

@@ -513,9 +513,9 @@ REFUSED: list[tuple[str, str, str]] = [
     ),
     (
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext}\n"
-        "spec: {hosts: [x.example.com]}\n",
-        "kind",
-        "ServiceEntry is an Istio kind that meshserve does not support",
+        "spec: {hosts: [x.example.com], ports: [{number: 80, name: grpc}]}\n",
+        "spec.resolution",
+        "NONE (Istio's default) is a resolution meshserve does not support",
     ),
     (
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
