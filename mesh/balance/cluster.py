@@ -12,6 +12,7 @@ from mesh.balance.load import LoadTracker
 from mesh.balance.outlier import OutlierDetector
 from mesh.balance.ring import HashRing, RingPolicy, choose
 from mesh.balance.simple import RoundRobin, least_request_order, random_order
+from mesh.config.client_tls import DISABLE, ISTIO_MUTUAL, ClientTls
 from mesh.config.destination_rule import Extensions, OutlierDetection, TrafficPolicy
 from mesh.config.snapshot import MeshConfig
 from mesh.routing.services import host_for_call
@@ -42,9 +43,13 @@ class Cluster:
         tracker: LoadTracker,
         clock: Callable[[], float],
         previous: Cluster | None = None,
+        tls: ClientTls = ISTIO_MUTUAL,
     ) -> None:
         self.members = members
         self.policy = policy
+        #: How the relay secures connections to these endpoints (``trafficPolicy.tls``,
+        #: or the auto-mTLS default for the host).
+        self.tls = policy.tls or tls
         self.extensions = extensions
         self.tracker = tracker
         healthy = members.healthy
@@ -180,12 +185,14 @@ class ClusterMap:
         if found is not None:
             return found
         rule = self.config.destination_rule(host)
+        entry = self.config.service_entry(host)
         labels: tuple[tuple[str, str], ...] = ()
         policy = TrafficPolicy()
         extensions = Extensions()
         if rule is not None:
             extensions = rule.extensions
-            policy = rule.policy_for(subset or None)
+            # A ServiceEntry host has a service port, where portLevelSettings apply.
+            policy = rule.policy_for(subset or None, entry.port if entry else None)
             found_subset = rule.subset(subset) if subset else None
             if found_subset is not None:
                 labels = found_subset.labels
@@ -196,7 +203,10 @@ class ClusterMap:
             generation += 1
         self._generations[key] = generation
         members = EndpointSet(host, subset, members.endpoints, generation)
-        cluster = Cluster(members, policy, extensions, self.tracker, self.clock, previous)
+        # Istio's auto mTLS: the mesh's certificates where a sidecar answers, plaintext to
+        # endpoints outside the mesh (a MESH_EXTERNAL ServiceEntry).
+        auto = DISABLE if entry is not None and entry.external else ISTIO_MUTUAL
+        cluster = Cluster(members, policy, extensions, self.tracker, self.clock, previous, tls=auto)
         self._clusters[key] = cluster
         return cluster
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
+from mesh.config.client_tls import ClientTls, parse_client_tls
 from mesh.config.fields import Node
 from mesh.config.resource import Metadata, export_to, resource_host
 
@@ -73,6 +74,13 @@ class TrafficPolicy:
     #: None: outlier detection is off, as in Istio when the block is absent.
     outlier_detection: OutlierDetection | None = None
     connection_pool: ConnectionPool = ConnectionPool()
+    #: None: Istio's auto mTLS (the mesh's mTLS to registered services, plaintext to a
+    #: MESH_EXTERNAL ServiceEntry).
+    tls: ClientTls | None = None
+
+
+#: The blocks a policy level sets (the others come from the level below), by field name.
+Patch = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,9 @@ class DestinationRule:
     subsets: tuple[Subset, ...]
     extensions: Extensions = Extensions()
     export_to: tuple[str, ...] = ()
+    #: Policies at the ports ``portLevelSettings`` name, by (subset or "", port number),
+    #: resolved in Istio's order: host, host's port, subset, subset's port.
+    port_policies: tuple[tuple[tuple[str, int], TrafficPolicy], ...] = ()
 
     @property
     def ref(self) -> str:
@@ -143,9 +154,18 @@ class DestinationRule:
     def subset(self, name: str) -> Subset | None:
         return next((s for s in self.subsets if s.name == name), None)
 
-    def policy_for(self, subset: str | None) -> TrafficPolicy:
+    def policy_for(self, subset: str | None, port: int | None = None) -> TrafficPolicy:
         found = self.subset(subset) if subset else None
+        if port is not None and self.port_policies:
+            key = (found.name if found else "", port)
+            at_port = dict(self.port_policies).get(key)
+            if at_port is not None:
+                return at_port
         return found.traffic_policy if found else self.traffic_policy
+
+    @property
+    def has_port_settings(self) -> bool:
+        return bool(self.port_policies)
 
 
 def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) -> DestinationRule:
@@ -155,17 +175,30 @@ def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) ->
         required=("host",),
     )
     host = resource_host(spec.child("host"), metadata.namespace)
-    policy = _traffic_policy(spec.child("trafficPolicy"), TrafficPolicy())
+    host_patch, host_ports = _policy_level(spec.child("trafficPolicy"))
+    policy = _apply(TrafficPolicy(), host_patch)
     subsets: list[Subset] = []
+    subset_levels: list[tuple[str, Patch, dict[int, Patch]]] = []
     for item in spec.child("subsets").items():
         item.mapping(("name", "labels", "trafficPolicy"), required=("name",))
         name = item.child("name").string()
         if any(s.name == name for s in subsets):
             item.child("name").fail(f"duplicate subset {name!r}")
         labels = tuple(sorted(item.child("labels").string_map().items()))
-        subsets.append(Subset(name, labels, _traffic_policy(item.child("trafficPolicy"), policy)))
+        patch, ports = _policy_level(item.child("trafficPolicy"))
+        subset_levels.append((name, patch, ports))
+        subsets.append(Subset(name, labels, _apply(policy, patch)))
+    port_policies: dict[tuple[str, int], TrafficPolicy] = {}
+    numbers = set(host_ports).union(*(ports for _, _, ports in subset_levels))
+    for number in sorted(numbers):
+        at_host = _apply(policy, host_ports.get(number, {}))
+        if number in host_ports:
+            port_policies[("", number)] = at_host
+        for name, patch, ports in subset_levels:
+            # Istio's order: host, host's port level, the subset, the subset's port level.
+            port_policies[(name, number)] = _apply(_apply(at_host, patch), ports.get(number, {}))
     extensions = parse_extensions(annotations, dict(metadata.annotations))
-    _check_hash_sources(spec, policy, subsets, extensions)
+    _check_hash_sources(spec, policy, subsets, extensions, port_policies)
     return DestinationRule(
         metadata=metadata,
         host=host,
@@ -173,16 +206,23 @@ def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) ->
         subsets=tuple(subsets),
         extensions=extensions,
         export_to=export_to(spec.child("exportTo"), metadata.namespace),
+        port_policies=tuple(port_policies.items()),
     )
 
 
 def _check_hash_sources(
-    spec: Node, policy: TrafficPolicy, subsets: list[Subset], extensions: Extensions
+    spec: Node,
+    policy: TrafficPolicy,
+    subsets: list[Subset],
+    extensions: Extensions,
+    port_policies: dict[tuple[str, int], TrafficPolicy],
 ) -> None:
     """A ring needs a key: a header, request fields, or both."""
     places = [("trafficPolicy", policy)] + [
         (f"subsets[{i}].trafficPolicy", s.traffic_policy) for i, s in enumerate(subsets)
     ]
+    # A port's policy may turn hashing on too (its path: the level that set it).
+    places += [("trafficPolicy.portLevelSettings", p) for p in port_policies.values()]
     hashing = False
     for path, p in places:
         ch = p.load_balancer.consistent_hash
@@ -200,22 +240,47 @@ def _check_hash_sources(
         )
 
 
-def _traffic_policy(node: Node, base: TrafficPolicy) -> TrafficPolicy:
-    """The policy in ``node`` over ``base``: a subset's policy overrides per block, as Istio."""
+def _policy_level(node: Node) -> tuple[Patch, dict[int, Patch]]:
+    """One ``trafficPolicy``: the blocks it sets, and its ``portLevelSettings`` by port.
+
+    A level overrides the one below per block (a subset's ``loadBalancer`` replaces the
+    host's, its absent ``outlierDetection`` keeps the host's), as Istio merges them.
+    """
     if node.value is None:
-        return base
+        return {}, {}
     node.mapping(
-        ("loadBalancer", "connectionPool", "outlierDetection"),
-        unsupported=("tls", "portLevelSettings", "tunnel", "proxyProtocol"),
+        ("loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings"),
+        unsupported=("tunnel", "proxyProtocol"),
     )
-    policy = base
+    ports: dict[int, Patch] = {}
+    for item in node.child("portLevelSettings").items():
+        item.mapping(
+            ("port", "loadBalancer", "connectionPool", "outlierDetection", "tls"),
+            required=("port",),
+        )
+        number = item.child("port").mapping(("number",), required=("number",))
+        port = number.child("number").integer(0, 1, 65535)
+        if port in ports:
+            number.child("number").fail(f"duplicate port {port}")
+        ports[port] = _patch(item)
+    return _patch(node), ports
+
+
+def _patch(node: Node) -> Patch:
+    patch: Patch = {}
     if node.has("loadBalancer"):
-        policy = replace(policy, load_balancer=_load_balancer(node.child("loadBalancer")))
+        patch["load_balancer"] = _load_balancer(node.child("loadBalancer"))
     if node.has("outlierDetection"):
-        policy = replace(policy, outlier_detection=_outlier(node.child("outlierDetection")))
+        patch["outlier_detection"] = _outlier(node.child("outlierDetection"))
     if node.has("connectionPool"):
-        policy = replace(policy, connection_pool=_connection_pool(node.child("connectionPool")))
-    return policy
+        patch["connection_pool"] = _connection_pool(node.child("connectionPool"))
+    if node.has("tls"):
+        patch["tls"] = parse_client_tls(node.child("tls"))
+    return patch
+
+
+def _apply(base: TrafficPolicy, patch: Patch) -> TrafficPolicy:
+    return replace(base, **patch) if patch else base
 
 
 def _load_balancer(node: Node) -> LoadBalancer:

@@ -110,6 +110,14 @@ class MeshConfig:
                     self._check_host(vs.metadata.source, vs.ref, path, rule.mirror.host)
         for dr in self.destination_rules.values():
             self._check_host(dr.metadata.source, dr.ref, "spec.host", dr.host)
+            if dr.has_port_settings and dr.host not in self.service_entries:
+                # A registered service has no service port (each instance registers its
+                # own address), so a port-level policy could never apply: refused.
+                raise ConfigError(
+                    f"{dr.metadata.source}: {dr.ref}: portLevelSettings: host {dr.host!r} "
+                    "has no service port (registered services have none); port-level "
+                    "settings apply to a ServiceEntry host, at the port it declares"
+                )
 
     def _check_host(self, source: str, ref: str, path: str, host: str) -> None:
         if is_mesh_host(host) or host in self.service_entries:

@@ -374,7 +374,9 @@ class Exchange:
         headers = self._base_headers(decision.metadata)
         headers.append((md.SHADOW.encode(), b"1"))
         headers.append((b"grpc-timeout", policy.format_timeout(timeout)))
-        mirror = self.mirror = Mirror(relay, pick.candidates[0].address, headers, timeout)
+        mirror = self.mirror = Mirror(
+            relay, pick.candidates[0].address, headers, timeout, cluster.tls
+        )
         body = self.body
         if not body and self.request_ended:
             mirror.send(b"", True)
@@ -487,8 +489,10 @@ class Exchange:
             self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
             return
         cluster = None if self.internal else self.cluster
-        conn = relay.pool.get(
-            address, cluster.policy.connection_pool.connect_timeout if cluster else None
+        conn = (
+            relay.pool.get(address, cluster.policy.connection_pool.connect_timeout, cluster.tls)
+            if cluster is not None
+            else relay.pool.get(address)
         )
         up = self.up = conn.open_stream(self)
         body = self.body

@@ -443,11 +443,25 @@ REFUSED: list[tuple[str, str, str]] = [
         UNSUPPORTED,
     ),
     (dr("  exportTo: ['.']\n", metadata="  namespace: ops\n"), "spec.host", "short host"),
-    (dr("  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n"), "spec.trafficPolicy.tls", UNSUPPORTED),
+    (
+        dr("  trafficPolicy: {tls: {mode: ISTIO_MUTUAL, sni: a.example.com}}\n"),
+        "spec.trafficPolicy.tls.sni",
+        "applies to modes SIMPLE and MUTUAL only",
+    ),
+    (
+        dr("  trafficPolicy: {tls: {mode: MUTUAL, caCertificates: /ca.pem}}\n"),
+        "spec.trafficPolicy.tls.clientCertificate",
+        "is required with mode MUTUAL",
+    ),
+    (
+        dr("  trafficPolicy: {tls: {mode: SIMPLE, credentialName: secret}}\n"),
+        "spec.trafficPolicy.tls.credentialName",
+        UNSUPPORTED,
+    ),
     (
         dr("  trafficPolicy: {portLevelSettings: [{port: {number: 80}}]}\n"),
-        "spec.trafficPolicy.portLevelSettings",
-        UNSUPPORTED,
+        "portLevelSettings",
+        "has no service port",
     ),
     (
         dr("  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}\n"),

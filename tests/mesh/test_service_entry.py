@@ -236,3 +236,76 @@ def test_refused_naming_the_field(text: str, path: str, says: str) -> None:
         config_from_yaml(text, source="se.yaml")
     message = str(caught.value)
     assert f": {path}: " in message and says in message, message
+
+
+# --- DestinationRule tls and portLevelSettings, through the cluster map ----------------------
+
+
+def clusters(*documents: str) -> ClusterMap:
+    return ClusterMap(
+        config_from_yaml("---\n".join(documents), source="dr.yaml"),
+        registered(),
+        LoadTracker(),
+        lambda: 0.0,
+    )
+
+
+def dr(policy: str, subsets: str = "") -> str:
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ext}\n"
+        f"spec:\n  host: models.example.com\n  trafficPolicy:\n{policy}{subsets}"
+    )
+
+
+def test_tls_defaults_follow_istio_auto_mtls() -> None:
+    """No ``tls``: the mesh's mTLS to registered services, plaintext to MESH_EXTERNAL."""
+    internal = STATIC.replace("MESH_EXTERNAL", "MESH_INTERNAL")
+    assert clusters(STATIC).cluster("models.example.com").tls.mode == "DISABLE"
+    assert clusters(internal).cluster("models.example.com").tls.mode == "ISTIO_MUTUAL"
+    assert clusters(STATIC).cluster("inference").tls.mode == "ISTIO_MUTUAL"
+
+
+@pytest.mark.parametrize(
+    ("tls", "mode", "sni"),
+    [
+        ("{mode: DISABLE}", "DISABLE", None),
+        ("{}", "DISABLE", None),  # Istio's enum default
+        ("{mode: SIMPLE, sni: api.example.com}", "SIMPLE", "api.example.com"),
+        ("{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}", "MUTUAL", None),
+        ("{mode: ISTIO_MUTUAL}", "ISTIO_MUTUAL", None),
+    ],
+)
+def test_tls_modes_are_read(tls: str, mode: str, sni: str | None) -> None:
+    cluster = clusters(STATIC, dr(f"    tls: {tls}\n")).cluster("models.example.com")
+    assert (cluster.tls.mode, cluster.tls.sni) == (mode, sni)
+
+
+def test_port_level_settings_apply_at_the_entry_port_in_istio_order() -> None:
+    """Host, host's port level, subset, subset's port level — per block."""
+    policy = (
+        "    loadBalancer: {simple: RANDOM}\n"
+        "    portLevelSettings:\n"
+        "      - port: {number: 8001}\n"
+        "        tls: {mode: SIMPLE}\n"
+        "        loadBalancer: {simple: ROUND_ROBIN}\n"
+        "      - port: {number: 9999}\n"
+        "        tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}\n"
+    )
+    subsets = (
+        "  subsets:\n"
+        "    - name: v1\n      labels: {version: v1}\n"
+        "      trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}\n"
+        "    - name: v2\n      labels: {version: v2}\n"
+        "      trafficPolicy:\n        portLevelSettings:\n"
+        "          - {port: {number: 8001}, tls: {mode: DISABLE}}\n"
+    )
+    found = clusters(STATIC, dr(policy, subsets))
+    host = found.cluster("models.example.com")
+    assert (host.tls.mode, host.policy.load_balancer.simple) == ("SIMPLE", "ROUND_ROBIN")
+    v1 = found.cluster("models.example.com", "v1")
+    # The subset's loadBalancer overrides the host's port level; its tls is the port's.
+    assert (v1.tls.mode, v1.policy.load_balancer.simple) == ("SIMPLE", "LEAST_REQUEST")
+    v2 = found.cluster("models.example.com", "v2")
+    assert (v2.tls.mode, v2.policy.load_balancer.simple) == ("DISABLE", "ROUND_ROBIN")
+    # Port 9999 is not the entry's: its settings never apply.
+    assert host.tls.mode != "MUTUAL"
