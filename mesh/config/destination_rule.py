@@ -34,6 +34,8 @@ class ConsistentHash:
 
     http_header_name: str | None = None
     minimum_ring_size: int = DEFAULT_MINIMUM_RING_SIZE
+    #: ``useSourceIp``: the client's IP address is the key.
+    use_source_ip: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,9 +231,15 @@ def _check_hash_sources(
         if ch is None:
             continue
         hashing = True
-        if ch.http_header_name is None and not extensions.hash_fields:
+        if ch.use_source_ip:
+            if extensions.hash_fields:
+                spec.child(path).child("loadBalancer").child("consistentHash").fail(
+                    f"useSourceIp takes the key from the client's address: the "
+                    f"{ANNOTATION_HASH_FIELDS} annotation would have no effect"
+                )
+        elif ch.http_header_name is None and not extensions.hash_fields:
             spec.child(path).child("loadBalancer").child("consistentHash").fail(
-                f"needs httpHeaderName or the {ANNOTATION_HASH_FIELDS} annotation"
+                f"needs httpHeaderName, useSourceIp or the {ANNOTATION_HASH_FIELDS} annotation"
             )
     if extensions.hash_fields and not hashing:
         spec.fail(
@@ -306,12 +314,16 @@ def _load_balancer(node: Node) -> LoadBalancer:
         )
         return LoadBalancer(simple=name)
     ch = node.child("consistentHash").mapping(
-        ("httpHeaderName", "ringHash", "minimumRingSize"),
-        unsupported=("httpCookie", "useSourceIp", "httpQueryParameterName", "maglev"),
+        ("httpHeaderName", "ringHash", "minimumRingSize", "useSourceIp"),
+        unsupported=("httpCookie", "httpQueryParameterName", "maglev"),
     )
     header = ch.child("httpHeaderName").opt_string()
     if header is not None:
         header = header.lower()
+    source_ip = ch.child("useSourceIp").boolean(False)
+    if source_ip and header is not None:
+        # One hash key in Istio's proto (a oneof): two would leave the key ambiguous.
+        ch.child("useSourceIp").fail("set httpHeaderName or useSourceIp, not both")
     if ch.has("ringHash") and ch.has("minimumRingSize"):
         ch.fail("set ringHash.minimumRingSize or the deprecated minimumRingSize, not both")
     size_node = ch.child("minimumRingSize")
@@ -319,7 +331,7 @@ def _load_balancer(node: Node) -> LoadBalancer:
         size_node = ch.child("ringHash").mapping(("minimumRingSize",)).child("minimumRingSize")
     # 0 is the proto's unset value: Envoy's default, as in Istio.
     size = size_node.integer(0, 0, 8_388_608) or DEFAULT_MINIMUM_RING_SIZE
-    return LoadBalancer(simple=None, consistent_hash=ConsistentHash(header, size))
+    return LoadBalancer(simple=None, consistent_hash=ConsistentHash(header, size, source_ip))
 
 
 def _outlier(node: Node) -> OutlierDetection:

@@ -205,6 +205,7 @@ class Exchange:
             self.path,
             self.authority.decode("latin-1"),
             policy.routing_metadata(self.headers),
+            cast("Downstream", self.down.conn).local_port,
         )
         return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
 
@@ -300,6 +301,7 @@ class Exchange:
             return
         text = policy.routing_metadata(self.headers, self._call_id)
         clusters = relay.state.clusters
+        downstream = cast("Downstream", self.down.conn)
         try:
             decision = decide(
                 clusters,
@@ -308,6 +310,8 @@ class Exchange:
                     text,
                     authority=self.authority.decode("latin-1"),
                     message=self._first_message(),
+                    port=downstream.local_port,
+                    source_ip=downstream.source_ip,
                 ),
                 relay.state.rng,
             )

@@ -67,6 +67,10 @@ class Downstream(Connection):
         self.caller: Caller | None = None
         #: The client's address: what per-source limits count ("local" for a Unix socket).
         self.source = "local"
+        #: The client's IP address (useSourceIp), "" for a Unix socket.
+        self.source_ip = ""
+        #: The listener port the connection arrived on (match.port); None for a Unix socket.
+        self.local_port: int | None = None
         self.admitted = False
         now = relay.loop.time()
         self.born = now
@@ -81,7 +85,10 @@ class Downstream(Connection):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self.source = str(peer[0])
+            self.source = self.source_ip = str(peer[0])
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple) and len(local) >= 2:
+            self.local_port = int(local[1])
         refused = self.relay.limiter.admit_connection(self.source)
         if refused is not None:
             # Refused cheaply: SETTINGS (already written), GOAWAY, close.
