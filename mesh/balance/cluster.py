@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from mesh.balance.endpoints import Endpoint, EndpointSet, EndpointsSnapshot, select
 from mesh.balance.load import LoadTracker
+from mesh.balance.maglev import MaglevTable
 from mesh.balance.outlier import OutlierDetector
-from mesh.balance.ring import HashRing, RingPolicy, choose
+from mesh.balance.ring import HashRing, KeyTable, RingPolicy, choose
 from mesh.balance.simple import RoundRobin, least_request_order, random_order
 from mesh.config.client_tls import DISABLE, ISTIO_MUTUAL, ClientTls
 from mesh.config.destination_rule import Extensions, OutlierDetection, TrafficPolicy
@@ -56,18 +57,23 @@ class Cluster:
         self._addresses = tuple(e.address for e in healthy)
         lb = policy.load_balancer
         reuse = previous is not None and previous.members.endpoints == members.endpoints
-        self.ring: HashRing | None = None
+        self.ring: KeyTable | None = None
         if lb.consistent_hash is not None:
-            size = lb.consistent_hash.minimum_ring_size
-            per_endpoint = extensions.per_endpoint_ring
+            maglev = lb.consistent_hash.maglev_table_size
+            size = maglev or lb.consistent_hash.minimum_ring_size
+            per_endpoint = extensions.per_endpoint_ring and maglev is None
+            algorithm = "ring" if maglev is None else "maglev"
             if (
                 reuse
                 and previous is not None
                 and previous.ring is not None
+                and previous.ring.algorithm == algorithm
                 and previous.ring.vnodes == size
                 and previous.ring.per_endpoint == per_endpoint
             ):
                 self.ring = previous.ring
+            elif maglev is not None:
+                self.ring = MaglevTable(healthy, table_size=maglev, generation=members.generation)
             else:
                 self.ring = HashRing(
                     healthy,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from mesh.balance.maglev import DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, is_prime
 from mesh.config.client_tls import ClientTls, parse_client_tls
 from mesh.config.fields import Node
 from mesh.config.resource import Metadata, export_to, resource_host
@@ -36,6 +37,9 @@ class ConsistentHash:
     minimum_ring_size: int = DEFAULT_MINIMUM_RING_SIZE
     #: ``useSourceIp``: the client's IP address is the key.
     use_source_ip: bool = False
+    #: ``maglev.tableSize``: Envoy's Maglev table of this (prime) size instead of the
+    #: ring; None: the ring.
+    maglev_table_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,11 @@ def _check_hash_sources(
         if ch is None:
             continue
         hashing = True
+        if ch.maglev_table_size is not None and extensions.per_endpoint_ring:
+            spec.child(path).child("loadBalancer").child("consistentHash").child("maglev").fail(
+                f"the {ANNOTATION_RING_POINTS} annotation shapes the ring; a Maglev table "
+                "has no points per endpoint"
+            )
         if ch.use_source_ip:
             if extensions.hash_fields:
                 spec.child(path).child("loadBalancer").child("consistentHash").fail(
@@ -314,8 +323,8 @@ def _load_balancer(node: Node) -> LoadBalancer:
         )
         return LoadBalancer(simple=name)
     ch = node.child("consistentHash").mapping(
-        ("httpHeaderName", "ringHash", "minimumRingSize", "useSourceIp"),
-        unsupported=("httpCookie", "httpQueryParameterName", "maglev"),
+        ("httpHeaderName", "ringHash", "minimumRingSize", "useSourceIp", "maglev"),
+        unsupported=("httpCookie", "httpQueryParameterName"),
     )
     header = ch.child("httpHeaderName").opt_string()
     if header is not None:
@@ -326,12 +335,25 @@ def _load_balancer(node: Node) -> LoadBalancer:
         ch.child("useSourceIp").fail("set httpHeaderName or useSourceIp, not both")
     if ch.has("ringHash") and ch.has("minimumRingSize"):
         ch.fail("set ringHash.minimumRingSize or the deprecated minimumRingSize, not both")
+    maglev: int | None = None
+    if ch.has("maglev"):
+        # One hash algorithm in Istio's proto (a oneof): a ring size would be ignored.
+        for other in ("ringHash", "minimumRingSize"):
+            if ch.has(other):
+                ch.child("maglev").fail(f"set maglev or {other}, not both")
+        table = ch.child("maglev").mapping(("tableSize",)).child("tableSize")
+        # 0 is the proto's unset value: Envoy's default, 65537.
+        maglev = table.integer(0, 0, MAX_TABLE_SIZE) or DEFAULT_TABLE_SIZE
+        if not is_prime(maglev):
+            table.fail(f"must be a prime number (Envoy's rule), got {maglev}")
     size_node = ch.child("minimumRingSize")
     if ch.has("ringHash"):
         size_node = ch.child("ringHash").mapping(("minimumRingSize",)).child("minimumRingSize")
     # 0 is the proto's unset value: Envoy's default, as in Istio.
     size = size_node.integer(0, 0, 8_388_608) or DEFAULT_MINIMUM_RING_SIZE
-    return LoadBalancer(simple=None, consistent_hash=ConsistentHash(header, size, source_ip))
+    return LoadBalancer(
+        simple=None, consistent_hash=ConsistentHash(header, size, source_ip, maglev)
+    )
 
 
 def _outlier(node: Node) -> OutlierDetection:

@@ -521,10 +521,10 @@ REFUSED: list[tuple[str, str, str]] = [
     (
         dr(
             "  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x,"
-            " maglev: {tableSize: 65537}}}}\n"
+            " maglev: {tableSize: 65536}}}}\n"
         ),
-        "spec.trafficPolicy.loadBalancer.consistentHash.maglev",
-        UNSUPPORTED,
+        "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+        "must be a prime number",
     ),
     (
         dr(
