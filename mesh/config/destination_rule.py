@@ -43,11 +43,24 @@ class ConsistentHash:
 
 
 @dataclass(frozen=True)
+class LocalitySetting:
+    """``localityLbSetting``; absent, Istio's mesh default: enabled, no distribute or failover
+    (priorities by locality whenever outlier detection is on)."""
+
+    enabled: bool = True
+    #: (from, ((to, weight), ...)) in order; the first whose ``from`` matches applies.
+    distribute: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    #: (from region, to region).
+    failover: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class LoadBalancer:
     """Exactly one of ``simple`` or ``consistent_hash`` is set."""
 
     simple: SimplePolicy | None = DEFAULT_SIMPLE
     consistent_hash: ConsistentHash | None = None
+    locality: LocalitySetting = LocalitySetting()
 
     def describe(self) -> str:
         if self.consistent_hash is not None:
@@ -302,11 +315,16 @@ def _apply(base: TrafficPolicy, patch: Patch) -> TrafficPolicy:
 
 def _load_balancer(node: Node) -> LoadBalancer:
     node.mapping(
-        ("simple", "consistentHash"),
-        unsupported=("localityLbSetting", "warmupDurationSecs", "warmup"),
+        ("simple", "consistentHash", "localityLbSetting"),
+        unsupported=("warmupDurationSecs", "warmup"),
     )
-    if node.has("simple") == node.has("consistentHash"):
+    locality = _locality(node.child("localityLbSetting"))
+    if node.has("simple") and node.has("consistentHash"):
         node.fail("must have exactly one of simple or consistentHash")
+    if not node.has("simple") and not node.has("consistentHash"):
+        if not node.has("localityLbSetting"):
+            node.fail("must have exactly one of simple or consistentHash")
+        return LoadBalancer(locality=locality)  # Istio's default balancer, with the setting
     if node.has("simple"):
         simple = node.child("simple").choice(
             ("UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "LEAST_CONN", "PASSTHROUGH")
@@ -321,7 +339,7 @@ def _load_balancer(node: Node) -> LoadBalancer:
         name: SimplePolicy = (
             "LEAST_REQUEST" if simple in ("LEAST_CONN", "UNSPECIFIED") else simple  # type: ignore[assignment]
         )
-        return LoadBalancer(simple=name)
+        return LoadBalancer(simple=name, locality=locality)
     ch = node.child("consistentHash").mapping(
         ("httpHeaderName", "ringHash", "minimumRingSize", "useSourceIp", "maglev"),
         unsupported=("httpCookie", "httpQueryParameterName"),
@@ -352,8 +370,62 @@ def _load_balancer(node: Node) -> LoadBalancer:
     # 0 is the proto's unset value: Envoy's default, as in Istio.
     size = size_node.integer(0, 0, 8_388_608) or DEFAULT_MINIMUM_RING_SIZE
     return LoadBalancer(
-        simple=None, consistent_hash=ConsistentHash(header, size, source_ip, maglev)
+        simple=None,
+        consistent_hash=ConsistentHash(header, size, source_ip, maglev),
+        locality=locality,
     )
+
+
+def _locality(node: Node) -> LocalitySetting:
+    if node.value is None:
+        return LocalitySetting()
+    node.mapping(
+        ("enabled", "distribute", "failover"),
+        # failoverPriority ranks by arbitrary labels (network, cluster...), which meshserve's
+        # proxies do not carry.
+        unsupported=("failoverPriority",),
+    )
+    if node.has("distribute") and node.has("failover"):
+        node.fail("set distribute or failover, not both (Istio's rule)")
+    distribute = []
+    for item in node.child("distribute").items():
+        item.mapping(("from", "to"), required=("from", "to"))
+        source = _locality_pattern(item.child("from"))
+        targets = []
+        for pattern, weight in item.child("to").entries():
+            _locality_pattern(Node(pattern, weight.where, weight.path))
+            targets.append((pattern, weight.integer(0, 1, 100)))
+        if sum(w for _, w in targets) != 100:
+            item.child("to").fail(f"weights must sum to 100, got {sum(w for _, w in targets)}")
+        distribute.append((source, tuple(targets)))
+    failover = []
+    for item in node.child("failover").items():
+        item.mapping(("from", "to"), required=("from", "to"))
+        source, target = item.child("from").string(), item.child("to").string()
+        for child in ("from", "to"):
+            if "/" in item.child(child).string() or "*" in item.child(child).string():
+                item.child(child).fail("must be a region (no zone, no wildcard)")
+        if source == target:
+            item.child("to").fail(f"fails over to its own region {source!r}")
+        failover.append((source, target))
+    return LocalitySetting(
+        enabled=node.child("enabled").boolean(True),
+        distribute=tuple(distribute),
+        failover=tuple(failover),
+    )
+
+
+def _locality_pattern(node: Node) -> str:
+    text = node.string()
+    parts = text.split("/")
+    if len(parts) > 3 or any(not p for p in parts) or any("*" in p for p in parts[:-1]):
+        node.fail(
+            "must be region[/zone[/subzone]], with * only as the last part "
+            f"(e.g. us-west/zone1/* or *), got {text!r}"
+        )
+    if "*" in parts[-1] and parts[-1] != "*":
+        node.fail(f"* must be a whole part, got {text!r}")
+    return text
 
 
 def _outlier(node: Node) -> OutlierDetection:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mesh.balance.endpoints import EndpointsSnapshot
+from mesh.balance.locality import Locality
 from mesh.proxy.relay import Relay
 from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
 from mesh.routing.limits import RelayLimits
@@ -50,8 +51,9 @@ class Outbound:
         telemetry: Telemetry | None = None,
         reload_interval: float = 1.0,
         discovery_retry: float = 1.0,
+        locality: Locality | None = None,
     ) -> None:
-        self.state = GatewayState()
+        self.state = GatewayState(locality=locality)
         self.pipeline = ConfigPipeline(
             self.state, config_dir=config_dir, store=config_store, reload_interval=reload_interval
         )

@@ -529,9 +529,9 @@ REFUSED: list[tuple[str, str, str]] = [
     (
         dr(
             "  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN,"
-            " localityLbSetting: {enabled: true}}}\n"
+            " localityLbSetting: {failoverPriority: [topology.istio.io/network]}}}\n"
         ),
-        "spec.trafficPolicy.loadBalancer.localityLbSetting",
+        "spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority",
         UNSUPPORTED,
     ),
     (
