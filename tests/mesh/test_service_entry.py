@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +11,9 @@ from mesh.balance.cluster import ClusterMap
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.balance.load import LoadTracker
 from mesh.config.fields import ConfigError
+from mesh.config.loader import load_path
 from mesh.config.service_entry import ServiceEntry
-from mesh.config.snapshot import MeshConfig, config_from_yaml
+from mesh.config.snapshot import MeshConfig, config_from_path, config_from_yaml
 from mesh.routing.admission import admission_problems
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.discovery import StaticInstance
@@ -309,3 +311,17 @@ def test_port_level_settings_apply_at_the_entry_port_in_istio_order() -> None:
     assert (v2.tls.mode, v2.policy.load_balancer.simple) == ("DISABLE", "ROUND_ROBIN")
     # Port 9999 is not the entry's: its settings never apply.
     assert host.tls.mode != "MUTUAL"
+
+
+def test_the_external_triton_example_routes_over_the_sample_config() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    config = config_from_path(repo / "config").merged(
+        load_path(repo / "config" / "examples" / "external-triton.yaml"),
+        version=2,
+        source="example",
+    )
+    clusters = ClusterMap(config, registered(), LoadTracker(), lambda: 0.0)
+    external = decide(clusters, RequestInfo(INFER, (("x-backend", "external"),)), random.Random(1))
+    assert [e.address for e in external.candidates] == ["triton.models.example.com:8001"]
+    assert clusters.cluster(external.host).tls.mode == "SIMPLE"
+    assert decide(clusters, RequestInfo(INFER), random.Random(1)).host == "inference"
