@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,19 +19,33 @@ ENV = {
 }
 
 
+@dataclass(frozen=True)
+class Child:
+    """A started child: the address it listens on and its process id."""
+
+    address: str
+    pid: int
+
+
 @contextmanager
-def process(*args: str, stop_timeout: float = 10) -> Iterator[str]:
-    """Runs ``python -m ARGS``; yields the address from its first line ("... listening
-    on ADDRESS ..."); terminates it on exit (killed after ``stop_timeout`` seconds)."""
+def child(*args: str, stop_timeout: float = 10, repo: Path = REPO) -> Iterator[Child]:
+    """Runs ``python -m ARGS``; yields its address, from its first line ("... listening
+    on ADDRESS ..."), and pid; terminates it on exit (killed after ``stop_timeout`` s).
+
+    ``repo``: the checkout it runs from (another one: an older revision to compare with).
+    """
+    env = ENV
+    if repo != REPO:
+        env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), ENV["PYTHONPATH"]]))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", *args], cwd=repo, env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if "listening on" not in line:
             raise RuntimeError(f"{args} did not start (exit {proc.poll()}): {line!r}")
-        yield line.split("listening on ")[1].split()[0]
+        yield Child(line.split("listening on ")[1].split()[0], proc.pid)
     finally:
         proc.terminate()
         try:
@@ -40,3 +55,10 @@ def process(*args: str, stop_timeout: float = 10) -> Iterator[str]:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@contextmanager
+def process(*args: str, stop_timeout: float = 10) -> Iterator[str]:
+    """:func:`child` from this checkout, yielding only the address."""
+    with child(*args, stop_timeout=stop_timeout) as started:
+        yield started.address

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -81,6 +83,27 @@ def _run_component(args: argparse.Namespace, kind: str, es: str, *extra: str) ->
         es,
         *extra,
     )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises CliError naming ``host:port`` when something already listens there.
+
+    Checked before anything starts: otherwise the store and every worker would start (a
+    minute of imports and training) before the gateway found its port taken. Bound the
+    way the relay binds (SO_REUSEADDR), so a port held only by connections in TIME_WAIT
+    after a previous ``up`` still counts as free, as it is for the gateway.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CliError(
+                    f"{host}:{port} is already in use (another `meshserve up`, or another "
+                    f"server): stop it, or choose another gateway port with --port"
+                ) from None
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _ensure_certs(state: Path) -> None:
@@ -226,6 +249,10 @@ def plan_workers(args: argparse.Namespace, es: str) -> list[Component]:
                 f"127.0.0.1:{outbound}",
                 "--device",
                 "cpu" if args.device == "auto" else args.device,
+                # Jobs in the registry, and every published version recorded in its model
+                # catalog: `meshserve models list|promote|rollback` work out of the box.
+                "--es",
+                es,
             ]
         )
         components.append(
@@ -355,6 +382,8 @@ def run(args: argparse.Namespace) -> int:
     running_up = UpEndpoints.read(state)
     if running_up is not None:
         raise CliError(f"meshserve up already runs on {state} (pid {running_up.pid})")
+    if args.port:
+        check_port_free(args.host, args.port)
     status = 0
     supervisor = Supervisor(
         verbose=args.verbose,

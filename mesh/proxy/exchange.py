@@ -10,7 +10,9 @@ next ring successor. A rule's fault is injected here (a delay on the loop's time
 abort answered by the relay) and its mirror fed from here (:mod:`mesh.proxy.mirror`).
 
 Calls to the gateway's own services (Admin, reflection, health) go to the gateway's
-gRPC server instead (``_go_internal``): they are not mesh calls.
+gRPC server instead (``_go_internal``): they are not mesh calls; nor are the calls about
+the whole inference fleet (model control, index, statistics), which it answers there
+for every worker (gateway/fleet.py).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from mesh.routing.callcheck import (
 )
 from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
 from mesh.routing.faults import fault_action, mirror_target
-from mesh.routing.methods import MethodInfo, lookup
+from mesh.routing.methods import FLEET_METHODS, MethodInfo, lookup
 
 if TYPE_CHECKING:
     from mesh.proxy.relay import Downstream, Relay
@@ -129,6 +131,10 @@ class Exchange:
             elif name == b":authority":
                 self.authority = value
         self.info: MethodInfo | None = lookup(self.path)
+        #: A call about the whole inference server (mesh/routing/methods.py): a gateway
+        #: answers it for every worker, on its own gRPC server (gateway/fleet.py); a
+        #: sidecar's outbound, which has no server of its own, relays it.
+        self.fleet = relay.internal_address is not None and self.path in FLEET_METHODS
         #: The call's id, returned in the response's headers whatever answers it (an
         #: upstream, the gateway's own server, the relay itself). A sidecar's inbound
         #: leaves it to the proxy in front (None): the caller's id is already the call's.
@@ -199,6 +205,7 @@ class Exchange:
             self.path,
             self.authority.decode("latin-1"),
             policy.routing_metadata(self.headers),
+            cast("Downstream", self.down.conn).local_port,
         )
         return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
 
@@ -254,7 +261,7 @@ class Exchange:
     def _ready(self) -> bool:
         """Whether routing has what it needs: the first message, when the host hashes on
         request fields."""
-        if self.info is None or self.request_ended:
+        if self.info is None or self.request_ended or self.fleet:
             return True
         if not self.relay.needs_message(self.path):
             return True
@@ -289,11 +296,12 @@ class Exchange:
         if relay.inbound is not None:
             self._route_inbound(relay.inbound)
             return
-        if self.info is None:
+        if self.info is None or self.fleet:
             self._go_internal()
             return
         text = policy.routing_metadata(self.headers, self._call_id)
         clusters = relay.state.clusters
+        downstream = cast("Downstream", self.down.conn)
         try:
             decision = decide(
                 clusters,
@@ -302,6 +310,8 @@ class Exchange:
                     text,
                     authority=self.authority.decode("latin-1"),
                     message=self._first_message(),
+                    port=downstream.local_port,
+                    source_ip=downstream.source_ip,
                 ),
                 relay.state.rng,
             )
@@ -368,7 +378,9 @@ class Exchange:
         headers = self._base_headers(decision.metadata)
         headers.append((md.SHADOW.encode(), b"1"))
         headers.append((b"grpc-timeout", policy.format_timeout(timeout)))
-        mirror = self.mirror = Mirror(relay, pick.candidates[0].address, headers, timeout)
+        mirror = self.mirror = Mirror(
+            relay, pick.candidates[0].address, headers, timeout, cluster.tls
+        )
         body = self.body
         if not body and self.request_ended:
             mirror.send(b"", True)
@@ -481,8 +493,10 @@ class Exchange:
             self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
             return
         cluster = None if self.internal else self.cluster
-        conn = relay.pool.get(
-            address, cluster.policy.connection_pool.connect_timeout if cluster else None
+        conn = (
+            relay.pool.get(address, cluster.policy.connection_pool.connect_timeout, cluster.tls)
+            if cluster is not None
+            else relay.pool.get(address)
         )
         up = self.up = conn.open_stream(self)
         body = self.body

@@ -31,7 +31,10 @@ _PEER = PEER_HEADER.encode()
 #: Headers only the sidecar sets: a caller's copies are dropped, never forwarded.
 _SET_HERE = frozenset({_PEER, SECRET_HEADER.encode()})
 #: Paths the sidecar's own gRPC server answers (its health mirrors the worker's).
-OWN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+#: Reflection goes to the worker, like any call: a client of the mesh port (grpcurl with
+#: a mesh certificate) lists and describes the services the sidecar fronts, not the
+#: sidecar's own (which it could not call through this port anyway).
+OWN_SERVICES = ("/grpc.health.v1.Health/",)
 #: Admits a call from a caller (its TLS identity) with these attributes, or raises a
 #: MeshError naming why not (PeerAuthentication, then AuthorizationPolicy).
 Check = Callable[[PeerInfo, RequestAttributes], None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -307,6 +308,9 @@ class ModelRepository:
         model = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._loader, self.repo, config, version, self.device
         )
+        if model.concurrency is not None:
+            # The GPU path keeps a batch staging per instance while another computes.
+            policy = dataclasses.replace(policy, instances=model.concurrency)
         return Served(model, DynamicBatcher(model, policy, self.stats, self._executor), fingerprint)
 
     def _loaded(self, name: str, model: LoadedModel) -> None:

@@ -170,7 +170,9 @@ async def test_strict_sidecar_refuses_plaintext_and_foreign_certificates(rig: Ri
     async with grpc.aio.insecure_channel(rig.target) as plain:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call(plain)
-        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        # At once, and saying why (mesh.proxy.tls_door), not a dropped connection.
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "requires mutual TLS" in (refused.value.details() or "")
     rogue = CertificateSource(
         CertificateAuthority.create(TD), WorkloadIdentity(TD, "meshserve", "gateway")
     ).current()
@@ -313,7 +315,7 @@ async def test_permissive_serves_mesh_peers_on_mtls_and_others_on_the_plaintext_
         async with grpc.aio.insecure_channel(sidecar.serving.address) as wrong:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call(wrong)
-            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_plaintext_port_contradicts_strict(
