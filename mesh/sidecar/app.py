@@ -178,7 +178,9 @@ class Sidecar:
                 continue
             report = await probe.read()
             await self.registration.update(
-                load=registry_load(report, self.limit.in_flight),
+                # The interval's average, not this instant's count: the autoscaler reads
+                # these once a second, and an instant may fall between calls.
+                load=registry_load(report, round(self.limit.average())),
                 models=model_refs(report) if report is not None else None,
                 publish=False,
             )
