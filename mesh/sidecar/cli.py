@@ -95,6 +95,7 @@ def plan(args: argparse.Namespace, app_address: str, app_secret: str | None = No
         grace_seconds=args.grace,
         mtls=mtls,
         outbound_port=args.outbound_port,
+        health_port=args.health_port,
         plaintext_port=args.plaintext_port,
         config_dir=args.config,
         app_secret=app_secret,
@@ -170,6 +171,12 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
         "--plaintext-port",
         type=int,
         help="PERMISSIVE: also serve callers outside the mesh in plaintext on this port",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        help="also answer gRPC health (only) in plaintext on this port: for the kubelet's "
+        "readiness probe, which cannot do mutual TLS",
     )
     parser.add_argument("--instance-id", help="registry id (default <service>-<host>-<port>)")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="the workload's namespace")
