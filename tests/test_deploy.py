@@ -237,3 +237,26 @@ def test_the_image_copies_every_package_the_project_installs() -> None:
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     for package in packages:
         assert f"COPY {package} ./{package}" in text, package
+
+
+def test_every_store_client_reads_the_url_and_optional_credentials_from_the_secret() -> None:
+    seen = 0
+    for name in _deployments():
+        _, containers = _containers(name)
+        for container in containers.values():
+            env = {
+                e["name"]: e.get("valueFrom", {}).get("secretKeyRef")
+                for e in container.get("env", ())
+            }
+            if "MESHSERVE_ES_URL" not in env:
+                continue
+            seen += 1
+            assert env["MESHSERVE_ES_URL"] == {"name": "meshserve-es", "key": "url"}
+            for variable, key in (
+                ("MESHSERVE_ES_USERNAME", "username"),
+                ("MESHSERVE_ES_PASSWORD", "password"),
+                ("MESHSERVE_ES_API_KEY", "api-key"),
+            ):
+                # Optional: absent keys leave the variable unset (an empty user would be sent).
+                assert env[variable] == {"name": "meshserve-es", "key": key, "optional": True}
+    assert seen == 4  # the gateway and three sidecars
