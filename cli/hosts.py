@@ -3,8 +3,8 @@
 Host A runs the store (and the data worker), host B the gateway, hosts C and D an inference
 unit each (worker + sidecar) and C the training worker. Every sidecar listens on and
 registers its own host's address, every certificate names it (``mesh.security.ca``), and
-mutual TLS is STRICT between hosts. Each host writes its spans to its own file
-(``<state>/traces-<host>.jsonl``): one trace's spans are found across them by trace id.
+mutual TLS is STRICT between hosts. With ``--traces`` each host writes its spans to its own
+file (``<state>/traces-<host>.jsonl``): one trace's spans are found across them by trace id.
 Files are shared (one filesystem), as an object store or a shared volume would be across
 real hosts. ``up`` runs the mesh supervised until Ctrl-C, then removes the hosts; ``down``
 removes what a crashed run left.
@@ -60,6 +60,7 @@ def _unit(
     host_name: str,
     worker_args: Sequence[str],
     *extra: str,
+    traces: bool = False,
 ) -> Component:
     host = network.host(host_name)
     return Component(
@@ -88,14 +89,24 @@ def _unit(
         after("sidecar listening on "),
         tier=1,
         prefix=host.exec_prefix(),
-        env=(("MESHSERVE_TRACES", f"file:{traces_file(state, host_name)}"),),
+        env=_traces_env(state, host_name) if traces else (),
     )
 
 
+def _traces_env(state: Path, host: str) -> tuple[tuple[str, str], ...]:
+    return (("MESHSERVE_TRACES", f"file:{traces_file(state, host)}"),)
+
+
 def plan_mesh(
-    network: netns.Network, state: Path, config: Path, *, device: str = "cpu"
+    network: netns.Network,
+    state: Path,
+    config: Path,
+    *,
+    device: str = "cpu",
+    traces: bool = False,
 ) -> tuple[Component, list[Component], Component]:
-    """The store, the workers with their sidecars, and the gateway, each on its host."""
+    """The store, the workers with their sidecars, and the gateway, each on its host;
+    with ``traces``, each host records its spans in its own file."""
     store_host = network.host(STORE_HOST)
     es = f"http://{store_host.address}:{STORE_PORT}"
     models = str(state / "models")
@@ -114,7 +125,18 @@ def plan_mesh(
         after("elasticsearch "),
         prefix=store_host.exec_prefix(),
     )
-    units = [_unit(network, state, config, es, "data", STORE_HOST, ["--root", str(state / "data")])]
+    units = [
+        _unit(
+            network,
+            state,
+            config,
+            es,
+            "data",
+            STORE_HOST,
+            ["--root", str(state / "data")],
+            traces=traces,
+        )
+    ]
     units.append(
         _unit(
             network,
@@ -135,12 +157,22 @@ def plan_mesh(
             ],
             "--outbound-port",
             str(OUTBOUND_PORT),
+            traces=traces,
         )
     )
     for name in INFERENCE_HOSTS:
         worker_args = ["--model-repo", models, "--device", device, "--poll-interval", "1"]
         units.append(
-            _unit(network, state, config, es, "inference", name, [*worker_args, "--threads", "1"])
+            _unit(
+                network,
+                state,
+                config,
+                es,
+                "inference",
+                name,
+                [*worker_args, "--threads", "1"],
+                traces=traces,
+            )
         )
     gateway_host = network.host(GATEWAY_HOST)
     gateway = Component(
@@ -163,7 +195,7 @@ def plan_mesh(
         after("gateway listening on "),
         tier=2,
         prefix=gateway_host.exec_prefix(),
-        env=(("MESHSERVE_TRACES", f"file:{traces_file(state, GATEWAY_HOST)}"),),
+        env=_traces_env(state, GATEWAY_HOST) if traces else (),
     )
     return store, units, gateway
 
@@ -241,7 +273,9 @@ def run_up(args: argparse.Namespace) -> int:
         for host in network.hosts:
             out.print(f"host {host.name}: {host.address} (ip netns exec {host.namespace} …)")
         _ensure_certs(state)
-        store, units, gateway_component = plan_mesh(network, state, config, device=args.device)
+        store, units, gateway_component = plan_mesh(
+            network, state, config, device=args.device, traces=args.traces
+        )
         (es,) = (r.address for r in launch([store]))
         launch(units)
         (gateway,) = (r.address for r in launch([gateway_component]))
@@ -314,5 +348,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="routing YAML folder (default: config/)",
     )
     up.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="worker device")
+    up.add_argument(
+        "--traces",
+        action="store_true",
+        help="record each host's spans in <state>/traces-<host>.jsonl",
+    )
     up.set_defaults(handler=run_up)
     down.set_defaults(handler=run_down)

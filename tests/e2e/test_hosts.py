@@ -78,7 +78,16 @@ class HostsUp(Up):
         self.log = log
         with log.open("a") as sink:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "hosts", "up", "--state-dir", str(state)],
+                [
+                    sys.executable,
+                    "-m",
+                    "cli.main",
+                    "hosts",
+                    "up",
+                    "--traces",
+                    "--state-dir",
+                    str(state),
+                ],
                 cwd=ROOT,
                 env=ENV,
                 stdin=subprocess.DEVNULL,
