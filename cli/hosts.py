@@ -1,7 +1,8 @@
 """``meshserve hosts up|down``: the mesh across four hosts made on this machine (network namespaces).
 
 Host A runs the store (and the data worker), host B the gateway, hosts C and D an inference
-unit each (worker + sidecar) and C the training worker. Every sidecar listens on and
+unit each (worker + sidecar) and a training node each: C's takes jobs, D's follows it, so a
+job of world size 2 trains one DDP rank on each (gloo over the hosts' network). Every sidecar listens on and
 registers its own host's address, every certificate names it (``mesh.security.ca``), and
 mutual TLS is STRICT between hosts. With ``--traces`` each host writes its spans to its own
 file (``<state>/traces-<host>.jsonl``): one trace's spans are found across them by trace id.
@@ -41,7 +42,10 @@ GATEWAY_PORT = 8080
 STORE_HOST = "a"
 GATEWAY_HOST = "b"
 INFERENCE_HOSTS = ("c", "d")
+#: Training: node 0 of a two-node group (takes jobs) and its follower (workers.training.nodes).
 TRAINING_HOST = "c"
+FOLLOWER_HOST = "d"
+RENDEZVOUS_PORT = 29400
 #: The training worker's way to the data service: its sidecar's outbound port, on its
 #: host's loopback (each host has its own, so the fixed port collides with nothing).
 OUTBOUND_PORT = 15001
@@ -61,13 +65,20 @@ def _unit(
     worker_args: Sequence[str],
     *extra: str,
     traces: bool = False,
+    service: str | None = None,
 ) -> Component:
     host = network.host(host_name)
+    env = _traces_env(state, host_name) if traces else ()
+    if kind == "training":
+        # Gloo finds its own address by the machine's name, which every namespace shares
+        # and which resolves to no host's address: name the host's interface instead.
+        env = (*env, ("GLOO_SOCKET_IFNAME", "eth0"))
     return Component(
-        f"{kind} worker on {host_name}",
+        f"{service or kind} worker on {host_name}",
         (
             "run",
             kind,
+            *(("--service", service) if service else ()),
             "--host",
             host.address,
             "--port",
@@ -89,7 +100,7 @@ def _unit(
         after("sidecar listening on "),
         tier=1,
         prefix=host.exec_prefix(),
-        env=_traces_env(state, host_name) if traces else (),
+        env=env,
     )
 
 
@@ -137,29 +148,36 @@ def plan_mesh(
             traces=traces,
         )
     ]
-    units.append(
-        _unit(
-            network,
-            state,
-            config,
-            es,
-            "training",
-            TRAINING_HOST,
-            [
-                "--artifacts",
-                str(state / "artifacts" / "training"),
-                "--model-repo",
-                models,
-                "--data",
-                f"127.0.0.1:{OUTBOUND_PORT}",
-                "--device",
-                device,
-            ],
-            "--outbound-port",
-            str(OUTBOUND_PORT),
-            traces=traces,
+    rendezvous = f"{network.host(TRAINING_HOST).address}:{RENDEZVOUS_PORT}"
+    for node_rank, name in enumerate((TRAINING_HOST, FOLLOWER_HOST)):
+        units.append(
+            _unit(
+                network,
+                state,
+                config,
+                es,
+                "training",
+                name,
+                [
+                    "--artifacts",
+                    str(state / "artifacts" / "training"),
+                    "--model-repo",
+                    models,
+                    "--data",
+                    f"127.0.0.1:{OUTBOUND_PORT}",
+                    "--device",
+                    device,
+                    *("--nodes", "2", "--node-rank", str(node_rank)),
+                    *("--rendezvous", rendezvous),
+                ],
+                "--outbound-port",
+                str(OUTBOUND_PORT),
+                traces=traces,
+                # The follower takes no jobs: under another name, the gateway's training
+                # route never reaches it.
+                service=None if node_rank == 0 else "training-node",
+            )
         )
-    )
     for name in INFERENCE_HOSTS:
         worker_args = ["--model-repo", models, "--device", device, "--poll-interval", "1"]
         units.append(

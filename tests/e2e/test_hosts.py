@@ -2,7 +2,7 @@
 (network namespaces on a bridge) and the tour runs across them.
 
 Host A holds the store and the data worker, B the gateway, C and D an inference unit each
-(C also the training worker). The checks: every sidecar registered its own host's address
+(C and D also a training node each: DDP across them). The checks: every sidecar registered its own host's address
 and its certificate names it (mTLS STRICT: plaintext is refused, a mesh certificate that
 verifies the dialled IP gets in); train, infer and a 90/10 canary through the gateway; one
 trace with spans from three hosts; and cutting the serving host's link moves its traffic
@@ -14,6 +14,7 @@ Needs root and iproute2 (CI runs as root); skipped otherwise.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import ssl
@@ -197,7 +198,8 @@ def test_the_tour_runs_across_four_hosts(hosts: HostsUp, tmp_path: Path) -> None
         with context.wrap_socket(raw, server_hostname=host) as tls:  # checks the IP SAN
             assert tls.selected_alpn_protocol() == "h2"
 
-    # Train version 1 (the training worker on C reads the dataset from A's data worker).
+    # Train version 1 with DDP across hosts: rank 0 on C (the training worker that took the
+    # job), rank 1 on D (the follower), gloo between them; both read batches from A.
     run(
         "datasets",
         "create",
@@ -212,7 +214,14 @@ def test_the_tour_runs_across_four_hosts(hosts: HostsUp, tmp_path: Path) -> None
         "4",
         state=state,
     )
-    run("train", "demo", "--dataset", "demo-blobs", "--epochs", "1", state=state)
+    run(
+        *("train", "demo", "--dataset", "demo-blobs", "--epochs", "1", "--world-size", "2"),
+        state=state,
+    )
+    follower = (state / "logs" / "training-node-worker-on-d.log").read_text()
+    joined = re.search(r"rank 1 of 2 joined job (\w+) at 10\.77\.0\.3:29400", follower)
+    assert joined, follower[-2000:]
+    assert f"rank 1 finished job {joined[1]}" in follower
 
     def serves(version: str) -> Callable[[], bool]:
         def check() -> bool:
