@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ from workers.inference.stats import Statistics
 from workers.inference.worker import InferenceWorker
 from workers.model_repo import ModelRepo
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -32,6 +35,9 @@ class WorkerSettings:
     batching: bool = True
     #: torch intra-op threads for forward passes; 0 keeps torch's default (one per core).
     threads: int = 0
+    #: Seconds to wait, before loading anything, for the sidecar's list of the versions
+    #: the ring gives this worker (loaded first); 0: load every servable version at once.
+    preload_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.model_repo:
@@ -44,6 +50,8 @@ class WorkerSettings:
             raise ValueError(f"memory budget must be >= 0, got {self.memory_budget_bytes}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.preload_wait_s < 0:
+            raise ValueError(f"preload wait must be >= 0, got {self.preload_wait_s}")
         if self.poll_interval_s < 0:
             raise ValueError(f"poll interval must be >= 0, got {self.poll_interval_s}")
 
@@ -90,7 +98,10 @@ async def run_worker(
     # SERVING only then, so no request of a joining worker waits for a load.
     serving = await start_server(server or ServerSettings(), [servicer.service()], serving=False)
     try:
-        await repository.start(settings.poll_interval_s or None)
+        if settings.preload_wait_s:
+            await _start_with_preload(repository, servicer, settings)
+        else:
+            await repository.start(settings.poll_interval_s or None)
         await serving.set_serving(True)
         servicer.ready = True
         yield RunningWorker(serving, servicer, worker, repository)
@@ -101,6 +112,28 @@ async def run_worker(
         # Unmaps every region and closes its descriptor; the objects stay the clients'.
         worker.shared_memory.close()
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _start_with_preload(
+    repository: ModelRepository, servicer: InferenceServicer, settings: WorkerSettings
+) -> None:
+    """Reads the repository, waits for the sidecar's preload list, loads it first.
+
+    The sidecar asks the ring which versions will route here (mesh/routing/ownership.py);
+    without an answer in time (no sidecar, an older one) everything servable loads.
+    """
+    await repository.start(settings.poll_interval_s or None, load=False)
+    try:
+        owned = await asyncio.wait_for(
+            asyncio.shield(servicer.preload_request), settings.preload_wait_s
+        )
+    except TimeoutError:
+        log.warning(
+            "no preload list from the sidecar within %gs: loading every servable version",
+            settings.preload_wait_s,
+        )
+        owned = None
+    await repository.preload(owned)
 
 
 async def serve_forever(settings: WorkerSettings, server: ServerSettings) -> None:
