@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -73,9 +73,14 @@ class RunningWorker:
 
 @asynccontextmanager
 async def run_worker(
-    settings: WorkerSettings, server: ServerSettings | None = None
+    settings: WorkerSettings,
+    server: ServerSettings | None = None,
+    on_listening: Callable[[str], None] | None = None,
 ) -> AsyncIterator[RunningWorker]:
-    """Starts a worker, loads the repository, yields it; drains and stops on exit."""
+    """Starts a worker, loads the repository, yields it; drains and stops on exit.
+
+    ``on_listening(address)`` runs once the server listens, before anything loads.
+    """
     if settings.threads:
         # Process-wide: a worker process owns its torch thread pool.
         torch.set_num_threads(settings.threads)
@@ -97,6 +102,8 @@ async def run_worker(
     # health (in a Kubernetes pod it starts beside the worker) registers the instance
     # SERVING only then, so no request of a joining worker waits for a load.
     serving = await start_server(server or ServerSettings(), [servicer.service()], serving=False)
+    if on_listening is not None:
+        on_listening(serving.address)
     try:
         if settings.preload_wait_s:
             await _start_with_preload(repository, servicer, settings)
@@ -137,10 +144,17 @@ async def _start_with_preload(
 
 
 async def serve_forever(settings: WorkerSettings, server: ServerSettings) -> None:
-    async with run_worker(settings, server) as running:
+    def announce(address: str) -> None:
         # Machine-readable: tests and scripts that pass --port 0 read the port from here.
-        print(f"inference worker listening on {running.serving.address}", flush=True)
+        print(f"inference worker listening on {address}", flush=True)
         sys.stdout.flush()
+
+    # A worker waiting for a preload announces itself before loading: `meshserve run`
+    # starts the sidecar, which sends the preload, only once it has read this line.
+    early = announce if settings.preload_wait_s else None
+    async with run_worker(settings, server, early) as running:
+        if early is None:
+            announce(running.serving.address)
         await serve_until_signal(running.serving)
 
 
