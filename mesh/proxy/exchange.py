@@ -299,6 +299,10 @@ class Exchange:
                 if outcome is not None:
                     identity = outcome.identity
                 if relay.guard is not None:
+                    if outcome is not None and outcome.consumed:
+                        # An end-user token is not an edge credential (an open data plane
+                        # admits the call; AuthorizationPolicy sees the end user).
+                        headers = {k: v for k, v in headers.items() if k not in outcome.consumed}
                     relay.guard(self.path, headers, identity)
             except MeshError as exc:
                 self._fail_early(exc.code, exc.message, exc.trailers)

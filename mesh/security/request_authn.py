@@ -48,6 +48,9 @@ class AuthnOutcome:
     remove: frozenset[str] = frozenset()
     #: Headers added: the verified payload and claims the rules output.
     add: tuple[tuple[str, str], ...] = ()
+    #: The headers verified tokens were read from: they are not the gateway's edge
+    #: credential, which is checked without them.
+    consumed: frozenset[str] = frozenset()
 
 
 NO_RULES = AuthnOutcome()
@@ -120,6 +123,7 @@ def authenticate(
                 locations[header].append(prefix)
     identity: JwtIdentity | None = None
     add: list[tuple[str, str]] = []
+    consumed: set[str] = set()
     for header, prefixes in locations.items():
         value = headers.get(header)
         if value is None:
@@ -129,6 +133,7 @@ def authenticate(
             if token is None:
                 continue
             rule, claims = _verify(token, header, prefix, rules, keys)
+            consumed.add(header)
             if not rule.forward_original_token:
                 remove.add(header)
             if rule.output_payload_to_header is not None:
@@ -144,7 +149,7 @@ def authenticate(
                     rule.issuer, subject if isinstance(subject, str) else None, claims
                 )
             break
-    return AuthnOutcome(identity, frozenset(remove), tuple(add))
+    return AuthnOutcome(identity, frozenset(remove), tuple(add), frozenset(consumed))
 
 
 def _verify(
