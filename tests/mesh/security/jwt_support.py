@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -42,3 +46,33 @@ class Issuer:
         body = {"iss": self.iss, "sub": sub, "iat": now, "exp": now + 600, **claims}
         body = {k: v for k, v in body.items() if v is not None}
         return jwt.encode(body, self.private, algorithm=self.alg, headers={"kid": self.kid})
+
+
+@contextmanager
+def serve_jwks(body: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server answering ``body['jwks']`` (read per request, so a test can
+    rotate keys); yields its URL and the paths it was asked for."""
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            data = body["jwks"].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -20,7 +18,7 @@ from mesh.security.authz import RequestAttributes, evaluate
 from mesh.security.jwks import JwksCache
 from mesh.security.request_authn import AuthnOutcome, RequestAuthenticator
 from mesh.security.workload import Workload
-from tests.mesh.security.jwt_support import Issuer
+from tests.mesh.security.jwt_support import Issuer, serve_jwks
 
 RSA = Issuer.rsa("https://login.example.com")
 EC = Issuer.ec("https://ec.example.com")
@@ -187,32 +185,9 @@ def test_claims_principals_and_audiences_feed_authorization_policy() -> None:
 
 @pytest.fixture
 def jwks_server() -> Iterator[tuple[str, list[str], dict[str, str]]]:
-    """A local HTTP server serving ``body['jwks']`` at /jwks.json; records the paths hit."""
     body = {"jwks": RSA.jwks()}
-    hits: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            hits.append(self.path)
-            data = body["jwks"].encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", hits, body
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_jwks(body) as (url, hits):
+        yield url, hits, body
 
 
 async def test_a_jwks_uri_is_fetched_in_the_background_and_refreshed(
