@@ -73,7 +73,7 @@ def parse_jwks(text: str) -> tuple[JwtKey, ...]:
             raise JwksError(f"JWKS keys[{index}]: key type {data.get('kty')!r} is not supported")
         try:
             key = jwt.PyJWK(data, algorithms[0]).key
-        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError) as exc:
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as exc:
             raise JwksError(f"JWKS keys[{index}] is not a usable key: {exc}") from exc
         kid = data.get("kid")
         keys.append(JwtKey(algorithms, key, kid if isinstance(kid, str) else None))
