@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mesh.balance.maglev import DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, is_prime
+from mesh.config.autoscale import ANNOTATIONS as AUTOSCALE_ANNOTATIONS
+from mesh.config.autoscale import AutoscaleSettings, parse_autoscale
 from mesh.config.client_tls import ClientTls, parse_client_tls
 from mesh.config.fields import Node
 from mesh.config.resource import Metadata, export_to, resource_host
@@ -152,6 +154,9 @@ class Extensions:
     per_endpoint_ring: bool = False
     #: Retries (and spills) go to ring successors clockwise; False: Envoy's rehashed picks.
     successor_retries: bool = False
+    #: How the host's replicas follow load (``meshserve.io/autoscale-*``; used by an
+    #: autoscaler: ``up --autoscale``, or the Kubernetes adapter).
+    autoscale: AutoscaleSettings = field(default_factory=AutoscaleSettings)
 
 
 @dataclass(frozen=True)
@@ -518,6 +523,7 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
         ANNOTATION_COLD_SPILL,
         ANNOTATION_RING_POINTS,
         ANNOTATION_RETRY_ORDER,
+        *AUTOSCALE_ANNOTATIONS,
     )
     for key in annotations:
         if key.startswith("meshserve.io/") and key not in known:
@@ -569,7 +575,12 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
         ext = replace(ext, successor_retries=text == "ring-successor")
     replicas = _count(node, annotations, ANNOTATION_HOT_KEY_REPLICAS, ext.hot_key_replicas)
     threshold = _count(node, annotations, ANNOTATION_HOT_KEY_THRESHOLD, ext.hot_key_threshold)
-    return replace(ext, hot_key_replicas=replicas, hot_key_threshold=threshold)
+    return replace(
+        ext,
+        hot_key_replicas=replicas,
+        hot_key_threshold=threshold,
+        autoscale=parse_autoscale(node, annotations),
+    )
 
 
 def _count(node: Node, annotations: dict[str, str], key: str, default: int) -> int:

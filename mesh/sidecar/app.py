@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc.aio
+from grpc_health.v1 import health_pb2_grpc
 
 from mesh.balance.locality import own_locality
 from mesh.config.fields import ConfigError
@@ -81,6 +82,11 @@ class SidecarSettings:
     plaintext_port: int | None = None
     #: Where the worker's outgoing calls enter (localhost only); None: no outbound.
     outbound_port: int | None = None
+    #: A plaintext listener that answers gRPC health only (the sidecar's, which follows the
+    #: worker's): for probes that cannot present a mesh certificate, such as the kubelet's
+    #: ``grpc`` readiness probe (Istio's pilot-agent serves 15021 for the same reason).
+    #: None: none.
+    health_port: int | None = None
     #: Routing YAML for outbound calls (VirtualService, DestinationRule), the base under
     #: the registry's config store (``meshserve apply``); None: the store's alone.
     config_dir: Path | None = None
@@ -169,6 +175,9 @@ class Sidecar:
         self.registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
+        #: The plaintext health listener (``health_port``) and the address it bound.
+        self._health_server: grpc.aio.Server | None = None
+        self.health_address: str | None = None
         self.mode: MtlsMode = "DISABLE"
 
     async def _publish_load(self) -> None:
@@ -185,7 +194,9 @@ class Sidecar:
                 continue
             report = await probe.read()
             await self.registration.update(
-                load=registry_load(report, self.limit.in_flight),
+                # The interval's average, not this instant's count: the autoscaler reads
+                # these once a second, and an instant may fall between calls.
+                load=registry_load(report, round(self.limit.average())),
                 models=model_refs(report) if report is not None else None,
                 publish=False,
             )
@@ -276,6 +287,8 @@ class Sidecar:
             await self.serving.drain(grace=0)
             raise
         self.registration.start()
+        if s.health_port is not None:
+            await self._start_health(s.host, s.health_port)
         if s.outbound_port is not None:
             await self._start_outbound(s.outbound_port)
         mirror = HealthMirror(self.channel, self._worker_health, metadata=self.app_metadata)
@@ -295,6 +308,21 @@ class Sidecar:
             s.app_address,
         )
         return self.serving
+
+    async def _start_health(self, host: str, port: int) -> None:
+        """Serves the sidecar's own health servicer, and nothing else, in plaintext: it
+        tells SERVING or NOT_SERVING, which the registry publishes anyway."""
+        assert self.serving is not None
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.serving.health, server)
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+            await server.start()
+        except BaseException:
+            await self.drain()
+            raise
+        self._health_server = server
+        self.health_address = f"{host}:{bound}"
 
     async def _start_outbound(self, port: int) -> None:
         """The worker's way out: the relay in routing mode on localhost, mTLS to peers.
@@ -397,6 +425,8 @@ class Sidecar:
         # Outbound last: in-flight inbound calls may have needed it to finish.
         if self.outbound is not None:
             await self.outbound.drain(self.settings.grace_seconds)
+        if self._health_server is not None:
+            await self._health_server.stop(grace=None)
         await self.channel.close()
 
     async def run_until_signal(self) -> None:

@@ -401,6 +401,46 @@ async def test_a_worker_on_a_unix_socket_is_reached_through_the_relay(
             assert await call(channel) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
 
 
+async def test_a_strict_sidecars_health_port_answers_health_only_in_plaintext(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    """The kubelet's grpc probe cannot do mTLS: the health port tells it the sidecar's
+    health (the worker's, mirrored) and serves no other call."""
+
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
+            service="inference", app_address=address, mtls="STRICT", health_port=0, drain_delay=0
+        )
+
+    async with rigged(es, indices, settings) as r:
+        assert r.sidecar.health_address is not None
+        async with grpc.aio.insecure_channel(r.sidecar.health_address) as plain:
+            health = health_pb2_grpc.HealthStub(plain)
+
+            async def status_is(
+                status: health_pb2.HealthCheckResponse.ServingStatus.ValueType,
+            ) -> bool:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                return bool(reply.status == status)
+
+            await r.until(lambda: status_is(health_pb2.HealthCheckResponse.SERVING), "SERVING")
+            await r.worker_serving.set_serving(False)
+            await r.until(
+                lambda: status_is(health_pb2.HealthCheckResponse.NOT_SERVING), "NOT_SERVING"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as other:
+                await call(plain)
+            assert other.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    # Drained: the health port is closed too.
+    async with grpc.aio.insecure_channel(r.sidecar.health_address) as gone:
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await health_pb2_grpc.HealthStub(gone).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert closed.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+
+
 def end_user_policies(rsa: Issuer, ec: Issuer) -> SidecarPolicies:
     text = f"""
 apiVersion: security.istio.io/v1
