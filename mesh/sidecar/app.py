@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 from mesh.balance.locality import own_locality
 from mesh.config.fields import ConfigError
 from mesh.config.loader import fingerprint
+from mesh.config.request_authn import RequestAuthentication
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthentication
 from mesh.config.snapshot import config_from_path
@@ -28,6 +29,7 @@ from mesh.routing.pipeline import validate_documents
 from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes
 from mesh.security.peer import PeerInfo, check_peer, listeners_for, resolve_mode
+from mesh.security.request_authn import RequestAuthenticator
 from mesh.security.rotation import CertificateSource
 from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
@@ -116,6 +118,7 @@ class SidecarPolicies:
 
     peer_authentications: Sequence[PeerAuthentication] = ()
     authorization_policies: Sequence[AuthorizationPolicy] = ()
+    request_authentications: Sequence[RequestAuthentication] = ()
 
 
 class Sidecar:
@@ -147,6 +150,10 @@ class Sidecar:
         self.limit = ConcurrencyLimit(settings.max_concurrency)
         self._authorizer = Authorizer(
             lambda: self.policies.authorization_policies, settings.workload
+        )
+        #: RequestAuthentication at the inbound: end-user JWTs for AuthorizationPolicy.
+        self.authn = RequestAuthenticator(
+            lambda: self.policies.request_authentications, settings.workload
         )
         #: The worker's health and load reports (the calls themselves go through the relay).
         self.channel = grpc.aio.insecure_channel(settings.app_address)
@@ -247,6 +254,7 @@ class Sidecar:
             internal_address=serving.address,
             telemetry=self._telemetry,
             inbound=Inbound(s.app_address, self._admit, self.limit, app_secret=s.app_secret),
+            authn=self.authn,
             limits=INBOUND_LIMITS,
         )
         serving.before_stop(relay.drain)
@@ -285,7 +293,11 @@ class Sidecar:
             await self._start_outbound(s.outbound_port)
         mirror = HealthMirror(self.channel, self._worker_health, metadata=self.app_metadata)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(mirror.run()), loop.create_task(self._publish_load())]
+        self._tasks = [
+            loop.create_task(mirror.run()),
+            loop.create_task(self._publish_load()),
+            loop.create_task(self.authn.jwks.run()),
+        ]
         if s.config_dir is not None:
             self._tasks.append(loop.create_task(self._watch_policies(s.config_dir)))
         log.info(
@@ -362,7 +374,9 @@ class Sidecar:
                 log.error("policies rejected, keeping the previous ones: %s", exc.message)
                 continue
             self.policies = SidecarPolicies(
-                config.peer_authentications, config.authorization_policies
+                config.peer_authentications,
+                config.authorization_policies,
+                config.request_authentications,
             )
             if self.settings.mtls is None:
                 mode = resolve_mode(config.peer_authentications, self.settings.workload).mode
