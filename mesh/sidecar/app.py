@@ -19,6 +19,7 @@ from mesh.balance.locality import own_locality
 from mesh.balance.preload import Version
 from mesh.config.fields import ConfigError
 from mesh.config.loader import fingerprint
+from mesh.config.request_authn import RequestAuthentication
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthentication
 from mesh.config.snapshot import config_from_path
@@ -31,6 +32,7 @@ from mesh.routing.pipeline import ConfigPipeline, validate_documents
 from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes
 from mesh.security.peer import PeerInfo, check_peer, listeners_for, resolve_mode
+from mesh.security.request_authn import RequestAuthenticator
 from mesh.security.rotation import CertificateSource
 from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
@@ -120,6 +122,7 @@ class SidecarPolicies:
 
     peer_authentications: Sequence[PeerAuthentication] = ()
     authorization_policies: Sequence[AuthorizationPolicy] = ()
+    request_authentications: Sequence[RequestAuthentication] = ()
 
 
 class Sidecar:
@@ -151,6 +154,10 @@ class Sidecar:
         self.limit = ConcurrencyLimit(settings.max_concurrency)
         self._authorizer = Authorizer(
             lambda: self.policies.authorization_policies, settings.workload
+        )
+        #: RequestAuthentication at the inbound: end-user JWTs for AuthorizationPolicy.
+        self.authn = RequestAuthenticator(
+            lambda: self.policies.request_authentications, settings.workload
         )
         #: The worker's health and load reports (the calls themselves go through the relay).
         self.channel = grpc.aio.insecure_channel(settings.app_address)
@@ -253,6 +260,7 @@ class Sidecar:
             internal_address=serving.address,
             telemetry=self._telemetry,
             inbound=Inbound(s.app_address, self._admit, self.limit, app_secret=s.app_secret),
+            authn=self.authn,
             limits=INBOUND_LIMITS,
         )
         serving.before_stop(relay.drain)
@@ -294,6 +302,7 @@ class Sidecar:
         self._tasks = [
             loop.create_task(mirror.run()),
             loop.create_task(self._publish_load()),
+            loop.create_task(self.authn.jwks.run()),
             loop.create_task(self._preload()),
         ]
         if s.config_dir is not None:
@@ -372,7 +381,9 @@ class Sidecar:
                 log.error("policies rejected, keeping the previous ones: %s", exc.message)
                 continue
             self.policies = SidecarPolicies(
-                config.peer_authentications, config.authorization_policies
+                config.peer_authentications,
+                config.authorization_policies,
+                config.request_authentications,
             )
             if self.settings.mtls is None:
                 mode = resolve_mode(config.peer_authentications, self.settings.workload).mode

@@ -103,7 +103,11 @@ def plan(args: argparse.Namespace, app_address: str, app_secret: str | None = No
     policies = SidecarPolicies()
     if args.config is not None:
         config = config_from_path(args.config)
-        policies = SidecarPolicies(config.peer_authentications, config.authorization_policies)
+        policies = SidecarPolicies(
+            config.peer_authentications,
+            config.authorization_policies,
+            config.request_authentications,
+        )
     certs = None
     if mtls != "DISABLE":
         certs = certificates(
