@@ -276,6 +276,10 @@ def plan_workers(args: argparse.Namespace, es: str) -> list[Component]:
     return components
 
 
+#: Seconds a starting inference worker waits for its sidecar's preload list.
+PRELOAD_WAIT_S = 30
+
+
 def inference_component(args: argparse.Namespace, es: str, number: int) -> Component:
     """Inference worker ``number`` with its sidecar (the autoscaler starts more of these)."""
     state = Path(args.state_dir).resolve()
@@ -289,6 +293,10 @@ def inference_component(args: argparse.Namespace, es: str, number: int) -> Compo
             "1",
             "--threads",
             "1",
+            # Before loading, its sidecar says which versions the ring will send it
+            # (those load first); without an answer in this time it loads them all.
+            "--preload-wait",
+            str(PRELOAD_WAIT_S),
         ]
     )
     return Component(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from mesh.balance.endpoints import Endpoint
+from mesh.balance.preload import PRELOAD_HEADER
 from mesh.errors import ResourceExhausted
 from mesh.proxy.hpack_codec import Header
 from mesh.routing import headers as md
@@ -30,7 +31,9 @@ from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 PEER_HEADER = md.PEER
 _PEER = PEER_HEADER.encode()
 #: Headers only the sidecar sets: a caller's copies are dropped, never forwarded.
-_SET_HERE = frozenset({_PEER, SECRET_HEADER.encode()})
+#: The preload list is the sidecar's own word to its worker (mesh/balance/preload.py): a
+#: caller's would make a joining worker load what the caller chose.
+_SET_HERE = frozenset({_PEER, SECRET_HEADER.encode(), PRELOAD_HEADER.encode()})
 #: Paths the sidecar's own gRPC server answers (its health mirrors the worker's).
 #: Reflection goes to the worker, like any call: a client of the mesh port (grpcurl with
 #: a mesh certificate) lists and describes the services the sidecar fronts, not the

@@ -14,7 +14,9 @@ from pathlib import Path
 import grpc.aio
 from grpc_health.v1 import health_pb2_grpc
 
+from mesh.balance.endpoints import endpoint_from_instance
 from mesh.balance.locality import own_locality
+from mesh.balance.preload import Version
 from mesh.config.fields import ConfigError
 from mesh.config.loader import fingerprint
 from mesh.config.request_authn import RequestAuthentication
@@ -25,7 +27,8 @@ from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.proxy.inbound import ConcurrencyLimit, Inbound
 from mesh.proxy.relay import Relay
 from mesh.routing.limits import RelayLimits
-from mesh.routing.pipeline import validate_documents
+from mesh.routing.ownership import owned_versions
+from mesh.routing.pipeline import ConfigPipeline, validate_documents
 from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes
 from mesh.security.peer import PeerInfo, check_peer, listeners_for, resolve_mode
@@ -38,9 +41,10 @@ from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 from mesh.sidecar.health import HealthMirror
 from mesh.sidecar.load import LoadProbe, model_refs, registry_load
 from mesh.sidecar.outbound import Outbound
+from mesh.sidecar.preload import send_preload
 from mesh.telemetry.interceptors import TelemetryServerInterceptor
 from mesh.telemetry.setup import Telemetry
-from registry.discovery import RegistryDiscovery
+from registry.discovery import RegisteredInstance, RegistryDiscovery
 from registry.instances import Instance, Status
 from registry.lease import Registration
 from registry.store import Store
@@ -179,6 +183,8 @@ class Sidecar:
         self._health_server: grpc.aio.Server | None = None
         self.health_address: str | None = None
         self.mode: MtlsMode = "DISABLE"
+        #: What the joining worker was told to preload (False: nothing was sent).
+        self.preloaded: frozenset[Version] | bool | None = False
 
     async def _publish_load(self) -> None:
         """Load rides on the heartbeats (once a second): advisory, like Consul's.
@@ -297,6 +303,7 @@ class Sidecar:
             loop.create_task(mirror.run()),
             loop.create_task(self._publish_load()),
             loop.create_task(self.authn.jwks.run()),
+            loop.create_task(self._preload()),
         ]
         if s.config_dir is not None:
             self._tasks.append(loop.create_task(self._watch_policies(s.config_dir)))
@@ -389,6 +396,33 @@ class Sidecar:
                 else:
                     self.mode = mode
             log.info("policies reloaded from %s (mTLS %s)", directory, self.mode)
+
+    async def _preload(self) -> None:
+        """Tells a joining worker which versions the ring will send it (if it asks)."""
+        self.preloaded = await send_preload(self.channel, self._ring_owned, self.app_metadata)
+
+    async def _ring_owned(self, versions: dict[str, list[int]]) -> frozenset[Version] | None:
+        """The versions the gateway's ring gives this unit once it is SERVING (None: the
+        ring tells nothing), from the routing config the gateway reads (the config folder
+        under the registry's config store) and the service's endpoints in the registry."""
+        s = self.settings
+        pipeline = ConfigPipeline(
+            GatewayState(),
+            config_dir=s.config_dir,
+            store=self._store.config(validator=validate_documents),
+        )
+        await pipeline.start()
+        watcher = self._store.watcher(s.service)
+        if await watcher.poll() is None or self.registration is None:
+            return None  # the registry cannot be read: no idea who else serves
+        peers = [
+            endpoint_from_instance(RegisteredInstance.of(i)) for i in watcher.snapshot().values()
+        ]
+        own = endpoint_from_instance(RegisteredInstance.of(self.registration.instance))
+        found = owned_versions(pipeline.state.config, s.service, peers, own, versions)
+        if found is not None:
+            log.info("the ring gives this worker keys %s", ", ".join(found.keys) or "none")
+        return None if found is None else found.owned
 
     async def _worker_health(self, serving: bool) -> None:
         if self._draining or self.registration is None or self.serving is None:

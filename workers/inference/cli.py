@@ -38,6 +38,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="torch intra-op threads for forward passes (0: torch's default, one per core)",
     )
     parser.add_argument(
+        "--preload-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before loading, wait this long for the sidecar's list of the versions the "
+        "ring routes here and load those first (0: load every servable version at once)",
+    )
+    parser.add_argument(
         "--no-batching", action="store_true", help="run every request alone (for comparison)"
     )
     parser.set_defaults(handler=run)
@@ -51,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
         poll_interval_s=args.poll_interval,
         batching=not args.no_batching,
         threads=args.threads,
+        preload_wait_s=args.preload_wait,
     )
     return main(settings, server_settings(args))

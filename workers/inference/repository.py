@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
 
-from mesh.errors import MeshError, NotFound, Unavailable
+from mesh.errors import FailedPrecondition, MeshError, NotFound, Unavailable
 from protos.inference import model_config_pb2 as mc
 from workers.inference.batcher import BatchPolicy, DynamicBatcher
 from workers.inference.cache import ModelCache
@@ -101,16 +101,87 @@ class ModelRepository:
             self._load, lambda s: s.model.memory_bytes, memory_budget_bytes, self._evicted
         )
         self._poller: asyncio.Task[None] | None = None
+        self._poll_interval_s: float | None = None
         #: Requests that found their version not loaded and waited for it.
         self.cold_loads = 0
+        #: A start that scanned without loading: :meth:`preload` says what to load first.
+        self.awaiting_preload = False
+        self._defer_loads = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, poll_interval_s: float | None) -> None:
-        """Loads what the repository holds now; then polls every ``poll_interval_s`` (None: never)."""
+    async def start(self, poll_interval_s: float | None, *, load: bool = True) -> None:
+        """Loads what the repository holds now; then polls every ``poll_interval_s`` (None: never).
+
+        ``load=False`` reads the models and their versions without loading any, and waits
+        for :meth:`preload` (the sidecar's list of the versions the ring gives this
+        worker) to load them and start polling.
+        """
+        self._poll_interval_s = poll_interval_s
+        self._defer_loads = not load
         await self.poll_once()
-        if poll_interval_s:
+        # Only now: the servable versions a waiting worker lists are the scan's, complete.
+        self.awaiting_preload = not load
+        if load and poll_interval_s:
             self._poller = asyncio.create_task(self._poll_forever(poll_interval_s))
+
+    def servable_versions(self) -> dict[str, list[int]]:
+        """Each usable model's servable versions (what a preload chooses among)."""
+        return {
+            name: sorted(state.servable)
+            for name, state in sorted(self._models.items())
+            if not state.unloaded and state.config is not None and state.servable
+        }
+
+    async def preload(self, owned: Collection[Key] | None) -> None:
+        """Ends a ``load=False`` start: loads ``owned`` first, then the rest while it fits.
+
+        ``owned`` (the versions the ring routes here; None: no ring information) load
+        newest first; the other servable versions follow only while the memory budget
+        has room, judged by the size of a version already loaded, so none of them evicts
+        an owned one. Without a budget everything loads, as a plain start does.
+        """
+        async with self._lock:
+            if not self.awaiting_preload:
+                raise FailedPrecondition("the worker is not waiting for a preload")
+            self.awaiting_preload = self._defer_loads = False
+            keys = [
+                (name, version)
+                for name, versions in self.servable_versions().items()
+                for version in sorted(versions, reverse=True)
+            ]
+            first = [k for k in keys if owned is None or k in owned]
+            rest = [k for k in keys if k not in first]
+            for key in first:
+                # A failure is recorded in state.failed by _load; the others still load.
+                with contextlib.suppress(Exception):
+                    await self.cache.get(key)
+            for key in rest:
+                if not self._fits(key):
+                    log.info("model %s version %s: not preloaded, the budget is full", *key)
+                    continue
+                with contextlib.suppress(Exception):
+                    await self.cache.get(key)
+            log.info(
+                "preloaded %s (ring-owned: %s)",
+                ", ".join(f"{n}:{v}" for n, v in self.cache.loaded_keys()) or "nothing",
+                "unknown, all" if owned is None else ", ".join(f"{n}:{v}" for n, v in first),
+            )
+        if self._poll_interval_s:
+            self._poller = asyncio.create_task(self._poll_forever(self._poll_interval_s))
+
+    def _fits(self, key: Key) -> bool:
+        """Whether ``key`` likely fits beside what is loaded: the size of a loaded version
+        of the same model (else of any) stands in for its own, unknown before loading."""
+        budget = self.cache.budget_bytes
+        if not budget:
+            return True
+        loaded = self.cache.values()
+        if not loaded:
+            return True
+        same = [s.model.memory_bytes for s in loaded if s.model.name == key[0]]
+        estimate = max(same or [s.model.memory_bytes for s in loaded])
+        return self.cache.used_bytes + estimate <= budget
 
     async def stop(self) -> None:
         if self._poller is not None:
@@ -175,8 +246,9 @@ class ModelRepository:
         state.retiring |= set(state.allowed) - set(allowed)
         state.retiring -= set(allowed)
         state.allowed = allowed
-        # Newest first: it becomes the default as soon as it is ready.
-        for version in sorted(allowed, reverse=True):
+        # Newest first: it becomes the default as soon as it is ready. While a preload is
+        # awaited nothing loads: the preload picks the order.
+        for version in sorted(allowed, reverse=True) if not self._defer_loads else ():
             if version not in state.ready and version not in state.failed:
                 # A failure is recorded in state.failed by _load; the others still load.
                 with contextlib.suppress(Exception):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from workers.inference.service import InferenceServicer
 from workers.inference.stats import Statistics
 from workers.inference.worker import InferenceWorker
 from workers.model_repo import ModelRepo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class WorkerSettings:
     batching: bool = True
     #: torch intra-op threads for forward passes; 0 keeps torch's default (one per core).
     threads: int = 0
+    #: Seconds to wait, before loading anything, for the sidecar's list of the versions
+    #: the ring gives this worker (loaded first); 0: load every servable version at once.
+    preload_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.model_repo:
@@ -44,6 +50,8 @@ class WorkerSettings:
             raise ValueError(f"memory budget must be >= 0, got {self.memory_budget_bytes}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.preload_wait_s < 0:
+            raise ValueError(f"preload wait must be >= 0, got {self.preload_wait_s}")
         if self.poll_interval_s < 0:
             raise ValueError(f"poll interval must be >= 0, got {self.poll_interval_s}")
 
@@ -65,9 +73,14 @@ class RunningWorker:
 
 @asynccontextmanager
 async def run_worker(
-    settings: WorkerSettings, server: ServerSettings | None = None
+    settings: WorkerSettings,
+    server: ServerSettings | None = None,
+    on_listening: Callable[[str], None] | None = None,
 ) -> AsyncIterator[RunningWorker]:
-    """Starts a worker, loads the repository, yields it; drains and stops on exit."""
+    """Starts a worker, loads the repository, yields it; drains and stops on exit.
+
+    ``on_listening(address)`` runs once the server listens, before anything loads.
+    """
     if settings.threads:
         # Process-wide: a worker process owns its torch thread pool.
         torch.set_num_threads(settings.threads)
@@ -89,8 +102,13 @@ async def run_worker(
     # health (in a Kubernetes pod it starts beside the worker) registers the instance
     # SERVING only then, so no request of a joining worker waits for a load.
     serving = await start_server(server or ServerSettings(), [servicer.service()], serving=False)
+    if on_listening is not None:
+        on_listening(serving.address)
     try:
-        await repository.start(settings.poll_interval_s or None)
+        if settings.preload_wait_s:
+            await _start_with_preload(repository, servicer, settings)
+        else:
+            await repository.start(settings.poll_interval_s or None)
         await serving.set_serving(True)
         servicer.ready = True
         yield RunningWorker(serving, servicer, worker, repository)
@@ -103,11 +121,40 @@ async def run_worker(
         executor.shutdown(wait=False, cancel_futures=True)
 
 
+async def _start_with_preload(
+    repository: ModelRepository, servicer: InferenceServicer, settings: WorkerSettings
+) -> None:
+    """Reads the repository, waits for the sidecar's preload list, loads it first.
+
+    The sidecar asks the ring which versions will route here (mesh/routing/ownership.py);
+    without an answer in time (no sidecar, an older one) everything servable loads.
+    """
+    await repository.start(settings.poll_interval_s or None, load=False)
+    try:
+        owned = await asyncio.wait_for(
+            asyncio.shield(servicer.preload_request), settings.preload_wait_s
+        )
+    except TimeoutError:
+        log.warning(
+            "no preload list from the sidecar within %gs: loading every servable version",
+            settings.preload_wait_s,
+        )
+        owned = None
+    await repository.preload(owned)
+
+
 async def serve_forever(settings: WorkerSettings, server: ServerSettings) -> None:
-    async with run_worker(settings, server) as running:
+    def announce(address: str) -> None:
         # Machine-readable: tests and scripts that pass --port 0 read the port from here.
-        print(f"inference worker listening on {running.serving.address}", flush=True)
+        print(f"inference worker listening on {address}", flush=True)
         sys.stdout.flush()
+
+    # A worker waiting for a preload announces itself before loading: `meshserve run`
+    # starts the sidecar, which sends the preload, only once it has read this line.
+    early = announce if settings.preload_wait_s else None
+    async with run_worker(settings, server, early) as running:
+        if early is None:
+            announce(running.serving.address)
         await serve_until_signal(running.serving)
 
 

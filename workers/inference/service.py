@@ -12,7 +12,8 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from mesh.errors import InvalidArgument, MeshError, NotFound, Unimplemented
+from mesh.balance.preload import PRELOAD_HEADER, SERVABLE_HEADER, format_versions, parse_preload
+from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, NotFound, Unimplemented
 from mesh.server.app import Service
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -64,9 +65,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.ready = False
         #: ModelInfer responses carry the load report only now and then (see reporting).
         self.sampler = ReportSampler()
+        #: The sidecar's preload (versions, or None: all), once sent (mesh/balance/preload.py).
+        self.preload_request: asyncio.Future[frozenset[tuple[str, int]] | None] = (
+            asyncio.get_running_loop().create_future()
+        )
 
-    def _report_load(self, context: Context) -> None:
-        context.set_trailing_metadata(self.worker.load_report().metadata())
+    def _report_load(self, context: Context, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        context.set_trailing_metadata(self.worker.load_report().metadata() + extra)
+
+    def _take_preload(self, text: str) -> None:
+        """The sidecar's list of the versions the ring gives this worker (validated)."""
+        if not self.repository.awaiting_preload or self.preload_request.done():
+            raise FailedPrecondition("the worker is not waiting for a preload")
+        try:
+            owned = parse_preload(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"{PRELOAD_HEADER}: {exc}") from None
+        self.preload_request.set_result(owned)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
@@ -76,7 +91,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        self._report_load(context)
+        preload = _header(context, PRELOAD_HEADER)
+        if preload is not None:
+            self._take_preload(preload)
+        extra: tuple[tuple[str, str], ...] = ()
+        if self.repository.awaiting_preload and not self.preload_request.done():
+            servable = self.repository.servable_versions()
+            versions = [(name, v) for name, numbers in servable.items() for v in numbers]
+            extra = ((SERVABLE_HEADER, format_versions(versions)),)
+        self._report_load(context, extra)
         return pb.ServerReadyResponse(ready=self.ready)
 
     async def ModelReady(
