@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -16,6 +15,7 @@ from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_static
 from mesh.routing.limits import RelayLimits
 from mesh.routing.pipeline import validate_documents
+from mesh.server import eventloop
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
 from mesh.telemetry import logs
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             await serve_until_signal(serving)
 
     try:
-        asyncio.run(main())
+        eventloop.run(main())
     finally:
         telemetry.shutdown()
     return 0

@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from mesh.proxy import frames as f
 from mesh.proxy.hpack_codec import (
@@ -258,8 +258,10 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, but not necessarily an asyncio.Transport subclass: uvloop's
+        # (TCP, Unix, and its TLS one) implement the interface without inheriting it,
+        # and an isinstance check here failed every connection under uvloop.
+        self.transport = cast(asyncio.Transport, transport)
         # Frames written before the connection existed (an upstream still connecting)
         # go after the preface and SETTINGS.
         self._out.insert(0, self.opening_frames())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from mesh.security.ca import (
 )
 from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import CertificateSource, FileIssuer
+from mesh.server import eventloop
 from mesh.server.sidecar_secret import read_secret
 from mesh.sidecar.app import Sidecar, SidecarPolicies, SidecarSettings
 from mesh.telemetry import logs
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             await sidecar.run_until_signal()
 
     try:
-        asyncio.run(main())
+        eventloop.run(main())
     finally:
         sidecar_plan.telemetry.shutdown()
     return 0

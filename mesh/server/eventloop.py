@@ -1,0 +1,43 @@
+"""The event loop the mesh's relay processes run on: uvloop when it is installed.
+
+The relay (gateway, sidecar) spends a proxied call's CPU mostly outside its own Python:
+the event loop's selector turns, transport writes and reads, TLS records
+(docs/benchmarks.md, "The relay's per-call cost"). uvloop does that work in C on libuv,
+so the same relay costs less per call. It is optional: without it (or with
+``MESHSERVE_EVENT_LOOP=asyncio``) the standard loop runs the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+#: ``auto`` (uvloop when installed), ``uvloop`` (required) or ``asyncio``.
+LOOP_ENV = "MESHSERVE_EVENT_LOOP"
+CHOICES = ("auto", "uvloop", "asyncio")
+
+
+def loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """What makes the loop for ``choice`` (default: the environment's); None: asyncio's."""
+    choice = (choice or os.environ.get(LOOP_ENV) or "auto").lower()
+    if choice not in CHOICES:
+        raise ValueError(f"{LOOP_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise RuntimeError(f"{LOOP_ENV}=uvloop but uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T], *, choice: str | None = None) -> T:
+    """``asyncio.run(main)`` on the loop :func:`loop_factory` picks."""
+    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+        return runner.run(main)

@@ -1,0 +1,89 @@
+"""The relay on each event loop it may run on: asyncio's and uvloop (mesh/server/eventloop.py).
+
+uvloop's transports implement asyncio's interface without inheriting from it; a relay that
+checked ``isinstance(transport, asyncio.Transport)`` failed every connection under it (the
+TLS one first: the sidecar reset its callers). Each loop here carries a real call through
+both of the relay's TLS sides: a client (plaintext) → relay A, which dials B with mutual
+TLS → relay B (a sidecar's mTLS inbound) → a gRPC worker, which answers with the identity
+B verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc.aio
+import pytest
+
+from mesh.config.snapshot import EMPTY
+from mesh.proxy.inbound import ConcurrencyLimit, Inbound
+from mesh.proxy.relay import Relay
+from mesh.routing.state import GatewayState
+from mesh.security.authz import RequestAttributes
+from mesh.security.ca import CertificateAuthority
+from mesh.security.identity import WorkloadIdentity
+from mesh.security.peer import PeerInfo, check_peer
+from mesh.security.rotation import CertificateSource
+from mesh.server import eventloop
+from mesh.server.app import ServerSettings, start_server
+from tests.mesh.sidecar.worker import ECHO, Worker
+
+TD = "cluster.local"
+
+
+def _strict(peer: PeerInfo, _: RequestAttributes) -> None:
+    check_peer("STRICT", peer)
+
+
+def _anyone(peer: PeerInfo, _: RequestAttributes) -> None:
+    pass
+
+
+async def _call_through_mtls_relays() -> tuple[str, bytes]:
+    ca = CertificateAuthority.create(TD)
+    sidecar = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference"))
+    caller = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
+    worker = await start_server(ServerSettings(), [Worker().service()])
+    inner = Relay(
+        GatewayState(EMPTY),
+        internal_address=None,
+        inbound=Inbound(worker.address, _strict, ConcurrencyLimit(None)),
+    )
+    outer = Relay(
+        GatewayState(EMPTY),
+        internal_address=None,
+        ssl_context=caller.ssl_client_context,
+        inbound=None,
+    )
+    try:
+        port = await inner.start("127.0.0.1", 0, tls=sidecar.ssl_server_context())
+        outer.inbound = Inbound(f"localhost:{port}", _anyone, ConcurrencyLimit(None))
+        front = await outer.start("127.0.0.1", 0)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{front}") as channel:
+            echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+            reply: bytes = await echo(b"hi", timeout=10)
+        return type(asyncio.get_running_loop()).__module__, reply
+    finally:
+        await outer.drain(0)
+        await inner.drain(0)
+        await worker.drain(grace=0)
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
+def test_a_call_crosses_the_relays_mutual_tls_on_each_loop(choice: str) -> None:
+    if choice == "uvloop":
+        pytest.importorskip("uvloop")
+    module, reply = eventloop.run(_call_through_mtls_relays(), choice=choice)
+    assert module.startswith(choice)
+    assert reply == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+
+
+def test_the_loop_choice_is_validated_and_asyncio_needs_no_factory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert eventloop.loop_factory("asyncio") is None
+    monkeypatch.setenv(eventloop.LOOP_ENV, "asyncio")
+    assert eventloop.loop_factory() is None
+    monkeypatch.setenv(eventloop.LOOP_ENV, "tokio")
+    with pytest.raises(ValueError, match="MESHSERVE_EVENT_LOOP='tokio'"):
+        eventloop.loop_factory()
