@@ -11,11 +11,13 @@ B verified.
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import grpc.aio
 import pytest
 
 from mesh.config.snapshot import EMPTY
+from mesh.proxy.exchange import Exchange
 from mesh.proxy.inbound import ConcurrencyLimit, Inbound
 from mesh.proxy.relay import Relay
 from mesh.routing.state import GatewayState
@@ -39,7 +41,9 @@ def _anyone(peer: PeerInfo, _: RequestAttributes) -> None:
     pass
 
 
-async def _call_through_mtls_relays() -> tuple[str, bytes]:
+async def _call_through_mtls_relays(calls: int = 1) -> tuple[str, bytes, int]:
+    """(the loop's module, the last reply, exchanges left alive after ``calls`` calls made
+    with the cycle collector off)."""
     ca = CertificateAuthority.create(TD)
     sidecar = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "inference"))
     caller = CertificateSource(ca, WorkloadIdentity(TD, "meshserve", "gateway"))
@@ -61,8 +65,16 @@ async def _call_through_mtls_relays() -> tuple[str, bytes]:
         front = await outer.start("127.0.0.1", 0)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{front}") as channel:
             echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
-            reply: bytes = await echo(b"hi", timeout=10)
-        return type(asyncio.get_running_loop()).__module__, reply
+            reply: bytes = await echo(b"hi", timeout=10)  # connections up, TLS done
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(calls):
+                    reply = await echo(b"hi", timeout=10)
+                left = sum(isinstance(o, Exchange) for o in gc.get_objects())
+            finally:
+                gc.enable()
+        return type(asyncio.get_running_loop()).__module__, reply, left
     finally:
         await outer.drain(0)
         await inner.drain(0)
@@ -73,9 +85,17 @@ async def _call_through_mtls_relays() -> tuple[str, bytes]:
 def test_a_call_crosses_the_relays_mutual_tls_on_each_loop(choice: str) -> None:
     if choice == "uvloop":
         pytest.importorskip("uvloop")
-    module, reply = eventloop.run(_call_through_mtls_relays(), choice=choice)
+    module, reply, _ = eventloop.run(_call_through_mtls_relays(), choice=choice)
     assert module.startswith(choice)
     assert reply == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+
+
+def test_finished_calls_are_freed_without_the_cycle_collector() -> None:
+    """A call's exchange and streams refer to each other until it ends (connection.Ended):
+    left as a cycle, each call was garbage for the collector, ~10 % of a relay's CPU."""
+    _, reply, left = eventloop.run(_call_through_mtls_relays(calls=20), choice="asyncio")
+    assert reply.endswith(b"|hi")
+    assert left == 0
 
 
 def test_the_loop_choice_is_validated_and_asyncio_needs_no_factory(
