@@ -8,7 +8,7 @@ Unlike req/s and latency, CPU per call hardly moves with other load on the machi
 variants compare fairly even on a busy box.
 
 Variants (each a gateway → sidecar (mutual TLS) → one echo worker, ModelInfer): the relays
-on the loop mesh/server/eventloop.py picks (uvloop when installed) and on asyncio's own;
+on uvloop and on asyncio's loop (``MESHSERVE_EVENT_LOOP``, mesh/server/eventloop.py);
 with ``--reference DIR`` also the relays of another checkout (say, ``git worktree add
 /tmp/base main``), which makes a before/after of one run. Rounds alternate the variants.
 
@@ -28,8 +28,9 @@ from pathlib import Path
 
 from bench.children import REPO, cpu_seconds, pid_of, process
 from bench.gateway import load, wait_ready
-from bench.sidecar import ASYNCIO_LOOP, _gateway, _sidecar
+from bench.sidecar import _gateway, _sidecar
 from mesh.security.ca import CertificateAuthority
+from mesh.server.eventloop import LOOP_ENV
 from protos.inference import grpc_service_pb2 as pb
 from registry.embedded import EmbeddedStore
 
@@ -50,8 +51,8 @@ class Variant:
 
 async def run(args: argparse.Namespace) -> None:
     variants = [
-        Variant("this checkout, relays on uvloop (the default)", {}, REPO),
-        Variant("this checkout, relays on asyncio's loop", ASYNCIO_LOOP, REPO),
+        Variant("this checkout, relays on uvloop", {LOOP_ENV: "uvloop"}, REPO),
+        Variant("this checkout, relays on asyncio's loop", {LOOP_ENV: "asyncio"}, REPO),
     ]
     if args.reference is not None:
         reference = Path(args.reference).resolve()

@@ -8,8 +8,9 @@ the sidecar hop alone at most 0.3 ms.
 
 Run: ``.venv/bin/python -m bench.sidecar [--seconds 3 --rounds 3] [--compare-loops]``.
 Prints a table; figures go to docs/benchmarks.md. The relays run on the loop
-mesh/server/eventloop.py picks (uvloop when installed); ``--compare-loops`` adds the
-gateway and mesh paths again with the relays on asyncio's own loop, in the same rounds.
+mesh/server/eventloop.py picks (``MESHSERVE_EVENT_LOOP``, asyncio's by default);
+``--compare-loops`` adds the gateway and mesh paths again with the relays on the other
+loop (uvloop, or asyncio's when the default is uvloop), in the same rounds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from bench.children import REPO, process
 from bench.gateway import Result, compare_paths, wait_ready
 from mesh.security.ca import CertificateAuthority
-from mesh.server.eventloop import LOOP_ENV
+from mesh.server.eventloop import LOOP_ENV, loop_factory
 from protos.inference import grpc_service_pb2 as pb
 from registry.embedded import EmbeddedStore
 
@@ -31,9 +32,9 @@ DIRECT = "direct"
 GATEWAY = "gateway → worker"
 #: The path every call through ``meshserve up``'s mesh takes.
 MESH = "gateway → sidecar (mTLS) → worker"
-#: The relays of --compare-loops' extra paths run on asyncio's own loop.
-ASYNCIO_LOOP = {LOOP_ENV: "asyncio"}
-ON_ASYNCIO = " [asyncio loop]"
+#: The relays of --compare-loops' extra paths run on the loop the default does not pick.
+OTHER_LOOP = "asyncio" if loop_factory() is not None else "uvloop"
+ON_OTHER = f" [{OTHER_LOOP}]"
 
 
 def _sidecar(
@@ -102,10 +103,11 @@ async def run(seconds: float, rounds: int, compare_loops: bool = False) -> None:
             (MESH, _gateway(stack, mtls_sidecar, certs)),
         ]
         if compare_loops:
-            slow_sidecar = _sidecar(stack, worker, store.url, certs, ASYNCIO_LOOP)
+            other = {LOOP_ENV: OTHER_LOOP}
+            other_sidecar = _sidecar(stack, worker, store.url, certs, other)
             paths += [
-                (GATEWAY + ON_ASYNCIO, _gateway(stack, worker, None, ASYNCIO_LOOP)),
-                (MESH + ON_ASYNCIO, _gateway(stack, slow_sidecar, certs, ASYNCIO_LOOP)),
+                (GATEWAY + ON_OTHER, _gateway(stack, worker, None, other)),
+                (MESH + ON_OTHER, _gateway(stack, other_sidecar, certs, other)),
             ]
         for _, address in paths:
             await wait_ready(address)
@@ -118,12 +120,12 @@ async def run(seconds: float, rounds: int, compare_loops: bool = False) -> None:
         table = await compare_paths(paths, requests, seconds, rounds)
     print_targets(table)
     if compare_loops:
-        print_targets(table, ON_ASYNCIO)
+        print_targets(table, ON_OTHER)
 
 
 def print_targets(table: dict[tuple[str, int], Result], suffix: str = "") -> None:
     """The mesh path against the targets, from the same run's rows (``suffix``: the
-    paths of the relays on asyncio's loop)."""
+    paths of the relays on the other loop)."""
     mesh, gateway = MESH + suffix, GATEWAY + suffix
     throughput = table[mesh, 32][0] / table[DIRECT, 32][0]
     both_hops = table[mesh, 1][1] - table[DIRECT, 1][1]
@@ -144,7 +146,7 @@ def main() -> None:
     parser.add_argument(
         "--compare-loops",
         action="store_true",
-        help="also run the gateway and mesh paths with the relays on asyncio's loop",
+        help="also run the gateway and mesh paths with the relays on the other event loop",
     )
     args = parser.parse_args()
     asyncio.run(run(args.seconds, args.rounds, args.compare_loops))

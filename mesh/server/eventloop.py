@@ -1,10 +1,13 @@
-"""The event loop the mesh's relay processes run on: uvloop when it is installed.
+"""The event loop the mesh's relay processes run on: asyncio's, or uvloop when asked.
 
-The relay (gateway, sidecar) spends a proxied call's CPU mostly outside its own Python:
-the event loop's selector turns, transport writes and reads, TLS records
-(docs/benchmarks.md, "The relay's per-call cost"). uvloop does that work in C on libuv,
-so the same relay costs less per call. It is optional: without it (or with
-``MESHSERVE_EVENT_LOOP=asyncio``) the standard loop runs the same code.
+The relay (gateway, sidecar) spends much of a proxied call's CPU outside its own Python:
+the event loop's turns, transport reads and writes, TLS records (docs/benchmarks.md,
+"The relay's per-call cost"). uvloop does that work in C on libuv: at concurrency 1 it
+took 12-15 % off each relay's CPU per call. At concurrency 32 on the shared 2-core
+machine the evidence was mixed (bench.sidecar's mesh path was slower on uvloop in every
+run, other benchmarks were not), so it is opt-in until a quiet machine settles it:
+``MESHSERVE_EVENT_LOOP=uvloop`` (required), ``auto`` (uvloop when installed, the extra
+``meshserve[uvloop]``) or ``asyncio`` (the default). The relay's code is the same on both.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-#: ``auto`` (uvloop when installed), ``uvloop`` (required) or ``asyncio``.
+#: ``asyncio`` (the default), ``uvloop`` (required) or ``auto`` (uvloop when installed).
 LOOP_ENV = "MESHSERVE_EVENT_LOOP"
-CHOICES = ("auto", "uvloop", "asyncio")
+CHOICES = ("asyncio", "uvloop", "auto")
 
 
 def loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """What makes the loop for ``choice`` (default: the environment's); None: asyncio's."""
-    choice = (choice or os.environ.get(LOOP_ENV) or "auto").lower()
+    choice = (choice or os.environ.get(LOOP_ENV) or "asyncio").lower()
     if choice not in CHOICES:
         raise ValueError(f"{LOOP_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
     if choice == "asyncio":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 
 import grpc.aio
 import pytest
@@ -98,12 +99,18 @@ def test_finished_calls_are_freed_without_the_cycle_collector() -> None:
     assert left == 0
 
 
-def test_the_loop_choice_is_validated_and_asyncio_needs_no_factory(
+def test_asyncio_is_the_default_loop_and_the_choice_is_validated(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv(eventloop.LOOP_ENV, raising=False)
+    assert eventloop.loop_factory() is None  # asyncio's own
     assert eventloop.loop_factory("asyncio") is None
-    monkeypatch.setenv(eventloop.LOOP_ENV, "asyncio")
-    assert eventloop.loop_factory() is None
+    monkeypatch.setenv(eventloop.LOOP_ENV, "uvloop")
+    if importlib.util.find_spec("uvloop") is not None:
+        assert eventloop.loop_factory() is not None
+    else:
+        with pytest.raises(RuntimeError, match="uvloop is not installed"):
+            eventloop.loop_factory()
     monkeypatch.setenv(eventloop.LOOP_ENV, "tokio")
     with pytest.raises(ValueError, match="MESHSERVE_EVENT_LOOP='tokio'"):
         eventloop.loop_factory()
