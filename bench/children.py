@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,41 +19,48 @@ ENV = {
 }
 
 
-#: The process id behind each address :func:`process` yielded, by the address's port (for
+@dataclass(frozen=True)
+class Child:
+    """A started child: the address it listens on and its process id."""
+
+    address: str
+    pid: int
+
+
+#: The process id behind each address :func:`child` yielded, by the address's port (for
 #: CPU accounting: callers may rewrite the host, as bench.sidecar does for TLS names).
 PIDS: dict[str, int] = {}
 
 
 @contextmanager
-def process(
+def child(
     *args: str,
     stop_timeout: float = 10,
-    env: dict[str, str] | None = None,
-    checkout: Path = REPO,
-) -> Iterator[str]:
-    """Runs ``python -m ARGS`` from ``checkout`` (with ``env`` added to its environment);
-    yields the address from its first line ("... listening on ADDRESS ..."); terminates it
-    on exit (killed after ``stop_timeout`` seconds)."""
-    environment = {**ENV, **(env or {})}
-    if checkout != REPO:
-        environment["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(checkout), os.environ.get("PYTHONPATH")])
-        )
+    repo: Path = REPO,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Child]:
+    """Runs ``python -m ARGS``; yields its address, from its first line ("... listening
+    on ADDRESS ..."), and pid; terminates it on exit (killed after ``stop_timeout`` s).
+
+    ``repo``: the checkout it runs from (another one: an older revision to compare with).
+    ``extra_env``: added to its environment.
+    """
+    env = ENV
+    if repo != REPO:
+        env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), ENV["PYTHONPATH"]]))}
+    if extra_env:
+        env = {**env, **extra_env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=checkout,
-        env=environment,
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", *args], cwd=repo, env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if "listening on" not in line:
             raise RuntimeError(f"{args} did not start (exit {proc.poll()}): {line!r}")
-        address = line.split("listening on ")[1].split()[0]
-        PIDS[address.rsplit(":", 1)[-1]] = proc.pid
-        yield address
+        started = Child(line.split("listening on ")[1].split()[0], proc.pid)
+        PIDS[started.address.rsplit(":", 1)[-1]] = proc.pid
+        yield started
     finally:
         proc.terminate()
         try:
@@ -64,12 +72,24 @@ def process(
             proc.stdout.close()
 
 
+@contextmanager
+def process(
+    *args: str,
+    stop_timeout: float = 10,
+    env: dict[str, str] | None = None,
+    checkout: Path = REPO,
+) -> Iterator[str]:
+    """:func:`child` (from ``checkout``, with ``env`` added), yielding only the address."""
+    with child(*args, stop_timeout=stop_timeout, repo=checkout, extra_env=env) as started:
+        yield started.address
+
+
+def pid_of(address: str) -> int:
+    """The process :func:`child` started that serves ``address``."""
+    return PIDS[address.rsplit(":", 1)[-1]]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far, all its threads (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pid_of(address: str) -> int:
-    """The process :func:`process` started that serves ``address``."""
-    return PIDS[address.rsplit(":", 1)[-1]]

@@ -7,25 +7,33 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Protocol
-
-import grpc
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.markup import escape
+from typing import TYPE_CHECKING, Protocol
 
 from cli.errors import CliError
-from mesh.errors import MeshError
-from mesh.server import lifeline
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# grpc, rich and the mesh core are imported where they are used, not here: `meshserve
+# --help` should cost the interpreter's start and argparse, nothing more (a command's own
+# module imports what it needs; tests/cli/test_main.py checks what --help imports).
 
 #: Every top-level command: the module whose ``register(subparsers)`` adds it, and the help
 #: line ``meshserve --help`` shows without importing that module (torch and the store client
 #: take seconds to import). tests/cli/test_main.py checks both against the modules.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("cli.up", "run the whole mesh locally until Ctrl-C"),
+    "hosts": (
+        "cli.hosts",
+        "the mesh across four hosts made on this machine (network namespaces; root)",
+    ),
     "restart": (
         "cli.restart",
         "rolling restart of one unit of `meshserve up` (drain, then start again)",
+    ),
+    "autoscale": (
+        "cli.autoscale",
+        "scale a Kubernetes Deployment of workers with their live load",
     ),
     "train": ("cli.train", "train the next version of a model (live progress)"),
     "infer": ("cli.infer", "run one inference request through the gateway"),
@@ -66,8 +74,6 @@ WORKERS: dict[str, tuple[str, str]] = {
         "train catalogue models on data-service datasets and publish versions",
     ),
 }
-
-err = Console(stderr=True)
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -144,12 +150,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def setup_logging(verbosity: int) -> None:
+    from rich.logging import RichHandler
+
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(
         level=level,
         format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        handlers=[RichHandler(console=_stderr(), show_path=False, rich_tracebacks=False)],
     )
     if verbosity == 0:
         # Its per-node warnings repeat what the command's own one-line error says.
@@ -162,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.command == "worker":
+        from mesh.server import lifeline
+
         # Started by `meshserve run`: exit when it does, however it ends, and leave no
         # socket folder behind if it went first.
         lifeline.watch_from_env()
@@ -170,26 +186,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
-    except MeshError as exc:
-        # Named like a gRPC status (below): the same failure reads the same from any command;
+    except Exception as exc:
+        line = one_line_error(exc)
+        if line is None:
+            raise
+        from rich.markup import escape
+
         # soft_wrap: one line however narrow the terminal, so scripts can grep it.
-        err.print(
-            f"[bold red]error:[/] {exc.code.name}: {escape(str(exc))}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _stderr().print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         return 1
-    except (CliError, ValueError, OSError) as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 1
-    except grpc.RpcError as exc:
-        code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        name = code.name if code is not None else "UNKNOWN"
-        err.print(
-            f"[bold red]error:[/] {name}: {escape(str(details))}", highlight=False, soft_wrap=True
-        )
-        return 1
+
+
+def one_line_error(exc: BaseException) -> str | None:
+    """What ``meshserve`` prints for an error a command may raise; None for anything else
+    (a bug: its traceback is worth more than a line).
+
+    Mesh errors and gRPC errors are named like a gRPC status: the same failure reads the
+    same from any command. Their modules are looked at only if a command imported them
+    (an exception of a class never imported cannot have been raised).
+    """
+    if "mesh.errors" in sys.modules:
+        from mesh.errors import MeshError
+
+        if isinstance(exc, MeshError):
+            return f"{exc.code.name}: {exc}"
+    if isinstance(exc, CliError | ValueError | OSError):
+        return str(exc)
+    if "grpc" in sys.modules:
+        import grpc
+
+        if isinstance(exc, grpc.RpcError):
+            code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            return f"{code.name if code is not None else 'UNKNOWN'}: {details}"
+    return None
 
 
 if __name__ == "__main__":

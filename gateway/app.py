@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc.aio
 
 from gateway.admin import Admin
-from gateway.auth import ADMIN_LOCKED, ClientGuard
+from gateway.auth import ADMIN_LOCKED, GATEWAY_WORKLOAD, ClientGuard
+from gateway.fleet import FleetServicer
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.loader import Document
 from mesh.config.snapshot import MeshConfig
@@ -25,6 +26,7 @@ from mesh.routing.methods import MESH_SERVICES
 from mesh.routing.pipeline import ConfigPipeline
 from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
+from mesh.security.request_authn import RequestAuthenticator
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.server.private import PrivateSocket
 from mesh.server.tasks import cancel_all
@@ -111,9 +113,13 @@ class Gateway:
         self.guard = guard if guard is not None else ClientGuard(ADMIN_LOCKED)
         self._guard_in_relay = guard is not None
         self.discovery_retry = discovery_retry
+        #: RequestAuthentication at the ingress (policies selecting ``app: gateway``).
+        self.authn = RequestAuthenticator(
+            lambda: self.state.config.request_authentications, GATEWAY_WORKLOAD
+        )
         self.table = EndpointTable()
-        # With a context, upstream connections are mutual TLS (to sidecars).
-        # ``channel_credentials`` is accepted beside it for callers that still pass both.
+        # With a context, upstream connections are mutual TLS (to sidecars);
+        # ``channel_credentials`` are the same identity for the fleet's gRPC calls.
         self._tls_context = tls_context
         self.metrics = metrics
         self._last_update = time.monotonic()
@@ -124,6 +130,8 @@ class Gateway:
             applier=self.apply_config,
             rollback=self.rollback_config,
         )
+        #: Model control, index, statistics and readiness for the whole inference fleet.
+        self.fleet = FleetServicer(self.state, credentials=channel_credentials)
         self._tasks: list[asyncio.Task[None]] = []
         #: Set after each discovery update is applied (tests and readiness wait on it).
         self.endpoints_changed = asyncio.Event()
@@ -152,8 +160,14 @@ class Gateway:
             admin_pb2_grpc.add_AdminServicer_to_server(self.admin, server)
 
         # The relay forwards the mesh services; they are listed here so that health and
-        # reflection name them (the gateway answers reflection itself).
-        services = [Service(name, lambda server: None) for name in MESH_SERVICES]
+        # reflection name them (the gateway answers reflection itself). Of the inference
+        # service, the fleet's calls are answered here (gateway/fleet.py).
+        services = [
+            self.fleet.service()
+            if name == self.fleet.service().name
+            else Service(name, lambda server: None)
+            for name in MESH_SERVICES
+        ]
         services.append(Service(ADMIN_SERVICE, register_admin))
         return services
 
@@ -162,6 +176,7 @@ class Gateway:
         serving = await self._start_relayed(settings)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
+        self._tasks.append(loop.create_task(self.authn.jwks.run()))
         self._tasks.extend(self.pipeline.watchers())
         serving.on_drain(self.close)
         return serving
@@ -205,6 +220,7 @@ class Gateway:
             metrics=self.metrics,
             telemetry=self.telemetry,
             guard=self.guard.check if self._guard_in_relay else None,
+            authn=self.authn,
             limits=self.relay_limits,
         )
         try:
@@ -233,7 +249,8 @@ class Gateway:
                 self.metrics.ring_changed(host)
         self.state.set_endpoints(snapshot)
         self.pipeline.discovered = True
-        addresses = {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
+        routable = self.state.clusters.routable
+        addresses = {e.address for h in routable.hosts() for e in routable.endpoints(h)}
         if self.relay is not None:
             self.relay.pool.retain(addresses)
         self._last_update = time.monotonic()

@@ -11,10 +11,12 @@ from pathlib import Path
 from cli.main import CliError
 from gateway.app import Gateway
 from gateway.auth import AuthConfig, ClientGuard
+from mesh.balance.locality import Locality
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_static
 from mesh.routing.limits import RelayLimits
 from mesh.routing.pipeline import validate_documents
+from mesh.routing.state import GatewayState
 from mesh.server import eventloop
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
@@ -69,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--reload-interval", type=float, default=1.0, help="seconds between config directory checks"
     )
+    parser.add_argument(
+        "--locality",
+        type=_locality,
+        metavar="REGION[/ZONE[/SUBZONE]]",
+        help="the gateway's locality, for DestinationRule localityLbSetting (default: "
+        "unknown, so every endpoint is alike)",
+    )
     limits = parser.add_argument_group(
         "relay timeouts and limits",
         "Envoy's semantics (docs/gateway.md); seconds for timeouts, 0 turns one off",
@@ -100,6 +109,13 @@ _LIMIT_FLAGS: tuple[tuple[str, type[float] | type[int], str], ...] = (
 )
 
 
+def _locality(text: str) -> Locality:
+    try:
+        return Locality.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def limits_from_args(args: argparse.Namespace) -> RelayLimits:
     try:
         return RelayLimits(**{name: getattr(args, name) for name, _, _ in _LIMIT_FLAGS})
@@ -122,11 +138,16 @@ def run(args: argparse.Namespace) -> int:
         # Loaded before serving: a bad file is a one-line error, not a half-open gateway.
         guard = ClientGuard(AuthConfig.load(args.auth_config))
     tls_context = None
+    channel_credentials = None
     if args.certs is not None:
         # Mutual TLS to the sidecars, as the mesh identity of the gateway (the relay's
         # upstream connections).
-        source = certificates(args.certs, args.namespace, "gateway", dt.timedelta(hours=24))
+        source = certificates(
+            args.certs, args.namespace, "gateway", dt.timedelta(hours=24), host=args.host
+        )
         tls_context = source.ssl_client_context
+        # The same identity for the gateway's own calls to every worker (gateway/fleet.py).
+        channel_credentials = source.channel_credentials
     store_settings = None if instances else settings_from_args(args, resolve_url(args))
 
     async def main() -> None:
@@ -146,9 +167,11 @@ def run(args: argparse.Namespace) -> int:
                 metrics=telemetry.metrics if telemetry.settings.metrics else None,
                 config_store=config_store,
                 tls_context=tls_context,
+                channel_credentials=channel_credentials,
                 telemetry=telemetry if traced else None,
                 guard=guard,
                 relay_limits=relay_limits,
+                state=GatewayState(locality=args.locality),
             )
             if guard is not None:
                 # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.

@@ -16,7 +16,12 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.table import Table
 
-from cli.endpoints import UpEndpoints, add_state_dir_argument, state_dir_from_args
+from cli.endpoints import (
+    UpEndpoints,
+    add_state_dir_argument,
+    gateway_from_args,
+    state_dir_from_args,
+)
 from cli.supervision.report import print_units
 from mesh.errors import Unavailable
 from registry.catalog import ANY
@@ -191,6 +196,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = utc_now()
     console.print(services_table(hits, now))
     console.print(status_table(hits, now))
+    # What the inference fleet serves, merged by the gateway (as `models served` shows).
+    from cli.served import STATUS_TIMEOUT_S, print_served
+
+    print_served(console, gateway_from_args(args, None), min(args.timeout, STATUS_TIMEOUT_S))
     return 0
 
 
@@ -226,6 +235,12 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         )
     console.print(table)
     return 0
+
+
+def _models_served(args: argparse.Namespace) -> int:
+    from cli.served import cmd_models_served
+
+    return cmd_models_served(args)
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
@@ -284,6 +299,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.add_argument("--model", help="only this model")
     add_store_command_arguments(listing)
     listing.set_defaults(handler=cmd_models_list)
+    served = models_sub.add_parser(
+        "served",
+        help="what the inference workers serve now, merged over the fleet by the gateway",
+        description="The gateway's RepositoryIndex and ModelStatistics: each model version's "
+        "state over every inference worker (READY when any serves it; why not, by worker) and "
+        "its inferences summed over them.",
+    )
+    served.add_argument(
+        "--gateway", default=None, help="gateway address (default: the running up's)"
+    )
+    add_state_dir_argument(served)
+    served.add_argument(
+        "--timeout", type=_positive, default=10.0, metavar="SECONDS", help="(default %(default)g)"
+    )
+    served.set_defaults(handler=_models_served)
     promote = models_sub.add_parser("promote", help="make a version production")
     promote.add_argument("model")
     promote.add_argument("version")

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 class LoadReport:
     """How busy the worker is: what a sidecar feeds to load-aware balancing.
 
-    Sent as trailing metadata on every ModelInfer, ServerReady and ModelReady
-    response under the ``x-meshserve-*`` keys of :meth:`metadata`.
+    Sent as trailing metadata on every ServerReady and ModelReady response under the
+    ``x-meshserve-*`` keys of :meth:`metadata`, and on ModelInfer responses when the
+    loaded versions changed or now and then (workers/inference/reporting.py).
     """
 
     in_flight: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -74,6 +75,11 @@ class MatchRequest:
     headers: tuple[tuple[str, StringMatch], ...] = ()
     without_headers: tuple[tuple[str, StringMatch], ...] = ()
     ignore_uri_case: bool = False
+    #: ``x-meshserve.model``: the model the request names (``model_name``, read from the
+    #: message prefix as the hash key is); a meshserve extension beyond Istio.
+    model: StringMatch | None = None
+    #: ``port``: the port of the listener the call arrived on; None: any.
+    port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,12 @@ class VirtualService:
     @property
     def ref(self) -> str:
         return f"VirtualService/{self.metadata.name}"
+
+    @functools.cached_property
+    def matches_model(self) -> bool:
+        """Whether a rule matches on the model a request names: routing then waits for
+        the request's first message (and reads it once, for the match and the hash key)."""
+        return any(m.model is not None for rule in self.http for m in rule.matches)
 
 
 # --- parsing ----------------------------------------------------------------------------
@@ -237,12 +249,11 @@ def _destination(node: Node, namespace: str) -> Destination:
 
 def _match(node: Node) -> MatchRequest:
     node.mapping(
-        ("name", "uri", "headers", "withoutHeaders", "ignoreUriCase"),
+        ("name", "uri", "headers", "withoutHeaders", "ignoreUriCase", "x-meshserve", "port"),
         unsupported=(
             "scheme",
             "method",
             "authority",
-            "port",
             "sourceLabels",
             "gateways",
             "queryParams",
@@ -267,7 +278,21 @@ def _match(node: Node) -> MatchRequest:
         headers=_header_matches(node.child("headers")),
         without_headers=_header_matches(node.child("withoutHeaders")),
         ignore_uri_case=ignore_case,
+        model=_model_match(node.child("x-meshserve")),
+        # 0 is the proto's unset value: any port, as in Istio.
+        port=node.child("port").integer(0, 0, 65535) or None,
     )
+
+
+def _model_match(node: Node) -> StringMatch | None:
+    """``x-meshserve: {model: {exact|prefix|regex: ...}}`` (meshserve's extension)."""
+    if node.value is None:
+        return None
+    node.mapping(("model",), required=("model",))
+    model = _string_match(node.child("model"))
+    if model.kind == "present":
+        node.child("model").fail("must have one of exact, prefix or regex")
+    return model
 
 
 def _header_matches(node: Node) -> tuple[tuple[str, StringMatch], ...]:

@@ -10,7 +10,9 @@ next ring successor. A rule's fault is injected here (a delay on the loop's time
 abort answered by the relay) and its mirror fed from here (:mod:`mesh.proxy.mirror`).
 
 Calls to the gateway's own services (Admin, reflection, health) go to the gateway's
-gRPC server instead (``_go_internal``): they are not mesh calls.
+gRPC server instead (``_go_internal``): they are not mesh calls; nor are the calls about
+the whole inference fleet (model control, index, statistics), which it answers there
+for every worker (gateway/fleet.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mesh.errors import MeshError
 from mesh.proxy import frames as f
 from mesh.proxy.connection import ENDED, STREAM_WINDOW, Side
 from mesh.proxy.hpack_codec import Header
-from mesh.proxy.inbound import ANONYMOUS, Inbound
+from mesh.proxy.inbound import ANONYMOUS, Inbound, edit_headers
 from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
 from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
 from mesh.routing import callpolicy as policy
@@ -44,7 +46,8 @@ from mesh.routing.callcheck import (
 )
 from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
 from mesh.routing.faults import fault_action, mirror_target
-from mesh.routing.methods import MethodInfo, lookup
+from mesh.routing.methods import FLEET_METHODS, MethodInfo, lookup
+from mesh.security.request_authn import JwtIdentity
 
 if TYPE_CHECKING:
     from mesh.proxy.relay import Downstream, Relay
@@ -129,6 +132,10 @@ class Exchange:
             elif name == b":authority":
                 self.authority = value
         self.info: MethodInfo | None = lookup(self.path)
+        #: A call about the whole inference server (mesh/routing/methods.py): a gateway
+        #: answers it for every worker, on its own gRPC server (gateway/fleet.py); a
+        #: sidecar's outbound, which has no server of its own, relays it.
+        self.fleet = relay.internal_address is not None and self.path in FLEET_METHODS
         #: The call's id, returned in the response's headers whatever answers it (an
         #: upstream, the gateway's own server, the relay itself). A sidecar's inbound
         #: leaves it to the proxy in front (None): the caller's id is already the call's.
@@ -199,6 +206,7 @@ class Exchange:
             self.path,
             self.authority.decode("latin-1"),
             policy.routing_metadata(self.headers),
+            cast("Downstream", self.down.conn).local_port,
         )
         return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
 
@@ -254,7 +262,7 @@ class Exchange:
     def _ready(self) -> bool:
         """Whether routing has what it needs: the first message, when the host hashes on
         request fields."""
-        if self.info is None or self.request_ended:
+        if self.info is None or self.request_ended or self.fleet:
             return True
         if not self.relay.needs_message(self.path):
             return True
@@ -275,25 +283,41 @@ class Exchange:
 
     def _route(self) -> None:
         relay = self.relay
-        if relay.guard is not None:
+        identity: JwtIdentity | None = None
+        # Without rules for this workload the end-user check costs nothing per call.
+        authn = relay.authn if relay.authn is not None and relay.authn.rules() else None
+        if relay.guard is not None or authn is not None:
             headers = {
                 n.decode("latin-1"): v.decode("latin-1")
                 for n, v in self.headers
                 if n[:1] != b":" and not n.endswith(b"-bin")
             }
             try:
-                relay.guard(self.path, headers)
+                # The end-user JWT first: the guard authorizes with its principal. The
+                # header edits come after the guard, which reads the headers as sent.
+                outcome = authn(headers) if authn is not None else None
+                if outcome is not None:
+                    identity = outcome.identity
+                if relay.guard is not None:
+                    if outcome is not None and outcome.consumed:
+                        # An end-user token is not an edge credential (an open data plane
+                        # admits the call; AuthorizationPolicy sees the end user).
+                        headers = {k: v for k, v in headers.items() if k not in outcome.consumed}
+                    relay.guard(self.path, headers, identity)
             except MeshError as exc:
                 self._fail_early(exc.code, exc.message, exc.trailers)
                 return
+            if outcome is not None and (outcome.remove or outcome.add):
+                self.headers = edit_headers(self.headers, outcome.remove, outcome.add)
         if relay.inbound is not None:
-            self._route_inbound(relay.inbound)
+            self._route_inbound(relay.inbound, identity)
             return
-        if self.info is None:
+        if self.info is None or self.fleet:
             self._go_internal()
             return
         text = policy.routing_metadata(self.headers, self._call_id)
         clusters = relay.state.clusters
+        downstream = cast("Downstream", self.down.conn)
         try:
             decision = decide(
                 clusters,
@@ -302,6 +326,8 @@ class Exchange:
                     text,
                     authority=self.authority.decode("latin-1"),
                     message=self._first_message(),
+                    port=downstream.local_port,
+                    source_ip=downstream.source_ip,
                 ),
                 relay.state.rng,
             )
@@ -368,7 +394,9 @@ class Exchange:
         headers = self._base_headers(decision.metadata)
         headers.append((md.SHADOW.encode(), b"1"))
         headers.append((b"grpc-timeout", policy.format_timeout(timeout)))
-        mirror = self.mirror = Mirror(relay, pick.candidates[0].address, headers, timeout)
+        mirror = self.mirror = Mirror(
+            relay, pick.candidates[0].address, headers, timeout, cluster.tls
+        )
         body = self.body
         if not body and self.request_ended:
             mirror.send(b"", True)
@@ -376,13 +404,13 @@ class Exchange:
         for i, (payload, _) in enumerate(body):
             mirror.send(payload, self.request_ended and i == last)
 
-    def _route_inbound(self, inbound: Inbound) -> None:
+    def _route_inbound(self, inbound: Inbound, identity: JwtIdentity | None) -> None:
         """A sidecar's inbound: the caller is checked (identity, policies, limit), then the
         call goes to the worker unrouted, or to the sidecar's own gRPC server (health,
         reflection). The worker gets the client's deadline as it came (grpc-timeout)."""
         caller = cast("Downstream", self.down.conn).caller or ANONYMOUS
         try:
-            headers = inbound.admit(self.path, self.headers, caller)
+            headers = inbound.admit(self.path, self.headers, caller, identity)
         except MeshError as exc:
             self._fail_early(exc.code, exc.message, exc.trailers)
             return
@@ -481,8 +509,10 @@ class Exchange:
             self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
             return
         cluster = None if self.internal else self.cluster
-        conn = relay.pool.get(
-            address, cluster.policy.connection_pool.connect_timeout if cluster else None
+        conn = (
+            relay.pool.get(address, cluster.policy.connection_pool.connect_timeout, cluster.tls)
+            if cluster is not None
+            else relay.pool.get(address)
         )
         up = self.up = conn.open_stream(self)
         body = self.body

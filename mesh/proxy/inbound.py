@@ -13,7 +13,8 @@ the caller either.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from mesh.balance.endpoints import Endpoint
@@ -22,6 +23,7 @@ from mesh.proxy.hpack_codec import Header
 from mesh.routing import headers as md
 from mesh.security.authz import RequestAttributes
 from mesh.security.peer import PeerInfo, peer_from_ssl
+from mesh.security.request_authn import JwtIdentity
 from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 
 #: The verified SPIFFE id of the caller, for the worker (Istio's XFCC, reduced to the URI).
@@ -30,10 +32,24 @@ _PEER = PEER_HEADER.encode()
 #: Headers only the sidecar sets: a caller's copies are dropped, never forwarded.
 _SET_HERE = frozenset({_PEER, SECRET_HEADER.encode()})
 #: Paths the sidecar's own gRPC server answers (its health mirrors the worker's).
-OWN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+#: Reflection goes to the worker, like any call: a client of the mesh port (grpcurl with
+#: a mesh certificate) lists and describes the services the sidecar fronts, not the
+#: sidecar's own (which it could not call through this port anyway).
+OWN_SERVICES = ("/grpc.health.v1.Health/",)
 #: Admits a call from a caller (its TLS identity) with these attributes, or raises a
 #: MeshError naming why not (PeerAuthentication, then AuthorizationPolicy).
 Check = Callable[[PeerInfo, RequestAttributes], None]
+
+
+def edit_headers(
+    headers: list[Header], remove: Collection[str], add: Iterable[tuple[str, str]]
+) -> list[Header]:
+    """``headers`` without the names in ``remove`` (lower-case), then ``add`` appended:
+    RequestAuthentication's edits (a token not forwarded, the verified payload)."""
+    gone = {name.encode() for name in remove}
+    out = [(n, v) for n, v in headers if n.lower() not in gone]
+    out.extend((name.encode(), value.encode("latin-1", "replace")) for name, value in add)
+    return out
 
 
 class ConcurrencyLimit:
@@ -43,20 +59,44 @@ class ConcurrencyLimit:
     on another endpoint instead of waiting behind a saturated worker.
     """
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, clock: Callable[[], float] = time.monotonic) -> None:
         if limit is not None and limit < 1:
             raise ValueError(f"concurrency limit must be >= 1, got {limit}")
         self.limit = limit
         self.in_flight = 0
+        self._clock = clock
+        # The time integral of in_flight since the last ``average()``: in-flight calls x seconds.
+        self._area = 0.0
+        self._since = self._changed = clock()
+
+    def _account(self) -> float:
+        now = self._clock()
+        self._area += self.in_flight * (now - self._changed)
+        self._changed = now
+        return now
 
     def try_acquire(self) -> bool:
         if self.limit is not None and self.in_flight >= self.limit:
             return False
+        self._account()
         self.in_flight += 1
         return True
 
     def release(self) -> None:
+        self._account()
         self.in_flight -= 1
+
+    def average(self) -> float:
+        """Calls in flight on average (time-weighted) since the previous call; starts over.
+
+        What the autoscaler needs, as Knative's queue-proxy reports it: a reading once a
+        second of the count at that instant may fall between calls and see none.
+        """
+        now = self._account()
+        span = now - self._since
+        mean = self._area / span if span > 0 else float(self.in_flight)
+        self._area, self._since = 0.0, now
+        return mean
 
 
 @dataclass(frozen=True)
@@ -104,10 +144,18 @@ class Inbound:
             ((SECRET_HEADER.encode(), app_secret.encode()),) if app_secret is not None else ()
         )
 
-    def admit(self, path: str, headers: list[Header], caller: Caller) -> list[Header] | None:
+    def admit(
+        self,
+        path: str,
+        headers: list[Header],
+        caller: Caller,
+        identity: JwtIdentity | None = None,
+    ) -> list[Header] | None:
         """The request headers for the worker, with the caller's identity; None: a call for
-        the sidecar's own gRPC server. Raises a MeshError when the call is refused; an
-        admitted worker call holds a place under the limit (the caller releases it)."""
+        the sidecar's own gRPC server. ``identity``: the end-user JWT RequestAuthentication
+        verified (the relay checked it already). Raises a MeshError when the call is
+        refused; an admitted worker call holds a place under the limit (the caller
+        releases it)."""
         text: dict[str, str] = {}
         authority = None
         for name, value in headers:
@@ -125,6 +173,8 @@ class Inbound:
                 source_ip=caller.ip,
                 host=authority,
                 headers=text,
+                request_principal=None if identity is None else identity.principal,
+                request_claims={} if identity is None else identity.claims,
             ),
         )
         if path.startswith(OWN_SERVICES):

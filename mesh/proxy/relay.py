@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import grpc
 
 from mesh.balance.endpoints import Endpoint
+from mesh.config.client_tls import ISTIO_MUTUAL, ClientTls
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
 from mesh.proxy.exchange import Exchange, error_headers
@@ -33,10 +34,14 @@ from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
 from mesh.proxy.mirror import Mirror
 from mesh.proxy.telemetry import RelayTelemetry
+from mesh.proxy.tls_door import TlsDoor
+from mesh.proxy.upstream_tls import UpstreamTls
 from mesh.routing import callpolicy as policy
+from mesh.routing.hashkey import MODEL_NAMED_METHODS
 from mesh.routing.limits import RelayLimits, SourceLimiter
 from mesh.routing.services import host_for_method
 from mesh.routing.state import GatewayState
+from mesh.security.request_authn import JwtIdentity, RequestAuthenticator
 from mesh.telemetry.metrics import MeshMetrics, labels
 from mesh.telemetry.setup import Telemetry
 
@@ -63,6 +68,10 @@ class Downstream(Connection):
         self.caller: Caller | None = None
         #: The client's address: what per-source limits count ("local" for a Unix socket).
         self.source = "local"
+        #: The client's IP address (useSourceIp), "" for a Unix socket.
+        self.source_ip = ""
+        #: The listener port the connection arrived on (match.port); None for a Unix socket.
+        self.local_port: int | None = None
         self.admitted = False
         now = relay.loop.time()
         self.born = now
@@ -77,7 +86,10 @@ class Downstream(Connection):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self.source = str(peer[0])
+            self.source = self.source_ip = str(peer[0])
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple) and len(local) >= 2:
+            self.local_port = int(local[1])
         refused = self.relay.limiter.admit_connection(self.source)
         if refused is not None:
             # Refused cheaply: SETTINGS (already written), GOAWAY, close.
@@ -320,16 +332,21 @@ class UpstreamPool:
 
     def __init__(self, relay: Relay, ssl_context: Callable[[], ssl.SSLContext] | None) -> None:
         self.relay = relay
-        self._ssl = ssl_context
-        self._conns: dict[str, Upstream] = {}
+        self._tls = UpstreamTls(ssl_context)
+        #: By address and TLS setting: two DestinationRules may secure one address apart.
+        self._conns: dict[tuple[str, ClientTls], Upstream] = {}
         #: Every connection not yet lost, retired ones included (closed on shutdown).
         self.open: set[Upstream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def get(self, address: str, connect_timeout: float | None = None) -> Upstream:
-        """The connection to ``address``; a new one fails (as a connect failure) if it is
-        not up within ``connect_timeout`` seconds (connectionPool.tcp.connectTimeout)."""
-        conn = self._conns.get(address)
+    def get(
+        self, address: str, connect_timeout: float | None = None, tls: ClientTls = ISTIO_MUTUAL
+    ) -> Upstream:
+        """The connection to ``address`` secured as ``tls`` says (DestinationRule
+        ``trafficPolicy.tls``; the relay's own context for ISTIO_MUTUAL); a new one fails
+        (as a connect failure) if it is not up within ``connect_timeout`` seconds
+        (connectionPool.tcp.connectTimeout)."""
+        conn = self._conns.get((address, tls))
         if (
             conn is None
             or conn.closed
@@ -340,18 +357,23 @@ class UpstreamPool:
         ):
             if conn is not None:
                 self._retire(conn)
-            conn = self._conns[address] = Upstream(self.relay, address)
+            conn = self._conns[(address, tls)] = Upstream(self.relay, address)
             self.open.add(conn)
             task = self.relay.loop.create_task(
                 self._connect(
-                    conn, internal=address == self.relay.internal_address, timeout=connect_timeout
+                    conn,
+                    internal=address == self.relay.internal_address,
+                    timeout=connect_timeout,
+                    tls=tls,
                 )
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return conn
 
-    async def _connect(self, conn: Upstream, *, internal: bool, timeout: float | None) -> None:
+    async def _connect(
+        self, conn: Upstream, *, internal: bool, timeout: float | None, tls: ClientTls
+    ) -> None:
         loop = self.relay.loop
         try:
             # A host that drops SYNs would otherwise hold its calls for the kernel's
@@ -362,14 +384,10 @@ class UpstreamPool:
                 return
             host, _, port = conn.address.rpartition(":")
             host = host.strip("[]")
-            context = None if internal or self._ssl is None else self._ssl()
+            context, server_name = (None, None) if internal else self._tls.context(tls, host)
             await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: conn,
-                    host,
-                    int(port),
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
+                    lambda: conn, host, int(port), ssl=context, server_hostname=server_name
                 ),
                 timeout,
             )
@@ -387,10 +405,10 @@ class UpstreamPool:
 
     def retain(self, addresses: Collection[str]) -> None:
         """Lets connections to addresses that left the mesh finish and close."""
-        for address in [
-            a for a in self._conns if a not in addresses and a != self.relay.internal_address
+        for key in [
+            k for k in self._conns if k[0] not in addresses and k[0] != self.relay.internal_address
         ]:
-            conn = self._conns.pop(address)
+            conn = self._conns.pop(key)
             conn.going_away = True
             self._retire(conn)
 
@@ -418,7 +436,8 @@ class Relay:
         request_id: Callable[[], str] | None = None,
         metrics: MeshMetrics | None = None,
         telemetry: Telemetry | None = None,
-        guard: Callable[[str, Mapping[str, str]], None] | None = None,
+        guard: Callable[[str, Mapping[str, str], JwtIdentity | None], None] | None = None,
+        authn: RequestAuthenticator | None = None,
         inbound: Inbound | None = None,
         limits: RelayLimits | None = None,
     ) -> None:
@@ -427,9 +446,13 @@ class Relay:
         self.inbound = inbound
         #: Timeouts and per-source limits (mesh/routing/limits.py).
         self.limits = limits or RelayLimits()
-        #: Admits a call (method, text metadata) or raises a MeshError: client auth,
-        #: authorization and rate limits (gateway.auth.ClientGuard.check).
+        #: Admits a call (method, text metadata, its verified end-user JWT) or raises a
+        #: MeshError: client auth, authorization and rate limits
+        #: (gateway.auth.ClientGuard.check).
         self.guard = guard
+        #: RequestAuthentication (mesh.security.request_authn): checks the end-user JWT
+        #: before the guard, and edits the headers that go on; raises Unauthenticated.
+        self.authn = authn
         #: Spans and request metrics for the calls the relay forwards itself.
         self.telemetry = RelayTelemetry(telemetry) if telemetry is not None else None
         #: The gRPC server behind the relay (None: a sidecar's outbound, which has none;
@@ -449,6 +472,8 @@ class Relay:
         self.pool = UpstreamPool(self, ssl_context)
         self.exchanges: set[Exchange] = set()
         self.downstreams: set[Downstream] = set()
+        #: Plaintext clients of a TLS listener, being told why not (mesh.proxy.tls_door).
+        self.refused: set[asyncio.Transport] = set()
         self.draining = False
         self._servers: list[asyncio.Server] = []
         self._needs_message: dict[str, bool] = {}
@@ -458,10 +483,15 @@ class Relay:
         """Listens on ``host:port`` (0: any free port), with TLS when ``tls`` is given;
         returns the bound port. A relay may listen on several ports (a sidecar's
         PERMISSIVE mode: mutual TLS on one, plaintext on another)."""
+        factory: Callable[[], asyncio.Protocol]
+        if tls is None:
+            factory = lambda: Downstream(self)  # noqa: E731
+        else:
+            # Through the door: a plaintext client is told that TLS is required, at once,
+            # instead of redialling a dropped connection until its deadline.
+            factory = lambda: TlsDoor(lambda: Downstream(self), tls, self.refused)  # noqa: E731
         try:
-            server = await self.loop.create_server(
-                lambda: Downstream(self), host, port, reuse_address=True, ssl=tls
-            )
+            server = await self.loop.create_server(factory, host, port, reuse_address=True)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self._servers.append(server)
@@ -485,7 +515,8 @@ class Relay:
             self._tick = self.loop.call_later(limits.tick, self._check_timers)
 
     def needs_message(self, path: str) -> bool:
-        """Whether routing waits for the first message (the host hashes on its fields)."""
+        """Whether routing waits for the first message: the host hashes on its fields, or
+        one of its rules matches on the model the request names."""
         config = self.state.clusters.config
         if config is not self._needs_config:
             self._needs_config, self._needs_message = config, {}
@@ -493,9 +524,10 @@ class Relay:
         if found is None:
             host = host_for_method(path)
             rule = config.destination_rule(host) if host else None
-            found = self._needs_message[path] = rule is not None and bool(
-                rule.extensions.hash_fields
-            )
+            vs = config.virtual_service(host) if host else None
+            found = self._needs_message[path] = (
+                rule is not None and bool(rule.extensions.hash_fields)
+            ) or (vs is not None and vs.matches_model and path in MODEL_NAMED_METHODS)
         return found
 
     def record(
@@ -530,6 +562,8 @@ class Relay:
             self._tick = None
         for server in self._servers:
             server.close()
+        for transport in list(self.refused):
+            transport.abort()
         for conn in list(self.downstreams):
             conn.write(f.goaway(conn.last_stream, f.NO_ERROR))
         self.flusher.flush()

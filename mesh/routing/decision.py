@@ -11,7 +11,13 @@ from mesh.config.retries import RetryPolicy
 from mesh.config.virtual_service import Destination, Fault, HeaderOperations, HTTPRoute
 from mesh.errors import Unimplemented
 from mesh.routing import headers as md
-from mesh.routing.hashkey import HashKey, RequestFields, hash_key, read_fields
+from mesh.routing.hashkey import (
+    MODEL_NAMED_METHODS,
+    HashKey,
+    RequestFields,
+    hash_key,
+    read_fields,
+)
 from mesh.routing.match import describe_match, find_rule
 from mesh.routing.services import split_method
 from mesh.routing.weights import pick_destination
@@ -31,6 +37,10 @@ class RequestInfo:
     message: bytes | None = None
     #: Fields already known (``route explain``); wins over ``message``.
     fields: RequestFields | None = None
+    #: The port of the listener the call arrived on (``match.port``); None: unknown.
+    port: int | None = None
+    #: The client's IP address (``consistentHash.useSourceIp``); "": not an IP client.
+    source_ip: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,8 +102,21 @@ def decide(
     metadata = request.metadata
     response_ops: list[HeaderOperations] = []
     route_name = "default"
+    # The message is read at most once per call: here when a rule matches on the model
+    # (the hash key below reuses it), otherwise there when the hash key needs it.
+    request_fields = request.fields
+    message = request.message if request_fields is None else None
+    model: str | None = None
+    if vs is not None and vs.matches_model and request.method in MODEL_NAMED_METHODS:
+        if message is not None:
+            request_fields, message = read_fields(message), None
+        model = request_fields.model_name if request_fields is not None else None
+        if explain:
+            steps.append(
+                f"the request names model {model!r}" if model else "the request names no model"
+            )
     if vs is not None:
-        found = find_rule(vs, request.method, headers)
+        found = find_rule(vs, request.method, headers, model, port=request.port)
         if found is None:
             # Envoy answers a request no route matches with 404 (gRPC UNIMPLEMENTED): a
             # VirtualService that covers a host decides every call to it.
@@ -131,15 +154,17 @@ def decide(
     key: HashKey | None = None
     if ch is not None:
         fields = cluster.extensions.hash_fields
-        request_fields = request.fields
-        if request_fields is None and fields and request.message is not None:
-            request_fields = read_fields(request.message)
-        key = hash_key(
-            header_name=ch.http_header_name,
-            fields=fields,
-            headers=headers if metadata is request.metadata else md.as_dict(metadata),
-            request_fields=request_fields,
-        )
+        if fields and message is not None:
+            request_fields = read_fields(message)
+        if ch.use_source_ip:
+            key = HashKey(request.source_ip, "source ip") if request.source_ip else None
+        else:
+            key = hash_key(
+                header_name=ch.http_header_name,
+                fields=fields,
+                headers=headers if metadata is request.metadata else md.as_dict(metadata),
+                request_fields=request_fields,
+            )
         if explain:
             if key is not None:
                 steps.append(f"hash key {key.key!r} from {key.source}")
@@ -186,14 +211,20 @@ def decide(
 
 
 def route_timeout(
-    clusters: ClusterMap, method: str, authority: str, metadata: md.Metadata
+    clusters: ClusterMap,
+    method: str,
+    authority: str,
+    metadata: md.Metadata,
+    port: int | None = None,
 ) -> float | None:
     """The timeout of the rule that would route this call, found without its message
     (which hash keys may need, the rule never does): a proxy waiting for a first message
-    that never comes holds the call no longer than its route allows."""
+    that never comes holds the call no longer than its route allows. A rule that matches
+    on the model the request names (``x-meshserve.model``) cannot hold without that
+    message, so the first rule that holds without it counts here."""
     host = clusters.host_for(method, authority) if split_method(method) else None
     vs = clusters.config.virtual_service(host) if host is not None else None
     if vs is None:
         return None
-    found = find_rule(vs, method, md.as_dict(metadata))
+    found = find_rule(vs, method, md.as_dict(metadata), port=port)
     return found[0].timeout if found is not None else None

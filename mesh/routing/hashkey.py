@@ -10,6 +10,20 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MAX_VARINT_BYTES = 10
 #: What a hash key says for an empty model_version: the highest ready version.
 LATEST = "latest"
+#: Methods whose request names the model in field 1 and its version in field 2: only for
+#: these does a rule's ``x-meshserve.model`` match read the message (others' field 1 is
+#: something else, e.g. RepositoryModelLoadRequest's repository_name).
+MODEL_NAMED_METHODS: frozenset[str] = frozenset(
+    f"/inference.GRPCInferenceService/{name}"
+    for name in (
+        "ModelInfer",
+        "ModelStreamInfer",
+        "ModelReady",
+        "ModelMetadata",
+        "ModelConfig",
+        "ModelStatistics",
+    )
+)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,23 @@ def string_matches(match: StringMatch, value: str | None) -> bool:
     return match.pattern.fullmatch(value)
 
 
-def request_matches(match: MatchRequest, method: str, headers: Mapping[str, str]) -> bool:
-    """Every condition of one ``match`` entry holds (AND within an entry)."""
+def request_matches(
+    match: MatchRequest,
+    method: str,
+    headers: Mapping[str, str],
+    model: str | None = None,
+    *,
+    port: int | None = None,
+) -> bool:
+    """Every condition of one ``match`` entry holds (AND within an entry).
+
+    ``model`` is the model the request names (None: it names none, or it could not be
+    read); an ``x-meshserve.model`` condition never holds without one. ``port`` is the
+    listener port the call arrived on (None: unknown, so a port condition fails)."""
+    if match.port is not None and match.port != port:
+        return False
+    if match.model is not None and not string_matches(match.model, model or None):
+        return False
     if match.uri is not None:
         path = method.lower() if match.ignore_uri_case and match.uri.kind != "regex" else method
         if not string_matches(match.uri, path):
@@ -37,26 +52,42 @@ def request_matches(match: MatchRequest, method: str, headers: Mapping[str, str]
     )
 
 
-def rule_matches(rule: HTTPRoute, method: str, headers: Mapping[str, str]) -> MatchRequest | None:
+def rule_matches(
+    rule: HTTPRoute,
+    method: str,
+    headers: Mapping[str, str],
+    model: str | None = None,
+    *,
+    port: int | None = None,
+) -> MatchRequest | None:
     """The first ``match`` entry that holds (OR across entries); a rule without any matches all."""
     if not rule.matches:
         return MatchRequest()
-    return next((m for m in rule.matches if request_matches(m, method, headers)), None)
+    return next(
+        (m for m in rule.matches if request_matches(m, method, headers, model, port=port)), None
+    )
 
 
 def find_rule(
-    vs: VirtualService, method: str, headers: Mapping[str, str]
+    vs: VirtualService,
+    method: str,
+    headers: Mapping[str, str],
+    model: str | None = None,
+    *,
+    port: int | None = None,
 ) -> tuple[HTTPRoute, MatchRequest] | None:
     """The first rule of ``vs`` that matches, and the match entry that made it match."""
     for rule in vs.http:
-        matched = rule_matches(rule, method, headers)
+        matched = rule_matches(rule, method, headers, model, port=port)
         if matched is not None:
             return rule, matched
     return None
 
 
 def describe_match(match: MatchRequest) -> str:
-    parts = []
+    parts = [f"port {match.port}"] if match.port is not None else []
+    if match.model is not None:
+        parts.append(f"model {match.model.describe()}")
     if match.uri is not None:
         parts.append(f"uri {match.uri.describe()}")
     parts += [f"header {name} {m.describe()}" for name, m in match.headers]

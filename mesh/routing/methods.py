@@ -47,6 +47,34 @@ IDEMPOTENT: frozenset[str] = frozenset(
 )
 
 
+_OIP = "/inference.GRPCInferenceService/"
+#: Triton's shared-memory extension. The gateway answers these itself (it forwards the
+#: system ones to the workers on its host, and refuses CUDA's), whether or not the
+#: compiled protos declare them.
+SHARED_MEMORY_METHODS: frozenset[str] = frozenset(
+    {"SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister"}
+)
+CUDA_SHARED_MEMORY_METHODS: frozenset[str] = frozenset(
+    {"CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister"}
+)
+#: Calls about the whole inference server, not one inference: a gateway answers them for
+#: the fleet (gateway/fleet.py: each goes to every worker, the answers merged), as one
+#: Triton server would. Relayed to one worker they would act on, or describe, that worker
+#: only.
+FLEET_METHODS: frozenset[str] = frozenset(
+    _OIP + name
+    for name in (
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+        "RepositoryIndex",
+        "ModelStatistics",
+        "ModelReady",
+        *SHARED_MEMORY_METHODS,
+        *CUDA_SHARED_MEMORY_METHODS,
+    )
+)
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     path: str

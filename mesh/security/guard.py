@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from mesh.server.interceptor import rewrap
+from mesh.server.interceptor import Rewrapped, rewrap
 
 if TYPE_CHECKING:
     from mesh.server.interceptor import Continuation
@@ -50,6 +50,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, check: Check) -> None:
         self._check = check
+        self._handlers = Rewrapped(self._wrap)
+
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        check = self._check
+        return rewrap(
+            handler,
+            lambda behaviour: _unary(check, method, behaviour),
+            lambda behaviour: _streaming(check, method, behaviour),
+        )
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -57,10 +68,4 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        check = self._check
-        return rewrap(
-            handler,
-            lambda behaviour: _unary(check, method, behaviour),
-            lambda behaviour: _streaming(check, method, behaviour),
-        )
+        return self._handlers.get(handler_call_details.method, handler)

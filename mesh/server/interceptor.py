@@ -105,8 +105,52 @@ def rewrap(
     return handler
 
 
+class Rewrapped:
+    """Each (method, handler) wrapped once, not on every call.
+
+    A server's handlers are long-lived (one object per method), and rewrapping builds
+    closures and a new handler: work every call repeated for the same result, on the
+    hot path of every RPC (issue 17). ``wrap`` must depend only on the method and the
+    handler. Bounded: a server whose handlers are made per call (none of ours) would
+    only refill it.
+    """
+
+    LIMIT = 1024
+
+    def __init__(
+        self,
+        wrap: Callable[[str, grpc.RpcMethodHandler[Any, Any]], grpc.RpcMethodHandler[Any, Any]],
+    ) -> None:
+        self._wrap = wrap
+        # Keyed by id: handlers need not be hashable; the entry keeps the handler alive,
+        # so its id cannot be reused while the entry exists, and the identity check
+        # below makes a stale entry harmless anyway.
+        self._wrapped: dict[
+            tuple[str, int],
+            tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]],
+        ] = {}
+
+    def get(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        key = (method, id(handler))
+        entry = self._wrapped.get(key)
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        if len(self._wrapped) >= self.LIMIT:
+            self._wrapped.clear()
+        wrapped = self._wrap(method, handler)
+        self._wrapped[key] = (handler, wrapped)
+        return wrapped
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps :class:`MeshError` to its status and anything else to a safe INTERNAL."""
+
+    def __init__(self) -> None:
+        self._handlers = Rewrapped(
+            lambda method, handler: rewrap(handler, _wrap_unary, _wrap_streaming)
+        )
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -114,4 +158,4 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return rewrap(handler, _wrap_unary, _wrap_streaming)
+        return self._handlers.get(handler_call_details.method, handler)

@@ -16,7 +16,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from mesh.errors import MeshError
 from mesh.routing import headers as md
-from mesh.server.interceptor import rewrap
+from mesh.server.interceptor import Rewrapped, rewrap
 from mesh.telemetry.metrics import labels
 from mesh.telemetry.propagation import extract, inject
 from mesh.telemetry.setup import Telemetry
@@ -150,6 +150,13 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, telemetry: Telemetry) -> None:
         self._tracer = telemetry.tracer
         self._metrics = telemetry.metrics
+        self._handlers = Rewrapped(
+            lambda path, handler: rewrap(
+                handler,
+                lambda behaviour: self._unary(path, behaviour),
+                lambda behaviour: self._streaming(path, behaviour),
+            )
+        )
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -157,12 +164,7 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        path = handler_call_details.method
-        return rewrap(
-            handler,
-            lambda behaviour: self._unary(path, behaviour),
-            lambda behaviour: self._streaming(path, behaviour),
-        )
+        return self._handlers.get(handler_call_details.method, handler)
 
     def _start(self, path: str, context: Context) -> tuple[Span, dict[str, str]]:
         metadata = tuple(context.invocation_metadata() or ())

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from cli.main import COMMANDS, WORKERS, build_parser
+from cli.errors import CliError
+from cli.main import COMMANDS, WORKERS, build_parser, one_line_error
 from tests.support.processes import ENV, REPO
 
 
@@ -93,3 +94,41 @@ def test_commands_import_torch_and_the_store_client_only_when_they_need_them(
     )
     imported = json.loads(result.stderr.strip().splitlines()[-1])
     assert imported == {"torch": torch, "elasticsearch": store}
+
+
+def test_the_entry_point_answers_help_without_torch_the_store_client_or_grpc() -> None:
+    """`python -m cli.main --help` in a fresh process: it works, and it costs no heavy import
+    (torch and the store client take seconds, grpc a tenth: --help should be instant)."""
+    probe = (
+        "import json, runpy, sys\n"
+        "try:\n"
+        "    runpy.run_module('cli.main', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "heavy = ('torch', 'elasticsearch', 'grpc', 'numpy')\n"
+        "print(json.dumps({'code': code, 'imported': [m for m in heavy if m in sys.modules]}),"
+        " file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "--help"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(result.stderr.strip().splitlines()[-1]) == {"code": 0, "imported": []}
+    assert result.stdout.startswith("usage: meshserve")
+    for name in (*COMMANDS, "worker"):
+        assert name in result.stdout
+
+
+def test_errors_read_as_one_line_named_like_a_grpc_status() -> None:
+    from mesh.errors import NotFound
+
+    assert one_line_error(NotFound("model 'x' has no version 7")) == (
+        "NOT_FOUND: model 'x' has no version 7"
+    )
+    assert one_line_error(CliError("no input")) == "no input"
+    assert one_line_error(KeyError("bug")) is None  # a bug keeps its traceback

@@ -23,9 +23,6 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-    ProtoReflectionDescriptorDatabase,
-)
 
 from cli.admin_credential import ADMIN_KEY_FILE, ensure_admin_credential
 from mesh.balance.report import LoadReport
@@ -36,6 +33,7 @@ from registry.connect import StoreSettings
 from registry.embedded import EmbeddedStore
 from registry.store import open_store
 from tests.gateway.harness import WithMetadata
+from tests.support.grpcurl import grpcurl_async
 from tests.support.istio_yaml import BAD_SUBSET
 from tests.support.processes import ENV, REPO, Launched, cli, group_members
 from workers.inference.testing import FP32, MLP, model_config, populate, publish, seeded
@@ -261,11 +259,20 @@ async def test_each_version_sticks_to_one_worker(
 
 
 async def test_canary_90_10_by_header_applied_through_the_config_store(
-    mesh: Mesh, admin: admin_pb2_grpc.AdminAsyncStub, stub: pb_grpc.GRPCInferenceServiceAsyncStub
+    mesh: Mesh,
+    admin: admin_pb2_grpc.AdminAsyncStub,
+    stub: pb_grpc.GRPCInferenceServiceAsyncStub,
+    tmp_path: Path,
 ) -> None:
+    # The README's canary, for this mesh's model alpha instead of demo.
+    canary = tmp_path / "canary.yaml"
+    canary.write_text(
+        (REPO / "config/examples/canary-90-10.yaml")
+        .read_text()
+        .replace("exact: demo", "exact: alpha")
+    )
     applied = cli(
-        "config", "apply", "--gateway", mesh.gateway, "config/examples/canary-90-10.yaml",
-        "--api-key", mesh.admin_key,
+        "config", "apply", "--gateway", mesh.gateway, str(canary), "--api-key", mesh.admin_key,
     )  # fmt: skip
     assert applied.returncode == 0, applied.stderr
     dump = await admin.DumpConfig(admin_pb2.DumpConfigRequest())
@@ -286,6 +293,9 @@ async def test_canary_90_10_by_header_applied_through_the_config_store(
     assert set(versions) == {"1", "2"}
     # The worker honours x-model-version (the request names none): the versions it reports.
     assert abs(versions["2"] / 2000 - 0.10) <= 0.03, versions
+    # Another model keeps its latest version: the canary matches alpha only.
+    others = [await stub.ModelInfer(infer("beta"), timeout=20) for _ in range(50)]
+    assert {r.model_version for r in others} == {str(MODELS["beta"])}
 
 
 FAULT = """
@@ -386,7 +396,7 @@ async def test_a_broken_config_is_rejected_and_the_old_one_keeps_routing(
     assert await one_plain(stub)
 
 
-async def test_tritonclient_and_reflection_through_the_gateway(mesh: Mesh) -> None:
+async def test_tritonclient_through_the_gateway(mesh: Mesh) -> None:
     inputs = {"x": [[0.5, -1.0, 2.0, 0.25]], "ids": [[1, 2, 3, 4]], "text": ["mesh"]}
     done = subprocess.run(
         [sys.executable, "-m", "tests.support.triton_client", mesh.gateway],
@@ -403,21 +413,72 @@ async def test_tritonclient_and_reflection_through_the_gateway(mesh: Mesh) -> No
     assert results["int64_total"] == [[10]] and results["bytes_upper"] == [["MESH"]]
     assert results["async"] == results["fp32"] and results["stream"] == {"0": results["fp32"]}
 
-    # What grpcurl does: list services, then fetch the file that defines one.
-    with grpc.insecure_channel(mesh.gateway) as channel:
-        database = ProtoReflectionDescriptorDatabase(channel)
-        services = set(database.get_services())
-        assert "inference.GRPCInferenceService" in services
-        assert "meshserve.mesh.v1.Admin" in services
-        found = database.FindFileContainingSymbol("inference.GRPCInferenceService")
-        # A FileDescriptorProto, from which a client builds its stubs.
-        methods = {
-            m.name
-            for svc in found.service
-            if svc.name == "GRPCInferenceService"
-            for m in svc.method
+
+def stream_request(model: str, version: str) -> str:
+    """A ModelInferRequest in grpcurl's JSON (proto field names, typed contents)."""
+    return json.dumps(
+        {
+            "model_name": model,
+            "model_version": version,
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [1, 4],
+                    "contents": {"fp32_contents": [0.5, -1.0, 2.0, 0.25]},
+                }
+            ],
         }
-        assert {"ModelInfer", "ModelStreamInfer", "ServerReady"} <= methods
+    )
+
+
+def at(address: str, *options: str) -> tuple[str, ...]:
+    """grpcurl's arguments up to the address (options first), for a plaintext ``host:port``
+    or ``unix:PATH``; the command follows."""
+    if address.startswith("unix:"):
+        return ("-plaintext", "-unix", *options, address.removeprefix("unix:"))
+    return ("-plaintext", *options, address)
+
+
+async def test_real_grpcurl_through_the_gateway_and_on_a_worker(
+    mesh: Mesh, admin: admin_pb2_grpc.AdminAsyncStub
+) -> None:
+    """What a grpcurl user does, with grpcurl 1.8.6 itself: list, describe, a unary call
+    and ModelStreamInfer (bidirectional) fed from stdin, through the gateway and straight
+    at a worker. (Descriptor file names are not asserted: only services and methods.)"""
+    await mesh_serving(admin)  # when run alone, nothing before it waited
+    worker = mesh.units[0].worker
+    for target, services in (
+        (mesh.gateway, {"inference.GRPCInferenceService", "meshserve.mesh.v1.Admin"}),
+        (worker, {"inference.GRPCInferenceService", "grpc.health.v1.Health"}),
+    ):
+        listed = await grpcurl_async(*at(target), "list")
+        assert listed.returncode == 0, listed.stderr
+        assert services <= set(listed.stdout.split()), listed.stdout
+        described = await grpcurl_async(*at(target), "describe", "inference.GRPCInferenceService")
+        assert described.returncode == 0, described.stderr
+        for rpc in ("rpc ModelInfer", "rpc ModelStreamInfer", "rpc ServerReady"):
+            assert rpc in described.stdout, described.stdout
+        (metadata,) = (
+            await grpcurl_async(
+                *at(target, "-d", '{"name": "alpha"}'),
+                "inference.GRPCInferenceService/ModelMetadata",
+            )
+        ).messages()
+        assert metadata["name"] == "alpha" and metadata["inputs"][0]["name"] == "x"
+        # Bidirectional: two requests from stdin, a response for each. (grpcurl prints the
+        # proto's own field names.)
+        stdin = stream_request("alpha", "1") + "\n" + stream_request("alpha", "2")
+        replies = (
+            await grpcurl_async(
+                *at(target, "-d", "@"),
+                "inference.GRPCInferenceService/ModelStreamInfer",
+                stdin=stdin,
+            )
+        ).messages()
+        versions = sorted(r["infer_response"]["model_version"] for r in replies)
+        assert versions == ["1", "2"], replies
+        assert all(len(r["infer_response"]["raw_output_contents"]) == 1 for r in replies)
 
 
 async def test_a_fourth_worker_takes_about_a_quarter_of_the_versions(

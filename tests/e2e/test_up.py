@@ -1,7 +1,8 @@
 """`meshserve up` end to end: the whole mesh as subprocesses, the README tour, a Node.js
-client, a clean stop, a restart.
+client, the model catalog, the real grpcurl, a clean stop, a restart.
 
-One module-scoped ``up`` serves the Node.js client and then the tour, which ends it with
+One module-scoped ``up`` serves the Node.js client, the catalog and grpcurl tests, and then
+the tour, which ends it with
 Ctrl-C (starting it and training the demo model is most of the cost): the tour stays the
 module's last test.
 """
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,8 +27,9 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from registry.embedded import free_port
+from tests.support.grpcurl import grpcurl
 from tests.support.node_client import run_client
-from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers, naming
+from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -140,6 +142,110 @@ def test_a_nodejs_client_makes_every_kind_of_call_through_the_gateway(up: Up) ->
     assert ids["failed"] == {"code": "NOT_FOUND", "id": [ids["sent"]]}
 
 
+def test_models_list_shows_what_up_trained_and_the_catalog_commands_work(up: Up) -> None:
+    """The training worker under up records what it publishes in the store's catalog."""
+    env = {"MESHSERVE_STATE_DIR": str(up.state)}
+    running_gateway(up)
+
+    def models(*args: str) -> subprocess.CompletedProcess[str]:
+        return cli("models", *args, env=env)
+
+    listed = models("list")
+    assert listed.returncode == 0, listed.stderr
+    assert "no model versions published" not in listed.stdout
+    (row,) = [line for line in listed.stdout.splitlines() if "│ demo " in line]
+    assert [cell.strip() for cell in row.split("│")[1:4]] == ["demo", "1", "candidate"], row
+
+    promoted = models("promote", "demo", "1")
+    assert promoted.returncode == 0, promoted.stderr
+    assert "demo: production is now version 1" in promoted.stdout
+    listed = models("list", "--model", "demo")
+    assert "production" in listed.stdout, listed.stdout
+    # Nothing earlier to go back to: refused in one line, named like a gRPC status.
+    rollback = models("rollback", "demo")
+    assert rollback.returncode == 1
+    assert "FAILED_PRECONDITION" in rollback.stderr and "Traceback" not in rollback.stderr
+
+
+def test_real_grpcurl_streams_through_the_gateway(up: Up) -> None:
+    """grpcurl 1.8.6 itself: list and describe, server streaming (StreamBatches, WatchJob)
+    and a bidirectional ModelStreamInfer fed from stdin, through up's gateway."""
+    gateway = running_gateway(up)
+    listed = grpcurl("-plaintext", gateway, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {
+        "inference.GRPCInferenceService",
+        "meshserve.data.v1.DataService",
+        "meshserve.training.v1.TrainingService",
+    } <= set(listed.stdout.split()), listed.stdout
+    described = grpcurl("-plaintext", gateway, "describe", "meshserve.training.v1.TrainingService")
+    assert described.returncode == 0, described.stderr
+    assert "rpc WatchJob" in described.stdout
+
+    def call(method: str, request: object, stdin: str | None = None) -> list[dict[str, Any]]:
+        data = "@" if stdin is not None else json.dumps(request)
+        return grpcurl("-plaintext", "-d", data, gateway, method, stdin=stdin).messages()
+
+    # StreamBatches: both splits of demo-blobs, batch by batch, cover its 600 examples.
+    sizes = 0
+    for split in ("SPLIT_TRAIN", "SPLIT_VALIDATION"):
+        batches = call(
+            "meshserve.data.v1.DataService/StreamBatches",
+            {"dataset": "demo-blobs", "split": split, "batch_size": 100},
+        )
+        assert [int(b.get("index", 0)) for b in batches] == list(range(len(batches)))
+        sizes += sum(int(b["size"]) for b in batches)
+    assert sizes == 600
+
+    # WatchJob: the job that trained demo version 1 when up started, its whole history.
+    (listing,) = call(
+        "meshserve.training.v1.TrainingService/ListJobs",
+        {"model_name": "demo", "state": "JOB_STATE_SUCCEEDED"},
+    )
+    job = listing["jobs"][-1]  # newest first: up's own is the oldest
+    events = call("meshserve.training.v1.TrainingService/WatchJob", {"job_id": job["id"]})
+    assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
+    assert {"model_name": "demo", "version": "1"}.items() <= next(
+        e["published"] for e in events if "published" in e
+    ).items()
+    assert events[-1]["state_changed"]["state"] == "JOB_STATE_SUCCEEDED", events[-1]
+
+    # Bidirectional: three requests from stdin, a response for each (as each finishes).
+    request = {
+        "model_name": "demo",
+        "inputs": [
+            {
+                "name": "x",
+                "datatype": "FP32",
+                "shape": [1, 4],
+                "contents": {"fp32_contents": [0.5, -1.0, 2.0, 0.1]},
+            }
+        ],
+    }
+    stdin = "\n".join(json.dumps({**request, "id": str(i)}) for i in range(3))
+    replies = call("inference.GRPCInferenceService/ModelStreamInfer", None, stdin=stdin)
+    assert sorted(r["infer_response"]["id"] for r in replies) == ["0", "1", "2"], replies
+    assert all(r["infer_response"]["model_name"] == "demo" for r in replies)
+
+
+def test_the_readme_tour_makes_batch_npy_before_it_infers_on_it(up: Up, tmp_path: Path) -> None:
+    gateway = running_gateway(up)
+    readme = (ROOT / "README.md").read_text().splitlines()
+    uses = next(i for i, line in enumerate(readme) if "--input x=batch.npy" in line)
+    makes = next(i for i, line in enumerate(readme) if "np.save('batch.npy'" in line)
+    assert makes < uses
+    # The README's own line, as a user pastes it (with this venv's python).
+    command = readme[makes].replace("python ", f"{sys.executable} ", 1)
+    made = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    inferred = cli(
+        "infer", "demo", "--input", f"x={tmp_path / 'batch.npy'}", "--json",
+        "--address", gateway,
+    )  # fmt: skip
+    assert inferred.returncode == 0, inferred.stderr
+    assert len(json.loads(inferred.stdout)["outputs"]["logits"]) == 8
+
+
 def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(up: Up) -> None:
     gateway = running_gateway(up)
     mesh_state = up.state
@@ -234,33 +340,3 @@ def test_up_runs_the_tour_stops_cleanly_and_restarts_on_its_state(up: Up) -> Non
         assert again.process.returncode == 0, again.output()
     finally:
         again.kill()
-
-
-def test_up_fails_in_one_line_when_the_gateway_port_is_taken_and_leaves_nothing(
-    mesh_state: Path,
-) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = cli(
-            "up",
-            "--state-dir",
-            str(mesh_state),
-            "--port",
-            str(port),
-            "--no-demo",
-            "--data-workers",
-            "0",
-            "--training-workers",
-            "0",
-            "--inference-workers",
-            "0",
-            timeout=120,
-        )
-    assert result.returncode == 1
-    assert "gateway exited with status 1 before it was ready" in result.stderr
-    assert f"cannot listen on 127.0.0.1:{port}" in " ".join(result.stderr.split())
-    assert "Traceback" not in result.stderr
-    assert not (mesh_state / UP_FILE).exists()
-    assert not naming(mesh_state)

@@ -36,7 +36,7 @@ def admin(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminAsyncStub:
     return admin_pb2_grpc.AdminStub(channel)
 
 
-async def test_apply_canary_splits_90_10_through_the_gateway() -> None:
+async def test_apply_canary_splits_demo_90_10_through_the_gateway() -> None:
     async with mesh() as m:
         stub = admin(m.admin_channel)
         before = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
@@ -49,13 +49,25 @@ async def test_apply_canary_splits_90_10_through_the_gateway() -> None:
         versions: Counter[str] = Counter()
         workers_by_version: dict[str, set[str]] = {}
         for _ in range(2000):
-            reply = await m.inference.ModelInfer(infer("resnet"), timeout=5)
+            reply = await m.inference.ModelInfer(infer("demo"), timeout=5)
             versions[reply.model_version] += 1
             workers_by_version.setdefault(reply.model_version, set()).add(reply.id)
         assert set(versions) == {"1", "2"}
         assert versions["2"] / 2000 == pytest.approx(0.10, abs=0.03)
         # Each version's key keeps it on one worker.
         assert all(len(ws) == 1 for ws in workers_by_version.values())
+        # Another model is not touched: no version header reaches its worker.
+        before_simple = [len(w.seen) for w in m.workers]
+        for _ in range(200):
+            reply = await m.inference.ModelInfer(infer("simple"), timeout=5)
+            assert reply.model_version == ""
+        simple_calls = [
+            metadata
+            for w, start in zip(m.workers, before_simple, strict=True)
+            for metadata in w.seen[start:]
+        ]
+        assert len(simple_calls) == 200
+        assert not any("x-model-version" in metadata for metadata in simple_calls)
 
 
 async def test_fault_injection_hits_its_percentage() -> None:
@@ -85,7 +97,7 @@ async def test_rejected_apply_keeps_the_running_config_and_is_shown() -> None:
             await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=bad))
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details() == (
-            "admin: VirtualService/inference: spec.http[1].route: destination weights sum "
+            "admin: VirtualService/inference: spec.http[0].route: destination weights sum "
             "to 0: no destination would get any traffic"
         )
         dump = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
@@ -292,7 +304,7 @@ async def test_a_changed_config_file_is_picked_up(tmp_path: Path) -> None:
         while m.gateway.state.config.version == version:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.02)
-        reply = await m.inference.ModelInfer(infer("resnet"), timeout=5)
+        reply = await m.inference.ModelInfer(infer("demo"), timeout=5)
         assert reply.model_version in ("1", "2")  # the canary now sets the version
 
 

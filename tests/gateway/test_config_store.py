@@ -210,7 +210,7 @@ async def test_rollback_writes_the_previous_version_again(gateway: Gateway, stor
     with pytest.raises(FailedPrecondition, match="nothing to roll back"):
         await gateway.rollback_config(expected_version=0, dry_run=False)
     await gateway.apply_config(CANARY, expected_version=0, dry_run=False)
-    fault = CANARY.replace("name: canary", "name: canary\n      timeout: 5s")
+    fault = CANARY.replace("timeout: 60s", "timeout: 5s", 1)  # the canary rule's
     await gateway.apply_config(fault, expected_version=0, dry_run=False)
     v1 = await routing(store).get(1)
 
@@ -227,7 +227,7 @@ async def test_rollback_writes_the_previous_version_again(gateway: Gateway, stor
     assert latest.applied_by == "gateway admin rollback to store 'routing' v1"
     assert gateway.store_version == 3 and gateway.state.config is config
     rule = next(r for r in config.virtual_services["inference"].http if r.name == "canary")
-    assert rule.timeout is None
+    assert rule.timeout == 60.0
 
 
 async def test_rolling_back_the_first_store_version_leaves_the_directory_alone(

@@ -141,10 +141,9 @@ async def test_gateway_process_routes_survives_sigkill_and_serves_tritonclient(
             dry = cli("apply", "--dry-run", "--gateway", gw, "-f", canary, env=admin_env)
             assert dry.returncode == 0, dry.stderr
             assert "valid (dry run over version 1)" in dry.stdout
-            assert (
-                "~ inference http[1] (control → canary): any request → inference 100%" in dry.stdout
-            )
-            assert "→ any request → inference 90%, inference 10%" in dry.stdout
+            assert "~ inference http[0] (infer → canary): uri prefix" in dry.stdout
+            assert "→ model exact 'demo' and uri prefix" in dry.stdout
+            assert "inference 90%, inference 10%" in dry.stdout
             applied = cli("config", "apply", "--gateway", gw, canary, env=admin_env)
             assert (
                 applied.returncode == 0

@@ -249,3 +249,54 @@ async def test_response_header_edits_apply_to_a_trailers_only_error() -> None:
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         trailers = dict(caught.value.trailing_metadata() or ())
         assert trailers.get("x-served-by") == "meshserve"
+
+
+BY_MODEL = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http:
+    - name: demo
+      match: [{x-meshserve: {model: {exact: demo}}}]
+      headers: {request: {set: {x-rule: demo}}}
+      route: [{destination: {host: inference}}]
+    - route: [{destination: {host: inference}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+"""
+
+
+async def test_a_rule_matches_the_model_the_first_message_names() -> None:
+    # No hash fields here: the model match alone makes the relay wait for the message.
+    async with mesh(2) as m:
+        await _apply(m, BY_MODEL)
+        for name in ("demo", "simple", "", "demo", "demos"):
+            await m.inference.ModelInfer(infer(name), timeout=5)
+        # Each worker records a call's metadata and its request, in order.
+        ruled = [
+            (request.model_name, metadata.get("x-rule"))
+            for w in m.workers
+            for metadata, request in zip(w.seen, w.requests, strict=True)
+            if isinstance(request, pb.ModelInferRequest)
+        ]
+        assert sorted(ruled, key=str) == sorted(
+            [("demo", "demo"), ("demo", "demo"), ("simple", None), ("", None), ("demos", None)],
+            key=str,
+        )
+
+        # A stream is matched by its first message.
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+            yield infer("demo")
+
+        before = [len(w.seen) for w in m.workers]
+        async for _ in m.inference.ModelStreamInfer(requests(), timeout=5):
+            pass
+        (stream,) = [s for w, n in zip(m.workers, before, strict=True) for s in w.seen[n:]]
+        assert stream.get("x-rule") == "demo"

@@ -124,6 +124,26 @@ def test_virtual_service_full_rule_parses() -> None:
     assert [d.destination.host for d in rule.route] == ["inference", "inference"]
 
 
+def test_model_match_is_a_meshserve_extension_of_a_match_entry() -> None:
+    vs = one(
+        vs_yaml(
+            """
+            - match:
+                - uri: {prefix: /inference.GRPCInferenceService/ModelInfer}
+                  x-meshserve: {model: {regex: "demo|resnet-[0-9]+"}}
+              route: [{destination: {host: inference}}]
+            - route: [{destination: {host: inference}}]
+            """
+        )
+    )
+    assert isinstance(vs, VirtualService) and vs.matches_model
+    model = vs.http[0].matches[0].model
+    assert model is not None and model.kind == "regex" and model.value == "demo|resnet-[0-9]+"
+    assert vs.http[1].matches == ()
+    plain = one(vs_yaml(ROUTE))
+    assert isinstance(plain, VirtualService) and not plain.matches_model
+
+
 def test_destination_rule_defaults_follow_istio() -> None:
     dr = one(dr_yaml("host: inference\ntrafficPolicy:\n  outlierDetection: {}"))
     assert isinstance(dr, DestinationRule)
@@ -328,7 +348,7 @@ ERRORS: list[tuple[str, str]] = [
         dr_yaml(
             "host: inference\ntrafficPolicy:\n  loadBalancer: {consistentHash: {ringHash: {minimumRingSize: 64}}}"
         ),
-        "spec.trafficPolicy.loadBalancer.consistentHash: needs httpHeaderName or the meshserve.io/hash-fields annotation",
+        "spec.trafficPolicy.loadBalancer.consistentHash: needs httpHeaderName, useSourceIp or the meshserve.io/hash-fields annotation",
     ),
     (
         dr_yaml(
@@ -401,6 +421,22 @@ ERRORS: list[tuple[str, str]] = [
     (
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{from: [{source: {ipBlocks: [not-an-ip]}}]}]}\n",
         "spec.rules[0].from[0].source.ipBlocks[0]: is not an IP address or CIDR block",
+    ),
+    (
+        vs_yaml(ROUTE.replace("- route:", "- match: [{x-meshserve: {model: {}}}]\n  route:")),
+        "spec.http[0].match[0].x-meshserve.model: must have one of exact, prefix or regex",
+    ),
+    (
+        vs_yaml(
+            ROUTE.replace("- route:", "- match: [{x-meshserve: {modle: {exact: a}}}]\n  route:")
+        ),
+        "spec.http[0].match[0].x-meshserve.modle: unknown field (expected one of: model)",
+    ),
+    (
+        vs_yaml(
+            ROUTE.replace("- route:", "- match: [{x-meshserve: {model: {regex: '('}}}]\n  route:")
+        ),
+        "spec.http[0].match[0].x-meshserve.model.regex: not an RE2 regular expression",
     ),
 ]
 

@@ -81,19 +81,76 @@ def test_versions_spread_and_a_fourth_worker_moves_about_a_quarter() -> None:
     assert 0.15 < len(moved) / len(keys) < 0.35
 
 
-def test_canary_splits_90_10_and_sets_the_version_header() -> None:
+def test_canary_splits_demo_90_10_and_sets_the_version_header() -> None:
     cm = clusters(CANARY, workers(3))
     rng = random.Random(5)
     versions: Counter[str] = Counter()
     for _ in range(2000):
-        decision = decide(cm, infer("resnet"), rng)
+        decision = decide(cm, infer("demo"), rng)
         headers = dict(decision.metadata)
         versions[headers["x-model-version"]] += 1
         assert decision.hash_key is not None
-        assert decision.hash_key.key == f"resnet/{headers['x-model-version']}"
+        assert decision.hash_key.key == f"demo/{headers['x-model-version']}"
+        # The canary keeps the default infer rule's timeout and retries.
+        assert decision.timeout == 60.0 and decision.retries.per_try_timeout == 30.0
     assert versions["2"] / 2000 == pytest.approx(0.10, abs=0.03)
-    pinned = decide(cm, infer("resnet", **{"x-model-version": "7"}), rng)
-    assert pinned.route.endswith("(pinned)") and dict(pinned.metadata)["x-model-version"] == "7"
+    pinned = decide(cm, infer("demo", **{"x-model-version": "7"}), rng)
+    assert pinned.route.endswith("(infer)") and dict(pinned.metadata)["x-model-version"] == "7"
+
+
+def test_canary_leaves_other_models_alone() -> None:
+    cm = clusters(CANARY, workers(3))
+    rng = random.Random(5)
+    for name in ("simple", "demo-2", "Demo"):
+        for _ in range(50):
+            decision = decide(cm, infer(name), rng)
+            assert "x-model-version" not in dict(decision.metadata), name
+            assert decision.route == "VirtualService/inference http[2] (infer)"
+            assert decision.hash_key is not None and decision.hash_key.key == f"{name}/latest"
+            assert decision.timeout == 60.0 and decision.retries.attempts == 2
+
+
+def test_canary_splits_demo_streams_by_their_first_message() -> None:
+    cm = clusters(CANARY, workers(3))
+    stream = "/inference.GRPCInferenceService/ModelStreamInfer"
+    message = pb.ModelInferRequest(model_name="demo").SerializeToString()
+    decision = decide(cm, RequestInfo(stream, message=message), random.Random(1))
+    assert decision.route.endswith("(canary-stream)") and decision.timeout is None
+    other = pb.ModelInferRequest(model_name="simple").SerializeToString()
+    decision = decide(cm, RequestInfo(stream, message=other), random.Random(1))
+    assert decision.route.endswith("(control)")
+    assert "x-model-version" not in dict(decision.metadata)
+
+
+@pytest.mark.parametrize(
+    ("method", "message", "expected"),
+    [
+        # A compressed or unreadable first message names no model: the default rules.
+        (INFER, b"\xff\xff", "(infer)"),
+        (INFER, None, "(infer)"),
+        # ModelMetadata names a model too, but the canary's uri is ModelInfer only.
+        (
+            "/inference.GRPCInferenceService/ModelMetadata",
+            pb.ModelMetadataRequest(name="demo").SerializeToString(),
+            "(control)",
+        ),
+    ],
+)
+def test_canary_needs_a_readable_model_name(
+    method: str, message: bytes | None, expected: str
+) -> None:
+    cm = clusters(CANARY, workers(3))
+    decision = decide(cm, RequestInfo(method, message=message), random.Random(1))
+    assert decision.route.endswith(expected)
+    assert "x-model-version" not in dict(decision.metadata)
+
+
+def test_explanation_names_the_model_a_rule_matched() -> None:
+    cm = clusters(CANARY, workers(3))
+    request = RequestInfo(INFER, fields=RequestFields("demo", ""))
+    text = "\n".join(decide(cm, request, random.Random(0), explain=True).explanation)
+    assert "the request names model 'demo'" in text
+    assert "(canary) matches (model exact 'demo' and uri prefix" in text
 
 
 def test_explanation_tells_the_story() -> None:

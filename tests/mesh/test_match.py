@@ -87,6 +87,50 @@ def test_first_matching_rule_wins(method: str, headers: dict[str, str], rule: st
     assert found[0].name == rule
 
 
+MODEL_RULES = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http:
+    - name: demo-infer
+      match:
+        - uri: {prefix: /inference.GRPCInferenceService/ModelInfer}
+          x-meshserve: {model: {exact: demo}}
+      route: [{destination: {host: inference}}]
+    - name: resnets
+      match:
+        - x-meshserve: {model: {regex: "resnet-[0-9]+"}}
+          headers: {x-tenant: {prefix: team-}}
+      route: [{destination: {host: inference}}]
+    - name: catch-all
+      route: [{destination: {host: inference}}]
+"""
+MODEL_VS = config_from_yaml(MODEL_RULES, source="rules.yaml").virtual_services["inference"]
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "model", "rule"),
+    [
+        (INFER, {}, "demo", "demo-infer"),
+        (INFER, {}, "demo2", "catch-all"),  # exact means exact
+        (INFER, {}, "", "catch-all"),  # a request naming no model
+        (INFER, {}, None, "catch-all"),  # or whose model could not be read
+        (READY, {}, "demo", "catch-all"),  # the uri condition still holds (AND)
+        (READY, {"x-tenant": "team-a"}, "resnet-50", "resnets"),
+        (READY, {"x-tenant": "team-a"}, "resnet-50x", "catch-all"),  # regex is anchored
+        (READY, {}, "resnet-50", "catch-all"),
+    ],
+)
+def test_model_match_is_anded_with_the_other_conditions(
+    method: str, headers: dict[str, str], model: str | None, rule: str
+) -> None:
+    found = find_rule(MODEL_VS, method, headers, model)
+    assert found is not None
+    assert found[0].name == rule
+
+
 def test_no_rule_matches_without_catch_all() -> None:
     vs = VirtualService(VS.metadata, VS.hosts, VS.http[:1])
     assert find_rule(vs, READY, {}) is None

@@ -24,28 +24,37 @@ def test_the_same_config_has_no_change() -> None:
     assert diff_lines(routing_diff(RUNNING, RUNNING)) == ["no routing change"]
 
 
+DEMO = "model exact 'demo' and "
+UNPINNED = " and without header x-model-version present"
+INFER = "uri prefix '/inference.GRPCInferenceService/ModelInfer'"
+STREAM = "uri exact '/inference.GRPCInferenceService/ModelStreamInfer'"
+
+
 def test_changes_read_as_added_removed_and_changed_lines() -> None:
     diff = routing_diff(RUNNING, applied(CANARY))
     kinds = [(c.kind, c.subject) for c in diff.changes]
     assert kinds == [
-        ("changed", "inference http[0] (infer → pinned)"),
-        ("changed", "inference http[1] (control → canary)"),
+        ("changed", "inference http[0] (infer → canary)"),
+        ("changed", "inference http[1] (control → canary-stream)"),
+        ("added", "inference http[2] (infer)"),
+        ("added", "inference http[3] (control)"),
     ]
-    pinned = diff.changes[0]
-    assert pinned.before == (
-        "uri prefix '/inference.GRPCInferenceService/ModelInfer' → inference 100%"
-    )
-    # The infer rule's timeout and retries go with it: said, not spelled out.
-    assert pinned.after == (
-        "header x-model-version present → inference 100%; "
-        "and its timeout, retries, fault or header edits changed"
-    )
-    canary = diff.changes[1]
-    assert canary.before == "any request → inference 100%"
-    assert canary.after == "any request → inference 90%, inference 10%"
+    canary = diff.changes[0]
+    assert canary.before == f"{INFER} → inference 100%"
+    # The canary keeps the infer rule's timeout and retries: no policy change is said.
+    assert canary.after == f"{DEMO}{INFER}{UNPINNED} → inference 90%, inference 10%"
+    assert diff.changes[1].after == f"{DEMO}{STREAM}{UNPINNED} → inference 90%, inference 10%"
     lines = diff_lines(diff)
-    assert lines[2] == "~ inference http[1] (control → canary): any request → inference 100%"
-    assert lines[3].strip() == "→ any request → inference 90%, inference 10%"
+    assert lines[0] == f"~ inference http[0] (infer → canary): {INFER} → inference 100%"
+    assert lines[1].strip() == f"→ {canary.after}"
+    assert lines[4] == "+ inference http[2] (infer): " + f"{INFER} → inference 100%"
+
+
+def test_a_policy_change_is_said_not_spelled_out() -> None:
+    without_timeout = applied(CANARY.replace("      timeout: 60s\n", "", 1))
+    change = routing_diff(applied(CANARY), without_timeout).changes[0]
+    assert change.subject == "inference http[0] (canary)"
+    assert change.after.endswith("; and its timeout, retries, fault or header edits changed")
 
 
 def test_subsets_and_policies_are_compared_by_host() -> None:
@@ -64,12 +73,15 @@ def test_a_new_virtual_service_replaces_the_default_route() -> None:
     assert diff.changes[0] == RouteChange(
         "added", "host extra", "default route to extra", "VirtualService/extra"
     )
-    assert [c.kind for c in diff.changes[1:]] == ["added", "added"]
+    assert [c.kind for c in diff.changes[1:]] == ["added"] * 4  # its four rules
 
 
 def test_a_destination_header_edit_alone_is_still_reported() -> None:
     canary = applied(CANARY)
     edited = applied(CANARY.replace('x-model-version: "2"', 'x-model-version: "3"'))
-    (change,) = routing_diff(canary, edited).changes
-    assert change.subject == "inference http[1] (canary)"
-    assert change.after.endswith("its destinations' header edits changed")
+    changes = routing_diff(canary, edited).changes
+    assert [c.subject for c in changes] == [
+        "inference http[0] (canary)",
+        "inference http[1] (canary-stream)",
+    ]
+    assert all(c.after.endswith("its destinations' header edits changed") for c in changes)

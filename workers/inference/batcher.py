@@ -124,6 +124,28 @@ def plan_batch(sizes: Sequence[int], waited_s: float, policy: BatchPolicy) -> Di
     return Wait(policy.max_queue_delay_s - waited_s)
 
 
+#: A CPU batch whose recent passes took at most this long runs on the event loop itself.
+INLINE_LIMIT_S = 0.0005
+#: Weight of the newest pass in the recent average (an exponential moving average).
+RECENT_WEIGHT = 0.2
+
+
+def runs_inline(recent_s: float | None, limit_s: float) -> bool:
+    """Whether the next batch runs on the event loop instead of an executor thread.
+
+    Handing a batch to a thread and its results back costs two thread wake-ups and GIL
+    hand-offs under load, more than a small model's whole forward pass on the CPU: the
+    worker spent 450-600 µs of CPU per request that way against 350-390 µs inline
+    (issue 17, docs/benchmarks.md). Inline, a pass blocks the loop, so only passes known
+    to be short run there; an unmeasured one (the first) goes to the executor.
+    """
+    return recent_s is not None and recent_s <= limit_s
+
+
+def recent_average(recent_s: float | None, sample_s: float) -> float:
+    return sample_s if recent_s is None else recent_s + (sample_s - recent_s) * RECENT_WEIGHT
+
+
 @dataclass
 class _Pending:
     inputs: Mapping[str, Tensor]
@@ -199,6 +221,9 @@ class DynamicBatcher:
     new requests. Going through a scheduling task, an event and ``run_in_executor``
     cost several loop iterations between batches: the instance sat idle a quarter to
     a third of the time at concurrency 64 (docs/benchmarks.md).
+
+    On the CPU, a batch whose recent passes were short (:func:`runs_inline`) runs on the
+    loop itself, with no thread hand-off at all.
     """
 
     def __init__(
@@ -208,6 +233,7 @@ class DynamicBatcher:
         stats: Statistics,
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inline_limit_s: float = INLINE_LIMIT_S,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -219,9 +245,20 @@ class DynamicBatcher:
         self._running = 0
         #: A re-plan for when the oldest request's queue delay runs out.
         self._timer: asyncio.TimerHandle | None = None
+        #: The request whose queue delay the timer waits out: while it heads the queue,
+        #: arrivals leave the timer alone instead of cancelling and re-arming it.
+        self._timer_head: _Pending | None = None
+        #: The loop this batcher serves, looked up once (on Python 3.11 each lookup asks
+        #: the kernel for the pid, a syscall on every request).
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: A re-plan already scheduled for arrivals in this loop iteration.
         self._planning = False
         self.executions = 0
+        #: CPU only: a GPU pass is the GPU path's to schedule (streams, staging).
+        self._inline_limit_s = inline_limit_s if model.device.type == "cpu" else -1.0
+        #: Recent average time of a batch's pass (None until one ran); written on the
+        #: thread that ran it (a float store is atomic under the GIL).
+        self.recent_pass_s: float | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -234,7 +271,9 @@ class DynamicBatcher:
         key = tuple(
             sorted((n, shape_of(t)[1:] if batched else shape_of(t)) for n, t in inputs.items())
         )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Tensor]] = loop.create_future()
         self._queue.append(_Pending(inputs, size, key, self._clock(), future))
         if not self._planning:
@@ -247,43 +286,66 @@ class DynamicBatcher:
         self._planning = False
         self._plan()
 
-    def _plan(self) -> None:
-        """Starts every batch that should run now; arms a timer for the next decision."""
+    def _timer_fired(self) -> None:
+        self._timer = self._timer_head = None
+        self._plan()
+
+    def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+            self._timer = self._timer_head = None
+
+    def _plan(self) -> None:
+        """Starts every batch that should run now; arms a timer for the next decision."""
         while self._running < self.policy.instances:
             # Requests whose caller gave up (deadline, cancellation) leave the queue.
             while self._queue and self._queue[0].future.done():
                 self._queue.popleft()
             if not self._queue:
-                return
+                break
             head = self._queue[0]
             group = [p for p in self._queue if p.key == head.key and not p.future.done()]
             decision = plan_batch(
                 [p.size for p in group], self._clock() - head.enqueued, self.policy
             )
             if isinstance(decision, Wait):
-                self._timer = asyncio.get_running_loop().call_later(decision.seconds, self._plan)
+                # The wait ends when the head's queue delay does: a timer armed for this
+                # head already fires then.
+                if self._timer_head is not head:
+                    self._disarm()
+                    assert self._loop is not None  # set by the first infer
+                    self._timer = self._loop.call_later(decision.seconds, self._timer_fired)
+                    self._timer_head = head
                 return
             batch = group[: decision.count]
             chosen = {id(p) for p in batch}
             self._queue = deque(p for p in self._queue if id(p) not in chosen)
             started = self._clock()
-            for p in batch:
-                self._stats.record_queue(
-                    self.model.name, self.model.version, int((started - p.enqueued) * 1e9)
-                )
+            # One lock and one update per batch, not per request.
+            self._stats.record_queue(
+                self.model.name,
+                self.model.version,
+                sum(int((started - p.enqueued) * 1e9) for p in batch),
+                count=len(batch),
+            )
             self._start(batch)
-        # Every instance is busy: requests keep queuing, so the next batch grows; the
-        # first batch to finish plans again.
+        # Nothing queued, or every instance is busy: requests keep queuing, so the next
+        # batch grows, and the first batch to finish plans again.
+        self._disarm()
 
     def _start(self, batch: Sequence[_Pending]) -> None:
         """Hands one batch to the executor; :meth:`_finished` runs on the loop when it is done."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by the first infer
         self._running += 1
         try:
-            if self._executor is None:
+            if runs_inline(self.recent_pass_s, self._inline_limit_s):
+                done: Future[list[dict[str, Tensor] | BaseException]] = Future()
+                done.set_result(self._execute(batch))
+                # Through the loop, not a direct call: I/O and other callbacks get their
+                # turn between two inline batches, and plans do not recurse.
+                loop.call_soon(self._finished, batch, done)
+            elif self._executor is None:
                 pending = loop.run_in_executor(None, self._execute, batch)
                 pending.add_done_callback(lambda done: self._finished(batch, done))
             else:
@@ -350,6 +412,7 @@ class DynamicBatcher:
             results = [{n: parts[i] for n, parts in pieces.items()} for i in range(len(batch))]
         t3 = time.perf_counter_ns()
         self.executions += 1
+        self.recent_pass_s = recent_average(self.recent_pass_s, (t3 - t0) / 1e9)
         self._stats.record_execution(
             model.name,
             model.version,

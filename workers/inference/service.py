@@ -17,6 +17,7 @@ from mesh.server.app import Service
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from workers.inference.load_parameters import config_override
+from workers.inference.reporting import ReportSampler
 from workers.inference.versions import VERSION_HEADER, parse_version
 from workers.inference.worker import InferenceWorker
 
@@ -61,6 +62,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.worker = worker
         self.repository = worker.repository
         self.ready = False
+        #: ModelInfer responses carry the load report only now and then (see reporting).
+        self.sampler = ReportSampler()
 
     def _report_load(self, context: Context) -> None:
         context.set_trailing_metadata(self.worker.load_report().metadata())
@@ -128,7 +131,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 request, _header(context, VERSION_HEADER), _timeout(context)
             )
         finally:
-            self._report_load(context)
+            if self.sampler.due(self.worker.loaded_state()):
+                self._report_load(context)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Context

@@ -108,9 +108,10 @@ class Statistics:
             if ok:
                 stats.last_inference_ms = now_ms
 
-    def record_queue(self, name: str, version: int, queue_ns: int) -> None:
+    def record_queue(self, name: str, version: int, queue_ns: int, count: int = 1) -> None:
+        """``count`` requests waited ``queue_ns`` in all (a batch is recorded at once)."""
         with self._lock:
-            self._get(name, version).queue.add(queue_ns)
+            self._get(name, version).queue.add(queue_ns, count)
 
     def record_execution(
         self,

@@ -86,6 +86,11 @@ class InferenceWorker:
                     now_ms=int(time.time() * 1000),
                 )
 
+    def loaded_state(self) -> tuple[int, int, tuple[tuple[str, int], ...]]:
+        """Changes whenever the loaded versions do (cheap: no report is built)."""
+        cache = self.repository.cache
+        return (cache.loads, cache.evictions, tuple(cache.loaded_keys()))
+
     def load_report(self) -> LoadReport:
         cache = self.repository.cache
         return LoadReport(

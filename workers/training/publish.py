@@ -7,6 +7,7 @@ calls it after the version directory is in place. Until the catalog is wired in,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -109,3 +110,28 @@ def publish(
         version = repo.publish_version(model, {export.MODEL_FILE: model_file}, record)
     uri = repo.version_path(model, version)
     return training_pb2.PublishedVersion(model_name=model, version=str(version), uri=uri)
+
+
+async def record_published(repo: ModelRepo, recorder: VersionRecorder) -> int:
+    """Records every version training published into ``repo`` (those with a lineage.json)
+    with ``recorder``; returns how many it found.
+
+    A catalog joined late would otherwise list none of the versions the mesh serves: a
+    repository trained into before its worker recorded into the registry (the state folder
+    of an older ``meshserve up``, whose training worker ran without the store). Recording
+    is idempotent (the catalog keeps a version once), so every start may do it.
+    """
+
+    def found() -> list[tuple[str, int, str, dict[str, Any]]]:
+        versions = []
+        for model in repo.list_models():
+            for version in repo.list_versions(model):
+                record = repo.read_lineage(model, version)
+                if record:  # else not training's: an operator's own model file
+                    versions.append((model, version, repo.version_path(model, version), record))
+        return versions
+
+    versions = await asyncio.to_thread(found)
+    for model, version, uri, record in versions:
+        await recorder.record(model, version, uri, record)
+    return len(versions)

@@ -21,7 +21,7 @@ from workers.training.datasets import DataServiceDatasets
 from workers.training.jobstore import JobStore, LocalJobStore
 from workers.training.manager import JobManager, WorkerSettings
 from workers.training.ownership import JobClaims
-from workers.training.publish import VersionRecorder
+from workers.training.publish import VersionRecorder, record_published
 from workers.training.recorder import CatalogRecorder
 from workers.training.service import training_service
 
@@ -73,6 +73,9 @@ async def training_worker(
 
         serving.on_drain(stop_jobs)
         try:
+            if recorder is not None:
+                # Versions published before this worker recorded into the catalog.
+                await record_published(manager.repo, recorder)
             await manager.recover()
             yield TrainingWorker(serving, manager)
         finally:

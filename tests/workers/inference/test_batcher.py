@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from workers.inference import testing
-from workers.inference.batcher import BatchPolicy, Dispatch, DynamicBatcher, Wait, plan_batch
+from workers.inference.batcher import (
+    BatchPolicy,
+    Dispatch,
+    DynamicBatcher,
+    Wait,
+    plan_batch,
+    recent_average,
+    runs_inline,
+)
 from workers.inference.model import LoadedModel, ModelError, Signature
 from workers.inference.stats import Statistics
 from workers.inference.tensors import Tensor
@@ -211,3 +219,65 @@ async def test_a_finished_batch_starts_the_next_before_its_requests_are_answered
         answers = await asyncio.gather(*rest)
     assert [torch.as_tensor(a["y"]).tolist() for a in answers] == [[[4.0, 4.0]], [[6.0, 6.0]]]
     assert batcher.executions == 2
+
+
+@pytest.mark.parametrize(
+    ("recent", "limit", "inline"),
+    [
+        (None, 1.0, False),  # never measured: the executor, whatever the limit
+        (0.0001, 0.0005, True),
+        (0.0005, 0.0005, True),
+        (0.002, 0.0005, False),
+        (0.0001, -1.0, False),  # a negative limit: never (the GPU path)
+    ],
+)
+def test_runs_inline(recent: float | None, limit: float, inline: bool) -> None:
+    assert runs_inline(recent, limit) is inline
+
+
+def test_recent_average_starts_at_the_first_pass_and_follows_the_newest() -> None:
+    recent = recent_average(None, 0.001)
+    assert recent == 0.001
+    for _ in range(50):
+        recent = recent_average(recent, 0.010)
+    assert recent == pytest.approx(0.010, rel=1e-3)
+
+
+@pytest.mark.parametrize(("limit", "on_loop_after_first"), [(1.0, True), (0.0, False)])
+async def test_short_passes_run_on_the_event_loop_after_the_first(
+    limit: float, on_loop_after_first: bool
+) -> None:
+    threads: list[int] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        threads.append(threading.get_ident())
+        return x * 2
+
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        batcher = DynamicBatcher(
+            loaded(forward, "v"), BatchPolicy(16, 0.0), Statistics(), executor, inline_limit_s=limit
+        )
+        for i in range(3):
+            outputs = await batcher.infer({"x": torch.full((1, 2), float(i))})
+            assert torch.equal(torch.as_tensor(outputs["y"]), torch.full((1, 2), 2.0 * i))
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread  # unmeasured: off the loop
+    assert [t == loop_thread for t in threads[1:]] == [on_loop_after_first] * 2
+    assert batcher.recent_pass_s is not None and batcher.executions == 3
+
+
+async def test_arrivals_during_a_queue_delay_keep_its_timer() -> None:
+    # The wait ends when the oldest request's delay does: later arrivals re-plan, but
+    # must not cancel and re-arm the timer (per-request work on the hot path).
+    module = testing.seeded(testing.MLP(), 3)
+    batcher = DynamicBatcher(loaded(module), BatchPolicy(16, 30.0), Statistics())
+    first = asyncio.create_task(batcher.infer({"x": torch.ones(1, 4)}))
+    await until(lambda: batcher._timer is not None)
+    timer = batcher._timer
+    rest = [asyncio.create_task(batcher.infer({"x": torch.ones(1, 4)})) for _ in range(3)]
+    await until(lambda: batcher.queue_depth == 4 and not batcher._planning)
+    assert batcher._timer is timer and timer is not None and not timer.cancelled()
+    for task in [first, *rest]:
+        task.cancel()
+    await asyncio.gather(first, *rest, return_exceptions=True)
+    timer.cancel()

@@ -13,10 +13,12 @@ from elasticsearch import AsyncElasticsearch
 
 from cli.main import main
 from mesh.server.app import ServerSettings
+from protos.inference import model_config_pb2 as mc
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
 from registry.catalog import Catalog, Stage
 from registry.jobs import ElasticJobClaims, ElasticJobStore
 from registry.schema import Indices
+from workers.model_repo import ModelRepo
 from workers.training.manager import WorkerSettings
 from workers.training.recorder import CatalogRecorder
 from workers.training.server import training_worker
@@ -85,3 +87,34 @@ async def test_published_versions_land_in_the_catalog(
     assert len(rows) == 1
     assert "candidate" in rows[0] and done.published.uri in rows[0]
     assert f"val_accuracy={done.metrics['val_accuracy']:.4g}" in rows[0]
+
+
+async def test_versions_published_before_the_catalog_are_recorded_when_the_worker_starts(
+    tmp_path: Path, data_server: DataServer, es: AsyncElasticsearch, indices: Indices
+) -> None:
+    """A repository trained into without the registry (an older `up`'s state folder):
+    its versions join the catalog when a worker on the registry starts; an operator's own
+    version (no lineage.json) is left out, and a second start records nothing twice."""
+    repo = ModelRepo(str(tmp_path / "models"))
+    repo.write_config("older", mc.ModelConfig(name="older", platform="pytorch_libtorch"))
+    trained = {"job_id": "job-1", "metrics": {"val_accuracy": 0.5}, "step": 10}
+    repo.publish_version("older", {"model.pt": b"weights"}, trained)
+    repo.publish_version("older", {"model.pt": b"an operator's own"})
+    settings = WorkerSettings(
+        artifacts_url=str(tmp_path / "artifacts"),
+        model_repo_url=repo.url,
+        data_address=data_server.address,
+    )
+    catalog = Catalog(es, indices)
+    store = ElasticJobStore(es, indices)
+    for attempt in range(2):
+        claims = ElasticJobClaims(es, indices, f"worker-{attempt}", ttl=5)
+        async with training_worker(
+            settings, ServerSettings(), store, CatalogRecorder(catalog), claims
+        ):
+            pass
+        [entry] = await catalog.list("older")
+        assert (entry.version.version, entry.stage) == ("1", Stage.CANDIDATE)
+        assert entry.version.artifact_url == repo.version_path("older", 1)
+        assert entry.version.lineage["job_id"] == "job-1"
+        assert dict(entry.version.metrics) == {"val_accuracy": 0.5}
