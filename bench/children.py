@@ -27,16 +27,29 @@ class Child:
     pid: int
 
 
+#: The process id behind each address :func:`child` yielded, by the address's port (for
+#: CPU accounting: callers may rewrite the host, as bench.sidecar does for TLS names).
+PIDS: dict[str, int] = {}
+
+
 @contextmanager
-def child(*args: str, stop_timeout: float = 10, repo: Path = REPO) -> Iterator[Child]:
+def child(
+    *args: str,
+    stop_timeout: float = 10,
+    repo: Path = REPO,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Child]:
     """Runs ``python -m ARGS``; yields its address, from its first line ("... listening
     on ADDRESS ..."), and pid; terminates it on exit (killed after ``stop_timeout`` s).
 
     ``repo``: the checkout it runs from (another one: an older revision to compare with).
+    ``extra_env``: added to its environment.
     """
     env = ENV
     if repo != REPO:
         env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), ENV["PYTHONPATH"]]))}
+    if extra_env:
+        env = {**env, **extra_env}
     proc = subprocess.Popen(
         [sys.executable, "-m", *args], cwd=repo, env=env, stdout=subprocess.PIPE, text=True
     )
@@ -45,7 +58,9 @@ def child(*args: str, stop_timeout: float = 10, repo: Path = REPO) -> Iterator[C
         line = proc.stdout.readline()
         if "listening on" not in line:
             raise RuntimeError(f"{args} did not start (exit {proc.poll()}): {line!r}")
-        yield Child(line.split("listening on ")[1].split()[0], proc.pid)
+        started = Child(line.split("listening on ")[1].split()[0], proc.pid)
+        PIDS[started.address.rsplit(":", 1)[-1]] = proc.pid
+        yield started
     finally:
         proc.terminate()
         try:
@@ -58,7 +73,23 @@ def child(*args: str, stop_timeout: float = 10, repo: Path = REPO) -> Iterator[C
 
 
 @contextmanager
-def process(*args: str, stop_timeout: float = 10) -> Iterator[str]:
-    """:func:`child` from this checkout, yielding only the address."""
-    with child(*args, stop_timeout=stop_timeout) as started:
+def process(
+    *args: str,
+    stop_timeout: float = 10,
+    env: dict[str, str] | None = None,
+    checkout: Path = REPO,
+) -> Iterator[str]:
+    """:func:`child` (from ``checkout``, with ``env`` added), yielding only the address."""
+    with child(*args, stop_timeout=stop_timeout, repo=checkout, extra_env=env) as started:
         yield started.address
+
+
+def pid_of(address: str) -> int:
+    """The process :func:`child` started that serves ``address``."""
+    return PIDS[address.rsplit(":", 1)[-1]]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, all its threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -18,6 +17,7 @@ from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_stati
 from mesh.routing.limits import RelayLimits
 from mesh.routing.pipeline import validate_documents
 from mesh.routing.state import GatewayState
+from mesh.server import eventloop
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
 from mesh.telemetry import logs
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             await serve_until_signal(serving)
 
     try:
-        asyncio.run(main())
+        eventloop.run(main())
     finally:
         telemetry.shutdown()
     return 0

@@ -30,7 +30,7 @@ from mesh.balance.endpoints import Endpoint
 from mesh.config.virtual_service import Destination, HeaderOperations
 from mesh.errors import MeshError
 from mesh.proxy import frames as f
-from mesh.proxy.connection import STREAM_WINDOW, Side
+from mesh.proxy.connection import ENDED, STREAM_WINDOW, Side
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import ANONYMOUS, Inbound, edit_headers
 from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
@@ -855,3 +855,7 @@ class Exchange:
             self.up.close()
         self.body = []
         self.relay.exchanges.discard(self)
+        # Streams closed before the call was done still point at it (connection.Ended).
+        for side in (self.down, self.up):
+            if side is not None and not side.open:
+                side.exchange = ENDED

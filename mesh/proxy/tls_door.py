@@ -17,6 +17,7 @@ import asyncio
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
+from typing import cast
 
 import grpc
 
@@ -66,8 +67,9 @@ class TlsDoor(asyncio.Protocol):
         self._refusal: _Refusal | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not an isinstance check: uvloop's transports implement asyncio.Transport
+        # without inheriting from it (see Connection.connection_made).
+        self._transport = cast(asyncio.Transport, transport)
         self._timer = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT_S, transport.close)
 
     def data_received(self, data: bytes) -> None:

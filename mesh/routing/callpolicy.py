@@ -31,12 +31,25 @@ def routable(name: bytes) -> bool:
     )
 
 
+#: :func:`routable` by header name: every call asks it of the same ten-odd names.
+_ROUTABLE: dict[bytes, bool] = {}
+
+
 def routing_metadata(
     headers: Sequence[md.RawHeader], request_id: Callable[[], str] | None = None
 ) -> md.Metadata:
     """The request's routable metadata as text; with ``request_id``, an ``x-request-id``
     made by it is added when the caller sent none (a caller's id is kept)."""
-    text = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if routable(n)]
+    known = _ROUTABLE
+    text = []
+    for name, value in headers:
+        keep = known.get(name)
+        if keep is None:
+            keep = routable(name)
+            if len(known) < 4096:  # names are the caller's: bounded
+                known[name] = keep
+        if keep:
+            text.append((name.decode("latin-1"), value.decode("latin-1")))
     if request_id is not None and not any(k == md.REQUEST_ID for k, _ in text):
         text.append((md.REQUEST_ID, request_id()))
     return tuple(text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import logging
 import socket
@@ -25,6 +24,7 @@ from mesh.security.ca import (
 )
 from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import AddressedIssuer, CertificateSource, FileIssuer
+from mesh.server import eventloop
 from mesh.server.sidecar_secret import read_secret
 from mesh.sidecar.app import Sidecar, SidecarPolicies, SidecarSettings
 from mesh.telemetry import logs
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             await sidecar.run_until_signal()
 
     try:
-        asyncio.run(main())
+        eventloop.run(main())
     finally:
         sidecar_plan.telemetry.shutdown()
     return 0

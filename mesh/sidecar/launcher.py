@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from mesh.errors import FailedPrecondition, Unavailable
+from mesh.server import eventloop
 from mesh.server.lifeline import FOLDER_ENV, Lifeline, die_with_parent
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import write_secret
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         unit_door = door(args.worker_listen, private)
         sidecar_plan.settings = replace(sidecar_plan.settings, app_secret=unit_door.secret)
         command = worker_command(args.kind, args.worker_command, extra, unit_door)
-        return asyncio.run(_run_unit(command, unit_door, sidecar_plan))
+        return eventloop.run(_run_unit(command, unit_door, sidecar_plan))
     finally:
         private.remove()
         sidecar_plan.telemetry.shutdown()
