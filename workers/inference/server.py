@@ -12,11 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from mesh.server.app import ServerSettings, Serving, serve_until_signal, start_server
+from mesh.server.h2_front import start_fronted_server
 from workers.inference.repository import ModelRepository
 from workers.inference.service import InferenceServicer
 from workers.inference.stats import Statistics
 from workers.inference.worker import InferenceWorker
 from workers.model_repo import ModelRepo
+
+#: The serving stacks a worker can use (WorkerSettings.serve_with).
+SERVE_WITH = ("h2", "grpc")
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,15 @@ class WorkerSettings:
     batching: bool = True
     #: torch intra-op threads for forward passes; 0 keeps torch's default (one per core).
     threads: int = 0
+    #: "h2": ModelInfer and ModelStreamInfer on the relay's HTTP/2 engine, the rest on
+    #: grpc.aio behind it (mesh/server/h2_front.py, issue 17); "grpc": all on grpc.aio.
+    serve_with: str = "h2"
 
     def __post_init__(self) -> None:
+        if self.serve_with not in SERVE_WITH:
+            raise ValueError(
+                f"serve_with must be one of {', '.join(SERVE_WITH)}, got {self.serve_with!r}"
+            )
         if not self.model_repo:
             raise ValueError("model_repo must not be empty")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -85,7 +96,12 @@ async def run_worker(
     )
     worker = InferenceWorker(repository, stats)
     servicer = InferenceServicer(worker)
-    serving = await start_server(server or ServerSettings(), [servicer.service()])
+    if settings.serve_with == "h2":
+        serving = await start_fronted_server(
+            server or ServerSettings(), [servicer.service()], servicer.hot_methods()
+        )
+    else:
+        serving = await start_server(server or ServerSettings(), [servicer.service()])
     try:
         await repository.start(settings.poll_interval_s or None)
         servicer.ready = True
