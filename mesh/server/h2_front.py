@@ -124,7 +124,10 @@ class LocalCall:
     """One call to a hot method, served on the front's own connection."""
 
     __slots__ = (
-        "_buffer",
+        "_flag",
+        "_head",
+        "_left",
+        "_parts",
         "_timer",
         "context",
         "done",
@@ -153,7 +156,12 @@ class LocalCall:
         self.started = False
         self.task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._buffer = bytearray()
+        #: The message being read: its prefix so far, its flag, the body bytes still to
+        #: come and the body's pieces (joined once, when it is whole: one copy).
+        self._head = b""
+        self._flag = 0
+        self._left = 0
+        self._parts: list[bytes] = []
         self.messages: list[bytes] = []
         self.queue: asyncio.Queue[Any] | None = None
         front.calls.add(self)
@@ -203,24 +211,37 @@ class LocalCall:
     def request_trailers(self, end_stream: bool) -> None:
         self.request_data(b"", 0, end_stream)
 
-    def _feed(self, payload: bytes) -> None:
-        buffer = self._buffer
-        if not buffer and len(payload) >= PREFIX:
+    def _feed(self, data: bytes) -> None:
+        if not self._left and not self._head and len(data) >= PREFIX:
             # The common case: one whole message in one DATA frame, read without copying.
-            size = int.from_bytes(payload[1:5], "big")
-            if len(payload) == PREFIX + size:
-                self._message(payload[0], size, payload[PREFIX:])
+            size = int.from_bytes(data[1:5], "big")
+            if len(data) == PREFIX + size:
+                self._message(data[0], size, data[PREFIX:])
                 return
-        buffer += payload
-        while len(buffer) >= PREFIX:
-            size = int.from_bytes(buffer[1:5], "big")
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._left:
+                step = min(self._left, end - pos)
+                self._parts.append(data if step == end else data[pos : pos + step])
+                self._left -= step
+                pos += step
+                if not self._left:
+                    body, self._parts = b"".join(self._parts), []
+                    self._message(self._flag, len(body), body)
+                continue
+            head = self._head + data[pos : pos + PREFIX - len(self._head)]
+            pos += len(head) - len(self._head)
+            if len(head) < PREFIX:
+                self._head = head
+                return
+            self._head = b""
+            size = int.from_bytes(head[1:5], "big")
+            # Refused at its prefix: an oversized message is never buffered.
             self._check_size(size)
-            if len(buffer) < PREFIX + size:
-                return
-            flag = buffer[0]
-            body = bytes(buffer[PREFIX : PREFIX + size])
-            del buffer[: PREFIX + size]
-            self._message(flag, size, body)
+            if size:
+                self._flag, self._left = head[0], size
+            else:
+                self._message(head[0], 0, b"")
 
     def _check_size(self, size: int) -> None:
         limit = self.front.max_message_bytes
@@ -267,7 +288,7 @@ class LocalCall:
     def _request_end(self) -> None:
         if self.done:
             return
-        if self._buffer:
+        if self._left or self._head:
             self._answer_error(grpc.StatusCode.INTERNAL, "the request ended inside a message")
             return
         if self.queue is not None:
@@ -282,7 +303,9 @@ class LocalCall:
         if rejected is not None:
             self._answer_error(rejected.code, rejected.message)
             return
-        self.task = self.front.loop.create_task(self._run_unary(self.messages[0]))
+        # Only the task holds the message from here: it is freed when the call ends.
+        body, self.messages = self.messages[0], []
+        self.task = self.front.loop.create_task(self._run_unary(body))
 
     # -- running the behaviour ---------------------------------------------------------------
 
@@ -359,8 +382,10 @@ class LocalCall:
         if len(framed) <= step:
             down.send_data(framed, end_stream=False)
             return
+        # Frames are views of the one framed message, not copies of its pieces.
+        view = memoryview(framed)
         for start in range(0, len(framed), step):
-            down.send_data(framed[start : start + step], end_stream=False)
+            down.send_data(view[start : start + step], end_stream=False)  # type: ignore[arg-type]
 
     def _end_ok(self) -> None:
         trailers = self.context.trailers
@@ -405,6 +430,9 @@ class LocalCall:
         if self.done:
             return
         self.done = True
+        # The call and its stream refer to each other: what they hold is dropped now,
+        # not when the cycle collector next runs (a large message would stay till then).
+        self.messages, self._parts = [], []
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -105,6 +105,13 @@ async def test_unary_call_with_metadata_trailers_and_compression() -> None:
             assert await echo(channel)(body, compression=compression, timeout=10) == body[::-1]
 
 
+async def test_messages_of_many_frames_both_ways_in_concurrent_calls() -> None:
+    async with front(Probe()) as (_, channel):
+        bodies = [bytes(range(256)) * (4096 * n) for n in (1, 3, 5)]  # 1, 3 and 5 MiB
+        answers = await asyncio.gather(*(echo(channel)(b, timeout=60) for b in bodies))
+        assert answers == [b[::-1] for b in bodies]
+
+
 async def test_errors_map_to_their_status_without_leaking_internals() -> None:
     async with front(Probe()) as (_, channel):
         with pytest.raises(grpc.aio.AioRpcError) as missing:
