@@ -24,6 +24,7 @@ from typing import Any
 import hpack
 
 from gateway.auth import ADMIN_SCOPE, AuthConfig, ClientGuard, hash_key
+from mesh.config.client_tls import ISTIO_MUTUAL
 from mesh.config.loader import load_path, parse_yaml
 from mesh.config.security import AuthorizationPolicy
 from mesh.config.snapshot import EMPTY
@@ -144,7 +145,7 @@ async def run(
     )
     client_side.data_received(f.PREFACE + endless)
     upstream = Upstream(relay, UPSTREAM)
-    relay.pool._conns[UPSTREAM] = upstream  # connected by hand: no socket
+    relay.pool._conns[(UPSTREAM, ISTIO_MUTUAL)] = upstream  # connected by hand: no socket
     up_transport = MemoryTransport()
     upstream.connection_made(up_transport)
     upstream.data_received(endless)

@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cli.restart",
         "rolling restart of one unit of `meshserve up` (drain, then start again)",
     ),
+    "autoscale": (
+        "cli.autoscale",
+        "scale a Kubernetes Deployment of workers with their live load",
+    ),
     "train": ("cli.train", "train the next version of a model (live progress)"),
     "infer": ("cli.infer", "run one inference request through the gateway"),
     "call": ("cli.call", "call any gRPC method by reflection (like grpcurl)"),

@@ -12,6 +12,7 @@ restarted on the same arguments with backoff, within a restart-intensity limit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shlex
@@ -31,12 +32,18 @@ from rich.table import Table
 from cli.admin_credential import ensure_admin_credential
 from cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
 from cli.errors import CliError
+from cli.supervision.elastic import ElasticGroup, LoadFeed
 from cli.supervision.janitor import Janitor
 from cli.supervision.policy import RestartPolicy
 from cli.supervision.processes import Component, Running, after, await_ready, spawn
 from cli.supervision.supervisor import Supervisor
 from cli.supervision.units import UnitStatus
 from cli.train import mlp_spec, print_result, submit_and_watch
+from mesh.config.autoscale import AutoscaleSettings
+from mesh.config.fields import ConfigError
+from mesh.config.hosts import normalise_host
+from mesh.config.snapshot import config_from_path
+from mesh.scaling.autoscaler import Autoscaler, Bounds
 from protos.inference import grpc_service_pb2 as oip
 from protos.inference import grpc_service_pb2_grpc as oip_grpc
 from protos.meshserve.data.v1 import data_pb2 as data_pb
@@ -180,7 +187,7 @@ def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threadi
                 return False
             return bool(reply.ready)
 
-        if args.inference_workers:
+        if inference_start_count(args):
             _wait(f"model {DEMO_MODEL} to be ready", model_ready, stopping, DISCOVERY_TIMEOUT_S)
 
 
@@ -264,28 +271,56 @@ def plan_workers(args: argparse.Namespace, es: str) -> list[Component]:
                 tier=1,
             )
         )
-    for i in range(args.inference_workers):
-        worker_args = shlex.join(
-            [
-                "--model-repo",
-                models,
-                "--device",
-                args.device,
-                "--poll-interval",
-                "1",
-                "--threads",
-                "1",
-            ]
-        )
-        components.append(
-            Component(
-                f"inference worker {i + 1}",
-                _run_component(args, "inference", es, "--worker-args", worker_args),
-                sidecar_ready,
-                tier=1,
-            )
-        )
+    for i in range(inference_start_count(args)):
+        components.append(inference_component(args, es, i + 1))
     return components
+
+
+def inference_component(args: argparse.Namespace, es: str, number: int) -> Component:
+    """Inference worker ``number`` with its sidecar (the autoscaler starts more of these)."""
+    state = Path(args.state_dir).resolve()
+    worker_args = shlex.join(
+        [
+            "--model-repo",
+            str(state / "models"),
+            "--device",
+            args.device,
+            "--poll-interval",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
+    return Component(
+        f"inference worker {number}",
+        _run_component(args, "inference", es, "--worker-args", worker_args),
+        after("sidecar listening on "),
+        tier=1,
+    )
+
+
+def inference_start_count(args: argparse.Namespace) -> int:
+    """--inference-workers, else the autoscale minimum, else 2; within the autoscale bounds."""
+    bounds: Bounds | None = args.autoscale
+    if bounds is None:
+        return 2 if args.inference_workers is None else int(args.inference_workers)
+    if args.inference_workers is None:
+        return bounds.min
+    return bounds.clamp(int(args.inference_workers))
+
+
+def autoscale_settings(config: Path, service: str) -> AutoscaleSettings:
+    """The service's ``meshserve.io/autoscale-*`` annotations (its DestinationRule's), else
+    the defaults."""
+    try:
+        snapshot = config_from_path(config)
+    except ConfigError as exc:
+        raise CliError(f"routing config: {exc.message}") from None
+    for rule in snapshot.destination_rules.values():
+        with contextlib.suppress(ValueError):
+            if normalise_host(rule.host) == service:
+                return rule.extensions.autoscale
+    return AutoscaleSettings()
 
 
 def store_component(args: argparse.Namespace, state: Path) -> Component:
@@ -412,6 +447,11 @@ def run(args: argparse.Namespace) -> int:
         # Every component inherits it: one JSON-lines span file for `meshserve trace`.
         os.environ["MESHSERVE_TRACES"] = f"file:{state / 'traces.jsonl'}"
     janitor: Janitor | None = None
+    feed: LoadFeed | None = None
+    elastic: ElasticGroup | None = None
+    scaling: AutoscaleSettings | None = None
+    if args.autoscale is not None:
+        scaling = autoscale_settings(Path(args.config), "inference")
     try:
         _ensure_certs(state)
         es = args.es
@@ -439,8 +479,29 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         janitor = Janitor(StoreSettings.from_env(url=es))
         janitor.start()
+        if args.autoscale is not None and scaling is not None:
+            feed = LoadFeed(StoreSettings.from_env(url=es), "inference", time.monotonic)
+            feed.start()
+            es_url = es
+            elastic = ElasticGroup(
+                kind="inference",
+                scaler=Autoscaler(scaling, args.autoscale),
+                feed=feed,
+                supervisor=supervisor,
+                make_component=lambda number: inference_component(args, es_url, number),
+                log_of=log_of,
+                record=state / "autoscale.jsonl",
+            )
+            out.print(
+                f"autoscaling inference between {args.autoscale.min} and {args.autoscale.max} "
+                f"workers (target {scaling.target:g} in flight per worker; decisions in "
+                f"{state / 'autoscale.jsonl'})",
+                highlight=False,
+            )
         while not stopping.wait(0.2):
             supervisor.tick()
+            if elastic is not None:
+                elastic.tick()
     except KeyboardInterrupt:
         pass
     finally:
@@ -450,6 +511,8 @@ def run(args: argparse.Namespace) -> int:
         (state / UP_FILE).unlink(missing_ok=True)
         if janitor is not None:
             janitor.stop()
+        if feed is not None:
+            feed.stop()
         with out.status("stopping"):
             for name, code in supervisor.stop_all():
                 out.print(f"{name} stopped with status {code}")
@@ -468,6 +531,23 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+def _autoscale(text: str) -> Bounds:
+    service, sep, bounds = text.partition("=")
+    if not sep or service != "inference":
+        raise argparse.ArgumentTypeError(
+            f"expected inference=MIN:MAX (only inference workers scale), got {text!r}"
+        )
+    try:
+        parsed = Bounds.parse(bounds)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if parsed.min < 1:
+        # Scale to zero needs something to hold calls while a worker starts (Knative's
+        # activator); the gateway has none, so one worker always stays.
+        raise argparse.ArgumentTypeError(f"the minimum must be at least 1, got {parsed.min}")
+    return parsed
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -494,7 +574,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="worker device"
     )
-    parser.add_argument("--inference-workers", type=_count, default=2, metavar="N")
+    parser.add_argument(
+        "--inference-workers",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="inference workers to start (default 2; with --autoscale, its minimum)",
+    )
+    parser.add_argument(
+        "--autoscale",
+        type=_autoscale,
+        default=None,
+        metavar="inference=MIN:MAX",
+        help="inference workers follow the load between MIN and MAX (the policy: the "
+        "meshserve.io/autoscale-* annotations of its DestinationRule, docs/configuration.md)",
+    )
     parser.add_argument("--training-workers", type=_count, default=1, metavar="N")
     parser.add_argument("--data-workers", type=_count, default=1, metavar="N")
     parser.add_argument("--demo-epochs", type=int, default=2, help="epochs of the first demo model")

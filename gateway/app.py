@@ -242,7 +242,8 @@ class Gateway:
                 self.metrics.ring_changed(host)
         self.state.set_endpoints(snapshot)
         self.pipeline.discovered = True
-        addresses = {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
+        routable = self.state.clusters.routable
+        addresses = {e.address for h in routable.hosts() for e in routable.endpoints(h)}
         if self.relay is not None:
             self.relay.pool.retain(addresses)
         self._last_update = time.monotonic()

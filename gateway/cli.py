@@ -12,10 +12,12 @@ from pathlib import Path
 from cli.main import CliError
 from gateway.app import Gateway
 from gateway.auth import AuthConfig, ClientGuard
+from mesh.balance.locality import Locality
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_static
 from mesh.routing.limits import RelayLimits
 from mesh.routing.pipeline import validate_documents
+from mesh.routing.state import GatewayState
 from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
 from mesh.telemetry import logs
@@ -69,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--reload-interval", type=float, default=1.0, help="seconds between config directory checks"
     )
+    parser.add_argument(
+        "--locality",
+        type=_locality,
+        metavar="REGION[/ZONE[/SUBZONE]]",
+        help="the gateway's locality, for DestinationRule localityLbSetting (default: "
+        "unknown, so every endpoint is alike)",
+    )
     limits = parser.add_argument_group(
         "relay timeouts and limits",
         "Envoy's semantics (docs/gateway.md); seconds for timeouts, 0 turns one off",
@@ -98,6 +107,13 @@ _LIMIT_FLAGS: tuple[tuple[str, type[float] | type[int], str], ...] = (
     ("max_streams", int, "open streams in all"),
     ("abuse_cool_off", float, "seconds a client closed for abuse is refused"),
 )
+
+
+def _locality(text: str) -> Locality:
+    try:
+        return Locality.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def limits_from_args(args: argparse.Namespace) -> RelayLimits:
@@ -153,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
                 telemetry=telemetry if traced else None,
                 guard=guard,
                 relay_limits=relay_limits,
+                state=GatewayState(locality=args.locality),
             )
             if guard is not None:
                 # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.

@@ -33,7 +33,10 @@ def test_every_manifest_has_the_expected_kinds_in_the_meshserve_namespace() -> N
         "Secret": 1,
         "ConfigMap": 1,
         "PersistentVolumeClaim": 1,
-        "Deployment": 4,
+        "Deployment": 5,
+        "ServiceAccount": 1,
+        "Role": 1,
+        "RoleBinding": 1,
     }
     for doc in docs:
         assert doc["apiVersion"] and doc["metadata"]["name"]
@@ -43,7 +46,7 @@ def test_every_manifest_has_the_expected_kinds_in_the_meshserve_namespace() -> N
 
 def test_workers_run_beside_their_sidecar_and_the_gateway_reads_the_routing_configmap() -> None:
     deployments = {d["metadata"]["name"]: d for d in manifests() if d["kind"] == "Deployment"}
-    assert set(deployments) == {"gateway", "inference", "training", "data"}
+    assert set(deployments) == {"gateway", "inference", "training", "data", "inference-autoscaler"}
     for name in ("inference", "training", "data"):
         spec = deployments[name]["spec"]["template"]["spec"]
         containers = {c["name"]: c for c in spec["containers"]}
@@ -85,3 +88,31 @@ def test_dockerfile_installs_cpu_torch_then_the_project_with_meshserve_as_entryp
     assert text.index("FROM python:") < text.index("--index-url") < text.index('pip install ".')
     assert "download.pytorch.org/whl/cpu" in text
     assert 'ENTRYPOINT ["meshserve"]' in text
+
+
+def test_the_inference_autoscaler_runs_meshserve_autoscale_with_the_rights_it_uses() -> None:
+    from cli.main import build_parser
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()}
+    deployment = docs[("Deployment", "inference-autoscaler")]
+    spec = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 1  # one decision maker
+    (container,) = spec["containers"]
+    args = build_parser(container["args"]).parse_args(container["args"])
+    assert args.command == "autoscale" and args.target[0] == "inference"
+    assert args.deployment == "inference" and args.namespace == "meshserve"
+    assert spec["volumes"][0]["configMap"]["name"] == "meshserve-routing"
+    # The service account may patch the inference Deployment's scale and annotate pods
+    # (cli/autoscale.py's calls), nothing more.
+    assert spec["serviceAccountName"] == "inference-autoscaler"
+    role = docs[("Role", "inference-autoscaler")]
+    rights = {(r["resources"][0], v) for r in role["rules"] for v in r["verbs"]}
+    assert rights == {
+        ("deployments/scale", "get"),
+        ("deployments/scale", "patch"),
+        ("pods", "list"),
+        ("pods", "patch"),
+    }
+    binding = docs[("RoleBinding", "inference-autoscaler")]
+    assert binding["roleRef"]["name"] == "inference-autoscaler"
+    assert binding["subjects"][0]["name"] == "inference-autoscaler"

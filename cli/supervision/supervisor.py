@@ -3,6 +3,9 @@
 One ``tick`` per pass of ``up``'s main loop, on the main thread (``spawn`` must run there, see
 ``processes.spawn``); only the wait for a restarted unit's ready line runs on a helper thread,
 which hands its result back through a queue. The decisions are ``policy.RestartTracker``'s.
+
+Units come and go with the autoscaler (``elastic``): ``add`` starts a new one, ``retire`` asks
+one to drain and stop; a retired unit's exit is the end of it, never a reason to restart it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class Unit:
     #: Monotonic time of the next start while RESTARTING.
     restart_at: float | None = None
     failure: str | None = None
+    #: Asked to stop for good (scaled down): its exit removes it instead of restarting it.
+    retiring: bool = False
+    #: Started by ``add`` (a scale-up), not yet seen ready once.
+    added: bool = False
 
 
 @dataclass
@@ -66,6 +73,28 @@ class Supervisor:
         tracker.started(self.clock())
         self.units.append(Unit(running.component, log, tracker, running=running))
 
+    def add(self, component: Component, log: Path) -> Unit:
+        """Starts a new unit (a scale-up); it is RUNNING once its ready line comes."""
+        unit = Unit(component, log, RestartTracker(self.policy), added=True)
+        self.units.append(unit)
+        self._start(unit)
+        self.on_change()
+        return unit
+
+    def retire(self, unit: Unit) -> None:
+        """Asks a running unit to drain and stop for good (a scale-down).
+
+        SIGTERM is the unit's drain: its sidecar advertises DRAINING, deregisters, lets
+        in-flight calls finish, then the worker stops (``mesh.sidecar.launcher``).
+        """
+        if unit.retiring or unit.running is None:
+            return
+        unit.retiring = True
+        if unit.running.process.poll() is None:
+            unit.running.process.send_signal(signal.SIGTERM)
+        self.say(f"[cyan]{unit.component.name} scaling down: draining[/]")
+        self.on_change()
+
     def tick(self) -> None:
         """One pass: reap exits, collect restarted units' readiness, start due restarts."""
         now = self.clock()
@@ -76,8 +105,16 @@ class Supervisor:
                 code = process.poll()
                 if code is not None:
                     kill_group(process)  # whatever it spawned (a unit's worker) goes with it
-                    self._exited(unit, describe_exit(code), requested=code in _CLEAN, now=now)
+                    if unit.retiring:
+                        unit.running = None
+                        unit.state = UnitState.STOPPED
+                        unit.last_exit = describe_exit(code)
+                        self.say(f"[cyan]{unit.component.name} scaled down ({unit.last_exit})[/]")
+                    else:
+                        self._exited(unit, describe_exit(code), requested=code in _CLEAN, now=now)
                     changed = True
+        # A retired unit is gone: it is neither reported nor restarted.
+        self.units = [u for u in self.units if not (u.retiring and u.state is UnitState.STOPPED)]
         while True:
             try:
                 unit, result = self._ready.get_nowait()
@@ -89,7 +126,9 @@ class Supervisor:
                 unit.running = result
                 unit.state = UnitState.RUNNING
                 unit.tracker.started(now)
-                self.say(f"[green]✓[/] {unit.component.name} restarted [dim]{result.address}[/]")
+                how = "started (scale-up)" if unit.added else "restarted"
+                unit.added = False
+                self.say(f"[green]✓[/] {unit.component.name} {how} [dim]{result.address}[/]")
             else:
                 self._exited(unit, result, requested=False, now=now)
         for unit in self.units:
@@ -148,7 +187,7 @@ class Supervisor:
             result.append(
                 UnitStatus(
                     name=unit.component.name,
-                    state=unit.state,
+                    state=UnitState.DRAINING if unit.retiring else unit.state,
                     pid=process.pid if process is not None else None,
                     restarts=unit.tracker.restarts,
                     last_exit=unit.last_exit,

@@ -17,6 +17,8 @@ class UnitState(StrEnum):
     RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
+    #: Scaled down: draining, then gone (never restarted).
+    DRAINING = "draining"
 
 
 @dataclass(frozen=True)

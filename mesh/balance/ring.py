@@ -12,6 +12,7 @@ import math
 from bisect import bisect
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from uhashring import HashRing as _UHashRing
 
@@ -55,6 +56,28 @@ def envoy_points(weights: Sequence[int], minimum_ring_size: int) -> list[int]:
     return counts
 
 
+class KeyTable(Protocol):
+    """What :func:`choose` and the admin API read of a hash table: the ring below, or
+    Envoy's Maglev table (``mesh.balance.maglev``)."""
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]: ...
+    @property
+    def total_weight(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def vnodes(self) -> int: ...
+    @property
+    def per_endpoint(self) -> bool: ...
+    @property
+    def algorithm(self) -> str: ...
+    def primary(self, key: str) -> Endpoint | None: ...
+    def order(self, key: str, *, successors: bool = True) -> tuple[Endpoint, ...]: ...
+    def shares(self) -> dict[str, float]: ...
+    def points(self) -> dict[str, int]: ...
+
+
 class HashRing:
     """An immutable ring, sized as Envoy's by default or per endpoint (meshserve's).
 
@@ -80,6 +103,8 @@ class HashRing:
         "total_weight",
         "vnodes",
     )
+
+    algorithm = "ring"
 
     def __init__(
         self,
@@ -231,7 +256,7 @@ def capacity(factor: float, total_in_flight: int, weight: int, total_weight: int
 
 
 def choose(
-    ring: HashRing,
+    ring: KeyTable,
     key: str,
     tracker: LoadTracker,
     policy: RingPolicy,

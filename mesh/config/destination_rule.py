@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
+from mesh.balance.maglev import DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, is_prime
+from mesh.config.autoscale import ANNOTATIONS as AUTOSCALE_ANNOTATIONS
+from mesh.config.autoscale import AutoscaleSettings, parse_autoscale
+from mesh.config.client_tls import ClientTls, parse_client_tls
 from mesh.config.fields import Node
 from mesh.config.resource import Metadata, export_to, resource_host
 
@@ -33,6 +37,23 @@ class ConsistentHash:
 
     http_header_name: str | None = None
     minimum_ring_size: int = DEFAULT_MINIMUM_RING_SIZE
+    #: ``useSourceIp``: the client's IP address is the key.
+    use_source_ip: bool = False
+    #: ``maglev.tableSize``: Envoy's Maglev table of this (prime) size instead of the
+    #: ring; None: the ring.
+    maglev_table_size: int | None = None
+
+
+@dataclass(frozen=True)
+class LocalitySetting:
+    """``localityLbSetting``; absent, Istio's mesh default: enabled, no distribute or failover
+    (priorities by locality whenever outlier detection is on)."""
+
+    enabled: bool = True
+    #: (from, ((to, weight), ...)) in order; the first whose ``from`` matches applies.
+    distribute: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    #: (from region, to region).
+    failover: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,7 @@ class LoadBalancer:
 
     simple: SimplePolicy | None = DEFAULT_SIMPLE
     consistent_hash: ConsistentHash | None = None
+    locality: LocalitySetting = LocalitySetting()
 
     def describe(self) -> str:
         if self.consistent_hash is not None:
@@ -73,6 +95,13 @@ class TrafficPolicy:
     #: None: outlier detection is off, as in Istio when the block is absent.
     outlier_detection: OutlierDetection | None = None
     connection_pool: ConnectionPool = ConnectionPool()
+    #: None: Istio's auto mTLS (the mesh's mTLS to registered services, plaintext to a
+    #: MESH_EXTERNAL ServiceEntry).
+    tls: ClientTls | None = None
+
+
+#: The blocks a policy level sets (the others come from the level below), by field name.
+Patch = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -125,6 +154,9 @@ class Extensions:
     per_endpoint_ring: bool = False
     #: Retries (and spills) go to ring successors clockwise; False: Envoy's rehashed picks.
     successor_retries: bool = False
+    #: How the host's replicas follow load (``meshserve.io/autoscale-*``; used by an
+    #: autoscaler: ``up --autoscale``, or the Kubernetes adapter).
+    autoscale: AutoscaleSettings = field(default_factory=AutoscaleSettings)
 
 
 @dataclass(frozen=True)
@@ -135,6 +167,9 @@ class DestinationRule:
     subsets: tuple[Subset, ...]
     extensions: Extensions = Extensions()
     export_to: tuple[str, ...] = ()
+    #: Policies at the ports ``portLevelSettings`` name, by (subset or "", port number),
+    #: resolved in Istio's order: host, host's port, subset, subset's port.
+    port_policies: tuple[tuple[tuple[str, int], TrafficPolicy], ...] = ()
 
     @property
     def ref(self) -> str:
@@ -143,9 +178,18 @@ class DestinationRule:
     def subset(self, name: str) -> Subset | None:
         return next((s for s in self.subsets if s.name == name), None)
 
-    def policy_for(self, subset: str | None) -> TrafficPolicy:
+    def policy_for(self, subset: str | None, port: int | None = None) -> TrafficPolicy:
         found = self.subset(subset) if subset else None
+        if port is not None and self.port_policies:
+            key = (found.name if found else "", port)
+            at_port = dict(self.port_policies).get(key)
+            if at_port is not None:
+                return at_port
         return found.traffic_policy if found else self.traffic_policy
+
+    @property
+    def has_port_settings(self) -> bool:
+        return bool(self.port_policies)
 
 
 def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) -> DestinationRule:
@@ -155,17 +199,30 @@ def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) ->
         required=("host",),
     )
     host = resource_host(spec.child("host"), metadata.namespace)
-    policy = _traffic_policy(spec.child("trafficPolicy"), TrafficPolicy())
+    host_patch, host_ports = _policy_level(spec.child("trafficPolicy"))
+    policy = _apply(TrafficPolicy(), host_patch)
     subsets: list[Subset] = []
+    subset_levels: list[tuple[str, Patch, dict[int, Patch]]] = []
     for item in spec.child("subsets").items():
         item.mapping(("name", "labels", "trafficPolicy"), required=("name",))
         name = item.child("name").string()
         if any(s.name == name for s in subsets):
             item.child("name").fail(f"duplicate subset {name!r}")
         labels = tuple(sorted(item.child("labels").string_map().items()))
-        subsets.append(Subset(name, labels, _traffic_policy(item.child("trafficPolicy"), policy)))
+        patch, ports = _policy_level(item.child("trafficPolicy"))
+        subset_levels.append((name, patch, ports))
+        subsets.append(Subset(name, labels, _apply(policy, patch)))
+    port_policies: dict[tuple[str, int], TrafficPolicy] = {}
+    numbers = set(host_ports).union(*(ports for _, _, ports in subset_levels))
+    for number in sorted(numbers):
+        at_host = _apply(policy, host_ports.get(number, {}))
+        if number in host_ports:
+            port_policies[("", number)] = at_host
+        for name, patch, ports in subset_levels:
+            # Istio's order: host, host's port level, the subset, the subset's port level.
+            port_policies[(name, number)] = _apply(_apply(at_host, patch), ports.get(number, {}))
     extensions = parse_extensions(annotations, dict(metadata.annotations))
-    _check_hash_sources(spec, policy, subsets, extensions)
+    _check_hash_sources(spec, policy, subsets, extensions, port_policies)
     return DestinationRule(
         metadata=metadata,
         host=host,
@@ -173,25 +230,43 @@ def parse_destination_rule(spec: Node, metadata: Metadata, annotations: Node) ->
         subsets=tuple(subsets),
         extensions=extensions,
         export_to=export_to(spec.child("exportTo"), metadata.namespace),
+        port_policies=tuple(port_policies.items()),
     )
 
 
 def _check_hash_sources(
-    spec: Node, policy: TrafficPolicy, subsets: list[Subset], extensions: Extensions
+    spec: Node,
+    policy: TrafficPolicy,
+    subsets: list[Subset],
+    extensions: Extensions,
+    port_policies: dict[tuple[str, int], TrafficPolicy],
 ) -> None:
     """A ring needs a key: a header, request fields, or both."""
     places = [("trafficPolicy", policy)] + [
         (f"subsets[{i}].trafficPolicy", s.traffic_policy) for i, s in enumerate(subsets)
     ]
+    # A port's policy may turn hashing on too (its path: the level that set it).
+    places += [("trafficPolicy.portLevelSettings", p) for p in port_policies.values()]
     hashing = False
     for path, p in places:
         ch = p.load_balancer.consistent_hash
         if ch is None:
             continue
         hashing = True
-        if ch.http_header_name is None and not extensions.hash_fields:
+        if ch.maglev_table_size is not None and extensions.per_endpoint_ring:
+            spec.child(path).child("loadBalancer").child("consistentHash").child("maglev").fail(
+                f"the {ANNOTATION_RING_POINTS} annotation shapes the ring; a Maglev table "
+                "has no points per endpoint"
+            )
+        if ch.use_source_ip:
+            if extensions.hash_fields:
+                spec.child(path).child("loadBalancer").child("consistentHash").fail(
+                    f"useSourceIp takes the key from the client's address: the "
+                    f"{ANNOTATION_HASH_FIELDS} annotation would have no effect"
+                )
+        elif ch.http_header_name is None and not extensions.hash_fields:
             spec.child(path).child("loadBalancer").child("consistentHash").fail(
-                f"needs httpHeaderName or the {ANNOTATION_HASH_FIELDS} annotation"
+                f"needs httpHeaderName, useSourceIp or the {ANNOTATION_HASH_FIELDS} annotation"
             )
     if extensions.hash_fields and not hashing:
         spec.fail(
@@ -200,31 +275,61 @@ def _check_hash_sources(
         )
 
 
-def _traffic_policy(node: Node, base: TrafficPolicy) -> TrafficPolicy:
-    """The policy in ``node`` over ``base``: a subset's policy overrides per block, as Istio."""
+def _policy_level(node: Node) -> tuple[Patch, dict[int, Patch]]:
+    """One ``trafficPolicy``: the blocks it sets, and its ``portLevelSettings`` by port.
+
+    A level overrides the one below per block (a subset's ``loadBalancer`` replaces the
+    host's, its absent ``outlierDetection`` keeps the host's), as Istio merges them.
+    """
     if node.value is None:
-        return base
+        return {}, {}
     node.mapping(
-        ("loadBalancer", "connectionPool", "outlierDetection"),
-        unsupported=("tls", "portLevelSettings", "tunnel", "proxyProtocol"),
+        ("loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings"),
+        unsupported=("tunnel", "proxyProtocol"),
     )
-    policy = base
+    ports: dict[int, Patch] = {}
+    for item in node.child("portLevelSettings").items():
+        item.mapping(
+            ("port", "loadBalancer", "connectionPool", "outlierDetection", "tls"),
+            required=("port",),
+        )
+        number = item.child("port").mapping(("number",), required=("number",))
+        port = number.child("number").integer(0, 1, 65535)
+        if port in ports:
+            number.child("number").fail(f"duplicate port {port}")
+        ports[port] = _patch(item)
+    return _patch(node), ports
+
+
+def _patch(node: Node) -> Patch:
+    patch: Patch = {}
     if node.has("loadBalancer"):
-        policy = replace(policy, load_balancer=_load_balancer(node.child("loadBalancer")))
+        patch["load_balancer"] = _load_balancer(node.child("loadBalancer"))
     if node.has("outlierDetection"):
-        policy = replace(policy, outlier_detection=_outlier(node.child("outlierDetection")))
+        patch["outlier_detection"] = _outlier(node.child("outlierDetection"))
     if node.has("connectionPool"):
-        policy = replace(policy, connection_pool=_connection_pool(node.child("connectionPool")))
-    return policy
+        patch["connection_pool"] = _connection_pool(node.child("connectionPool"))
+    if node.has("tls"):
+        patch["tls"] = parse_client_tls(node.child("tls"))
+    return patch
+
+
+def _apply(base: TrafficPolicy, patch: Patch) -> TrafficPolicy:
+    return replace(base, **patch) if patch else base
 
 
 def _load_balancer(node: Node) -> LoadBalancer:
     node.mapping(
-        ("simple", "consistentHash"),
-        unsupported=("localityLbSetting", "warmupDurationSecs", "warmup"),
+        ("simple", "consistentHash", "localityLbSetting"),
+        unsupported=("warmupDurationSecs", "warmup"),
     )
-    if node.has("simple") == node.has("consistentHash"):
+    locality = _locality(node.child("localityLbSetting"))
+    if node.has("simple") and node.has("consistentHash"):
         node.fail("must have exactly one of simple or consistentHash")
+    if not node.has("simple") and not node.has("consistentHash"):
+        if not node.has("localityLbSetting"):
+            node.fail("must have exactly one of simple or consistentHash")
+        return LoadBalancer(locality=locality)  # Istio's default balancer, with the setting
     if node.has("simple"):
         simple = node.child("simple").choice(
             ("UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "LEAST_CONN", "PASSTHROUGH")
@@ -239,22 +344,93 @@ def _load_balancer(node: Node) -> LoadBalancer:
         name: SimplePolicy = (
             "LEAST_REQUEST" if simple in ("LEAST_CONN", "UNSPECIFIED") else simple  # type: ignore[assignment]
         )
-        return LoadBalancer(simple=name)
+        return LoadBalancer(simple=name, locality=locality)
     ch = node.child("consistentHash").mapping(
-        ("httpHeaderName", "ringHash", "minimumRingSize"),
-        unsupported=("httpCookie", "useSourceIp", "httpQueryParameterName", "maglev"),
+        ("httpHeaderName", "ringHash", "minimumRingSize", "useSourceIp", "maglev"),
+        unsupported=("httpCookie", "httpQueryParameterName"),
     )
     header = ch.child("httpHeaderName").opt_string()
     if header is not None:
         header = header.lower()
+    source_ip = ch.child("useSourceIp").boolean(False)
+    if source_ip and header is not None:
+        # One hash key in Istio's proto (a oneof): two would leave the key ambiguous.
+        ch.child("useSourceIp").fail("set httpHeaderName or useSourceIp, not both")
     if ch.has("ringHash") and ch.has("minimumRingSize"):
         ch.fail("set ringHash.minimumRingSize or the deprecated minimumRingSize, not both")
+    maglev: int | None = None
+    if ch.has("maglev"):
+        # One hash algorithm in Istio's proto (a oneof): a ring size would be ignored.
+        for other in ("ringHash", "minimumRingSize"):
+            if ch.has(other):
+                ch.child("maglev").fail(f"set maglev or {other}, not both")
+        table = ch.child("maglev").mapping(("tableSize",)).child("tableSize")
+        # 0 is the proto's unset value: Envoy's default, 65537.
+        maglev = table.integer(0, 0, MAX_TABLE_SIZE) or DEFAULT_TABLE_SIZE
+        if not is_prime(maglev):
+            table.fail(f"must be a prime number (Envoy's rule), got {maglev}")
     size_node = ch.child("minimumRingSize")
     if ch.has("ringHash"):
         size_node = ch.child("ringHash").mapping(("minimumRingSize",)).child("minimumRingSize")
     # 0 is the proto's unset value: Envoy's default, as in Istio.
     size = size_node.integer(0, 0, 8_388_608) or DEFAULT_MINIMUM_RING_SIZE
-    return LoadBalancer(simple=None, consistent_hash=ConsistentHash(header, size))
+    return LoadBalancer(
+        simple=None,
+        consistent_hash=ConsistentHash(header, size, source_ip, maglev),
+        locality=locality,
+    )
+
+
+def _locality(node: Node) -> LocalitySetting:
+    if node.value is None:
+        return LocalitySetting()
+    node.mapping(
+        ("enabled", "distribute", "failover"),
+        # failoverPriority ranks by arbitrary labels (network, cluster...), which meshserve's
+        # proxies do not carry.
+        unsupported=("failoverPriority",),
+    )
+    if node.has("distribute") and node.has("failover"):
+        node.fail("set distribute or failover, not both (Istio's rule)")
+    distribute = []
+    for item in node.child("distribute").items():
+        item.mapping(("from", "to"), required=("from", "to"))
+        source = _locality_pattern(item.child("from"))
+        targets = []
+        for pattern, weight in item.child("to").entries():
+            _locality_pattern(Node(pattern, weight.where, weight.path))
+            targets.append((pattern, weight.integer(0, 1, 100)))
+        if sum(w for _, w in targets) != 100:
+            item.child("to").fail(f"weights must sum to 100, got {sum(w for _, w in targets)}")
+        distribute.append((source, tuple(targets)))
+    failover = []
+    for item in node.child("failover").items():
+        item.mapping(("from", "to"), required=("from", "to"))
+        source, target = item.child("from").string(), item.child("to").string()
+        for child in ("from", "to"):
+            if "/" in item.child(child).string() or "*" in item.child(child).string():
+                item.child(child).fail("must be a region (no zone, no wildcard)")
+        if source == target:
+            item.child("to").fail(f"fails over to its own region {source!r}")
+        failover.append((source, target))
+    return LocalitySetting(
+        enabled=node.child("enabled").boolean(True),
+        distribute=tuple(distribute),
+        failover=tuple(failover),
+    )
+
+
+def _locality_pattern(node: Node) -> str:
+    text = node.string()
+    parts = text.split("/")
+    if len(parts) > 3 or any(not p for p in parts) or any("*" in p for p in parts[:-1]):
+        node.fail(
+            "must be region[/zone[/subzone]], with * only as the last part "
+            f"(e.g. us-west/zone1/* or *), got {text!r}"
+        )
+    if "*" in parts[-1] and parts[-1] != "*":
+        node.fail(f"* must be a whole part, got {text!r}")
+    return text
 
 
 def _outlier(node: Node) -> OutlierDetection:
@@ -347,6 +523,7 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
         ANNOTATION_COLD_SPILL,
         ANNOTATION_RING_POINTS,
         ANNOTATION_RETRY_ORDER,
+        *AUTOSCALE_ANNOTATIONS,
     )
     for key in annotations:
         if key.startswith("meshserve.io/") and key not in known:
@@ -398,7 +575,12 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
         ext = replace(ext, successor_retries=text == "ring-successor")
     replicas = _count(node, annotations, ANNOTATION_HOT_KEY_REPLICAS, ext.hot_key_replicas)
     threshold = _count(node, annotations, ANNOTATION_HOT_KEY_THRESHOLD, ext.hot_key_threshold)
-    return replace(ext, hot_key_replicas=replicas, hot_key_threshold=threshold)
+    return replace(
+        ext,
+        hot_key_replicas=replicas,
+        hot_key_threshold=threshold,
+        autoscale=parse_autoscale(node, annotations),
+    )
 
 
 def _count(node: Node, annotations: dict[str, str], key: str, default: int) -> int:

@@ -42,3 +42,25 @@ def normalise_host(host: str) -> str:
 def fqdn(service: str) -> str:
     """The cluster FQDN of a mesh service."""
     return f"{service}.{MESH_NAMESPACE}.{CLUSTER_DOMAIN}"
+
+
+def external_host(host: str, *, any_name: bool = False) -> str:
+    """A host a ServiceEntry may declare: a mesh-form name normalises to its service, any
+    other DNS name stays whole (lower-case). A short name always means a mesh service, so
+    an external host needs a dot; ``any_name`` lifts that for endpoint addresses resolved
+    by DNS (``localhost``)."""
+    try:
+        return normalise_host(host)
+    except ValueError:
+        name = host.strip().lower().rstrip(".")
+        labels = name.split(".")
+        if not name or not all(_LABEL.fullmatch(label) and len(label) <= 63 for label in labels):
+            raise
+        if len(labels) < 2 and not any_name:  # pragma: no cover - normalise_host took it
+            raise
+        return name
+
+
+def is_mesh_host(host: str) -> bool:
+    """A normalised host names a mesh service (short) rather than an external name."""
+    return "." not in host

@@ -18,14 +18,16 @@ from mesh.config.security import (
     parse_authorization_policy,
     parse_peer_authentication,
 )
+from mesh.config.service_entry import ServiceEntry, parse_service_entry
 from mesh.config.virtual_service import VirtualService, parse_virtual_service
 
-Resource = VirtualService | DestinationRule | PeerAuthentication | AuthorizationPolicy
+Resource = (
+    VirtualService | DestinationRule | PeerAuthentication | AuthorizationPolicy | ServiceEntry
+)
 YAML_SUFFIXES = (".yaml", ".yml")
 #: Istio's other kinds: refused by name, so a file that carries one is never half applied.
 UNSUPPORTED_KINDS = (
     "Gateway",
-    "ServiceEntry",
     "RequestAuthentication",
     "Sidecar",
     "EnvoyFilter",
@@ -104,6 +106,8 @@ def parse_resource(raw: Any, source: str, number: int = 1) -> Resource:
         return parse_virtual_service(spec, metadata)
     if kind == "DestinationRule":
         return parse_destination_rule(spec, metadata, node.child("metadata").child("annotations"))
+    if kind == "ServiceEntry":
+        return parse_service_entry(spec, metadata)
     if kind == "PeerAuthentication":
         return parse_peer_authentication(spec, metadata)
     return parse_authorization_policy(spec, metadata)

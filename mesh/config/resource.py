@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from mesh.config.fields import Node
-from mesh.config.hosts import CLUSTER_DOMAIN, MESH_NAMESPACE, normalise_host
+from mesh.config.hosts import CLUSTER_DOMAIN, MESH_NAMESPACE, external_host
 
 NETWORKING_API_VERSIONS = (
     "networking.istio.io/v1",
@@ -19,6 +19,7 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "DestinationRule": NETWORKING_API_VERSIONS,
     "PeerAuthentication": SECURITY_API_VERSIONS,
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
+    "ServiceEntry": NETWORKING_API_VERSIONS,
 }
 DEFAULT_NAMESPACE = "meshserve"
 #: metadata the Kubernetes API server writes; a copied object keeps it, and it routes nothing.
@@ -82,7 +83,9 @@ def parse_metadata(node: Node, source: str) -> Metadata:
 
 def resource_host(node: Node, namespace: str) -> str:
     """A host as Istio reads it in a resource of ``namespace``: a short name is a service
-    of that namespace, so it is a mesh service only in the mesh's own namespace."""
+    of that namespace, so it is a mesh service only in the mesh's own namespace. A name
+    outside the mesh is kept whole: :meth:`MeshConfig.build` refuses it unless a
+    ServiceEntry declares it."""
     text = node.string()
     if "." not in text.strip().rstrip(".") and namespace != MESH_NAMESPACE:
         node.fail(
@@ -91,7 +94,7 @@ def resource_host(node: Node, namespace: str) -> str:
             f"use {text}.{MESH_NAMESPACE}.{CLUSTER_DOMAIN} or metadata.namespace {MESH_NAMESPACE}"
         )
     try:
-        return normalise_host(text)
+        return external_host(text)
     except ValueError as exc:
         node.fail(str(exc))
 

@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.balance.endpoints import Endpoint, EndpointsSnapshot
 from mesh.config.destination_rule import DestinationRule
 from mesh.config.fields import ConfigError
+from mesh.config.hosts import CLUSTER_DOMAIN, MESH_NAMESPACE, is_mesh_host
 from mesh.config.loader import Document, load_path, parse_yaml
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.config.service_entry import ServiceEntry
 from mesh.config.virtual_service import Destination, VirtualService
 
 
@@ -28,6 +31,8 @@ class MeshConfig:
     destination_rules: dict[str, DestinationRule] = field(default_factory=dict)
     peer_authentications: tuple[PeerAuthentication, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    #: ServiceEntries by each host they declare.
+    service_entries: dict[str, ServiceEntry] = field(default_factory=dict)
 
     @classmethod
     def build(cls, documents: Sequence[Document], *, version: int, source: str) -> MeshConfig:
@@ -36,6 +41,7 @@ class MeshConfig:
         destination_rules: dict[str, DestinationRule] = {}
         peer: list[PeerAuthentication] = []
         authz: list[AuthorizationPolicy] = []
+        entries: dict[str, ServiceEntry] = {}
         for doc in documents:
             r = doc.resource
             md = r.metadata
@@ -63,6 +69,15 @@ class MeshConfig:
                         f"{other_dr.ref} ({other_dr.metadata.source})"
                     )
                 destination_rules[r.host] = r
+            elif isinstance(r, ServiceEntry):
+                for i, host in enumerate(r.hosts):
+                    if host in entries:
+                        other_se = entries[host]
+                        raise ConfigError(
+                            f"{md.source}: {r.ref}: spec.hosts[{i}]: host {host!r} is already "
+                            f"declared by {other_se.ref} ({other_se.metadata.source})"
+                        )
+                    entries[host] = r
             elif isinstance(r, PeerAuthentication):
                 peer.append(r)
             else:
@@ -75,9 +90,43 @@ class MeshConfig:
             destination_rules=destination_rules,
             peer_authentications=tuple(peer),
             authorization_policies=tuple(authz),
+            service_entries=entries,
         )
+        config._check_hosts()
         config._check_references()
         return config
+
+    def _check_hosts(self) -> None:
+        """A host outside the mesh is routable only when a ServiceEntry declares it."""
+        for vs in {id(v): v for v in self.virtual_services.values()}.values():
+            for i, host in enumerate(vs.hosts):
+                self._check_host(vs.metadata.source, vs.ref, f"spec.hosts[{i}]", host)
+            for rule in vs.http:
+                for j, rd in enumerate(rule.route):
+                    path = f"spec.http[{rule.index}].route[{j}].destination.host"
+                    self._check_host(vs.metadata.source, vs.ref, path, rd.destination.host)
+                if rule.mirror is not None:
+                    path = f"spec.http[{rule.index}].mirror.host"
+                    self._check_host(vs.metadata.source, vs.ref, path, rule.mirror.host)
+        for dr in self.destination_rules.values():
+            self._check_host(dr.metadata.source, dr.ref, "spec.host", dr.host)
+            if dr.has_port_settings and dr.host not in self.service_entries:
+                # A registered service has no service port (each instance registers its
+                # own address), so a port-level policy could never apply: refused.
+                raise ConfigError(
+                    f"{dr.metadata.source}: {dr.ref}: portLevelSettings: host {dr.host!r} "
+                    "has no service port (registered services have none); port-level "
+                    "settings apply to a ServiceEntry host, at the port it declares"
+                )
+
+    def _check_host(self, source: str, ref: str, path: str, host: str) -> None:
+        if is_mesh_host(host) or host in self.service_entries:
+            return
+        raise ConfigError(
+            f"{source}: {ref}: {path}: host {host!r} is not a mesh service: use a short name "
+            f"such as 'inference' or '<service>.{MESH_NAMESPACE}.{CLUSTER_DOMAIN}', or "
+            "declare it with a ServiceEntry"
+        )
 
     def _check_references(self) -> None:
         for vs in {id(v): v for v in self.virtual_services.values()}.values():
@@ -129,6 +178,23 @@ class MeshConfig:
 
     def destination_rule(self, host: str) -> DestinationRule | None:
         return self.destination_rules.get(host)
+
+    def service_entry(self, host: str) -> ServiceEntry | None:
+        return self.service_entries.get(host)
+
+    def entry_endpoints(self) -> dict[str, tuple[Endpoint, ...]]:
+        """The endpoints ServiceEntries list, by host."""
+        return {host: se.endpoints for host, se in self.service_entries.items()}
+
+    def routable(self, snapshot: EndpointsSnapshot) -> EndpointsSnapshot:
+        """``snapshot`` (the registry's endpoints) plus the ServiceEntries' endpoints: a
+        host both declare gets both, as Istio merges a ServiceEntry into a service."""
+        if not self.service_entries:
+            return snapshot
+        by_host = {h: list(snapshot.endpoints(h)) for h in snapshot.hosts()}
+        for host, endpoints in self.entry_endpoints().items():
+            by_host.setdefault(host, []).extend(endpoints)
+        return EndpointsSnapshot(by_host, snapshot.generation)
 
     def refs(self) -> list[str]:
         return [d.ref for d in self.documents]

@@ -78,6 +78,8 @@ class MatchRequest:
     #: ``x-meshserve.model``: the model the request names (``model_name``, read from the
     #: message prefix as the hash key is); a meshserve extension beyond Istio.
     model: StringMatch | None = None
+    #: ``port``: the port of the listener the call arrived on; None: any.
+    port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -247,12 +249,11 @@ def _destination(node: Node, namespace: str) -> Destination:
 
 def _match(node: Node) -> MatchRequest:
     node.mapping(
-        ("name", "uri", "headers", "withoutHeaders", "ignoreUriCase", "x-meshserve"),
+        ("name", "uri", "headers", "withoutHeaders", "ignoreUriCase", "x-meshserve", "port"),
         unsupported=(
             "scheme",
             "method",
             "authority",
-            "port",
             "sourceLabels",
             "gateways",
             "queryParams",
@@ -278,6 +279,8 @@ def _match(node: Node) -> MatchRequest:
         without_headers=_header_matches(node.child("withoutHeaders")),
         ignore_uri_case=ignore_case,
         model=_model_match(node.child("x-meshserve")),
+        # 0 is the proto's unset value: any port, as in Istio.
+        port=node.child("port").integer(0, 0, 65535) or None,
     )
 
 

@@ -205,6 +205,7 @@ class Exchange:
             self.path,
             self.authority.decode("latin-1"),
             policy.routing_metadata(self.headers),
+            cast("Downstream", self.down.conn).local_port,
         )
         return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
 
@@ -300,6 +301,7 @@ class Exchange:
             return
         text = policy.routing_metadata(self.headers, self._call_id)
         clusters = relay.state.clusters
+        downstream = cast("Downstream", self.down.conn)
         try:
             decision = decide(
                 clusters,
@@ -308,6 +310,8 @@ class Exchange:
                     text,
                     authority=self.authority.decode("latin-1"),
                     message=self._first_message(),
+                    port=downstream.local_port,
+                    source_ip=downstream.source_ip,
                 ),
                 relay.state.rng,
             )
@@ -374,7 +378,9 @@ class Exchange:
         headers = self._base_headers(decision.metadata)
         headers.append((md.SHADOW.encode(), b"1"))
         headers.append((b"grpc-timeout", policy.format_timeout(timeout)))
-        mirror = self.mirror = Mirror(relay, pick.candidates[0].address, headers, timeout)
+        mirror = self.mirror = Mirror(
+            relay, pick.candidates[0].address, headers, timeout, cluster.tls
+        )
         body = self.body
         if not body and self.request_ended:
             mirror.send(b"", True)
@@ -487,8 +493,10 @@ class Exchange:
             self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
             return
         cluster = None if self.internal else self.cluster
-        conn = relay.pool.get(
-            address, cluster.policy.connection_pool.connect_timeout if cluster else None
+        conn = (
+            relay.pool.get(address, cluster.policy.connection_pool.connect_timeout, cluster.tls)
+            if cluster is not None
+            else relay.pool.get(address)
         )
         up = self.up = conn.open_stream(self)
         body = self.body

@@ -13,6 +13,7 @@ the caller either.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,20 +47,44 @@ class ConcurrencyLimit:
     on another endpoint instead of waiting behind a saturated worker.
     """
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, clock: Callable[[], float] = time.monotonic) -> None:
         if limit is not None and limit < 1:
             raise ValueError(f"concurrency limit must be >= 1, got {limit}")
         self.limit = limit
         self.in_flight = 0
+        self._clock = clock
+        # The time integral of in_flight since the last ``average()``: in-flight calls x seconds.
+        self._area = 0.0
+        self._since = self._changed = clock()
+
+    def _account(self) -> float:
+        now = self._clock()
+        self._area += self.in_flight * (now - self._changed)
+        self._changed = now
+        return now
 
     def try_acquire(self) -> bool:
         if self.limit is not None and self.in_flight >= self.limit:
             return False
+        self._account()
         self.in_flight += 1
         return True
 
     def release(self) -> None:
+        self._account()
         self.in_flight -= 1
+
+    def average(self) -> float:
+        """Calls in flight on average (time-weighted) since the previous call; starts over.
+
+        What the autoscaler needs, as Knative's queue-proxy reports it: a reading once a
+        second of the count at that instant may fall between calls and see none.
+        """
+        now = self._account()
+        span = now - self._since
+        mean = self._area / span if span > 0 else float(self.in_flight)
+        self._area, self._since = 0.0, now
+        return mean
 
 
 @dataclass(frozen=True)

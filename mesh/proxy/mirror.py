@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from mesh.config.client_tls import ISTIO_MUTUAL, ClientTls
 from mesh.proxy import frames as f
 from mesh.proxy.connection import STREAM_WINDOW, Side
 from mesh.proxy.hpack_codec import Header
@@ -31,9 +32,16 @@ MIRROR_QUEUE_LIMIT = STREAM_WINDOW
 class Mirror:
     """One copy: its upstream stream, the bytes queued on it, its timer."""
 
-    def __init__(self, relay: Relay, address: str, headers: list[Header], timeout: float) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        address: str,
+        headers: list[Header],
+        timeout: float,
+        tls: ClientTls = ISTIO_MUTUAL,
+    ) -> None:
         self.queued = 0
-        self.up: Side | None = relay.pool.get(address).open_stream(self)
+        self.up: Side | None = relay.pool.get(address, tls=tls).open_stream(self)
         self.up.send_headers(headers, end_stream=False)
         self._timer: asyncio.TimerHandle | None = relay.loop.call_later(timeout, self.drop)
 

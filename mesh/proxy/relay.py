@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import grpc
 
 from mesh.balance.endpoints import Endpoint
+from mesh.config.client_tls import ISTIO_MUTUAL, ClientTls
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
 from mesh.proxy.exchange import Exchange, error_headers
@@ -34,6 +35,7 @@ from mesh.proxy.inbound import Caller, Inbound
 from mesh.proxy.mirror import Mirror
 from mesh.proxy.telemetry import RelayTelemetry
 from mesh.proxy.tls_door import TlsDoor
+from mesh.proxy.upstream_tls import UpstreamTls
 from mesh.routing import callpolicy as policy
 from mesh.routing.hashkey import MODEL_NAMED_METHODS
 from mesh.routing.limits import RelayLimits, SourceLimiter
@@ -65,6 +67,10 @@ class Downstream(Connection):
         self.caller: Caller | None = None
         #: The client's address: what per-source limits count ("local" for a Unix socket).
         self.source = "local"
+        #: The client's IP address (useSourceIp), "" for a Unix socket.
+        self.source_ip = ""
+        #: The listener port the connection arrived on (match.port); None for a Unix socket.
+        self.local_port: int | None = None
         self.admitted = False
         now = relay.loop.time()
         self.born = now
@@ -79,7 +85,10 @@ class Downstream(Connection):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self.source = str(peer[0])
+            self.source = self.source_ip = str(peer[0])
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple) and len(local) >= 2:
+            self.local_port = int(local[1])
         refused = self.relay.limiter.admit_connection(self.source)
         if refused is not None:
             # Refused cheaply: SETTINGS (already written), GOAWAY, close.
@@ -322,16 +331,21 @@ class UpstreamPool:
 
     def __init__(self, relay: Relay, ssl_context: Callable[[], ssl.SSLContext] | None) -> None:
         self.relay = relay
-        self._ssl = ssl_context
-        self._conns: dict[str, Upstream] = {}
+        self._tls = UpstreamTls(ssl_context)
+        #: By address and TLS setting: two DestinationRules may secure one address apart.
+        self._conns: dict[tuple[str, ClientTls], Upstream] = {}
         #: Every connection not yet lost, retired ones included (closed on shutdown).
         self.open: set[Upstream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def get(self, address: str, connect_timeout: float | None = None) -> Upstream:
-        """The connection to ``address``; a new one fails (as a connect failure) if it is
-        not up within ``connect_timeout`` seconds (connectionPool.tcp.connectTimeout)."""
-        conn = self._conns.get(address)
+    def get(
+        self, address: str, connect_timeout: float | None = None, tls: ClientTls = ISTIO_MUTUAL
+    ) -> Upstream:
+        """The connection to ``address`` secured as ``tls`` says (DestinationRule
+        ``trafficPolicy.tls``; the relay's own context for ISTIO_MUTUAL); a new one fails
+        (as a connect failure) if it is not up within ``connect_timeout`` seconds
+        (connectionPool.tcp.connectTimeout)."""
+        conn = self._conns.get((address, tls))
         if (
             conn is None
             or conn.closed
@@ -342,18 +356,23 @@ class UpstreamPool:
         ):
             if conn is not None:
                 self._retire(conn)
-            conn = self._conns[address] = Upstream(self.relay, address)
+            conn = self._conns[(address, tls)] = Upstream(self.relay, address)
             self.open.add(conn)
             task = self.relay.loop.create_task(
                 self._connect(
-                    conn, internal=address == self.relay.internal_address, timeout=connect_timeout
+                    conn,
+                    internal=address == self.relay.internal_address,
+                    timeout=connect_timeout,
+                    tls=tls,
                 )
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return conn
 
-    async def _connect(self, conn: Upstream, *, internal: bool, timeout: float | None) -> None:
+    async def _connect(
+        self, conn: Upstream, *, internal: bool, timeout: float | None, tls: ClientTls
+    ) -> None:
         loop = self.relay.loop
         try:
             # A host that drops SYNs would otherwise hold its calls for the kernel's
@@ -364,14 +383,10 @@ class UpstreamPool:
                 return
             host, _, port = conn.address.rpartition(":")
             host = host.strip("[]")
-            context = None if internal or self._ssl is None else self._ssl()
+            context, server_name = (None, None) if internal else self._tls.context(tls, host)
             await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: conn,
-                    host,
-                    int(port),
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
+                    lambda: conn, host, int(port), ssl=context, server_hostname=server_name
                 ),
                 timeout,
             )
@@ -389,10 +404,10 @@ class UpstreamPool:
 
     def retain(self, addresses: Collection[str]) -> None:
         """Lets connections to addresses that left the mesh finish and close."""
-        for address in [
-            a for a in self._conns if a not in addresses and a != self.relay.internal_address
+        for key in [
+            k for k in self._conns if k[0] not in addresses and k[0] != self.relay.internal_address
         ]:
-            conn = self._conns.pop(address)
+            conn = self._conns.pop(key)
             conn.going_away = True
             self._retire(conn)
 

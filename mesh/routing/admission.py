@@ -6,7 +6,8 @@ can tell, so that ``meshserve apply`` cannot take a served host down:
 
 - every destination host (route destinations and mirrors) is **known**: it has registered
   instances, or it is **declared** — a DestinationRule in the candidate names it, or it is
-  one of the built-in mesh services (``inference``, ``training``, ``data``). A VirtualService
+  one of the built-in mesh services (``inference``, ``training``, ``data``), or a
+  ServiceEntry lists its endpoints (which also count as its instances). A VirtualService
   naming a host in ``hosts`` does not declare it: that only says which calls it routes.
 - no host that is **served now** (it has registered instances and every rule of its
   VirtualService reaches at least one of them) is left without a route: under the
@@ -52,7 +53,7 @@ def _destination_instances(
     config: MeshConfig, dest: Destination, endpoints: EndpointsSnapshot
 ) -> tuple[int, str]:
     """How many registered instances ``dest`` selects, and why none when it is 0."""
-    registered = endpoints.endpoints(dest.host)
+    registered = endpoints.endpoints(dest.host) + config.entry_endpoints().get(dest.host, ())
     if not registered:
         return 0, f"{dest.describe()}: host {dest.host!r} has no registered instance"
     labels: tuple[tuple[str, str], ...] = ()
@@ -119,7 +120,11 @@ def admission_problems(
         if endpoints is not None
         else None
     )
-    declared = BUILTIN_HOSTS | frozenset(candidate.destination_rules)
+    declared = (
+        BUILTIN_HOSTS
+        | frozenset(candidate.destination_rules)
+        | frozenset(candidate.service_entries)
+    )
     unique = {id(v): v for v in candidate.virtual_services.values()}.values()
     if registered is not None:
         for vs in unique:

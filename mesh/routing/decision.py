@@ -37,6 +37,10 @@ class RequestInfo:
     message: bytes | None = None
     #: Fields already known (``route explain``); wins over ``message``.
     fields: RequestFields | None = None
+    #: The port of the listener the call arrived on (``match.port``); None: unknown.
+    port: int | None = None
+    #: The client's IP address (``consistentHash.useSourceIp``); "": not an IP client.
+    source_ip: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def decide(
                 f"the request names model {model!r}" if model else "the request names no model"
             )
     if vs is not None:
-        found = find_rule(vs, request.method, headers, model)
+        found = find_rule(vs, request.method, headers, model, port=request.port)
         if found is None:
             # Envoy answers a request no route matches with 404 (gRPC UNIMPLEMENTED): a
             # VirtualService that covers a host decides every call to it.
@@ -152,12 +156,15 @@ def decide(
         fields = cluster.extensions.hash_fields
         if fields and message is not None:
             request_fields = read_fields(message)
-        key = hash_key(
-            header_name=ch.http_header_name,
-            fields=fields,
-            headers=headers if metadata is request.metadata else md.as_dict(metadata),
-            request_fields=request_fields,
-        )
+        if ch.use_source_ip:
+            key = HashKey(request.source_ip, "source ip") if request.source_ip else None
+        else:
+            key = hash_key(
+                header_name=ch.http_header_name,
+                fields=fields,
+                headers=headers if metadata is request.metadata else md.as_dict(metadata),
+                request_fields=request_fields,
+            )
         if explain:
             if key is not None:
                 steps.append(f"hash key {key.key!r} from {key.source}")
@@ -204,7 +211,11 @@ def decide(
 
 
 def route_timeout(
-    clusters: ClusterMap, method: str, authority: str, metadata: md.Metadata
+    clusters: ClusterMap,
+    method: str,
+    authority: str,
+    metadata: md.Metadata,
+    port: int | None = None,
 ) -> float | None:
     """The timeout of the rule that would route this call, found without its message
     (which hash keys may need, the rule never does): a proxy waiting for a first message
@@ -215,5 +226,5 @@ def route_timeout(
     vs = clusters.config.virtual_service(host) if host is not None else None
     if vs is None:
         return None
-    found = find_rule(vs, method, md.as_dict(metadata))
+    found = find_rule(vs, method, md.as_dict(metadata), port=port)
     return found[0].timeout if found is not None else None

@@ -23,12 +23,20 @@ def string_matches(match: StringMatch, value: str | None) -> bool:
 
 
 def request_matches(
-    match: MatchRequest, method: str, headers: Mapping[str, str], model: str | None = None
+    match: MatchRequest,
+    method: str,
+    headers: Mapping[str, str],
+    model: str | None = None,
+    *,
+    port: int | None = None,
 ) -> bool:
     """Every condition of one ``match`` entry holds (AND within an entry).
 
     ``model`` is the model the request names (None: it names none, or it could not be
-    read); an ``x-meshserve.model`` condition never holds without one."""
+    read); an ``x-meshserve.model`` condition never holds without one. ``port`` is the
+    listener port the call arrived on (None: unknown, so a port condition fails)."""
+    if match.port is not None and match.port != port:
+        return False
     if match.model is not None and not string_matches(match.model, model or None):
         return False
     if match.uri is not None:
@@ -45,27 +53,39 @@ def request_matches(
 
 
 def rule_matches(
-    rule: HTTPRoute, method: str, headers: Mapping[str, str], model: str | None = None
+    rule: HTTPRoute,
+    method: str,
+    headers: Mapping[str, str],
+    model: str | None = None,
+    *,
+    port: int | None = None,
 ) -> MatchRequest | None:
     """The first ``match`` entry that holds (OR across entries); a rule without any matches all."""
     if not rule.matches:
         return MatchRequest()
-    return next((m for m in rule.matches if request_matches(m, method, headers, model)), None)
+    return next(
+        (m for m in rule.matches if request_matches(m, method, headers, model, port=port)), None
+    )
 
 
 def find_rule(
-    vs: VirtualService, method: str, headers: Mapping[str, str], model: str | None = None
+    vs: VirtualService,
+    method: str,
+    headers: Mapping[str, str],
+    model: str | None = None,
+    *,
+    port: int | None = None,
 ) -> tuple[HTTPRoute, MatchRequest] | None:
     """The first rule of ``vs`` that matches, and the match entry that made it match."""
     for rule in vs.http:
-        matched = rule_matches(rule, method, headers, model)
+        matched = rule_matches(rule, method, headers, model, port=port)
         if matched is not None:
             return rule, matched
     return None
 
 
 def describe_match(match: MatchRequest) -> str:
-    parts = []
+    parts = [f"port {match.port}"] if match.port is not None else []
     if match.model is not None:
         parts.append(f"model {match.model.describe()}")
     if match.uri is not None:

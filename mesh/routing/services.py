@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from functools import lru_cache
 
-from mesh.config.hosts import normalise_host
+from mesh.config.hosts import external_host
 
 #: gRPC packages of each mesh service. The Open Inference Protocol's package is
 #: "inference" (Triton's); meshserve's own are versioned ("meshserve.training.v1").
@@ -48,7 +48,8 @@ def host_for_call(method: str, authority: str, known_hosts: Collection[str]) -> 
     if authority:
         name = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
         try:
-            host = normalise_host(name)
+            # A ServiceEntry's external name stays whole; a mesh name becomes its service.
+            host = external_host(name)
         except ValueError:
             host = None
         if host is not None and host in known_hosts:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from mesh.balance.cluster import ClusterMap
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.balance.load import LoadTracker
+from mesh.balance.locality import Locality
 from mesh.config.fields import ConfigError
 from mesh.config.loader import Document
 from mesh.config.snapshot import EMPTY, MeshConfig
@@ -39,12 +40,16 @@ class GatewayState:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        locality: Locality | None = None,
     ) -> None:
         self.clock = clock
         self.wall_clock = wall_clock
         self.rng = rng or random.Random()
         self.tracker = LoadTracker()
-        self.clusters = ClusterMap(config, EndpointsSnapshot({}), self.tracker, clock)
+        #: This proxy's locality (localityLbSetting); None: unknown, locality balancing off.
+        self.clusters = ClusterMap(
+            config, EndpointsSnapshot({}), self.tracker, clock, locality=locality
+        )
         self.applied_at = wall_clock()
         self.last_rejection: Rejection | None = None
 

@@ -138,11 +138,13 @@ async def start_server(
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    serving: bool = True,
 ) -> Serving:
     """Starts a server with health, reflection, raised limits and error mapping.
 
     ``credentials`` (e.g. from :mod:`mesh.security.rotation`) make the port TLS; without
-    them it is plaintext.
+    them it is plaintext. ``serving=False`` starts it NOT_SERVING (a worker that loads
+    models first): its caller sets SERVING when it is ready.
     """
     # Every server may see large messages: memory they leave freed goes back to the system.
     memory.return_freed_memory()
@@ -173,10 +175,10 @@ async def start_server(
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {settings.address}: {exc}") from exc
     await server.start()
-    serving = Serving(server, health, port, settings, names)
-    await serving.set_serving(True)
-    log.info("serving %s on %s", ", ".join(names), serving.address)
-    return serving
+    started = Serving(server, health, port, settings, names)
+    await started.set_serving(serving)
+    log.info("serving %s on %s", ", ".join(names), started.address)
+    return started
 
 
 async def serve_until_signal(serving: Serving) -> None:

@@ -753,14 +753,17 @@ async def start_fronted_server(
     settings: ServerSettings,
     services: Sequence[Service],
     hot: Iterable[HotMethod],
+    *,
+    serving: bool = True,
 ) -> Serving:
     """``services`` on a grpc.aio server on a private Unix socket (every method, hot
     ones too: a call that reaches it directly still works), with the front on the
-    address ``settings`` name. The returned Serving drains the front first."""
+    address ``settings`` name. The returned Serving drains the front first; ``serving``
+    as for :func:`start_server` (the health the grpc.aio server answers)."""
     private = PrivateSocket.create("meshserve-front-")
     internal = dataclasses.replace(settings, host=private.address, port=0)
     try:
-        serving = await start_server(internal, services)
+        started = await start_server(internal, services, serving=serving)
     except BaseException:
         private.remove()
         raise
@@ -768,18 +771,18 @@ async def start_fronted_server(
     async def remove_folder() -> None:
         private.remove()
 
-    serving.on_drain(remove_folder)
+    started.on_drain(remove_folder)
     checks: list[Check] = []
     if settings.sidecar_secret is not None:
         checks.append(SecretCheck(settings.sidecar_secret))
     front = H2Front(
-        hot, serving.address, max_message_bytes=settings.max_message_bytes, checks=checks
+        hot, started.address, max_message_bytes=settings.max_message_bytes, checks=checks
     )
     try:
         port = await front.start(settings)
     except OSError:
-        await serving.drain(0)
+        await started.drain(0)
         raise
-    serving.before_stop(front.drain)
-    serving.port, serving.settings = port, settings
-    return serving
+    started.before_stop(front.drain)
+    started.port, started.settings = port, settings
+    return started

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc.aio
 
+from mesh.balance.locality import own_locality
 from mesh.config.fields import ConfigError
 from mesh.config.loader import fingerprint
 from mesh.config.resource import DEFAULT_NAMESPACE
@@ -177,7 +178,9 @@ class Sidecar:
                 continue
             report = await probe.read()
             await self.registration.update(
-                load=registry_load(report, self.limit.in_flight),
+                # The interval's average, not this instant's count: the autoscaler reads
+                # these once a second, and an instant may fall between calls.
+                load=registry_load(report, round(self.limit.average())),
                 models=model_refs(report) if report is not None else None,
                 publish=False,
             )
@@ -301,6 +304,8 @@ class Sidecar:
             tls_context=tls_context,
             telemetry=self._telemetry,
             reload_interval=self.settings.reload_interval,
+            # The worker's own locality labels place it for localityLbSetting.
+            locality=own_locality(self.settings.labels),
         )
         try:
             address = await self.outbound.start(port)

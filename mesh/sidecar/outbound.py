@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mesh.balance.endpoints import EndpointsSnapshot
+from mesh.balance.locality import Locality
 from mesh.proxy.relay import Relay
 from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
 from mesh.routing.limits import RelayLimits
@@ -50,8 +51,9 @@ class Outbound:
         telemetry: Telemetry | None = None,
         reload_interval: float = 1.0,
         discovery_retry: float = 1.0,
+        locality: Locality | None = None,
     ) -> None:
-        self.state = GatewayState()
+        self.state = GatewayState(locality=locality)
         self.pipeline = ConfigPipeline(
             self.state, config_dir=config_dir, store=config_store, reload_interval=reload_interval
         )
@@ -93,8 +95,9 @@ class Outbound:
         self.state.set_endpoints(snapshot)
         self.pipeline.discovered = True
         if self.relay is not None:
+            routable = self.state.clusters.routable  # ServiceEntries' endpoints stay too
             self.relay.pool.retain(
-                {e.address for h in snapshot.hosts() for e in snapshot.endpoints(h)}
+                {e.address for h in routable.hosts() for e in routable.endpoints(h)}
             )
 
     async def drain(self, grace: float) -> None:

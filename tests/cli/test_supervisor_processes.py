@@ -76,3 +76,31 @@ def test_a_killed_store_comes_back_on_its_url_and_a_unit_that_cannot_start_is_fa
         unclean = supervisor.stop_all()
     assert unclean == []
     assert all(u.state is UnitState.STOPPED for u in supervisor.statuses())
+
+
+def test_an_added_unit_starts_and_a_retired_one_drains_and_is_never_restarted(
+    tmp_path: Path,
+) -> None:
+    said: list[str] = []
+    supervisor = Supervisor(verbose=0, say=said.append, on_change=lambda: None, policy=FAST)
+    store = Component(
+        "store",
+        ("registry", "serve-store", "--data-dir", str(tmp_path / "es"), "--port", str(free_port())),
+        after("elasticsearch "),
+    )
+    try:
+        unit = supervisor.add(store, tmp_path / "store.log")
+        assert [u.state for u in supervisor.statuses()] == [UnitState.STARTING]
+        tick_until(supervisor, lambda: unit.state is UnitState.RUNNING)
+        assert any("store started (scale-up)" in line for line in said), said
+        assert unit.running is not None
+        process = unit.running.process
+        supervisor.retire(unit)
+        assert [u.state for u in supervisor.statuses()] == [UnitState.DRAINING]
+        tick_until(supervisor, lambda: not supervisor.units)
+        assert process.poll() is not None  # it stopped: SIGTERM, and it was not restarted
+        assert supervisor.statuses() == ()
+        assert any("store scaled down" in line for line in said), said
+        assert not any("restart" in line for line in said), said
+    finally:
+        assert supervisor.stop_all() == []

@@ -348,7 +348,7 @@ ERRORS: list[tuple[str, str]] = [
         dr_yaml(
             "host: inference\ntrafficPolicy:\n  loadBalancer: {consistentHash: {ringHash: {minimumRingSize: 64}}}"
         ),
-        "spec.trafficPolicy.loadBalancer.consistentHash: needs httpHeaderName or the meshserve.io/hash-fields annotation",
+        "spec.trafficPolicy.loadBalancer.consistentHash: needs httpHeaderName, useSourceIp or the meshserve.io/hash-fields annotation",
     ),
     (
         dr_yaml(

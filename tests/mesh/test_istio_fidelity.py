@@ -320,9 +320,56 @@ def hosts_ignore_case() -> None:
     assert not allowed(text, RequestAttributes(INFER, host="training.meshserve"))
 
 
+def decide_with(config: MeshConfig, request: RequestInfo) -> RouteDecision:
+    clusters = ClusterMap(
+        config, EndpointsSnapshot.from_instances(instances()), LoadTracker(), lambda: 0.0
+    )
+    return decide(clusters, request, random.Random(1))
+
+
+def match_port() -> None:
+    """VirtualService docs: ``match: [{port: 8001}]`` selects calls that arrived on 8001."""
+    config = config_from_yaml(
+        vs(
+            "    - match: [{port: 8001}]\n"
+            "      route: [{destination: {host: inference, subset: v2}}]\n"
+            "    - route: [{destination: {host: inference, subset: v1}}]\n"
+        )
+        + "---\n"
+        + VERSIONS,
+        source="istio.yaml",
+    )
+    assert decide_with(config, RequestInfo(INFER, port=8001)).subset == "v2"
+    assert decide_with(config, RequestInfo(INFER, port=8443)).subset == "v1"
+    assert decide_with(config, RequestInfo(INFER)).subset == "v1"  # port unknown
+
+
+def use_source_ip() -> None:
+    """DestinationRule docs: ``consistentHash: {useSourceIp: true}`` — a client's calls
+    stay on one endpoint; different clients spread."""
+    config = config_from_yaml(
+        dr("  trafficPolicy:\n    loadBalancer: {consistentHash: {useSourceIp: true}}\n"),
+        source="istio.yaml",
+    )
+
+    def endpoint(ip: str, seed: int = 1) -> str:
+        request = RequestInfo(INFER, source_ip=ip)
+        clusters = ClusterMap(
+            config, EndpointsSnapshot.from_instances(instances()), LoadTracker(), lambda: 0.0
+        )
+        decision = decide(clusters, request, random.Random(seed))
+        assert decision.hash_key is not None and decision.hash_key.key == ip
+        return decision.candidates[0].address
+
+    assert len({endpoint("10.9.0.1", seed) for seed in range(20)}) == 1
+    assert len({endpoint(f"10.9.0.{i}") for i in range(40)}) > 1
+
+
 WORKS: dict[str, Callable[[], None]] = {
     f.__name__: f
     for f in (
+        match_port,
+        use_source_ip,
         headers_route_to_a_subset,
         weights_are_relative,
         regexes_are_re2,
@@ -379,9 +426,9 @@ REFUSED: list[tuple[str, str, str]] = [
         "exact and prefix only",
     ),
     (
-        vs("    - match: [{port: 8001}]\n      route: [{destination: {host: inference}}]\n"),
+        vs("    - match: [{port: 70000}]\n      route: [{destination: {host: inference}}]\n"),
         "spec.http[0].match[0].port",
-        UNSUPPORTED,
+        "must be an integer in [0, 65535]",
     ),
     (
         vs(ROUTE + "      retries: {perTryTimeout: 2s}\n"),
@@ -443,31 +490,48 @@ REFUSED: list[tuple[str, str, str]] = [
         UNSUPPORTED,
     ),
     (dr("  exportTo: ['.']\n", metadata="  namespace: ops\n"), "spec.host", "short host"),
-    (dr("  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n"), "spec.trafficPolicy.tls", UNSUPPORTED),
     (
-        dr("  trafficPolicy: {portLevelSettings: [{port: {number: 80}}]}\n"),
-        "spec.trafficPolicy.portLevelSettings",
+        dr("  trafficPolicy: {tls: {mode: ISTIO_MUTUAL, sni: a.example.com}}\n"),
+        "spec.trafficPolicy.tls.sni",
+        "applies to modes SIMPLE and MUTUAL only",
+    ),
+    (
+        dr("  trafficPolicy: {tls: {mode: MUTUAL, caCertificates: /ca.pem}}\n"),
+        "spec.trafficPolicy.tls.clientCertificate",
+        "is required with mode MUTUAL",
+    ),
+    (
+        dr("  trafficPolicy: {tls: {mode: SIMPLE, credentialName: secret}}\n"),
+        "spec.trafficPolicy.tls.credentialName",
         UNSUPPORTED,
     ),
     (
-        dr("  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}\n"),
+        dr("  trafficPolicy: {portLevelSettings: [{port: {number: 80}}]}\n"),
+        "portLevelSettings",
+        "has no service port",
+    ),
+    (
+        dr(
+            "  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true,"
+            " httpHeaderName: x}}}\n"
+        ),
         "spec.trafficPolicy.loadBalancer.consistentHash.useSourceIp",
-        UNSUPPORTED,
+        "not both",
     ),
     (
         dr(
             "  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x,"
-            " maglev: {tableSize: 65537}}}}\n"
+            " maglev: {tableSize: 65536}}}}\n"
         ),
-        "spec.trafficPolicy.loadBalancer.consistentHash.maglev",
-        UNSUPPORTED,
+        "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+        "must be a prime number",
     ),
     (
         dr(
             "  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN,"
-            " localityLbSetting: {enabled: true}}}\n"
+            " localityLbSetting: {failoverPriority: [topology.istio.io/network]}}}\n"
         ),
-        "spec.trafficPolicy.loadBalancer.localityLbSetting",
+        "spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority",
         UNSUPPORTED,
     ),
     (
@@ -513,9 +577,9 @@ REFUSED: list[tuple[str, str, str]] = [
     ),
     (
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext}\n"
-        "spec: {hosts: [x.example.com]}\n",
-        "kind",
-        "ServiceEntry is an Istio kind that meshserve does not support",
+        "spec: {hosts: [x.example.com], ports: [{number: 80, name: grpc}]}\n",
+        "spec.resolution",
+        "NONE (Istio's default) is a resolution meshserve does not support",
     ),
     (
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"

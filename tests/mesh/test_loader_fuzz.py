@@ -23,6 +23,22 @@ REPO = Path(__file__).resolve().parents[2]
 #: Field names of the four kinds (and a few Istio ones meshserve refuses), so generated
 #: trees reach deep into the parsers instead of failing at the first unknown key.
 FIELDS = [
+    # ServiceEntry and DestinationRule tls / portLevelSettings
+    "ports",
+    "location",
+    "resolution",
+    "endpoints",
+    "address",
+    "targetPort",
+    "protocol",
+    "tls",
+    "mode",
+    "sni",
+    "caCertificates",
+    "clientCertificate",
+    "privateKey",
+    "insecureSkipVerify",
+    "portLevelSettings",
     "hosts",
     "http",
     "exportTo",
@@ -218,6 +234,28 @@ spec:
     - from: [{source: {principals: [a], serviceAccounts: [ns/sa], remoteIpBlocks: [10.0.0.0/8]}}]
       to: [{operation: {paths: ['/x/{*}'], hosts: [a], ports: ['80'], methods: [POST]}}]
       when: [{key: 'request.headers[x]', values: [a]}, {key: source.ip, notValues: [10.0.0.1]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: se}
+spec:
+  hosts: [models.example.com]
+  location: MESH_EXTERNAL
+  ports: [{number: 8001, name: grpc, protocol: GRPC, targetPort: 9001}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1, ports: {grpc: 9002}, labels: {v: a}, weight: 2}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: se}
+spec:
+  host: models.example.com
+  trafficPolicy:
+    tls: {mode: SIMPLE, sni: models.example.com, caCertificates: /ca.pem}
+    portLevelSettings:
+      - port: {number: 8001}
+        tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}
+        loadBalancer: {simple: RANDOM}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from mesh import errors
-from mesh.server.app import ServerSettings, Service
+from mesh.server.app import ServerSettings, Service, start_server
 from mesh.server.testing import serve
 
 SERVICE = "meshserve.test.Probe"
@@ -73,6 +73,22 @@ async def test_health_reports_serving_for_server_and_services() -> None:
         for name in ("", SERVICE):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_server_started_not_serving_says_so_until_it_is_ready() -> None:
+    # A worker that loads models first: its sidecar must not register it SERVING early.
+    serving = await start_server(ServerSettings(), [probe_service(Probe())], serving=False)
+    try:
+        async with grpc.aio.insecure_channel(serving.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", SERVICE):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await serving.set_serving(True)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await serving.drain(grace=0)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mesh.config.client_tls import ClientTls
 from mesh.config.loader import load_path
 from mesh.config.snapshot import EMPTY
 from mesh.proxy.relay import Downstream, Relay, Upstream, UpstreamPool
@@ -65,7 +66,9 @@ class MemoryPool(UpstreamPool):
         #: Every upstream connection made, in order, with its transport.
         self.connections: list[tuple[Upstream, MemoryTransport]] = []
 
-    async def _connect(self, conn: Upstream, *, internal: bool, timeout: float | None) -> None:
+    async def _connect(
+        self, conn: Upstream, *, internal: bool, timeout: float | None, tls: ClientTls
+    ) -> None:
         transport = MemoryTransport()
         self.connections.append((conn, transport))
         conn.connection_made(transport)

@@ -16,6 +16,8 @@ from torch.export.passes import move_to_device_pass
 
 from mesh.errors import InvalidArgument
 from protos.inference import model_config_pb2 as mc
+from workers.inference.gpu.plan import GpuPlan
+from workers.inference.gpu.runner import CudaRunner, InputLayout
 from workers.inference.tensors import DATATYPES, BytesTensor, Tensor, TensorSpec
 from workers.model_repo import DEFAULT_FILENAMES, EXPORT_PLATFORM, TORCHSCRIPT_PLATFORM, ModelRepo
 
@@ -128,6 +130,7 @@ class LoadedModel:
         memory_bytes: int,
         *,
         optimized: bool = False,
+        runner: CudaRunner | None = None,
     ) -> None:
         self.signature = signature
         self.version = version
@@ -136,6 +139,14 @@ class LoadedModel:
         self.memory_bytes = memory_bytes
         #: Whether the forward pass is a frozen graph rewritten for the device at load.
         self.optimized = optimized
+        #: The GPU path (streams per instance, pinned double-buffered staging, CUDA
+        #: graphs); None where batches run as plain forward calls (CPU, BYTES, ...).
+        self.runner = runner
+
+    @property
+    def concurrency(self) -> int | None:
+        """Batches worth running at once; None: as many as the config's instance_group."""
+        return self.runner.plan.concurrency if self.runner is not None else None
 
     @property
     def name(self) -> str:
@@ -143,10 +154,17 @@ class LoadedModel:
 
     def run(self, inputs: Mapping[str, Tensor], batch_size: int | None) -> dict[str, Tensor]:
         """One forward pass (blocking). ``batch_size`` is the leading dim, None if unbatched."""
-        args = [_to_model_arg(inputs[spec.name], self.device) for spec in self.signature.inputs]
+        values = [inputs[spec.name] for spec in self.signature.inputs]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
         try:
+            if self.runner is not None and batch_size is not None and len(tensors) == len(values):
+                outputs = self.runner.run(tensors, batch_size)
+                return self._named(outputs, batch_size)
+            args = [_to_model_arg(v, self.device) for v in values]
             with torch.inference_mode():
                 result = self._forward(*args)
+        except (ModelError, InvalidArgument):
+            raise
         except Exception as exc:
             # Logged whole here; the client gets only the kind of failure.
             log.warning("model %s version %s raised", self.name, self.version, exc_info=exc)
@@ -158,25 +176,33 @@ class LoadedModel:
         return self._map_outputs(result, batch_size)
 
     def _map_outputs(self, result: Any, batch_size: int | None) -> dict[str, Tensor]:
-        specs = self.signature.outputs
-        if isinstance(result, Mapping):
-            missing = [s.name for s in specs if s.name not in result]
-            if missing:
-                raise ModelError(f"model {self.name!r} did not return output(s) {missing}")
-            values = [result[s.name] for s in specs]
-        elif isinstance(result, list | tuple) and len(specs) > 1:
-            values = list(result)
-        else:
-            values = [result]
-        if len(values) != len(specs):
-            raise ModelError(
-                f"model {self.name!r} returned {len(values)} outputs, its config declares "
-                f"{len(specs)}"
-            )
+        return self._named(output_values(self.signature, result), batch_size)
+
+    def _named(self, values: list[Any], batch_size: int | None) -> dict[str, Tensor]:
         return {
             spec.name: _from_model_output(spec.name, value, batch_size)
-            for spec, value in zip(specs, values, strict=True)
+            for spec, value in zip(self.signature.outputs, values, strict=True)
         }
+
+
+def output_values(signature: Signature, result: Any) -> list[Any]:
+    """A forward pass's result as its outputs in config order (ModelError if it cannot be)."""
+    specs = signature.outputs
+    if isinstance(result, Mapping):
+        missing = [s.name for s in specs if s.name not in result]
+        if missing:
+            raise ModelError(f"model {signature.name!r} did not return output(s) {missing}")
+        values = [result[s.name] for s in specs]
+    elif isinstance(result, list | tuple) and len(specs) > 1:
+        values = list(result)
+    else:
+        values = [result]
+    if len(values) != len(specs):
+        raise ModelError(
+            f"model {signature.name!r} returned {len(values)} outputs, its config declares "
+            f"{len(specs)}"
+        )
+    return values
 
 
 def example_inputs(signature: Signature) -> dict[str, Tensor]:
@@ -197,6 +223,8 @@ def load_model(
 ) -> LoadedModel:
     """Reads a version's model file, moves it to ``device`` and warms it (blocking)."""
     signature = Signature.from_config(config)
+    # Validated on every device: one repository may serve CPU and GPU workers alike.
+    plan = GpuPlan.from_config(config, device.index or 0)
     filename = config.default_model_filename or DEFAULT_FILENAMES[signature.platform]
     path = posixpath.join(repo.version_path(config.name, version), filename)
     try:
@@ -209,12 +237,40 @@ def load_model(
     forward, memory, optimized = _deserialize(
         signature, data, device, optimizes_for_inference(config)
     )
-    loaded = LoadedModel(signature, version, forward, device, memory, optimized=optimized)
+    runner = _cuda_runner(signature, forward, plan, device)
+    loaded = LoadedModel(
+        signature, version, forward, device, memory, optimized=optimized, runner=runner
+    )
     # Warm-up: the first pass pays for lazy init, allocator growth and kernel
     # selection; a version is not ready until it has run once.
     warm = example_inputs(signature)
     loaded.run(warm, 1 if signature.max_batch_size > 0 else None)
     return loaded
+
+
+def _cuda_runner(
+    signature: Signature, forward: Callable[..., Any], plan: GpuPlan, device: torch.device
+) -> CudaRunner | None:
+    """The GPU path for a batching model of fixed-shape tensors on CUDA; None elsewhere.
+
+    Staging buffers are allocated once per slot at ``max_batch_size`` rows, so every
+    non-batch dim must be fixed; other models keep the per-call path.
+    """
+    if device.type != "cuda" or signature.max_batch_size <= 0:
+        return None
+    layouts: list[InputLayout] = []
+    for spec in signature.inputs:
+        dtype = DATATYPES[spec.datatype].torch_dtype
+        if dtype is None or any(d < 0 for d in spec.dims):
+            return None
+        layouts.append(InputLayout(spec.dims, dtype))
+    if any(DATATYPES[spec.datatype].torch_dtype is None for spec in signature.outputs):
+        return None
+
+    def flatten(result: Any) -> list[Any]:
+        return output_values(signature, result)
+
+    return CudaRunner(forward, flatten, layouts, signature.max_batch_size, plan, device)
 
 
 def _deserialize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -30,6 +31,8 @@ from workers.model_repo import ModelRepo, RepositoryError
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
+#: Logged when a request has to wait for its version to load.
+COLD_LOAD = "cold load on the request path:"
 
 
 @dataclass
@@ -98,6 +101,8 @@ class ModelRepository:
             self._load, lambda s: s.model.memory_bytes, memory_budget_bytes, self._evicted
         )
         self._poller: asyncio.Task[None] | None = None
+        #: Requests that found their version not loaded and waited for it.
+        self.cold_loads = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -303,6 +308,9 @@ class ModelRepository:
         model = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._loader, self.repo, config, version, self.device
         )
+        if model.concurrency is not None:
+            # The GPU path keeps a batch staging per instance while another computes.
+            policy = dataclasses.replace(policy, instances=model.concurrency)
         return Served(model, DynamicBatcher(model, policy, self.stats, self._executor), fingerprint)
 
     def _loaded(self, name: str, model: LoadedModel) -> None:
@@ -349,6 +357,11 @@ class ModelRepository:
             raise Unavailable(
                 f"model {name!r} version {version} failed to load: {state.failed[version]}"
             )
+        if not self.cache.is_loaded((name, version)):
+            # The request waits for the weights: what routing and the preload before
+            # readiness are there to avoid (bench/autoscale.py counts these lines).
+            self.cold_loads += 1
+            log.warning("%s model %s version %s", COLD_LOAD, name, version)
         return await self.cache.get((name, version), timeout)
 
     def is_ready(self, name: str, requested: str) -> bool:

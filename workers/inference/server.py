@@ -96,14 +96,23 @@ async def run_worker(
     )
     worker = InferenceWorker(repository, stats)
     servicer = InferenceServicer(worker)
+    # NOT_SERVING until the repository's versions are loaded: a sidecar that mirrors this
+    # health (in a Kubernetes pod it starts beside the worker) registers the instance
+    # SERVING only then, so no request of a joining worker waits for a load.
     if settings.serve_with == "h2":
         serving = await start_fronted_server(
-            server or ServerSettings(), [servicer.service()], servicer.hot_methods()
+            server or ServerSettings(),
+            [servicer.service()],
+            servicer.hot_methods(),
+            serving=False,
         )
     else:
-        serving = await start_server(server or ServerSettings(), [servicer.service()])
+        serving = await start_server(
+            server or ServerSettings(), [servicer.service()], serving=False
+        )
     try:
         await repository.start(settings.poll_interval_s or None)
+        await serving.set_serving(True)
         servicer.ready = True
         yield RunningWorker(serving, servicer, worker, repository)
     finally:

@@ -106,3 +106,19 @@ def test_reflection_goes_to_the_worker_so_clients_see_the_services_it_fronts(pat
     inbound = Inbound("127.0.0.1:50051", Recorder(), ConcurrencyLimit(None))
     forwarded = inbound.admit(path, request(path), MESH)
     assert forwarded is not None and (PEER_HEADER.encode(), GATEWAY.encode()) in forwarded
+
+
+def test_the_average_in_flight_is_time_weighted_and_starts_over() -> None:
+    now = [0.0]
+    limit = ConcurrencyLimit(None, clock=lambda: now[0])
+    limit.try_acquire()  # one call for the whole second
+    now[0] = 0.5
+    limit.try_acquire()  # a second one for half of it
+    now[0] = 1.0
+    assert limit.average() == 1.5
+    limit.release()
+    limit.release()
+    now[0] = 2.0
+    # Both ended at once: the next second saw none, though an instant count at 1.0 saw two.
+    assert limit.average() == 0.0
+    assert limit.try_acquire() and limit.average() == 1.0  # no time passed: the count now
