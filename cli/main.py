@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 #: take seconds to import). tests/cli/test_main.py checks both against the modules.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("cli.up", "run the whole mesh locally until Ctrl-C"),
+    "hosts": (
+        "cli.hosts",
+        "the mesh across four hosts made on this machine (network namespaces; root)",
+    ),
     "restart": (
         "cli.restart",
         "rolling restart of one unit of `meshserve up` (drain, then start again)",

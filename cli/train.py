@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
+    spec.world_size = args.world_size
     with grpc.insecure_channel(gateway_from_args(args, args.address)) as channel:
         job = submit_and_watch(channel, spec)
     print_result(job)
@@ -162,6 +163,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--optimizer", default="adam", help=", ".join(_OPTIMIZERS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="", help="cpu, cuda or empty (worker's default)")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=0,
+        help="DDP processes (0 or 1: one); a worker of a node group spreads its group's "
+        "world size across hosts",
+    )
     parser.add_argument(
         "--address", default=None, help="gateway or training worker (default: the running up)"
     )

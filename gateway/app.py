@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc.aio
 
 from gateway.admin import Admin
-from gateway.auth import ADMIN_LOCKED, ClientGuard
+from gateway.auth import ADMIN_LOCKED, GATEWAY_WORKLOAD, ClientGuard
 from gateway.fleet import FleetServicer
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.loader import Document
@@ -26,6 +26,7 @@ from mesh.routing.methods import MESH_SERVICES
 from mesh.routing.pipeline import ConfigPipeline
 from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
+from mesh.security.request_authn import RequestAuthenticator
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.server.private import PrivateSocket
 from mesh.server.tasks import cancel_all
@@ -112,6 +113,10 @@ class Gateway:
         self.guard = guard if guard is not None else ClientGuard(ADMIN_LOCKED)
         self._guard_in_relay = guard is not None
         self.discovery_retry = discovery_retry
+        #: RequestAuthentication at the ingress (policies selecting ``app: gateway``).
+        self.authn = RequestAuthenticator(
+            lambda: self.state.config.request_authentications, GATEWAY_WORKLOAD
+        )
         self.table = EndpointTable()
         # With a context, upstream connections are mutual TLS (to sidecars);
         # ``channel_credentials`` are the same identity for the fleet's gRPC calls.
@@ -171,6 +176,7 @@ class Gateway:
         serving = await self._start_relayed(settings)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
+        self._tasks.append(loop.create_task(self.authn.jwks.run()))
         self._tasks.extend(self.pipeline.watchers())
         serving.on_drain(self.close)
         return serving
@@ -214,6 +220,7 @@ class Gateway:
             metrics=self.metrics,
             telemetry=self.telemetry,
             guard=self.guard.check if self._guard_in_relay else None,
+            authn=self.authn,
             limits=self.relay_limits,
         )
         try:

@@ -39,7 +39,6 @@ With ``dataPlane: open``, a call that carries no credential is admitted unauthen
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -63,6 +62,8 @@ from mesh.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from mesh.routing import headers as md
 from mesh.security.authz import RequestAttributes, evaluate, match_value
 from mesh.security.guard import Context
+from mesh.security.jwt_verify import JwtCheck, JwtKey, verify
+from mesh.security.request_authn import JwtIdentity
 from mesh.security.workload import Workload
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
 #: gRFC A6: the server's pushback, in milliseconds, as a trailer.
 RETRY_PUSHBACK_TRAILER = md.RETRY_PUSHBACK
+#: The algorithms an edge key may be configured with (one per key).
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 DEFAULT_EXEMPT = ("/grpc.health.v1.Health/*",)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -99,20 +101,17 @@ def new_key() -> str:
 
 
 @dataclass(frozen=True)
-class JwtKey:
-    algorithm: str
-    #: An HMAC secret (bytes) or a PEM public key (text).
-    key: bytes | str
-    kid: str | None = None
-
-
-@dataclass(frozen=True)
 class JwtSettings:
     keys: tuple[JwtKey, ...]
     issuer: str | None = None
     audiences: tuple[str, ...] = ()
     client_claim: str = "sub"
     leeway_seconds: float = 0.0
+
+    @property
+    def verification(self) -> JwtCheck:
+        # The edge credential must expire: a leaked token is not valid forever.
+        return JwtCheck(self.issuer, self.audiences, self.leeway_seconds, require=("exp",))
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ def _jwt_settings(node: Node, base: Path) -> JwtSettings:
                 jwt.get_algorithm_by_name(alg).prepare_key(key)
             except (jwt.InvalidKeyError, ValueError) as exc:
                 item.child(wanted).fail(f"not a PEM public key for {alg}: {exc}")
-        keys.append(JwtKey(alg, key, item.child("kid").opt_string()))
+        keys.append(JwtKey((alg,), key, item.child("kid").opt_string()))
     if not keys:
         node.child("keys").fail("needs at least one key")
     return JwtSettings(
@@ -240,24 +239,6 @@ class Client:
     scopes: frozenset[str] = frozenset()
 
 
-def _describe_jwt_error(exc: jwt.PyJWTError, settings: JwtSettings) -> str:
-    if isinstance(exc, jwt.ExpiredSignatureError):
-        return "JWT has expired (exp is in the past)"
-    if isinstance(exc, jwt.ImmatureSignatureError):
-        return "JWT is not valid yet (nbf/iat is in the future)"
-    if isinstance(exc, jwt.InvalidAudienceError):
-        return f"JWT audience is not accepted (expected one of: {', '.join(settings.audiences)})"
-    if isinstance(exc, jwt.InvalidIssuerError):
-        return f"JWT issuer is not accepted (expected {settings.issuer})"
-    if isinstance(exc, jwt.MissingRequiredClaimError):
-        return f"JWT lacks the required claim {exc.claim!r}"
-    if isinstance(exc, jwt.InvalidSignatureError):
-        return "JWT signature does not verify"
-    if isinstance(exc, jwt.DecodeError):
-        return f"JWT is malformed: {exc}"
-    return f"JWT is not valid: {exc}"
-
-
 class Authenticator:
     """Turns request metadata into a :class:`Client`, or raises :class:`Unauthenticated`."""
 
@@ -299,50 +280,13 @@ class Authenticator:
         return Client(found, "api-key", scopes=self.config.key_scopes.get(digest, frozenset()))
 
     def _jwt(self, token: str, settings: JwtSettings) -> Client:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise Unauthenticated(_describe_jwt_error(exc, settings)) from exc
-        alg, kid = header.get("alg"), header.get("kid")
-        # Keys are chosen by the token's algorithm, so an HS256 token can never be checked
-        # against an RSA public key used as an HMAC secret (algorithm confusion).
-        keys = [
-            k for k in settings.keys if k.algorithm == alg and (kid is None or k.kid in (None, kid))
-        ]
-        if not keys:
-            accepted = ", ".join(sorted({k.algorithm for k in settings.keys}))
-            raise Unauthenticated(
-                f"JWT algorithm {alg!r}{f' with kid {kid!r}' if kid else ''} is not accepted "
-                f"(configured: {accepted})"
-            )
-        error: jwt.PyJWTError | None = None
-        for key in keys:
-            try:
-                claims: dict[str, Any] = jwt.decode(
-                    token,
-                    key.key,
-                    algorithms=[key.algorithm],
-                    audience=list(settings.audiences) or None,
-                    issuer=settings.issuer,
-                    leeway=dt.timedelta(seconds=settings.leeway_seconds),
-                    options={
-                        "require": ["exp"],
-                        "verify_aud": bool(settings.audiences),
-                    },
-                )
-            except jwt.InvalidSignatureError as exc:
-                error = exc  # another key of the same algorithm may verify it
-                continue
-            except jwt.PyJWTError as exc:
-                raise Unauthenticated(_describe_jwt_error(exc, settings)) from exc
-            name = claims.get(settings.client_claim)
-            if not isinstance(name, str) or not name:
-                raise Unauthenticated(f"JWT lacks the client claim {settings.client_claim!r}")
-            issuer = claims.get("iss")
-            principal = f"{issuer}/{claims.get('sub')}" if issuer else None
-            return Client(name, "jwt", principal, _jwt_scopes(claims))
-        assert error is not None
-        raise Unauthenticated(_describe_jwt_error(error, settings))
+        claims = verify(token, settings.keys, settings.verification)
+        name = claims.get(settings.client_claim)
+        if not isinstance(name, str) or not name:
+            raise Unauthenticated(f"JWT lacks the client claim {settings.client_claim!r}")
+        issuer = claims.get("iss")
+        principal = f"{issuer}/{claims.get('sub')}" if issuer else None
+        return Client(name, "jwt", principal, _jwt_scopes(claims))
 
 
 def _jwt_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -390,26 +334,42 @@ class ClientGuard:
         self.policies = policies
         self.workload = workload
 
-    def _authorize(self, method: str, client: Client | None, headers: Mapping[str, str]) -> None:
+    def _authorize(
+        self,
+        method: str,
+        client: Client | None,
+        headers: Mapping[str, str],
+        identity: JwtIdentity | None = None,
+    ) -> None:
         """``client`` None: a call without credentials on an open data plane (no principal,
-        as Istio evaluates a request that carries no token)."""
+        as Istio evaluates a request that carries no token). ``identity``: the end-user JWT
+        a RequestAuthentication verified; its principal and claims are the request's,
+        else the edge credential's JWT principal is."""
         policies = self.policies() if self.policies is not None else ()
         if not policies:
             return
-        principal = client.request_principal if client is not None else None
+        if identity is not None:
+            principal: str | None = identity.principal
+            claims: Mapping[str, Any] = identity.claims
+        else:
+            principal = client.request_principal if client is not None else None
+            claims = {}
         request = RequestAttributes(
-            path=method, request_principal=principal, jwt_aware=True, headers=headers
+            path=method, request_principal=principal, request_claims=claims, headers=headers
         )
         decision = evaluate(policies, self.workload, request)
         if not decision.allowed:
             who = f"client {client.name!r}" if client is not None else "anonymous call"
             raise PermissionDenied(f"{who}: {decision.reason}")
 
-    def check(self, method: str, headers: Mapping[str, str]) -> None:
+    def check(
+        self, method: str, headers: Mapping[str, str], identity: JwtIdentity | None = None
+    ) -> None:
         """Admits one call or raises: Unauthenticated, PermissionDenied, or
         ResourceExhausted (with a ``grpc-retry-pushback-ms`` trailer when waiting helps).
-        ``headers``: the call's text metadata, keys lower-case."""
-        client, wait = self.admit(method, headers)
+        ``headers``: the call's text metadata, keys lower-case; ``identity``: its end-user
+        JWT, verified by RequestAuthentication."""
+        client, wait = self.admit(method, headers, identity)
         if client is None or wait == 0:
             return
         limit = self.limiter.limit_for(client.name)
@@ -423,7 +383,9 @@ class ClientGuard:
             trailers=((RETRY_PUSHBACK_TRAILER, str(pushback_ms)),),
         )
 
-    def admit(self, method: str, headers: Mapping[str, str]) -> tuple[Client | None, float]:
+    def admit(
+        self, method: str, headers: Mapping[str, str], identity: JwtIdentity | None = None
+    ) -> tuple[Client | None, float]:
         """(client, seconds to wait): pure apart from the limiter's buckets."""
         config = self.config
         if method.startswith(ADMIN_METHODS):
@@ -435,12 +397,12 @@ class ClientGuard:
                 (API_KEY_HEADER not in headers and AUTHORIZATION_HEADER not in headers)
                 or not (config.api_keys or config.jwt)
             ):
-                self._authorize(method, None, headers)
+                self._authorize(method, None, headers, identity)
                 return None, 0.0
             if exempt(method, config.exempt_methods):
                 return None, 0.0
             client = self.authenticator.authenticate(headers)
-        self._authorize(method, client, headers)
+        self._authorize(method, client, headers, identity)
         return client, self.limiter.take(client.name)
 
     def _admin(self, method: str, headers: Mapping[str, str]) -> Client:

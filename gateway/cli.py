@@ -142,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     if args.certs is not None:
         # Mutual TLS to the sidecars, as the mesh identity of the gateway (the relay's
         # upstream connections).
-        source = certificates(args.certs, args.namespace, "gateway", dt.timedelta(hours=24))
+        source = certificates(
+            args.certs, args.namespace, "gateway", dt.timedelta(hours=24), host=args.host
+        )
         tls_context = source.ssl_client_context
         # The same identity for the gateway's own calls to every worker (gateway/fleet.py).
         channel_credentials = source.channel_credentials

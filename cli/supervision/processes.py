@@ -46,6 +46,11 @@ class Component:
     ready: Callable[[str], str | None]
     #: Start order: a tier starts after the one below is ready and stops before it.
     tier: int = 0
+    #: A command the process runs under, e.g. ``ip netns exec HOST`` (``meshserve hosts``:
+    #: the process runs on another host's network); it must exec, keeping the pid.
+    prefix: tuple[str, ...] = ()
+    #: Environment variables set for this process only (e.g. its host's trace file).
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -106,13 +111,13 @@ def spawn(component: Component, verbose: int, log: Path) -> Spawned:
     """
     argv = [sys.executable, "-m", "cli.main", *(["-" + "v" * verbose] if verbose else [])]
     process = subprocess.Popen(
-        [*argv, *component.argv],
+        [*component.prefix, *argv, *component.argv],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=_die_with_parent,
-        env=os.environ.copy(),
+        env={**os.environ, **dict(component.env)},
     )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(process, lines), daemon=True).start()

@@ -11,6 +11,7 @@ import yaml
 
 from mesh.config.destination_rule import DestinationRule, parse_destination_rule
 from mesh.config.fields import ConfigError, Node, Where
+from mesh.config.request_authn import RequestAuthentication, parse_request_authentication
 from mesh.config.resource import API_VERSIONS, parse_metadata
 from mesh.config.security import (
     AuthorizationPolicy,
@@ -22,13 +23,17 @@ from mesh.config.service_entry import ServiceEntry, parse_service_entry
 from mesh.config.virtual_service import VirtualService, parse_virtual_service
 
 Resource = (
-    VirtualService | DestinationRule | PeerAuthentication | AuthorizationPolicy | ServiceEntry
+    VirtualService
+    | DestinationRule
+    | PeerAuthentication
+    | AuthorizationPolicy
+    | ServiceEntry
+    | RequestAuthentication
 )
 YAML_SUFFIXES = (".yaml", ".yml")
 #: Istio's other kinds: refused by name, so a file that carries one is never half applied.
 UNSUPPORTED_KINDS = (
     "Gateway",
-    "RequestAuthentication",
     "Sidecar",
     "EnvoyFilter",
     "WorkloadEntry",
@@ -110,6 +115,8 @@ def parse_resource(raw: Any, source: str, number: int = 1) -> Resource:
         return parse_service_entry(spec, metadata)
     if kind == "PeerAuthentication":
         return parse_peer_authentication(spec, metadata)
+    if kind == "RequestAuthentication":
+        return parse_request_authentication(spec, metadata)
     return parse_authorization_policy(spec, metadata)
 
 

@@ -19,6 +19,7 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "DestinationRule": NETWORKING_API_VERSIONS,
     "PeerAuthentication": SECURITY_API_VERSIONS,
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
+    "RequestAuthentication": SECURITY_API_VERSIONS,
     "ServiceEntry": NETWORKING_API_VERSIONS,
 }
 DEFAULT_NAMESPACE = "meshserve"

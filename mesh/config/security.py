@@ -154,7 +154,11 @@ CONDITION_KEYS = (
     "remote.ip",
     "destination.port",
     "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
 )
+#: ``request.auth.claims[<name>]``, nested as ``request.auth.claims[<a>][<b>]``.
+_CLAIM_KEY = re.compile(r"request\.auth\.claims(\[[^\[\]]+\])+")
 _SERVICE_ACCOUNT = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?")
 #: Istio's path templates (Envoy URI templates): {*} within one segment, {**} the rest.
 _TEMPLATE = re.compile(r"\{[^}]*\}")
@@ -238,10 +242,10 @@ def _condition(item: Node) -> Condition:
     key_node = item.child("key")
     key = key_node.string()
     header = key.startswith("request.headers[") and key.endswith("]") and len(key) > 17
-    if not header and key not in CONDITION_KEYS:
+    if not header and key not in CONDITION_KEYS and not _CLAIM_KEY.fullmatch(key):
         key_node.fail(
             f"{key!r} is an Istio condition that meshserve does not support (supported: "
-            f"request.headers[<name>], {', '.join(CONDITION_KEYS)})"
+            f"request.headers[<name>], request.auth.claims[<name>], {', '.join(CONDITION_KEYS)})"
         )
     cond = Condition(
         key=key,

@@ -11,6 +11,7 @@ from mesh.config.destination_rule import DestinationRule
 from mesh.config.fields import ConfigError
 from mesh.config.hosts import CLUSTER_DOMAIN, MESH_NAMESPACE, is_mesh_host
 from mesh.config.loader import Document, load_path, parse_yaml
+from mesh.config.request_authn import RequestAuthentication
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.service_entry import ServiceEntry
 from mesh.config.virtual_service import Destination, VirtualService
@@ -31,6 +32,7 @@ class MeshConfig:
     destination_rules: dict[str, DestinationRule] = field(default_factory=dict)
     peer_authentications: tuple[PeerAuthentication, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
     #: ServiceEntries by each host they declare.
     service_entries: dict[str, ServiceEntry] = field(default_factory=dict)
 
@@ -41,6 +43,7 @@ class MeshConfig:
         destination_rules: dict[str, DestinationRule] = {}
         peer: list[PeerAuthentication] = []
         authz: list[AuthorizationPolicy] = []
+        authn: list[RequestAuthentication] = []
         entries: dict[str, ServiceEntry] = {}
         for doc in documents:
             r = doc.resource
@@ -80,6 +83,8 @@ class MeshConfig:
                     entries[host] = r
             elif isinstance(r, PeerAuthentication):
                 peer.append(r)
+            elif isinstance(r, RequestAuthentication):
+                authn.append(r)
             else:
                 authz.append(r)
         config = cls(
@@ -90,6 +95,7 @@ class MeshConfig:
             destination_rules=destination_rules,
             peer_authentications=tuple(peer),
             authorization_policies=tuple(authz),
+            request_authentications=tuple(authn),
             service_entries=entries,
         )
         config._check_hosts()

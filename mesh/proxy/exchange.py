@@ -32,7 +32,7 @@ from mesh.errors import MeshError
 from mesh.proxy import frames as f
 from mesh.proxy.connection import STREAM_WINDOW, Side
 from mesh.proxy.hpack_codec import Header
-from mesh.proxy.inbound import ANONYMOUS, Inbound
+from mesh.proxy.inbound import ANONYMOUS, Inbound, edit_headers
 from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
 from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
 from mesh.routing import callpolicy as policy
@@ -47,6 +47,7 @@ from mesh.routing.callcheck import (
 from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
 from mesh.routing.faults import fault_action, mirror_target
 from mesh.routing.methods import FLEET_METHODS, MethodInfo, lookup
+from mesh.security.request_authn import JwtIdentity
 
 if TYPE_CHECKING:
     from mesh.proxy.relay import Downstream, Relay
@@ -282,19 +283,34 @@ class Exchange:
 
     def _route(self) -> None:
         relay = self.relay
-        if relay.guard is not None:
+        identity: JwtIdentity | None = None
+        # Without rules for this workload the end-user check costs nothing per call.
+        authn = relay.authn if relay.authn is not None and relay.authn.rules() else None
+        if relay.guard is not None or authn is not None:
             headers = {
                 n.decode("latin-1"): v.decode("latin-1")
                 for n, v in self.headers
                 if n[:1] != b":" and not n.endswith(b"-bin")
             }
             try:
-                relay.guard(self.path, headers)
+                # The end-user JWT first: the guard authorizes with its principal. The
+                # header edits come after the guard, which reads the headers as sent.
+                outcome = authn(headers) if authn is not None else None
+                if outcome is not None:
+                    identity = outcome.identity
+                if relay.guard is not None:
+                    if outcome is not None and outcome.consumed:
+                        # An end-user token is not an edge credential (an open data plane
+                        # admits the call; AuthorizationPolicy sees the end user).
+                        headers = {k: v for k, v in headers.items() if k not in outcome.consumed}
+                    relay.guard(self.path, headers, identity)
             except MeshError as exc:
                 self._fail_early(exc.code, exc.message, exc.trailers)
                 return
+            if outcome is not None and (outcome.remove or outcome.add):
+                self.headers = edit_headers(self.headers, outcome.remove, outcome.add)
         if relay.inbound is not None:
-            self._route_inbound(relay.inbound)
+            self._route_inbound(relay.inbound, identity)
             return
         if self.info is None or self.fleet:
             self._go_internal()
@@ -388,13 +404,13 @@ class Exchange:
         for i, (payload, _) in enumerate(body):
             mirror.send(payload, self.request_ended and i == last)
 
-    def _route_inbound(self, inbound: Inbound) -> None:
+    def _route_inbound(self, inbound: Inbound, identity: JwtIdentity | None) -> None:
         """A sidecar's inbound: the caller is checked (identity, policies, limit), then the
         call goes to the worker unrouted, or to the sidecar's own gRPC server (health,
         reflection). The worker gets the client's deadline as it came (grpc-timeout)."""
         caller = cast("Downstream", self.down.conn).caller or ANONYMOUS
         try:
-            headers = inbound.admit(self.path, self.headers, caller)
+            headers = inbound.admit(self.path, self.headers, caller, identity)
         except MeshError as exc:
             self._fail_early(exc.code, exc.message, exc.trailers)
             return

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from mesh.balance.endpoints import Endpoint
@@ -23,6 +23,7 @@ from mesh.proxy.hpack_codec import Header
 from mesh.routing import headers as md
 from mesh.security.authz import RequestAttributes
 from mesh.security.peer import PeerInfo, peer_from_ssl
+from mesh.security.request_authn import JwtIdentity
 from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 
 #: The verified SPIFFE id of the caller, for the worker (Istio's XFCC, reduced to the URI).
@@ -38,6 +39,17 @@ OWN_SERVICES = ("/grpc.health.v1.Health/",)
 #: Admits a call from a caller (its TLS identity) with these attributes, or raises a
 #: MeshError naming why not (PeerAuthentication, then AuthorizationPolicy).
 Check = Callable[[PeerInfo, RequestAttributes], None]
+
+
+def edit_headers(
+    headers: list[Header], remove: Collection[str], add: Iterable[tuple[str, str]]
+) -> list[Header]:
+    """``headers`` without the names in ``remove`` (lower-case), then ``add`` appended:
+    RequestAuthentication's edits (a token not forwarded, the verified payload)."""
+    gone = {name.encode() for name in remove}
+    out = [(n, v) for n, v in headers if n.lower() not in gone]
+    out.extend((name.encode(), value.encode("latin-1", "replace")) for name, value in add)
+    return out
 
 
 class ConcurrencyLimit:
@@ -132,10 +144,18 @@ class Inbound:
             ((SECRET_HEADER.encode(), app_secret.encode()),) if app_secret is not None else ()
         )
 
-    def admit(self, path: str, headers: list[Header], caller: Caller) -> list[Header] | None:
+    def admit(
+        self,
+        path: str,
+        headers: list[Header],
+        caller: Caller,
+        identity: JwtIdentity | None = None,
+    ) -> list[Header] | None:
         """The request headers for the worker, with the caller's identity; None: a call for
-        the sidecar's own gRPC server. Raises a MeshError when the call is refused; an
-        admitted worker call holds a place under the limit (the caller releases it)."""
+        the sidecar's own gRPC server. ``identity``: the end-user JWT RequestAuthentication
+        verified (the relay checked it already). Raises a MeshError when the call is
+        refused; an admitted worker call holds a place under the limit (the caller
+        releases it)."""
         text: dict[str, str] = {}
         authority = None
         for name, value in headers:
@@ -153,6 +173,8 @@ class Inbound:
                 source_ip=caller.ip,
                 host=authority,
                 headers=text,
+                request_principal=None if identity is None else identity.principal,
+                request_claims={} if identity is None else identity.claims,
             ),
         )
         if path.startswith(OWN_SERVICES):

@@ -41,6 +41,7 @@ from mesh.routing.hashkey import MODEL_NAMED_METHODS
 from mesh.routing.limits import RelayLimits, SourceLimiter
 from mesh.routing.services import host_for_method
 from mesh.routing.state import GatewayState
+from mesh.security.request_authn import JwtIdentity, RequestAuthenticator
 from mesh.telemetry.metrics import MeshMetrics, labels
 from mesh.telemetry.setup import Telemetry
 
@@ -435,7 +436,8 @@ class Relay:
         request_id: Callable[[], str] | None = None,
         metrics: MeshMetrics | None = None,
         telemetry: Telemetry | None = None,
-        guard: Callable[[str, Mapping[str, str]], None] | None = None,
+        guard: Callable[[str, Mapping[str, str], JwtIdentity | None], None] | None = None,
+        authn: RequestAuthenticator | None = None,
         inbound: Inbound | None = None,
         limits: RelayLimits | None = None,
     ) -> None:
@@ -444,9 +446,13 @@ class Relay:
         self.inbound = inbound
         #: Timeouts and per-source limits (mesh/routing/limits.py).
         self.limits = limits or RelayLimits()
-        #: Admits a call (method, text metadata) or raises a MeshError: client auth,
-        #: authorization and rate limits (gateway.auth.ClientGuard.check).
+        #: Admits a call (method, text metadata, its verified end-user JWT) or raises a
+        #: MeshError: client auth, authorization and rate limits
+        #: (gateway.auth.ClientGuard.check).
         self.guard = guard
+        #: RequestAuthentication (mesh.security.request_authn): checks the end-user JWT
+        #: before the guard, and edits the headers that go on; raises Unauthenticated.
+        self.authn = authn
         #: Spans and request metrics for the calls the relay forwards itself.
         self.telemetry = RelayTelemetry(telemetry) if telemetry is not None else None
         #: The gRPC server behind the relay (None: a sidecar's outbound, which has none;

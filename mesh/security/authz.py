@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from mesh.config.regex import Regex
 from mesh.config.security import (
@@ -39,12 +40,12 @@ class RequestAttributes:
     #: The peer's namespace (from its SPIFFE id); None without mTLS.
     source_namespace: str | None = None
     source_ip: str | None = None
-    #: ``<iss>/<sub>`` of a JWT validated by this same process; None: none was (sidecars
-    #: never trust one asserted in metadata, which a client could forge through a proxy).
+    #: ``<iss>/<sub>`` of a JWT validated by this same process (RequestAuthentication, or
+    #: the gateway's edge credential); None: none was. Never taken from metadata, which a
+    #: client could forge through a proxy.
     request_principal: str | None = None
-    #: Whether this process validates JWTs at all. Where it does not (sidecars), rules on
-    #: request principals cannot be evaluated and fail closed.
-    jwt_aware: bool = False
+    #: The claims of that JWT (``request.auth.claims[...]``); empty without one.
+    request_claims: Mapping[str, Any] = field(default_factory=dict)
     #: The ``:authority`` the caller addressed.
     host: str | None = None
     port: int | None = None
@@ -124,9 +125,6 @@ def _ip_field(blocks: Sequence[str], not_blocks: Sequence[str], ip: str | None) 
 
 
 def source_matches(source: Source, request: RequestAttributes, *, deny: bool = False) -> bool:
-    if (source.request_principals or source.not_request_principals) and not request.jwt_aware:
-        # Fail closed, as for unknown conditions: matches in DENY, never in ALLOW.
-        return deny
     return (
         _field(source.principals, source.not_principals, request.principal)
         and _field(
@@ -170,25 +168,69 @@ CONDITION_KEYS: dict[str, Callable[[RequestAttributes], str | None]] = {
 }
 
 
-def _condition_value(key: str, request: RequestAttributes) -> tuple[bool, str | None]:
-    """(known key, value)."""
+def claim_path(key: str) -> tuple[str, ...] | None:
+    """``request.auth.claims[a][b]`` → ("a", "b"); None for another key."""
+    prefix = "request.auth.claims["
+    if not key.startswith(prefix) or not key.endswith("]"):
+        return None
+    names = tuple(key[len(prefix) - 1 :].strip("[]").split("]["))
+    return names if all(names) and not any("[" in n or "]" in n for n in names) else None
+
+
+def _claim_values(claims: Mapping[str, Any], names: Sequence[str]) -> tuple[str, ...]:
+    """A claim's string values: a string, or each string of a list (Istio matches any)."""
+    value: Any = claims
+    for name in names:
+        if not isinstance(value, Mapping) or name not in value:
+            return ()
+        value = value[name]
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    if isinstance(value, bool):
+        return ("true" if value else "false",)
+    if isinstance(value, (int, float)):
+        return (str(value),)
+    return ()
+
+
+def _condition_values(key: str, request: RequestAttributes) -> tuple[bool, tuple[str, ...]]:
+    """(known key, the attribute's values: none when absent, several for list claims)."""
     if key.startswith("request.headers[") and key.endswith("]"):
-        return True, request.headers.get(key[len("request.headers[") : -1].lower())
+        header = request.headers.get(key[len("request.headers[") : -1].lower())
+        return True, () if header is None else (header,)
+    claims = request.request_claims
+    if key == "request.auth.principal":
+        principal = request.request_principal
+        return True, () if principal is None else (principal,)
+    if key == "request.auth.audiences":
+        return True, _claim_values(claims, ("aud",))
+    if key == "request.auth.presenter":
+        return True, _claim_values(claims, ("azp",))
+    names = claim_path(key)
+    if names is not None:
+        return True, _claim_values(claims, names)
     getter = CONDITION_KEYS.get(key)
-    return (False, None) if getter is None else (True, getter(request))
+    if getter is None:
+        return False, ()
+    value = getter(request)
+    return True, () if value is None else (value,)
 
 
 def condition_matches(cond: Condition, request: RequestAttributes, *, deny: bool) -> bool:
-    known, value = _condition_value(cond.key, request)
-    if cond.key == "request.auth.principal" and request.jwt_aware:
-        known, value = True, request.request_principal
+    known, values = _condition_values(cond.key, request)
     if not known:
         # Fail closed, as Istio does for attributes it cannot evaluate: such a rule always
         # matches in a DENY policy and never in an ALLOW policy.
         return deny
     if cond.key in ("source.ip", "remote.ip"):
-        return _ip_field(cond.values, cond.not_values, value)
-    return _field(cond.values, cond.not_values, value)
+        return _ip_field(cond.values, cond.not_values, values[0] if values else None)
+    # A multi-valued attribute (a list claim, several audiences) matches ``values`` when
+    # any of its values does, and is excluded by ``notValues`` when any does.
+    if cond.values and not any(match_value(p, v) for p in cond.values for v in values):
+        return False
+    return not any(match_value(p, v) for p in cond.not_values for v in values)
 
 
 def rule_matches(rule: Rule, request: RequestAttributes, *, deny: bool) -> bool:

@@ -298,6 +298,29 @@ class CertificateAuthority:
         )
 
 
+def subject_alt_names(host: str, hostname: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The DNS and IP SANs of a workload that listens on ``host`` on machine ``hostname``.
+
+    Peers verify the name they dialled (the gateway dials the address a sidecar registered:
+    its host's IP), so a workload on another host than its callers needs that address in its
+    certificate, besides the loopback names local callers use. A wildcard bind address
+    (``0.0.0.0``) names no host and adds nothing.
+    """
+    dns = [*DEFAULT_DNS_NAMES]
+    ips = [*DEFAULT_IP_ADDRESSES]
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if host and host not in dns:
+            dns.append(host)  # a DNS name to bind on is the name callers dial
+    else:
+        if not address.is_unspecified and str(address) not in ips:
+            ips.append(str(address))
+    if hostname and hostname not in dns:
+        dns.append(hostname)
+    return tuple(dns), tuple(ips)
+
+
 def workload_folder(certs_dir: Path, identity: WorkloadIdentity) -> Path:
     """Where ``meshserve certs issue`` writes a workload's files."""
     return certs_dir / identity.namespace / identity.service

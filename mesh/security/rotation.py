@@ -7,7 +7,7 @@ import logging
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +16,7 @@ import grpc
 from mesh.errors import InvalidArgument
 from mesh.security.ca import (
     DEFAULT_WORKLOAD_LIFETIME,
+    CertificateAuthority,
     Clock,
     IssuedCertificate,
     load_issued,
@@ -57,6 +58,25 @@ class FileIssuer:
                 f"{self.folder} holds a certificate for {cert.identity}, not {identity}"
             )
         return cert
+
+
+class AddressedIssuer:
+    """Issues from the CA in process with fixed DNS and IP SANs: the names and addresses
+    peers dial this workload by (``mesh.security.ca.subject_alt_names``)."""
+
+    def __init__(
+        self, ca: CertificateAuthority, dns_names: Sequence[str], ip_addresses: Sequence[str]
+    ) -> None:
+        self.ca = ca
+        self.dns_names = tuple(dns_names)
+        self.ip_addresses = tuple(ip_addresses)
+
+    def issue(
+        self, identity: WorkloadIdentity, *, lifetime: dt.timedelta = DEFAULT_WORKLOAD_LIFETIME
+    ) -> IssuedCertificate:
+        return self.ca.issue(
+            identity, lifetime=lifetime, dns_names=self.dns_names, ip_addresses=self.ip_addresses
+        )
 
 
 def server_certificate_configuration(

@@ -12,6 +12,7 @@ Two mechanisms, because each has a hole the other covers:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
@@ -105,6 +106,26 @@ def stop_self(grace: float = DEFAULT_EXIT_GRACE) -> None:
     os._exit(1)
 
 
+def _parent_gone(parent: int) -> bool:
+    """Whether the process that started this one has died or is dying.
+
+    PDEATHSIG fires when the *thread* that forked this process ends: a parent being
+    SIGKILLed can lose that thread first, and its other threads keep its pid (so
+    ``getppid`` is unchanged) for a moment, its leader already a zombie."""
+    if os.getppid() != parent:
+        return True
+    try:
+        with open(f"/proc/{parent}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def watch_from_env(
     environ: MutableMapping[str, str] | None = None,
     on_eof: Callable[[], None] = stop_self,
@@ -127,6 +148,23 @@ def watch_from_env(
         raise ValueError(f"${PARENT_FD_ENV} is not an open file descriptor: {text!r}") from exc
     if not folder:
         return watch(fd, on_eof)
+    parent = os.getppid()
+
+    def at_exit() -> None:
+        # PDEATHSIG's SIGTERM may win the race with the lifeline thread: the drain it
+        # starts can end the process before the thread reads end of file. An orphan
+        # (re-parented) that exits normally removes the folder all the same.
+        if _parent_gone(parent):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(at_exit)
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        # Until the server installs its own handler, a SIGTERM (PDEATHSIG's too) ends
+        # the process as an exit, not by the signal's default action, so at_exit runs.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     def orphaned() -> None:
         # Right away, not at exit: the stop that follows may end this process by a

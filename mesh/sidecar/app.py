@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc.aio
+from grpc_health.v1 import health_pb2_grpc
 
 from mesh.balance.locality import own_locality
 from mesh.config.fields import ConfigError
 from mesh.config.loader import fingerprint
+from mesh.config.request_authn import RequestAuthentication
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy, MtlsMode, PeerAuthentication
 from mesh.config.snapshot import config_from_path
@@ -27,6 +29,7 @@ from mesh.routing.pipeline import validate_documents
 from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes
 from mesh.security.peer import PeerInfo, check_peer, listeners_for, resolve_mode
+from mesh.security.request_authn import RequestAuthenticator
 from mesh.security.rotation import CertificateSource
 from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
@@ -79,6 +82,11 @@ class SidecarSettings:
     plaintext_port: int | None = None
     #: Where the worker's outgoing calls enter (localhost only); None: no outbound.
     outbound_port: int | None = None
+    #: A plaintext listener that answers gRPC health only (the sidecar's, which follows the
+    #: worker's): for probes that cannot present a mesh certificate, such as the kubelet's
+    #: ``grpc`` readiness probe (Istio's pilot-agent serves 15021 for the same reason).
+    #: None: none.
+    health_port: int | None = None
     #: Routing YAML for outbound calls (VirtualService, DestinationRule), the base under
     #: the registry's config store (``meshserve apply``); None: the store's alone.
     config_dir: Path | None = None
@@ -110,6 +118,7 @@ class SidecarPolicies:
 
     peer_authentications: Sequence[PeerAuthentication] = ()
     authorization_policies: Sequence[AuthorizationPolicy] = ()
+    request_authentications: Sequence[RequestAuthentication] = ()
 
 
 class Sidecar:
@@ -142,6 +151,10 @@ class Sidecar:
         self._authorizer = Authorizer(
             lambda: self.policies.authorization_policies, settings.workload
         )
+        #: RequestAuthentication at the inbound: end-user JWTs for AuthorizationPolicy.
+        self.authn = RequestAuthenticator(
+            lambda: self.policies.request_authentications, settings.workload
+        )
         #: The worker's health and load reports (the calls themselves go through the relay).
         self.channel = grpc.aio.insecure_channel(settings.app_address)
         #: Sent on the sidecar's own calls to the worker (health, load): a worker on a TCP
@@ -162,6 +175,9 @@ class Sidecar:
         self.registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
+        #: The plaintext health listener (``health_port``) and the address it bound.
+        self._health_server: grpc.aio.Server | None = None
+        self.health_address: str | None = None
         self.mode: MtlsMode = "DISABLE"
 
     async def _publish_load(self) -> None:
@@ -238,6 +254,7 @@ class Sidecar:
             internal_address=serving.address,
             telemetry=self._telemetry,
             inbound=Inbound(s.app_address, self._admit, self.limit, app_secret=s.app_secret),
+            authn=self.authn,
             limits=INBOUND_LIMITS,
         )
         serving.before_stop(relay.drain)
@@ -270,11 +287,17 @@ class Sidecar:
             await self.serving.drain(grace=0)
             raise
         self.registration.start()
+        if s.health_port is not None:
+            await self._start_health(s.host, s.health_port)
         if s.outbound_port is not None:
             await self._start_outbound(s.outbound_port)
         mirror = HealthMirror(self.channel, self._worker_health, metadata=self.app_metadata)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(mirror.run()), loop.create_task(self._publish_load())]
+        self._tasks = [
+            loop.create_task(mirror.run()),
+            loop.create_task(self._publish_load()),
+            loop.create_task(self.authn.jwks.run()),
+        ]
         if s.config_dir is not None:
             self._tasks.append(loop.create_task(self._watch_policies(s.config_dir)))
         log.info(
@@ -285,6 +308,21 @@ class Sidecar:
             s.app_address,
         )
         return self.serving
+
+    async def _start_health(self, host: str, port: int) -> None:
+        """Serves the sidecar's own health servicer, and nothing else, in plaintext: it
+        tells SERVING or NOT_SERVING, which the registry publishes anyway."""
+        assert self.serving is not None
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.serving.health, server)
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+            await server.start()
+        except BaseException:
+            await self.drain()
+            raise
+        self._health_server = server
+        self.health_address = f"{host}:{bound}"
 
     async def _start_outbound(self, port: int) -> None:
         """The worker's way out: the relay in routing mode on localhost, mTLS to peers.
@@ -336,7 +374,9 @@ class Sidecar:
                 log.error("policies rejected, keeping the previous ones: %s", exc.message)
                 continue
             self.policies = SidecarPolicies(
-                config.peer_authentications, config.authorization_policies
+                config.peer_authentications,
+                config.authorization_policies,
+                config.request_authentications,
             )
             if self.settings.mtls is None:
                 mode = resolve_mode(config.peer_authentications, self.settings.workload).mode
@@ -385,6 +425,8 @@ class Sidecar:
         # Outbound last: in-flight inbound calls may have needed it to finish.
         if self.outbound is not None:
             await self.outbound.drain(self.settings.grace_seconds)
+        if self._health_server is not None:
+            await self._health_server.stop(grace=None)
         await self.channel.close()
 
     async def run_until_signal(self) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from mesh.security.ca import (
     DEFAULT_CERTS_DIR,
     CertificateAuthority,
     load_issued,
+    subject_alt_names,
     workload_folder,
 )
 from mesh.security.identity import WorkloadIdentity
-from mesh.security.rotation import CertificateSource, FileIssuer
+from mesh.security.rotation import AddressedIssuer, CertificateSource, FileIssuer
 from mesh.server.sidecar_secret import read_secret
 from mesh.sidecar.app import Sidecar, SidecarPolicies, SidecarSettings
 from mesh.telemetry import logs
@@ -42,13 +44,24 @@ def _label(text: str) -> tuple[str, str]:
 
 
 def certificates(
-    certs_dir: Path, namespace: str, service: str, lifetime: dt.timedelta
+    certs_dir: Path,
+    namespace: str,
+    service: str,
+    lifetime: dt.timedelta,
+    *,
+    host: str = "127.0.0.1",
 ) -> CertificateSource:
-    """With the CA key at hand, issue and rotate in process; else serve issued files."""
+    """With the CA key at hand, issue and rotate in process; else serve issued files.
+
+    Issued in process, the certificate names ``host`` (the address this workload listens
+    on and registers) and this machine's name: peers on other hosts verify the address they
+    dial. Issued files carry whatever SANs their issuer gave them (``certs issue --ip``).
+    """
     if (certs_dir / CA_KEY_FILE).exists():
         ca = CertificateAuthority.load(certs_dir)
         identity = WorkloadIdentity(ca.trust_domain, namespace, service)
-        return CertificateSource(ca, identity, lifetime=lifetime)
+        dns, ips = subject_alt_names(host, socket.gethostname())
+        return CertificateSource(AddressedIssuer(ca, dns, ips), identity, lifetime=lifetime)
     # Without the CA key the trust domain comes from the issued certificate itself.
     folder = workload_folder(certs_dir, WorkloadIdentity("cluster.local", namespace, service))
     issued = load_issued(folder)
@@ -82,6 +95,7 @@ def plan(args: argparse.Namespace, app_address: str, app_secret: str | None = No
         grace_seconds=args.grace,
         mtls=mtls,
         outbound_port=args.outbound_port,
+        health_port=args.health_port,
         plaintext_port=args.plaintext_port,
         config_dir=args.config,
         app_secret=app_secret,
@@ -89,11 +103,19 @@ def plan(args: argparse.Namespace, app_address: str, app_secret: str | None = No
     policies = SidecarPolicies()
     if args.config is not None:
         config = config_from_path(args.config)
-        policies = SidecarPolicies(config.peer_authentications, config.authorization_policies)
+        policies = SidecarPolicies(
+            config.peer_authentications,
+            config.authorization_policies,
+            config.request_authentications,
+        )
     certs = None
     if mtls != "DISABLE":
         certs = certificates(
-            args.certs, args.namespace, args.service, dt.timedelta(hours=args.cert_hours)
+            args.certs,
+            args.namespace,
+            args.service,
+            dt.timedelta(hours=args.cert_hours),
+            host=args.host,
         )
     store = settings_from_args(args, resolve_url(args))
     telemetry = setup(TelemetrySettings.from_env(service_name=f"sidecar/{args.service}"))
@@ -153,6 +175,12 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
         "--plaintext-port",
         type=int,
         help="PERMISSIVE: also serve callers outside the mesh in plaintext on this port",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        help="also answer gRPC health (only) in plaintext on this port: for the kubelet's "
+        "readiness probe, which cannot do mutual TLS",
     )
     parser.add_argument("--instance-id", help="registry id (default <service>-<host>-<port>)")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="the workload's namespace")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -58,3 +59,19 @@ def inject(
     carrier = [(k, v) for k, v in (metadata or ()) if k not in (TRACEPARENT, TRACESTATE)]
     _PROPAGATOR.inject(carrier, context=context, setter=_SETTER)
     return carrier
+
+
+@contextmanager
+def continued(metadata: Metadata | None) -> Iterator[None]:
+    """Runs the block in the trace context a caller sent: calls made in it with
+    :func:`inject` continue the caller's trace.
+
+    For a worker that calls other services while serving a call (a training worker looks
+    its dataset up in the data service): it records no spans of its own, so its sidecar's
+    span is the parent of its outgoing calls, and one trace runs through every hop.
+    """
+    token = otel_context.attach(extract(metadata))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)

@@ -545,11 +545,6 @@ REFUSED: list[tuple[str, str, str]] = [
         "meshserve does not support",
     ),
     (
-        authz("  rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]\n"),
-        "spec.rules[0].when[0].key",
-        "meshserve does not support",
-    ),
-    (
         authz("  rules: [{when: [{key: destination.ip, values: [10.0.0.1]}]}]\n"),
         "spec.rules[0].when[0].key",
         "meshserve does not support",
@@ -583,9 +578,16 @@ REFUSED: list[tuple[str, str, str]] = [
     ),
     (
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
-        "metadata: {name: jwt}\nspec: {}\n",
-        "kind",
-        "RequestAuthentication is an Istio kind that meshserve does not support",
+        "metadata: {name: jwt}\nspec:\n  jwtRules: [{issuer: a, jwksUri: 'file:///k',"
+        " fromParams: [access_token]}]\n",
+        "spec.jwtRules[0].fromParams",
+        UNSUPPORTED,
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        "metadata: {name: jwt}\nspec:\n  jwtRules: [{issuer: https://example.com}]\n",
+        "spec.jwtRules[0]",
+        "OpenID Connect discovery",
     ),
 ]
 

@@ -17,12 +17,27 @@ from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_resource, parse_yaml
 from mesh.config.resource import API_VERSIONS
 from mesh.config.snapshot import MeshConfig
+from tests.mesh.security.jwt_support import Issuer
 
 REPO = Path(__file__).resolve().parents[2]
 
 #: Field names of the four kinds (and a few Istio ones meshserve refuses), so generated
 #: trees reach deep into the parsers instead of failing at the first unknown key.
 FIELDS = [
+    # RequestAuthentication
+    "jwtRules",
+    "issuer",
+    "audiences",
+    "jwksUri",
+    "jwks",
+    "fromHeaders",
+    "prefix",
+    "fromParams",
+    "outputPayloadToHeader",
+    "outputClaimToHeaders",
+    "claim",
+    "header",
+    "forwardOriginalToken",
     # ServiceEntry and DestinationRule tls / portLevelSettings
     "ports",
     "location",
@@ -216,14 +231,16 @@ def test_parse_resource_raises_only_config_errors(raw: Any) -> None:
 
 #: Valid documents of every kind: mutating one subtree of these reaches every parser deep
 #: down, where a random tree mostly stops at its first wrong key.
-SEEDS = [
-    doc
-    for path in sorted((REPO / "config").glob("*.yaml"))
-    for doc in yaml.safe_load_all(path.read_text())
-    if doc
-] + list(
-    yaml.safe_load_all(
-        """
+SEEDS = (
+    [
+        doc
+        for path in sorted((REPO / "config").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+    + list(
+        yaml.safe_load_all(
+            """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: a}
@@ -287,7 +304,31 @@ spec:
         - {destination: {host: inference, subset: v1}, weight: 1, headers: {request: {set: {a: b}}}}
         - {destination: {host: inference}, weight: 3}
 """
+        )
     )
+    + [
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "RequestAuthentication",
+            "metadata": {"name": "ra"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "inference"}},
+                "jwtRules": [
+                    {
+                        "issuer": "https://a.example.com",
+                        "audiences": ["inference"],
+                        "jwks": Issuer.ec("https://a.example.com").jwks(),
+                        "fromHeaders": [{"name": "x-jwt", "prefix": "Bearer "}],
+                        "outputPayloadToHeader": "x-payload",
+                        "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}],
+                        "forwardOriginalToken": True,
+                        "timeout": "2s",
+                    },
+                    {"issuer": "b", "jwksUri": "https://b.example.com/jwks.json"},
+                ],
+            },
+        }
+    ]
 )
 
 

@@ -100,3 +100,23 @@ def test_a_worker_exits_when_its_lifeline_breaks_without_pdeathsig() -> None:
         process.wait(DEADLINE)
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_a_live_parent_is_not_gone_and_another_pid_or_a_zombie_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mesh.server.lifeline import _parent_gone
+
+    assert not _parent_gone(os.getppid())
+    # Not our parent (a re-parented orphan sees a new ppid).
+    assert _parent_gone(os.getpid())
+    # A child of ours that has exited and not been waited for is a zombie.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # As a worker whose dying parent's other threads still hold its pid sees it.
+    monkeypatch.setattr(os, "getppid", lambda: child.pid)
+    assert _parent_gone(child.pid)
+    child.wait()

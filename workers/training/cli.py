@@ -11,6 +11,7 @@ from mesh.server.listen import add_listen_arguments, server_settings
 from registry.connect import ES_URL_ENV, add_store_arguments, settings_from_args
 from registry.jobs import DEFAULT_CLAIM_TTL
 from workers.training.manager import WorkerSettings
+from workers.training.nodes import NodeGroup
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,6 +45,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="with a registry: how long a dead worker's jobs stay claimed before another "
         "worker resumes them (default %(default)s)",
     )
+    nodes = parser.add_argument_group(
+        "training across hosts (workers.training.nodes; torchrun's static group)"
+    )
+    nodes.add_argument("--nodes", type=int, default=1, help="training nodes in the group")
+    nodes.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        help="0: this worker takes jobs and leads; other: a follower that takes no jobs and "
+        "runs its ranks of node 0's jobs",
+    )
+    nodes.add_argument(
+        "--rendezvous", metavar="HOST:PORT", help="node 0's rendezvous address (every node)"
+    )
+    nodes.add_argument("--ranks-per-node", type=int, default=1)
     # With --es (or $MESHSERVE_ES_URL) jobs live in the registry, shared by every training
     # worker, and published versions are recorded in the model catalog.
     add_store_arguments(parser)
@@ -59,9 +75,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=run)
 
 
+def _node_group(args: argparse.Namespace) -> NodeGroup | None:
+    if args.nodes == 1:
+        return None
+    if not args.rendezvous:
+        raise CliError("--nodes needs --rendezvous HOST:PORT (node 0's address)")
+    try:
+        return NodeGroup(args.nodes, args.node_rank, args.rendezvous, args.ranks_per_node)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from workers.training import server
 
+    group = _node_group(args)
+    if group is not None and group.node_rank > 0:
+        from workers.training import follower
+
+        asyncio.run(follower.run(group, args.data, args.device, server_settings(args)))
+        return 0
     settings = WorkerSettings(
         artifacts_url=args.artifacts,
         model_repo_url=args.model_repo,
@@ -69,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_concurrent_jobs=args.max_concurrent_jobs,
         threads_per_rank=args.threads_per_rank,
+        node_group=group,
     )
     url = args.es or os.environ.get(ES_URL_ENV)
     registry = settings_from_args(args, url) if url else None

@@ -8,6 +8,7 @@ import grpc
 import grpc.aio
 
 from mesh.errors import InvalidArgument, NotFound, Unavailable
+from mesh.telemetry.propagation import inject
 from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 
 
@@ -25,7 +26,10 @@ class DataServiceDatasets:
     async def get(self, name: str, version: str) -> data_pb2.Dataset:
         try:
             dataset: data_pb2.Dataset = await self._stub.GetDataset(
-                data_pb2.GetDatasetRequest(name=name, version=version), timeout=30
+                data_pb2.GetDatasetRequest(name=name, version=version),
+                timeout=30,
+                # The trace of the call being served, if any (propagation.continued).
+                metadata=inject(),
             )
         except grpc.aio.AioRpcError as exc:
             label = f"dataset {name!r}" + (f" version {version!r}" if version else "")

@@ -47,6 +47,10 @@ class RunConfig:
     device: str  # "cpu" or "cuda"
     #: CPU threads per rank; 0 shares the machine's cores among the ranks.
     threads: int = 0
+    #: Across hosts (``workers.training.nodes``): the rendezvous every node's ranks join
+    #: (``tcp://host:port``) and the global ranks this node runs; None: every rank here.
+    init_method: str | None = None
+    ranks: tuple[int, ...] | None = None
 
     def job_spec(self) -> training_pb2.JobSpec:
         return training_pb2.JobSpec.FromString(self.spec)

@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -23,6 +23,7 @@ from workers.training.checkpoint import JobArtifacts
 from workers.training.datasets import Datasets
 from workers.training.jobstore import JobStore
 from workers.training.loop import RunConfig
+from workers.training.nodes import NodeGroup
 from workers.training.ownership import JobClaims, OwnershipLost, SoleOwner
 from workers.training.process import JobProcess
 from workers.training.publish import (
@@ -59,6 +60,9 @@ class WorkerSettings:
     cancel_grace_seconds: float = 5.0
     #: CPU threads per training rank; 0 divides the machine's cores among the ranks.
     threads_per_rank: int = 0
+    #: Node 0 of a group of training nodes on several hosts (workers.training.nodes): jobs
+    #: of the group's world size run ranks on every node. None: every job on this host.
+    node_group: NodeGroup | None = None
     #: Seconds between looks for unclaimed unfinished jobs in a shared store (adoption).
     adopt_interval_seconds: float = 2.0
     #: Seconds between re-reads of a watched job that another worker runs.
@@ -494,6 +498,10 @@ class JobManager:
             device=spec.device or self.settings.device,
             threads=self.settings.threads_per_rank,
         )
+        group = self.settings.node_group
+        if group is not None and plan.world_size == group.world_size:
+            # Spans the node group: this node runs its ranks, the followers theirs.
+            config = replace(config, init_method=group.init_method, ranks=group.ranks)
         crashes = 0
         while True:
             async with run.lock:

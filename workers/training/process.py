@@ -67,21 +67,29 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _rank_main(rank: int, config: RunConfig, conn: Any, port: int) -> None:
-    """Entry of one rank under torch.multiprocessing.spawn."""
+def _rank_main(index: int, config: RunConfig, conn: Any, port: int) -> None:
+    """Entry of the ``index``-th local rank under torch.multiprocessing.spawn."""
     import torch.distributed as dist
 
     _die_with_parent()
+    rank = config.ranks[index] if config.ranks is not None else index
     backend = "nccl" if config.device == "cuda" else "gloo"
     dist.init_process_group(
         backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=config.init_method or f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=config.plan.world_size,
         timeout=COLLECTIVE_TIMEOUT,
     )
     try:
+        if config.init_method is not None:
+            # The other nodes' ranks learn the job from rank 0 (workers.training.follower).
+            dist.broadcast_object_list([config], src=0)
         train(config, rank, conn.send)
+        if config.init_method is not None:
+            # Every node leaves together once rank 0 has exported: a follower's next
+            # rendezvous must not find this job's store still open.
+            dist.barrier()
     except BaseException as exc:
         if _transient(exc):
             os._exit(EXIT_RETRY)  # the launcher sees the code and exits with it in turn
@@ -95,7 +103,7 @@ def job_main(config: RunConfig, conn: Any) -> None:
     """Entry of the job process: trains in place, or launches the ranks and waits."""
     _die_with_parent()
     try:
-        if config.plan.world_size == 1:
+        if config.plan.world_size == 1 and config.init_method is None:
             train(config, 0, conn.send)
         else:
             from torch.multiprocessing.spawn import spawn
@@ -103,7 +111,7 @@ def job_main(config: RunConfig, conn: Any) -> None:
             spawn(  # type: ignore[no-untyped-call]
                 _rank_main,
                 args=(config, conn, _free_port()),
-                nprocs=config.plan.world_size,
+                nprocs=len(config.ranks) if config.ranks is not None else config.plan.world_size,
                 join=True,
             )
     except BaseException as exc:

@@ -8,6 +8,7 @@ from typing import Any
 import grpc.aio
 
 from mesh.server.app import Service
+from mesh.telemetry.propagation import continued
 from protos.meshserve.training.v1 import training_pb2, training_pb2_grpc
 from workers.training import evaluate
 from workers.training.manager import JobManager
@@ -24,7 +25,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def SubmitJob(
         self, request: training_pb2.SubmitJobRequest, context: Context
     ) -> training_pb2.Job:
-        return await self.manager.submit(request.spec)
+        # The dataset lookup joins the caller's trace (gateway → sidecar → data service).
+        with continued(tuple(context.invocation_metadata() or ())):
+            return await self.manager.submit(request.spec)
 
     async def GetJob(
         self, request: training_pb2.GetJobRequest, context: Context

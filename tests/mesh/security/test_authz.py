@@ -226,18 +226,20 @@ spec:
 )
 
 
-def test_request_principals_fail_closed_where_no_jwt_is_validated() -> None:
-    # A sidecar validates no JWT: a client could forge any asserted principal through a
-    # proxy, so such rules deny (DENY matches) rather than trust metadata.
+def test_request_principals_are_those_of_a_verified_jwt_and_absent_without_one() -> None:
+    # Istio: a call without a JWT has no request principal, so it matches no
+    # requestPrincipals (a DENY on bob does not deny it; an ALLOW on the issuer does not
+    # allow it). The principal only ever comes from a JWT this process verified
+    # (RequestAuthentication), never from metadata a client could forge.
     anonymous = req(INFER, GATEWAY)
     decision = evaluate(JWT_RULES, WORKLOAD, anonymous)
-    assert not decision.allowed and "deny-bob" in decision.reason
-    assert not evaluate(JWT_RULES[1:], WORKLOAD, anonymous).allowed
-    alice = RequestAttributes(
-        INFER, request_principal="https://login.example.com//alice", jwt_aware=True
+    assert not decision.allowed and "no rule of" in decision.reason
+    assert evaluate(JWT_RULES[:1], WORKLOAD, anonymous).allowed
+    forged = RequestAttributes(
+        INFER, headers={"x-meshserve-request-principal": "https://login.example.com//alice"}
     )
-    bob = RequestAttributes(
-        INFER, request_principal="https://login.example.com//bob", jwt_aware=True
-    )
+    assert not evaluate(JWT_RULES, WORKLOAD, forged).allowed
+    alice = RequestAttributes(INFER, request_principal="https://login.example.com//alice")
+    bob = RequestAttributes(INFER, request_principal="https://login.example.com//bob")
     assert evaluate(JWT_RULES, WORKLOAD, alice).allowed
     assert "deny-bob" in evaluate(JWT_RULES, WORKLOAD, bob).reason

@@ -12,8 +12,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
-from mesh.security.ca import CertificateAuthority, load_issued, workload_folder, workload_identity
+from mesh.security.ca import (
+    CertificateAuthority,
+    load_issued,
+    subject_alt_names,
+    workload_folder,
+    workload_identity,
+)
 from mesh.security.identity import WorkloadIdentity
+from mesh.sidecar.cli import certificates
 
 ID = WorkloadIdentity("cluster.local", "meshserve", "inference")
 
@@ -102,3 +109,33 @@ def test_identity_parser_round_trips() -> None:
     assert parsed == WorkloadIdentity("cluster.local", "default", "data-worker")
     assert parsed.principal == "cluster.local/ns/default/sa/data-worker"
     assert str(parsed) == "spiffe://cluster.local/ns/default/sa/data-worker"
+
+
+@pytest.mark.parametrize(
+    ("host", "dns", "ips"),
+    [
+        ("127.0.0.1", ("localhost", "node-1"), ("127.0.0.1",)),
+        ("10.77.0.3", ("localhost", "node-1"), ("127.0.0.1", "10.77.0.3")),
+        ("0.0.0.0", ("localhost", "node-1"), ("127.0.0.1",)),
+        ("[fd00::3]", ("localhost", "node-1"), ("127.0.0.1", "fd00::3")),
+        ("gateway.mesh.test", ("localhost", "gateway.mesh.test", "node-1"), ("127.0.0.1",)),
+    ],
+)
+def test_subject_alt_names_carry_the_address_peers_dial(
+    host: str, dns: tuple[str, ...], ips: tuple[str, ...]
+) -> None:
+    assert subject_alt_names(host, "node-1") == (dns, ips)
+
+
+def test_a_sidecar_on_another_host_gets_its_address_in_its_certificate(tmp_path: Path) -> None:
+    CertificateAuthority.create("cluster.local").save(tmp_path)
+    source = certificates(
+        tmp_path, "meshserve", "inference", dt.timedelta(hours=1), host="10.77.0.3"
+    )
+    cert = x509.load_pem_x509_certificate(source.current().cert_pem)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.77.0.3"]
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    # Renewals keep the addresses.
+    renewed = x509.load_pem_x509_certificate(source.refresh().cert_pem)
+    assert renewed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == san

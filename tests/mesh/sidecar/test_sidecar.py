@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.config.snapshot import config_from_yaml
 from mesh.errors import InvalidArgument
 from mesh.security.ca import CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
@@ -27,6 +28,7 @@ from registry.directory import read_live
 from registry.instances import Instance, Status
 from registry.schema import Indices
 from registry.store import Store
+from tests.mesh.security.jwt_support import Issuer
 from tests.mesh.sidecar.worker import ECHO, SLOW, Worker
 
 TD = "cluster.local"
@@ -397,3 +399,104 @@ async def test_a_worker_on_a_unix_socket_is_reached_through_the_relay(
             f"localhost:{serving.port}", client.channel_credentials()
         ) as channel:
             assert await call(channel) == b"spiffe://cluster.local/ns/meshserve/sa/gateway|hi"
+
+
+async def test_a_strict_sidecars_health_port_answers_health_only_in_plaintext(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    """The kubelet's grpc probe cannot do mTLS: the health port tells it the sidecar's
+    health (the worker's, mirrored) and serves no other call."""
+
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
+            service="inference", app_address=address, mtls="STRICT", health_port=0, drain_delay=0
+        )
+
+    async with rigged(es, indices, settings) as r:
+        assert r.sidecar.health_address is not None
+        async with grpc.aio.insecure_channel(r.sidecar.health_address) as plain:
+            health = health_pb2_grpc.HealthStub(plain)
+
+            async def status_is(
+                status: health_pb2.HealthCheckResponse.ServingStatus.ValueType,
+            ) -> bool:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                return bool(reply.status == status)
+
+            await r.until(lambda: status_is(health_pb2.HealthCheckResponse.SERVING), "SERVING")
+            await r.worker_serving.set_serving(False)
+            await r.until(
+                lambda: status_is(health_pb2.HealthCheckResponse.NOT_SERVING), "NOT_SERVING"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as other:
+                await call(plain)
+            assert other.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    # Drained: the health port is closed too.
+    async with grpc.aio.insecure_channel(r.sidecar.health_address) as gone:
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await health_pb2_grpc.HealthStub(gone).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert closed.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+
+
+def end_user_policies(rsa: Issuer, ec: Issuer) -> SidecarPolicies:
+    text = f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: end-users}}
+spec:
+  selector: {{matchLabels: {{app: inference}}}}
+  jwtRules:
+    - {{issuer: {rsa.iss}, jwks: '{rsa.jwks()}'}}
+    - {{issuer: {ec.iss}, jwks: '{ec.jwks()}', audiences: [inference]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: signed-in-ml}}
+spec:
+  selector: {{matchLabels: {{app: inference}}}}
+  rules:
+    - from: [{{source: {{requestPrincipals: ["*"]}}}}]
+      when: [{{key: "request.auth.claims[groups]", values: [ml]}}]
+"""
+    config = config_from_yaml(text, source="end-users.yaml")
+    return SidecarPolicies(
+        authorization_policies=config.authorization_policies,
+        request_authentications=config.request_authentications,
+    )
+
+
+async def test_request_authentication_at_the_sidecar_inbound(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    rsa, ec = Issuer.rsa("https://login.example.com"), Issuer.ec("https://ec.example.com")
+
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
+            service="inference", app_address=address, mtls="STRICT", drain_delay=0
+        )
+
+    async def code(channel: grpc.aio.Channel, token: str | None) -> grpc.StatusCode:
+        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+        metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+        try:
+            await method(b"hi", timeout=10, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    policies = end_user_policies(rsa, ec)
+    async with rigged(es, indices, settings, policies=policies) as r, r.client("gateway") as ch:
+        assert await code(ch, rsa.token(groups=["ml"])) is grpc.StatusCode.OK
+        assert await code(ch, ec.token(groups=["ml"], aud="inference")) is grpc.StatusCode.OK
+        # Valid, but the claim the policy wants is missing: authorization refuses.
+        assert await code(ch, rsa.token(groups=["ops"])) is grpc.StatusCode.PERMISSION_DENIED
+        # No token: accepted by RequestAuthentication, no principal, so the ALLOW fails.
+        assert await code(ch, None) is grpc.StatusCode.PERMISSION_DENIED
+        # Invalid tokens: refused before authorization.
+        wrong_aud = ec.token(groups=["ml"], aud="training")
+        assert await code(ch, wrong_aud) is grpc.StatusCode.UNAUTHENTICATED
+        forged = Issuer.rsa(rsa.iss).token(groups=["ml"])
+        assert await code(ch, forged) is grpc.StatusCode.UNAUTHENTICATED

@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from mesh.telemetry.interceptors import TelemetryClientInterceptor
 from mesh.telemetry.logs import LOG_FORMAT, TraceIdFilter
-from mesh.telemetry.propagation import extract, inject
+from mesh.telemetry.propagation import continued, extract, inject
 from mesh.telemetry.setup import Telemetry, TelemetrySettings, setup
 from tests.mesh.telemetry.relay import CALL, DENY, start_relay
 
@@ -136,6 +136,16 @@ def test_propagation_round_trip_and_garbage() -> None:
     assert extracted.span_id == span.get_span_context().span_id
     bad = trace.get_current_span(extract([("traceparent", "garbage")])).get_span_context()
     assert not bad.is_valid
+
+
+def test_calls_made_while_serving_continue_the_callers_trace() -> None:
+    """A worker without spans of its own: its sidecar's span parents its outgoing calls."""
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with continued([("traceparent", caller), ("x-request-id", "r1")]):
+        sent = dict(inject([("x-request-id", "r1")]))
+    assert sent == {"x-request-id": "r1", "traceparent": caller}
+    # Outside the block nothing is carried over.
+    assert inject([]) == []
 
 
 def _start(
