@@ -4,14 +4,17 @@ Run (once ``bench/perf_venv.sh`` has built ``bench/.perf-venv``):
 ``.venv/bin/python -m bench.worker_floor [--before main] [--rounds 3] [--concurrency 8 32]``
 
 Triton's perf_analyzer (``-i grpc``, count windows, as in bench.perf_analyzer) on the MLP
-64→256→256→10 with dynamic batching, against three servers, one after the other:
+64→256→256→10 with dynamic batching, against four servers, one after the other:
 
 - **floor**: bench.oip_floor, a minimal Open Inference Protocol server on the same stack
   (grpc.aio) that decodes the raw input and answers it unchanged: what the stack itself
   costs per request, with no model, batching or bookkeeping;
 - **before**: ``meshserve worker inference`` from a temporary git worktree of ``--before``
   (default ``main``), the revision to compare with;
-- **after**: the same from this checkout.
+- **after**: the same from this checkout (its default stack: the hot RPCs on the HTTP/2
+  front, mesh/server/h2_front.py);
+- **after, grpc**: this checkout with ``--serve-with grpc`` (every RPC on grpc.aio), which
+  tells the front's share of the difference from the rest of the branch's.
 
 Each worker runs with one torch thread, as under ``meshserve up``. A shared machine
 disturbs single runs, so the three run in ``--rounds`` rounds (in a rotating order) and
@@ -42,6 +45,8 @@ from bench.perf_analyzer import analyze, build_repository, tool, wait_model_read
 FLOOR = "floor (bench.oip_floor)"
 BEFORE = "worker before"
 AFTER = "worker after"
+AFTER_GRPC = "worker after, grpc"
+SERVERS = (FLOOR, BEFORE, AFTER_GRPC, AFTER)
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ def server(name: str, models: Path, before: Path) -> Iterator[Child]:
         return
     worker = ["cli.main", "worker", "inference", "--port", "0", "--threads", "1"]
     args = [*worker, "--model-repo", str(models), "--poll-interval", "0"]
+    if name == AFTER_GRPC:
+        args += ["--serve-with", "grpc"]
     with child(*args, repo=before if name == BEFORE else REPO) as started:
         yield started
 
@@ -141,7 +148,7 @@ def table(best: dict[tuple[str, int], Cell], concurrency: Sequence[int], rounds:
         "infer/s / before",
     ):
         out.add_column(column, justify="left" if column == "server" else "right")
-    for name in (FLOOR, BEFORE, AFTER):
+    for name in SERVERS:
         for c in concurrency:
             cell = best[(name, c)]
             out.add_row(
@@ -168,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tool()  # fail before starting anything
     best: dict[tuple[str, int], Cell] = {}
-    order = [FLOOR, BEFORE, AFTER]
+    order = list(SERVERS)
     with tempfile.TemporaryDirectory(prefix="perf-repo-") as tmp, checkout(args.before) as before:
         models = Path(tmp)
         build_repository(models)
         for round_ in range(args.rounds):
-            # Rotating the order spreads slow phases of a busy machine over all three.
-            for name in order[round_ % 3 :] + order[: round_ % 3]:
+            # Rotating the order spreads slow phases of a busy machine over all of them.
+            shift = round_ % len(order)
+            for name in order[shift:] + order[:shift]:
                 for cell in measure(name, models, before, args.concurrency, args.requests):
                     print(
                         f"round {round_ + 1}: {name:24} c={cell.concurrency:<3} "

@@ -21,14 +21,24 @@ if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
     ]
 
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status, message and trailers a call that raised ``exc`` ends with.
+
+    Shared by this interceptor and the worker's HTTP/2 front (mesh/server/h2_front.py),
+    so a call gets the same answer whichever of them served it.
+    """
     if isinstance(exc, MeshError):
-        await context.abort(exc.code, exc.message, trailing_metadata=exc.trailers)
+        return exc.code, exc.message, exc.trailers
     # Anything else is a bug: log it whole here, tell the client only a reference
     # it can quote, never the exception text (it may hold paths or secrets).
     ref = uuid.uuid4().hex[:12]
     log.error("unhandled error (ref %s)", ref, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+    return grpc.StatusCode.INTERNAL, f"internal error (ref {ref})", ()
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    code, message, trailers = status_for(exc)
+    await context.abort(code, message, trailing_metadata=trailers)
 
 
 def _wrap_unary(

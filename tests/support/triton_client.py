@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 
 def fp32_input(name: str, values: Any) -> Any:
@@ -42,6 +43,20 @@ def main(url: str, inputs: dict[str, Any]) -> dict[str, Any]:
     response = client.infer("mlp", [x], outputs=[grpcclient.InferRequestedOutput("y")])
     results["fp32"] = response.as_numpy("y").tolist()
     results["fp32_version"] = response.get_response().model_version
+    # Compressed requests, custom headers (the version header), and an error's status.
+    results["compressed"] = {
+        algorithm: client.infer("mlp", [x], compression_algorithm=algorithm).as_numpy("y").tolist()
+        for algorithm in ("gzip", "deflate")
+    }
+    pinned = client.infer("mlp", [x], headers={"x-model-version": "1"})
+    results["header_version"] = pinned.get_response().model_version
+    try:
+        client.infer("ghost", [x], client_timeout=30)
+        results["ghost_error"] = None
+    except InferenceServerException as exc:
+        results["ghost_error"] = [exc.status(), exc.message()]
+    stats = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
+    results["inference_count"] = int(stats.get("inference_count", 0))
 
     ids = np.asarray(inputs["ids"], dtype=np.int64)
     ids_in = grpcclient.InferInput("ids", list(ids.shape), "INT64")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mesh.server.listen import add_listen_arguments, server_settings
-from workers.inference.server import WorkerSettings, main
+from workers.inference.server import SERVE_WITH, WorkerSettings, main
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--no-batching", action="store_true", help="run every request alone (for comparison)"
     )
+    parser.add_argument(
+        "--serve-with",
+        choices=SERVE_WITH,
+        default="h2",
+        help="h2 (default): ModelInfer/ModelStreamInfer on the mesh's HTTP/2 engine, the rest "
+        "on grpc.aio behind it; grpc: everything on grpc.aio",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -60,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
         batching=not args.no_batching,
         threads=args.threads,
         preload_wait_s=args.preload_wait,
+        serve_with=args.serve_with,
     )
     return main(settings, server_settings(args))

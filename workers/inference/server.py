@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mesh.server.app import ServerSettings, Serving, serve_until_signal, start_server
+from mesh.server.h2_front import start_fronted_server
 from workers.inference.repository import ModelRepository
 from workers.inference.service import InferenceServicer
 from workers.inference.stats import Statistics
@@ -20,6 +21,8 @@ from workers.inference.worker import InferenceWorker
 from workers.model_repo import ModelRepo
 
 log = logging.getLogger(__name__)
+#: The serving stacks a worker can use (WorkerSettings.serve_with).
+SERVE_WITH = ("h2", "grpc")
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,15 @@ class WorkerSettings:
     #: Seconds to wait, before loading anything, for the sidecar's list of the versions
     #: the ring gives this worker (loaded first); 0: load every servable version at once.
     preload_wait_s: float = 0.0
+    #: "h2": ModelInfer and ModelStreamInfer on the relay's HTTP/2 engine, the rest on
+    #: grpc.aio behind it (mesh/server/h2_front.py, issue 17); "grpc": all on grpc.aio.
+    serve_with: str = "h2"
 
     def __post_init__(self) -> None:
+        if self.serve_with not in SERVE_WITH:
+            raise ValueError(
+                f"serve_with must be one of {', '.join(SERVE_WITH)}, got {self.serve_with!r}"
+            )
         if not self.model_repo:
             raise ValueError("model_repo must not be empty")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -101,7 +111,17 @@ async def run_worker(
     # NOT_SERVING until the repository's versions are loaded: a sidecar that mirrors this
     # health (in a Kubernetes pod it starts beside the worker) registers the instance
     # SERVING only then, so no request of a joining worker waits for a load.
-    serving = await start_server(server or ServerSettings(), [servicer.service()], serving=False)
+    if settings.serve_with == "h2":
+        serving = await start_fronted_server(
+            server or ServerSettings(),
+            [servicer.service()],
+            servicer.hot_methods(),
+            serving=False,
+        )
+    else:
+        serving = await start_server(
+            server or ServerSettings(), [servicer.service()], serving=False
+        )
     if on_listening is not None:
         on_listening(serving.address)
     try:

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from mesh.balance.preload import PRELOAD_HEADER, SERVABLE_HEADER, format_versions, parse_preload
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, NotFound, Unimplemented
 from mesh.server.app import Service
+from mesh.server.h2_front import HotMethod
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from workers.inference.load_parameters import config_override
@@ -288,6 +289,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def service(self) -> Service:
         return Service(SERVICE_NAME, self.register)
+
+    def hot_methods(self) -> list[HotMethod]:
+        """ModelInfer and ModelStreamInfer for the HTTP/2 front (mesh/server/h2_front.py):
+        the same behaviours and parsers grpc.aio is given in :meth:`register`."""
+        return [
+            HotMethod(
+                f"/{SERVICE_NAME}/ModelInfer",
+                _lenient(pb.ModelInferRequest),
+                pb.ModelInferResponse.SerializeToString,
+                _refusing_undecodable(self.ModelInfer),
+            ),
+            HotMethod(
+                f"/{SERVICE_NAME}/ModelStreamInfer",
+                _lenient(pb.ModelInferRequest),
+                pb.ModelStreamInferResponse.SerializeToString,
+                self.ModelStreamInfer,
+                streaming=True,
+            ),
+        ]
 
     def register(self, server: grpc.aio.Server) -> None:
         """Mounts every RPC with a lenient parser (see :class:`Undecodable`).

@@ -100,6 +100,17 @@ def test_infer_fp32_int64_bytes_equal_a_direct_forward(
 ) -> None:
     assert results["fp32"] == mlp(template_repo, INPUTS["x"])
     assert results["fp32_version"] == "1"
+    expected = mlp(template_repo, INPUTS["x"])
+    assert results["compressed"] == {"gzip": expected, "deflate": expected}
+    assert results["header_version"] == "1"
+
+
+def test_errors_carry_their_status_and_statistics_count_requests(results: dict[str, Any]) -> None:
+    status, message = results["ghost_error"]
+    assert status == "StatusCode.NOT_FOUND"
+    assert "unknown model 'ghost'" in message
+    # Read after four calls of three rows each: fp32, two compressed, the pinned one.
+    assert results["inference_count"] >= 12
     ids = torch.tensor(INPUTS["ids"])
     assert results["int64_total"] == ids.sum(dim=1, keepdim=True).tolist()
     assert results["int64_doubled"] == (ids * 2).tolist()
