@@ -98,7 +98,8 @@ def merge_index(replies: Sequence[Reply[pb.RepositoryIndexResponse]]) -> pb.Repo
     A version is READY when any replica has it ready, else LOADING when any is loading it,
     else UNAVAILABLE. The reason lists, by worker, each replica where it is not ready (a
     model-level row of one worker, "unloaded" say, stands for every version of that model
-    the others list). A worker that did not answer is named in the reason of every row
+    the others list; a worker that lists nothing of it is "not in its repository"). A
+    worker that did not answer is named in the reason of every row
     not READY: its state is unknown, it may be what was missing.
     """
     answered = [r for r in replies if r.ok and r.value is not None]
@@ -132,6 +133,12 @@ def merge_index(replies: Sequence[Reply[pb.RepositoryIndexResponse]]) -> pb.Repo
             for worker, row_state, reason in entries
             if row_state != READY
         ]
+        # A worker that answered without the version (its repository poll has not seen it
+        # yet, or it never had it) does not serve it either: named too.
+        listed = {worker for worker, _, _ in entries}
+        notes.extend(
+            f"{r.worker}: not in its repository" for r in answered if r.worker not in listed
+        )
         if state != READY:
             notes.extend(f"{r.worker}: did not answer: {r.code.name}: {r.message}" for r in silent)
         response.models.add(name=name, version=version, state=state, reason="; ".join(notes))

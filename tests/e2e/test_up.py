@@ -91,8 +91,25 @@ def reference_logits(gateway: str) -> list[list[float]]:
     return [[float(v) for v in row] for row in values]
 
 
+def served_by_every_worker(gateway: str, model: str) -> None:
+    """Waits until every inference worker serves ``model``: the gateway's merged index says
+    READY with no worker named as lacking it. Workers notice a newly published version at
+    their own poll, so right after `up` one may not have it yet."""
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(gateway) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while True:
+            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
+            entries = [m for m in index.models if m.name == model]
+            if entries and all(m.state == "READY" and not m.reason for m in entries):
+                return
+            assert time.monotonic() < deadline, f"{model} not served by every worker: {entries}"
+            time.sleep(0.2)
+
+
 def test_a_nodejs_client_makes_every_kind_of_call_through_the_gateway(up: Up) -> None:
     gateway = running_gateway(up)
+    served_by_every_worker(gateway, "demo")
     seen = run_client(
         gateway, {"model": "demo", "rows": ROWS, "dataset": "demo-blobs", "upload": UPLOAD}
     )

@@ -112,11 +112,17 @@ def rows(response: pb.RepositoryIndexResponse) -> list[tuple[str, str, str, str]
                 )
             ],
         ),
-        # Versions sort numerically, models by name; each worker's own models all show.
+        # Versions sort numerically, models by name; each worker's own models all show,
+        # and a worker without a model is named (it does not serve it: say a poll has not
+        # seen a newly published version yet).
         (
             index(("b", "10", "READY", ""), ("b", "9", "READY", "")),
             index(("a", "1", "READY", "")),
-            [("a", "1", "READY", ""), ("b", "9", "READY", ""), ("b", "10", "READY", "")],
+            [
+                ("a", "1", "READY", f"{A}: not in its repository"),
+                ("b", "9", "READY", f"{B}: not in its repository"),
+                ("b", "10", "READY", f"{B}: not in its repository"),
+            ],
         ),
     ],
 )
