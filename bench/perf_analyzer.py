@@ -68,14 +68,15 @@ class PerfMLP(nn.Module):
         return out
 
 
-def build_repository(path: Path) -> None:
-    """``mlp/config.pbtxt`` (dynamic batching, batches up to 64) and ``mlp/1/model.pt``."""
+def build_repository(path: Path, queue_delay_us: int = 500) -> None:
+    """``mlp/config.pbtxt`` (dynamic batching, batches up to 64, waiting up to
+    ``queue_delay_us`` for a fuller batch) and ``mlp/1/model.pt``."""
     config = testing.model_config(
         MODEL,
         [("x", testing.FP32, [64])],
         [("y", testing.FP32, [10])],
         max_batch_size=64,
-        queue_delay_us=500,
+        queue_delay_us=queue_delay_us,
     )
     testing.publish(str(path), config, testing.seeded(PerfMLP(), 0))
 

@@ -125,11 +125,13 @@ def measure(
     return cells
 
 
-def table(best: dict[tuple[str, int], Cell], concurrency: Sequence[int], rounds: int) -> Table:
+def table(
+    best: dict[tuple[str, int], Cell], concurrency: Sequence[int], rounds: int, delay_us: int
+) -> Table:
     out = Table(
         title=(
-            "perf_analyzer, gRPC, MLP 64→256→256→10, dynamic batching (CPU, one torch thread): "
-            f"best of {rounds} round(s)"
+            "perf_analyzer, gRPC, MLP 64→256→256→10, dynamic batching "
+            f"(queue delay {delay_us} µs; CPU, one torch thread): best of {rounds} round(s)"
         ),
         caption=(
             "* windows stable only within 100 % (busy machine)"
@@ -172,13 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--requests", type=int, default=1000, help="requests per count window (perf_analyzer)"
     )
+    parser.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=500,
+        help="the MLP's dynamic_batching max_queue_delay_microseconds (Triton's default: 0)",
+    )
     args = parser.parse_args(argv)
     tool()  # fail before starting anything
     best: dict[tuple[str, int], Cell] = {}
     order = list(SERVERS)
     with tempfile.TemporaryDirectory(prefix="perf-repo-") as tmp, checkout(args.before) as before:
         models = Path(tmp)
-        build_repository(models)
+        build_repository(models, args.queue_delay_us)
         for round_ in range(args.rounds):
             # Rotating the order spreads slow phases of a busy machine over all of them.
             shift = round_ % len(order)
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     key = (name, cell.concurrency)
                     if key not in best or cell.throughput > best[key].throughput:
                         best[key] = cell
-    Console(width=160).print(table(best, args.concurrency, args.rounds))
+    Console(width=160).print(table(best, args.concurrency, args.rounds, args.queue_delay_us))
     return 0
 
 
