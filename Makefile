@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml
 	@if test -x $(PY); then echo "[1/3] virtual environment $(VENV): exists"; \
 	else $(STEP) "[1/3] creating the virtual environment $(VENV)" $(PYTHON) -m venv $(VENV); fi
 	@$(STEP) "[2/3] installing torch ($(TORCH_SPEC))" $(PY) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
-	@$(STEP) "[3/3] installing meshserve with its dev, triton and datasets extras" \
-		$(PY) -m pip install $(PIP_FLAGS) -e ".[dev,triton,datasets]"
+	@# k8s and bench too: mypy checks cli/autoscale.py and bench/autoscale.py against them.
+	@$(STEP) "[3/3] installing meshserve with its dev, triton, datasets, k8s and bench extras" \
+		$(PY) -m pip install $(PIP_FLAGS) -e ".[dev,triton,datasets,k8s,bench]"
 	@touch $(STAMP)
 	@echo "$(VENV) is ready"
 
