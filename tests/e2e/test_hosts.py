@@ -36,6 +36,7 @@ from mesh.security.identity import WorkloadIdentity
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
+from tests.support.fleet import served_by_every_worker
 from tests.support.load import InferLoad, demo_request
 from tests.support.up import ENV, ROOT, Up, cli, kill_leftovers
 
@@ -124,12 +125,12 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostsUp]:
         netns.destroy(NETWORK)
 
 
-def routed(state: Path) -> set[str]:
-    """The inference endpoints the gateway routes to now (healthy, not ejected)."""
+def routed(state: Path, host: str = "inference") -> set[str]:
+    """The endpoints of ``host`` the gateway routes to now (healthy, not ejected)."""
     with grpc.insecure_channel(GATEWAY) as channel:
         try:
             reply = admin_pb2_grpc.AdminStub(channel).ListEndpoints(
-                admin_pb2.ListEndpointsRequest(host="inference"),
+                admin_pb2.ListEndpointsRequest(host=host),
                 timeout=5,
                 metadata=admin_metadata(None, state),
             )
@@ -216,6 +217,7 @@ def test_the_tour_runs_across_four_hosts(hosts: HostsUp, tmp_path: Path) -> None
         "4",
         state=state,
     )
+    poll("the gateway to route to the training worker", lambda: bool(routed(state, "training")), 60)
     run(
         *("train", "demo", "--dataset", "demo-blobs", "--epochs", "1", "--world-size", "2"),
         state=state,
@@ -247,7 +249,10 @@ def test_the_tour_runs_across_four_hosts(hosts: HostsUp, tmp_path: Path) -> None
     submits = {trace_id(s) for s in spans(state, "b") if str(s["name"]).endswith("/SubmitJob")}
     assert submits and any(by_trace[t] == {"a", "b", "c"} for t in submits), by_trace
 
-    # A 90/10 canary by version with the Istio example, through the gateway on B.
+    # A 90/10 canary by version with the Istio example, through the gateway on B, once
+    # both workers have noticed version 2 (else a call sent to one that has not polled
+    # yet is NOT_FOUND).
+    served_by_every_worker(GATEWAY, "demo", "2")
     run("apply", "-f", str(ROOT / "config" / "examples" / "canary-90-10.yaml"), state=state)
     poll("version 2 to serve", lambda: "2" in infer_versions(20), 60)
     versions = infer_versions(100)

@@ -27,6 +27,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from registry.embedded import free_port
+from tests.support.fleet import served_by_every_worker
 from tests.support.grpcurl import grpcurl
 from tests.support.node_client import run_client
 from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers
@@ -89,22 +90,6 @@ def reference_logits(gateway: str) -> list[list[float]]:
     assert reply.outputs[0].shape == [len(ROWS), 3]
     values = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(len(ROWS), 3)
     return [[float(v) for v in row] for row in values]
-
-
-def served_by_every_worker(gateway: str, model: str) -> None:
-    """Waits until every inference worker serves ``model``: the gateway's merged index says
-    READY with no worker named as lacking it. Workers notice a newly published version at
-    their own poll, so right after `up` one may not have it yet."""
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(gateway) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while True:
-            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
-            entries = [m for m in index.models if m.name == model]
-            if entries and all(m.state == "READY" and not m.reason for m in entries):
-                return
-            assert time.monotonic() < deadline, f"{model} not served by every worker: {entries}"
-            time.sleep(0.2)
 
 
 def test_a_nodejs_client_makes_every_kind_of_call_through_the_gateway(up: Up) -> None:
