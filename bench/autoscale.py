@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +33,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.children import ENV, REPO
+from bench.children import REPO
+from bench.mesh_process import MeshProcess
 from tests.support.load import InferLoad, Outcome, routed_inference_ports
 from workers.inference.repository import COLD_LOAD
 
@@ -65,29 +63,19 @@ def policy_config(folder: Path, args: argparse.Namespace) -> Path:
     return folder
 
 
-class Mesh:
+class Mesh(MeshProcess):
     """``meshserve up --autoscale`` in a subprocess."""
 
     def __init__(self, state: Path, config: Path, log: Path, maximum: int) -> None:
-        self.state = state
-        self.log = log
-        with log.open("w") as sink:
-            self.process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "cli.main", "up", "--state-dir", str(state)),
-                    *("--port", "0", "--demo-epochs", "1", "--config", str(config)),
-                    *("--autoscale", f"inference=1:{maximum}"),
-                ],
-                cwd=REPO,
-                env={**ENV, "COLUMNS": "200"},
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-
-    def up(self) -> dict[str, Any]:
-        endpoints: dict[str, Any] = json.loads((self.state / "up.json").read_text())
-        return endpoints
+        super().__init__(
+            [
+                *("up", "--port", "0", "--demo-epochs", "1", "--config", str(config)),
+                *("--autoscale", f"inference=1:{maximum}"),
+            ],
+            state,
+            log,
+            stop_timeout=90,
+        )
 
     def running_inference(self) -> int:
         return sum(
@@ -95,27 +83,6 @@ class Mesh:
             for u in self.up()["units"]
             if u["slug"].startswith("inference-") and u["state"] == "running"
         )
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"up exited: {self.log.read_text()[-2000:]}")
-            try:
-                self.up()
-                return
-            except (OSError, ValueError):
-                time.sleep(0.5)
-        raise RuntimeError("up was not ready in time")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(90)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @dataclass(frozen=True)
@@ -258,7 +225,7 @@ def main() -> None:
         mesh = Mesh(Path(tmp) / "state", config, Path(tmp) / "up.log", args.max)
         try:
             with out.status("starting meshserve up (trains the demo model)"):
-                mesh.wait_ready()
+                mesh.wait_ready(READY_TIMEOUT_S)
             gateway = mesh.up()["gateway"]
             marks: dict[str, float] = {}
             # autoscale.jsonl has wall-clock times; the marks are monotonic.

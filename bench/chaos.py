@@ -15,11 +15,8 @@ which should be back within ~5 s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.children import ENV, REPO
+from bench.mesh_process import MeshProcess
 from tests.support.load import InferLoad, routed_inference_ports
 
 READY_TIMEOUT_S = 240.0
@@ -83,52 +80,6 @@ class Row:
     recover_s: float
 
 
-class Mesh:
-    def __init__(self, state: Path, log: Path) -> None:
-        self.state = state
-        self.log = log
-        with log.open("w") as sink:
-            self.process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "cli.main", "up"),
-                    *("--state-dir", str(state), "--port", "0", "--demo-epochs", "1"),
-                ],
-                cwd=REPO,
-                env={**ENV, "COLUMNS": "200"},
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-
-    def up(self) -> dict[str, Any]:
-        endpoints: dict[str, Any] = json.loads((self.state / "up.json").read_text())
-        return endpoints
-
-    def units(self) -> dict[str, dict[str, Any]]:
-        return {u["slug"]: u for u in self.up()["units"]}
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"up exited: {self.log.read_text()[-2000:]}")
-            try:
-                self.up()
-                return
-            except (OSError, ValueError):
-                time.sleep(0.5)
-        raise RuntimeError("up was not ready in time")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 def _until(check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -137,7 +88,7 @@ def _until(check: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _whole(mesh: Mesh) -> bool:
+def _whole(mesh: MeshProcess) -> bool:
     units = mesh.units()
     if any(u["state"] != "running" for u in units.values()):
         return False
@@ -145,7 +96,7 @@ def _whole(mesh: Mesh) -> bool:
     return routed_inference_ports(mesh.up()["gateway"], mesh.state) == inference
 
 
-def one_kind(mesh: Mesh, kind: Kind, callers: int, window_s: float) -> Row:
+def one_kind(mesh: MeshProcess, kind: Kind, callers: int, window_s: float) -> Row:
     _until(lambda: _whole(mesh), 90)
     before = mesh.units()[kind.slug]
     gateway = mesh.up()["gateway"]
@@ -180,10 +131,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="load time, split by kind")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        mesh = Mesh(Path(tmp) / "state", Path(tmp) / "up.log")
+        mesh = MeshProcess(
+            ("up", "--port", "0", "--demo-epochs", "1"), Path(tmp) / "state", Path(tmp) / "up.log"
+        )
         try:
             with out.status("starting meshserve up (trains the demo model)"):
-                mesh.wait_ready()
+                mesh.wait_ready(READY_TIMEOUT_S)
             rows = []
             for kind in KINDS:
                 with out.status(f"killing the {kind.label} under load"):

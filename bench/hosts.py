@@ -15,24 +15,22 @@ per mesh, and the ratio multi-host / one host.
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import grpc
 from rich.console import Console
 from rich.table import Table
 
 from bench.children import ENV, REPO
+from bench.mesh_process import MeshProcess
 from cli import netns
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.support.load import demo_request
@@ -41,27 +39,11 @@ READY_TIMEOUT_S = 300.0
 out = Console()
 
 
-class Mesh:
+class Mesh(MeshProcess):
     """A `meshserve up` or `meshserve hosts up` subprocess and its up.json."""
 
     def __init__(self, label: str, command: Sequence[str], state: Path, log: Path) -> None:
-        self.label = label
-        self.state = state
-        self.log = log
-        with log.open("w") as sink:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *command, "--state-dir", str(state)],
-                cwd=REPO,
-                env={**ENV, "COLUMNS": "200"},
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def gateway(self) -> str:
-        endpoints: dict[str, Any] = json.loads((self.state / "up.json").read_text())
-        return str(endpoints["gateway"])
+        super().__init__(command, state, log, label=label)
 
     def cli(self, *args: str) -> None:
         subprocess.run(
@@ -72,28 +54,6 @@ class Mesh:
             capture_output=True,
             timeout=300,
         )
-
-    def wait(self, what: str, check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not check():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.label} exited: {self.log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.label}: timed out waiting for {what}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _started(mesh: Mesh) -> bool:
-    return (mesh.state / "up.json").exists()
 
 
 def _ready(mesh: Mesh) -> bool:
@@ -182,14 +142,14 @@ def main() -> None:
         try:
             with out.status("starting both meshes (up trains the demo model)"):
                 for mesh in meshes:
-                    mesh.wait("up.json", partial(_started, mesh))
+                    mesh.wait_ready(READY_TIMEOUT_S)
                 hosts.cli(
                     *("datasets", "create", "demo-blobs", "--source", "blobs"),
                     *("--num-examples", "600", "--num-classes", "3", "--num-features", "4"),
                 )
                 hosts.cli("train", "demo", "--dataset", "demo-blobs", "--epochs", "1")
                 for mesh in meshes:
-                    mesh.wait("the demo model", partial(_ready, mesh))
+                    mesh.wait("the demo model", partial(_ready, mesh), READY_TIMEOUT_S)
             results: dict[tuple[str, int], list[Round]] = {}
             for callers in args.callers:
                 for n in range(args.rounds):
