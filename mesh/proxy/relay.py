@@ -28,11 +28,10 @@ import grpc
 from mesh.balance.endpoints import Endpoint
 from mesh.config.client_tls import ISTIO_MUTUAL, ClientTls
 from mesh.proxy import frames as f
-from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
+from mesh.proxy.connection import MAX_STREAMS, ClientConnection, Connection, Flusher, Side
 from mesh.proxy.exchange import Exchange, error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
-from mesh.proxy.mirror import Mirror
 from mesh.proxy.telemetry import RelayTelemetry
 from mesh.proxy.tls_door import TlsDoor
 from mesh.proxy.upstream_tls import UpstreamTls
@@ -254,71 +253,22 @@ class Downstream(Connection):
             self.relay.limiter.release_connection(self.source)
 
 
-class Upstream(Connection):
+class Upstream(ClientConnection):
     """The relay's connection to one upstream address; streams of many exchanges share it."""
-
-    client_side = True
 
     def __init__(self, relay: Relay, address: str) -> None:
         super().__init__(relay.flusher)
         self.relay = relay
         self.address = address
-        self.next_id = 1
-        self.connected = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.connected = True
-        super().connection_made(transport)
-        if self.going_away and not self.streams:
-            # Retired while connecting, its calls gone: stream_closed had no transport.
-            transport.close()
-
-    def open_stream(self, exchange: Exchange | Mirror) -> Side:
-        side = Side(self, self.next_id, exchange)
-        self.streams[self.next_id] = side
-        self.next_id += 2
-        if self.next_id > (1 << 30):
-            # Far from the 2^31 limit, a fresh connection takes over new streams.
-            self.going_away = True
-        return side
-
-    def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
-        side = self.streams.get(stream_id)
-        if side is not None:
-            side.exchange.response_headers(side, headers, end_stream)
-
-    def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
-        side.exchange.response_data(side, payload, flow, end_stream)
-
-    def on_reset(self, side: Side, code: int) -> None:
-        side.exchange.upstream_reset(side, code)
 
     def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
-        side = self.streams.get(stream_id)
-        if side is not None:
+        if stream_id in self.streams:
             log.warning("upstream %s: %s", self.address, detail)
-            side.reset(f.CANCEL)
-            side.exchange.upstream_reset(side, f.INTERNAL_ERROR)
-
-    def on_goaway(self, last_stream_id: int, code: int) -> None:
-        # Streams above the last one the upstream processed never ran: safe to retry.
-        for side in [s for s in self.streams.values() if s.id > last_stream_id]:
-            side.close()
-            side.exchange.upstream_reset(side, f.REFUSED_STREAM)
+        super().on_oversized_headers(stream_id, end_stream, detail)
 
     def lost(self, exc: Exception | None) -> None:
-        self.closed = True
         self.relay.pool.open.discard(self)
-        detail = str(exc) if exc else "connection closed"
-        for side in list(self.streams.values()):
-            side.close()
-            side.exchange.upstream_lost(side, detail, connected=self.connected)
-
-    def stream_closed(self, side: Side) -> None:
-        super().stream_closed(side)
-        if self.going_away and not self.streams and self.transport is not None:
-            # Retired (GOAWAY, replaced, endpoint left): closes when its last call ends.
-            self.transport.close()
+        super().lost(exc)
 
     def connect_failed(self, exc: Exception) -> None:
         self.lost(exc)

@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 
 from mesh.proxy import frames as f
-from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
+from mesh.proxy.connection import MAX_STREAMS, ClientConnection, Connection, Flusher, Side
 from mesh.proxy.exchange import error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.routing import callpolicy as policy
@@ -501,7 +501,7 @@ class Passthrough:
     def upstream_reset(self, up: Side, code: int) -> None:
         self._lost(f"the server behind the front reset the call (HTTP/2 error {code})")
 
-    def upstream_lost(self, up: Side, detail: str) -> None:
+    def upstream_lost(self, up: Side, detail: str, *, connected: bool) -> None:
         self._lost(f"the server behind the front is unreachable: {detail}")
 
     def _lost(self, detail: str) -> None:
@@ -593,62 +593,8 @@ class FrontConnection(Connection):
             side.exchange.client_reset()
 
 
-class Backend(Connection):
+class Backend(ClientConnection):
     """The front's connection to the grpc.aio server behind it (a private Unix socket)."""
-
-    client_side = True
-
-    def __init__(self, front: H2Front) -> None:
-        super().__init__(front.flusher)
-        self.front = front
-        self.next_id = 1
-        self.connected = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.connected = True
-        super().connection_made(transport)
-
-    def open_stream(self, call: Passthrough) -> Side:
-        side = Side(self, self.next_id, call)
-        self.streams[self.next_id] = side
-        self.next_id += 2
-        if self.next_id > (1 << 30):
-            self.going_away = True
-        return side
-
-    def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
-        side = self.streams.get(stream_id)
-        if side is not None:
-            side.exchange.response_headers(side, headers, end_stream)
-
-    def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
-        side.exchange.response_data(side, payload, flow, end_stream)
-
-    def on_reset(self, side: Side, code: int) -> None:
-        side.exchange.upstream_reset(side, code)
-
-    def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
-        side = self.streams.get(stream_id)
-        if side is not None:
-            side.reset(f.CANCEL)
-            side.exchange.upstream_reset(side, f.INTERNAL_ERROR)
-
-    def on_goaway(self, last_stream_id: int, code: int) -> None:
-        for side in [s for s in self.streams.values() if s.id > last_stream_id]:
-            side.close()
-            side.exchange.upstream_reset(side, f.REFUSED_STREAM)
-
-    def lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        detail = str(exc) if exc else "connection closed"
-        for side in list(self.streams.values()):
-            side.close()
-            side.exchange.upstream_lost(side, detail)
-
-    def stream_closed(self, side: Side) -> None:
-        super().stream_closed(side)
-        if self.going_away and not self.streams and self.transport is not None:
-            self.transport.close()
 
 
 class H2Front:
@@ -702,7 +648,7 @@ class H2Front:
         if conn is None or conn.closed or conn.going_away:
             if conn is not None and not conn.streams and conn.transport is not None:
                 conn.transport.close()
-            conn = self._backend = Backend(self)
+            conn = self._backend = Backend(self.flusher)
             task = self.loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
