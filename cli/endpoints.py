@@ -35,6 +35,17 @@ class UpEndpoints:
     #: Each supervised unit's state, pid, restarts and last exit (absent from older files).
     units: tuple[UnitStatus, ...] = ()
 
+    @classmethod
+    def of_units(cls, gateway: str, es_url: str, units: tuple[UnitStatus, ...]) -> UpEndpoints:
+        """This process's mesh: each supervised unit's address by name, and its state."""
+        return cls(
+            gateway=gateway,
+            es_url=es_url,
+            pid=os.getpid(),
+            components={u.name: u.address for u in units},
+            units=units,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "gateway": self.gateway,

@@ -14,7 +14,6 @@ removes what a crashed run left.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import signal
 import threading
@@ -30,7 +29,7 @@ from cli.endpoints import UP_FILE, UpEndpoints
 from cli.errors import CliError
 from cli.supervision.janitor import Janitor
 from cli.supervision.policy import RestartPolicy
-from cli.supervision.processes import Component, Running, after, await_ready, spawn
+from cli.supervision.processes import Component, Running, after
 from cli.supervision.supervisor import Supervisor
 from registry.connect import StoreSettings
 
@@ -253,33 +252,7 @@ def run_up(args: argparse.Namespace) -> int:
         return logs / f"{component.name.replace(' ', '-')}.log"
 
     def launch(components: Sequence[Component]) -> list[Running]:
-        """Starts components side by side; each is supervised even if another fails."""
-        spawned = [spawn(c, args.verbose, log_of(c)) for c in components]
-        results: list[Running | BaseException | None] = [None] * len(spawned)
-
-        def one(i: int) -> None:
-            try:
-                results[i] = await_ready(spawned[i], args.verbose)
-            except BaseException as exc:
-                results[i] = exc
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(spawned))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        started: list[Running] = []
-        failure: BaseException | None = None
-        for each, result in zip(spawned, results, strict=True):
-            if isinstance(result, Running):
-                supervisor.adopt(result, log_of(each.component))
-                started.append(result)
-                out.print(f"[green]✓[/] {each.component.name} [dim]{result.address}[/]")
-            else:
-                supervisor.adopt(Running(each.component, each.process, ""), log_of(each.component))
-                failure = failure or result
-        if failure is not None:
-            raise failure
+        started = supervisor.start_together(components, log_of)
         if stopping.is_set():
             raise KeyboardInterrupt
         return started
@@ -299,14 +272,7 @@ def run_up(args: argparse.Namespace) -> int:
         (gateway,) = (r.address for r in launch([gateway_component]))
 
         def write_up() -> None:
-            statuses = supervisor.statuses()
-            UpEndpoints(
-                gateway=gateway,
-                es_url=es,
-                pid=os.getpid(),
-                components={u.name: u.address for u in statuses},
-                units=statuses,
-            ).write(state)
+            UpEndpoints.of_units(gateway, es, supervisor.statuses()).write(state)
 
         supervisor.on_change = write_up
         write_up()

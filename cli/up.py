@@ -418,36 +418,9 @@ def run(args: argparse.Namespace) -> int:
         return running
 
     def launch_all(components: Sequence[Component]) -> None:
-        """Starts the workers side by side (each mostly waits on imports), in plan order."""
-        results: list[Running | BaseException | None] = [None] * len(components)
-        spawned = [spawn(c, args.verbose, log_of(c)) for c in components]
-
-        def one(i: int) -> None:
-            try:
-                results[i] = await_ready(spawned[i], args.verbose)
-            except BaseException as exc:
-                results[i] = exc
-
-        threads = [
-            threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(spawned))
-        ]
+        """Starts the workers side by side, in plan order."""
         with out.status(f"starting {len(components)} workers with their sidecars"):
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        failure: BaseException | None = None
-        for component, each, result in zip(components, spawned, results, strict=True):
-            if isinstance(result, Running):
-                supervisor.adopt(result, log_of(component))
-                out.print(f"[green]✓[/] {component.name} [dim]{result.address}[/]", highlight=False)
-            else:
-                # Still supervised, so the stop below reaps it.
-                supervisor.adopt(Running(component, each.process, ""), log_of(component))
-                if failure is None:
-                    failure = result
-        if failure is not None:
-            raise failure
+            supervisor.start_together(components, log_of)
         if stopping.is_set():
             raise KeyboardInterrupt
 
@@ -472,14 +445,7 @@ def run(args: argparse.Namespace) -> int:
             _demo(gateway, state, args, stopping)
 
         def write_up() -> None:
-            units = supervisor.statuses()
-            UpEndpoints(
-                gateway=gateway,
-                es_url=es,
-                pid=os.getpid(),
-                components={u.name: u.address for u in units},
-                units=units,
-            ).write(state)
+            UpEndpoints.of_units(gateway, es, supervisor.statuses()).write(state)
 
         supervisor.on_change = write_up
         write_up()

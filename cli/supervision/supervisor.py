@@ -14,7 +14,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +72,42 @@ class Supervisor:
         tracker = RestartTracker(self.policy)
         tracker.started(self.clock())
         self.units.append(Unit(running.component, log, tracker, running=running))
+
+    def start_together(
+        self, components: Sequence[Component], log_of: Callable[[Component], Path]
+    ) -> list[Running]:
+        """Starts components side by side (each mostly waits on its imports) and adopts
+        every one, a failed one too, so that ``stop_all`` reaps it; then raises the first
+        failure, if any. The started ones, in order."""
+        spawned = [spawn(c, self.verbose, log_of(c)) for c in components]
+        results: list[Running | BaseException | None] = [None] * len(spawned)
+
+        def one(i: int) -> None:
+            try:
+                results[i] = await_ready(spawned[i], self.verbose)
+            except BaseException as exc:
+                results[i] = exc
+
+        threads = [
+            threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(spawned))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        started: list[Running] = []
+        failure: BaseException | None = None
+        for each, result in zip(spawned, results, strict=True):
+            if isinstance(result, Running):
+                self.adopt(result, log_of(each.component))
+                started.append(result)
+                self.say(f"[green]✓[/] {each.component.name} [dim]{result.address}[/]")
+            else:
+                self.adopt(Running(each.component, each.process, ""), log_of(each.component))
+                failure = failure or result
+        if failure is not None:
+            raise failure
+        return started
 
     def add(self, component: Component, log: Path) -> Unit:
         """Starts a new unit (a scale-up); it is RUNNING once its ready line comes."""
