@@ -12,7 +12,6 @@ taking calls). Each decision is one JSON line in ``<state>/autoscale.jsonl``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import threading
@@ -22,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.supervision.processes import Component
+from cli.supervision.store_thread import StoreThread
 from cli.supervision.supervisor import Supervisor, Unit
 from cli.supervision.units import UnitState
-from mesh.errors import Unavailable
 from mesh.scaling.autoscaler import Autoscaler, Candidate, Decision, least_loaded
 from registry.connect import StoreSettings
 from registry.directory import read_live
 from registry.instances import Instance, utc_now
-from registry.store import open_store
+from registry.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -52,58 +51,27 @@ def instance_load(instance: Instance) -> int:
     return instance.load.in_flight
 
 
-class LoadFeed:
+class LoadFeed(StoreThread):
     """A thread that keeps the latest reading of one service's instances."""
 
     def __init__(self, settings: StoreSettings, service: str, clock: Callable[[], float]) -> None:
-        self._settings = settings
+        super().__init__(settings, name="autoscaler", reconnect_s=RECONNECT_S)
         self._service = service
         self._clock = clock
         self._latest: Reading | None = None
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._task = self._loop.create_task(self._read_forever())
-        self._thread = threading.Thread(target=self._run, name="load-feed", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def latest(self) -> Reading | None:
         with self._lock:
             return self._latest
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        with contextlib.suppress(asyncio.CancelledError):
-            self._loop.run_until_complete(self._task)
-        self._loop.close()
-
-    async def _read_forever(self) -> None:
+    async def work(self, store: Store) -> None:
         while True:
-            try:
-                async with open_store(self._settings, deadline_s=RECONNECT_S) as store:
-                    while True:
-                        snapshot = await read_live(
-                            store.es, store.indices, utc_now(), self._service
-                        )
-                        reading = Reading(self._clock(), tuple(snapshot.instances.values()))
-                        with self._lock:
-                            self._latest = reading
-                        await asyncio.sleep(READ_INTERVAL_S)
-            except Unavailable as exc:
-                log.info("autoscaler: store unreachable (%s); retrying", exc)
-            except Exception as exc:  # keep reading whatever one connection did
-                log.warning("autoscaler: %s", exc)
-            await asyncio.sleep(RECONNECT_S)
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._task.cancel)
-            self._thread.join(timeout=10)
-        else:
-            self._task.cancel()
-            self._loop.run_until_complete(asyncio.gather(self._task, return_exceptions=True))
-            self._loop.close()
+            snapshot = await read_live(store.es, store.indices, utc_now(), self._service)
+            reading = Reading(self._clock(), tuple(snapshot.instances.values()))
+            with self._lock:
+                self._latest = reading
+            await asyncio.sleep(READ_INTERVAL_S)
 
 
 def _port(address: str) -> str:
