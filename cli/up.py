@@ -39,6 +39,7 @@ from cli.supervision.processes import Component, Running, after, await_ready, sp
 from cli.supervision.supervisor import Supervisor
 from cli.supervision.units import UnitStatus
 from cli.train import mlp_spec, print_result, submit_and_watch
+from gateway.fleet_merge import served_everywhere
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.config.fields import ConfigError
 from mesh.config.hosts import normalise_host
@@ -180,15 +181,22 @@ def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threadi
             )
             print_result(submit_and_watch(channel, spec, out), out)
 
-        def model_ready() -> bool:
+        def model_served() -> bool:
             try:
-                reply = oip_stub.ModelReady(oip.ModelReadyRequest(name=DEMO_MODEL), timeout=2)
+                index = oip_stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10)
             except grpc.RpcError:
                 return False
-            return bool(reply.ready)
+            return served_everywhere(index, DEMO_MODEL)
 
+        # Ready means every inference worker serves it, not just one: each notices a newly
+        # trained model at its own repository poll, and the ring sends calls to all of them.
         if inference_start_count(args):
-            _wait(f"model {DEMO_MODEL} to be ready", model_ready, stopping, DISCOVERY_TIMEOUT_S)
+            _wait(
+                f"model {DEMO_MODEL} on every inference worker",
+                model_served,
+                stopping,
+                DISCOVERY_TIMEOUT_S,
+            )
 
 
 def _print_ready(units: Sequence[UnitStatus], gateway: str, state: Path, took: float) -> None:

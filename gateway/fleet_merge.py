@@ -145,6 +145,21 @@ def merge_index(replies: Sequence[Reply[pb.RepositoryIndexResponse]]) -> pb.Repo
     return response
 
 
+def served_everywhere(
+    index: pb.RepositoryIndexResponse, model: str, version: str | None = None
+) -> bool:
+    """Whether a merged index says every inference worker serves ``model`` (``version``,
+    else every version listed): READY with no worker named as lacking it. Right after a
+    version is published, workers notice it each at its own repository poll; until the
+    last one has, a call the ring sends to another is NOT_FOUND."""
+    rows = [
+        row
+        for row in index.models
+        if row.name == model and (version is None or row.version == version)
+    ]
+    return bool(rows) and all(row.state == READY and not row.reason for row in rows)
+
+
 def _index_order(key: tuple[str, str]) -> tuple[str, int, str]:
     name, version = key
     return (name, int(version) if version.isdigit() else -1, version)

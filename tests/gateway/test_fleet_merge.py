@@ -14,6 +14,7 @@ from gateway.fleet_merge import (
     merge_index,
     merge_raw_status,
     merge_statistics,
+    served_everywhere,
     worst,
 )
 from protos.inference import grpc_service_pb2 as pb
@@ -152,6 +153,40 @@ def test_index_names_a_silent_worker_where_a_model_is_not_ready() -> None:
             f"{A}: UNAVAILABLE: not loaded yet; {B}: did not answer: UNAVAILABLE: connection refused",
         ),
     ]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "version", "expected"),
+    [
+        (index(("demo", "1", "READY", "")), index(("demo", "1", "READY", "")), None, True),
+        # B's poll has not seen the new model yet: a call the ring sends there fails.
+        (index(("demo", "1", "READY", "")), index(), None, False),
+        (index(("demo", "1", "READY", "")), index(("demo", "1", "LOADING", "")), None, False),
+        # Every version listed must be everywhere, unless one version is asked about.
+        (
+            index(("demo", "1", "READY", ""), ("demo", "2", "READY", "")),
+            index(("demo", "1", "READY", "")),
+            None,
+            False,
+        ),
+        (
+            index(("demo", "1", "READY", ""), ("demo", "2", "READY", "")),
+            index(("demo", "1", "READY", "")),
+            "1",
+            True,
+        ),
+        # A model nobody lists is not served anywhere.
+        (index(("x", "1", "READY", "")), index(("x", "1", "READY", "")), None, False),
+    ],
+)
+def test_served_everywhere_needs_every_worker_ready(
+    a: pb.RepositoryIndexResponse,
+    b: pb.RepositoryIndexResponse,
+    version: str | None,
+    expected: bool,
+) -> None:
+    merged = merge_index([Reply(A, a), Reply(B, b)])
+    assert served_everywhere(merged, "demo", version) is expected
 
 
 def duration(count: int, ns: int) -> pb.StatisticDuration:

@@ -6,6 +6,7 @@ import time
 
 import grpc
 
+from gateway.fleet_merge import served_everywhere
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -22,12 +23,7 @@ def served_by_every_worker(
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while True:
             index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
-            entries = [
-                m
-                for m in index.models
-                if m.name == model and (version is None or m.version == version)
-            ]
-            if entries and all(m.state == "READY" and not m.reason for m in entries):
+            if served_everywhere(index, model, version):
                 return
-            assert time.monotonic() < deadline, f"{model} not served by every worker: {entries}"
+            assert time.monotonic() < deadline, f"{model} not served by every worker: {index}"
             time.sleep(0.2)
