@@ -112,6 +112,11 @@ class Gateway:
         #: only and the relay's hot path stays free of it.
         self.guard = guard if guard is not None else ClientGuard(ADMIN_LOCKED)
         self._guard_in_relay = guard is not None
+        if self.guard.policies is None:
+            # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge
+            # whether or not an auth file is given, as Istio evaluates the policies that
+            # select its ingress workload: they come from the config pipeline.
+            self.guard.policies = lambda: self.state.config.authorization_policies
         self.discovery_retry = discovery_retry
         #: RequestAuthentication at the ingress (policies selecting ``app: gateway``).
         self.authn = RequestAuthenticator(
@@ -219,7 +224,11 @@ class Gateway:
             ssl_context=self._tls_context,
             metrics=self.metrics,
             telemetry=self.telemetry,
-            guard=self.guard.check if self._guard_in_relay else None,
+            # Without an auth file the guard has nothing to check on the data plane but
+            # AuthorizationPolicy: the relay asks it only while a policy selects the gateway,
+            # so an unpoliced gateway's hot path stays free of it.
+            guard=self.guard.check,
+            guard_when=None if self._guard_in_relay else self.guard.enforces_policies,
             authn=self.authn,
             limits=self.relay_limits,
         )

@@ -64,7 +64,7 @@ from mesh.security.authz import RequestAttributes, evaluate, match_value
 from mesh.security.guard import Context
 from mesh.security.jwt_verify import JwtCheck, JwtKey, verify
 from mesh.security.request_authn import JwtIdentity
-from mesh.security.workload import Workload
+from mesh.security.workload import Workload, applies_to
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,21 @@ class ClientGuard:
         #: Set after construction when the policies live in a gateway built later.
         self.policies = policies
         self.workload = workload
+        #: The policy list :meth:`enforces_policies` last judged, and its answer.
+        self._judged: object = None
+        self._enforces = False
+
+    def enforces_policies(self) -> bool:
+        """Whether an AuthorizationPolicy selects this workload now. Asked per call by a
+        relay that would otherwise skip the guard (no auth file): judged once per config
+        (the list is the running config's, replaced whole on each change)."""
+        policies = self.policies() if self.policies is not None else ()
+        if policies is not self._judged:
+            self._judged = policies
+            self._enforces = any(
+                applies_to(p.metadata.namespace, p.selector, self.workload) for p in policies
+            )
+        return self._enforces
 
     def _authorize(
         self,

@@ -173,9 +173,6 @@ def run(args: argparse.Namespace) -> int:
                 relay_limits=relay_limits,
                 state=GatewayState(locality=args.locality),
             )
-            if guard is not None:
-                # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge.
-                guard.policies = lambda: gateway.state.config.authorization_policies
             serving = await gateway.start(settings)
             # One parseable line on stdout: scripts and tests read the bound port from it.
             print(

@@ -286,7 +286,10 @@ class Exchange:
         identity: JwtIdentity | None = None
         # Without rules for this workload the end-user check costs nothing per call.
         authn = relay.authn if relay.authn is not None and relay.authn.rules() else None
-        if relay.guard is not None or authn is not None:
+        guard = relay.guard
+        if guard is not None and relay.guard_when is not None and not relay.guard_when():
+            guard = None
+        if guard is not None or authn is not None:
             headers = {
                 n.decode("latin-1"): v.decode("latin-1")
                 for n, v in self.headers
@@ -298,12 +301,12 @@ class Exchange:
                 outcome = authn(headers) if authn is not None else None
                 if outcome is not None:
                     identity = outcome.identity
-                if relay.guard is not None:
+                if guard is not None:
                     if outcome is not None and outcome.consumed:
                         # An end-user token is not an edge credential (an open data plane
                         # admits the call; AuthorizationPolicy sees the end user).
                         headers = {k: v for k, v in headers.items() if k not in outcome.consumed}
-                    relay.guard(self.path, headers, identity)
+                    guard(self.path, headers, identity)
             except MeshError as exc:
                 self._fail_early(exc.code, exc.message, exc.trailers)
                 return

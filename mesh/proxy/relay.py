@@ -387,6 +387,7 @@ class Relay:
         metrics: MeshMetrics | None = None,
         telemetry: Telemetry | None = None,
         guard: Callable[[str, Mapping[str, str], JwtIdentity | None], None] | None = None,
+        guard_when: Callable[[], bool] | None = None,
         authn: RequestAuthenticator | None = None,
         inbound: Inbound | None = None,
         limits: RelayLimits | None = None,
@@ -400,6 +401,9 @@ class Relay:
         #: MeshError: client auth, authorization and rate limits
         #: (gateway.auth.ClientGuard.check).
         self.guard = guard
+        #: Whether the guard has anything to check now (None: always): a gateway without
+        #: an auth file runs its guard only while an AuthorizationPolicy selects it.
+        self.guard_when = guard_when
         #: RequestAuthentication (mesh.security.request_authn): checks the end-user JWT
         #: before the guard, and edits the headers that go on; raises Unauthenticated.
         self.authn = authn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,13 @@ from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated
-from mesh.routing.discovery import StaticDiscovery
+from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
-from tests.gateway.harness import ADMIN_METADATA, REPO, admin_guard
+from tests.gateway.harness import ADMIN_METADATA, REPO, admin_guard, serve_workers
+from tests.gateway.test_relay import until
 
 DATA_KEY, OPS_KEY = new_key(), new_key()
 SECRET = b"s" * 64
@@ -227,3 +231,50 @@ spec:
     guard.check(INFER, {})
     with pytest.raises(PermissionDenied, match="anonymous call: RBAC: access denied"):
         guard.check("/inference.GRPCInferenceService/ModelMetadata", {})
+
+
+EDGE_DENY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-infer-at-the-edge}
+spec:
+  selector: {matchLabels: {app: gateway}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/inference.GRPCInferenceService/ModelInfer"]}}]}]
+"""
+
+
+@pytest.mark.parametrize("denied", [True, False])
+async def test_a_gateway_without_auth_config_evaluates_authorization_policy(
+    tmp_path: Path, denied: bool
+) -> None:
+    """Istio evaluates the policies selecting its ingress whatever else is configured: a
+    gateway started without --auth-config (no guard given) refuses what a DENY policy in
+    its config folder names, and routes it when there is none."""
+    for file in (REPO / "config").glob("*.yaml"):
+        (tmp_path / file.name).write_text(file.read_text())
+    if denied:
+        (tmp_path / "edge.yaml").write_text(EDGE_DENY)
+    async with AsyncExitStack() as stack:
+        workers, addresses = await serve_workers(stack, 1)
+        gateway = Gateway(
+            StaticDiscovery([StaticInstance("inference", "w0", addresses[0])]),
+            config_dir=tmp_path,
+        )
+        serving = await gateway.start(ServerSettings())
+        stack.push_async_callback(serving.drain, 0)
+        await until(lambda: len(gateway.state.snapshot.endpoints("inference")) == 1)
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(serving.address))
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="m")
+        if denied:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ModelInfer(request, timeout=10)
+            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert "no-infer-at-the-edge" in (refused.value.details() or "")
+            assert workers[0].seen == []
+            # The policy names one method: the rest of the data plane is routed.
+            await stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+        else:
+            reply = await stub.ModelInfer(request, timeout=10)
+            assert reply.id == "w0"

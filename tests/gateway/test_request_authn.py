@@ -56,8 +56,6 @@ async def test_end_user_jwts_at_the_gateway(tmp_path: Path) -> None:
         (tmp_path / "users.yaml").write_text(policies(rsa, ec, url))
         async with mesh(1, tmp_path) as m:
             gateway = m.gateway
-            # What `meshserve gateway` wires: AuthorizationPolicies apply at the edge.
-            gateway.guard.policies = lambda: gateway.state.config.authorization_policies
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
             while gateway.authn.jwks.keys(url) is None:
