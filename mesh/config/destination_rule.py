@@ -83,9 +83,23 @@ class OutlierDetection:
 
 @dataclass(frozen=True)
 class ConnectionPool:
-    """The connection-pool settings meshserve enforces (see ``_NOT_ENFORCED``)."""
+    """``connectionPool``: Envoy's circuit breakers and connection pool for the cluster,
+    with Istio's defaults (every limit unlimited; 0 in the YAML means the default). The
+    relay enforces them with Envoy's meaning for HTTP/2 upstreams
+    (mesh/routing/circuit.py)."""
 
+    #: ``http.http2MaxRequests``: calls in flight to the cluster (max_requests).
     http2_max_requests: int = UNLIMITED
+    #: ``tcp.maxConnections``: connections to all the cluster's hosts (max_connections).
+    max_connections: int = UNLIMITED
+    #: ``http.http1MaxPendingRequests``: calls waiting for a connection or for stream
+    #: capacity on one (max_pending_requests).
+    max_pending_requests: int = UNLIMITED
+    #: ``http.maxRetries``: retries outstanding to the cluster at once (max_retries).
+    max_retries: int = UNLIMITED
+    #: ``http.maxRequestsPerConnection``: streams one upstream connection carries before
+    #: it is drained and another takes the next calls.
+    max_requests_per_connection: int = UNLIMITED
     connect_timeout: float = 10.0
 
 
@@ -465,15 +479,6 @@ def _outlier(node: Node) -> OutlierDetection:
     )
 
 
-#: connectionPool counters meshserve does not enforce. Each is accepted at its default
-#: (0, the proto's unset value, or Istio's "unlimited"), which is what meshserve does;
-#: any other value would be a limit silently not applied, so it is refused.
-_NOT_ENFORCED = {
-    "http": ("maxRequestsPerConnection", "maxRetries", "http1MaxPendingRequests"),
-    "tcp": ("maxConnections",),
-}
-
-
 def _connection_pool(node: Node) -> ConnectionPool:
     node.mapping(("http", "tcp"))
     http = node.child("http")
@@ -498,17 +503,17 @@ def _connection_pool(node: Node) -> ConnectionPool:
             ("maxConnections", "connectTimeout"),
             unsupported=("tcpKeepalive", "maxConnectionDuration", "idleTimeout"),
         )
-    for block, keys in _NOT_ENFORCED.items():
-        for key in keys:
-            value = node.child(block).child(key)
-            if value.integer(0, 0, UNLIMITED) not in (0, UNLIMITED):
-                value.fail(
-                    "is an Istio field that meshserve does not support (only its default, "
-                    "0 or unset, is accepted: the limit would not be enforced)"
-                )
+
+    def limit(block: Node, key: str) -> int:
+        # 0 is the proto's unset value: Istio's default (2^32-1, unlimited).
+        return block.child(key).integer(0, 0, UNLIMITED) or UNLIMITED
+
     return ConnectionPool(
-        # 0 is the proto's unset value: Istio's default (unlimited).
-        http2_max_requests=http.child("http2MaxRequests").integer(0, 0, UNLIMITED) or UNLIMITED,
+        http2_max_requests=limit(http, "http2MaxRequests"),
+        max_connections=limit(tcp, "maxConnections"),
+        max_pending_requests=limit(http, "http1MaxPendingRequests"),
+        max_retries=limit(http, "maxRetries"),
+        max_requests_per_connection=limit(http, "maxRequestsPerConnection"),
         connect_timeout=tcp.child("connectTimeout").duration(10.0),
     )
 

@@ -90,6 +90,9 @@ class Ended:
     def upstream_lost(self, up: Side, detail: str, *, connected: bool) -> None:
         pass
 
+    def upstream_connected(self) -> None:
+        pass
+
 
 ENDED = Ended()
 

@@ -36,6 +36,7 @@ from mesh.proxy.inbound import ANONYMOUS, Inbound, edit_headers
 from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
 from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
 from mesh.routing import callpolicy as policy
+from mesh.routing import circuit
 from mesh.routing import headers as md
 from mesh.routing.callcheck import (
     MessageFramer,
@@ -44,13 +45,14 @@ from mesh.routing.callcheck import (
     check_headers,
     encoding_of,
 )
+from mesh.routing.circuit import CircuitBreakers
 from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
 from mesh.routing.faults import fault_action, mirror_target
 from mesh.routing.methods import FLEET_METHODS, MethodInfo, lookup
 from mesh.security.request_authn import JwtIdentity
 
 if TYPE_CHECKING:
-    from mesh.proxy.relay import Downstream, Relay
+    from mesh.proxy.relay import Downstream, HostPool, Relay, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ REPLAY_LIMIT = 1 << 20
 HOLD_LIMIT = STREAM_WINDOW // 2
 #: How much of a first message routing reads for ``model_name``/``model_version``.
 FIELD_PREFIX = 1 << 16
+#: Envoy's mark on a call a circuit breaker shed (its 503 overflow carries it too).
+OVERLOADED_TEXT = ("x-envoy-overloaded", "true")
+OVERLOADED: Header = (b"x-envoy-overloaded", b"true")
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 #: gRPC's mapping of HTTP statuses when a response carries no grpc-status.
 _HTTP_STATUS = {
@@ -168,6 +173,12 @@ class Exchange:
         #: Inbound mode: the call holds a place under the sidecar's concurrency limit.
         self._limited = False
         self._retried_transparently = False
+        #: The cluster's breakers while this attempt is pending (waiting for a
+        #: connection, or queued for stream capacity: ``queue``).
+        self.pending: CircuitBreakers | None = None
+        self.queue: HostPool | None = None
+        #: The cluster's breakers while this attempt is a retry (maxRetries).
+        self._retrying: CircuitBreakers | None = None
         #: A unary response held back until its trailers: its headers, data (payload,
         #: flow) and their size. Cleared at each attempt.
         self._held_headers: list[Header] | None = None
@@ -363,10 +374,14 @@ class Exchange:
         cluster = clusters.cluster(decision.host, decision.subset)
         limit = cluster.policy.connection_pool.http2_max_requests
         if policy.over_request_limit(limit, relay.state.tracker.total(cluster.healthy)):
+            relay.pool.breakers_for(cluster).shed_request()
+            self.decision = decision
+            relay.overflowed(self, circuit.REQUESTS)
             self._fail_early(
                 grpc.StatusCode.UNAVAILABLE,
                 f"{decision.target} has {limit} requests in flight "
                 "(connectionPool.http.http2MaxRequests)",
+                (OVERLOADED_TEXT,),
             )
             return
         self.decision, self.cluster = decision, cluster
@@ -511,12 +526,60 @@ class Exchange:
         if remaining is not None and remaining <= 0:
             self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
             return
+        # The client's own deadline needs no timer here: the client ends the call (and the
+        # relay then resets the upstream), and the upstream got it as grpc-timeout. A
+        # route timeout or per-try timeout is the relay's to enforce, pending time included.
+        if decision is not None and (per_try is not None or decision.timeout is not None):
+            self._arm_timer(remaining)
         cluster = None if self.internal else self.cluster
-        conn = (
-            relay.pool.get(address, cluster.policy.connection_pool.connect_timeout, cluster.tls)
-            if cluster is not None
-            else relay.pool.get(address)
+        if cluster is None:
+            self._send_on(relay.pool.get(address))
+            return
+        got = relay.pool.acquire(self, address, cluster)
+        if isinstance(got, str):
+            self._overloaded(circuit.PENDING, cluster.policy.connection_pool.max_pending_requests)
+        elif got is not None:
+            self._send_on(got)
+        # else queued: the pool places it when a connection has room (place)
+
+    def place(self, conn: Upstream) -> None:
+        """The pool found room for this queued attempt on ``conn``."""
+        if conn.connected:
+            self._leave_pending()
+        self._send_on(conn)
+
+    def upstream_connected(self) -> None:
+        """The connection this attempt's stream waited for is up: no longer pending."""
+        self._leave_pending()
+
+    def unplaced(self, detail: str) -> None:
+        """The queued attempt's endpoint left: it never reached it (a connection failure)."""
+        self._unprocessed(detail)
+
+    def _leave_pending(self) -> None:
+        if self.queue is not None:
+            self.queue.waiting.remove(self)
+            self.queue = None
+        if self.pending is not None:
+            self.pending.remove_pending()
+            self.pending = None
+
+    def _overloaded(self, kind: str, limit: int) -> None:
+        """A circuit breaker shed the call (Envoy's 503 overflow, never retried)."""
+        self.relay.overflowed(self, kind)
+        self._end_attempt(grpc.StatusCode.UNAVAILABLE, blame=False)
+        target = self.decision.target if self.decision is not None else self.path
+        self._give_up(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{target}: {kind} overflow ({circuit.FIELDS[kind]}: {limit})",
+            (OVERLOADED,),
         )
+
+    def _send_on(self, conn: Upstream) -> None:
+        """Opens the attempt's stream on ``conn`` and sends what the client sent so far."""
+        address = conn.address
+        decision = self.decision
+        per_try = decision.retries.per_try_timeout if decision is not None else None
         up = self.up = conn.open_stream(self)
         body = self.body
         up.send_headers(
@@ -532,12 +595,6 @@ class Exchange:
         else:
             self.body = []
             self.body_bytes = 0
-        # The client's own deadline needs no timer here: the client ends the call (and the
-        # relay then resets the upstream), and the upstream got it as grpc-timeout. A
-        # route timeout or per-try timeout is the relay's to enforce.
-        decision = self.decision
-        if decision is not None and (per_try is not None or decision.timeout is not None):
-            self._arm_timer(remaining)
 
     def _arm_timer(self, remaining: float | None) -> None:
         if self._timer is not None:
@@ -554,8 +611,9 @@ class Exchange:
         if self.up is not None:
             self.up.reset(f.CANCEL)
         # A timeout is the upstream's failure only when it had the whole request: one
-        # that is waiting for the client's message is not slow, the client is.
-        blame = self.request_ended
+        # that is waiting for the client's message is not slow, the client is; nor is
+        # one still pending (never sent: it waited for a connection).
+        blame = self.request_ended and self.pending is None
         if overall:
             self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=blame)
             self._give_up(
@@ -611,6 +669,8 @@ class Exchange:
         produced it (``blame``), for outlier detection: an outcome the relay or the
         client caused (its own validation, a timeout waiting for the client, a
         cancellation) never counts against an endpoint."""
+        self._leave_pending()
+        self._end_retry()
         endpoint, cluster = self.endpoint, self.cluster
         if endpoint is None or cluster is None:
             return
@@ -633,13 +693,45 @@ class Exchange:
             connection_failure=connection_failure,
         )
 
+    def _end_retry(self) -> None:
+        """Envoy's retry is outstanding until the outcome of its attempt is known."""
+        if self._retrying is not None:
+            self._retrying.end_retry()
+            self._retrying = None
+
+    def _admit_retry(self) -> bool:
+        """``connectionPool.http.maxRetries``: whether the cluster has room for one more
+        outstanding retry (held until that attempt ends); past it the retry is not
+        attempted and the overflow is counted."""
+        cluster = self.cluster
+        if cluster is None:
+            return True
+        breakers = self.relay.pool.breakers_for(cluster)
+        if not breakers.start_retry(cluster.policy.connection_pool):
+            self.relay.overflowed(self, circuit.RETRIES)
+            return False
+        self._retrying = breakers
+        return True
+
     def _failed_attempt(
-        self, code: grpc.StatusCode, detail: str, *, connection_failure: bool, blame: bool = True
+        self,
+        code: grpc.StatusCode,
+        detail: str,
+        *,
+        connection_failure: bool,
+        blame: bool = True,
+        retry_admitted: bool = False,
     ) -> None:
-        """The current attempt failed before answering: next successor or give up."""
+        """The current attempt failed before answering: next successor or give up.
+        ``retry_admitted``: the caller has checked eligibility and taken the retry's place
+        under maxRetries already."""
+        held = self._retrying if retry_admitted else None
+        if held is not None:
+            self._retrying = None  # the new retry's place, not the ending attempt's
         self._end_attempt(code, connection_failure=connection_failure, blame=blame)
+        self._retrying = held
         address = self.endpoint.address if self.endpoint else self.relay.internal_address
-        if self._may_retry(code, connection_failure):
+        if retry_admitted or (self._may_retry(code, connection_failure) and self._admit_retry()):
             log.info(
                 "retrying %s (x-request-id %s) on the next endpoint after %s from %s",
                 self.path,
@@ -680,10 +772,17 @@ class Exchange:
             code = status_of(headers)
             up.close()
             if not self.started and code is not grpc.StatusCode.OK and self._may_retry(code, False):
-                self._failed_attempt(
-                    code, code.name, connection_failure=False, blame=self._upstreams_fault(code)
-                )
-                return
+                self._end_retry()  # this attempt's own place first, as Envoy frees it
+                if self._admit_retry():
+                    self._failed_attempt(
+                        code,
+                        code.name,
+                        connection_failure=False,
+                        blame=self._upstreams_fault(code),
+                        retry_admitted=True,
+                    )
+                    return
+                # Past maxRetries: the upstream's answer goes to the client as it came.
             self._release(up)
             self._end_attempt(code, blame=self._upstreams_fault(code))
             if not self.started:
@@ -848,6 +947,8 @@ class Exchange:
         if self._tracked and self.endpoint is not None:
             self._tracked = False
             self.relay.state.tracker.finish(self.endpoint.address, self.key)
+        self._leave_pending()
+        self._end_retry()
         if self._limited and self.relay.inbound is not None:
             self._limited = False
             self.relay.inbound.limit.release()

@@ -194,6 +194,11 @@ class MeshMetrics:
             unit="1",
             description="Endpoints ejected by outlier detection",
         )
+        self.overflows = meter.create_counter(
+            "meshserve.overflows",
+            unit="1",
+            description="Circuit breaker overflows (DestinationRule connectionPool) by limit",
+        )
         self.ring_changes = meter.create_counter(
             "meshserve.ring.changes",
             unit="1",
@@ -231,6 +236,10 @@ class MeshMetrics:
 
     def ejected(self, destination: str, endpoint: str) -> None:
         self.ejections.add(1, {"destination": destination, "endpoint": endpoint})
+
+    def overflowed(self, destination: str, limit: str) -> None:
+        """``limit``: connections, pending, retries or requests (mesh/routing/circuit.py)."""
+        self.overflows.add(1, {"destination": destination, "limit": limit})
 
     def ring_changed(self, destination: str) -> None:
         self.ring_changes.add(1, {"destination": destination})

@@ -33,12 +33,15 @@ class FakeWorker:
     hold: asyncio.Event | None = None
     #: Every request message received, in order (all four call kinds).
     requests: list[Message] = field(default_factory=list)
+    #: The client address of every call, in order: one per connection it came on.
+    peers: list[str] = field(default_factory=list)
 
     def _enter(self, context: Context) -> None:
         metadata = {
             m[0]: m[1] for m in (context.invocation_metadata() or ()) if isinstance(m[1], str)
         }
         self.seen.append(metadata)
+        self.peers.append(context.peer())
         self.deadlines.append(context.time_remaining())
 
     async def _maybe_fail(self, context: Context) -> None:

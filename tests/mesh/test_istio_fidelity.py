@@ -24,6 +24,8 @@ from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.snapshot import MeshConfig, config_from_yaml
 from mesh.errors import Unimplemented
+from mesh.routing import circuit
+from mesh.routing.circuit import CircuitBreakers
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.discovery import StaticInstance
 from mesh.security.authz import RequestAttributes, evaluate
@@ -225,9 +227,35 @@ def zero_means_the_default() -> None:
         )
     )
     assert isinstance(rule, DestinationRule)
-    assert rule.traffic_policy.connection_pool.http2_max_requests == UNLIMITED
+    pool = rule.traffic_policy.connection_pool
+    assert pool.http2_max_requests == UNLIMITED
+    assert pool.max_requests_per_connection == pool.max_retries == UNLIMITED
+    assert pool.max_pending_requests == pool.max_connections == UNLIMITED
     ch = rule.traffic_policy.load_balancer.consistent_hash
     assert ch is not None and ch.minimum_ring_size == 1024
+
+
+def connection_pool_limits() -> None:
+    """Istio's circuit-breaker example: each limit as Envoy's breaker of that name."""
+    rule = one(
+        dr(
+            "  trafficPolicy:\n"
+            "    connectionPool:\n"
+            "      tcp: {maxConnections: 100}\n"
+            "      http: {http2MaxRequests: 1000, maxRequestsPerConnection: 10,"
+            " http1MaxPendingRequests: 2, maxRetries: 3}\n"
+        )
+    )
+    assert isinstance(rule, DestinationRule)
+    pool = rule.traffic_policy.connection_pool
+    assert (pool.max_connections, pool.http2_max_requests) == (100, 1000)
+    assert (pool.max_requests_per_connection, pool.max_pending_requests) == (10, 2)
+    assert pool.max_retries == 3
+    breakers = CircuitBreakers()
+    assert breakers.add_pending(pool) and breakers.add_pending(pool)
+    assert not breakers.add_pending(pool)  # the third waiting call is shed
+    assert [breakers.start_retry(pool) for _ in range(4)] == [True, True, True, False]
+    assert circuit.spent(pool, 10) and not circuit.spent(pool, 9)
 
 
 def ring_size_is_the_whole_ring() -> None:
@@ -382,6 +410,7 @@ WORKS: dict[str, Callable[[], None]] = {
         fqdn_hosts_from_another_namespace,
         simple_unspecified_is_the_default,
         zero_means_the_default,
+        connection_pool_limits,
         ring_size_is_the_whole_ring,
         kubectl_exports_are_accepted,
         numeric_port_level_mtls,
@@ -470,24 +499,19 @@ REFUSED: list[tuple[str, str, str]] = [
         "sum to 0",
     ),
     (
-        dr("  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 1}}}\n"),
+        dr("  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: -1}}}\n"),
         "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
-        UNSUPPORTED,
+        "must be an integer in [0, 4294967295], got -1",
     ),
     (
-        dr("  trafficPolicy: {connectionPool: {http: {maxRetries: 3}}}\n"),
+        dr("  trafficPolicy: {connectionPool: {http: {maxRetries: 1.5}}}\n"),
         "spec.trafficPolicy.connectionPool.http.maxRetries",
-        UNSUPPORTED,
+        "must be an integer",
     ),
     (
-        dr("  trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 1}}}\n"),
-        "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests",
-        UNSUPPORTED,
-    ),
-    (
-        dr("  trafficPolicy: {connectionPool: {tcp: {maxConnections: 100}}}\n"),
+        dr("  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4294967296}}}\n"),
         "spec.trafficPolicy.connectionPool.tcp.maxConnections",
-        UNSUPPORTED,
+        "must be an integer in [0, 4294967295]",
     ),
     (dr("  exportTo: ['.']\n", metadata="  namespace: ops\n"), "spec.host", "short host"),
     (
