@@ -145,7 +145,11 @@ async def run(
     )
     client_side.data_received(f.PREFACE + endless)
     upstream = Upstream(relay, UPSTREAM)
-    relay.pool._conns[(UPSTREAM, ISTIO_MUTUAL)] = upstream  # connected by hand: no socket
+    # Connected by hand (no socket): the routed calls' cluster's, or the worker's.
+    if relay.inbound is None:
+        relay.pool.adopt(upstream, relay.state.clusters.cluster("inference"))
+    else:
+        relay.pool._conns[(UPSTREAM, ISTIO_MUTUAL)] = upstream
     up_transport = MemoryTransport()
     upstream.connection_made(up_transport)
     upstream.data_received(endless)

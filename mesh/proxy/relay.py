@@ -271,7 +271,7 @@ class Upstream(ClientConnection):
         #: Streams this connection has carried (maxRequestsPerConnection).
         self.opened = 0
         #: Counted in its cluster's connections until lost.
-        self._counted = host is not None
+        self.counted = host is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -298,8 +298,8 @@ class Upstream(ClientConnection):
         if host is not None:
             if self in host.conns:
                 host.conns.remove(self)
-            if self._counted:
-                self._counted = False
+            if self.counted:
+                self.counted = False
                 host.live -= 1
                 host.breakers.close_connection()
                 pool.wake_cluster(host.cluster)
@@ -443,6 +443,23 @@ class UpstreamPool:
                 return None
         self._take(host, conn)
         return conn
+
+    def adopt(self, conn: Upstream, cluster: Cluster) -> None:
+        """Makes ``conn`` (connected by its owner: a benchmark's in-memory one) one of
+        ``cluster``'s connections to its address."""
+        key = (cluster.members.host, cluster.members.subset)
+        host = self._hosts.get((key, conn.address, cluster.tls))
+        if host is None:
+            host = self._hosts[(key, conn.address, cluster.tls)] = HostPool(
+                key, conn.address, cluster.tls, self.breakers_for(cluster)
+            )
+        host.limits = cluster.policy.connection_pool
+        conn.host = host
+        conn.counted = True
+        host.conns.append(conn)
+        host.live += 1
+        host.breakers.connections += 1
+        self.open.add(conn)
 
     def _with_room(self, host: HostPool) -> Upstream | None:
         limits = host.limits
