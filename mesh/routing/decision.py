@@ -11,6 +11,7 @@ from mesh.config.retries import RetryPolicy
 from mesh.config.virtual_service import Destination, Fault, HeaderOperations, HTTPRoute
 from mesh.errors import Unimplemented
 from mesh.routing import headers as md
+from mesh.routing.circuit import limits_text
 from mesh.routing.hashkey import (
     MODEL_NAMED_METHODS,
     HashKey,
@@ -174,6 +175,9 @@ def decide(
     if explain:
         steps.extend(pick.reasons)
         target = destination.describe()
+        limits = limits_text(cluster.policy.connection_pool)
+        if limits:
+            steps.append(f"connectionPool limits of {target}: {limits}")
         if pick.candidates:
             steps.append(f"endpoint {pick.candidates[0].address} of {target}")
         else:

@@ -12,7 +12,7 @@ import pytest
 from mesh.balance.cluster import ClusterMap
 from mesh.balance.endpoints import Endpoint, EndpointsSnapshot
 from mesh.balance.load import LoadTracker
-from mesh.config.loader import load_path
+from mesh.config.loader import load_path, parse_yaml
 from mesh.config.snapshot import MeshConfig, config_from_path, config_from_yaml
 from mesh.errors import Unimplemented
 from mesh.routing.decision import RequestInfo, decide
@@ -296,3 +296,29 @@ def test_endpoint_from_instance_reads_weight_and_health() -> None:
     a, b = snapshot.endpoints("inference")
     assert a == Endpoint("h:1", "a", (("meshserve.io/weight", "3"),), weight=3, healthy=True)
     assert not b.healthy
+
+
+def test_explanation_names_the_connection_pool_limits() -> None:
+    limited = DEFAULT.merged(
+        parse_yaml(
+            """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 4}, http: {maxRetries: 2}}
+""",
+            "limits.yaml",
+        ),
+        version=2,
+        source="limits",
+    )
+    text = decide(clusters(limited, workers(2)), infer("m"), random.Random(0), explain=True)
+    assert "connectionPool limits of inference: maxConnections=4, maxRetries=2" in (
+        text.explanation
+    )
+    # The shipped config sets one limit; the others, at Istio's default, are not named.
+    plain = decide(clusters(DEFAULT, workers(2)), infer("m"), random.Random(0), explain=True)
+    assert "connectionPool limits of inference: http2MaxRequests=1024" in plain.explanation
