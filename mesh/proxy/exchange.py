@@ -503,6 +503,7 @@ class Exchange:
     def _attempt(self) -> None:
         relay = self.relay
         self.attempt += 1
+        self._leave_pending()  # an attempt replaced while pending waits no more
         self._held_headers, self._held, self._held_bytes = None, [], 0
         decision = self.decision
         if self.internal:

@@ -429,9 +429,10 @@ class UpstreamPool:
             self.wake(host)
         conn = None if host.waiting else self._with_room(host)
         if conn is None and not host.waiting:
+            overflows = breakers.overflows[circuit.CONNECTIONS]
             if breakers.open_connection(limits, host_has_connection=host.live > 0):
                 conn = self._new(host)
-            else:
+            if breakers.overflows[circuit.CONNECTIONS] != overflows:
                 self.relay.overflowed(exchange, circuit.CONNECTIONS)
         if conn is None or not conn.connected:
             if not breakers.add_pending(limits):

@@ -8,10 +8,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import grpc
 import grpc.aio
 import pytest
+from opentelemetry.sdk.metrics.export import Sum
 
 from gateway.app import Gateway
 from mesh.routing import circuit
@@ -19,6 +21,8 @@ from mesh.routing.circuit import CircuitBreakers
 from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
+from mesh.telemetry.metrics import MeshMetrics
+from mesh.telemetry.setup import TelemetrySettings, setup
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.backends import Context, FakeWorker
@@ -71,7 +75,11 @@ class Edge:
 
 @asynccontextmanager
 async def edge(
-    tmp_path: Path, pool: str, worker: FakeWorker, retries: str = "retries: {}"
+    tmp_path: Path,
+    pool: str,
+    worker: FakeWorker,
+    retries: str = "retries: {}",
+    metrics: MeshMetrics | None = None,
 ) -> AsyncIterator[Edge]:
     (tmp_path / "inference.yaml").write_text(
         CONFIG.replace("POOL", pool).replace("RETRIES", retries)
@@ -81,6 +89,7 @@ async def edge(
         gateway = Gateway(
             StaticDiscovery([StaticInstance("inference", worker.name, serving.address)]),
             config_dir=tmp_path,
+            metrics=metrics,
         )
         front = await gateway.start(ServerSettings())
         stack.push_async_callback(front.drain, 0)
@@ -160,7 +169,8 @@ async def test_retries_past_max_retries_are_not_attempted(tmp_path: Path) -> Non
     pool = "{http: {maxRetries: 1}}"
     retries = "retries: {attempts: 3, retryOn: unavailable}"
     worker = SlowFailure("w0")
-    async with edge(tmp_path, pool, worker, retries) as e:
+    telemetry = setup(TelemetrySettings(metrics=("memory",)))
+    async with edge(tmp_path, pool, worker, retries, telemetry.metrics) as e:
         results = await asyncio.gather(
             *(e.stub.ModelInfer(infer(), timeout=10) for _ in range(4)), return_exceptions=True
         )
@@ -172,6 +182,20 @@ async def test_retries_past_max_retries_are_not_attempted(tmp_path: Path) -> Non
         breakers = e.breakers()
         assert breakers.overflows[circuit.RETRIES] == 3
         assert breakers.retries == 0
+    # Exported as meshserve_overflows_total{destination="inference", limit="retries"}.
+    assert telemetry.metric_reader is not None
+    data = telemetry.metric_reader.get_metrics_data()
+    assert data is not None
+    (metric,) = [
+        m
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "meshserve.overflows"
+    ]
+    (point,) = cast(Sum, metric.data).data_points
+    assert dict(point.attributes or {}) == {"destination": "inference", "limit": "retries"}
+    assert point.value == 3
 
 
 async def test_without_limits_retries_are_not_bounded(tmp_path: Path) -> None:
