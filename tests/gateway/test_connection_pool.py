@@ -74,20 +74,41 @@ class Edge:
 
 
 @asynccontextmanager
+async def one_stream_server(worker: FakeWorker) -> AsyncIterator[str]:
+    """``worker`` on a gRPC server that takes one stream per connection at a time (it
+    advertises SETTINGS_MAX_CONCURRENT_STREAMS 1); yields its address."""
+    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1)])
+    for service in worker.services():
+        service.register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+@asynccontextmanager
 async def edge(
     tmp_path: Path,
     pool: str,
     worker: FakeWorker,
     retries: str = "retries: {}",
     metrics: MeshMetrics | None = None,
+    *,
+    one_stream: bool = False,
 ) -> AsyncIterator[Edge]:
     (tmp_path / "inference.yaml").write_text(
         CONFIG.replace("POOL", pool).replace("RETRIES", retries)
     )
     async with AsyncExitStack() as stack:
-        serving, _ = await stack.enter_async_context(serve(worker.services()))
+        if one_stream:
+            address = await stack.enter_async_context(one_stream_server(worker))
+        else:
+            serving, _ = await stack.enter_async_context(serve(worker.services()))
+            address = serving.address
         gateway = Gateway(
-            StaticDiscovery([StaticInstance("inference", worker.name, serving.address)]),
+            StaticDiscovery([StaticInstance("inference", worker.name, address)]),
             config_dir=tmp_path,
             metrics=metrics,
         )
@@ -160,6 +181,33 @@ async def test_pending_calls_past_the_limit_are_shed_at_once(tmp_path: Path) -> 
         # One after the other, each on its own connection (maxConnections 1).
         assert len(set(worker.peers)) == 3
         assert breakers.pending == 0
+
+
+async def test_calls_wait_for_stream_capacity_at_max_connections(tmp_path: Path) -> None:
+    """HTTP/2 as Envoy pools it: an upstream taking one stream at a time, maxConnections 1.
+    A second call cannot open another connection: it waits (pending) for the stream to
+    end and then goes on the same connection; calls past http1MaxPendingRequests are
+    shed at once."""
+    pool = "{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}"
+    hold = asyncio.Event()
+    worker = FakeWorker("w0", hold=hold)
+    async with edge(tmp_path, pool, worker, one_stream=True) as e:
+        first = asyncio.ensure_future(e.stub.ModelInfer(infer(), timeout=10))
+        await until(lambda: len(worker.seen) == 1)
+        calls = [asyncio.ensure_future(e.stub.ModelInfer(infer(), timeout=10)) for _ in range(3)]
+        await until(lambda: sum(c.done() for c in calls) == 2)
+        for call in [c for c in calls if c.done()]:
+            error = call.exception()
+            assert isinstance(error, grpc.aio.AioRpcError)
+            assert error.code() is grpc.StatusCode.UNAVAILABLE
+        breakers = e.breakers()
+        assert breakers.overflows[circuit.PENDING] == 2
+        assert breakers.overflows[circuit.CONNECTIONS] >= 1
+        hold.set()
+        replies = await asyncio.gather(first, *(c for c in calls if not c.done()))
+        assert [r.id for r in replies] == ["w0", "w0"]
+        assert len(set(worker.peers)) == 1  # one connection carried both, in turn
+        assert breakers.connections == 1
 
 
 async def test_retries_past_max_retries_are_not_attempted(tmp_path: Path) -> None:
