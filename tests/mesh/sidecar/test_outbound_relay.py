@@ -60,3 +60,35 @@ async def test_routes_by_the_pipeline_injects_faults_and_refuses_what_needs_a_se
             await infer(pb.ModelInferRequest(model_name="m"), timeout=10)
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "fault injected by VirtualService/inference" in (refused.value.details() or "")
+
+
+POOLED = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 2}}}
+"""
+
+
+async def test_the_outbound_enforces_connection_pool_limits_as_the_gateway_does() -> None:
+    """One policy in both modes: maxRequestsPerConnection 2 makes five calls leave the
+    worker's sidecar on three connections (as the upstream counts them)."""
+    worker = FakeWorker("inference-0")
+    async with AsyncExitStack() as stack:
+        serving, _ = await stack.enter_async_context(serve(worker.services()))
+        outbound = Outbound(
+            StaticDiscovery([StaticInstance("inference", "i0", serving.address)]),
+            reload_interval=0.05,
+        )
+        address = await outbound.start(0)
+        stack.push_async_callback(outbound.drain, 0)
+        await outbound.pipeline.apply(POOLED, expected_version=0, dry_run=False)
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        for _ in range(5):
+            assert (await infer(pb.ModelInferRequest(model_name="m"), timeout=10)).id == (
+                "inference-0"
+            )
+        assert sorted(worker.peers.count(p) for p in set(worker.peers)) == [1, 2, 2]
