@@ -52,7 +52,8 @@ from mesh.routing.methods import FLEET_METHODS, MethodInfo, lookup
 from mesh.security.request_authn import JwtIdentity
 
 if TYPE_CHECKING:
-    from mesh.proxy.relay import Downstream, HostPool, Relay, Upstream
+    from mesh.proxy.pool import HostPool, Upstream
+    from mesh.proxy.relay import Downstream, Relay
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from typing import Any
 from mesh.config.client_tls import ClientTls
 from mesh.config.loader import load_path
 from mesh.config.snapshot import EMPTY
-from mesh.proxy.relay import Downstream, Relay, Upstream, UpstreamPool
+from mesh.proxy.pool import Upstream, UpstreamPool
+from mesh.proxy.relay import Downstream, Relay
 from mesh.routing.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from mesh.routing.state import GatewayState
 

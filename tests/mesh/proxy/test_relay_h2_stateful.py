@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mesh.proxy.relay import Upstream
+from mesh.proxy.pool import Upstream
 from protos.inference import grpc_service_pb2 as pb
 from tests.support.relay_memory import MemoryRelay, MemoryTransport
 
