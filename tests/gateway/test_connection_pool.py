@@ -257,3 +257,28 @@ async def test_without_limits_retries_are_not_bounded(tmp_path: Path) -> None:
         assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
         assert len(worker.seen) == 8
         assert e.breakers().overflows[circuit.RETRIES] == 0
+
+
+async def test_a_call_that_gives_up_while_pending_leaves_the_queue(tmp_path: Path) -> None:
+    """A queued call whose client deadline passes is gone from the queue (it holds no
+    pending place), and the pool serves the next calls as before."""
+    pool = (
+        "{tcp: {maxConnections: 1},"
+        " http: {maxRequestsPerConnection: 1, http1MaxPendingRequests: 1}}"
+    )
+    hold = asyncio.Event()
+    worker = FakeWorker("w0", hold=hold)
+    async with edge(tmp_path, pool, worker) as e:
+        first = asyncio.ensure_future(e.stub.ModelInfer(infer(), timeout=10))
+        await until(lambda: len(worker.seen) == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await e.stub.ModelInfer(infer(), timeout=0.3)
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await until(lambda: e.breakers().pending == 0)
+        # The place it held is free: another call may wait (one is allowed).
+        waiting = asyncio.ensure_future(e.stub.ModelInfer(infer(), timeout=10))
+        await until(lambda: e.breakers().pending == 1)
+        hold.set()
+        assert [r.id for r in await asyncio.gather(first, waiting)] == ["w0", "w0"]
+        assert len(worker.seen) == 2  # the call that gave up never reached the upstream
+        assert e.breakers().overflows[circuit.PENDING] == 0
