@@ -18,13 +18,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cli.admin_credential import own_admin_metadata
 from cli.endpoints import DEFAULT_STATE_DIR, UpEndpoints
 from cli.errors import CliError
+from cli.routed import routed_endpoints, unrouted, wait_routed
 from cli.supervision.units import UnitState, UnitStatus
 
 out = Console()
 
-#: How long to wait for the unit to be back (drain, start, ready) unless --no-wait.
+#: How long to wait for the unit to be back (drain, start, ready, routed) unless --no-wait.
 WAIT_TIMEOUT_S = 120.0
 
 
@@ -57,6 +59,12 @@ def cmd_restart(args: argparse.Namespace) -> int:
         raise CliError(f"{unit.name} is {unit.describe_state(time.time())}: nothing to restart")
     if not _is_meshserve(unit.pid):
         raise CliError(f"pid {unit.pid} of {unit.name} is no meshserve process (stale up.json?)")
+    # A worker unit the gateway routes to is back once the gateway routes to it again:
+    # its ready line comes before its worker serves, and a script that restarts the next
+    # unit at the ready line may leave the gateway no healthy endpoint meanwhile.
+    metadata = own_admin_metadata(state)
+    routed = routed_endpoints(endpoints.gateway, metadata) if not args.no_wait else None
+    was_routed = routed is not None and not unrouted([unit.address], routed)
     os.kill(unit.pid, signal.SIGTERM)
     out.print(f"{unit.name}: draining (pid {unit.pid})", highlight=False)
     if args.no_wait:
@@ -68,7 +76,15 @@ def cmd_restart(args: argparse.Namespace) -> int:
             raise CliError("meshserve up stopped")
         again = find_unit(now.units, unit.name)
         if again.state is UnitState.RUNNING and again.pid != unit.pid:
-            out.print(f"{unit.name}: running again (pid {again.pid})", highlight=False)
+            if was_routed:
+                wait_routed(
+                    now.gateway,
+                    metadata,
+                    {unit.name: again.address},
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                )
+            how = ", routed by the gateway" if was_routed else ""
+            out.print(f"{unit.name}: running again (pid {again.pid}){how}", highlight=False)
             return 0
         if again.state is UnitState.FAILED:
             raise CliError(f"{unit.name} {again.describe_state(time.time())}")
