@@ -134,9 +134,9 @@ def test_a_nodejs_client_makes_every_kind_of_call_through_the_gateway(up: Up) ->
     assert sorted(streamed["outputs"]) == [f"node-{i}" for i in range(len(ROWS))]
     for i, row in enumerate(expected):
         assert np.allclose(streamed["outputs"][f"node-{i}"], row, rtol=1e-5, atol=1e-6)
-    # A stream answered once, then held open past its 1.5 s deadline.
+    # A stream answered once, then held open past its 4 s deadline.
     assert seen["deadline"]["code"] == "DEADLINE_EXCEEDED" and seen["deadline"]["answered"] == 1
-    assert seen["deadline"]["elapsed_ms"] >= 1400
+    assert seen["deadline"]["elapsed_ms"] >= 3900
     assert seen["cancelled"] == {"code": "CANCELLED", "received": 1}
     ids = seen["request_id"]
     assert ids["returned"] == [ids["sent"]]
