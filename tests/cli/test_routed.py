@@ -9,8 +9,10 @@ from contextlib import AsyncExitStack
 import pytest
 
 from cli.errors import CliError
+from cli.restart import routed_names
 from cli.routed import endpoint_key, routed_endpoints, unrouted, wait_routed
 from cli.supervision.processes import Component, after
+from cli.supervision.units import UnitState, UnitStatus
 from cli.up import outbound_port
 from gateway.app import Gateway
 from mesh.routing.discovery import StaticDiscovery, StaticInstance
@@ -74,3 +76,18 @@ async def test_wait_routed_returns_once_routed_and_names_the_units_that_are_not(
         with pytest.raises(CliError) as refused:
             await asyncio.to_thread(wait_routed, serving.address, (), units, timeout=0.2)
         assert "to route to inference worker 1, inference worker 2 (" in str(refused.value)
+
+
+def test_restart_awaits_the_units_the_gateway_routed_to_before() -> None:
+    def unit(name: str, address: str) -> UnitStatus:
+        return UnitStatus(name, UnitState.RUNNING, 1, address=address)
+
+    units = (
+        unit("store", "http://127.0.0.1:9200"),
+        unit("inference worker 1", "127.0.0.1:4101"),
+        unit("inference worker 2", "127.0.0.1:4102"),
+        unit("gateway", "127.0.0.1:8080"),
+        unit("data worker 1", ""),  # restarting: no address
+    )
+    routed = {"localhost:4101", "localhost:4102", "localhost:4103"}
+    assert routed_names(units, routed) == {"inference worker 1", "inference worker 2"}
