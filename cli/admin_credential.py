@@ -72,3 +72,11 @@ def admin_metadata(
     """The call metadata carrying the admin key, or none when there is no key to send."""
     key = admin_key(explicit, state_dir)
     return ((API_KEY_HEADER, key),) if key else ()
+
+
+def own_admin_metadata(state_dir: Path) -> tuple[tuple[str, str], ...]:
+    """The metadata carrying the key of ``state_dir`` itself, never ``$MESHSERVE_ADMIN_KEY``:
+    what ``up`` and its commands send to ``up``'s own gateway, whichever key the shell
+    holds for another."""
+    key = _read_key(state_dir / ADMIN_KEY_FILE)
+    return ((API_KEY_HEADER, key),) if key else ()

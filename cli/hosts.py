@@ -24,9 +24,10 @@ from types import FrameType
 from rich.console import Console
 
 from cli import netns
-from cli.admin_credential import ensure_admin_credential
+from cli.admin_credential import ensure_admin_credential, own_admin_metadata
 from cli.endpoints import UP_FILE, UpEndpoints
 from cli.errors import CliError
+from cli.routed import wait_routed
 from cli.supervision.janitor import Janitor
 from cli.supervision.policy import RestartPolicy
 from cli.supervision.processes import Component, Running, after
@@ -48,6 +49,8 @@ RENDEZVOUS_PORT = 29400
 #: The training worker's way to the data service: its sidecar's outbound port, on its
 #: host's loopback (each host has its own, so the fixed port collides with nothing).
 OUTBOUND_PORT = 15001
+#: How long the gateway may take to route to every worker once all have started.
+ROUTED_TIMEOUT_S = 90.0
 
 
 def traces_file(state: Path, host: str) -> Path:
@@ -268,8 +271,18 @@ def run_up(args: argparse.Namespace) -> int:
             network, state, config, device=args.device, traces=args.traces
         )
         (es,) = (r.address for r in launch([store]))
-        launch(units)
+        workers = launch(units)
         (gateway,) = (r.address for r in launch([gateway_component]))
+        # Ready lines come before the workers serve: the mesh is up once the gateway
+        # routes to each of them, or a first call may find no healthy endpoint.
+        out.print("waiting for the gateway to route to every worker", highlight=False)
+        wait_routed(
+            gateway,
+            own_admin_metadata(state),
+            {w.component.name: w.address for w in workers},
+            timeout=ROUTED_TIMEOUT_S,
+            stopping=stopping,
+        )
 
         def write_up() -> None:
             UpEndpoints.of_units(gateway, es, supervisor.statuses()).write(state)

@@ -18,13 +18,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cli.admin_credential import own_admin_metadata
 from cli.endpoints import DEFAULT_STATE_DIR, UpEndpoints
 from cli.errors import CliError
+from cli.routed import routed_endpoints, unrouted, wait_routed
 from cli.supervision.units import UnitState, UnitStatus
 
 out = Console()
 
-#: How long to wait for the unit to be back (drain, start, ready) unless --no-wait.
+#: How long to wait for the unit to be back (drain, start, ready, routed) unless --no-wait.
 WAIT_TIMEOUT_S = 120.0
 
 
@@ -57,6 +59,13 @@ def cmd_restart(args: argparse.Namespace) -> int:
         raise CliError(f"{unit.name} is {unit.describe_state(time.time())}: nothing to restart")
     if not _is_meshserve(unit.pid):
         raise CliError(f"pid {unit.pid} of {unit.name} is no meshserve process (stale up.json?)")
+    # Back means the gateway routes as it did before: to the restarted worker again (its
+    # ready line comes before its worker serves, and a script restarting the next unit at
+    # the ready line could leave no healthy endpoint), and, after a gateway restart, to
+    # every worker (it listens before its first registry read).
+    metadata = own_admin_metadata(state)
+    routed = routed_endpoints(endpoints.gateway, metadata) if not args.no_wait else None
+    routed_units = set() if routed is None else routed_names(endpoints.units, routed)
     os.kill(unit.pid, signal.SIGTERM)
     out.print(f"{unit.name}: draining (pid {unit.pid})", highlight=False)
     if args.no_wait:
@@ -68,12 +77,34 @@ def cmd_restart(args: argparse.Namespace) -> int:
             raise CliError("meshserve up stopped")
         again = find_unit(now.units, unit.name)
         if again.state is UnitState.RUNNING and again.pid != unit.pid:
-            out.print(f"{unit.name}: running again (pid {again.pid})", highlight=False)
+            # Units that stopped or restart meanwhile (a crash, a scale-down) are not awaited.
+            wanted = {
+                u.name: u.address
+                for u in now.units
+                if u.name in routed_units and u.state is UnitState.RUNNING
+            }
+            if wanted:
+                wait_routed(
+                    now.gateway, metadata, wanted, timeout=max(deadline - time.monotonic(), 0.0)
+                )
+            how = (
+                ", routed by the gateway"
+                if unit.name in routed_units
+                else ", the gateway routes as before"
+                if wanted
+                else ""
+            )
+            out.print(f"{unit.name}: running again (pid {again.pid}){how}", highlight=False)
             return 0
         if again.state is UnitState.FAILED:
             raise CliError(f"{unit.name} {again.describe_state(time.time())}")
         time.sleep(0.2)
     raise CliError(f"{unit.name} was not back within {WAIT_TIMEOUT_S:.0f} s")
+
+
+def routed_names(units: tuple[UnitStatus, ...], routed: set[str]) -> set[str]:
+    """The units (by name) whose address is among the ``routed`` endpoints."""
+    return {u.name for u in units if u.address and not unrouted([u.address], routed)}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import shlex
 import signal
@@ -29,9 +30,10 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from cli.admin_credential import ensure_admin_credential
+from cli.admin_credential import ensure_admin_credential, own_admin_metadata
 from cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
 from cli.errors import CliError
+from cli.routed import wait_routed
 from cli.supervision.elastic import ElasticGroup, LoadFeed
 from cli.supervision.janitor import Janitor
 from cli.supervision.policy import RestartPolicy
@@ -49,8 +51,6 @@ from protos.inference import grpc_service_pb2 as oip
 from protos.inference import grpc_service_pb2_grpc as oip_grpc
 from protos.meshserve.data.v1 import data_pb2 as data_pb
 from protos.meshserve.data.v1 import data_pb2_grpc
-from protos.meshserve.training.v1 import training_pb2 as training_pb
-from protos.meshserve.training.v1 import training_pb2_grpc
 from registry.connect import StoreSettings
 from registry.embedded import free_port
 
@@ -137,16 +137,45 @@ def _answers(call: Callable[[], object]) -> bool:
     return True
 
 
+def outbound_port(component: Component) -> int | None:
+    """The port of a unit's way out (``--outbound-port``), if it has one."""
+    argv = component.argv
+    if "--outbound-port" not in argv[:-1]:
+        return None
+    return int(argv[argv.index("--outbound-port") + 1])
+
+
+def _wait_ways_out(workers: Sequence[Running], stopping: threading.Event) -> None:
+    """Waits until each training worker's way out reaches the data service.
+
+    Its sidecar's outbound discovers the data workers by a registry watch of its own, not
+    the gateway's: the gateway may route to both while a SubmitJob's dataset lookup still
+    finds no data endpoint (UNAVAILABLE). Asked the way the worker asks, through the port.
+    """
+    for worker in workers:
+        port = outbound_port(worker.component)
+        if port is not None:
+            _wait(
+                f"{worker.component.name} to reach the data service",
+                functools.partial(_reaches_data, f"127.0.0.1:{port}"),
+                stopping,
+                DISCOVERY_TIMEOUT_S,
+            )
+
+
+def _reaches_data(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        data = data_pb2_grpc.DataServiceStub(channel)
+        return _answers(lambda: data.ListDatasets(data_pb.ListDatasetsRequest(), timeout=2))
+
+
 def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threading.Event) -> None:
     """Creates the demo dataset and trains the demo model unless the state already has them."""
     with grpc.insecure_channel(gateway) as channel:
         data = data_pb2_grpc.DataServiceStub(channel)
         oip_stub = oip_grpc.GRPCInferenceServiceStub(channel)
 
-        def data_routed() -> bool:
-            return _answers(lambda: data.ListDatasets(data_pb.ListDatasetsRequest(), timeout=2))
-
-        _wait("the gateway to route to the data worker", data_routed, stopping, DISCOVERY_TIMEOUT_S)
+        # The gateway routes to every worker already (run waited for it).
         listed = data.ListDatasets(data_pb.ListDatasetsRequest(name=DEMO_DATASET), timeout=10)
         if not listed.datasets:
             request = data_pb.CreateBuiltinDatasetRequest(
@@ -158,18 +187,6 @@ def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threadi
             created = data.CreateBuiltinDataset(request, timeout=30)
             out.print(f"created dataset {created.name} version {created.version}")
         if not any((state / "models" / DEMO_MODEL).glob("[0-9]*/model.pt")):
-            training = training_pb2_grpc.TrainingServiceStub(channel)
-
-            def training_routed() -> bool:
-                return _answers(lambda: training.ListJobs(training_pb.ListJobsRequest(), timeout=2))
-
-            # Units become routable one by one (each once its worker reports SERVING).
-            _wait(
-                "the gateway to route to the training worker",
-                training_routed,
-                stopping,
-                DISCOVERY_TIMEOUT_S,
-            )
             spec = mlp_spec(
                 DEMO_MODEL,
                 DEMO_DATASET,
@@ -425,12 +442,13 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"[green]✓[/] {component.name} [dim]{running.address}[/]", highlight=False)
         return running
 
-    def launch_all(components: Sequence[Component]) -> None:
+    def launch_all(components: Sequence[Component]) -> list[Running]:
         """Starts the workers side by side, in plan order."""
         with out.status(f"starting {len(components)} workers with their sidecars"):
-            supervisor.start_together(components, log_of)
+            started = supervisor.start_together(components, log_of)
         if stopping.is_set():
             raise KeyboardInterrupt
+        return started
 
     if args.traces:
         # Every component inherits it: one JSON-lines span file for `meshserve trace`.
@@ -446,8 +464,20 @@ def run(args: argparse.Namespace) -> int:
         es = args.es
         if not es:
             es = launch(store_component(args, state)).address
-        launch_all(plan_workers(args, es))
+        workers = launch_all(plan_workers(args, es))
         gateway = launch(gateway_component(args, state, es)).address
+        # A unit's ready line comes before its worker serves: up is ready once the
+        # gateway routes to every worker, or a first call may find no healthy endpoint.
+        with out.status("waiting for the gateway to route to every worker"):
+            wait_routed(
+                gateway,
+                own_admin_metadata(state),
+                {w.component.name: w.address for w in workers},
+                timeout=DISCOVERY_TIMEOUT_S,
+                stopping=stopping,
+            )
+        if args.data_workers:
+            _wait_ways_out(workers, stopping)
         # The demo needs a data and a training worker; its readiness wait, an inference one.
         if not args.no_demo and args.data_workers and args.training_workers:
             _demo(gateway, state, args, stopping)

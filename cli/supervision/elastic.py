@@ -27,7 +27,7 @@ from cli.supervision.units import UnitState
 from mesh.scaling.autoscaler import Autoscaler, Candidate, Decision, least_loaded
 from registry.connect import StoreSettings
 from registry.directory import read_live
-from registry.instances import Instance, utc_now
+from registry.instances import Instance, Status, utc_now
 from registry.store import Store
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,13 @@ class ElasticGroup:
         self, members: list[Unit], reading: Reading, count: int, load: int, decision: Decision
     ) -> None:
         running = [u for u in members if u.running is not None and u.state is UnitState.RUNNING]
-        if len(running) < len(members):
-            # Units are still starting (or restarting): wait for them. Draining one of the
-            # serving units now could leave none serving until they are up.
+        serving = {_port(i.address) for i in reading.instances if i.status is Status.SERVING}
+        if len(running) < len(members) or any(
+            u.running is not None and _port(u.running.address) not in serving for u in running
+        ):
+            # Units are still starting (or restarting), or running but not yet SERVING (a
+            # unit's ready line comes before its worker has loaded its models): wait for
+            # them. Draining one of the serving units now could leave none serving.
             return
         by_port = {_port(i.address): instance_load(i) for i in reading.instances}
         candidates = [

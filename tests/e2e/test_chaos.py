@@ -24,6 +24,7 @@ import pytest
 from registry.embedded import free_port
 from tests.support.load import InferLoad, Outcome, routed_inference_ports
 from tests.support.up import Up, children, cli, cmdline, kill_leftovers
+from workers.inference.repository import COLD_LOAD
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -147,12 +148,20 @@ def restarted(fault: Fault, reason: str | None = "killed by SIGKILL") -> None:
         assert fault.after["last_exit"] == reason, fault.after
 
 
+def no_cold_load(mesh: Up, slug: str) -> None:
+    """The restarted worker loaded its versions before it reported SERVING (issue 16): no
+    call the gateway sent it waited for weights (its log accumulates over restarts)."""
+    log = mesh.state / "logs" / f"inference-worker-{slug.rsplit('-', 1)[1]}.log"
+    assert COLD_LOAD not in log.read_text(), log
+
+
 def test_sigkill_of_an_inference_worker_fails_no_request(mesh: Up) -> None:
     fault = under_load(mesh, "inference-1", kill(signal.SIGKILL, worker_pid))
     assert not fault.failed(), fault.summary()
     # The unit (worker and sidecar together) restarted; its exit names its worker's death,
     # as a shell reports a child killed by a signal.
     restarted(fault, reason="exited with status 137 (SIGKILL)")
+    no_cold_load(mesh, "inference-1")
 
 
 def test_sigkill_of_an_inference_sidecar_fails_no_request_and_status_shows_it(
@@ -161,6 +170,7 @@ def test_sigkill_of_an_inference_sidecar_fails_no_request_and_status_shows_it(
     fault = under_load(mesh, "inference-2", kill(signal.SIGKILL, unit_pid))
     assert not fault.failed(), fault.summary()
     restarted(fault)
+    no_cold_load(mesh, "inference-2")
     status = cli("status", "--state-dir", str(mesh.state), "--es", mesh.endpoints()["es_url"])
     assert status.returncode == 0, status.stderr
     row = next(line for line in status.stdout.splitlines() if "inference-2" in line)
@@ -185,21 +195,27 @@ def test_sigterm_of_an_inference_unit_drains_it_with_no_failed_request(mesh: Up)
     # A unit that stopped when asked is restarted at once, not counted as a failure.
     restarted(fault, reason=None)
     assert fault.after["last_exit"] in ("exited with status 0", "killed by SIGTERM")
+    no_cold_load(mesh, "inference-1")
 
 
 def test_meshserve_restart_is_a_rolling_restart_with_no_failed_request(mesh: Up) -> None:
     result: list[Any] = []
+    routed_then: list[set[str]] = []
 
     def restart(unit: dict[str, Any]) -> None:
         # Waits until the unit is back, as an operator's script would.
         result.append(cli("restart", "inference-2", "--state-dir", str(mesh.state), timeout=150))
+        # Back means routed again: a script may restart the next unit at once.
+        routed_then.append(routed_inference_ports(mesh.endpoints()["gateway"], mesh.state))
 
     fault = under_load(mesh, "inference-2", restart)
     (done,) = result
     assert done.returncode == 0, done.stderr
-    assert "running again" in done.stdout
+    assert "running again" in done.stdout and "routed by the gateway" in done.stdout
+    assert port(fault.after["address"]) in routed_then[0], (fault.after, routed_then)
     assert not fault.failed(), fault.summary()
     restarted(fault, reason=None)
+    no_cold_load(mesh, "inference-2")
 
 
 def test_sigkill_of_the_gateway_brings_it_back_on_its_port(mesh: Up) -> None:

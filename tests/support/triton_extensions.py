@@ -60,17 +60,25 @@ def control(client: Any, args: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def cause(client: Any, args: dict[str, Any]) -> dict[str, Any]:
-    """Waits until the index lists ``model`` with a reason starting ``args["reason"]``.
+def names_cause(reason: str, cause: str) -> bool:
+    """Whether every replica in ``reason`` gives ``cause``: a worker's own reason starts with
+    it; a gateway's merged one is ``WORKER: STATE: REASON`` per worker, joined by "; " (a
+    worker whose poll has not seen the model yet reads "not in its repository")."""
+    parts = [part for part in reason.split("; ") if part]
+    return reason.startswith(cause) or (bool(parts) and all(f": {cause}" in p for p in parts))
 
-    Then asks to load it. (Before its load fails, a version reads "not loaded yet".)
+
+def cause(client: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """Waits until the index lists ``model`` with every replica's reason naming
+    ``args["reason"]``, then asks to load it. (Before its load fails, a version reads
+    "not loaded yet".)
     """
     deadline = time.monotonic() + args["deadline_s"]
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         index = client.get_model_repository_index(as_json=True).get("models", [])
         rows = [m for m in index if m["name"] == args["model"]]
-        if rows and all(m.get("reason", "").startswith(args["reason"]) for m in rows):
+        if rows and all(names_cause(m.get("reason", ""), args["reason"]) for m in rows):
             break
         time.sleep(0.2)
     return {"index": rows, "load": failure(lambda: client.load_model(args["model"]))}

@@ -226,12 +226,20 @@ async def test_one_trace_from_client_through_gateway_and_sidecar_to_worker(
     (client,) = telemetry.spans.get_finished_spans()
     assert client.context is not None
     trace_id = f"0x{client.context.trace_id:032x}"
-    # Spans are written when they end, before the reply leaves each process.
+    # Each process writes its span when the span ends; a relay (gateway, sidecar) ends its
+    # own once it has forwarded the trailers, so the reply may reach us first: poll.
     spans = {}
+    deadline = loop.time() + 10
     for process in ("gateway", "sidecar", "worker"):
-        lines = (tmp_path / f"{process}.jsonl").read_text().splitlines()
-        (span,) = [s for s in map(json.loads, lines) if s["context"]["trace_id"] == trace_id]
-        spans[process] = span
+        while True:
+            text = (tmp_path / f"{process}.jsonl").read_text()
+            lines = text[: text.rfind("\n") + 1].splitlines()  # not a line being written
+            found = [s for s in map(json.loads, lines) if s["context"]["trace_id"] == trace_id]
+            if found:
+                break
+            assert loop.time() < deadline, f"no span of the trace in {process}.jsonl"
+            await asyncio.sleep(0.05)
+        (spans[process],) = found
     assert spans["gateway"]["parent_id"] == f"0x{client.context.span_id:016x}"
     assert spans["sidecar"]["parent_id"] == spans["gateway"]["context"]["span_id"]
     assert spans["worker"]["parent_id"] == spans["sidecar"]["context"]["span_id"]
