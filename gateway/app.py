@@ -37,6 +37,9 @@ from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from registry.config_store import ConfigStore
 
 log = logging.getLogger(__name__)
+#: How long a starting gateway waits for its first discovery snapshot before it listens
+#: anyway (Envoy's ``initial_fetch_timeout`` default).
+INITIAL_FETCH_TIMEOUT_S = 15.0
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
@@ -69,6 +72,7 @@ class Gateway:
         config_dir: Path | None = None,
         reload_interval: float = 1.0,
         discovery_retry: float = 1.0,
+        initial_fetch_timeout: float = INITIAL_FETCH_TIMEOUT_S,
         state: GatewayState | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         channel_credentials: Callable[[], grpc.ChannelCredentials] | None = None,
@@ -118,6 +122,9 @@ class Gateway:
             # select its ingress workload: they come from the config pipeline.
             self.guard.policies = lambda: self.state.config.authorization_policies
         self.discovery_retry = discovery_retry
+        self.initial_fetch_timeout = initial_fetch_timeout
+        #: Set once the first discovery snapshot is in (the listener warms until then).
+        self._discovered = asyncio.Event()
         #: RequestAuthentication at the ingress (policies selecting ``app: gateway``).
         self.authn = RequestAuthenticator(
             lambda: self.state.config.request_authentications, GATEWAY_WORKLOAD
@@ -178,13 +185,33 @@ class Gateway:
 
     async def start(self, settings: ServerSettings) -> Serving:
         await self.pipeline.start()
-        serving = await self._start_relayed(settings)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
+        try:
+            await self._warm()
+            serving = await self._start_relayed(settings)
+        except BaseException:
+            await self.close()
+            raise
         self._tasks.append(loop.create_task(self.authn.jwks.run()))
         self._tasks.extend(self.pipeline.watchers())
         serving.on_drain(self.close)
         return serving
+
+    async def _warm(self) -> None:
+        """Listens only once the first discovery snapshot is in, as Envoy warms a listener
+        until its clusters' first fetch: a gateway restarted under load would otherwise
+        answer "no healthy endpoint" for a store round trip. A store that does not answer
+        within ``initial_fetch_timeout`` does not keep the gateway shut: it listens and
+        routes what discovery brings later (Envoy's ``initial_fetch_timeout``)."""
+        try:
+            await asyncio.wait_for(self._discovered.wait(), self.initial_fetch_timeout)
+        except TimeoutError:
+            log.warning(
+                "no discovery snapshot within %.0f s; listening anyway (calls find no "
+                "endpoint until the store answers)",
+                self.initial_fetch_timeout,
+            )
 
     def _server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         # Telemetry outermost: rejected calls are traced and counted too. Behind the relay
@@ -258,6 +285,7 @@ class Gateway:
                 self.metrics.ring_changed(host)
         self.state.set_endpoints(snapshot)
         self.pipeline.discovered = True
+        self._discovered.set()
         routable = self.state.clusters.routable
         addresses = {e.address for h in routable.hosts() for e in routable.endpoints(h)}
         if self.relay is not None:
