@@ -39,6 +39,7 @@ from cli.supervision.processes import Component, Running, after, await_ready, sp
 from cli.supervision.supervisor import Supervisor
 from cli.supervision.units import UnitStatus
 from cli.train import mlp_spec, print_result, submit_and_watch
+from gateway.app import service_port
 from gateway.fleet_merge import served_everywhere
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.config.fields import ConfigError
@@ -367,6 +368,9 @@ def gateway_component(args: argparse.Namespace, state: Path, es: str) -> Compone
             args.host,
             "--port",
             str(args.port or free_port(args.host)),
+            # The port Gateway servers name: up's own (8080 for --port 0, any free port).
+            "--service-port",
+            str(service_port(args.port)),
             "--config",
             str(Path(args.config).resolve()),
             "--certs",
