@@ -141,12 +141,12 @@ def route_table(
             return f"no route: host {host!r} is not among the hosts of {refs}{port}"
         return f"no route: no VirtualService bound to {refs} routes host {host!r}"
 
-    described = (
-        f"{view.describe()}: "
-        + (f"{refs}, {_servers(selected)}" if selected else "no Gateway selects it")
-        if view.kind == "ingress"
-        else f"{view.describe()}: {_servers(selected)}"
-    )
+    if view.kind == "gateway":
+        described = f"{view.describe()}: {_servers(selected)}"
+    elif selected:
+        described = f"{view.describe()}: {refs}, {_servers(selected)}"
+    else:
+        described = f"{view.describe()}: no Gateway selects it"
     return RouteTable(view, described, by_host, default_route=False, refuse=refuse)
 
 
@@ -155,7 +155,8 @@ def _servers(selected: list[tuple[Gateway, tuple[Server, ...]]]) -> str:
     for _, servers in selected:
         for s in servers:
             hosts = ", ".join(h.describe() for h in s.hosts)
-            parts.append(f"server {s.index} port {s.port} hosts {hosts}")
+            name = f" ({s.port_name})" if s.port_name else ""
+            parts.append(f"server {s.index} port {s.port}{name} hosts {hosts}")
     return "; ".join(parts)
 
 
