@@ -134,8 +134,9 @@ def route_table(
     def refuse(host: str) -> str:
         if not selected:
             return (
-                f"no route: no Gateway selects this {view.describe()} with a server{port}, "
-                f"so no call is routed here (Gateways: {', '.join(sorted(gateways))})"
+                f"no route: no Gateway selects this {view.describe()}: a Gateway applies "
+                "where its selector matches the labels and a server names the port "
+                f"(Gateways: {', '.join(sorted(gateways))})"
             )
         if not any(h.exposes(host) for _, servers in selected for s in servers for h in s.hosts):
             return f"no route: host {host!r} is not among the hosts of {refs}{port}"
