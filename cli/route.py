@@ -56,6 +56,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     explain.add_argument("--model", default="", help="model_name of the request")
     explain.add_argument("--version", default="", help="model_version (empty: latest)")
     explain.add_argument("--method", default="", help="gRPC path (default: ModelInfer)")
+    where = explain.add_mutually_exclusive_group()
+    where.add_argument(
+        "--gateway-name",
+        default="",
+        metavar="NAME",
+        help="explain with the rules bound to this Gateway ('name' or 'namespace/name'); "
+        "default: the gateway's own ingress view (the Gateways that select it)",
+    )
+    where.add_argument(
+        "--mesh",
+        action="store_true",
+        help="explain with the sidecars' rules (VirtualService gateways 'mesh')",
+    )
     explain.add_argument(
         "--header",
         action="append",
@@ -146,6 +159,7 @@ def explain_route(args: argparse.Namespace) -> int:
         headers=_headers(args.header),
         model_name=args.model,
         model_version=args.version,
+        view="mesh" if args.mesh else args.gateway_name,
     )
     reply = asyncio.run(_call(args, "ExplainRoute", request))
     assert isinstance(reply, admin_pb2.ExplainRouteResponse)

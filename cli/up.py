@@ -41,6 +41,7 @@ from cli.supervision.processes import Component, Running, after, await_ready, sp
 from cli.supervision.supervisor import Supervisor
 from cli.supervision.units import UnitStatus
 from cli.train import mlp_spec, print_result, submit_and_watch
+from gateway.app import DEFAULT_PORT
 from gateway.fleet_merge import served_everywhere
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.config.fields import ConfigError
@@ -384,6 +385,11 @@ def gateway_component(args: argparse.Namespace, state: Path, es: str) -> Compone
             args.host,
             "--port",
             str(args.port or free_port(args.host)),
+            # The port Gateway servers name: up's gateway is the ingress the shipped
+            # config/gateway.yaml selects on 8080 wherever it listens (--port 9090, or a
+            # free port for --port 0), as a Kubernetes Service port maps to its pod.
+            "--service-port",
+            str(args.service_port),
             "--config",
             str(Path(args.config).resolve()),
             "--certs",
@@ -572,6 +578,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the components bind")
     parser.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
+    parser.add_argument(
+        "--service-port",
+        type=int,
+        default=DEFAULT_PORT,
+        metavar="N",
+        help="the port Gateway servers name for up's gateway, whatever --port it listens on "
+        "(as a Kubernetes Service port in front of it; config/gateway.yaml names %(default)s)",
+    )
     parser.add_argument(
         "--state-dir",
         default=str(DEFAULT_STATE_DIR),

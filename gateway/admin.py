@@ -10,9 +10,12 @@ import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mesh.balance.endpoints import InstanceView
+from mesh.config.gateway import MESH, qualify
 from mesh.config.hosts import normalise_host
 from mesh.config.loader import Document, parse_yaml
+from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.snapshot import MeshConfig
+from mesh.config.views import MESH_VIEW, View, gateway_view
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from mesh.routing.decision import RequestInfo
 from mesh.routing.discovery import EndpointTable
@@ -197,7 +200,14 @@ class Admin(admin_pb2_grpc.AdminServicer):
             tuple((k.lower(), v) for k, v in sorted(request.headers.items())),
             fields=fields,
         )
-        decision = self.state.decide(info, explain=True)
+        view = self._view(request.view)
+        try:
+            decision = self.state.decide(info, explain=True, view=view)
+        except KeyError:
+            known = ", ".join(sorted(self.state.config.gateways)) or "none"
+            raise NotFound(
+                f"no Gateway {request.view!r} in the running config (Gateways: {known})"
+            ) from None
         return admin_pb2.ExplainRouteResponse(
             route=decision.route,
             host=decision.host,
@@ -208,6 +218,16 @@ class Admin(admin_pb2_grpc.AdminServicer):
             candidates=[e.address for e in decision.candidates],
             steps=list(decision.explanation),
         )
+
+    @staticmethod
+    def _view(name: str) -> View | None:
+        """``ExplainRouteRequest.view``: empty for this ingress, ``mesh``, or a Gateway
+        named as VirtualService ``gateways`` name one."""
+        if not name:
+            return None
+        if name == MESH:
+            return MESH_VIEW
+        return gateway_view(qualify(name, DEFAULT_NAMESPACE))
 
     async def DumpConfig(
         self, request: admin_pb2.DumpConfigRequest, context: Context

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import grpc.aio
@@ -19,6 +19,7 @@ from gateway.fleet import FleetServicer
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.loader import Document
 from mesh.config.snapshot import MeshConfig
+from mesh.config.views import DEFAULT_INGRESS_LABELS, ingress_view
 from mesh.proxy.relay import Relay
 from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
 from mesh.routing.limits import RelayLimits
@@ -52,6 +53,24 @@ def changed_hosts(old: EndpointsSnapshot, new: EndpointsSnapshot) -> list[str]:
     ]
 
 
+#: The port ``meshserve gateway`` listens on by default, and its Service's port in
+#: deploy/k8s: what a Gateway server's ``port.number`` names for it.
+DEFAULT_PORT = 8080
+
+
+def service_port(listen_port: int, explicit: int | None = None) -> int:
+    """The port Gateway servers must name for this ingress to apply them.
+
+    Istio's ``port.number`` is the port clients reach the ingress on (a Kubernetes
+    Service's port in front of it). That is ``explicit`` when given (``--service-port``),
+    else the port the gateway was asked to listen on; ``0`` (any free port: tests and
+    ``up --port 0``) has no port of its own to name, so it stands for the default 8080.
+    """
+    if explicit is not None:
+        return explicit
+    return listen_port or DEFAULT_PORT
+
+
 class Gateway:
     """The ingress: routes every mesh method to workers; configured by YAML and the admin API.
 
@@ -82,6 +101,8 @@ class Gateway:
         telemetry: Telemetry | None = None,
         guard: ClientGuard | None = None,
         relay_limits: RelayLimits | None = None,
+        labels: Iterable[tuple[str, str]] = DEFAULT_INGRESS_LABELS,
+        service_port: int | None = None,
     ) -> None:
         if channel_credentials is not None and tls_context is None:
             # The relay dials upstreams itself: mutual TLS needs its SSL context.
@@ -94,6 +115,10 @@ class Gateway:
         #: The relay's timeouts and per-source limits (defaults: RelayLimits()).
         self.relay_limits = relay_limits
         self.state = state or GatewayState()
+        #: What Gateway resources select this ingress by (``selector``), and the port
+        #: their servers must name (None: the listen port; see :func:`service_port`).
+        self.labels = tuple(sorted(labels))
+        self.service_port = service_port
         self.config_store = config_store
         #: Directory, store and admin changes → one validated snapshot (mesh.routing.pipeline).
         self.pipeline = ConfigPipeline(
@@ -184,6 +209,11 @@ class Gateway:
         return services
 
     async def start(self, settings: ServerSettings) -> Serving:
+        # The ingress view before the first config: the first call is routed as an
+        # ingress, never with the sidecars' rules.
+        self.state.set_view(
+            ingress_view(self.labels, service_port(settings.port, self.service_port))
+        )
         await self.pipeline.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))

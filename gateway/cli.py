@@ -9,10 +9,11 @@ import logging
 from pathlib import Path
 
 from cli.main import CliError
-from gateway.app import Gateway
+from gateway.app import DEFAULT_PORT, Gateway
 from gateway.auth import AuthConfig, ClientGuard
 from mesh.balance.locality import Locality
 from mesh.config.resource import DEFAULT_NAMESPACE
+from mesh.config.views import DEFAULT_INGRESS_LABELS
 from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_static
 from mesh.routing.limits import RelayLimits
 from mesh.routing.pipeline import validate_documents
@@ -29,7 +30,6 @@ from registry.discovery import RegistryDiscovery
 from registry.store import open_store
 
 log = logging.getLogger(__name__)
-DEFAULT_PORT = 8080
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,6 +45,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)"
+    )
+    parser.add_argument(
+        "--labels",
+        type=_labels,
+        default=DEFAULT_INGRESS_LABELS,
+        metavar="KEY=VALUE[,KEY=VALUE...]",
+        help="this ingress' labels, which a Gateway's selector matches (default: "
+        + ",".join(f"{k}={v}" for k, v in DEFAULT_INGRESS_LABELS)
+        + ", so copied Istio Gateways select it)",
+    )
+    parser.add_argument(
+        "--service-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the port clients reach this ingress on, which a Gateway server's port.number "
+        f"names (a Kubernetes Service port in front of it); default: --port, or {DEFAULT_PORT} "
+        "when --port is 0",
     )
     parser.add_argument("--config", type=Path, help="directory (or file) of routing YAML")
     parser.add_argument(
@@ -107,6 +125,16 @@ _LIMIT_FLAGS: tuple[tuple[str, type[float] | type[int], str], ...] = (
     ("max_streams", int, "open streams in all"),
     ("abuse_cool_off", float, "seconds a client closed for abuse is refused"),
 )
+
+
+def _labels(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE")
+        pairs.append((key, value))
+    return tuple(sorted(pairs))
 
 
 def _locality(text: str) -> Locality:
@@ -172,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
                 guard=guard,
                 relay_limits=relay_limits,
                 state=GatewayState(locality=args.locality),
+                labels=args.labels,
+                service_port=args.service_port,
             )
             serving = await gateway.start(settings)
             # One parseable line on stdout: scripts and tests read the bound port from it.

@@ -25,6 +25,7 @@ from mesh.balance.simple import RoundRobin, least_request_order, random_order
 from mesh.config.client_tls import DISABLE, ISTIO_MUTUAL, ClientTls
 from mesh.config.destination_rule import Extensions, OutlierDetection, TrafficPolicy
 from mesh.config.snapshot import MeshConfig
+from mesh.config.views import MESH_VIEW, View
 from mesh.routing.services import host_for_call
 
 
@@ -240,12 +241,17 @@ class ClusterMap:
         clock: Callable[[], float],
         previous: ClusterMap | None = None,
         locality: Locality | None = None,
+        view: View | None = None,
     ) -> None:
         #: The proxy's own locality (None: unknown, so locality balancing is off).
         self.locality: Locality | None = (
             locality if locality is not None or previous is None else previous.locality
         )
+        #: Where this proxy routes (sidecars by default); kept across maps like locality.
+        self.view: View = view or (previous.view if previous is not None else MESH_VIEW)
         self.config = config
+        #: The rules that apply in this view: what every routing decision looks up.
+        self.routes = config.routes(self.view)
         #: The registry's endpoints as discovery reported them (what the next map reuses).
         self.snapshot = snapshot
         #: What routing balances over: the registry's endpoints plus ServiceEntries'.

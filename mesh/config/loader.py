@@ -11,6 +11,7 @@ import yaml
 
 from mesh.config.destination_rule import DestinationRule, parse_destination_rule
 from mesh.config.fields import ConfigError, Node, Where
+from mesh.config.gateway import Gateway, parse_gateway
 from mesh.config.request_authn import RequestAuthentication, parse_request_authentication
 from mesh.config.resource import API_VERSIONS, parse_metadata
 from mesh.config.security import (
@@ -29,11 +30,11 @@ Resource = (
     | AuthorizationPolicy
     | ServiceEntry
     | RequestAuthentication
+    | Gateway
 )
 YAML_SUFFIXES = (".yaml", ".yml")
 #: Istio's other kinds: refused by name, so a file that carries one is never half applied.
 UNSUPPORTED_KINDS = (
-    "Gateway",
     "Sidecar",
     "EnvoyFilter",
     "WorkloadEntry",
@@ -113,6 +114,8 @@ def parse_resource(raw: Any, source: str, number: int = 1) -> Resource:
         return parse_destination_rule(spec, metadata, node.child("metadata").child("annotations"))
     if kind == "ServiceEntry":
         return parse_service_entry(spec, metadata)
+    if kind == "Gateway":
+        return parse_gateway(spec, metadata)
     if kind == "PeerAuthentication":
         return parse_peer_authentication(spec, metadata)
     if kind == "RequestAuthentication":

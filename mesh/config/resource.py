@@ -21,6 +21,7 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
     "RequestAuthentication": SECURITY_API_VERSIONS,
     "ServiceEntry": NETWORKING_API_VERSIONS,
+    "Gateway": NETWORKING_API_VERSIONS,
 }
 DEFAULT_NAMESPACE = "meshserve"
 #: metadata the Kubernetes API server writes; a copied object keeps it, and it routes nothing.

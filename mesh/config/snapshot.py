@@ -9,11 +9,13 @@ from pathlib import Path
 from mesh.balance.endpoints import Endpoint, EndpointsSnapshot
 from mesh.config.destination_rule import DestinationRule
 from mesh.config.fields import ConfigError
+from mesh.config.gateway import MESH, Gateway
 from mesh.config.hosts import CLUSTER_DOMAIN, MESH_NAMESPACE, is_mesh_host
 from mesh.config.loader import Document, load_path, parse_yaml
 from mesh.config.request_authn import RequestAuthentication
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.service_entry import ServiceEntry
+from mesh.config.views import RouteTable, View, route_table
 from mesh.config.virtual_service import Destination, VirtualService
 
 
@@ -35,6 +37,10 @@ class MeshConfig:
     request_authentications: tuple[RequestAuthentication, ...] = ()
     #: ServiceEntries by each host they declare.
     service_entries: dict[str, ServiceEntry] = field(default_factory=dict)
+    #: Gateways by ``namespace/name`` (what VirtualService ``gateways`` name).
+    gateways: dict[str, Gateway] = field(default_factory=dict)
+    #: Route tables already built, by view (a snapshot is immutable, so they stay valid).
+    _routes: dict[View, RouteTable] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, documents: Sequence[Document], *, version: int, source: str) -> MeshConfig:
@@ -45,6 +51,7 @@ class MeshConfig:
         authz: list[AuthorizationPolicy] = []
         authn: list[RequestAuthentication] = []
         entries: dict[str, ServiceEntry] = {}
+        gateways: dict[str, Gateway] = {}
         for doc in documents:
             r = doc.resource
             md = r.metadata
@@ -81,6 +88,8 @@ class MeshConfig:
                             f"declared by {other_se.ref} ({other_se.metadata.source})"
                         )
                     entries[host] = r
+            elif isinstance(r, Gateway):
+                gateways[r.qualified] = r
             elif isinstance(r, PeerAuthentication):
                 peer.append(r)
             elif isinstance(r, RequestAuthentication):
@@ -97,10 +106,29 @@ class MeshConfig:
             authorization_policies=tuple(authz),
             request_authentications=tuple(authn),
             service_entries=entries,
+            gateways=gateways,
         )
+        config._check_gateway_names()
         config._check_hosts()
         config._check_references()
         return config
+
+    def _check_gateway_names(self) -> None:
+        """Every name in ``gateways`` is ``mesh`` or a Gateway of this config: a rule bound
+        to a missing Gateway would never apply anywhere, which is never what was meant."""
+        for vs in {id(v): v for v in self.virtual_services.values()}.values():
+            named = [(f"spec.gateways[{i}]", n) for i, n in enumerate(vs.gateways)]
+            for rule in vs.http:
+                for j, m in enumerate(rule.matches):
+                    path = f"spec.http[{rule.index}].match[{j}].gateways"
+                    named += [(f"{path}[{k}]", n) for k, n in enumerate(m.gateways)]
+            for path, name in named:
+                if name != MESH and name not in self.gateways:
+                    known = ", ".join(sorted(self.gateways)) or "none"
+                    raise ConfigError(
+                        f"{vs.metadata.source}: {vs.ref}: {path}: gateway {name!r} names no "
+                        f"Gateway in the config (Gateways: {known}; 'mesh' means the sidecars)"
+                    )
 
     def _check_hosts(self) -> None:
         """A host outside the mesh is routable only when a ServiceEntry declares it."""
@@ -180,7 +208,18 @@ class MeshConfig:
     # -- lookups --------------------------------------------------------------------------
 
     def virtual_service(self, host: str) -> VirtualService | None:
+        """The VirtualService for ``host`` whatever it is bound to (:meth:`routes` says
+        what applies where)."""
         return self.virtual_services.get(host)
+
+    def routes(self, view: View) -> RouteTable:
+        """The rules that apply in ``view`` (built once per snapshot and view). Raises
+        ``KeyError`` for a Gateway view whose Gateway this config does not hold."""
+        found = self._routes.get(view)
+        if found is None:
+            unique = {id(v): v for v in self.virtual_services.values()}.values()
+            found = self._routes[view] = route_table(view, self.gateways, unique)
+        return found
 
     def destination_rule(self, host: str) -> DestinationRule | None:
         return self.destination_rules.get(host)

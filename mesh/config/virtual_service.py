@@ -10,6 +10,7 @@ from typing import Literal
 import grpc
 
 from mesh.config.fields import Node
+from mesh.config.gateway import qualify
 from mesh.config.regex import Regex, RegexError, compile_regex
 from mesh.config.resource import Metadata, export_to, resource_host
 from mesh.config.retries import RetryPolicy, http_to_grpc, parse_retries
@@ -80,6 +81,9 @@ class MatchRequest:
     model: StringMatch | None = None
     #: ``port``: the port of the listener the call arrived on; None: any.
     port: int | None = None
+    #: ``gateways`` (qualified ``ns/name`` or ``mesh``): where this entry applies,
+    #: overriding the VirtualService's; empty: the VirtualService's.
+    gateways: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ class VirtualService:
     hosts: tuple[str, ...]
     http: tuple[HTTPRoute, ...]
     export_to: tuple[str, ...] = ()
+    #: ``gateways`` (qualified ``ns/name`` or ``mesh``); empty: unset, which is ``mesh``
+    #: in Istio (and, with no Gateway in the config, meshserve's gateway too).
+    gateways: tuple[str, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -146,10 +153,8 @@ _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+\-.^_`|~]+")
 
 def parse_virtual_service(spec: Node, metadata: Metadata) -> VirtualService:
     spec.mapping(
-        ("hosts", "http", "exportTo"),
-        # A rule bound to gateways (or to ``mesh`` only) would apply everywhere here:
-        # meshserve has no Gateway resources, and its gateway and sidecars share the rules.
-        unsupported=("tcp", "tls", "gateways"),
+        ("hosts", "http", "exportTo", "gateways"),
+        unsupported=("tcp", "tls"),
         required=("hosts",),
     )
     namespace = metadata.namespace
@@ -164,7 +169,27 @@ def parse_virtual_service(spec: Node, metadata: Metadata) -> VirtualService:
         hosts=hosts,
         http=http,
         export_to=export_to(spec.child("exportTo"), namespace),
+        gateways=gateway_names(spec.child("gateways"), namespace),
     )
+
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_GATEWAY_NAME = re.compile(rf"(?:{_DNS_LABEL}/)?{_DNS_LABEL}(\.{_DNS_LABEL})*")
+
+
+def gateway_names(node: Node, namespace: str) -> tuple[str, ...]:
+    """``gateways``: ``mesh``, ``name`` (a Gateway of the resource's namespace) or
+    ``namespace/name``, qualified; that each names a Gateway is checked with the whole
+    config (:meth:`MeshConfig.build`)."""
+    names = []
+    for item in node.items():
+        text = item.string()
+        if not _GATEWAY_NAME.fullmatch(text):
+            item.fail(f"{text!r} is not a Gateway name ('mesh', 'name' or 'namespace/name')")
+        names.append(qualify(text, namespace))
+    if node.value is not None and not names:
+        node.fail("must name at least one gateway (leave it out for 'mesh')")
+    return tuple(names)
 
 
 def _http_route(node: Node, index: int, namespace: str) -> HTTPRoute:
@@ -207,7 +232,7 @@ def _http_route(node: Node, index: int, namespace: str) -> HTTPRoute:
     return HTTPRoute(
         index=index,
         name=node.child("name").opt_string() or "",
-        matches=tuple(_match(item) for item in node.child("match").items()),
+        matches=tuple(_match(item, namespace) for item in node.child("match").items()),
         route=route,
         # Istio: "0s" disables the timeout, like leaving it out.
         timeout=timeout or None,
@@ -247,15 +272,23 @@ def _destination(node: Node, namespace: str) -> Destination:
     return Destination(host=resource_host(node.child("host"), namespace), subset=subset)
 
 
-def _match(node: Node) -> MatchRequest:
+def _match(node: Node, namespace: str) -> MatchRequest:
     node.mapping(
-        ("name", "uri", "headers", "withoutHeaders", "ignoreUriCase", "x-meshserve", "port"),
+        (
+            "name",
+            "uri",
+            "headers",
+            "withoutHeaders",
+            "ignoreUriCase",
+            "x-meshserve",
+            "port",
+            "gateways",
+        ),
         unsupported=(
             "scheme",
             "method",
             "authority",
             "sourceLabels",
-            "gateways",
             "queryParams",
             "sourceNamespace",
             "statPrefix",
@@ -281,6 +314,7 @@ def _match(node: Node) -> MatchRequest:
         model=_model_match(node.child("x-meshserve")),
         # 0 is the proto's unset value: any port, as in Istio.
         port=node.child("port").integer(0, 0, 65535) or None,
+        gateways=gateway_names(node.child("gateways"), namespace),
     )
 
 

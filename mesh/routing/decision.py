@@ -87,17 +87,22 @@ def decide(
     recorded in words in ``explanation`` (``route explain``); the proxy's hot path
     skips building those strings.
     """
-    config = clusters.config
     steps: list[str] = []
     if split_method(request.method) is None:
         raise Unimplemented(f"malformed method path {request.method!r}")
     host = clusters.host_for(request.method, request.authority)
     if host is None:
         raise Unimplemented(f"method {request.method} is not served by any mesh service")
+    routes = clusters.routes
     if explain:
+        steps.append(f"view {routes.description}")
         steps.append(f"method {request.method} is for host {host}")
+    refused = routes.no_route(host)
+    if refused is not None:
+        # Envoy at a Gateway: no virtual host for this host (404, gRPC UNIMPLEMENTED).
+        raise Unimplemented(refused)
     headers = md.as_dict(request.metadata)
-    vs = config.virtual_service(host)
+    vs = routes.virtual_service(host)
     rule: HTTPRoute | None = None
     destination = Destination(host)
     metadata = request.metadata
@@ -227,7 +232,7 @@ def route_timeout(
     on the model the request names (``x-meshserve.model``) cannot hold without that
     message, so the first rule that holds without it counts here."""
     host = clusters.host_for(method, authority) if split_method(method) else None
-    vs = clusters.config.virtual_service(host) if host is not None else None
+    vs = clusters.routes.virtual_service(host) if host is not None else None
     if vs is None:
         return None
     found = find_rule(vs, method, md.as_dict(metadata), port=port)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mesh.config.destination_rule import DestinationRule
+from mesh.config.gateway import Gateway
 from mesh.config.snapshot import MeshConfig
 from mesh.config.virtual_service import HTTPRoute, VirtualService
 from mesh.routing.match import describe_match
@@ -65,6 +66,12 @@ def _compare_rules(
         changes.append(RouteChange("added", f"host {host}", f"default route to {host}", new.ref))
     elif old is not None and new is None:
         changes.append(RouteChange("removed", f"host {host}", old.ref, f"default route to {host}"))
+    elif old is not None and new is not None and old.gateways != new.gateways:
+        changes.append(
+            RouteChange(
+                "changed", f"host {host} gateways", _bound(old.gateways), _bound(new.gateways)
+            )
+        )
     for i in range(max(len(old_rules), len(new_rules))):
         before = old_rules[i] if i < len(old_rules) else None
         after = new_rules[i] if i < len(new_rules) else None
@@ -88,6 +95,32 @@ def _compare_rules(
                 subject = f"{host} http[{i}] ({before.name or '-'} → {after.name or '-'})"
             changes.append(RouteChange("changed", subject, old_text, new_text))
     return changes
+
+
+def _bound(gateways: tuple[str, ...]) -> str:
+    return ", ".join(gateways) or "unset (mesh)"
+
+
+def _compare_gateways(old: MeshConfig, new: MeshConfig) -> list[RouteChange]:
+    changes: list[RouteChange] = []
+    for name in sorted(old.gateways.keys() | new.gateways.keys()):
+        before, after = old.gateways.get(name), new.gateways.get(name)
+        if before is None and after is not None:
+            changes.append(RouteChange("added", f"Gateway {name}", "", _servers(after)))
+        elif after is None and before is not None:
+            changes.append(RouteChange("removed", f"Gateway {name}", _servers(before), ""))
+        elif before is not None and after is not None and before != after:
+            old_text, new_text = _servers(before), _servers(after)
+            if old_text == new_text:
+                new_text += " (its selector changed)"
+            changes.append(RouteChange("changed", f"Gateway {name}", old_text, new_text))
+    return changes
+
+
+def _servers(gateway: Gateway) -> str:
+    return "; ".join(
+        f"port {s.port} hosts {', '.join(h.describe() for h in s.hosts)}" for s in gateway.servers
+    )
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
@@ -139,6 +172,7 @@ def routing_diff(old: MeshConfig, new: MeshConfig) -> RoutingDiff:
         | set(old.destination_rules)
         | set(new.destination_rules)
     )
+    changes += _compare_gateways(old, new)
     for host in sorted(hosts):
         changes += _compare_rules(host, old.virtual_service(host), new.virtual_service(host))
         changes += _compare_subsets(host, old.destination_rule(host), new.destination_rule(host))

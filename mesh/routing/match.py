@@ -85,7 +85,9 @@ def find_rule(
 
 
 def describe_match(match: MatchRequest) -> str:
-    parts = [f"port {match.port}"] if match.port is not None else []
+    parts = [f"gateways {', '.join(match.gateways)}"] if match.gateways else []
+    if match.port is not None:
+        parts.append(f"port {match.port}")
     if match.model is not None:
         parts.append(f"model {match.model.describe()}")
     if match.uri is not None:

@@ -14,6 +14,7 @@ from mesh.balance.locality import Locality
 from mesh.config.fields import ConfigError
 from mesh.config.loader import Document
 from mesh.config.snapshot import EMPTY, MeshConfig
+from mesh.config.views import MESH_VIEW, View
 from mesh.errors import Aborted
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
 
@@ -41,6 +42,7 @@ class GatewayState:
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         locality: Locality | None = None,
+        view: View = MESH_VIEW,
     ) -> None:
         self.clock = clock
         self.wall_clock = wall_clock
@@ -48,7 +50,7 @@ class GatewayState:
         self.tracker = LoadTracker()
         #: This proxy's locality (localityLbSetting); None: unknown, locality balancing off.
         self.clusters = ClusterMap(
-            config, EndpointsSnapshot({}), self.tracker, clock, locality=locality
+            config, EndpointsSnapshot({}), self.tracker, clock, locality=locality, view=view
         )
         self.applied_at = wall_clock()
         self.last_rejection: Rejection | None = None
@@ -61,8 +63,28 @@ class GatewayState:
     def snapshot(self) -> EndpointsSnapshot:
         return self.clusters.snapshot
 
-    def decide(self, request: RequestInfo, *, explain: bool = False) -> RouteDecision:
-        return decide(self.clusters, request, self.rng, explain=explain)
+    @property
+    def view(self) -> View:
+        return self.clusters.view
+
+    def decide(
+        self, request: RequestInfo, *, explain: bool = False, view: View | None = None
+    ) -> RouteDecision:
+        """Routes ``request`` here, or (``route explain``) as ``view`` would route it.
+        Raises ``KeyError`` for a Gateway view the running config does not hold."""
+        clusters = self.clusters
+        if view is not None and view != clusters.view:
+            # Explain only: a map of its own (rings built anew), never installed.
+            clusters = ClusterMap(
+                self.config, self.snapshot, LoadTracker(), self.clock, clusters, view=view
+            )
+        return decide(clusters, request, self.rng, explain=explain)
+
+    def set_view(self, view: View) -> None:
+        """Where this proxy routes: the gateway sets its ingress view once it listens."""
+        self.clusters = ClusterMap(
+            self.config, self.snapshot, self.tracker, self.clock, self.clusters, view=view
+        )
 
     def set_endpoints(self, snapshot: EndpointsSnapshot) -> None:
         self.clusters = ClusterMap(

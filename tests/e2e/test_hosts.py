@@ -60,6 +60,7 @@ metadata:
   name: inference
 spec:
   hosts: [inference]
+  gateways: [meshserve-gateway, mesh]
   http:
     - name: infer
       retries:

@@ -305,6 +305,7 @@ metadata:
   name: inference
 spec:
   hosts: [inference]
+  gateways: [meshserve-gateway, mesh]
   http:
     - name: chaos
       match:

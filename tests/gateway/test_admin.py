@@ -26,6 +26,7 @@ kind: VirtualService
 metadata: {name: inference}
 spec:
   hosts: [inference]
+  gateways: [meshserve-gateway]
   http:
     - fault: {abort: {grpcStatus: RESOURCE_EXHAUSTED, percentage: {value: 25}}}
       route: [{destination: {host: inference}}]
@@ -282,7 +283,8 @@ async def test_http2_max_requests_sheds_load_beyond_the_limit() -> None:
 
 
 async def test_a_changed_config_file_is_picked_up(tmp_path: Path) -> None:
-    (tmp_path / "inference.yaml").write_text((REPO / "config" / "inference.yaml").read_text())
+    for name in ("inference.yaml", "gateway.yaml"):  # its rules name the Gateway
+        (tmp_path / name).write_text((REPO / "config" / name).read_text())
     async with mesh(1, config_dir=tmp_path) as m:
         version = m.gateway.state.config.version
         (tmp_path / "canary.yaml").write_text(

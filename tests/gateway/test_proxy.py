@@ -143,7 +143,7 @@ async def test_a_joining_worker_takes_keys_only_for_itself() -> None:
 
 
 async def test_broken_config_file_is_rejected_and_the_old_one_keeps_routing(tmp_path: Path) -> None:
-    for name in ("inference.yaml", "data.yaml"):
+    for name in ("inference.yaml", "data.yaml", "gateway.yaml"):
         (tmp_path / name).write_text((REPO / "config" / name).read_text())
     async with mesh(2, config_dir=tmp_path) as m:
         version = m.gateway.state.config.version

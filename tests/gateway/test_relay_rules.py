@@ -257,6 +257,7 @@ kind: VirtualService
 metadata: {name: inference}
 spec:
   hosts: [inference]
+  gateways: [meshserve-gateway]
   http:
     - name: demo
       match: [{x-meshserve: {model: {exact: demo}}}]

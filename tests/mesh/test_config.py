@@ -54,7 +54,10 @@ def test_sample_config_directory_loads_and_cross_validates() -> None:
     rule = config.destination_rule("inference")
     assert rule is not None and rule.traffic_policy.load_balancer.consistent_hash is not None
     assert rule.extensions.hash_fields == ("model_name", "model_version")
-    canary = config_from_path(REPO / "config" / "examples" / "canary-90-10.yaml")
+    # An example is applied over the running config, whose Gateway its rules name.
+    canary = config.merged(
+        load_path(REPO / "config" / "examples" / "canary-90-10.yaml"), version=2, source="canary"
+    )
     weights = [d.weight for d in canary.virtual_services["inference"].http[1].route]
     assert weights == [90, 10]
 
@@ -393,8 +396,8 @@ ERRORS: list[tuple[str, str]] = [
         "metadata.annotations.meshserve.io/ring-size: unknown meshserve annotation",
     ),
     (
-        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n",
-        "config/test.yaml: document 1: kind: Gateway is an Istio kind that meshserve does not "
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: g}\nspec: {}\n",
+        "config/test.yaml: document 1: kind: Sidecar is an Istio kind that meshserve does not "
         "support",
     ),
     (

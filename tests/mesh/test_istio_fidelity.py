@@ -431,8 +431,9 @@ def test_istio_example_behaves_as_documented(example: str) -> None:
 
 REFUSED: list[tuple[str, str, str]] = [
     # (Istio example, field path in the message, what the message says)
-    (vs(ROUTE, spec="  gateways: [mesh]\n"), "spec.gateways", UNSUPPORTED),
-    (vs(ROUTE, spec="  gateways: [ingress]\n"), "spec.gateways", UNSUPPORTED),
+    (vs(ROUTE, spec="  gateways: [ingress]\n"), "spec.gateways[0]", "names no Gateway"),
+    (vs(ROUTE, spec="  gateways: [ops/ingress]\n"), "spec.gateways[0]", "names no Gateway"),
+    (vs(ROUTE, spec="  gateways: []\n"), "spec.gateways", "at least one gateway"),
     (vs(ROUTE, spec="  exportTo: ['~']\n"), "spec.exportTo", "hides the resource"),
     (vs(ROUTE, spec="  exportTo: [ops]\n"), "spec.exportTo", "hides the resource"),
     (vs(ROUTE, metadata="  namespace: ops\n"), "spec.hosts[0]", "short host 'inference'"),
@@ -589,10 +590,48 @@ REFUSED: list[tuple[str, str, str]] = [
         "<namespace>/<service account>",
     ),
     (
-        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\n"
-        "spec: {servers: []}\n",
-        "kind",
-        "Gateway is an Istio kind that meshserve does not support",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec:\n"
+        "  servers: []\n",
+        "spec.servers",
+        "at least one server",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec:\n"
+        "  servers: [{port: {number: 443, name: https, protocol: HTTPS}, hosts: ['*'],"
+        " tls: {mode: SIMPLE, credentialName: cert}}]\n",
+        "spec.servers[0].tls.mode",
+        UNSUPPORTED,
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec:\n"
+        "  servers: [{port: {number: 443, name: https, protocol: HTTPS}, hosts: ['*']}]\n",
+        "spec.servers[0].port.protocol",
+        "gRPC over HTTP/2",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec:\n"
+        "  servers: [{port: {number: 80, protocol: GRPC}, hosts: ['*'], bind: 0.0.0.0}]\n",
+        "spec.servers[0].bind",
+        UNSUPPORTED,
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec:\n"
+        "  servers: [{port: {number: 80, protocol: GRPC}, hosts: ['*'],"
+        " defaultEndpoint: 127.0.0.1:8080}]\n",
+        "spec.servers[0].defaultEndpoint",
+        UNSUPPORTED,
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec:\n"
+        "  servers: [{port: {number: 80, protocol: GRPC}, hosts: []}]\n",
+        "spec.servers[0].hosts",
+        "at least one host",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec:\n"
+        "  servers: [{port: {number: 80, protocol: GRPC}, hosts: ['a b/x']}]\n",
+        "spec.servers[0].hosts[0]",
+        "namespace part",
     ),
     (
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext}\n"

@@ -1,4 +1,4 @@
-"""Hypothesis: whatever YAML tree of the four kinds it is given, the loader answers with a
+"""Hypothesis: whatever YAML tree of the kinds it is given, the loader answers with a
 resource or its own ConfigError (INVALID_ARGUMENT naming the problem), never another
 exception."""
 
@@ -17,6 +17,7 @@ from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_resource, parse_yaml
 from mesh.config.resource import API_VERSIONS
 from mesh.config.snapshot import MeshConfig
+from mesh.config.views import MESH_VIEW, ingress_view
 from tests.mesh.security.jwt_support import Issuer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,6 +25,13 @@ REPO = Path(__file__).resolve().parents[2]
 #: Field names of the four kinds (and a few Istio ones meshserve refuses), so generated
 #: trees reach deep into the parsers instead of failing at the first unknown key.
 FIELDS = [
+    # Gateway
+    "servers",
+    "bind",
+    "defaultEndpoint",
+    "httpsRedirect",
+    "credentialName",
+    "serverCertificate",
     # RequestAuthentication
     "jwtRules",
     "issuer",
@@ -173,6 +181,11 @@ SCALARS = st.one_of(
             "~",
             "request.headers[x]",
             "meshserve/gateway",
+            "GRPC",
+            "HTTPS",
+            "./inference.meshserve.svc.cluster.local",
+            "*/*.example.com",
+            "meshserve/*",
             "UNAVAILABLE",
         ]
     ),
@@ -283,15 +296,29 @@ spec:
   portLevelMtls: {8090: {mode: DISABLE}}
 ---
 apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: g}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+    - name: a
+      port: {number: 8080, name: grpc, protocol: GRPC, targetPort: 8080}
+      hosts: ['*/inference.meshserve.svc.cluster.local', './*.example.com', '*']
+    - port: {number: 9090, protocol: HTTP2}
+      hosts: [meshserve/training]
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: v}
 spec:
   hosts: [inference]
   exportTo: ['*']
+  gateways: [g, mesh, meshserve/g]
   http:
     - name: r
       match:
         - uri: {regex: '/a.*'}
+          gateways: [mesh]
           headers: {x-a: {exact: b}}
           withoutHeaders: {x-b: {}}
       timeout: 1s
@@ -384,6 +411,10 @@ def test_yaml_text_to_snapshot_raises_only_config_errors(raws: list[Any]) -> Non
     """The whole path a file takes: YAML text → resources → one cross-checked snapshot."""
     text = yaml.safe_dump_all(raws)
     try:
-        MeshConfig.build(parse_yaml(text, "fuzz.yaml"), version=1, source="fuzz.yaml")
+        config = MeshConfig.build(parse_yaml(text, "fuzz.yaml"), version=1, source="fuzz.yaml")
     except ConfigError as exc:
         assert str(exc).startswith("fuzz.yaml")
+        return
+    # Every view's route table builds from whatever the snapshot accepted.
+    for view in (MESH_VIEW, ingress_view(port=8080), ingress_view(port=None)):
+        config.routes(view)

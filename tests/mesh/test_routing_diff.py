@@ -85,3 +85,19 @@ def test_a_destination_header_edit_alone_is_still_reported() -> None:
         "inference http[1] (canary-stream)",
     ]
     assert all(c.after.endswith("its destinations' header edits changed") for c in changes)
+
+
+def test_binding_changes_show_gateways_and_gateway_resources() -> None:
+    shipped = (REPO / "config" / "inference.yaml").read_text().split("---\n", 1)[0]
+    mesh_only = shipped.replace("    - meshserve-gateway\n", "")
+    edge = (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: edge}\n"
+        "spec:\n  servers: [{port: {number: 9090, protocol: GRPC}, hosts: ['*']}]\n"
+    )
+    diff = routing_diff(RUNNING, applied(mesh_only + "---\n" + edge))
+    assert diff.changes == (
+        RouteChange("added", "Gateway meshserve/edge", "", "port 9090 hosts */*"),
+        RouteChange(
+            "changed", "host inference gateways", "meshserve/meshserve-gateway, mesh", "mesh"
+        ),
+    )

@@ -553,12 +553,18 @@ class ExplainRouteRequest(_message.Message):
     HEADERS_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """gRPC method path, e.g. "/inference.GRPCInferenceService/ModelInfer"."""
     model_name: _builtins.str
     """Open Inference Protocol model name, for field-based hashing."""
     model_version: _builtins.str
     """Model version; empty means latest."""
+    view: _builtins.str
+    """Where to explain the route, as VirtualService gateways name it: empty for this
+    gateway's own ingress, "mesh" for the sidecars, or a Gateway ("name" in the
+    meshserve namespace, or "namespace/name") for the rules bound to it.
+    """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Request metadata (lower-case keys)."""
@@ -570,10 +576,11 @@ class ExplainRouteRequest(_message.Message):
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
+        view: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "method", b"method", "model_name", b"model_name", "model_version", b"model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "method", b"method", "model_name", b"model_name", "model_version", b"model_version", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,215 @@
+"""Which VirtualService rules apply where: in the sidecars (``mesh``) or at an ingress.
+
+Istio binds a VirtualService with ``gateways``: unset means ``mesh`` (every sidecar); a
+Gateway's name applies it at the ingress that Gateway selects, and only for the hosts that
+Gateway's servers expose; ``mesh`` listed too adds the sidecars. ``match[].gateways``
+overrides the list for one match entry. A :class:`View` says where routing happens; its
+:class:`RouteTable` holds the VirtualServices reduced to what applies there, built once
+per config so the routing decision looks up one table and tests no binding per call.
+
+meshserve extension (docs/configuration.md): a config with no Gateway at all keeps
+meshserve's gateway an implicit ingress for every VirtualService that does not set
+``gateways``; once a Gateway exists, Istio's rules hold strictly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from mesh.config.gateway import MESH, Gateway, Server
+from mesh.config.virtual_service import VirtualService
+
+#: The labels ``meshserve gateway`` carries unless told otherwise: its own, and those of
+#: Istio's ingress gateway so that copied Istio Gateways select it.
+DEFAULT_INGRESS_LABELS = (("app", "meshserve-gateway"), ("istio", "ingressgateway"))
+
+
+@dataclass(frozen=True)
+class View:
+    """Where a routing decision is made.
+
+    ``mesh``: a sidecar's outbound. ``ingress``: the gateway process, known by its labels
+    and the port a Gateway server names (None: not yet listening, no server applies).
+    ``gateway``: the rules bound to one named Gateway, whichever ingress it selects
+    (``route explain --gateway-name``).
+    """
+
+    kind: Literal["mesh", "ingress", "gateway"]
+    labels: tuple[tuple[str, str], ...] = ()
+    port: int | None = None
+    #: ``namespace/name`` of the Gateway, for kind ``gateway``.
+    gateway: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "mesh":
+            return "mesh (sidecars)"
+        if self.kind == "gateway":
+            return f"Gateway {self.gateway}"
+        labels = ",".join(f"{k}={v}" for k, v in self.labels) or "none"
+        return f"ingress (labels {labels}, port {self.port})"
+
+
+MESH_VIEW = View("mesh")
+
+
+def ingress_view(
+    labels: Iterable[tuple[str, str]] = DEFAULT_INGRESS_LABELS, port: int | None = None
+) -> View:
+    return View("ingress", tuple(sorted(labels)), port)
+
+
+def gateway_view(name: str) -> View:
+    return View("gateway", gateway=name)
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """The VirtualServices that apply in one view, by host, with only their rules (and
+    match entries) bound there."""
+
+    view: View
+    #: What the view resolved to, in words (``route explain`` prints it).
+    description: str
+    by_host: Mapping[str, VirtualService] = field(default_factory=dict)
+    #: Whether a host no VirtualService routes here takes the default route (to the host
+    #: itself): in sidecars, and at the implicit ingress. A Gateway has no virtual host
+    #: for it, so at a Gateway-configured ingress it has no route.
+    default_route: bool = True
+    #: Why a host has no route here (None: it has one); strict ingress only.
+    refuse: Callable[[str], str | None] = field(default=lambda host: None, compare=False)
+
+    def virtual_service(self, host: str) -> VirtualService | None:
+        return self.by_host.get(host)
+
+    def no_route(self, host: str) -> str | None:
+        """Envoy's "no route" for a host (gRPC UNIMPLEMENTED), or None when it routes."""
+        if host in self.by_host or self.default_route:
+            return None
+        return self.refuse(host)
+
+
+def route_table(
+    view: View, gateways: Mapping[str, Gateway], virtual_services: Iterable[VirtualService]
+) -> RouteTable:
+    """The :class:`RouteTable` of ``view``. Raises ``KeyError`` for a ``gateway`` view
+    whose Gateway the config does not hold."""
+    if view.kind == "mesh":
+        return _table(view, "mesh: the sidecars' rules", {MESH}, True, virtual_services)
+    if view.kind == "gateway":
+        gw = gateways[view.gateway]
+        selected = [(gw, gw.servers)]
+    elif not gateways:
+        return _table(
+            view,
+            f"{view.describe()}: no Gateway in the config, so every VirtualService without "
+            "gateways applies here (meshserve extension)",
+            set(),
+            True,
+            virtual_services,
+        )
+    else:
+        selected = [
+            (gw, gw.servers_on(view.port))
+            for gw in gateways.values()
+            if gw.selects(view.labels) and gw.servers_on(view.port)
+        ]
+    names = {gw.qualified for gw, _ in selected}
+    refs = ", ".join(sorted(f"{gw.ref} ({gw.metadata.namespace})" for gw, _ in selected))
+    port = f" on port {view.port}" if view.kind == "ingress" else ""
+    base = _table(view, "", names, False, virtual_services)
+    by_host: dict[str, VirtualService] = {}
+    for host, vs in base.by_host.items():
+        bound = names & _names_bound(vs)
+        if any(
+            h.admits(vs.metadata.namespace, host)
+            for gw, servers in selected
+            if gw.qualified in bound
+            for server in servers
+            for h in server.hosts
+        ):
+            by_host[host] = vs
+
+    def refuse(host: str) -> str:
+        if not selected:
+            return (
+                f"no route: no Gateway selects this {view.describe()}: a Gateway applies "
+                "where its selector matches the labels and a server names the port "
+                f"(Gateways: {', '.join(sorted(gateways))})"
+            )
+        if not any(h.exposes(host) for _, servers in selected for s in servers for h in s.hosts):
+            return f"no route: host {host!r} is not among the hosts of {refs}{port}"
+        return f"no route: no VirtualService bound to {refs} routes host {host!r}"
+
+    if view.kind == "gateway":
+        described = f"{view.describe()}: {_servers(selected)}"
+    elif selected:
+        described = f"{view.describe()}: {refs}, {_servers(selected)}"
+    else:
+        described = f"{view.describe()}: no Gateway selects it"
+    return RouteTable(view, described, by_host, default_route=False, refuse=refuse)
+
+
+def _servers(selected: list[tuple[Gateway, tuple[Server, ...]]]) -> str:
+    parts = []
+    for _, servers in selected:
+        for s in servers:
+            hosts = ", ".join(h.describe() for h in s.hosts)
+            name = f" ({s.port_name})" if s.port_name else ""
+            parts.append(f"server {s.index} port {s.port}{name} hosts {hosts}")
+    return "; ".join(parts)
+
+
+def _names_bound(vs: VirtualService) -> set[str]:
+    """Every gateway name the VirtualService or one of its match entries lists."""
+    names = set(vs.gateways)
+    for rule in vs.http:
+        for m in rule.matches:
+            names.update(m.gateways)
+    return names
+
+
+def _table(
+    view: View,
+    description: str,
+    names: set[str],
+    unset_applies: bool,
+    virtual_services: Iterable[VirtualService],
+) -> RouteTable:
+    """VirtualServices reduced to what applies where ``names`` are the gateway names
+    that bind here and ``unset_applies`` says whether an unset ``gateways`` does."""
+
+    def applies(listed: tuple[str, ...]) -> bool:
+        return unset_applies if not listed else not names.isdisjoint(listed)
+
+    by_host: dict[str, VirtualService] = {}
+    for vs in virtual_services:
+        bound = bind(vs, applies)
+        if bound is not None:
+            for host in vs.hosts:
+                by_host[host] = bound
+    return RouteTable(view, description, by_host)
+
+
+def bind(vs: VirtualService, applies: Callable[[tuple[str, ...]], bool]) -> VirtualService | None:
+    """``vs`` with only the rules and match entries that apply (``match[].gateways``
+    overrides the VirtualService's ``gateways``), or None when nothing of it does. A rule
+    whose match entries all apply elsewhere is dropped, never left matching everything."""
+    top = applies(vs.gateways)
+    rules = []
+    for rule in vs.http:
+        if not rule.matches:
+            if top:
+                rules.append(rule)
+            continue
+        kept = tuple(m for m in rule.matches if applies(m.gateways or vs.gateways))
+        if len(kept) == len(rule.matches):
+            rules.append(rule)
+        elif kept:
+            rules.append(replace(rule, matches=kept))
+    if not top and not rules:
+        return None
+    if len(rules) == len(vs.http) and all(a is b for a, b in zip(rules, vs.http, strict=True)):
+        return vs
+    return replace(vs, http=tuple(rules))
