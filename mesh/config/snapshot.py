@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,14 @@ from mesh.config.loader import Document, load_path, parse_yaml
 from mesh.config.request_authn import RequestAuthentication
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.service_entry import ServiceEntry
-from mesh.config.views import RouteTable, View, route_table
+from mesh.config.views import (
+    RouteTable,
+    View,
+    gateway_bound,
+    merge_order,
+    mesh_conflict,
+    route_table,
+)
 from mesh.config.virtual_service import Destination, VirtualService
 
 
@@ -30,7 +38,9 @@ class MeshConfig:
     version: int
     source: str
     documents: tuple[Document, ...]
-    virtual_services: dict[str, VirtualService] = field(default_factory=dict)
+    #: Every VirtualService naming a host, by host, in Istio's merge order
+    #: (:func:`~mesh.config.views.merge_order`); :meth:`routes` says which applies where.
+    virtual_services: dict[str, tuple[VirtualService, ...]] = field(default_factory=dict)
     destination_rules: dict[str, DestinationRule] = field(default_factory=dict)
     peer_authentications: tuple[PeerAuthentication, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
@@ -45,7 +55,7 @@ class MeshConfig:
     @classmethod
     def build(cls, documents: Sequence[Document], *, version: int, source: str) -> MeshConfig:
         seen: dict[tuple[str, str, str], Document] = {}
-        virtual_services: dict[str, VirtualService] = {}
+        ordered: list[VirtualService] = []
         destination_rules: dict[str, DestinationRule] = {}
         peer: list[PeerAuthentication] = []
         authz: list[AuthorizationPolicy] = []
@@ -63,14 +73,7 @@ class MeshConfig:
                 )
             seen[key] = doc
             if isinstance(r, VirtualService):
-                for i, host in enumerate(r.hosts):
-                    if host in virtual_services:
-                        other = virtual_services[host]
-                        raise ConfigError(
-                            f"{md.source}: {r.ref}: spec.hosts[{i}]: host {host!r} is already "
-                            f"routed by {other.ref} ({other.metadata.source})"
-                        )
-                    virtual_services[host] = r
+                ordered.append(r)
             elif isinstance(r, DestinationRule):
                 if r.host in destination_rules:
                     other_dr = destination_rules[r.host]
@@ -96,6 +99,12 @@ class MeshConfig:
                 authn.append(r)
             else:
                 authz.append(r)
+        _check_mesh_conflicts(ordered)
+        _check_gateway_merges(ordered)
+        virtual_services: dict[str, tuple[VirtualService, ...]] = {}
+        for vs in sorted(ordered, key=merge_order):
+            for host in vs.hosts:
+                virtual_services[host] = (*virtual_services.get(host, ()), vs)
         config = cls(
             version=version,
             source=source,
@@ -116,7 +125,7 @@ class MeshConfig:
     def _check_gateway_names(self) -> None:
         """Every name in ``gateways`` is ``mesh`` or a Gateway of this config: a rule bound
         to a missing Gateway would never apply anywhere, which is never what was meant."""
-        for vs in {id(v): v for v in self.virtual_services.values()}.values():
+        for vs in self.virtual_service_list:
             named = [(f"spec.gateways[{i}]", n) for i, n in enumerate(vs.gateways)]
             for rule in vs.http:
                 for j, m in enumerate(rule.matches):
@@ -132,7 +141,7 @@ class MeshConfig:
 
     def _check_hosts(self) -> None:
         """A host outside the mesh is routable only when a ServiceEntry declares it."""
-        for vs in {id(v): v for v in self.virtual_services.values()}.values():
+        for vs in self.virtual_service_list:
             for i, host in enumerate(vs.hosts):
                 self._check_host(vs.metadata.source, vs.ref, f"spec.hosts[{i}]", host)
             for rule in vs.http:
@@ -163,7 +172,7 @@ class MeshConfig:
         )
 
     def _check_references(self) -> None:
-        for vs in {id(v): v for v in self.virtual_services.values()}.values():
+        for vs in self.virtual_service_list:
             for rule in vs.http:
                 for j, rd in enumerate(rule.route):
                     self._check_destination(
@@ -207,18 +216,23 @@ class MeshConfig:
 
     # -- lookups --------------------------------------------------------------------------
 
-    def virtual_service(self, host: str) -> VirtualService | None:
-        """The VirtualService for ``host`` whatever it is bound to (:meth:`routes` says
-        what applies where)."""
-        return self.virtual_services.get(host)
+    @functools.cached_property
+    def virtual_service_list(self) -> tuple[VirtualService, ...]:
+        """Every VirtualService once, in Istio's merge order."""
+        unique = {id(v): v for found in self.virtual_services.values() for v in found}
+        return tuple(sorted(unique.values(), key=merge_order))
+
+    def virtual_services_for(self, host: str) -> tuple[VirtualService, ...]:
+        """Every VirtualService naming ``host``, whatever it is bound to (:meth:`routes`
+        says which applies where)."""
+        return self.virtual_services.get(host, ())
 
     def routes(self, view: View) -> RouteTable:
         """The rules that apply in ``view`` (built once per snapshot and view). Raises
         ``KeyError`` for a Gateway view whose Gateway this config does not hold."""
         found = self._routes.get(view)
         if found is None:
-            unique = {id(v): v for v in self.virtual_services.values()}.values()
-            found = self._routes[view] = route_table(view, self.gateways, unique)
+            found = self._routes[view] = route_table(view, self.gateways, self.virtual_service_list)
         return found
 
     def destination_rule(self, host: str) -> DestinationRule | None:
@@ -243,6 +257,45 @@ class MeshConfig:
 
     def refs(self) -> list[str]:
         return [d.ref for d in self.documents]
+
+
+def _check_mesh_conflicts(ordered: Sequence[VirtualService]) -> None:
+    """At most one VirtualService per host applies in ``mesh``: Istio's sidecars keep one
+    and drop the other (IST0109), so a second is refused, naming both. At Gateways they
+    are merged (:func:`~mesh.config.views.merge`)."""
+    found = mesh_conflict(ordered)
+    if found is None:
+        return
+    host, first, second = found
+    md = second.metadata
+    raise ConfigError(
+        f"{md.source}: {second.ref}: spec.hosts[{second.hosts.index(host)}]: host {host!r} "
+        f"is already routed by {first.ref} ({first.metadata.source}) in the mesh view "
+        "(sidecars): both apply there (gateways unset or listing 'mesh'), and Istio merges "
+        "VirtualServices of one host only at Gateways; bind one of them to a Gateway only, "
+        "or merge their rules into one"
+    )
+
+
+def _check_gateway_merges(ordered: Sequence[VirtualService]) -> None:
+    """VirtualServices of one host merged at a Gateway must all be public: Istio puts those
+    exported only to the ingress' own namespace first, an order meshserve does not model."""
+    by_host: dict[str, list[VirtualService]] = {}
+    for vs in ordered:
+        if gateway_bound(vs):
+            for host in vs.hosts:
+                by_host.setdefault(host, []).append(vs)
+    for host, found in by_host.items():
+        scoped = [vs for vs in found if vs.export_to and "*" not in vs.export_to]
+        if len(found) > 1 and scoped:
+            other = next(vs for vs in found if vs is not scoped[0])
+            md = scoped[0].metadata
+            raise ConfigError(
+                f"{md.source}: {scoped[0].ref}: spec.exportTo: host {host!r} is also routed "
+                f"at a Gateway by {other.ref} ({other.metadata.source}), and Istio orders "
+                "VirtualServices merged at an ingress by whether they are exported to its "
+                "namespace, which meshserve does not model: leave exportTo out or use '*'"
+            )
 
 
 EMPTY = MeshConfig(version=0, source="<none>", documents=())

@@ -7,6 +7,13 @@ overrides the list for one match entry. A :class:`View` says where routing happe
 :class:`RouteTable` holds the VirtualServices reduced to what applies there, built once
 per config so the routing decision looks up one table and tests no binding per call.
 
+Several VirtualServices may name one host when at most one applies in ``mesh`` (Istio
+refuses a sidecar conflict, IST0109, and :meth:`MeshConfig.build` does too). At an ingress
+Istio merges them: each one's rules are appended to the host's virtual host, Gateway by
+Gateway (Gateways in creation order), and within a Gateway in creation order, then by
+name and namespace. meshserve keeps no creation time, so it orders by Istio's tie-break
+alone: Gateway name, then VirtualService name, then namespace (:func:`merge_order`).
+
 meshserve extension (docs/configuration.md): a config with no Gateway at all keeps
 meshserve's gateway an implicit ingress for every VirtualService that does not set
 ``gateways``; once a Gateway exists, Istio's rules hold strictly.
@@ -14,7 +21,7 @@ meshserve's gateway an implicit ingress for every VirtualService that does not s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -118,18 +125,29 @@ def route_table(
     names = {gw.qualified for gw, _ in selected}
     refs = ", ".join(sorted(f"{gw.ref} ({gw.metadata.namespace})" for gw, _ in selected))
     port = f" on port {view.port}" if view.kind == "ingress" else ""
-    base = _table(view, "", names, False, virtual_services)
+    # Istio walks the ingress' servers Gateway by Gateway, appending each bound
+    # VirtualService's routes to the host's virtual host: a VirtualService takes the rank
+    # of the first Gateway here that binds it (a repeat of its rules later could never match).
+    rank = {
+        gw.qualified: i
+        for i, gw in enumerate(sorted((gw for gw, _ in selected), key=_gateway_order))
+    }
     by_host: dict[str, VirtualService] = {}
-    for host, vs in base.by_host.items():
-        bound = names & _names_bound(vs)
-        if any(
-            h.admits(vs.metadata.namespace, host)
-            for gw, servers in selected
-            if gw.qualified in bound
-            for server in servers
-            for h in server.hosts
-        ):
-            by_host[host] = vs
+    for host, bound_here in _bound(names, False, virtual_services).items():
+        admitted = []
+        for vs in bound_here:
+            bound = names & _names_bound(vs)
+            if any(
+                h.admits(vs.metadata.namespace, host)
+                for gw, servers in selected
+                if gw.qualified in bound
+                for server in servers
+                for h in server.hosts
+            ):
+                admitted.append((min(rank[n] for n in bound), vs))
+        if admitted:
+            admitted.sort(key=lambda found: (found[0], *merge_order(found[1])))
+            by_host[host] = merge([vs for _, vs in admitted])
 
     def refuse(host: str) -> str:
         if not selected:
@@ -161,6 +179,11 @@ def _servers(selected: list[tuple[Gateway, tuple[Server, ...]]]) -> str:
     return "; ".join(parts)
 
 
+def gateway_bound(vs: VirtualService) -> bool:
+    """Whether some rule of ``vs`` is bound to a Gateway (applies at an ingress)."""
+    return bool(_names_bound(vs) - {MESH})
+
+
 def _names_bound(vs: VirtualService) -> set[str]:
     """Every gateway name the VirtualService or one of its match entries lists."""
     names = set(vs.gateways)
@@ -170,6 +193,25 @@ def _names_bound(vs: VirtualService) -> set[str]:
     return names
 
 
+def _bound(
+    names: set[str], unset_applies: bool, virtual_services: Iterable[VirtualService]
+) -> dict[str, list[VirtualService]]:
+    """Every VirtualService reduced to what applies where ``names`` are the gateway names
+    that bind here and ``unset_applies`` says whether an unset ``gateways`` does, by host,
+    in :func:`merge_order`."""
+
+    def applies(listed: tuple[str, ...]) -> bool:
+        return unset_applies if not listed else not names.isdisjoint(listed)
+
+    by_host: dict[str, list[VirtualService]] = {}
+    for vs in sorted(virtual_services, key=merge_order):
+        bound = bind(vs, applies)
+        if bound is not None:
+            for host in vs.hosts:
+                by_host.setdefault(host, []).append(bound)
+    return by_host
+
+
 def _table(
     view: View,
     description: str,
@@ -177,19 +219,47 @@ def _table(
     unset_applies: bool,
     virtual_services: Iterable[VirtualService],
 ) -> RouteTable:
-    """VirtualServices reduced to what applies where ``names`` are the gateway names
-    that bind here and ``unset_applies`` says whether an unset ``gateways`` does."""
-
-    def applies(listed: tuple[str, ...]) -> bool:
-        return unset_applies if not listed else not names.isdisjoint(listed)
-
-    by_host: dict[str, VirtualService] = {}
-    for vs in virtual_services:
-        bound = bind(vs, applies)
-        if bound is not None:
-            for host in vs.hosts:
-                by_host[host] = bound
+    """The table of a view where VirtualServices are not merged (sidecars, the implicit
+    ingress): :meth:`MeshConfig.build` lets at most one apply per host there; a config
+    built otherwise gets Istio's sidecar answer, the first in :func:`merge_order`."""
+    by_host = {h: found[0] for h, found in _bound(names, unset_applies, virtual_services).items()}
     return RouteTable(view, description, by_host)
+
+
+def merge_order(vs: VirtualService) -> tuple[str, str]:
+    """Istio's order among VirtualServices of one host (creation time, then name, then
+    namespace) without the creation time, which meshserve does not keep."""
+    return (vs.metadata.name, vs.metadata.namespace)
+
+
+def _gateway_order(gw: Gateway) -> tuple[str, str]:
+    """Istio merges Gateways in the same order (creation time, name, namespace)."""
+    return (gw.metadata.name, gw.metadata.namespace)
+
+
+def merge(found: Sequence[VirtualService]) -> VirtualService:
+    """One VirtualService for a host at an ingress: the rules of each, in order (Istio
+    appends each VirtualService's routes to the host's virtual host; first match wins)."""
+    if len(found) == 1:
+        return found[0]
+    return replace(found[0], http=tuple(r for vs in found for r in vs.http), merged=tuple(found))
+
+
+def mesh_conflict(
+    virtual_services: Iterable[VirtualService],
+) -> tuple[str, VirtualService, VirtualService] | None:
+    """A host that two VirtualServices route in ``mesh`` (host, earlier, later in the
+    order given), or None. Istio's sidecars take one and drop the other (IST0109); meshserve
+    refuses the config instead."""
+    seen: dict[str, VirtualService] = {}
+    for vs in virtual_services:
+        if bind(vs, lambda listed: not listed or MESH in listed) is None:
+            continue
+        for host in vs.hosts:
+            if host in seen:
+                return host, seen[host], vs
+            seen[host] = vs
+    return None
 
 
 def bind(vs: VirtualService, applies: Callable[[tuple[str, ...]], bool]) -> VirtualService | None:

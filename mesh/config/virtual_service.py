@@ -134,9 +134,14 @@ class VirtualService:
     #: ``gateways`` (qualified ``ns/name`` or ``mesh``); empty: unset, which is ``mesh``
     #: in Istio (and, with no Gateway in the config, meshserve's gateway too).
     gateways: tuple[str, ...] = ()
+    #: At an ingress, the VirtualServices whose rules this one holds, in order (Istio
+    #: merges those of one host there); empty for a resource as written.
+    merged: tuple[VirtualService, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def ref(self) -> str:
+        if self.merged:
+            return " + ".join(vs.ref for vs in self.merged)
         return f"VirtualService/{self.metadata.name}"
 
     @functools.cached_property

@@ -349,14 +349,16 @@ class Relay:
     def needs_message(self, path: str) -> bool:
         """Whether routing waits for the first message: the host hashes on its fields, or
         one of its rules matches on the model the request names."""
-        config = self.state.clusters.config
-        if config is not self._needs_config:
-            self._needs_config, self._needs_message = config, {}
+        clusters = self.state.clusters
+        # Keyed by the view's route table: it changes with the config and with the view
+        # (which VirtualService of a host applies depends on where this proxy routes).
+        if clusters.routes is not self._needs_config:
+            self._needs_config, self._needs_message = clusters.routes, {}
         found = self._needs_message.get(path)
         if found is None:
             host = host_for_method(path)
-            rule = config.destination_rule(host) if host else None
-            vs = config.virtual_service(host) if host else None
+            rule = clusters.config.destination_rule(host) if host else None
+            vs = clusters.routes.virtual_service(host) if host else None
             found = self._needs_message[path] = (
                 rule is not None and bool(rule.extensions.hash_fields)
             ) or (vs is not None and vs.matches_model and path in MODEL_NAMED_METHODS)

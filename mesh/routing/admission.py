@@ -74,13 +74,12 @@ def dead_rules(host: str, config: MeshConfig, endpoints: EndpointsSnapshot) -> l
     """The rules routing ``host`` under ``config`` that reach no registered instance.
 
     A host without a VirtualService takes the default route to itself, which reaches its
-    instances whenever it has any: no dead rules.
+    instances whenever it has any: no dead rules. A host split over several (one for a
+    Gateway, one for ``mesh``) keeps a route only if each of them does, in its own view.
     """
-    vs = config.virtual_service(host)
-    if vs is None:
-        return []
     dead = []
-    for rule in vs.http:
+    every = [(vs, rule) for vs in config.virtual_services_for(host) for rule in vs.http]
+    for vs, rule in every:
         reasons = []
         for rd in rule.route:
             if rd.weight <= 0:
@@ -125,9 +124,8 @@ def admission_problems(
         | frozenset(candidate.destination_rules)
         | frozenset(candidate.service_entries)
     )
-    unique = {id(v): v for v in candidate.virtual_services.values()}.values()
     if registered is not None:
-        for vs in unique:
+        for vs in candidate.virtual_service_list:
             for path, dest in _destinations(vs):
                 if dest.host in declared or dest.host in registered:
                     continue

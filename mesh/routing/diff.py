@@ -12,6 +12,7 @@ from typing import Literal
 
 from mesh.config.destination_rule import DestinationRule
 from mesh.config.gateway import Gateway
+from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.snapshot import MeshConfig
 from mesh.config.virtual_service import HTTPRoute, VirtualService
 from mesh.routing.match import describe_match
@@ -56,16 +57,38 @@ def _rule_subject(host: str, rule: HTTPRoute) -> str:
     return f"{host} {rule.describe()}"
 
 
-def _compare_rules(
-    host: str, old: VirtualService | None, new: VirtualService | None
-) -> list[RouteChange]:
+def _compare_hosts(host: str, old: MeshConfig, new: MeshConfig) -> list[RouteChange]:
+    """A host's rules: compared as one VirtualService each side, or, where either side
+    splits the host over several (one per view, or merged at a Gateway), VirtualService
+    by VirtualService (matched by namespace and name), each named in the subject."""
+    before, after = old.virtual_services_for(host), new.virtual_services_for(host)
+    if len(before) <= 1 and len(after) <= 1:
+        return _compare_rules(host, next(iter(before), None), next(iter(after), None))
+    olds = {(v.metadata.namespace, v.metadata.name): v for v in before}
+    news = {(v.metadata.namespace, v.metadata.name): v for v in after}
     changes: list[RouteChange] = []
+    for key in sorted(olds.keys() | news.keys()):
+        vs = news.get(key) or olds[key]
+        label = f"{host} {vs.ref}"
+        if key[0] != DEFAULT_NAMESPACE:
+            label += f" (namespace {key[0]})"
+        changes += _compare_rules(label, olds.get(key), news.get(key), absent="none")
+    return changes
+
+
+def _compare_rules(
+    host: str, old: VirtualService | None, new: VirtualService | None, absent: str = ""
+) -> list[RouteChange]:
+    """``host`` is what subjects name; ``absent`` what no VirtualService means there
+    (by default, the default route to the host)."""
+    changes: list[RouteChange] = []
+    absent = absent or f"default route to {host}"
     old_rules = old.http if old is not None else ()
     new_rules = new.http if new is not None else ()
     if old is None and new is not None:
-        changes.append(RouteChange("added", f"host {host}", f"default route to {host}", new.ref))
+        changes.append(RouteChange("added", f"host {host}", absent, new.ref))
     elif old is not None and new is None:
-        changes.append(RouteChange("removed", f"host {host}", old.ref, f"default route to {host}"))
+        changes.append(RouteChange("removed", f"host {host}", old.ref, absent))
     elif old is not None and new is not None and old.gateways != new.gateways:
         changes.append(
             RouteChange(
@@ -174,7 +197,7 @@ def routing_diff(old: MeshConfig, new: MeshConfig) -> RoutingDiff:
     )
     changes += _compare_gateways(old, new)
     for host in sorted(hosts):
-        changes += _compare_rules(host, old.virtual_service(host), new.virtual_service(host))
+        changes += _compare_hosts(host, old, new)
         changes += _compare_subsets(host, old.destination_rule(host), new.destination_rule(host))
     return RoutingDiff(tuple(changes))
 

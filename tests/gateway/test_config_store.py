@@ -73,7 +73,7 @@ async def gateway(store: Store, config_dir: Path) -> AsyncIterator[Gateway]:
 
 
 def canary_rule(gateway: Gateway) -> bool:
-    vs = gateway.state.config.virtual_service("inference")
+    vs = gateway.state.config.virtual_services_for("inference")[0]
     return vs is not None and any(rule.name == "canary" for rule in vs.http)
 
 
@@ -86,7 +86,7 @@ async def test_the_store_overlays_the_directory_at_start(store: Store, config_di
         # The store's VirtualService replaced the directory's; the directory's rules stay.
         assert canary_rule(gateway)
         assert config.destination_rule("inference") is not None
-        assert config.virtual_service("data") is not None
+        assert config.virtual_services_for("data")
         assert config.source == f"{config_dir} + store 'routing' v1"
     finally:
         await serving.drain(grace=0)
@@ -226,7 +226,7 @@ async def test_rollback_writes_the_previous_version_again(gateway: Gateway, stor
     assert latest is not None and latest.version == 3 and latest.yaml == v1.yaml
     assert latest.applied_by == "gateway admin rollback to store 'routing' v1"
     assert gateway.store_version == 3 and gateway.state.config is config
-    rule = next(r for r in config.virtual_services["inference"].http if r.name == "canary")
+    rule = next(r for r in config.virtual_services["inference"][0].http if r.name == "canary")
     assert rule.timeout == 60.0
 
 

@@ -58,7 +58,7 @@ def test_sample_config_directory_loads_and_cross_validates() -> None:
     canary = config.merged(
         load_path(REPO / "config" / "examples" / "canary-90-10.yaml"), version=2, source="canary"
     )
-    weights = [d.weight for d in canary.virtual_services["inference"].http[1].route]
+    weights = [d.weight for d in canary.virtual_services["inference"][0].http[1].route]
     assert weights == [90, 10]
 
 

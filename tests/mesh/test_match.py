@@ -58,7 +58,7 @@ spec:
       route: [{destination: {host: inference}}]
 """
 
-VS = config_from_yaml(RULES, source="rules.yaml").virtual_services["inference"]
+VS = config_from_yaml(RULES, source="rules.yaml").virtual_services["inference"][0]
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ spec:
     - name: catch-all
       route: [{destination: {host: inference}}]
 """
-MODEL_VS = config_from_yaml(MODEL_RULES, source="rules.yaml").virtual_services["inference"]
+MODEL_VS = config_from_yaml(MODEL_RULES, source="rules.yaml").virtual_services["inference"][0]
 
 
 @pytest.mark.parametrize(
