@@ -240,6 +240,8 @@ def _gateway_order(gw: Gateway) -> tuple[str, str]:
 def merge(found: Sequence[VirtualService]) -> VirtualService:
     """One VirtualService for a host at an ingress: the rules of each, in order (Istio
     appends each VirtualService's routes to the host's virtual host; first match wins)."""
+    # One with no rule here (all bound elsewhere by match[].gateways) adds no route.
+    found = [vs for vs in found if vs.http] or found[:1]
     if len(found) == 1:
         return found[0]
     return replace(found[0], http=tuple(r for vs in found for r in vs.http), merged=tuple(found))

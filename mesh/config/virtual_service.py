@@ -145,6 +145,13 @@ class VirtualService:
         return f"VirtualService/{self.metadata.name}"
 
     @functools.cached_property
+    def rule_refs(self) -> dict[int, str]:
+        """Each rule's name in ``route explain`` and metrics, by ``id``: the VirtualService
+        that wrote it (one of those merged at an ingress) and its place there. Built once,
+        so routing a call looks its name up instead of formatting it."""
+        return {id(r): f"{vs.ref} {r.describe()}" for vs in self.merged or (self,) for r in vs.http}
+
+    @functools.cached_property
     def matches_model(self) -> bool:
         """Whether a rule matches on the model a request names: routing then waits for
         the request's first message (and reads it once, for the match and the hash key)."""

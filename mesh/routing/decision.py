@@ -131,7 +131,7 @@ def decide(
             )
         else:
             rule, matched = found
-            route_name = f"{vs.ref} {rule.describe()}"
+            route_name = vs.rule_refs[id(rule)]
             chosen = pick_destination(rule.route, rng)
             destination = chosen.destination
             for ops in (rule.headers.request, chosen.headers.request):
