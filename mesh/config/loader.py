@@ -61,10 +61,35 @@ class Document:
         return self.resource.ref
 
 
+class _KubernetesLoader(yaml.SafeLoader):
+    """YAML as the Kubernetes API reads it: through JSON, which has no time type, so
+    ``2024-05-01`` or ``2024-05-01T12:00:00Z`` unquoted is a string (PyYAML would make a
+    date of it, and raise ValueError, not a YAML error, for ``2000-13-01``)."""
+
+
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_KubernetesLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _time_as_text(loader: _KubernetesLoader, node: yaml.Node) -> Any:
+    """An explicit ``!!timestamp`` stays text too."""
+    if not isinstance(node, yaml.ScalarNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, "a time must be a scalar", node.start_mark
+        )
+    return loader.construct_scalar(node)
+
+
+_KubernetesLoader.add_constructor(_TIMESTAMP, _time_as_text)
+
+
 def parse_yaml(text: str, source: str) -> list[Document]:
     """Every resource in a multi-document YAML text; ``source`` names it in errors."""
     try:
-        raw_documents = list(yaml.safe_load_all(text))
+        raw_documents = list(yaml.load_all(text, Loader=_KubernetesLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -11,8 +11,8 @@ Several VirtualServices may name one host when at most one applies in ``mesh`` (
 refuses a sidecar conflict, IST0109, and :meth:`MeshConfig.build` does too). At an ingress
 Istio merges them: each one's rules are appended to the host's virtual host, Gateway by
 Gateway (Gateways in creation order), and within a Gateway in creation order, then by
-name and namespace. meshserve keeps no creation time, so it orders by Istio's tie-break
-alone: Gateway name, then VirtualService name, then namespace (:func:`merge_order`).
+name and namespace (:func:`merge_order`; a file without ``creationTimestamp`` has Istio's
+zero time, so name order decides).
 
 meshserve extension (docs/configuration.md): a config with no Gateway at all keeps
 meshserve's gateway an implicit ingress for every VirtualService that does not set
@@ -226,15 +226,21 @@ def _table(
     return RouteTable(view, description, by_host)
 
 
-def merge_order(vs: VirtualService) -> tuple[str, str]:
-    """Istio's order among VirtualServices of one host (creation time, then name, then
-    namespace) without the creation time, which meshserve does not keep."""
-    return (vs.metadata.name, vs.metadata.namespace)
+def merge_order(vs: VirtualService) -> tuple[int, str, str]:
+    """Istio's order among VirtualServices of one host: creation time, then name, then
+    namespace. Written files carry no ``creationTimestamp``: Istio's zero time, so first
+    and then in name order (objects copied with ``kubectl get -o yaml`` keep theirs)."""
+    return _order(vs.metadata.created, vs.metadata.name, vs.metadata.namespace)
 
 
-def _gateway_order(gw: Gateway) -> tuple[str, str]:
+def _gateway_order(gw: Gateway) -> tuple[int, str, str]:
     """Istio merges Gateways in the same order (creation time, name, namespace)."""
-    return (gw.metadata.name, gw.metadata.namespace)
+    return _order(gw.metadata.created, gw.metadata.name, gw.metadata.namespace)
+
+
+def _order(created: int | None, name: str, namespace: str) -> tuple[int, str, str]:
+    # Go's zero time (0001-01-01) precedes every real creation time.
+    return (created if created is not None else -(2**63), name, namespace)
 
 
 def merge(found: Sequence[VirtualService]) -> VirtualService:

@@ -5,6 +5,7 @@ exception."""
 from __future__ import annotations
 
 import copy
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,21 @@ TREES = st.recursive(
     max_leaves=30,
 )
 KINDS = st.sampled_from(list(API_VERSIONS))
+#: What a copied object's creation time may look like, and what it must not: any time
+#: (naive, UTC, or a fixed offset up to a day, as YAML writes them), text, any tree.
+CREATED = st.one_of(
+    st.datetimes(
+        timezones=st.one_of(
+            st.none(),
+            st.builds(
+                timezone,
+                st.timedeltas(min_value=-timedelta(hours=23), max_value=timedelta(hours=23)),
+            ),
+        )
+    ),
+    st.text(max_size=30),
+    TREES,
+)
 
 
 @st.composite
@@ -216,6 +232,7 @@ def documents(draw: st.DrawFn) -> Any:
                         "namespace": st.sampled_from(["meshserve", "ops", ""]),
                         "annotations": TREES,
                         "labels": TREES,
+                        "creationTimestamp": CREATED,
                     },
                 ),
                 TREES,

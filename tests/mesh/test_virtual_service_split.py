@@ -160,6 +160,51 @@ def test_two_bound_to_one_gateway_are_merged_in_name_order() -> None:
     assert target(route(cfg, MESH_VIEW)) == "inference by default"
 
 
+@pytest.mark.parametrize(
+    ("early", "late"),
+    [
+        # As kubectl writes them (quoted), and unquoted with an offset (a string too).
+        ('"2024-05-01T12:00:00Z"', '"2024-05-01T12:00:01Z"'),
+        ("2024-05-01T12:00:00Z", "2024-05-01T14:00:00+01:00"),
+    ],
+)
+def test_objects_copied_with_their_creation_time_merge_in_creation_order(
+    early: str, late: str
+) -> None:
+    # z was created first: its rule comes first although its name is later.
+    z = named("z-first", header_rule("fast", "v1"), "[ingress]")
+    a = named("a-second", header_rule("fast", "v2"), "[ingress]")
+    z = z.replace("name: z-first}", f"name: z-first, creationTimestamp: {early}}}")
+    a = a.replace("name: a-second}", f"name: a-second, creationTimestamp: {late}}}")
+    cfg = config(gateway(), a, z)
+    assert route(cfg, INGRESS, headers={"x-lane": "fast"}).route == (
+        "VirtualService/z-first http[0] (fast)"
+    )
+    # Created in the same second: name order, Istio's tie-break.
+    same = config(gateway(), a.replace(late, early), z)
+    assert route(same, INGRESS, headers={"x-lane": "fast"}).subset == "v2"
+    # A file without creationTimestamp has Istio's zero time: before every copied object.
+    fresh = config(gateway(), named("zz-file", header_rule("fast", "v1"), "[ingress]"), a)
+    assert route(fresh, INGRESS, headers={"x-lane": "fast"}).subset == "v1"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("yesterday", "'yesterday' is not an RFC 3339 time"),
+        ("2024-05-01", "'2024-05-01' is not an RFC 3339 time"),
+        ("2024-05-01T12:00:00", "has no UTC offset"),
+        ("12", "got int"),
+    ],
+)
+def test_a_creation_time_that_is_no_time_is_refused_naming_the_field(
+    value: str, problem: str
+) -> None:
+    text = named("a", TO_V1).replace("name: a}", f"name: a, creationTimestamp: {value}}}")
+    message = refused(text)
+    assert "metadata.creationTimestamp" in message and problem in message
+
+
 def test_a_catch_all_of_the_earlier_one_shadows_the_later_as_in_envoy() -> None:
     cfg = config(
         gateway(),
