@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_labels,
         default=DEFAULT_INGRESS_LABELS,
         metavar="KEY=VALUE[,KEY=VALUE...]",
-        help="this ingress' labels, which a Gateway's selector matches (default: "
+        help="this ingress' labels, which Gateway, AuthorizationPolicy and RequestAuthentication "
+        "selectors match (default: "
         + ",".join(f"{k}={v}" for k, v in DEFAULT_INGRESS_LABELS)
         + ", so copied Istio Gateways select it)",
     )
