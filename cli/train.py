@@ -10,13 +10,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.endpoints import add_state_dir_argument, gateway_from_args
-from cli.errors import CliError
+from cli.endpoints import gateway_from_args
 from gateway.fleet_merge import served_everywhere
+from mesh.cli_error import CliError
 from protos.inference import grpc_service_pb2 as oip
 from protos.inference import grpc_service_pb2_grpc as oip_grpc
 from protos.meshserve.training.v1 import training_pb2 as pb
 from protos.meshserve.training.v1 import training_pb2_grpc
+from registry.state_dir import add_state_dir_argument
 
 out = Console()
 

@@ -31,8 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.admin_credential import ensure_admin_credential, own_admin_metadata
-from cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
-from cli.errors import CliError
+from cli.endpoints import UpStatus
 from cli.routed import wait_routed
 from cli.supervision.elastic import ElasticGroup, LoadFeed
 from cli.supervision.janitor import Janitor
@@ -42,6 +41,7 @@ from cli.supervision.supervisor import Supervisor
 from cli.supervision.units import UnitStatus
 from cli.train import fleet_serves, mlp_spec, print_result, submit_and_watch
 from gateway.app import DEFAULT_PORT
+from mesh.cli_error import CliError
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.config.fields import ConfigError
 from mesh.config.hosts import normalise_host
@@ -51,6 +51,7 @@ from protos.meshserve.data.v1 import data_pb2 as data_pb
 from protos.meshserve.data.v1 import data_pb2_grpc
 from registry.connect import StoreSettings
 from registry.embedded import free_port
+from registry.state_dir import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
 
 out = Console()
 
@@ -481,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
             _demo(gateway, state, args, stopping)
 
         def write_up() -> None:
-            UpEndpoints.of_units(gateway, es, supervisor.statuses()).write(state)
+            UpStatus.of_units(gateway, es, supervisor.statuses()).write(state)
 
         supervisor.on_change = write_up
         write_up()
