@@ -28,6 +28,7 @@ import grpc
 from mesh.balance.endpoints import Endpoint
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
+from mesh.proxy.deadlines import DeadlineQueue
 from mesh.proxy.exchange import Exchange, error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
@@ -301,6 +302,8 @@ class Relay:
         self.limiter = SourceLimiter(self.limits, self.loop.time)
         self._tick: asyncio.TimerHandle | None = None
         self.flusher = Flusher()
+        #: Calls' attempt deadlines, on one loop timer (mesh/proxy/deadlines.py).
+        self.deadlines = DeadlineQueue(self.loop)
         self.pool = UpstreamPool(self, ssl_context)
         self.exchanges: set[Exchange] = set()
         self.downstreams: set[Downstream] = set()
@@ -430,6 +433,7 @@ class Relay:
             if conn.transport is not None:
                 conn.transport.abort()
         self.pool.close()
+        self.deadlines.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
