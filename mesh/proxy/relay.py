@@ -287,7 +287,11 @@ class Relay:
         #: before the guard, and edits the headers that go on; raises Unauthenticated.
         self.authn = authn
         #: Spans and request metrics for the calls the relay forwards itself.
-        self.telemetry = RelayTelemetry(telemetry) if telemetry is not None else None
+        self.telemetry = (
+            RelayTelemetry(telemetry)
+            if telemetry is not None and RelayTelemetry.records(telemetry)
+            else None
+        )
         #: The gRPC server behind the relay (None: a sidecar's outbound, which has none;
         #: calls that would need it are refused with UNIMPLEMENTED).
         self.internal_address = internal_address
