@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cli.endpoints import DEFAULT_STATE_DIR
 from gateway.auth import ADMIN_SCOPE, API_KEY_HEADER, hash_key, new_key
+from registry.state_dir import DEFAULT_STATE_DIR
 
 ADMIN_KEY_FILE = "admin.key"
 ADMIN_AUTH_FILE = "gateway-auth.yaml"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.errors import CliError
+from mesh.cli_error import CliError
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.scaling.autoscaler import Autoscaler, Bounds, Candidate, Decision, least_loaded
 

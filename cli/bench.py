@@ -12,11 +12,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cli.endpoints import add_state_dir_argument, gateway_from_args
-from cli.errors import CliError
+from cli.endpoints import gateway_from_args
 from cli.infer import NUMPY
+from mesh.cli_error import CliError
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc
+from registry.state_dir import add_state_dir_argument
 
 out = Console()
 

@@ -15,8 +15,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from rich.console import Console
 
-from cli.endpoints import add_state_dir_argument, gateway_from_args
-from cli.errors import CliError
+from cli.endpoints import gateway_from_args
+from mesh.cli_error import CliError
+from registry.state_dir import add_state_dir_argument
 
 out = Console()
 

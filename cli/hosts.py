@@ -25,14 +25,15 @@ from rich.console import Console
 
 from cli import netns
 from cli.admin_credential import ensure_admin_credential, own_admin_metadata
-from cli.endpoints import UP_FILE, UpEndpoints
-from cli.errors import CliError
+from cli.endpoints import UpStatus
 from cli.routed import wait_routed
 from cli.supervision.janitor import Janitor
 from cli.supervision.policy import RestartPolicy
 from cli.supervision.processes import Component, Running, after
 from cli.supervision.supervisor import Supervisor
+from mesh.cli_error import CliError
 from registry.connect import StoreSettings
+from registry.state_dir import UP_FILE, UpEndpoints
 
 out = Console()
 
@@ -285,7 +286,7 @@ def run_up(args: argparse.Namespace) -> int:
         )
 
         def write_up() -> None:
-            UpEndpoints.of_units(gateway, es, supervisor.statuses()).write(state)
+            UpStatus.of_units(gateway, es, supervisor.statuses()).write(state)
 
         supervisor.on_change = write_up
         write_up()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from cli.errors import CliError
+from mesh.cli_error import CliError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -48,9 +48,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "trace": ("cli.trace", "show a request's spans (gateway → sidecar → worker) as a tree"),
     "datasets": ("cli.datasets", "manage the datasets of a data worker"),
-    "status": ("registry.cli", "services, instances, health, lease age, loaded versions and load"),
-    "models": ("registry.cli", "the model catalog: list, promote, rollback"),
-    "registry": ("registry.cli", "the discovery store itself"),
+    "status": ("cli.registry", "services, instances, health, lease age, loaded versions and load"),
+    "models": ("cli.registry", "the model catalog: list, promote, rollback"),
+    "registry": ("cli.registry", "the discovery store itself"),
     "gateway": ("gateway.cli", "run the gateway: routes gRPC calls to workers by Istio-style YAML"),
     "route": ("cli.route", "inspect routing decisions"),
     "config": ("cli.route", "show or change the gateway's routing config"),

@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Final
 
-from cli.errors import CliError
+from mesh.cli_error import CliError
 
 DEFAULT_SUBNET: Final = "10.77.0.0/24"
 DEFAULT_PREFIX: Final = "ms"

@@ -19,10 +19,11 @@ from pathlib import Path
 from rich.console import Console
 
 from cli.admin_credential import own_admin_metadata
-from cli.endpoints import DEFAULT_STATE_DIR, UpEndpoints
-from cli.errors import CliError
+from cli.endpoints import UpStatus
 from cli.routed import routed_endpoints, unrouted, wait_routed
 from cli.supervision.units import UnitState, UnitStatus
+from mesh.cli_error import CliError
+from registry.state_dir import DEFAULT_STATE_DIR
 
 out = Console()
 
@@ -51,7 +52,7 @@ def _is_meshserve(pid: int) -> bool:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
-    endpoints = UpEndpoints.read(state)
+    endpoints = UpStatus.read(state)
     if endpoints is None:
         raise CliError(f"no meshserve up runs on {state.resolve()}")
     unit = find_unit(endpoints.units, args.name)
@@ -72,7 +73,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + WAIT_TIMEOUT_S
     while time.monotonic() < deadline:
-        now = UpEndpoints.read(state)
+        now = UpStatus.read(state)
         if now is None:
             raise CliError("meshserve up stopped")
         again = find_unit(now.units, unit.name)

@@ -16,12 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.admin_credential import ADMIN_KEY_ENV, admin_metadata
-from cli.endpoints import add_state_dir_argument, gateway_from_args, state_dir_from_args
-from cli.main import CliError
+from cli.endpoints import gateway_from_args
+from mesh.cli_error import CliError
 from mesh.config.loader import Document, parse_yaml
 from mesh.config.snapshot import MeshConfig
 from mesh.routing.diff import diff_lines, routing_diff
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
+from registry.state_dir import add_state_dir_argument, state_dir_from_args
 
 _Reply = TypeVar("_Reply")
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
-from cli.errors import CliError
+from mesh.cli_error import CliError
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
 #: Names a sidecar may listen on or register for this machine's loopback: a unit prints

@@ -15,8 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.tree import Tree
 
-from cli.endpoints import add_state_dir_argument, state_dir_from_args
-from cli.errors import CliError
+from mesh.cli_error import CliError
+from registry.state_dir import add_state_dir_argument, state_dir_from_args
 
 out = Console()
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.endpoints import add_state_dir_argument, gateway_from_args
-from cli.errors import CliError
+from cli.endpoints import gateway_from_args
+from gateway.fleet_merge import served_everywhere
+from mesh.cli_error import CliError
+from protos.inference import grpc_service_pb2 as oip
+from protos.inference import grpc_service_pb2_grpc as oip_grpc
 from protos.meshserve.training.v1 import training_pb2 as pb
 from protos.meshserve.training.v1 import training_pb2_grpc
+from registry.state_dir import add_state_dir_argument
 
 out = Console()
 
@@ -125,6 +130,50 @@ def print_result(job: pb.Job, console: Console = out) -> None:
     console.print(f"published at {job.published.uri}", highlight=False)
 
 
+#: How long ``train`` waits, by default, for every inference worker to serve what it published.
+WAIT_SERVED_S = 60.0
+#: How often it asks.
+_POLL_S = 0.25
+
+
+def fleet_serves(channel: grpc.Channel, model: str, version: str | None = None) -> bool | None:
+    """Whether every inference worker behind the gateway serves ``model`` (``version``,
+    else every version listed), from the gateway's merged RepositoryIndex; None when the
+    address answers no RepositoryIndex (a training worker reached directly).
+
+    Right after a version is published each worker notices it at its own repository
+    poll: until the last one has, a call the ring sends to another is NOT_FOUND.
+    """
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    try:
+        index = stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        return False
+    return served_everywhere(index, model, version)
+
+
+def wait_served(channel: grpc.Channel, model: str, version: str, timeout: float) -> bool:
+    """Polls :func:`fleet_serves` until it holds (True), the address turns out not to be a
+    gateway (False: nothing to wait for), or ``timeout`` passes (CliError naming why)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        serves = fleet_serves(channel, model, version)
+        if serves is not None:
+            if serves:
+                return True
+        else:
+            return False
+        if time.monotonic() >= deadline:
+            raise CliError(
+                f"{model} version {version} is published but not served by every inference "
+                f"worker after {timeout:g} s (see `meshserve models served {model}`; "
+                "--wait-served 0 returns at publication)"
+            )
+        time.sleep(_POLL_S)
+
+
 def run(args: argparse.Namespace) -> int:
     hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
     if args.optimizer not in _OPTIMIZERS:
@@ -143,7 +192,18 @@ def run(args: argparse.Namespace) -> int:
     spec.world_size = args.world_size
     with grpc.insecure_channel(gateway_from_args(args, args.address)) as channel:
         job = submit_and_watch(channel, spec)
-    print_result(job)
+        print_result(job)
+        # Returning at publication would let the next command (`infer --version N`, a
+        # canary) meet a worker whose repository poll has not seen the version yet.
+        published = job.published
+        if args.wait_served > 0 and wait_served(
+            channel, published.model_name, str(published.version), args.wait_served
+        ):
+            out.print(
+                f"served by every inference worker: {published.model_name} "
+                f"version {published.version}",
+                highlight=False,
+            )
     return 0
 
 
@@ -172,6 +232,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--address", default=None, help="gateway or training worker (default: the running up)"
+    )
+    parser.add_argument(
+        "--wait-served",
+        type=float,
+        default=WAIT_SERVED_S,
+        metavar="SECONDS",
+        help="after publication, wait until every inference worker behind the gateway serves "
+        "the new version (default: %(default)g; 0: return at publication)",
     )
     add_state_dir_argument(parser)
     parser.set_defaults(handler=run)

@@ -31,8 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.admin_credential import ensure_admin_credential, own_admin_metadata
-from cli.endpoints import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
-from cli.errors import CliError
+from cli.endpoints import UpStatus
 from cli.routed import wait_routed
 from cli.supervision.elastic import ElasticGroup, LoadFeed
 from cli.supervision.janitor import Janitor
@@ -40,20 +39,19 @@ from cli.supervision.policy import RestartPolicy
 from cli.supervision.processes import Component, Running, after, await_ready, spawn
 from cli.supervision.supervisor import Supervisor
 from cli.supervision.units import UnitStatus
-from cli.train import mlp_spec, print_result, submit_and_watch
+from cli.train import fleet_serves, mlp_spec, print_result, submit_and_watch
 from gateway.app import DEFAULT_PORT
-from gateway.fleet_merge import served_everywhere
+from mesh.cli_error import CliError
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.config.fields import ConfigError
 from mesh.config.hosts import normalise_host
 from mesh.config.snapshot import config_from_path
 from mesh.scaling.autoscaler import Autoscaler, Bounds
-from protos.inference import grpc_service_pb2 as oip
-from protos.inference import grpc_service_pb2_grpc as oip_grpc
 from protos.meshserve.data.v1 import data_pb2 as data_pb
 from protos.meshserve.data.v1 import data_pb2_grpc
 from registry.connect import StoreSettings
 from registry.embedded import free_port
+from registry.state_dir import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
 
 out = Console()
 
@@ -174,7 +172,6 @@ def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threadi
     """Creates the demo dataset and trains the demo model unless the state already has them."""
     with grpc.insecure_channel(gateway) as channel:
         data = data_pb2_grpc.DataServiceStub(channel)
-        oip_stub = oip_grpc.GRPCInferenceServiceStub(channel)
 
         # The gateway routes to every worker already (run waited for it).
         listed = data.ListDatasets(data_pb.ListDatasetsRequest(name=DEMO_DATASET), timeout=10)
@@ -200,11 +197,7 @@ def _demo(gateway: str, state: Path, args: argparse.Namespace, stopping: threadi
             print_result(submit_and_watch(channel, spec, out), out)
 
         def model_served() -> bool:
-            try:
-                index = oip_stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10)
-            except grpc.RpcError:
-                return False
-            return served_everywhere(index, DEMO_MODEL)
+            return bool(fleet_serves(channel, DEMO_MODEL))
 
         # Ready means every inference worker serves it, not just one: each notices a newly
         # trained model at its own repository poll, and the ring sends calls to all of them.
@@ -489,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
             _demo(gateway, state, args, stopping)
 
         def write_up() -> None:
-            UpEndpoints.of_units(gateway, es, supervisor.statuses()).write(state)
+            UpStatus.of_units(gateway, es, supervisor.statuses()).write(state)
 
         supervisor.on_change = write_up
         write_up()

@@ -14,10 +14,11 @@ from pathlib import Path
 import grpc.aio
 
 from gateway.admin import Admin
-from gateway.auth import ADMIN_LOCKED, GATEWAY_WORKLOAD, ClientGuard
+from gateway.auth import ADMIN_LOCKED, ClientGuard
 from gateway.fleet import FleetServicer
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.config.loader import Document
+from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.snapshot import MeshConfig
 from mesh.config.views import DEFAULT_INGRESS_LABELS, ingress_view
 from mesh.proxy.relay import Relay
@@ -28,6 +29,7 @@ from mesh.routing.pipeline import ConfigPipeline
 from mesh.routing.state import GatewayState
 from mesh.security.guard import GuardInterceptor
 from mesh.security.request_authn import RequestAuthenticator
+from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.server.private import PrivateSocket
 from mesh.server.tasks import cancel_all
@@ -118,6 +120,8 @@ class Gateway:
         #: What Gateway resources select this ingress by (``selector``), and the port
         #: their servers must name (None: the listen port; see :func:`service_port`).
         self.labels = tuple(sorted(labels))
+        #: The gateway as policy selectors see it: the same labels a Gateway selects by.
+        workload = Workload(DEFAULT_NAMESPACE, self.labels)
         self.service_port = service_port
         self.config_store = config_store
         #: Directory, store and admin changes → one validated snapshot (mesh.routing.pipeline).
@@ -141,8 +145,9 @@ class Gateway:
         #: only and the relay's hot path stays free of it.
         self.guard = guard if guard is not None else ClientGuard(ADMIN_LOCKED)
         self._guard_in_relay = guard is not None
+        self.guard.workload = workload
         if self.guard.policies is None:
-            # AuthorizationPolicies selecting the gateway (app: gateway) apply at the edge
+            # AuthorizationPolicies selecting the gateway (its labels) apply at the edge
             # whether or not an auth file is given, as Istio evaluates the policies that
             # select its ingress workload: they come from the config pipeline.
             self.guard.policies = lambda: self.state.config.authorization_policies
@@ -150,9 +155,9 @@ class Gateway:
         self.initial_fetch_timeout = initial_fetch_timeout
         #: Set once the first discovery snapshot is in (the listener warms until then).
         self._discovered = asyncio.Event()
-        #: RequestAuthentication at the ingress (policies selecting ``app: gateway``).
+        #: RequestAuthentication at the ingress (policies selecting its labels).
         self.authn = RequestAuthenticator(
-            lambda: self.state.config.request_authentications, GATEWAY_WORKLOAD
+            lambda: self.state.config.request_authentications, workload
         )
         self.table = EndpointTable()
         # With a context, upstream connections are mutual TLS (to sidecars);

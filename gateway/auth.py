@@ -58,6 +58,7 @@ from gateway.ratelimit import Clock, RateLimit, RateLimiter
 from mesh.config.fields import ConfigError, Node, Where
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy
+from mesh.config.views import DEFAULT_INGRESS_LABELS
 from mesh.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from mesh.routing import headers as md
 from mesh.security.authz import RequestAttributes, evaluate, match_value
@@ -305,8 +306,9 @@ def exempt(method: str, patterns: Sequence[str]) -> bool:
     return any(match_value(p, method) for p in patterns)
 
 
-#: The gateway as AuthorizationPolicy selectors see it.
-GATEWAY_WORKLOAD = Workload(DEFAULT_NAMESPACE, (("app", "gateway"),))
+#: The gateway as AuthorizationPolicy and RequestAuthentication selectors see it, unless
+#: started with other ``--labels`` (the same labels a Gateway's selector matches).
+GATEWAY_WORKLOAD = Workload(DEFAULT_NAMESPACE, DEFAULT_INGRESS_LABELS)
 
 
 class ClientGuard:

@@ -8,10 +8,10 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-from cli.main import CliError
 from gateway.app import DEFAULT_PORT, Gateway
 from gateway.auth import AuthConfig, ClientGuard
 from mesh.balance.locality import Locality
+from mesh.cli_error import CliError
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.views import DEFAULT_INGRESS_LABELS
 from mesh.routing.discovery import DiscoverySource, StaticDiscovery, parse_static
@@ -23,10 +23,10 @@ from mesh.server.app import ServerSettings, serve_until_signal
 from mesh.sidecar.cli import certificates
 from mesh.telemetry import logs
 from mesh.telemetry.setup import TelemetrySettings, setup
-from registry.cli import resolve_url
 from registry.config_store import ConfigStore
 from registry.connect import add_store_arguments, settings_from_args
 from registry.discovery import RegistryDiscovery
+from registry.locate import resolve_url
 from registry.store import open_store
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_labels,
         default=DEFAULT_INGRESS_LABELS,
         metavar="KEY=VALUE[,KEY=VALUE...]",
-        help="this ingress' labels, which a Gateway's selector matches (default: "
+        help="this ingress' labels, which Gateway, AuthorizationPolicy and RequestAuthentication "
+        "selectors match (default: "
         + ",".join(f"{k}={v}" for k, v in DEFAULT_INGRESS_LABELS)
         + ", so copied Istio Gateways select it)",
     )

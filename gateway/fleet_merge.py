@@ -99,8 +99,8 @@ def merge_index(replies: Sequence[Reply[pb.RepositoryIndexResponse]]) -> pb.Repo
     else UNAVAILABLE. The reason lists, by worker, each replica where it is not ready (a
     model-level row of one worker, "unloaded" say, stands for every version of that model
     the others list; a worker that lists nothing of it is "not in its repository"). A
-    worker that did not answer is named in the reason of every row
-    not READY: its state is unknown, it may be what was missing.
+    worker that did not answer is named in the reason of every row, READY ones too: its
+    state is unknown, so no row can claim the whole fleet (``served_everywhere``).
     """
     answered = [r for r in replies if r.ok and r.value is not None]
     silent = [r for r in replies if not r.ok]
@@ -139,8 +139,7 @@ def merge_index(replies: Sequence[Reply[pb.RepositoryIndexResponse]]) -> pb.Repo
         notes.extend(
             f"{r.worker}: not in its repository" for r in answered if r.worker not in listed
         )
-        if state != READY:
-            notes.extend(f"{r.worker}: did not answer: {r.code.name}: {r.message}" for r in silent)
+        notes.extend(f"{r.worker}: did not answer: {r.code.name}: {r.message}" for r in silent)
         response.models.add(name=name, version=version, state=state, reason="; ".join(notes))
     return response
 

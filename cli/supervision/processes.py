@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from cli.errors import CliError
+from mesh.cli_error import CliError
 
 #: How long a component may take to print its ready line.
 START_TIMEOUT_S = 90.0

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cli.endpoints import UpEndpoints
+from cli.endpoints import UpStatus
 from cli.supervision.units import UnitState, UnitStatus
 
 _COLORS = {
@@ -40,7 +40,7 @@ def units_table(units: tuple[UnitStatus, ...], now: float) -> Table:
 
 def print_units(state_dir: Path, console: Console) -> bool:
     """Prints the running ``up``'s units; False when none runs under ``state_dir``."""
-    endpoints = UpEndpoints.read(state_dir)
+    endpoints = UpStatus.read(state_dir)
     if endpoints is None or not endpoints.units:
         return False
     console.print(units_table(endpoints.units, time.time()))

@@ -28,9 +28,11 @@ from typing import Literal
 from mesh.config.gateway import MESH, Gateway, Server
 from mesh.config.virtual_service import VirtualService
 
-#: The labels ``meshserve gateway`` carries unless told otherwise: its own, and those of
-#: Istio's ingress gateway so that copied Istio Gateways select it.
-DEFAULT_INGRESS_LABELS = (("app", "meshserve-gateway"), ("istio", "ingressgateway"))
+#: The labels ``meshserve gateway`` carries unless told otherwise: its own (the gateway
+#: pods' ``app: gateway`` in deploy/k8s, which AuthorizationPolicy and RequestAuthentication
+#: selectors match too), and those of Istio's ingress gateway so that copied Istio Gateways
+#: select it.
+DEFAULT_INGRESS_LABELS = (("app", "gateway"), ("istio", "ingressgateway"))
 
 
 @dataclass(frozen=True)

@@ -218,10 +218,11 @@ class Side:
         is dropped and credited back to where it came from."""
         if self.open:
             self.open = False
-            queued, self.queue = self.queue, deque()
-            for _, _, on_sent, flow in queued:
-                if on_sent is not None and flow > 0:
-                    on_sent(flow)
+            if self.queue:  # most streams close with nothing queued: no new deque
+                queued, self.queue = self.queue, deque()
+                for _, _, on_sent, flow in queued:
+                    if on_sent is not None and flow > 0:
+                        on_sent(flow)
             self.conn.stream_closed(self)
             if getattr(self.exchange, "done", False):
                 self.exchange = ENDED  # see Ended
@@ -358,6 +359,13 @@ class Connection(asyncio.Protocol):
     # -- input ---------------------------------------------------------------------------
 
     def _receive(self, data: bytes) -> None:
+        if not self._input and not self._preface_pending:
+            # The usual read holds whole frames: parsed straight from it (one copy per
+            # payload, none for the read), only a partial frame at its end is kept.
+            pos = self._frames(data, 0)
+            if pos < len(data):
+                self._input += data[pos:]
+            return
         buffer = self._input
         buffer += data
         pos = 0
@@ -370,18 +378,26 @@ class Connection(asyncio.Protocol):
                 raise f.ProtocolError("not an HTTP/2 connection preface")
             self._preface_pending = False
             pos = len(f.PREFACE)
-        end = len(buffer)
+        pos = self._frames(buffer, pos)
+        del buffer[:pos]
+
+    def _frames(self, data: bytes | bytearray, pos: int) -> int:
+        """Handles the whole frames in ``data`` from ``pos``; returns where the rest begins."""
+        end = len(data)
         while end - pos >= 9 and not self.closed:
-            length, kind, flags, stream_id = f.parse_header(buffer, pos)
+            length, kind, flags, stream_id = f.parse_header(data, pos)
             if length > f.MIN_MAX_FRAME_SIZE:
                 raise f.ProtocolError(f"frame of {length} bytes over 16384", f.FRAME_SIZE_ERROR)
             stop = pos + 9 + length
             if stop > end:
                 break
-            payload = bytes(buffer[pos + 9 : stop])
+            payload = data[pos + 9 : stop]
             pos = stop
-            self._frame(kind, flags, stream_id, payload)
-        del buffer[:pos]
+            # A bytearray's slice is one too: payloads are kept (queued, replayed) as bytes.
+            self._frame(
+                kind, flags, stream_id, payload if isinstance(payload, bytes) else bytes(payload)
+            )
+        return pos
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self._continuation is not None and kind != f.CONTINUATION:

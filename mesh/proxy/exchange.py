@@ -31,6 +31,7 @@ from mesh.config.virtual_service import Destination, HeaderOperations
 from mesh.errors import MeshError
 from mesh.proxy import frames as f
 from mesh.proxy.connection import ENDED, STREAM_WINDOW, Side
+from mesh.proxy.deadlines import Deadline
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import ANONYMOUS, Inbound, edit_headers
 from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
@@ -169,7 +170,9 @@ class Exchange:
         self.done = False
         self.deadline: float | None = None
         self._deadline_known = False
-        self._timer: asyncio.TimerHandle | None = None
+        #: The fault delay, the retry back-off or the attempt's deadline (on the relay's
+        #: DeadlineQueue: one per call would be a loop TimerHandle per call).
+        self._timer: asyncio.TimerHandle | Deadline | None = None
         self._tracked = False
         #: Inbound mode: the call holds a place under the sidecar's concurrency limit.
         self._limited = False
@@ -603,7 +606,7 @@ class Exchange:
             self._timer.cancel()
             self._timer = None
         if remaining is not None:
-            self._timer = self.relay.loop.call_later(remaining, self._expired)
+            self._timer = self.relay.deadlines.call_later(remaining, self._expired)
 
     def _expired(self) -> None:
         self._timer = None

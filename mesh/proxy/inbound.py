@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mesh.balance.endpoints import Endpoint
@@ -53,6 +53,38 @@ def edit_headers(
     out = [(n, v) for n, v in headers if n.lower() not in gone]
     out.extend((name.encode(), value.encode("latin-1", "replace")) for name, value in add)
     return out
+
+
+class TextHeaders(Mapping[str, str]):
+    """A call's text metadata as AuthorizationPolicy sees it (keys lower-case, no pseudo or
+    binary headers), decoded on first read: only a policy condition on
+    ``request.headers[...]`` reads it, and without one the sidecar's relay would build
+    and throw away a dict of every header on every call."""
+
+    __slots__ = ("_headers", "_text")
+
+    def __init__(self, headers: Sequence[Header]) -> None:
+        self._headers = headers
+        self._text: dict[str, str] | None = None
+
+    def _decoded(self) -> dict[str, str]:
+        text = self._text
+        if text is None:
+            text = self._text = {
+                name.decode("latin-1").lower(): value.decode("latin-1")
+                for name, value in self._headers
+                if name[:1] != b":" and not name.endswith(b"-bin")
+            }
+        return text
+
+    def __getitem__(self, key: str) -> str:
+        return self._decoded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
 
 
 class ConcurrencyLimit:
@@ -159,13 +191,11 @@ class Inbound:
         verified (the relay checked it already). Raises a MeshError when the call is
         refused; an admitted worker call holds a place under the limit (the caller
         releases it)."""
-        text: dict[str, str] = {}
         authority = None
         for name, value in headers:
             if name == b":authority":
                 authority = value.decode("latin-1")
-            elif name[:1] != b":" and not name.endswith(b"-bin"):
-                text[name.decode("latin-1").lower()] = value.decode("latin-1")
+                break
         peer = caller.peer
         self.check(
             peer,
@@ -175,7 +205,7 @@ class Inbound:
                 source_namespace=caller.namespace,
                 source_ip=caller.ip,
                 host=authority,
-                headers=text,
+                headers=TextHeaders(headers),
                 request_principal=None if identity is None else identity.principal,
                 request_claims={} if identity is None else identity.claims,
             ),

@@ -28,6 +28,7 @@ import grpc
 from mesh.balance.endpoints import Endpoint
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
+from mesh.proxy.deadlines import DeadlineQueue
 from mesh.proxy.exchange import Exchange, error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
@@ -286,7 +287,11 @@ class Relay:
         #: before the guard, and edits the headers that go on; raises Unauthenticated.
         self.authn = authn
         #: Spans and request metrics for the calls the relay forwards itself.
-        self.telemetry = RelayTelemetry(telemetry) if telemetry is not None else None
+        self.telemetry = (
+            RelayTelemetry(telemetry)
+            if telemetry is not None and RelayTelemetry.records(telemetry)
+            else None
+        )
         #: The gRPC server behind the relay (None: a sidecar's outbound, which has none;
         #: calls that would need it are refused with UNIMPLEMENTED).
         self.internal_address = internal_address
@@ -301,6 +306,8 @@ class Relay:
         self.limiter = SourceLimiter(self.limits, self.loop.time)
         self._tick: asyncio.TimerHandle | None = None
         self.flusher = Flusher()
+        #: Calls' attempt deadlines, on one loop timer (mesh/proxy/deadlines.py).
+        self.deadlines = DeadlineQueue(self.loop)
         self.pool = UpstreamPool(self, ssl_context)
         self.exchanges: set[Exchange] = set()
         self.downstreams: set[Downstream] = set()
@@ -432,6 +439,7 @@ class Relay:
             if conn.transport is not None:
                 conn.transport.abort()
         self.pool.close()
+        self.deadlines.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()

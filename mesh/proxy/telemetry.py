@@ -59,6 +59,14 @@ class RelayTelemetry:
         self._tracer = telemetry.tracer if self._tracing else trace.NoOpTracer()
         self._metrics = telemetry.metrics
 
+    @staticmethod
+    def records(telemetry: Telemetry) -> bool:
+        """Whether anything would see what the relay records per call: a trace exporter
+        (spans) or a metrics reader (the request tally). With neither, as ``up`` runs
+        its sidecars, a record per call only built label dicts nobody read and moved the
+        caller's trace headers, which the relay then forwards as they came."""
+        return telemetry.settings.traces != "none" or telemetry.metrics.tally is not None
+
     def start(self, path: str, headers: list[Header], request_id: str | None) -> CallRecord:
         if not self._tracing:
             passed: list[Header] = []

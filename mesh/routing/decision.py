@@ -19,7 +19,7 @@ from mesh.routing.hashkey import (
     hash_key,
     read_fields,
 )
-from mesh.routing.match import describe_match, find_rule
+from mesh.routing.match import describe_match, find_rule, find_rule_memo
 from mesh.routing.services import split_method
 from mesh.routing.weights import pick_destination
 
@@ -122,7 +122,7 @@ def decide(
                 f"the request names model {model!r}" if model else "the request names no model"
             )
     if vs is not None:
-        found = find_rule(vs, request.method, headers, model, port=request.port)
+        found = find_rule_memo(vs, request.method, headers, model, port=request.port)
         if found is None:
             # Envoy answers a request no route matches with 404 (gRPC UNIMPLEMENTED): a
             # VirtualService that covers a host decides every call to it.

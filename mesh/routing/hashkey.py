@@ -62,11 +62,16 @@ def read_fields(message: bytes | memoryview) -> RequestFields | None:
     view = memoryview(message) if not isinstance(message, memoryview) else message
     values: dict[int, str] = {}
     offset = 0
-    while offset < len(view):
-        tag = _varint(view, offset)
-        if tag is None:
-            return None
-        key, offset = tag
+    end = len(view)
+    while offset < end:
+        key = view[offset]
+        if key < 0x80:  # a one-byte tag, as fields 1 and 2 always have: no call
+            offset += 1
+        else:
+            tag = _varint(view, offset)
+            if tag is None:
+                return None
+            key, offset = tag
         number, wire_type = key >> 3, key & 7
         if number not in (1, 2):
             # Field 0 and unknown wire types are malformed; anything else ends the prefix.
@@ -75,11 +80,15 @@ def read_fields(message: bytes | memoryview) -> RequestFields | None:
             break
         if wire_type != _LEN:
             return None
-        length = _varint(view, offset)
-        if length is None:
-            return None
-        size, offset = length
-        if offset + size > len(view):
+        size = view[offset] if offset < end else 0x80
+        if size < 0x80:  # a name or version under 128 bytes: a one-byte length
+            offset += 1
+        else:
+            length = _varint(view, offset)
+            if length is None:
+                return None
+            size, offset = length
+        if offset + size > end:
             return None
         try:
             # A repeated occurrence replaces the earlier one, as a full decode does.

@@ -84,6 +84,55 @@ def find_rule(
     return None
 
 
+Found = tuple[HTTPRoute, MatchRequest] | None
+#: find_rule's answers per VirtualService object: the object (kept, so an id reused by a
+#: newer one is never mistaken for it), the header names its rules read, the answers.
+_memos: dict[int, tuple[VirtualService, tuple[str, ...], dict[tuple[object, ...], Found]]] = {}
+
+
+def _names_read(vs: VirtualService) -> tuple[str, ...]:
+    return tuple(
+        sorted(
+            {
+                name
+                for rule in vs.http
+                for m in rule.matches
+                for name, _ in (*m.headers, *m.without_headers)
+            }
+        )
+    )
+
+
+def find_rule_memo(
+    vs: VirtualService,
+    method: str,
+    headers: Mapping[str, str],
+    model: str | None = None,
+    *,
+    port: int | None = None,
+) -> Found:
+    """:func:`find_rule`, remembered. Which rule matches is a pure function of the
+    VirtualService and of the method, port, model and the values of the headers its
+    rules name, and calls repeat those: the relay asks once per distinct set, not per
+    call. A config change brings new VirtualService objects, so old answers never apply."""
+    entry = _memos.get(id(vs))
+    if entry is None or entry[0] is not vs:
+        if len(_memos) >= 64:
+            _memos.clear()
+        entry = _memos[id(vs)] = (vs, _names_read(vs), {})
+    _, names, memo = entry
+    key = (method, port, model, *[headers.get(name) for name in names])
+    try:
+        return memo[key]
+    except KeyError:
+        pass
+    found = find_rule(vs, method, headers, model, port=port)
+    if len(memo) >= 4096:  # the values are the callers': bounded
+        memo.clear()
+    memo[key] = found
+    return found
+
+
 def describe_match(match: MatchRequest) -> str:
     parts = [f"gateways {', '.join(match.gateways)}"] if match.gateways else []
     if match.port is not None:

@@ -16,6 +16,7 @@ PACKAGE_HOSTS: dict[str, str] = {
 }
 
 
+@lru_cache(maxsize=4096)  # every routed call asks it of the same few paths
 def split_method(method: str) -> tuple[str, str] | None:
     """``/pkg.Service/Method`` → ("pkg.Service", "Method"), or None when malformed."""
     if not method.startswith("/"):

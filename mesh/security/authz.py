@@ -251,8 +251,30 @@ class AuthzDecision:
     rule: int | None = None
 
 
+#: The decision when no policy applies to the workload (no ALLOW policy: allowed).
+_NONE_APPLY = AuthzDecision(True, "no ALLOW policy applies")
+
+
 def _where(policy: AuthorizationPolicy) -> str:
     return f"{policy.ref} ({policy.metadata.namespace}, {policy.metadata.source})"
+
+
+def applicable_policies(
+    policies: Sequence[AuthorizationPolicy],
+    workload: Workload,
+    root_namespace: str = ROOT_NAMESPACE,
+) -> tuple[AuthorizationPolicy, ...]:
+    """The policies that apply to ``workload``, in evaluation order (namespace, name)."""
+    return tuple(
+        sorted(
+            (
+                p
+                for p in policies
+                if applies_to(p.metadata.namespace, p.selector, workload, root_namespace)
+            ),
+            key=lambda p: (p.metadata.namespace, p.metadata.name),
+        )
+    )
 
 
 def evaluate(
@@ -268,14 +290,16 @@ def evaluate(
     must match one of their rules (an ALLOW policy without rules therefore denies all);
     with none, it is allowed. AUDIT policies only log.
     """
-    applicable = sorted(
-        (
-            p
-            for p in policies
-            if applies_to(p.metadata.namespace, p.selector, workload, root_namespace)
-        ),
-        key=lambda p: (p.metadata.namespace, p.metadata.name),
-    )
+    return evaluate_applicable(applicable_policies(policies, workload, root_namespace), request)
+
+
+def evaluate_applicable(
+    applicable: Sequence[AuthorizationPolicy], request: RequestAttributes
+) -> AuthzDecision:
+    """:func:`evaluate` over policies already filtered and ordered by
+    :func:`applicable_policies` (which a caller checking many calls does once per set)."""
+    if not applicable:
+        return _NONE_APPLY
     for policy in applicable:
         if policy.action == "AUDIT":
             for i, rule in enumerate(policy.rules):
@@ -355,6 +379,9 @@ class Authorizer:
         self._workload = workload
         self._port = port
         self._root = root_namespace
+        #: The policy sequence last seen, and which of its policies apply to the workload.
+        self._for: Sequence[AuthorizationPolicy] | None = None
+        self._applicable: tuple[AuthorizationPolicy, ...] = ()
 
     async def __call__(self, method: str, context: Context) -> None:
         self.check(attributes_from_context(method, context, port=self._port))
@@ -362,7 +389,13 @@ class Authorizer:
     def check(self, request: RequestAttributes) -> None:
         """Raises :class:`PermissionDenied` naming the policy when ``request`` is refused
         (also what the sidecar's HTTP/2 relay calls, with attributes it read itself)."""
-        decision = evaluate(self._policies(), self._workload, request, root_namespace=self._root)
+        policies = self._policies()
+        if policies is not self._for:
+            # Filtered and ordered once per policy set (a reload swaps the sequence), not
+            # per call: on a sidecar's relay this ran for every call it admitted.
+            self._for = policies
+            self._applicable = applicable_policies(policies, self._workload, self._root)
+        decision = evaluate_applicable(self._applicable, request)
         if not decision.allowed:
             log.info(
                 "%s from %s: %s", request.path, request.principal or "anonymous", decision.reason

@@ -29,8 +29,8 @@ from mesh.server.sidecar_secret import read_secret
 from mesh.sidecar.app import Sidecar, SidecarPolicies, SidecarSettings
 from mesh.telemetry import logs
 from mesh.telemetry.setup import Telemetry, TelemetrySettings, setup
-from registry.cli import resolve_url
 from registry.connect import StoreSettings, add_store_arguments, settings_from_args
+from registry.locate import resolve_url
 from registry.store import open_store
 
 log = logging.getLogger(__name__)

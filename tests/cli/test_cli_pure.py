@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from cli.call import split_target
-from cli.endpoints import UpEndpoints, default_gateway
-from cli.errors import CliError
+from cli.endpoints import default_gateway
 from cli.infer import build_request, decode_outputs, parse_inputs
 from cli.trace import trace_tree
+from mesh.cli_error import CliError
 from protos.inference import grpc_service_pb2 as pb
+from registry.state_dir import UpEndpoints
 
 
 def metadata(*inputs: tuple[str, str]) -> pb.ModelMetadataResponse:

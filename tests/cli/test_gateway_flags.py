@@ -12,10 +12,10 @@ from gateway.app import DEFAULT_PORT, service_port
 from mesh.config.views import DEFAULT_INGRESS_LABELS
 
 
-def test_labels_default_to_meshserve_and_istio_ingress_labels() -> None:
+def test_labels_default_to_the_gateway_pods_and_istio_ingress_labels() -> None:
     args = build_parser(["gateway"]).parse_args(["gateway"])
     assert args.labels == DEFAULT_INGRESS_LABELS
-    assert dict(args.labels) == {"app": "meshserve-gateway", "istio": "ingressgateway"}
+    assert dict(args.labels) == {"app": "gateway", "istio": "ingressgateway"}
     args = build_parser(["gateway"]).parse_args(["gateway", "--labels", "istio=edge,app=x"])
     assert args.labels == (("app", "x"), ("istio", "edge"))
 

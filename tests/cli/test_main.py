@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from cli.errors import CliError
 from cli.main import COMMANDS, WORKERS, build_parser, one_line_error
+from mesh.cli_error import CliError
 from tests.support.processes import ENV, REPO
 
 

@@ -8,13 +8,13 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from cli.errors import CliError
 from cli.restart import routed_names
 from cli.routed import endpoint_key, routed_endpoints, unrouted, wait_routed
 from cli.supervision.processes import Component, after
 from cli.supervision.units import UnitState, UnitStatus
 from cli.up import outbound_port
 from gateway.app import Gateway
+from mesh.cli_error import CliError
 from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
 from tests.gateway.harness import ADMIN_METADATA, REPO, admin_guard, serve_workers

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cli.endpoints import UpEndpoints, gateway_from_args, state_dir_from_args
+from cli.endpoints import UpStatus, gateway_from_args
 from cli.main import build_parser
-from registry.cli import NoStore, resolve_url
+from cli.supervision.units import UnitState, UnitStatus
 from registry.embedded import Endpoint
+from registry.locate import NoStore, resolve_url
+from registry.state_dir import UpEndpoints, state_dir_from_args
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +26,19 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def running_up(state_dir: Path, gateway: str, es_url: str) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     UpEndpoints(gateway, es_url, os.getpid(), {}).write(state_dir)
+
+
+def test_components_read_the_addresses_from_the_file_up_writes(tmp_path: Path) -> None:
+    # `up` (cli/) writes its units too; the registry's reader, which the gateway's and the
+    # sidecar's commands use, takes the addresses and leaves the units to the CLI.
+    units = (UnitStatus("store", UnitState.RUNNING, os.getpid(), address="http://127.0.0.1:9"),)
+    UpStatus.of_units("127.0.0.1:1111", "http://127.0.0.1:9", units).write(tmp_path)
+    assert UpEndpoints.read(tmp_path) == UpEndpoints(
+        "127.0.0.1:1111", "http://127.0.0.1:9", os.getpid(), {"store": "http://127.0.0.1:9"}
+    )
+    assert resolve_url(argparse.Namespace(state_dir=tmp_path)) == "http://127.0.0.1:9"
+    status = UpStatus.read(tmp_path)
+    assert status is not None and status.units == units
 
 
 def test_state_dir_is_the_flag_else_the_environment_else_dot_meshserve(tmp_path: Path) -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from cli.endpoints import UpEndpoints
-from cli.errors import CliError
+from cli.endpoints import UpStatus
 from cli.main import build_parser
 from cli.restart import find_unit
 from cli.supervision.policy import GiveUp, Restart, RestartPolicy, RestartTracker
 from cli.supervision.report import units_table
 from cli.supervision.units import UnitState, UnitStatus, describe_exit, slug
+from mesh.cli_error import CliError
 
 POLICY = RestartPolicy(
     initial_backoff_s=0.5, max_backoff_s=4.0, stable_after_s=30.0, max_restarts=5, window_s=60.0
@@ -171,14 +171,14 @@ def test_units_table_shows_state_pid_restarts_and_last_exit() -> None:
 
 
 def test_up_json_keeps_units_and_old_files_still_read(tmp_path: Path) -> None:
-    endpoints = UpEndpoints("127.0.0.1:1", "http://127.0.0.1:2", os.getpid(), {}, units=UNITS)
+    endpoints = UpStatus("127.0.0.1:1", "http://127.0.0.1:2", os.getpid(), {}, units=UNITS)
     endpoints.write(tmp_path)
-    assert UpEndpoints.read(tmp_path) == endpoints
+    assert UpStatus.read(tmp_path) == endpoints
     raw = json.loads((tmp_path / "up.json").read_text())
     assert raw["units"][1]["slug"] == "inference-1"
     del raw["units"]  # as an `up` from before units wrote it
     (tmp_path / "up.json").write_text(json.dumps(raw))
-    old = UpEndpoints.read(tmp_path)
+    old = UpStatus.read(tmp_path)
     assert old is not None and old.units == () and old.gateway == "127.0.0.1:1"
 
 

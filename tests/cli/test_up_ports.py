@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cli.endpoints import UP_FILE
-from cli.errors import CliError
 from cli.up import check_port_free
+from mesh.cli_error import CliError
+from registry.state_dir import UP_FILE
 from tests.support.up import cli, kill_leftovers, naming
 
 

@@ -227,10 +227,12 @@ def test_the_tour_runs_across_four_hosts(hosts: HostsUp, tmp_path: Path) -> None
         "4",
         state=state,
     )
-    run(
+    trained = run(
         *("train", "demo", "--dataset", "demo-blobs", "--epochs", "1", "--world-size", "2"),
         state=state,
     )
+    # train returns once every inference worker serves what it published.
+    assert "served by every inference worker: demo version 1" in trained, trained
     follower = (state / "logs" / "training-node-worker-on-d.log").read_text()
     joined = re.search(r"rank 1 of 2 joined job (\w+) at 10\.77\.0\.3:29400", follower)
     assert joined, follower[-2000:]
@@ -245,12 +247,13 @@ def test_the_tour_runs_across_four_hosts(hosts: HostsUp, tmp_path: Path) -> None
 
         return check
 
-    poll("version 1 to serve through the gateway", serves("1"), 60)
+    assert serves("1")()
 
     # A trace across three hosts: SubmitJob enters the gateway (B), reaches the training
     # worker's sidecar (C), whose worker looks the dataset up through its outbound, in the
     # data worker's sidecar (A).
-    run("train", "demo", "--dataset", "demo-blobs", "--epochs", "1", state=state)
+    trained = run("train", "demo", "--dataset", "demo-blobs", "--epochs", "1", state=state)
+    assert "served by every inference worker: demo version 2" in trained, trained
     by_trace: dict[str, set[str]] = {}
     for host in ("a", "b", "c"):
         for span in spans(state, host):
@@ -258,10 +261,9 @@ def test_the_tour_runs_across_four_hosts(hosts: HostsUp, tmp_path: Path) -> None
     submits = {trace_id(s) for s in spans(state, "b") if str(s["name"]).endswith("/SubmitJob")}
     assert submits and any(by_trace[t] == {"a", "b", "c"} for t in submits), by_trace
 
-    # A 90/10 canary by version with the Istio example, through the gateway on B, once
-    # both workers serve both versions (else a call sent to one that has not polled yet
-    # is NOT_FOUND; version 1 was only ever checked through one worker).
-    served_by_every_worker(GATEWAY, "demo")
+    # A 90/10 canary by version with the Istio example, through the gateway on B: both
+    # workers serve both versions (train waited for it; checked through the fleet's index).
+    served_by_every_worker(GATEWAY, "demo", timeout=0)
     run("apply", "-f", str(ROOT / "config" / "examples" / "canary-90-10.yaml"), state=state)
     poll("version 2 to serve", lambda: "2" in infer_versions(20), 60)
     versions = infer_versions(100)

@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 
 from cli.admin_credential import own_admin_metadata
-from cli.endpoints import UP_FILE
 from cli.routed import routed_endpoints, unrouted
 from gateway.fleet_merge import served_everywhere
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.data.v1 import data_pb2, data_pb2_grpc
 from registry.embedded import free_port
+from registry.state_dir import UP_FILE
 from tests.support.grpcurl import grpcurl
 from tests.support.node_client import run_client
 from tests.support.up import ENV, ROOT, Up, alive, cli, kill_leftovers

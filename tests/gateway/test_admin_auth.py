@@ -18,6 +18,7 @@ from gateway.auth import ADMIN_LOCKED, AuthConfig, ClientGuard, hash_key, new_ke
 from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy
+from mesh.config.views import DEFAULT_INGRESS_LABELS
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated
 from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
@@ -238,28 +239,43 @@ apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-infer-at-the-edge}
 spec:
-  selector: {matchLabels: {app: gateway}}
+  selector: {matchLabels: {app: APP}}
   action: DENY
   rules: [{to: [{operation: {paths: ["/inference.GRPCInferenceService/ModelInfer"]}}]}]
 """
 
 
-@pytest.mark.parametrize("denied", [True, False])
+@pytest.mark.parametrize(
+    ("app", "selected", "denied"),
+    [
+        # The default labels (app=gateway): a policy selecting them applies; none, none does.
+        (None, "gateway", True),
+        (None, None, False),
+        # --labels app=edge: policies select the gateway by the labels it was given, the
+        # same a Gateway's selector matches, and one for app=gateway is another workload's.
+        ("edge", "gateway", False),
+        ("edge", "edge", True),
+    ],
+)
 async def test_a_gateway_without_auth_config_evaluates_authorization_policy(
-    tmp_path: Path, denied: bool
+    tmp_path: Path, app: str | None, selected: str | None, denied: bool
 ) -> None:
     """Istio evaluates the policies selecting its ingress whatever else is configured: a
     gateway started without --auth-config (no guard given) refuses what a DENY policy in
     its config folder names, and routes it when there is none."""
     for file in (REPO / "config").glob("*.yaml"):
-        (tmp_path / file.name).write_text(file.read_text())
-    if denied:
-        (tmp_path / "edge.yaml").write_text(EDGE_DENY)
+        text = file.read_text()
+        if app is not None:
+            text = text.replace("app: gateway", f"app: {app}")  # the shipped Gateway's selector
+        (tmp_path / file.name).write_text(text)
+    if selected is not None:
+        (tmp_path / "edge.yaml").write_text(EDGE_DENY.replace("APP", selected))
     async with AsyncExitStack() as stack:
         workers, addresses = await serve_workers(stack, 1)
         gateway = Gateway(
             StaticDiscovery([StaticInstance("inference", "w0", addresses[0])]),
             config_dir=tmp_path,
+            labels=DEFAULT_INGRESS_LABELS if app is None else [("app", app)],
         )
         serving = await gateway.start(ServerSettings())
         stack.push_async_callback(serving.drain, 0)

@@ -125,7 +125,7 @@ async def test_gateway_process_routes_survives_sigkill_and_serves_tritonclient(
             assert (
                 "resnet/4" in explain.stdout and "fields model_name+model_version" in explain.stdout
             )
-            assert "1. view ingress (labels app=meshserve-gateway" in explain.stdout
+            assert "1. view ingress (labels app=gateway" in explain.stdout
             in_mesh = cli(
                 "route", "explain", "--gateway", gw, "--mesh", "--model", "resnet", env=admin_env
             )

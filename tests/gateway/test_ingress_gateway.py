@@ -51,7 +51,7 @@ async def test_a_virtual_service_bound_only_to_mesh_does_not_route_at_the_ingres
         )
         assert (await m.inference.ModelInfer(infer("demo"), timeout=5)).model_name == "demo"
         here = await stub.ExplainRoute(admin_pb2.ExplainRouteRequest())
-        assert here.steps[0].startswith("view ingress (labels app=meshserve-gateway,")
+        assert here.steps[0].startswith("view ingress (labels app=gateway,")
         bound = await stub.ExplainRoute(admin_pb2.ExplainRouteRequest(view="meshserve-gateway"))
         assert bound.route == here.route == "VirtualService/inference http[0] (infer)"
         with pytest.raises(grpc.aio.AioRpcError) as missing:

@@ -15,7 +15,7 @@ from mesh.config.virtual_service import (
     VirtualService,
 )
 from mesh.routing import headers as md
-from mesh.routing.match import find_rule
+from mesh.routing.match import find_rule, find_rule_memo
 from mesh.routing.services import host_for_call, host_for_method
 from mesh.routing.weights import percent_hit, pick_destination
 
@@ -134,6 +134,28 @@ def test_model_match_is_anded_with_the_other_conditions(
 def test_no_rule_matches_without_catch_all() -> None:
     vs = VirtualService(VS.metadata, VS.hosts, VS.http[:1])
     assert find_rule(vs, READY, {}) is None
+
+
+def test_the_memo_answers_as_find_rule_for_every_request_and_config() -> None:
+    table = [
+        (INFER, {"x-model-version": "2"}, None),
+        (INFER, {"x-model-version": "3", "x-request-id": "a"}, None),
+        (INFER, {"x-model-version": "3", "x-request-id": "b"}, None),
+        (INFER, {"x-tenant": "team-a", "x-debug": "1"}, None),
+        (INFER, {"x-tenant": "team-a"}, None),
+        (READY, {"x-tenant": "team-a"}, "resnet-50"),
+        (READY, {"x-tenant": "team-a"}, "resnet-50x"),
+        (INFER, {}, "demo"),
+        (INFER, {"x-user": "ann-42"}, None),
+        (INFER, {"x-user": "ann-42!"}, None),
+    ]
+    cut = VirtualService(VS.metadata, VS.hosts, VS.http[:1])
+    for _ in range(2):  # the second pass answers from the memo
+        for vs in (VS, MODEL_VS, cut):
+            for method, headers, model in table:
+                assert find_rule_memo(vs, method, headers, model) == find_rule(
+                    vs, method, headers, model
+                ), (vs.http[0].name, method, headers, model)
 
 
 def route(*weights: int) -> tuple[RouteDestination, ...]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from cli.endpoints import UP_FILE
+from registry.state_dir import UP_FILE
 from tests.support.processes import process_stats
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 
-from cli.errors import CliError
+from mesh.cli_error import CliError
 from mesh.server.listen import add_listen_arguments, server_settings
 from registry.connect import ES_URL_ENV, add_store_arguments, settings_from_args
 from registry.jobs import DEFAULT_CLAIM_TTL

@@ -76,6 +76,22 @@ def test_a_response_ending_with_its_request_id_reuses_the_cached_rest() -> None:
     assert len(hpack_codec._short_blocks) == cached
 
 
+def test_a_request_block_reuses_its_cached_fields_but_not_per_call_values() -> None:
+    encoder, reference = HeaderEncoder(), hpack.Decoder()
+    encoder.encode([])  # the table-size update
+    hpack_codec._fields.clear()
+    for call in range(50):
+        # Fresh value objects each call, as a decoded request's are.
+        block = [(n, bytes(bytearray(v))) for n, v in GRPC_REQUEST]
+        block.append((b"x-request-id", f"{call:032x}".encode()))
+        assert reference.decode(encoder.encode(block), raw=True) == block
+    # The repeating pairs are cached once; the deadline and the ids never are.
+    cached = set(hpack_codec._fields)
+    assert (b":path", b"/inference.GRPCInferenceService/ModelInfer") in cached
+    assert not any(name in (b"x-request-id", b"grpc-timeout") for name, _ in cached)
+    assert len(cached) == len(GRPC_REQUEST) - 1
+
+
 def test_encoding_is_stateless_literals() -> None:
     # Name from the static table (index 4 is :path), value literal, no Huffman.
     assert encode_field(b":path", b"/a") == bytes([0x04, 0x02]) + b"/a"

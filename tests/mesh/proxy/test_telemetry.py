@@ -34,3 +34,10 @@ def test_a_tracing_relay_makes_its_span_the_upstreams_parent() -> None:
 
 def test_without_an_exporter_the_callers_context_goes_on_unchanged() -> None:
     assert upstream_traceparent("none") == CALLER
+
+
+def test_the_relay_records_calls_only_when_something_reads_the_records() -> None:
+    # No exporter (as `up` runs its sidecars): no per-call record at all.
+    assert not RelayTelemetry.records(setup(TelemetrySettings()))
+    assert RelayTelemetry.records(setup(TelemetrySettings(traces="memory")))
+    assert RelayTelemetry.records(setup(TelemetrySettings(metrics=("memory",))))

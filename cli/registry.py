@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -16,25 +15,20 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.table import Table
 
-from cli.endpoints import (
-    UpEndpoints,
-    add_state_dir_argument,
-    gateway_from_args,
-    state_dir_from_args,
-)
+from cli.endpoints import gateway_from_args
 from cli.supervision.report import print_units
-from mesh.errors import Unavailable
 from registry.catalog import ANY
 from registry.connect import (
-    ES_URL_ENV,
     StoreSettings,
     add_store_arguments,
     did_not_answer,
     settings_from_args,
 )
 from registry.directory import DEFAULT_RETENTION, read_all, sweep_dead
-from registry.embedded import DEFAULT_DATA_DIR, EmbeddedStore, Endpoint
+from registry.embedded import DEFAULT_DATA_DIR, EmbeddedStore
 from registry.instances import MalformedDocument, from_document, is_live, lease_age, utc_now
+from registry.locate import resolve_url
+from registry.state_dir import add_state_dir_argument, state_dir_from_args
 from registry.store import Store, open_store
 
 T = TypeVar("T")
@@ -42,36 +36,6 @@ T = TypeVar("T")
 #: How long a store command may take in all (connecting, the schema, the command itself):
 #: a CLI should fail fast, with the error naming the URL.
 DEFAULT_DEADLINE_S = 3.0
-#: Where ``meshserve up`` runs its embedded store, under its state folder.
-STORE_SUBDIR = "store"
-
-
-class NoStore(Unavailable):
-    """Neither a URL nor a running local store."""
-
-
-def resolve_url(args: argparse.Namespace) -> str:
-    """--es, else $MESHSERVE_ES_URL, else the store of the ``meshserve up`` running under the
-    state folder (--state-dir, else $MESHSERVE_STATE_DIR, else .meshserve): the one its
-    up.json names, else the embedded store under ``<state>/store`` (``registry serve-store``).
-    """
-    if getattr(args, "es", None):
-        return str(args.es)
-    if os.environ.get(ES_URL_ENV):
-        return os.environ[ES_URL_ENV]
-    state_dir = state_dir_from_args(args)
-    up = UpEndpoints.read(state_dir)
-    if up is not None and up.es_url:
-        return up.es_url
-    data_dir = Path(getattr(args, "data_dir", None) or state_dir / STORE_SUBDIR)
-    endpoint = Endpoint.read(data_dir)
-    if endpoint is None:
-        raise NoStore(
-            f"no discovery store: {ES_URL_ENV} is unset and no `meshserve up` or local store "
-            f"runs under {state_dir}/ (start one with `meshserve up` or `meshserve registry "
-            "serve-store`, or pass --state-dir or --es)"
-        )
-    return endpoint.url
 
 
 def add_store_command_arguments(parser: argparse.ArgumentParser) -> None:
