@@ -22,7 +22,13 @@ from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.snapshot import MeshConfig
 from mesh.config.views import DEFAULT_INGRESS_LABELS, ingress_view
 from mesh.proxy.relay import Relay
-from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
+from mesh.routing.discovery import (
+    INITIAL_FETCH_TIMEOUT_S,
+    DiscoverySource,
+    EndpointTable,
+    follow,
+    warm,
+)
 from mesh.routing.limits import RelayLimits
 from mesh.routing.methods import MESH_SERVICES
 from mesh.routing.pipeline import ConfigPipeline
@@ -40,9 +46,6 @@ from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from registry.config_store import ConfigStore
 
 log = logging.getLogger(__name__)
-#: How long a starting gateway waits for its first discovery snapshot before it listens
-#: anyway (Envoy's ``initial_fetch_timeout`` default).
-INITIAL_FETCH_TIMEOUT_S = 15.0
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
@@ -223,7 +226,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_discovery()))
         try:
-            await self._warm()
+            await warm(self._discovered, self.initial_fetch_timeout, "gateway")
             serving = await self._start_relayed(settings)
         except BaseException:
             await self.close()
@@ -232,21 +235,6 @@ class Gateway:
         self._tasks.extend(self.pipeline.watchers())
         serving.on_drain(self.close)
         return serving
-
-    async def _warm(self) -> None:
-        """Listens only once the first discovery snapshot is in, as Envoy warms a listener
-        until its clusters' first fetch: a gateway restarted under load would otherwise
-        answer "no healthy endpoint" for a store round trip. A store that does not answer
-        within ``initial_fetch_timeout`` does not keep the gateway shut: it listens and
-        routes what discovery brings later (Envoy's ``initial_fetch_timeout``)."""
-        try:
-            await asyncio.wait_for(self._discovered.wait(), self.initial_fetch_timeout)
-        except TimeoutError:
-            log.warning(
-                "no discovery snapshot within %.0f s; listening anyway (calls find no "
-                "endpoint until the store answers)",
-                self.initial_fetch_timeout,
-            )
 
     def _server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         # Telemetry outermost: rejected calls are traced and counted too. Behind the relay

@@ -136,3 +136,25 @@ async def follow(
         except Exception:
             log.exception("discovery source failed; routing on the last snapshot, retrying")
         await asyncio.sleep(retry)
+
+
+#: How long a starting proxy waits for its first discovery snapshot before it listens anyway
+#: (Envoy's ``initial_fetch_timeout`` default).
+INITIAL_FETCH_TIMEOUT_S = 15.0
+
+
+async def warm(discovered: asyncio.Event, timeout: float, who: str) -> None:
+    """Waits for a proxy's first discovery snapshot (``discovered``) before it listens, as
+    Envoy warms a listener until its clusters' first fetch: a proxy restarted under load
+    would otherwise answer "no healthy endpoint" for a store round trip. A store that does
+    not answer within ``timeout`` does not keep the proxy shut: it listens and routes what
+    discovery brings later (Envoy's ``initial_fetch_timeout``)."""
+    try:
+        await asyncio.wait_for(discovered.wait(), timeout)
+    except TimeoutError:
+        log.warning(
+            "%s: no discovery snapshot within %.0f s; listening anyway (calls find no "
+            "endpoint until the store answers)",
+            who,
+            timeout,
+        )

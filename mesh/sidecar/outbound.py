@@ -25,7 +25,13 @@ from pathlib import Path
 from mesh.balance.endpoints import EndpointsSnapshot
 from mesh.balance.locality import Locality
 from mesh.proxy.relay import Relay
-from mesh.routing.discovery import DiscoverySource, EndpointTable, follow
+from mesh.routing.discovery import (
+    INITIAL_FETCH_TIMEOUT_S,
+    DiscoverySource,
+    EndpointTable,
+    follow,
+    warm,
+)
 from mesh.routing.limits import RelayLimits
 from mesh.routing.pipeline import ConfigPipeline, VersionStore
 from mesh.routing.state import GatewayState
@@ -51,6 +57,7 @@ class Outbound:
         telemetry: Telemetry | None = None,
         reload_interval: float = 1.0,
         discovery_retry: float = 1.0,
+        initial_fetch_timeout: float = INITIAL_FETCH_TIMEOUT_S,
         locality: Locality | None = None,
     ) -> None:
         self.state = GatewayState(locality=locality)
@@ -59,6 +66,9 @@ class Outbound:
         )
         self.discovery = discovery
         self.discovery_retry = discovery_retry
+        self.initial_fetch_timeout = initial_fetch_timeout
+        #: Set once the first discovery snapshot is in (the listener warms until then).
+        self._discovered = asyncio.Event()
         self.table = EndpointTable()
         self._tls_context = tls_context
         self._telemetry = telemetry
@@ -72,6 +82,12 @@ class Outbound:
         ``127.0.0.1:port`` (0: any free port) and follows discovery and the config sources.
         Returns the address."""
         await self.pipeline.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(
+                follow(self.discovery, self.table, self._endpoints, retry=self.discovery_retry)
+            )
+        ]
         relay = Relay(
             self.state,
             internal_address=None,
@@ -79,21 +95,22 @@ class Outbound:
             telemetry=self._telemetry,
             limits=OUTBOUND_LIMITS,
         )
-        bound = await relay.start("127.0.0.1", port)
+        try:
+            # The worker's first outbound call after a restart finds the mesh, not nothing.
+            await warm(self._discovered, self.initial_fetch_timeout, "sidecar outbound")
+            bound = await relay.start("127.0.0.1", port)
+        except BaseException:
+            await cancel_all(self._tasks)
+            raise
         self.relay = relay
         self.address = f"127.0.0.1:{bound}"
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(
-                follow(self.discovery, self.table, self._endpoints, retry=self.discovery_retry)
-            ),
-            *self.pipeline.watchers(),
-        ]
+        self._tasks.extend(self.pipeline.watchers())
         return self.address
 
     def _endpoints(self, snapshot: EndpointsSnapshot) -> None:
         self.state.set_endpoints(snapshot)
         self.pipeline.discovered = True
+        self._discovered.set()
         if self.relay is not None:
             routable = self.state.clusters.routable  # ServiceEntries' endpoints stay too
             self.relay.pool.retain(

@@ -5,32 +5,16 @@ for the store's first round trip; and a store that stays silent does not keep it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
 
 import grpc.aio
 
 from gateway.app import Gateway
-from mesh.balance.endpoints import InstanceView
-from mesh.routing.discovery import DiscoveryUpdate, StaticInstance
+from mesh.routing.discovery import StaticInstance
 from mesh.server.app import ServerSettings
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.harness import REPO, infer, serve_workers
-
-
-class GatedDiscovery:
-    """A store that answers its first read only when released."""
-
-    def __init__(self, instances: Iterable[InstanceView]) -> None:
-        self.instances = tuple(instances)
-        self.asked = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def updates(self) -> AsyncIterator[DiscoveryUpdate]:
-        self.asked.set()
-        await self.release.wait()
-        yield DiscoveryUpdate("reset", self.instances)
-        await asyncio.Event().wait()  # then quiet, as a watch with nothing new
+from tests.support.gated_discovery import GatedDiscovery
 
 
 async def test_the_first_call_after_start_is_routed() -> None:

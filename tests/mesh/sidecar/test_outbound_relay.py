@@ -3,6 +3,7 @@ by name what only a gRPC server behind it could do (it has none)."""
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
 
 import grpc
@@ -16,6 +17,7 @@ from mesh.sidecar.outbound import Outbound
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.backends import FakeWorker
+from tests.support.gated_discovery import GatedDiscovery
 
 FAULTY = """
 apiVersion: networking.istio.io/v1
@@ -92,3 +94,24 @@ async def test_the_outbound_enforces_connection_pool_limits_as_the_gateway_does(
                 "inference-0"
             )
         assert sorted(worker.peers.count(p) for p in set(worker.peers)) == [1, 2, 2]
+
+
+async def test_the_outbound_listens_once_discovery_has_answered() -> None:
+    """Listener warming, as at the gateway: a worker's first outbound call after its unit
+    restarts finds the mesh, not "no healthy endpoint" for a store round trip."""
+    async with AsyncExitStack() as stack:
+        worker, _ = await stack.enter_async_context(serve(FakeWorker("inference-0").services()))
+        discovery = GatedDiscovery([StaticInstance("inference", "i0", worker.address)])
+        outbound = Outbound(discovery)
+        starting = asyncio.create_task(outbound.start(0))
+        await asyncio.wait_for(discovery.asked.wait(), 10)
+        await asyncio.sleep(0)
+        assert not starting.done()  # asked the store, no answer yet: not listening
+        discovery.release.set()
+        address = await asyncio.wait_for(starting, 10)
+        stack.push_async_callback(outbound.drain, 0)
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            pb.ModelInferRequest(model_name="m"), timeout=10
+        )
+        assert reply.id == "inference-0"
