@@ -106,22 +106,6 @@ def stop_self(grace: float = DEFAULT_EXIT_GRACE) -> None:
     os._exit(1)
 
 
-def _parent_gone(parent: int) -> bool:
-    """Whether the process that started this one has died or is dying.
-
-    PDEATHSIG fires when the *thread* that forked this process ends: a parent being
-    SIGKILLed can lose that thread first, and its other threads keep its pid (so
-    ``getppid`` is unchanged) for a moment, its leader already a zombie."""
-    if os.getppid() != parent:
-        return True
-    try:
-        with open(f"/proc/{parent}/stat") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in ("Z", "X")
-
-
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -148,14 +132,15 @@ def watch_from_env(
         raise ValueError(f"${PARENT_FD_ENV} is not an open file descriptor: {text!r}") from exc
     if not folder:
         return watch(fd, on_eof)
-    parent = os.getppid()
 
     def at_exit() -> None:
         # PDEATHSIG's SIGTERM may win the race with the lifeline thread: the drain it
-        # starts can end the process before the thread reads end of file. An orphan
-        # (re-parented) that exits normally removes the folder all the same.
-        if _parent_gone(parent):
-            shutil.rmtree(folder, ignore_errors=True)
+        # starts can end the process before the thread reads end of file, and while a
+        # SIGKILLed parent is being torn down it can still look alive (its pid kept,
+        # not yet a zombie). The folder serves this process
+        # alone (the unit starts one worker per folder and removes it itself once the
+        # worker is gone), so whoever exits first removes it: never left behind.
+        shutil.rmtree(folder, ignore_errors=True)
 
     atexit.register(at_exit)
     if (

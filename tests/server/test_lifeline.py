@@ -102,21 +102,35 @@ def test_a_worker_exits_when_its_lifeline_breaks_without_pdeathsig() -> None:
             process.stdout.close()
 
 
-def test_a_live_parent_is_not_gone_and_another_pid_or_a_zombie_is(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from mesh.server.lifeline import _parent_gone
+#: A child that watches its lifeline with a unit folder, then exits on its own (as a worker
+#: whose drain after PDEATHSIG's SIGTERM ends before the lifeline thread sees end of file).
+_EXITS = """
+from mesh.server.lifeline import watch_from_env
+watch_from_env()
+print("watching", flush=True)
+"""
 
-    assert not _parent_gone(os.getppid())
-    # Not our parent (a re-parented orphan sees a new ppid).
-    assert _parent_gone(os.getpid())
-    # A child of ours that has exited and not been waited for is a zombie.
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    # As a worker whose dying parent's other threads still hold its pid sees it.
-    monkeypatch.setattr(os, "getppid", lambda: child.pid)
-    assert _parent_gone(child.pid)
-    child.wait()
+
+def test_a_worker_that_exits_removes_its_folder_while_the_parent_still_looks_alive(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "unit"
+    folder.mkdir()
+    (folder / "worker.sock").touch()
+    lifeline = Lifeline()
+    done = subprocess.run(
+        [sys.executable, "-c", _EXITS],
+        cwd=REPO,
+        env={**lifeline.child_env(), FOLDER_ENV: str(folder), "PYTHONPATH": str(REPO)},
+        pass_fds=lifeline.pass_fds,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "watching"
+        # This process (its parent) lives and the lifeline is whole: the folder went anyway.
+        assert not folder.exists()
+    finally:
+        lifeline.close()
