@@ -23,12 +23,14 @@ from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.snapshot import MeshConfig, config_from_yaml
+from mesh.config.views import DEFAULT_INGRESS_LABELS
 from mesh.errors import Unimplemented
 from mesh.routing import circuit
 from mesh.routing.circuit import CircuitBreakers
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.discovery import StaticInstance
 from mesh.security.authz import RequestAttributes, evaluate
+from mesh.security.peer import resolve_mode
 from mesh.security.workload import Workload
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -348,6 +350,52 @@ def hosts_ignore_case() -> None:
     assert not allowed(text, RequestAttributes(INFER, host="training.meshserve"))
 
 
+def ingress_policies_in_istio_system() -> None:
+    """Istio's ingress task: a DENY by ``ipBlocks`` in ``istio-system`` selecting
+    ``istio: ingressgateway``; and a namespace-wide one there, which is mesh-wide. Both
+    apply at the gateway (they did nothing, silently, while only ``meshserve`` was root)."""
+    ingress = Workload("meshserve", DEFAULT_INGRESS_LABELS)
+    for selector in ("  selector: {matchLabels: {istio: ingressgateway}}\n", ""):
+        policy = one(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            f"metadata: {{name: deny, namespace: istio-system}}\nspec:\n{selector}"
+            "  action: DENY\n  rules: [{from: [{source: {ipBlocks: [1.2.3.4, 5.6.7.0/24]}}]}]\n"
+        )
+        assert isinstance(policy, AuthorizationPolicy)
+        assert not evaluate(
+            (policy,), ingress, RequestAttributes(INFER, source_ip="5.6.7.8")
+        ).allowed
+        assert evaluate((policy,), ingress, RequestAttributes(INFER, source_ip="9.9.9.9")).allowed
+    # A namespace other than a root one still applies only to its own workloads.
+    ops = one(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny, namespace: ops}\nspec:\n  action: DENY\n  rules: [{}]\n"
+    )
+    assert isinstance(ops, AuthorizationPolicy)
+    assert evaluate((ops,), ingress, RequestAttributes(INFER)).allowed
+
+
+def mesh_wide_strict_mtls_in_istio_system() -> None:
+    """PeerAuthentication docs: ``default`` in ``istio-system`` with ``mode: STRICT`` is
+    the mesh-wide mode."""
+    policy = one(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: STRICT}\n"
+    )
+    assert isinstance(policy, PeerAuthentication)
+    assert resolve_mode((policy,), WORKLOAD).mode == "STRICT"
+    assert resolve_mode((policy,), Workload("ops", (("app", "x"),))).mode == "STRICT"
+
+
+def max_ejection_percent_zero_is_the_default() -> None:
+    """Istio hands ``maxEjectionPercent`` to Envoy only above 0: 0 is Envoy's 10 %, so
+    ejection still happens (it never did here while 0 meant "none")."""
+    rule = one(dr("  trafficPolicy: {outlierDetection: {maxEjectionPercent: 0}}\n"))
+    assert isinstance(rule, DestinationRule)
+    policy = rule.traffic_policy.outlier_detection
+    assert policy is not None and policy.max_ejection_percent == 10
+
+
 def decide_with(config: MeshConfig, request: RequestInfo) -> RouteDecision:
     clusters = ClusterMap(
         config, EndpointsSnapshot.from_instances(instances()), LoadTracker(), lambda: 0.0
@@ -418,6 +466,9 @@ WORKS: dict[str, Callable[[], None]] = {
         remote_ip_blocks,
         path_templates,
         hosts_ignore_case,
+        ingress_policies_in_istio_system,
+        mesh_wide_strict_mtls_in_istio_system,
+        max_ejection_percent_zero_is_the_default,
     )
 }
 
