@@ -485,6 +485,16 @@ REFUSED: list[tuple[str, str, str]] = [
     (vs(ROUTE, spec="  gateways: [ingress]\n"), "spec.gateways[0]", "names no Gateway"),
     (vs(ROUTE, spec="  gateways: [ops/ingress]\n"), "spec.gateways[0]", "names no Gateway"),
     (vs(ROUTE, spec="  gateways: []\n"), "spec.gateways", "at least one gateway"),
+    (
+        vs(ROUTE).replace("hosts: [inference]", "hosts: ['*']"),
+        "spec.hosts[0]",
+        "wildcard host '*' is an Istio form meshserve does not support",
+    ),
+    (
+        vs(ROUTE).replace("hosts: [inference]", "hosts: ['*.example.com']"),
+        "spec.hosts[0]",
+        "meshserve does not support",
+    ),
     (vs(ROUTE, spec="  exportTo: ['~']\n"), "spec.exportTo", "hides the resource"),
     (vs(ROUTE, spec="  exportTo: [ops]\n"), "spec.exportTo", "hides the resource"),
     (vs(ROUTE, metadata="  namespace: ops\n"), "spec.hosts[0]", "short host 'inference'"),
