@@ -495,6 +495,17 @@ REFUSED: list[tuple[str, str, str]] = [
         "spec.hosts[0]",
         "meshserve does not support",
     ),
+    (
+        # Istio's ingress task: the VirtualService names the public host it serves.
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: httpbin}\n"
+        "spec:\n  selector: {istio: ingressgateway}\n  servers: [{port: {number: 80,"
+        " name: http, protocol: HTTP}, hosts: [httpbin.example.com]}]\n---\n"
+        + vs(ROUTE, spec="  gateways: [httpbin]\n").replace(
+            "hosts: [inference]", "hosts: [httpbin.example.com]"
+        ),
+        "spec.hosts[0]",
+        "at a Gateway a call is routed by the mesh service it is for",
+    ),
     (vs(ROUTE, spec="  exportTo: ['~']\n"), "spec.exportTo", "hides the resource"),
     (vs(ROUTE, spec="  exportTo: [ops]\n"), "spec.exportTo", "hides the resource"),
     (vs(ROUTE, metadata="  namespace: ops\n"), "spec.hosts[0]", "short host 'inference'"),
