@@ -260,6 +260,19 @@ def connection_pool_limits() -> None:
     assert circuit.spent(pool, 10) and not circuit.spent(pool, 9)
 
 
+def connect_timeout() -> None:
+    """DestinationRule docs: ``tcp: {maxConnections: 100, connectTimeout: 30ms}``; the
+    relay bounds each connect by it (tests/gateway/test_relay_protocol.py)."""
+    rule = one(
+        dr(
+            "  trafficPolicy: {connectionPool: {tcp: {maxConnections: 100, connectTimeout: 30ms}}}\n"
+        )
+    )
+    assert isinstance(rule, DestinationRule)
+    pool = rule.traffic_policy.connection_pool
+    assert (pool.max_connections, pool.connect_timeout) == (100, 0.03)
+
+
 def ring_size_is_the_whole_ring() -> None:
     config = config_from_yaml(
         dr(
@@ -459,6 +472,7 @@ WORKS: dict[str, Callable[[], None]] = {
         simple_unspecified_is_the_default,
         zero_means_the_default,
         connection_pool_limits,
+        connect_timeout,
         ring_size_is_the_whole_ring,
         kubectl_exports_are_accepted,
         numeric_port_level_mtls,
@@ -585,6 +599,53 @@ REFUSED: list[tuple[str, str, str]] = [
         dr("  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4294967296}}}\n"),
         "spec.trafficPolicy.connectionPool.tcp.maxConnections",
         "must be an integer in [0, 4294967295]",
+    ),
+    (
+        dr(
+            "  trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 7200s, interval: 75s}}}}\n"
+        ),
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {tcp: {maxConnectionDuration: 1h}}}\n"),
+        "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 1h}}}\n"),
+        "spec.trafficPolicy.connectionPool.tcp.idleTimeout",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {http: {idleTimeout: 10s}}}\n"),
+        "spec.trafficPolicy.connectionPool.http.idleTimeout",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}\n"),
+        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {http: {useClientProtocol: true}}}\n"),
+        "spec.trafficPolicy.connectionPool.http.useClientProtocol",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {http: {maxConcurrentStreams: 100}}}\n"),
+        "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 0s}}}\n"),
+        "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+        "must be a positive duration",
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {tcp: {maxConnections: '10'}}}\n"),
+        "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+        "got a string",
     ),
     (dr("  exportTo: ['.']\n", metadata="  namespace: ops\n"), "spec.host", "short host"),
     (
