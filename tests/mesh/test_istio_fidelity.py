@@ -23,7 +23,7 @@ from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.snapshot import MeshConfig, config_from_yaml
-from mesh.config.views import DEFAULT_INGRESS_LABELS
+from mesh.config.views import DEFAULT_INGRESS_LABELS, MESH_VIEW, View, ingress_view
 from mesh.errors import Unimplemented
 from mesh.routing import circuit
 from mesh.routing.circuit import CircuitBreakers
@@ -409,6 +409,60 @@ def max_ejection_percent_zero_is_the_default() -> None:
     assert policy is not None and policy.max_ejection_percent == 10
 
 
+def gateway_in_istio_system_with_servers_sharing_a_port() -> None:
+    """Gateway docs: a Gateway in ``some-config-namespace`` named ``ns/name`` by
+    VirtualServices of other namespaces; two servers on one port, each exposing its host
+    to one namespace (``ns/host``); ``gateways: [gw, mesh]`` applies in both views."""
+    gateway = (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\n"
+        "metadata: {name: my-gateway, namespace: istio-system}\nspec:\n"
+        "  selector: {istio: ingressgateway}\n  servers:\n"
+        "  - port: {number: 8080, name: grpc-a, protocol: GRPC}\n"
+        "    hosts: [ml/inference.meshserve.svc.cluster.local]\n"
+        "  - port: {number: 8080, name: grpc-b, protocol: GRPC}\n"
+        "    hosts: [./training.meshserve.svc.cluster.local]\n"
+    )
+
+    def bound(name: str, namespace: str, host: str, gateways: str) -> str:
+        fqdn = f"{host}.meshserve.svc.cluster.local"
+        return (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+            f"metadata: {{name: {name}, namespace: {namespace}}}\n"
+            f"spec:\n  hosts: [{fqdn}]\n  gateways: {gateways}\n"
+            f"  http: [{{route: [{{destination: {{host: {fqdn}}}}}]}}]\n"
+        )
+
+    config = config_from_yaml(
+        "---\n".join(
+            [
+                gateway,
+                bound("inference", "ml", "inference", "[istio-system/my-gateway, mesh]"),
+                # training is exposed to istio-system's own VirtualServices only.
+                bound("training", "meshserve", "training", "[istio-system/my-gateway]"),
+            ]
+        ),
+        source="istio.yaml",
+    )
+    endpoints = EndpointsSnapshot.from_instances(
+        [*instances(), StaticInstance("training", "t0", "10.0.1.1:8001")]
+    )
+
+    def at(view: View, method: str) -> str:
+        clusters = ClusterMap(config, endpoints, LoadTracker(), lambda: 0.0, view=view)
+        try:
+            return decide(clusters, RequestInfo(method), random.Random(1)).route
+        except Unimplemented as exc:
+            return str(exc)
+
+    train = "/meshserve.training.v1.Training/SubmitJob"
+    ingress = ingress_view(port=8080)
+    assert at(ingress, INFER) == "VirtualService/inference http[0]"
+    assert at(MESH_VIEW, INFER) == "VirtualService/inference http[0]"
+    assert at(ingress, train).startswith("no route: no VirtualService bound to")
+    assert at(MESH_VIEW, train) == "default"
+    assert at(ingress_view(port=9090), INFER).startswith("no route: no Gateway selects")
+
+
 def decide_with(config: MeshConfig, request: RequestInfo) -> RouteDecision:
     clusters = ClusterMap(
         config, EndpointsSnapshot.from_instances(instances()), LoadTracker(), lambda: 0.0
@@ -473,6 +527,7 @@ WORKS: dict[str, Callable[[], None]] = {
         zero_means_the_default,
         connection_pool_limits,
         connect_timeout,
+        gateway_in_istio_system_with_servers_sharing_a_port,
         ring_size_is_the_whole_ring,
         kubectl_exports_are_accepted,
         numeric_port_level_mtls,
