@@ -463,6 +463,32 @@ def gateway_in_istio_system_with_servers_sharing_a_port() -> None:
     assert at(ingress_view(port=9090), INFER).startswith("no route: no Gateway selects")
 
 
+def legacy_gateway_names() -> None:
+    """Istio resolves ``name.namespace`` and ``name.namespace.svc.cluster.local`` in
+    ``gateways`` to ``namespace/name`` (its legacy form, still routed)."""
+    gateway = (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\n"
+        "metadata: {name: my-gateway, namespace: istio-system}\nspec:\n"
+        "  servers: [{port: {number: 8080, name: grpc, protocol: GRPC}, hosts: ['*']}]\n"
+    )
+    for name in ("my-gateway.istio-system", "my-gateway.istio-system.svc.cluster.local"):
+        config = config_from_yaml(
+            gateway + "---\n" + vs(ROUTE, spec=f"  gateways: [{name}]\n"), source="istio.yaml"
+        )
+        (bound,) = config.virtual_services_for("inference")
+        assert bound.gateways == ("istio-system/my-gateway",)
+        clusters = ClusterMap(
+            config,
+            EndpointsSnapshot.from_instances(instances()),
+            LoadTracker(),
+            lambda: 0.0,
+            view=ingress_view(port=8080),
+        )
+        assert decide(clusters, RequestInfo(INFER), random.Random(1)).route == (
+            "VirtualService/inference http[0]"
+        )
+
+
 def decide_with(config: MeshConfig, request: RequestInfo) -> RouteDecision:
     clusters = ClusterMap(
         config, EndpointsSnapshot.from_instances(instances()), LoadTracker(), lambda: 0.0
@@ -527,6 +553,7 @@ WORKS: dict[str, Callable[[], None]] = {
         zero_means_the_default,
         connection_pool_limits,
         connect_timeout,
+        legacy_gateway_names,
         gateway_in_istio_system_with_servers_sharing_a_port,
         ring_size_is_the_whole_ring,
         kubectl_exports_are_accepted,
