@@ -12,7 +12,7 @@ refuses a sidecar conflict, IST0109, and :meth:`MeshConfig.build` does too). At 
 Istio merges them: each one's rules are appended to the host's virtual host, Gateway by
 Gateway (Gateways in creation order), and within a Gateway in creation order, then by
 name and namespace (:func:`merge_order`; a file without ``creationTimestamp`` has Istio's
-zero time, so name order decides).
+zero time, so name order decides); then the catch-all rules go last (:func:`merge`).
 
 meshserve extension (docs/configuration.md): a config with no Gateway at all keeps
 meshserve's gateway an implicit ingress for every VirtualService that does not set
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from mesh.config.gateway import MESH, Gateway, Server
-from mesh.config.virtual_service import VirtualService
+from mesh.config.virtual_service import HTTPRoute, MatchRequest, VirtualService
 
 #: The labels ``meshserve gateway`` carries unless told otherwise: its own (the gateway
 #: pods' ``app: gateway`` in deploy/k8s, which AuthorizationPolicy and RequestAuthentication
@@ -247,12 +247,57 @@ def _order(created: int | None, name: str, namespace: str) -> tuple[int, str, st
 
 def merge(found: Sequence[VirtualService]) -> VirtualService:
     """One VirtualService for a host at an ingress: the rules of each, in order (Istio
-    appends each VirtualService's routes to the host's virtual host; first match wins)."""
+    appends each VirtualService's routes to the host's virtual host; first match wins),
+    then the catch-all ones moved last, in their order: Istio sorts every Gateway virtual
+    host so (SortVHostRoutes), so one VirtualService's catch-all never hides another's
+    specific rules."""
     # One with no rule here (all bound elsewhere by match[].gateways) adds no route.
     found = [vs for vs in found if vs.http] or found[:1]
     if len(found) == 1:
         return found[0]
-    return replace(found[0], http=tuple(r for vs in found for r in vs.http), merged=tuple(found))
+    specific: list[HTTPRoute] = []
+    catch_alls: list[HTTPRoute] = []
+    owners = []
+    for vs in found:
+        pieces = []
+        for rule in vs.http:
+            kept, catch_all = split_catch_all(rule)
+            if kept is not None:
+                specific.append(kept)
+                pieces.append(kept)
+            if catch_all is not None:
+                catch_alls.append(catch_all)
+                pieces.append(catch_all)
+        # A rule split in two stays named after the VirtualService that wrote it.
+        same = len(pieces) == len(vs.http) and all(
+            a is b for a, b in zip(pieces, vs.http, strict=True)
+        )
+        owners.append(vs if same else replace(vs, http=tuple(pieces)))
+    return replace(found[0], http=(*specific, *catch_alls), merged=tuple(owners))
+
+
+def split_catch_all(rule: HTTPRoute) -> tuple[HTTPRoute | None, HTTPRoute | None]:
+    """``rule`` as (its specific match entries, its catch-all ones), either None when it
+    has none. Istio's catch-all (IsCatchAllRoute): a rule without ``match``, or an entry
+    whose only conditions are ``uri`` prefix ``/`` or regex ``.*`` (and ``port`` or
+    ``gateways``, which decide where it applies, not what it matches); headers,
+    ``withoutHeaders`` or the model make it specific."""
+    if not rule.matches:
+        return None, rule
+    wide = tuple(m for m in rule.matches if _catches_all(m))
+    if not wide:
+        return rule, None
+    if len(wide) == len(rule.matches):
+        return None, rule
+    narrow = tuple(m for m in rule.matches if not _catches_all(m))
+    return replace(rule, matches=narrow), replace(rule, matches=wide)
+
+
+def _catches_all(m: MatchRequest) -> bool:
+    if m.headers or m.without_headers or m.model is not None:
+        return False
+    uri = m.uri
+    return uri is None or (uri.kind, uri.value) in (("prefix", "/"), ("regex", ".*"))
 
 
 def mesh_conflict(

@@ -79,7 +79,8 @@ def route(
     clusters = ClusterMap(
         cfg, EndpointsSnapshot.from_instances(workers), LoadTracker(), lambda: 0.0, view=view
     )
-    request = RequestInfo(method, tuple((headers or {}).items()))
+    # A call at an ingress arrives on the port its view names.
+    request = RequestInfo(method, tuple((headers or {}).items()), port=view.port)
     return decide(clusters, request, random.Random(1), explain=True)
 
 
