@@ -21,6 +21,7 @@ from mesh.balance.load import LoadTracker
 from mesh.config.destination_rule import UNLIMITED, DestinationRule
 from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
+from mesh.config.request_authn import RequestAuthentication
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.snapshot import MeshConfig, config_from_yaml
 from mesh.config.views import DEFAULT_INGRESS_LABELS, MESH_VIEW, View, ingress_view
@@ -31,6 +32,7 @@ from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.discovery import StaticInstance
 from mesh.security.authz import RequestAttributes, evaluate
 from mesh.security.peer import resolve_mode
+from mesh.security.request_authn import applicable_rules
 from mesh.security.workload import Workload
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -388,6 +390,22 @@ def ingress_policies_in_istio_system() -> None:
     assert evaluate((ops,), ingress, RequestAttributes(INFER)).allowed
 
 
+def ingress_jwt_in_istio_system() -> None:
+    """Istio's ingress JWT task: a RequestAuthentication in ``istio-system`` selecting
+    ``istio: ingressgateway`` validates tokens at the gateway."""
+    policy = one(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        "metadata: {name: jwt-example, namespace: istio-system}\nspec:\n"
+        "  selector: {matchLabels: {istio: ingressgateway}}\n"
+        "  jwtRules: [{issuer: testing@secure.istio.io, jwksUri: 'file:///jwks.json'}]\n"
+    )
+    assert isinstance(policy, RequestAuthentication)
+    ingress = Workload("meshserve", DEFAULT_INGRESS_LABELS)
+    (rule,) = applicable_rules((policy,), ingress)
+    assert rule.issuer == "testing@secure.istio.io"
+    assert applicable_rules((policy,), WORKLOAD) == ()
+
+
 def mesh_wide_strict_mtls_in_istio_system() -> None:
     """PeerAuthentication docs: ``default`` in ``istio-system`` with ``mode: STRICT`` is
     the mesh-wide mode."""
@@ -564,6 +582,7 @@ WORKS: dict[str, Callable[[], None]] = {
         hosts_ignore_case,
         ingress_policies_in_istio_system,
         mesh_wide_strict_mtls_in_istio_system,
+        ingress_jwt_in_istio_system,
         max_ejection_percent_zero_is_the_default,
     )
 }
