@@ -138,6 +138,19 @@ class MeshConfig:
                         f"{vs.metadata.source}: {vs.ref}: {path}: gateway {name!r} names no "
                         f"Gateway in the config (Gateways: {known}; 'mesh' means the sidecars)"
                     )
+            # Istio finds a VirtualService through its own gateways only (unset: mesh), so a
+            # match entry's gateway outside them never applies: Istio drops it silently.
+            bound = set(vs.gateways or (MESH,))
+            for path, name in named[len(vs.gateways) :]:
+                if name not in bound:
+                    raise ConfigError(
+                        f"{vs.metadata.source}: {vs.ref}: {path}: gateway {name!r} is not among "
+                        f"the VirtualService's gateways ({', '.join(sorted(bound))}"
+                        f"{'' if vs.gateways else ': unset means mesh'}); Istio applies a "
+                        "VirtualService only where its own gateways say, and match gateways "
+                        "only narrow that, so this entry would never apply there: add it to "
+                        "spec.gateways"
+                    )
 
     def _check_hosts(self) -> None:
         """A host outside the mesh is routable only when a ServiceEntry declares it."""

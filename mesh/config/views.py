@@ -3,7 +3,7 @@
 Istio binds a VirtualService with ``gateways``: unset means ``mesh`` (every sidecar); a
 Gateway's name applies it at the ingress that Gateway selects, and only for the hosts that
 Gateway's servers expose; ``mesh`` listed too adds the sidecars. ``match[].gateways``
-overrides the list for one match entry. A :class:`View` says where routing happens; its
+narrows the list for one match entry (Istio finds a VirtualService by its own list alone). A :class:`View` says where routing happens; its
 :class:`RouteTable` holds the VirtualServices reduced to what applies there, built once
 per config so the routing decision looks up one table and tests no binding per call.
 
@@ -187,12 +187,9 @@ def gateway_bound(vs: VirtualService) -> bool:
 
 
 def _names_bound(vs: VirtualService) -> set[str]:
-    """Every gateway name the VirtualService or one of its match entries lists."""
-    names = set(vs.gateways)
-    for rule in vs.http:
-        for m in rule.matches:
-            names.update(m.gateways)
-    return names
+    """The gateway names the VirtualService is bound to: its own ``gateways`` (Istio
+    indexes a VirtualService by those alone; ``match[].gateways`` only narrow them)."""
+    return set(vs.gateways)
 
 
 def _bound(
@@ -318,23 +315,21 @@ def mesh_conflict(
 
 
 def bind(vs: VirtualService, applies: Callable[[tuple[str, ...]], bool]) -> VirtualService | None:
-    """``vs`` with only the rules and match entries that apply (``match[].gateways``
-    overrides the VirtualService's ``gateways``), or None when nothing of it does. A rule
-    whose match entries all apply elsewhere is dropped, never left matching everything."""
-    top = applies(vs.gateways)
+    """``vs`` with only the rules and match entries that apply, or None when it does not
+    apply here. As in Istio, a VirtualService applies where its own ``gateways`` say
+    (Istio indexes it by them alone) and ``match[].gateways`` narrow that per entry
+    (:meth:`MeshConfig.build` refuses an entry naming a gateway outside the list, which
+    Istio would drop). A rule whose match entries all apply elsewhere is dropped, never
+    left matching everything."""
+    if not applies(vs.gateways):
+        return None
     rules = []
     for rule in vs.http:
-        if not rule.matches:
-            if top:
-                rules.append(rule)
-            continue
-        kept = tuple(m for m in rule.matches if applies(m.gateways or vs.gateways))
+        kept = tuple(m for m in rule.matches if not m.gateways or applies(m.gateways))
         if len(kept) == len(rule.matches):
             rules.append(rule)
         elif kept:
             rules.append(replace(rule, matches=kept))
-    if not top and not rules:
-        return None
     if len(rules) == len(vs.http) and all(a is b for a, b in zip(rules, vs.http, strict=True)):
         return vs
     return replace(vs, http=tuple(rules))

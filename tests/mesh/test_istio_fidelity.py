@@ -601,6 +601,16 @@ REFUSED: list[tuple[str, str, str]] = [
     (vs(ROUTE, spec="  gateways: [ops/ingress]\n"), "spec.gateways[0]", "names no Gateway"),
     (vs(ROUTE, spec="  gateways: []\n"), "spec.gateways", "at least one gateway"),
     (
+        # Istio indexes a VirtualService by its own gateways (unset: mesh) alone.
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\n"
+        "spec:\n  servers: [{port: {number: 8080, protocol: GRPC}, hosts: ['*']}]\n---\n"
+        + vs(
+            "    - match: [{gateways: [ingress]}]\n      route: [{destination: {host: inference}}]\n"
+        ),
+        "spec.http[0].match[0].gateways[0]",
+        "is not among the VirtualService's gateways",
+    ),
+    (
         vs(ROUTE).replace("hosts: [inference]", "hosts: ['*']"),
         "spec.hosts[0]",
         "wildcard host '*' is an Istio form meshserve does not support",

@@ -87,18 +87,18 @@ def test_one_host_split_between_the_gateway_and_mesh_routes_each_view_by_its_own
     assert target(route(cfg, MESH_VIEW)) == "inference/v1 by VirtualService/inference-mesh http[0]"
 
 
-def test_match_level_bindings_split_one_host_too() -> None:
-    # The Gateway-bound one keeps a rule for mesh through match[].gateways; the other is
-    # bound to the Gateway only: still one per view.
+def test_a_match_bound_to_mesh_outside_the_virtual_service_gateways_is_refused() -> None:
+    """Istio finds a VirtualService bound to [ingress] only through that Gateway, so a
+    match entry naming mesh never applies there (Istio drops it silently): refused."""
     edge = (
         "    - match: [{gateways: [mesh], headers: {x-lane: {exact: fast}}}]\n"
         "      route: [{destination: {host: inference, subset: v2}}]\n"
     )
-    cfg = config(gateway(), named("a-mesh", edge, "[ingress]"), named("b-edge", TO_V1, "[ingress]"))
-    decision = route(cfg, MESH_VIEW, headers={"x-lane": "fast"})
-    assert target(decision) == "inference/v2 by VirtualService/a-mesh http[0]"
-    # At the ingress a-mesh has nothing bound, so only b-edge's rule applies there.
-    assert target(route(cfg, INGRESS)) == "inference/v1 by VirtualService/b-edge http[0]"
+    message = refused(gateway(), named("a-mesh", edge, "[ingress]"), named("b-edge", TO_V1))
+    assert "VirtualService/a-mesh: spec.http[0].match[0].gateways[0]: gateway 'mesh' is " in (
+        message
+    )
+    assert "not among the VirtualService's gateways (meshserve/ingress)" in message
 
 
 # --- refused: two in the mesh view ---------------------------------------------------------
@@ -126,7 +126,7 @@ def test_a_match_bound_to_mesh_counts_in_the_mesh_view() -> None:
         "    - match: [{gateways: [mesh]}]\n"
         "      route: [{destination: {host: inference, subset: v2}}]\n"
     )
-    message = refused(gateway(), named("a", edge, "[ingress]"), named("b", TO_V1))
+    message = refused(gateway(), named("a", edge, "[ingress, mesh]"), named("b", TO_V1))
     assert "VirtualService/b: spec.hosts[0]" in message
     assert "already routed by VirtualService/a (istio.yaml) in the mesh view" in message
 
