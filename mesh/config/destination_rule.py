@@ -470,9 +470,12 @@ def _outlier(node: Node) -> OutlierDetection:
         consecutive_gateway_errors=node.child("consecutiveGatewayErrors").integer(0, 0, UNLIMITED),
         interval=node.child("interval").duration(DEFAULT_INTERVAL),
         base_ejection_time=node.child("baseEjectionTime").duration(DEFAULT_BASE_EJECTION_TIME),
+        # Istio passes maxEjectionPercent to Envoy only when above 0: 0 is Envoy's default
+        # (10 %), not "never eject".
         max_ejection_percent=node.child("maxEjectionPercent").integer(
             DEFAULT_MAX_EJECTION_PERCENT, 0, 100
-        ),
+        )
+        or DEFAULT_MAX_EJECTION_PERCENT,
         min_health_percent=node.child("minHealthPercent").integer(
             DEFAULT_MIN_HEALTH_PERCENT, 0, 100
         ),

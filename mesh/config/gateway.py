@@ -95,9 +95,17 @@ class Gateway:
 
 
 def qualify(name: str, namespace: str) -> str:
-    """A VirtualService ``gateways`` entry as ``namespace/name`` (``mesh`` stays)."""
+    """A VirtualService ``gateways`` entry as ``namespace/name`` (``mesh`` stays).
+
+    Istio still resolves its legacy forms, ``name.namespace`` and
+    ``name.namespace.svc.cluster.local``, to ``namespace/name`` (with a warning): so does
+    meshserve, rather than look for a Gateway called ``name.namespace`` in the
+    VirtualService's namespace and refuse a file Istio routes."""
     if name == MESH or "/" in name:
         return name
+    if "." in name:
+        gateway, legacy_namespace = name.split(".")[:2]
+        return f"{legacy_namespace}/{gateway}"
     return f"{namespace}/{name}"
 
 

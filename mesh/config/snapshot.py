@@ -138,12 +138,34 @@ class MeshConfig:
                         f"{vs.metadata.source}: {vs.ref}: {path}: gateway {name!r} names no "
                         f"Gateway in the config (Gateways: {known}; 'mesh' means the sidecars)"
                     )
+            # Istio finds a VirtualService through its own gateways only (unset: mesh), so a
+            # match entry's gateway outside them never applies: Istio drops it silently.
+            bound = set(vs.gateways or (MESH,))
+            for path, name in named[len(vs.gateways) :]:
+                if name not in bound:
+                    raise ConfigError(
+                        f"{vs.metadata.source}: {vs.ref}: {path}: gateway {name!r} is not among "
+                        f"the VirtualService's gateways ({', '.join(sorted(bound))}"
+                        f"{'' if vs.gateways else ': unset means mesh'}); Istio applies a "
+                        "VirtualService only where its own gateways say, and match gateways "
+                        "only narrow that, so this entry would never apply there: add it to "
+                        "spec.gateways"
+                    )
 
     def _check_hosts(self) -> None:
         """A host outside the mesh is routable only when a ServiceEntry declares it."""
         for vs in self.virtual_service_list:
+            # Istio's ingress examples name the client's public name here (the :authority,
+            # httpbin.example.com) and route it to a service; meshserve routes a call by
+            # the mesh service it is for, so the refusal says what to write instead.
+            hint = (
+                "; at a Gateway a call is routed by the mesh service it is for (its "
+                ":authority or gRPC package), so name that service here, not a public name"
+                if gateway_bound(vs)
+                else ""
+            )
             for i, host in enumerate(vs.hosts):
-                self._check_host(vs.metadata.source, vs.ref, f"spec.hosts[{i}]", host)
+                self._check_host(vs.metadata.source, vs.ref, f"spec.hosts[{i}]", host, hint)
             for rule in vs.http:
                 for j, rd in enumerate(rule.route):
                     path = f"spec.http[{rule.index}].route[{j}].destination.host"
@@ -162,13 +184,13 @@ class MeshConfig:
                     "settings apply to a ServiceEntry host, at the port it declares"
                 )
 
-    def _check_host(self, source: str, ref: str, path: str, host: str) -> None:
+    def _check_host(self, source: str, ref: str, path: str, host: str, hint: str = "") -> None:
         if is_mesh_host(host) or host in self.service_entries:
             return
         raise ConfigError(
             f"{source}: {ref}: {path}: host {host!r} is not a mesh service: use a short name "
             f"such as 'inference' or '<service>.{MESH_NAMESPACE}.{CLUSTER_DOMAIN}', or "
-            "declare it with a ServiceEntry"
+            f"declare it with a ServiceEntry{hint}"
         )
 
     def _check_references(self) -> None:

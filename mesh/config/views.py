@@ -3,7 +3,7 @@
 Istio binds a VirtualService with ``gateways``: unset means ``mesh`` (every sidecar); a
 Gateway's name applies it at the ingress that Gateway selects, and only for the hosts that
 Gateway's servers expose; ``mesh`` listed too adds the sidecars. ``match[].gateways``
-overrides the list for one match entry. A :class:`View` says where routing happens; its
+narrows the list for one match entry (Istio finds a VirtualService by its own list alone). A :class:`View` says where routing happens; its
 :class:`RouteTable` holds the VirtualServices reduced to what applies there, built once
 per config so the routing decision looks up one table and tests no binding per call.
 
@@ -12,7 +12,7 @@ refuses a sidecar conflict, IST0109, and :meth:`MeshConfig.build` does too). At 
 Istio merges them: each one's rules are appended to the host's virtual host, Gateway by
 Gateway (Gateways in creation order), and within a Gateway in creation order, then by
 name and namespace (:func:`merge_order`; a file without ``creationTimestamp`` has Istio's
-zero time, so name order decides).
+zero time, so name order decides); then the catch-all rules go last (:func:`merge`).
 
 meshserve extension (docs/configuration.md): a config with no Gateway at all keeps
 meshserve's gateway an implicit ingress for every VirtualService that does not set
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from mesh.config.gateway import MESH, Gateway, Server
-from mesh.config.virtual_service import VirtualService
+from mesh.config.virtual_service import HTTPRoute, MatchRequest, VirtualService
 
 #: The labels ``meshserve gateway`` carries unless told otherwise: its own (the gateway
 #: pods' ``app: gateway`` in deploy/k8s, which AuthorizationPolicy and RequestAuthentication
@@ -187,12 +187,9 @@ def gateway_bound(vs: VirtualService) -> bool:
 
 
 def _names_bound(vs: VirtualService) -> set[str]:
-    """Every gateway name the VirtualService or one of its match entries lists."""
-    names = set(vs.gateways)
-    for rule in vs.http:
-        for m in rule.matches:
-            names.update(m.gateways)
-    return names
+    """The gateway names the VirtualService is bound to: its own ``gateways`` (Istio
+    indexes a VirtualService by those alone; ``match[].gateways`` only narrow them)."""
+    return set(vs.gateways)
 
 
 def _bound(
@@ -247,12 +244,57 @@ def _order(created: int | None, name: str, namespace: str) -> tuple[int, str, st
 
 def merge(found: Sequence[VirtualService]) -> VirtualService:
     """One VirtualService for a host at an ingress: the rules of each, in order (Istio
-    appends each VirtualService's routes to the host's virtual host; first match wins)."""
+    appends each VirtualService's routes to the host's virtual host; first match wins),
+    then the catch-all ones moved last, in their order: Istio sorts every Gateway virtual
+    host so (SortVHostRoutes), so one VirtualService's catch-all never hides another's
+    specific rules."""
     # One with no rule here (all bound elsewhere by match[].gateways) adds no route.
     found = [vs for vs in found if vs.http] or found[:1]
     if len(found) == 1:
         return found[0]
-    return replace(found[0], http=tuple(r for vs in found for r in vs.http), merged=tuple(found))
+    specific: list[HTTPRoute] = []
+    catch_alls: list[HTTPRoute] = []
+    owners = []
+    for vs in found:
+        pieces = []
+        for rule in vs.http:
+            kept, catch_all = split_catch_all(rule)
+            if kept is not None:
+                specific.append(kept)
+                pieces.append(kept)
+            if catch_all is not None:
+                catch_alls.append(catch_all)
+                pieces.append(catch_all)
+        # A rule split in two stays named after the VirtualService that wrote it.
+        same = len(pieces) == len(vs.http) and all(
+            a is b for a, b in zip(pieces, vs.http, strict=True)
+        )
+        owners.append(vs if same else replace(vs, http=tuple(pieces)))
+    return replace(found[0], http=(*specific, *catch_alls), merged=tuple(owners))
+
+
+def split_catch_all(rule: HTTPRoute) -> tuple[HTTPRoute | None, HTTPRoute | None]:
+    """``rule`` as (its specific match entries, its catch-all ones), either None when it
+    has none. Istio's catch-all (IsCatchAllRoute): a rule without ``match``, or an entry
+    whose only conditions are ``uri`` prefix ``/`` or regex ``.*`` (and ``port`` or
+    ``gateways``, which decide where it applies, not what it matches); headers,
+    ``withoutHeaders`` or the model make it specific."""
+    if not rule.matches:
+        return None, rule
+    wide = tuple(m for m in rule.matches if _catches_all(m))
+    if not wide:
+        return rule, None
+    if len(wide) == len(rule.matches):
+        return None, rule
+    narrow = tuple(m for m in rule.matches if not _catches_all(m))
+    return replace(rule, matches=narrow), replace(rule, matches=wide)
+
+
+def _catches_all(m: MatchRequest) -> bool:
+    if m.headers or m.without_headers or m.model is not None:
+        return False
+    uri = m.uri
+    return uri is None or (uri.kind, uri.value) in (("prefix", "/"), ("regex", ".*"))
 
 
 def mesh_conflict(
@@ -273,23 +315,21 @@ def mesh_conflict(
 
 
 def bind(vs: VirtualService, applies: Callable[[tuple[str, ...]], bool]) -> VirtualService | None:
-    """``vs`` with only the rules and match entries that apply (``match[].gateways``
-    overrides the VirtualService's ``gateways``), or None when nothing of it does. A rule
-    whose match entries all apply elsewhere is dropped, never left matching everything."""
-    top = applies(vs.gateways)
+    """``vs`` with only the rules and match entries that apply, or None when it does not
+    apply here. As in Istio, a VirtualService applies where its own ``gateways`` say
+    (Istio indexes it by them alone) and ``match[].gateways`` narrow that per entry
+    (:meth:`MeshConfig.build` refuses an entry naming a gateway outside the list, which
+    Istio would drop). A rule whose match entries all apply elsewhere is dropped, never
+    left matching everything."""
+    if not applies(vs.gateways):
+        return None
     rules = []
     for rule in vs.http:
-        if not rule.matches:
-            if top:
-                rules.append(rule)
-            continue
-        kept = tuple(m for m in rule.matches if applies(m.gateways or vs.gateways))
+        kept = tuple(m for m in rule.matches if not m.gateways or applies(m.gateways))
         if len(kept) == len(rule.matches):
             rules.append(rule)
         elif kept:
             rules.append(replace(rule, matches=kept))
-    if not top and not rules:
-        return None
     if len(rules) == len(vs.http) and all(a is b for a, b in zip(rules, vs.http, strict=True)):
         return vs
     return replace(vs, http=tuple(rules))

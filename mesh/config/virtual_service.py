@@ -170,7 +170,7 @@ def parse_virtual_service(spec: Node, metadata: Metadata) -> VirtualService:
         required=("hosts",),
     )
     namespace = metadata.namespace
-    hosts = tuple(resource_host(node, namespace) for node in spec.child("hosts").items())
+    hosts = tuple(_host(node, namespace) for node in spec.child("hosts").items())
     if not hosts:
         spec.child("hosts").fail("must name at least one host")
     http = tuple(
@@ -183,6 +183,21 @@ def parse_virtual_service(spec: Node, metadata: Metadata) -> VirtualService:
         export_to=export_to(spec.child("exportTo"), namespace),
         gateways=gateway_names(spec.child("gateways"), namespace),
     )
+
+
+def _host(node: Node, namespace: str) -> str:
+    """One ``hosts`` entry. Istio's wildcard forms (``*``, the bookinfo gateway's, and
+    ``*.example.com``) route every host they cover at a Gateway; meshserve keys routes by
+    the one mesh service a call is for, and does not support them: refused by name, with
+    what to write instead, rather than as "not a DNS name"."""
+    text = node.value
+    if isinstance(text, str) and text.strip().startswith("*"):
+        node.fail(
+            f"wildcard host {text.strip()!r} is an Istio form meshserve does not support: "
+            "name each mesh service the rules route (inference, training, data or their "
+            "FQDNs); a Gateway server's hosts may still be '*' or '*.suffix'"
+        )
+    return resource_host(node, namespace)
 
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"

@@ -14,7 +14,7 @@ from mesh.config.security import MtlsMode, PeerAuthentication
 from mesh.errors import InvalidArgument, Unauthenticated
 from mesh.security.identity import SCHEME, WorkloadIdentity
 from mesh.security.rotation import CertificateSource
-from mesh.security.workload import ROOT_NAMESPACE, Workload
+from mesh.security.workload import ROOT_NAMESPACE, Workload, is_root
 
 #: Istio's default when no policy says otherwise.
 DEFAULT_MODE: MtlsMode = "PERMISSIVE"
@@ -59,7 +59,13 @@ def resolve_mode(
         _pick(
             [p for p in policies if not p.selector and p.metadata.namespace == workload.namespace]
         ),
-        _pick([p for p in policies if not p.selector and p.metadata.namespace == root_namespace]),
+        _pick(
+            [
+                p
+                for p in policies
+                if not p.selector and is_root(p.metadata.namespace, root_namespace)
+            ]
+        ),
     ]
     for i, policy in enumerate(levels):
         if policy is None:

@@ -12,6 +12,15 @@ Labels = tuple[tuple[str, str], ...]
 #: there). meshserve resources default to this namespace, so by default a policy without
 #: a selector covers the whole mesh.
 ROOT_NAMESPACE = DEFAULT_NAMESPACE
+#: Istio's root namespace. Istio's documented mesh-wide policies, and those for its ingress
+#: gateway (which runs there), live in it; copied as they are, they would apply to no
+#: meshserve workload and silently do nothing. So it is a root namespace here too.
+ISTIO_ROOT_NAMESPACE = "istio-system"
+
+
+def is_root(namespace: str, root_namespace: str = ROOT_NAMESPACE) -> bool:
+    """Whether policies in ``namespace`` apply mesh-wide (meshserve's root or Istio's)."""
+    return namespace in (root_namespace, ISTIO_ROOT_NAMESPACE)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,6 @@ def applies_to(
     namespace: str, selector: Labels, workload: Workload, root_namespace: str = ROOT_NAMESPACE
 ) -> bool:
     """Whether a policy in ``namespace`` with ``selector`` applies to ``workload``."""
-    if namespace not in (workload.namespace, root_namespace):
+    if namespace != workload.namespace and not is_root(namespace, root_namespace):
         return False
     return workload.selected_by(selector)

@@ -79,7 +79,8 @@ def route(
     clusters = ClusterMap(
         cfg, EndpointsSnapshot.from_instances(workers), LoadTracker(), lambda: 0.0, view=view
     )
-    request = RequestInfo(method, tuple((headers or {}).items()))
+    # A call at an ingress arrives on the port its view names.
+    request = RequestInfo(method, tuple((headers or {}).items()), port=view.port)
     return decide(clusters, request, random.Random(1), explain=True)
 
 
@@ -137,9 +138,9 @@ def test_qualified_names_and_gateways_of_other_namespaces() -> None:
     )
 
 
-def test_match_gateways_override_the_virtual_service_list() -> None:
-    """Istio's reference: a match entry's ``gateways`` replaces the VirtualService's for
-    that entry; the header rule below is for sidecars, so the ingress skips it."""
+def test_match_gateways_narrow_the_virtual_service_list() -> None:
+    """A match entry's ``gateways`` narrow the VirtualService's for that entry; the
+    header rule below is for sidecars, so the ingress skips it."""
     http = (
         "    - match: [{headers: {end-user: {exact: jason}}, gateways: [mesh]}]\n"
         "      route: [{destination: {host: inference, subset: v2}}]\n"
@@ -153,12 +154,14 @@ def test_match_gateways_override_the_virtual_service_list() -> None:
     assert at_ingress.route == "VirtualService/inference http[1]"
 
 
-def test_a_match_entry_bound_to_the_gateway_applies_there_alone() -> None:
+def test_a_match_entry_narrows_the_virtual_service_gateways() -> None:
+    """A match entry's gateways apply within the VirtualService's own: bound to
+    [ingress, mesh], an entry for [ingress] matches at the ingress and not in sidecars."""
     http = (
         "    - match: [{uri: {prefix: /inference.}, gateways: [ingress]}]\n"
         "      route: [{destination: {host: inference, subset: v2}}]\n"
     )
-    cfg = config(gateway(), vs(http))  # no VirtualService gateways: mesh
+    cfg = config(gateway(), vs(http, "[ingress, mesh]"))
     assert route(cfg, INGRESS).subset == "v2"
     # In the sidecars its only rule applies elsewhere: no rule matches (never match-all).
     assert no_route(cfg, MESH_VIEW).startswith("no route: no rule of VirtualService/inference")
@@ -257,6 +260,20 @@ def test_a_gateway_name_that_matches_no_gateway_is_refused(
         config(*documents)
     assert f"{path}: gateway " in str(caught.value)
     assert "names no Gateway in the config" in str(caught.value)
+
+
+def test_a_match_entry_for_a_gateway_the_virtual_service_is_not_bound_to_is_refused() -> None:
+    """Istio's reference says match gateways override the VirtualService's, but Istio
+    finds a VirtualService through its own gateways alone (unset: mesh), so this entry
+    would never apply at the ingress: refused rather than silently dropped."""
+    http = "    - match: [{uri: {prefix: /inference.}, gateways: [ingress]}]\n" + ROUTE_V2
+    with pytest.raises(ConfigError) as caught:
+        config(gateway(), vs(http))
+    message = str(caught.value)
+    assert "spec.http[0].match[0].gateways[0]: gateway 'meshserve/ingress' is not among" in (
+        message
+    )
+    assert "(mesh: unset means mesh)" in message and "add it to spec.gateways" in message
 
 
 def test_a_gateway_view_for_a_missing_gateway_is_a_key_error() -> None:

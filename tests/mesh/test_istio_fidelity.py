@@ -21,14 +21,18 @@ from mesh.balance.load import LoadTracker
 from mesh.config.destination_rule import UNLIMITED, DestinationRule
 from mesh.config.fields import ConfigError
 from mesh.config.loader import parse_yaml
+from mesh.config.request_authn import RequestAuthentication
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.snapshot import MeshConfig, config_from_yaml
+from mesh.config.views import DEFAULT_INGRESS_LABELS, MESH_VIEW, View, ingress_view
 from mesh.errors import Unimplemented
 from mesh.routing import circuit
 from mesh.routing.circuit import CircuitBreakers
 from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.discovery import StaticInstance
 from mesh.security.authz import RequestAttributes, evaluate
+from mesh.security.peer import resolve_mode
+from mesh.security.request_authn import applicable_rules
 from mesh.security.workload import Workload
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -258,6 +262,19 @@ def connection_pool_limits() -> None:
     assert circuit.spent(pool, 10) and not circuit.spent(pool, 9)
 
 
+def connect_timeout() -> None:
+    """DestinationRule docs: ``tcp: {maxConnections: 100, connectTimeout: 30ms}``; the
+    relay bounds each connect by it (tests/gateway/test_relay_protocol.py)."""
+    rule = one(
+        dr(
+            "  trafficPolicy: {connectionPool: {tcp: {maxConnections: 100, connectTimeout: 30ms}}}\n"
+        )
+    )
+    assert isinstance(rule, DestinationRule)
+    pool = rule.traffic_policy.connection_pool
+    assert (pool.max_connections, pool.connect_timeout) == (100, 0.03)
+
+
 def ring_size_is_the_whole_ring() -> None:
     config = config_from_yaml(
         dr(
@@ -348,6 +365,148 @@ def hosts_ignore_case() -> None:
     assert not allowed(text, RequestAttributes(INFER, host="training.meshserve"))
 
 
+def ingress_policies_in_istio_system() -> None:
+    """Istio's ingress task: a DENY by ``ipBlocks`` in ``istio-system`` selecting
+    ``istio: ingressgateway``; and a namespace-wide one there, which is mesh-wide. Both
+    apply at the gateway (they did nothing, silently, while only ``meshserve`` was root)."""
+    ingress = Workload("meshserve", DEFAULT_INGRESS_LABELS)
+    for selector in ("  selector: {matchLabels: {istio: ingressgateway}}\n", ""):
+        policy = one(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            f"metadata: {{name: deny, namespace: istio-system}}\nspec:\n{selector}"
+            "  action: DENY\n  rules: [{from: [{source: {ipBlocks: [1.2.3.4, 5.6.7.0/24]}}]}]\n"
+        )
+        assert isinstance(policy, AuthorizationPolicy)
+        assert not evaluate(
+            (policy,), ingress, RequestAttributes(INFER, source_ip="5.6.7.8")
+        ).allowed
+        assert evaluate((policy,), ingress, RequestAttributes(INFER, source_ip="9.9.9.9")).allowed
+    # A namespace other than a root one still applies only to its own workloads.
+    ops = one(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny, namespace: ops}\nspec:\n  action: DENY\n  rules: [{}]\n"
+    )
+    assert isinstance(ops, AuthorizationPolicy)
+    assert evaluate((ops,), ingress, RequestAttributes(INFER)).allowed
+
+
+def ingress_jwt_in_istio_system() -> None:
+    """Istio's ingress JWT task: a RequestAuthentication in ``istio-system`` selecting
+    ``istio: ingressgateway`` validates tokens at the gateway."""
+    policy = one(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        "metadata: {name: jwt-example, namespace: istio-system}\nspec:\n"
+        "  selector: {matchLabels: {istio: ingressgateway}}\n"
+        "  jwtRules: [{issuer: testing@secure.istio.io, jwksUri: 'file:///jwks.json'}]\n"
+    )
+    assert isinstance(policy, RequestAuthentication)
+    ingress = Workload("meshserve", DEFAULT_INGRESS_LABELS)
+    (rule,) = applicable_rules((policy,), ingress)
+    assert rule.issuer == "testing@secure.istio.io"
+    assert applicable_rules((policy,), WORKLOAD) == ()
+
+
+def mesh_wide_strict_mtls_in_istio_system() -> None:
+    """PeerAuthentication docs: ``default`` in ``istio-system`` with ``mode: STRICT`` is
+    the mesh-wide mode."""
+    policy = one(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: STRICT}\n"
+    )
+    assert isinstance(policy, PeerAuthentication)
+    assert resolve_mode((policy,), WORKLOAD).mode == "STRICT"
+    assert resolve_mode((policy,), Workload("ops", (("app", "x"),))).mode == "STRICT"
+
+
+def max_ejection_percent_zero_is_the_default() -> None:
+    """Istio hands ``maxEjectionPercent`` to Envoy only above 0: 0 is Envoy's 10 %, so
+    ejection still happens (it never did here while 0 meant "none")."""
+    rule = one(dr("  trafficPolicy: {outlierDetection: {maxEjectionPercent: 0}}\n"))
+    assert isinstance(rule, DestinationRule)
+    policy = rule.traffic_policy.outlier_detection
+    assert policy is not None and policy.max_ejection_percent == 10
+
+
+def gateway_in_istio_system_with_servers_sharing_a_port() -> None:
+    """Gateway docs: a Gateway in ``some-config-namespace`` named ``ns/name`` by
+    VirtualServices of other namespaces; two servers on one port, each exposing its host
+    to one namespace (``ns/host``); ``gateways: [gw, mesh]`` applies in both views."""
+    gateway = (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\n"
+        "metadata: {name: my-gateway, namespace: istio-system}\nspec:\n"
+        "  selector: {istio: ingressgateway}\n  servers:\n"
+        "  - port: {number: 8080, name: grpc-a, protocol: GRPC}\n"
+        "    hosts: [ml/inference.meshserve.svc.cluster.local]\n"
+        "  - port: {number: 8080, name: grpc-b, protocol: GRPC}\n"
+        "    hosts: [./training.meshserve.svc.cluster.local]\n"
+    )
+
+    def bound(name: str, namespace: str, host: str, gateways: str) -> str:
+        fqdn = f"{host}.meshserve.svc.cluster.local"
+        return (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+            f"metadata: {{name: {name}, namespace: {namespace}}}\n"
+            f"spec:\n  hosts: [{fqdn}]\n  gateways: {gateways}\n"
+            f"  http: [{{route: [{{destination: {{host: {fqdn}}}}}]}}]\n"
+        )
+
+    config = config_from_yaml(
+        "---\n".join(
+            [
+                gateway,
+                bound("inference", "ml", "inference", "[istio-system/my-gateway, mesh]"),
+                # training is exposed to istio-system's own VirtualServices only.
+                bound("training", "meshserve", "training", "[istio-system/my-gateway]"),
+            ]
+        ),
+        source="istio.yaml",
+    )
+    endpoints = EndpointsSnapshot.from_instances(
+        [*instances(), StaticInstance("training", "t0", "10.0.1.1:8001")]
+    )
+
+    def at(view: View, method: str) -> str:
+        clusters = ClusterMap(config, endpoints, LoadTracker(), lambda: 0.0, view=view)
+        try:
+            return decide(clusters, RequestInfo(method), random.Random(1)).route
+        except Unimplemented as exc:
+            return str(exc)
+
+    train = "/meshserve.training.v1.Training/SubmitJob"
+    ingress = ingress_view(port=8080)
+    assert at(ingress, INFER) == "VirtualService/inference http[0]"
+    assert at(MESH_VIEW, INFER) == "VirtualService/inference http[0]"
+    assert at(ingress, train).startswith("no route: no VirtualService bound to")
+    assert at(MESH_VIEW, train) == "default"
+    assert at(ingress_view(port=9090), INFER).startswith("no route: no Gateway selects")
+
+
+def legacy_gateway_names() -> None:
+    """Istio resolves ``name.namespace`` and ``name.namespace.svc.cluster.local`` in
+    ``gateways`` to ``namespace/name`` (its legacy form, still routed)."""
+    gateway = (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\n"
+        "metadata: {name: my-gateway, namespace: istio-system}\nspec:\n"
+        "  servers: [{port: {number: 8080, name: grpc, protocol: GRPC}, hosts: ['*']}]\n"
+    )
+    for name in ("my-gateway.istio-system", "my-gateway.istio-system.svc.cluster.local"):
+        config = config_from_yaml(
+            gateway + "---\n" + vs(ROUTE, spec=f"  gateways: [{name}]\n"), source="istio.yaml"
+        )
+        (bound,) = config.virtual_services_for("inference")
+        assert bound.gateways == ("istio-system/my-gateway",)
+        clusters = ClusterMap(
+            config,
+            EndpointsSnapshot.from_instances(instances()),
+            LoadTracker(),
+            lambda: 0.0,
+            view=ingress_view(port=8080),
+        )
+        assert decide(clusters, RequestInfo(INFER), random.Random(1)).route == (
+            "VirtualService/inference http[0]"
+        )
+
+
 def decide_with(config: MeshConfig, request: RequestInfo) -> RouteDecision:
     clusters = ClusterMap(
         config, EndpointsSnapshot.from_instances(instances()), LoadTracker(), lambda: 0.0
@@ -411,6 +570,9 @@ WORKS: dict[str, Callable[[], None]] = {
         simple_unspecified_is_the_default,
         zero_means_the_default,
         connection_pool_limits,
+        connect_timeout,
+        legacy_gateway_names,
+        gateway_in_istio_system_with_servers_sharing_a_port,
         ring_size_is_the_whole_ring,
         kubectl_exports_are_accepted,
         numeric_port_level_mtls,
@@ -418,6 +580,10 @@ WORKS: dict[str, Callable[[], None]] = {
         remote_ip_blocks,
         path_templates,
         hosts_ignore_case,
+        ingress_policies_in_istio_system,
+        mesh_wide_strict_mtls_in_istio_system,
+        ingress_jwt_in_istio_system,
+        max_ejection_percent_zero_is_the_default,
     )
 }
 
@@ -434,6 +600,37 @@ REFUSED: list[tuple[str, str, str]] = [
     (vs(ROUTE, spec="  gateways: [ingress]\n"), "spec.gateways[0]", "names no Gateway"),
     (vs(ROUTE, spec="  gateways: [ops/ingress]\n"), "spec.gateways[0]", "names no Gateway"),
     (vs(ROUTE, spec="  gateways: []\n"), "spec.gateways", "at least one gateway"),
+    (
+        # Istio indexes a VirtualService by its own gateways (unset: mesh) alone.
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress}\n"
+        "spec:\n  servers: [{port: {number: 8080, protocol: GRPC}, hosts: ['*']}]\n---\n"
+        + vs(
+            "    - match: [{gateways: [ingress]}]\n      route: [{destination: {host: inference}}]\n"
+        ),
+        "spec.http[0].match[0].gateways[0]",
+        "is not among the VirtualService's gateways",
+    ),
+    (
+        vs(ROUTE).replace("hosts: [inference]", "hosts: ['*']"),
+        "spec.hosts[0]",
+        "wildcard host '*' is an Istio form meshserve does not support",
+    ),
+    (
+        vs(ROUTE).replace("hosts: [inference]", "hosts: ['*.example.com']"),
+        "spec.hosts[0]",
+        "meshserve does not support",
+    ),
+    (
+        # Istio's ingress task: the VirtualService names the public host it serves.
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: httpbin}\n"
+        "spec:\n  selector: {istio: ingressgateway}\n  servers: [{port: {number: 80,"
+        " name: http, protocol: HTTP}, hosts: [httpbin.example.com]}]\n---\n"
+        + vs(ROUTE, spec="  gateways: [httpbin]\n").replace(
+            "hosts: [inference]", "hosts: [httpbin.example.com]"
+        ),
+        "spec.hosts[0]",
+        "at a Gateway a call is routed by the mesh service it is for",
+    ),
     (vs(ROUTE, spec="  exportTo: ['~']\n"), "spec.exportTo", "hides the resource"),
     (vs(ROUTE, spec="  exportTo: [ops]\n"), "spec.exportTo", "hides the resource"),
     (vs(ROUTE, metadata="  namespace: ops\n"), "spec.hosts[0]", "short host 'inference'"),
@@ -513,6 +710,53 @@ REFUSED: list[tuple[str, str, str]] = [
         dr("  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4294967296}}}\n"),
         "spec.trafficPolicy.connectionPool.tcp.maxConnections",
         "must be an integer in [0, 4294967295]",
+    ),
+    (
+        dr(
+            "  trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 7200s, interval: 75s}}}}\n"
+        ),
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {tcp: {maxConnectionDuration: 1h}}}\n"),
+        "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 1h}}}\n"),
+        "spec.trafficPolicy.connectionPool.tcp.idleTimeout",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {http: {idleTimeout: 10s}}}\n"),
+        "spec.trafficPolicy.connectionPool.http.idleTimeout",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}\n"),
+        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {http: {useClientProtocol: true}}}\n"),
+        "spec.trafficPolicy.connectionPool.http.useClientProtocol",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {http: {maxConcurrentStreams: 100}}}\n"),
+        "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams",
+        UNSUPPORTED,
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 0s}}}\n"),
+        "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+        "must be a positive duration",
+    ),
+    (
+        dr("  trafficPolicy: {connectionPool: {tcp: {maxConnections: '10'}}}\n"),
+        "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+        "got a string",
     ),
     (dr("  exportTo: ['.']\n", metadata="  namespace: ops\n"), "spec.host", "short host"),
     (

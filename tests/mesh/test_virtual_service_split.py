@@ -87,18 +87,18 @@ def test_one_host_split_between_the_gateway_and_mesh_routes_each_view_by_its_own
     assert target(route(cfg, MESH_VIEW)) == "inference/v1 by VirtualService/inference-mesh http[0]"
 
 
-def test_match_level_bindings_split_one_host_too() -> None:
-    # The Gateway-bound one keeps a rule for mesh through match[].gateways; the other is
-    # bound to the Gateway only: still one per view.
+def test_a_match_bound_to_mesh_outside_the_virtual_service_gateways_is_refused() -> None:
+    """Istio finds a VirtualService bound to [ingress] only through that Gateway, so a
+    match entry naming mesh never applies there (Istio drops it silently): refused."""
     edge = (
         "    - match: [{gateways: [mesh], headers: {x-lane: {exact: fast}}}]\n"
         "      route: [{destination: {host: inference, subset: v2}}]\n"
     )
-    cfg = config(gateway(), named("a-mesh", edge, "[ingress]"), named("b-edge", TO_V1, "[ingress]"))
-    decision = route(cfg, MESH_VIEW, headers={"x-lane": "fast"})
-    assert target(decision) == "inference/v2 by VirtualService/a-mesh http[0]"
-    # At the ingress a-mesh has nothing bound, so only b-edge's rule applies there.
-    assert target(route(cfg, INGRESS)) == "inference/v1 by VirtualService/b-edge http[0]"
+    message = refused(gateway(), named("a-mesh", edge, "[ingress]"), named("b-edge", TO_V1))
+    assert "VirtualService/a-mesh: spec.http[0].match[0].gateways[0]: gateway 'mesh' is " in (
+        message
+    )
+    assert "not among the VirtualService's gateways (meshserve/ingress)" in message
 
 
 # --- refused: two in the mesh view ---------------------------------------------------------
@@ -126,7 +126,7 @@ def test_a_match_bound_to_mesh_counts_in_the_mesh_view() -> None:
         "    - match: [{gateways: [mesh]}]\n"
         "      route: [{destination: {host: inference, subset: v2}}]\n"
     )
-    message = refused(gateway(), named("a", edge, "[ingress]"), named("b", TO_V1))
+    message = refused(gateway(), named("a", edge, "[ingress, mesh]"), named("b", TO_V1))
     assert "VirtualService/b: spec.hosts[0]" in message
     assert "already routed by VirtualService/a (istio.yaml) in the mesh view" in message
 
@@ -205,14 +205,57 @@ def test_a_creation_time_that_is_no_time_is_refused_naming_the_field(
     assert "metadata.creationTimestamp" in message and problem in message
 
 
-def test_a_catch_all_of_the_earlier_one_shadows_the_later_as_in_envoy() -> None:
+def test_a_catch_all_of_the_earlier_one_goes_after_the_later_ones_rules_as_in_istio() -> None:
+    """Istio sorts a Gateway virtual host's routes (SortVHostRoutes): the catch-all ones
+    go last, in their order, so a's catch-all does not hide b's header rule."""
     cfg = config(
         gateway(),
         named("a", TO_V1, "[ingress]"),
+        named("b", header_rule("fast", "v2") + TO_V2, "[ingress]"),
+    )
+    assert route(cfg, INGRESS, headers={"x-lane": "fast"}).route == (
+        "VirtualService/b http[0] (fast)"
+    )
+    # Among the catch-alls the merge order holds: a's first.
+    assert route(cfg, INGRESS).route == "VirtualService/a http[0]"
+
+
+@pytest.mark.parametrize(
+    "catch_all",
+    ["{uri: {prefix: /}}", "{uri: {regex: '.*'}}", "{uri: {prefix: /}, port: 8080}"],
+)
+def test_a_catch_all_match_entry_moves_last_and_the_rest_of_its_rule_stays(
+    catch_all: str,
+) -> None:
+    cfg = config(
+        gateway(),
+        named(
+            "a",
+            "    - match: [{headers: {x-lane: {exact: slow}}}, " + catch_all + "]\n"
+            "      route: [{destination: {host: inference, subset: v1}}]\n",
+            "[ingress]",
+        ),
         named("b", header_rule("fast", "v2"), "[ingress]"),
     )
-    # First match wins over the concatenated rules: b's rule is never reached.
-    assert route(cfg, INGRESS, headers={"x-lane": "fast"}).route == "VirtualService/a http[0]"
+    assert route(cfg, INGRESS, headers={"x-lane": "fast"}).subset == "v2"
+    # a's specific entry keeps its place before b's rule; its catch-all catches the rest.
+    slow = route(cfg, INGRESS, headers={"x-lane": "slow"})
+    assert (slow.subset, slow.route) == ("v1", "VirtualService/a http[0]")
+    assert route(cfg, INGRESS).route == "VirtualService/a http[0]"
+
+
+def test_a_prefix_rule_with_a_header_is_not_a_catch_all() -> None:
+    cfg = config(
+        gateway(),
+        named(
+            "a",
+            "    - match: [{uri: {prefix: /}, headers: {x-lane: {exact: fast}}}]\n"
+            "      route: [{destination: {host: inference, subset: v1}}]\n",
+            "[ingress]",
+        ),
+        named("b", header_rule("fast", "v2"), "[ingress]"),
+    )
+    assert route(cfg, INGRESS, headers={"x-lane": "fast"}).subset == "v1"
 
 
 def test_no_rule_of_the_merged_ones_matches_names_them_all() -> None:
