@@ -29,7 +29,8 @@ from mesh.balance.endpoints import Endpoint
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
 from mesh.proxy.deadlines import DeadlineQueue
-from mesh.proxy.exchange import Exchange, error_headers
+from mesh.proxy.exchange import Exchange
+from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
 from mesh.proxy.pool import UpstreamPool

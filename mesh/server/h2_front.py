@@ -34,7 +34,7 @@ import grpc
 
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, ClientConnection, Connection, Flusher, Side
-from mesh.proxy.exchange import error_headers
+from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.routing import callpolicy as policy
 from mesh.routing.callcheck import PREFIX, Rejection, check_compressed, check_end, check_headers
