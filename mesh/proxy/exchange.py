@@ -17,31 +17,27 @@ for every worker (gateway/fleet.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 import grpc
 
-from mesh.balance.cluster import Cluster
-from mesh.balance.endpoints import Endpoint
-from mesh.config.virtual_service import Destination, HeaderOperations
+from mesh.config.virtual_service import Destination
 from mesh.errors import MeshError
 from mesh.proxy import frames as f
-from mesh.proxy.connection import ENDED, STREAM_WINDOW, Side
-from mesh.proxy.deadlines import Deadline
+from mesh.proxy.connection import STREAM_WINDOW, Side
+from mesh.proxy.endings import Endings
 from mesh.proxy.grpc_status import (
     OVERLOADED,
     OVERLOADED_TEXT,
-    error_headers,
     message_of,
     status_of,
 )
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import ANONYMOUS, Inbound, edit_headers
 from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
-from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
+from mesh.proxy.telemetry import TRACE_HEADERS
 from mesh.routing import callpolicy as policy
 from mesh.routing import circuit
 from mesh.routing import headers as md
@@ -52,14 +48,13 @@ from mesh.routing.callcheck import (
     check_headers,
     encoding_of,
 )
-from mesh.routing.circuit import CircuitBreakers
 from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
 from mesh.routing.faults import fault_action, mirror_target
-from mesh.routing.methods import FLEET_METHODS, MethodInfo, lookup
+from mesh.routing.methods import FLEET_METHODS, lookup
 from mesh.security.request_authn import JwtIdentity
 
 if TYPE_CHECKING:
-    from mesh.proxy.pool import HostPool, Upstream
+    from mesh.proxy.pool import Upstream
     from mesh.proxy.relay import Downstream, Relay
 
 log = logging.getLogger(__name__)
@@ -75,19 +70,16 @@ HOLD_LIMIT = STREAM_WINDOW // 2
 FIELD_PREFIX = 1 << 16
 
 
-class Exchange:
+class Exchange(Endings):
     """One call: the client's stream, the current attempt's upstream stream, and the body
-    kept for replay."""
+    kept for replay. Fields: :class:`~mesh.proxy.call_state.CallState`."""
 
     def __init__(self, relay: Relay, down: Side, headers: list[Header], end_stream: bool) -> None:
         self.relay = relay
         self.down = down
         down.exchange = self
         self.headers = headers
-        #: The call's first byte: the route timeout counts from here, so a client that
-        #: never sends its message is answered at the route timeout, not held open.
         self.begun = relay.loop.time()
-        #: The last frame either way (relay.now, tick-coarse): the stream idle timeout.
         self.active = self.begun
         self.path = ""
         self.authority = b""
@@ -96,62 +88,43 @@ class Exchange:
                 self.path = value.decode("latin-1")
             elif name == b":authority":
                 self.authority = value
-        self.info: MethodInfo | None = lookup(self.path)
-        #: A call about the whole inference server (mesh/routing/methods.py): a gateway
-        #: answers it for every worker, on its own gRPC server (gateway/fleet.py); a
-        #: sidecar's outbound, which has no server of its own, relays it.
+        self.info = lookup(self.path)
         self.fleet = relay.internal_address is not None and self.path in FLEET_METHODS
-        #: The call's id, returned in the response's headers whatever answers it (an
-        #: upstream, the gateway's own server, the relay itself). A sidecar's inbound
-        #: leaves it to the proxy in front (None): the caller's id is already the call's.
         self.request_id = (
             policy.request_id(headers, relay.request_id) if relay.inbound is None else None
         )
         self.request_ended = end_stream
-        #: Request payloads received: those not yet forwarded carry their flow length
-        #: (credited to the client when written upstream), forwarded ones carry 0.
-        self.body: list[tuple[bytes, int]] = []
+        self.body = []
         self.body_bytes = 0
         self.keep = self.info is not None and not self.info.client_streaming
-        self.up: Side | None = None
-        self.endpoint: Endpoint | None = None
+        self.up = None
+        self.endpoint = None
         self.internal = False
-        self.decision: RouteDecision | None = None
-        #: The route's response header edits (rule, then destination).
-        self.response_edits: tuple[HeaderOperations, ...] = ()
-        #: The call's mirrored copy, while it is being fed.
-        self.mirror: Mirror | None = None
-        self.cluster: Cluster | None = None
-        self.key: str | None = None
+        self.decision = None
+        self.response_edits = ()
+        self.mirror = None
+        self.cluster = None
+        self.key = None
         self.attempt = -1
-        self.started = False  # response headers forwarded to the client
+        self.started = False
         self.done = False
-        self.deadline: float | None = None
+        self.deadline = None
         self._deadline_known = False
-        #: The fault delay, the retry back-off or the attempt's deadline (on the relay's
-        #: DeadlineQueue: one per call would be a loop TimerHandle per call).
-        self._timer: asyncio.TimerHandle | Deadline | None = None
+        self._timer = None
         self._tracked = False
-        #: Inbound mode: the call holds a place under the sidecar's concurrency limit.
         self._limited = False
         self._retried_transparently = False
-        #: The cluster's breakers while this attempt is pending (waiting for a
-        #: connection, or queued for stream capacity: ``queue``).
-        self.pending: CircuitBreakers | None = None
-        self.queue: HostPool | None = None
-        #: The cluster's breakers while this attempt is a retry (maxRetries).
-        self._retrying: CircuitBreakers | None = None
-        #: A unary response held back until its trailers: its headers, data (payload,
-        #: flow) and their size. Cleared at each attempt.
-        self._held_headers: list[Header] | None = None
-        self._held: list[tuple[bytes, int]] = []
+        self.pending = None
+        self.queue = None
+        self._retrying = None
+        self._held_headers = None
+        self._held = []
         self._held_bytes = 0
         # Calls the relay forwards itself are recorded here; those it hands to the
         # gateway's gRPC server (its own services) are recorded there (see _go_internal).
-        self.record: CallRecord | None = None
+        self.record = None
         if relay.telemetry is not None and (self.info is not None or relay.inbound is not None):
             self.record = relay.telemetry.start(self.path, headers, self.request_id)
-        #: Follows the request's message boundaries (compressed flags, message count).
         self.framer = MessageFramer(encoding_of(headers))
         relay.exchanges.add(self)
         # A malformed call is the relay's to answer (mesh/routing/callcheck.py): it never
@@ -162,13 +135,6 @@ class Exchange:
             return
         if self._ready():
             self._route()
-
-    def _call_id(self) -> str:
-        return self.request_id or self.relay.request_id()
-
-    def _stamped(self, block: list[Header]) -> list[Header]:
-        """A response header block (not trailers) with the call's id."""
-        return block if self.request_id is None else policy.with_request_id(block, self.request_id)
 
     def _unrouted_deadline(self) -> float | None:
         """For a call waiting for the first message it is routed on: the client's
@@ -182,8 +148,6 @@ class Exchange:
             cast("Downstream", self.down.conn).local_port,
         )
         return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
-
-    # -- requests -------------------------------------------------------------------------
 
     def _check_end(self) -> Rejection | None:
         """At the request's end: a unary or server-streaming call needs its message."""
@@ -251,8 +215,6 @@ class Exchange:
         if head[0] != 0:
             return None  # compressed: its fields cannot be read
         return head[5 : 5 + min(int.from_bytes(head[1:5], "big"), FIELD_PREFIX)]
-
-    # -- routing --------------------------------------------------------------------------
 
     def _route(self) -> None:
         relay = self.relay
@@ -457,11 +419,6 @@ class Exchange:
         out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata)
         return out
 
-    def _remaining(self, per_try: float | None) -> float | None:
-        return policy.attempt_budget(self.deadline, self.relay.loop.time(), per_try)
-
-    # -- attempts -------------------------------------------------------------------------
-
     def _attempt(self) -> None:
         relay = self.relay
         self.attempt += 1
@@ -518,14 +475,6 @@ class Exchange:
     def unplaced(self, detail: str) -> None:
         """The queued attempt's endpoint left: it never reached it (a connection failure)."""
         self._unprocessed(detail)
-
-    def _leave_pending(self) -> None:
-        if self.queue is not None:
-            self.queue.waiting.remove(self)
-            self.queue = None
-        if self.pending is not None:
-            self.pending.remove_pending()
-            self.pending = None
 
     def _overloaded(self, kind: str, limit: int) -> None:
         """A circuit breaker shed the call (Envoy's 503 overflow, never retried)."""
@@ -615,34 +564,6 @@ class Exchange:
         passed on) is the client's doing, like the relay's own timeout then."""
         return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self.request_ended
 
-    def _timed_out(self, message: str) -> None:
-        """The relay's own timers (stream idle, or the deadline of a call not routed
-        yet) ended the call: never an endpoint's failure (a quiet server stream is not
-        broken; an upstream that never answers a whole request meets the route timeout),
-        as Envoy's stream idle timeout is not."""
-        if self.up is not None:
-            self.up.reset(f.CANCEL)
-        self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=False)
-        self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, message)
-
-    def _end_attempt(
-        self, code: grpc.StatusCode, *, connection_failure: bool = False, blame: bool = True
-    ) -> None:
-        """Counts the attempt's outcome for in-flight loads and, when the upstream
-        produced it (``blame``), for outlier detection: an outcome the relay or the
-        client caused (its own validation, a timeout waiting for the client, a
-        cancellation) never counts against an endpoint."""
-        self._leave_pending()
-        self._end_retry()
-        endpoint, cluster = self.endpoint, self.cluster
-        if endpoint is None or cluster is None:
-            return
-        if self._tracked:
-            self._tracked = False
-            self.relay.state.tracker.finish(endpoint.address, self.key)
-        if blame:
-            self.relay.record(self, endpoint, code, connection_failure=connection_failure)
-
     def _may_retry(self, code: grpc.StatusCode, connection_failure: bool) -> bool:
         decision = self.decision
         if self.internal or self.started or decision is None or not self.keep:
@@ -655,12 +576,6 @@ class Exchange:
             code=code,
             connection_failure=connection_failure,
         )
-
-    def _end_retry(self) -> None:
-        """Envoy's retry is outstanding until the outcome of its attempt is known."""
-        if self._retrying is not None:
-            self._retrying.end_retry()
-            self._retrying = None
 
     def _admit_retry(self) -> bool:
         """``connectionPool.http.maxRetries``: whether the cluster has room for one more
@@ -724,8 +639,6 @@ class Exchange:
         self._timer = None
         if not self.done:
             self._attempt()
-
-    # -- responses ------------------------------------------------------------------------
 
     def response_headers(self, up: Side, headers: list[Header], end_stream: bool) -> None:
         if up is not self.up or self.done:
@@ -853,76 +766,3 @@ class Exchange:
     def _unprocessed(self, detail: str) -> None:
         """The upstream never saw the call (connect failed, refused or GOAWAY'd stream)."""
         self._failed_attempt(grpc.StatusCode.UNAVAILABLE, detail, connection_failure=True)
-
-    # -- the client's side -----------------------------------------------------------------
-
-    def client_reset(self) -> None:
-        """The client cancelled (RST_STREAM) or its connection went away."""
-        if self.done:
-            return
-        if self.up is not None:
-            self.up.reset(f.CANCEL)
-        self._end_attempt(grpc.StatusCode.CANCELLED, blame=False)
-        self._finish(grpc.StatusCode.CANCELLED, "cancelled by the client")
-
-    def _reject(self, rejection: Rejection) -> None:
-        """Answers a malformed call (mesh/routing/callcheck.py) without any upstream: one
-        already opened is cancelled, and nothing counts against its endpoint."""
-        if self.up is not None and self.up.open:
-            self.up.reset(f.CANCEL)
-        self._end_attempt(rejection.code, blame=False)
-        self._give_up(rejection.code, rejection.message, rejection.headers)
-
-    def _fail_early(
-        self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
-        """Answers without any upstream (refused, or routing failed)."""
-        headers = error_headers(code, message, trailers_only=True)
-        headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers)
-        self.down.send_headers(self._stamped(headers), end_stream=True)
-        self._finish(code, message)
-
-    def _give_up(self, code: grpc.StatusCode, message: str, extra: tuple[Header, ...] = ()) -> None:
-        if self.up is not None and self.up.open:
-            self.up.reset(f.CANCEL)
-        headers = error_headers(code, message, trailers_only=not self.started)
-        headers.extend(extra)
-        if not self.started:
-            headers = self._stamped(headers)
-        self.down.send_headers(headers, end_stream=True)
-        self._finish(code, message)
-
-    def _finish(self, code: grpc.StatusCode, message: str | None) -> None:
-        """Ends the exchange with the status the client was sent."""
-        if self.done:
-            return
-        self.done = True
-        if self.mirror is not None:
-            if not self.request_ended:
-                # The copy's request would never end: it goes with the primary.
-                self.mirror.drop()
-            self.mirror = None
-        if self.record is not None and self.relay.telemetry is not None:
-            self.relay.telemetry.finish(self.record, code, message)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._tracked and self.endpoint is not None:
-            self._tracked = False
-            self.relay.state.tracker.finish(self.endpoint.address, self.key)
-        self._leave_pending()
-        self._end_retry()
-        if self._limited and self.relay.inbound is not None:
-            self._limited = False
-            self.relay.inbound.limit.release()
-        # A client still sending is told to stop once the response is out (RFC 9113 §8.1
-        # allows RST_STREAM NO_ERROR after a complete response).
-        self.down.finish(reset=not self.request_ended)
-        if self.up is not None:
-            self.up.close()
-        self.body = []
-        self.relay.exchanges.discard(self)
-        # Streams closed before the call was done still point at it (connection.Ended).
-        for side in (self.down, self.up):
-            if side is not None and not side.open:
-                side.exchange = ENDED
