@@ -17,8 +17,6 @@ for every worker (gateway/fleet.py).
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -26,10 +24,9 @@ import grpc
 from mesh.config.virtual_service import Destination
 from mesh.errors import MeshError
 from mesh.proxy import frames as f
+from mesh.proxy.attempt_timers import Timers
 from mesh.proxy.connection import STREAM_WINDOW, Side
-from mesh.proxy.endings import Endings
 from mesh.proxy.grpc_status import (
-    OVERLOADED,
     OVERLOADED_TEXT,
     message_of,
     status_of,
@@ -48,16 +45,14 @@ from mesh.routing.callcheck import (
     check_headers,
     encoding_of,
 )
-from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
+from mesh.routing.decision import RequestInfo, RouteDecision, decide
 from mesh.routing.faults import fault_action, mirror_target
 from mesh.routing.methods import FLEET_METHODS, lookup
 from mesh.security.request_authn import JwtIdentity
 
 if TYPE_CHECKING:
-    from mesh.proxy.pool import Upstream
     from mesh.proxy.relay import Downstream, Relay
 
-log = logging.getLogger(__name__)
 
 #: A request body larger than this is not kept for replay (Envoy's per-request buffer
 #: limit plays the same part): such a call is not retried.
@@ -70,7 +65,7 @@ HOLD_LIMIT = STREAM_WINDOW // 2
 FIELD_PREFIX = 1 << 16
 
 
-class Exchange(Endings):
+class Exchange(Timers):
     """One call: the client's stream, the current attempt's upstream stream, and the body
     kept for replay. Fields: :class:`~mesh.proxy.call_state.CallState`."""
 
@@ -135,19 +130,6 @@ class Exchange(Endings):
             return
         if self._ready():
             self._route()
-
-    def _unrouted_deadline(self) -> float | None:
-        """For a call waiting for the first message it is routed on: the client's
-        deadline and the route's timeout, from the first byte. Looked up on the relay's
-        tick, not per call: most calls are routed before the first tick."""
-        timeout = route_timeout(
-            self.relay.state.clusters,
-            self.path,
-            self.authority.decode("latin-1"),
-            policy.routing_metadata(self.headers),
-            cast("Downstream", self.down.conn).local_port,
-        )
-        return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
 
     def _check_end(self) -> Rejection | None:
         """At the request's end: a unary or server-streaming call needs its message."""
@@ -381,265 +363,6 @@ class Exchange(Endings):
             self.record = None
         self._attempt()
 
-    def _upstream_headers(self, per_try: float | None, address: str) -> list[Header]:
-        decision = self.decision
-        if decision is None:
-            telemetry, record = self.relay.telemetry, self.record
-            if self.internal or telemetry is None or record is None:
-                return self.headers
-            return [*self.headers, *telemetry.attempt(record, address, self.attempt)]
-        metadata = decision.metadata
-        telemetry, record = self.relay.telemetry, self.record
-        traced: list[Header] = []
-        if telemetry is not None and record is not None:
-            # This hop's span is the upstream's parent, in place of the caller's.
-            metadata = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
-            traced = telemetry.attempt(record, address, self.attempt)
-        out = self._base_headers(metadata, traced)
-        remaining = self._remaining(per_try)
-        if remaining is not None:
-            out.append((b"grpc-timeout", policy.format_timeout(remaining)))
-        return out
-
-    def _base_headers(self, metadata: md.Metadata, extra: Iterable[Header] = ()) -> list[Header]:
-        """A routed call's request headers upstream, less its grpc-timeout: pseudo-headers,
-        gRPC's transport headers and binary metadata as they came, then ``extra``, then
-        the decision's (edited) text metadata."""
-        out: list[Header] = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", self.path.encode("latin-1")),
-        ]
-        if self.authority:
-            out.append((b":authority", self.authority))
-        for name, value in self.headers:
-            if name in policy.TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
-                out.append((name, value))
-        out.extend(extra)
-        out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata)
-        return out
-
-    def _attempt(self) -> None:
-        relay = self.relay
-        self.attempt += 1
-        self._leave_pending()  # an attempt replaced while pending waits no more
-        self._held_headers, self._held, self._held_bytes = None, [], 0
-        decision = self.decision
-        if self.internal:
-            assert relay.internal_address is not None  # _go_internal checked
-            address = relay.internal_address
-            self.endpoint = None
-            per_try = None
-        elif decision is None:  # inbound: the worker (_route_inbound)
-            assert self.endpoint is not None
-            address = self.endpoint.address
-            per_try = None
-        else:
-            # Past the last candidate a retry goes round again: as Envoy's previous-hosts
-            # predicate, it avoids endpoints already tried only while another is left.
-            self.endpoint = decision.candidates[self.attempt % len(decision.candidates)]
-            address = self.endpoint.address
-            per_try = decision.retries.per_try_timeout
-            relay.state.tracker.start(address, self.key)
-            self._tracked = True
-        remaining = self._remaining(per_try)
-        if remaining is not None and remaining <= 0:
-            self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
-            return
-        # The client's own deadline needs no timer here: the client ends the call (and the
-        # relay then resets the upstream), and the upstream got it as grpc-timeout. A
-        # route timeout or per-try timeout is the relay's to enforce, pending time included.
-        if decision is not None and (per_try is not None or decision.timeout is not None):
-            self._arm_timer(remaining)
-        cluster = None if self.internal else self.cluster
-        if cluster is None:
-            self._send_on(relay.pool.get(address))
-            return
-        got = relay.pool.acquire(self, address, cluster)
-        if isinstance(got, str):
-            self._overloaded(circuit.PENDING, cluster.policy.connection_pool.max_pending_requests)
-        elif got is not None:
-            self._send_on(got)
-        # else queued: the pool places it when a connection has room (place)
-
-    def place(self, conn: Upstream) -> None:
-        """The pool found room for this queued attempt on ``conn``."""
-        if conn.connected:
-            self._leave_pending()
-        self._send_on(conn)
-
-    def upstream_connected(self) -> None:
-        """The connection this attempt's stream waited for is up: no longer pending."""
-        self._leave_pending()
-
-    def unplaced(self, detail: str) -> None:
-        """The queued attempt's endpoint left: it never reached it (a connection failure)."""
-        self._unprocessed(detail)
-
-    def _overloaded(self, kind: str, limit: int) -> None:
-        """A circuit breaker shed the call (Envoy's 503 overflow, never retried)."""
-        self.relay.overflowed(self, kind)
-        self._end_attempt(grpc.StatusCode.UNAVAILABLE, blame=False)
-        target = self.decision.target if self.decision is not None else self.path
-        self._give_up(
-            grpc.StatusCode.UNAVAILABLE,
-            f"{target}: {kind} overflow ({circuit.FIELDS[kind]}: {limit})",
-            (OVERLOADED,),
-        )
-
-    def _send_on(self, conn: Upstream) -> None:
-        """Opens the attempt's stream on ``conn`` and sends what the client sent so far."""
-        address = conn.address
-        decision = self.decision
-        per_try = decision.retries.per_try_timeout if decision is not None else None
-        up = self.up = conn.open_stream(self)
-        body = self.body
-        up.send_headers(
-            self._upstream_headers(per_try, address), end_stream=self.request_ended and not body
-        )
-        last = len(body) - 1
-        credit = self.down.credit_back
-        for i, (payload, flow) in enumerate(body):
-            end = self.request_ended and i == last
-            up.send_data(payload, end_stream=end, on_sent=credit if flow else None, flow=flow)
-        if self.keep:
-            self.body = [(p, 0) for p, _ in body]
-        else:
-            self.body = []
-            self.body_bytes = 0
-
-    def _arm_timer(self, remaining: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if remaining is not None:
-            self._timer = self.relay.deadlines.call_later(remaining, self._expired)
-
-    def _expired(self) -> None:
-        self._timer = None
-        if self.done:
-            return
-        overall = self.deadline is not None and self.relay.loop.time() >= self.deadline - 1e-3
-        if self.up is not None:
-            self.up.reset(f.CANCEL)
-        # A timeout is the upstream's failure only when it had the whole request: one
-        # that is waiting for the client's message is not slow, the client is; nor is
-        # one still pending (never sent: it waited for a connection).
-        blame = self.request_ended and self.pending is None
-        if overall:
-            self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=blame)
-            self._give_up(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "deadline exceeded" if blame else "deadline exceeded before the request ended",
-            )
-            return
-        self._failed_attempt(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            "per-try timeout",
-            connection_failure=False,
-            blame=blame,
-        )
-
-    def check_timers(self, now: float, stream_idle: float) -> None:
-        """The relay's tick (gateway/relay/relay.py): the stream idle timeout, and the
-        deadline of a call still waiting for the message it is routed on."""
-        if self.done:
-            # Answered, its response still queued for a client that does not read.
-            if stream_idle and now - self.active >= stream_idle and self.down.open:
-                self.down.reset(f.CANCEL)
-            return
-        if stream_idle and now - self.active >= stream_idle:
-            self._timed_out(f"stream idle for {stream_idle:g}s")
-            return
-        if self.decision is None and not self.internal:
-            if not self._deadline_known:
-                self._deadline_known = True
-                self.deadline = self._unrouted_deadline()
-            if self.deadline is not None and now >= self.deadline:
-                self._timed_out("deadline exceeded before the request message arrived")
-
-    def _upstreams_fault(self, code: grpc.StatusCode) -> bool:
-        """Whether an upstream's status counts against it: a deadline it reached while
-        still waiting for the client's request (it had the grpc-timeout the relay
-        passed on) is the client's doing, like the relay's own timeout then."""
-        return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self.request_ended
-
-    def _may_retry(self, code: grpc.StatusCode, connection_failure: bool) -> bool:
-        decision = self.decision
-        if self.internal or self.started or decision is None or not self.keep:
-            return False
-        assert self.info is not None
-        return policy.may_retry(
-            decision.retries,
-            attempt=self.attempt,
-            idempotent=self.info.idempotent,
-            code=code,
-            connection_failure=connection_failure,
-        )
-
-    def _admit_retry(self) -> bool:
-        """``connectionPool.http.maxRetries``: whether the cluster has room for one more
-        outstanding retry (held until that attempt ends); past it the retry is not
-        attempted and the overflow is counted."""
-        cluster = self.cluster
-        if cluster is None:
-            return True
-        breakers = self.relay.pool.breakers_for(cluster)
-        if not breakers.start_retry(cluster.policy.connection_pool):
-            self.relay.overflowed(self, circuit.RETRIES)
-            return False
-        self._retrying = breakers
-        return True
-
-    def _failed_attempt(
-        self,
-        code: grpc.StatusCode,
-        detail: str,
-        *,
-        connection_failure: bool,
-        blame: bool = True,
-        retry_admitted: bool = False,
-    ) -> None:
-        """The current attempt failed before answering: next successor or give up.
-        ``retry_admitted``: the caller has checked eligibility and taken the retry's place
-        under maxRetries already."""
-        held = self._retrying if retry_admitted else None
-        if held is not None:
-            self._retrying = None  # the new retry's place, not the ending attempt's
-        self._end_attempt(code, connection_failure=connection_failure, blame=blame)
-        self._retrying = held
-        address = self.endpoint.address if self.endpoint else self.relay.internal_address
-        if retry_admitted or (self._may_retry(code, connection_failure) and self._admit_retry()):
-            log.info(
-                "retrying %s (x-request-id %s) on the next endpoint after %s from %s",
-                self.path,
-                self._call_id(),
-                code.name,
-                address,
-            )
-            self.relay.count_retry(self)
-            self.up = None
-            self._back_off()
-            return
-        self._give_up(code, f"upstream {address}: {detail}")
-
-    def _back_off(self) -> None:
-        """Waits Envoy's jittered back-off before the next attempt (never past the call's
-        deadline). The timer slot holds it, so an ending call cancels it; request data
-        that arrives meanwhile is held and replayed by the attempt."""
-        relay = self.relay
-        delay = policy.retry_backoff(self.attempt + 1, relay.state.rng)
-        if self.deadline is not None:
-            delay = min(delay, max(self.deadline - relay.loop.time(), 0.0))
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = relay.loop.call_later(delay, self._after_back_off)
-
-    def _after_back_off(self) -> None:
-        self._timer = None
-        if not self.done:
-            self._attempt()
-
     def response_headers(self, up: Side, headers: list[Header], end_stream: bool) -> None:
         if up is not self.up or self.done:
             return
@@ -746,23 +469,3 @@ class Exchange(Endings):
             self._give_up(grpc.StatusCode.UNAVAILABLE, f"upstream connection lost: {detail}")
             return
         self._failed_attempt(grpc.StatusCode.UNAVAILABLE, detail, connection_failure=False)
-
-    def _transparent_retry(self) -> bool:
-        """Once per call, a stream the endpoint refused or GOAWAY'd (it never ran) goes to
-        the same endpoint again, on a fresh connection, as gRPC clients retry
-        transparently: a server rotating its connections (max connection age) or briefly
-        at its stream limit is not a failure, even when it is the only endpoint."""
-        if self._retried_transparently or not self.keep or self.internal or self.started:
-            return False
-        self._retried_transparently = True
-        if self._tracked and self.endpoint is not None:
-            self._tracked = False
-            self.relay.state.tracker.finish(self.endpoint.address, self.key)
-        self.attempt -= 1  # the same candidate
-        self.up = None
-        self._attempt()
-        return True
-
-    def _unprocessed(self, detail: str) -> None:
-        """The upstream never saw the call (connect failed, refused or GOAWAY'd stream)."""
-        self._failed_attempt(grpc.StatusCode.UNAVAILABLE, detail, connection_failure=True)
