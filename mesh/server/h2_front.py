@@ -9,7 +9,7 @@ request to the same servicer method grpc.aio would call (with a small context th
 offers what those methods use), and writes the response, its trailers and any error
 status itself. Every other call (health, reflection, model control, statistics) goes,
 frames untouched, to the full grpc.aio server on a private Unix socket, as the gateway's
-relay hands its own services to its server (mesh/proxy/exchange.py ``_go_internal``).
+relay hands its own services to its server (mesh/proxy/call_routing.py ``_go_internal``).
 
 What a gRPC server does for a call the front does too: deadlines (``grpc-timeout``:
 DEADLINE_EXCEEDED, handler cancelled), cancellation (RST_STREAM cancels the handler),
