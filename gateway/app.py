@@ -251,7 +251,7 @@ class Gateway:
     async def _start_relayed(self, settings: ServerSettings) -> Serving:
         """The gRPC server of the gateway's own services on a private Unix socket, the
         relay on the public port; the relay hands it the calls that are not mesh calls
-        (Admin, health, reflection: see mesh/proxy/exchange.py)."""
+        (Admin, health, reflection: see mesh/proxy/call_routing.py)."""
         # A Unix socket in a private folder: only this user can reach the server behind
         # the relay (a loopback port would let any local process skip the relay's checks).
         private = PrivateSocket.create("meshserve-gateway-")

@@ -6,39 +6,25 @@ headers, which carry the routing decision's edits, a request id and the remainin
 deadline, and the response's headers, which carry the route's response header edits.
 It keeps the request body while a retry is still possible, so a call that an upstream
 refuses, drops or fails with a retryable status before answering is replayed on the
-next ring successor. A rule's fault is injected here (a delay on the loop's timer, an
-abort answered by the relay) and its mirror fed from here (:mod:`mesh.proxy.mirror`).
+next ring successor.
 
-Calls to the gateway's own services (Admin, reflection, health) go to the gateway's
-gRPC server instead (``_go_internal``): they are not mesh calls; nor are the calls about
-the whole inference fleet (model control, index, statistics), which it answers there
-for every worker (gateway/fleet.py).
+:class:`Exchange` is the coordinator: it starts the call and takes the client's request
+frames; the rest of the state machine is in the layers it is built on, each a module:
+the call's fields (:mod:`~mesh.proxy.call_state`), how a call ends and the relay's own
+answers (:mod:`~mesh.proxy.endings`), attempts (:mod:`~mesh.proxy.attempts`), retries
+(:mod:`~mesh.proxy.retries`), timeouts (:mod:`~mesh.proxy.attempt_timers`), routing,
+faults, admission and mirroring (:mod:`~mesh.proxy.call_routing`), and the response path
+(:mod:`~mesh.proxy.responses`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
-from urllib.parse import quote, unquote
+from typing import TYPE_CHECKING
 
-import grpc
-
-from mesh.balance.cluster import Cluster
-from mesh.balance.endpoints import Endpoint
-from mesh.config.virtual_service import Destination, HeaderOperations
-from mesh.errors import MeshError
-from mesh.proxy import frames as f
-from mesh.proxy.connection import ENDED, STREAM_WINDOW, Side
-from mesh.proxy.deadlines import Deadline
+from mesh.proxy.connection import Side
 from mesh.proxy.hpack_codec import Header
-from mesh.proxy.inbound import ANONYMOUS, Inbound, edit_headers
-from mesh.proxy.mirror import MIRROR_TIMEOUT, Mirror
-from mesh.proxy.telemetry import TRACE_HEADERS, CallRecord
+from mesh.proxy.responses import Responses
 from mesh.routing import callpolicy as policy
-from mesh.routing import circuit
-from mesh.routing import headers as md
 from mesh.routing.callcheck import (
     MessageFramer,
     Rejection,
@@ -46,90 +32,26 @@ from mesh.routing.callcheck import (
     check_headers,
     encoding_of,
 )
-from mesh.routing.circuit import CircuitBreakers
-from mesh.routing.decision import RequestInfo, RouteDecision, decide, route_timeout
-from mesh.routing.faults import fault_action, mirror_target
-from mesh.routing.methods import FLEET_METHODS, MethodInfo, lookup
-from mesh.security.request_authn import JwtIdentity
+from mesh.routing.methods import FLEET_METHODS, lookup
 
 if TYPE_CHECKING:
-    from mesh.proxy.pool import HostPool, Upstream
-    from mesh.proxy.relay import Downstream, Relay
-
-log = logging.getLogger(__name__)
+    from mesh.proxy.relay import Relay
 
 #: A request body larger than this is not kept for replay (Envoy's per-request buffer
 #: limit plays the same part): such a call is not retried.
 REPLAY_LIMIT = 1 << 20
-#: A unary response is held back up to this many bytes until its trailers (then it is
-#: forwarded and the call committed): under half the stream window the relay advertises
-#: upstream, so the upstream never waits for credit the relay gives only on forwarding.
-HOLD_LIMIT = STREAM_WINDOW // 2
-#: How much of a first message routing reads for ``model_name``/``model_version``.
-FIELD_PREFIX = 1 << 16
-#: Envoy's mark on a call a circuit breaker shed (its 503 overflow carries it too).
-OVERLOADED_TEXT = ("x-envoy-overloaded", "true")
-OVERLOADED: Header = (b"x-envoy-overloaded", b"true")
-_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-#: gRPC's mapping of HTTP statuses when a response carries no grpc-status.
-_HTTP_STATUS = {
-    b"400": grpc.StatusCode.INTERNAL,
-    b"401": grpc.StatusCode.UNAUTHENTICATED,
-    b"403": grpc.StatusCode.PERMISSION_DENIED,
-    b"404": grpc.StatusCode.UNIMPLEMENTED,
-    b"429": grpc.StatusCode.UNAVAILABLE,
-    b"502": grpc.StatusCode.UNAVAILABLE,
-    b"503": grpc.StatusCode.UNAVAILABLE,
-    b"504": grpc.StatusCode.UNAVAILABLE,
-}
 
 
-def status_of(headers: Iterable[Header]) -> grpc.StatusCode:
-    """The gRPC status a response's trailers (or trailers-only headers) carry."""
-    http = b"200"
-    for name, value in headers:
-        if name == b"grpc-status":
-            try:
-                return _STATUS_BY_NUMBER.get(int(value), grpc.StatusCode.UNKNOWN)
-            except ValueError:
-                return grpc.StatusCode.UNKNOWN
-        if name == b":status":
-            http = value
-    return _HTTP_STATUS.get(http, grpc.StatusCode.UNKNOWN)
-
-
-def message_of(headers: Iterable[Header]) -> str | None:
-    """The (percent-decoded) ``grpc-message`` of a response's trailers, if any."""
-    for name, value in headers:
-        if name == b"grpc-message":
-            return unquote(value.decode("latin-1"))
-    return None
-
-
-def error_headers(code: grpc.StatusCode, message: str, *, trailers_only: bool) -> list[Header]:
-    # grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
-    status = [
-        (b"grpc-status", str(code.value[0]).encode()),
-        (b"grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()),
-    ]
-    if trailers_only:
-        return [(b":status", b"200"), (b"content-type", b"application/grpc"), *status]
-    return status
-
-
-class Exchange:
+class Exchange(Responses):
     """One call: the client's stream, the current attempt's upstream stream, and the body
-    kept for replay."""
+    kept for replay. Fields: :class:`~mesh.proxy.call_state.CallState`."""
 
     def __init__(self, relay: Relay, down: Side, headers: list[Header], end_stream: bool) -> None:
         self.relay = relay
         self.down = down
         down.exchange = self
         self.headers = headers
-        #: The call's first byte: the route timeout counts from here, so a client that
-        #: never sends its message is answered at the route timeout, not held open.
         self.begun = relay.loop.time()
-        #: The last frame either way (relay.now, tick-coarse): the stream idle timeout.
         self.active = self.begun
         self.path = ""
         self.authority = b""
@@ -138,62 +60,43 @@ class Exchange:
                 self.path = value.decode("latin-1")
             elif name == b":authority":
                 self.authority = value
-        self.info: MethodInfo | None = lookup(self.path)
-        #: A call about the whole inference server (mesh/routing/methods.py): a gateway
-        #: answers it for every worker, on its own gRPC server (gateway/fleet.py); a
-        #: sidecar's outbound, which has no server of its own, relays it.
+        self.info = lookup(self.path)
         self.fleet = relay.internal_address is not None and self.path in FLEET_METHODS
-        #: The call's id, returned in the response's headers whatever answers it (an
-        #: upstream, the gateway's own server, the relay itself). A sidecar's inbound
-        #: leaves it to the proxy in front (None): the caller's id is already the call's.
         self.request_id = (
             policy.request_id(headers, relay.request_id) if relay.inbound is None else None
         )
         self.request_ended = end_stream
-        #: Request payloads received: those not yet forwarded carry their flow length
-        #: (credited to the client when written upstream), forwarded ones carry 0.
-        self.body: list[tuple[bytes, int]] = []
+        self.body = []
         self.body_bytes = 0
         self.keep = self.info is not None and not self.info.client_streaming
-        self.up: Side | None = None
-        self.endpoint: Endpoint | None = None
+        self.up = None
+        self.endpoint = None
         self.internal = False
-        self.decision: RouteDecision | None = None
-        #: The route's response header edits (rule, then destination).
-        self.response_edits: tuple[HeaderOperations, ...] = ()
-        #: The call's mirrored copy, while it is being fed.
-        self.mirror: Mirror | None = None
-        self.cluster: Cluster | None = None
-        self.key: str | None = None
+        self.decision = None
+        self.response_edits = ()
+        self.mirror = None
+        self.cluster = None
+        self.key = None
         self.attempt = -1
-        self.started = False  # response headers forwarded to the client
+        self.started = False
         self.done = False
-        self.deadline: float | None = None
+        self.deadline = None
         self._deadline_known = False
-        #: The fault delay, the retry back-off or the attempt's deadline (on the relay's
-        #: DeadlineQueue: one per call would be a loop TimerHandle per call).
-        self._timer: asyncio.TimerHandle | Deadline | None = None
+        self._timer = None
         self._tracked = False
-        #: Inbound mode: the call holds a place under the sidecar's concurrency limit.
         self._limited = False
         self._retried_transparently = False
-        #: The cluster's breakers while this attempt is pending (waiting for a
-        #: connection, or queued for stream capacity: ``queue``).
-        self.pending: CircuitBreakers | None = None
-        self.queue: HostPool | None = None
-        #: The cluster's breakers while this attempt is a retry (maxRetries).
-        self._retrying: CircuitBreakers | None = None
-        #: A unary response held back until its trailers: its headers, data (payload,
-        #: flow) and their size. Cleared at each attempt.
-        self._held_headers: list[Header] | None = None
-        self._held: list[tuple[bytes, int]] = []
+        self.pending = None
+        self.queue = None
+        self._retrying = None
+        self._held_headers = None
+        self._held = []
         self._held_bytes = 0
         # Calls the relay forwards itself are recorded here; those it hands to the
         # gateway's gRPC server (its own services) are recorded there (see _go_internal).
-        self.record: CallRecord | None = None
+        self.record = None
         if relay.telemetry is not None and (self.info is not None or relay.inbound is not None):
             self.record = relay.telemetry.start(self.path, headers, self.request_id)
-        #: Follows the request's message boundaries (compressed flags, message count).
         self.framer = MessageFramer(encoding_of(headers))
         relay.exchanges.add(self)
         # A malformed call is the relay's to answer (mesh/routing/callcheck.py): it never
@@ -204,28 +107,6 @@ class Exchange:
             return
         if self._ready():
             self._route()
-
-    def _call_id(self) -> str:
-        return self.request_id or self.relay.request_id()
-
-    def _stamped(self, block: list[Header]) -> list[Header]:
-        """A response header block (not trailers) with the call's id."""
-        return block if self.request_id is None else policy.with_request_id(block, self.request_id)
-
-    def _unrouted_deadline(self) -> float | None:
-        """For a call waiting for the first message it is routed on: the client's
-        deadline and the route's timeout, from the first byte. Looked up on the relay's
-        tick, not per call: most calls are routed before the first tick."""
-        timeout = route_timeout(
-            self.relay.state.clusters,
-            self.path,
-            self.authority.decode("latin-1"),
-            policy.routing_metadata(self.headers),
-            cast("Downstream", self.down.conn).local_port,
-        )
-        return policy.call_deadline(self.begun, policy.client_timeout(self.headers), timeout)
-
-    # -- requests -------------------------------------------------------------------------
 
     def _check_end(self) -> Rejection | None:
         """At the request's end: a unary or server-streaming call needs its message."""
@@ -273,698 +154,3 @@ class Exchange:
     def request_trailers(self, end_stream: bool) -> None:
         # gRPC clients send none; a peer that does ends its request with them.
         self.request_data(b"", 0, end_stream)
-
-    def _ready(self) -> bool:
-        """Whether routing has what it needs: the first message, when the host hashes on
-        request fields."""
-        if self.info is None or self.request_ended or self.fleet:
-            return True
-        if not self.relay.needs_message(self.path):
-            return True
-        if self.body_bytes < 5:
-            return False
-        head = b"".join(p for p, _ in self.body)
-        return self.body_bytes >= min(5 + int.from_bytes(head[1:5], "big"), FIELD_PREFIX)
-
-    def _first_message(self) -> bytes | None:
-        if not self.relay.needs_message(self.path) or self.body_bytes < 5:
-            return None
-        head = b"".join(p for p, _ in self.body)
-        if head[0] != 0:
-            return None  # compressed: its fields cannot be read
-        return head[5 : 5 + min(int.from_bytes(head[1:5], "big"), FIELD_PREFIX)]
-
-    # -- routing --------------------------------------------------------------------------
-
-    def _route(self) -> None:
-        relay = self.relay
-        identity: JwtIdentity | None = None
-        # Without rules for this workload the end-user check costs nothing per call.
-        authn = relay.authn if relay.authn is not None and relay.authn.rules() else None
-        guard = relay.guard
-        if guard is not None and relay.guard_when is not None and not relay.guard_when():
-            guard = None
-        if guard is not None or authn is not None:
-            headers = {
-                n.decode("latin-1"): v.decode("latin-1")
-                for n, v in self.headers
-                if n[:1] != b":" and not n.endswith(b"-bin")
-            }
-            try:
-                # The end-user JWT first: the guard authorizes with its principal. The
-                # header edits come after the guard, which reads the headers as sent.
-                outcome = authn(headers) if authn is not None else None
-                if outcome is not None:
-                    identity = outcome.identity
-                if guard is not None:
-                    if outcome is not None and outcome.consumed:
-                        # An end-user token is not an edge credential (an open data plane
-                        # admits the call; AuthorizationPolicy sees the end user).
-                        headers = {k: v for k, v in headers.items() if k not in outcome.consumed}
-                    guard(self.path, headers, identity)
-            except MeshError as exc:
-                self._fail_early(exc.code, exc.message, exc.trailers)
-                return
-            if outcome is not None and (outcome.remove or outcome.add):
-                self.headers = edit_headers(self.headers, outcome.remove, outcome.add)
-        if relay.inbound is not None:
-            self._route_inbound(relay.inbound, identity)
-            return
-        if self.info is None or self.fleet:
-            self._go_internal()
-            return
-        text = policy.routing_metadata(self.headers, self._call_id)
-        clusters = relay.state.clusters
-        downstream = cast("Downstream", self.down.conn)
-        try:
-            decision = decide(
-                clusters,
-                RequestInfo(
-                    self.path,
-                    text,
-                    authority=self.authority.decode("latin-1"),
-                    message=self._first_message(),
-                    port=downstream.local_port,
-                    source_ip=downstream.source_ip,
-                ),
-                relay.state.rng,
-            )
-        except MeshError as exc:
-            self._fail_early(exc.code, str(exc))
-            return
-        fault = fault_action(decision.fault, relay.state.rng)
-        if fault.delay is not None:
-            # Held on a timer (cancelled with the call: _finish), not a task per call.
-            self.decision = decision
-            self._timer = relay.loop.call_later(fault.delay, self._admit, decision, fault.abort)
-            return
-        self._admit(decision, fault.abort)
-
-    def _admit(self, decision: RouteDecision, abort: grpc.StatusCode | None) -> None:
-        """After any fault delay: the fault's abort, admission, then the first attempt."""
-        relay = self.relay
-        self._timer = None
-        if abort is not None:
-            # The relay's own answer: no endpoint saw the call, none is blamed.
-            self._fail_early(abort, f"fault injected by {decision.route}")
-            return
-        clusters = relay.state.clusters
-        if not decision.candidates:
-            self._fail_early(
-                grpc.StatusCode.UNAVAILABLE,
-                f"no healthy endpoint for host {decision.host!r} subset {decision.subset!r}",
-            )
-            return
-        cluster = clusters.cluster(decision.host, decision.subset)
-        limit = cluster.policy.connection_pool.http2_max_requests
-        if policy.over_request_limit(limit, relay.state.tracker.total(cluster.healthy)):
-            relay.pool.breakers_for(cluster).shed_request()
-            self.decision = decision
-            relay.overflowed(self, circuit.REQUESTS)
-            self._fail_early(
-                grpc.StatusCode.UNAVAILABLE,
-                f"{decision.target} has {limit} requests in flight "
-                "(connectionPool.http.http2MaxRequests)",
-                (OVERLOADED_TEXT,),
-            )
-            return
-        self.decision, self.cluster = decision, cluster
-        self.response_edits = decision.response_headers
-        if self.record is not None and relay.telemetry is not None:
-            relay.telemetry.routed(self.record, decision)
-        self.key = decision.hash_key.key if decision.hash_key else None
-        self.deadline = policy.call_deadline(
-            self.begun, policy.client_timeout(self.headers), decision.timeout
-        )
-        mirror = mirror_target(decision, relay.state.rng)
-        if mirror is not None:
-            self._start_mirror(decision, mirror)
-        # The body stays kept (up to REPLAY_LIMIT) even with no retries configured: a
-        # stream the endpoint never ran is sent again once (_transparent_retry).
-        self._attempt()
-
-    def _start_mirror(self, decision: RouteDecision, target: Destination) -> None:
-        """Opens the copy's stream and sends it what the client sent so far; the rest
-        follows frame by frame (request_data)."""
-        relay = self.relay
-        cluster = relay.state.clusters.cluster(target.host, target.subset or "")
-        pick = cluster.pick(self.key, relay.state.rng)
-        if not pick.candidates:
-            return
-        remaining = self._remaining(None)
-        timeout = MIRROR_TIMEOUT if remaining is None else max(remaining, 0.0)
-        headers = self._base_headers(decision.metadata)
-        headers.append((md.SHADOW.encode(), b"1"))
-        headers.append((b"grpc-timeout", policy.format_timeout(timeout)))
-        mirror = self.mirror = Mirror(
-            relay, pick.candidates[0].address, headers, timeout, cluster.tls
-        )
-        body = self.body
-        if not body and self.request_ended:
-            mirror.send(b"", True)
-        last = len(body) - 1
-        for i, (payload, _) in enumerate(body):
-            mirror.send(payload, self.request_ended and i == last)
-
-    def _route_inbound(self, inbound: Inbound, identity: JwtIdentity | None) -> None:
-        """A sidecar's inbound: the caller is checked (identity, policies, limit), then the
-        call goes to the worker unrouted, or to the sidecar's own gRPC server (health,
-        reflection). The worker gets the client's deadline as it came (grpc-timeout)."""
-        caller = cast("Downstream", self.down.conn).caller or ANONYMOUS
-        try:
-            headers = inbound.admit(self.path, self.headers, caller, identity)
-        except MeshError as exc:
-            self._fail_early(exc.code, exc.message, exc.trailers)
-            return
-        if headers is None:
-            self._go_internal()
-            return
-        self._limited = True
-        if self.record is not None:
-            # This hop's span is the worker's parent, in place of the caller's.
-            headers = [(n, v) for n, v in headers if n.decode("latin-1") not in TRACE_HEADERS]
-        self.headers = headers
-        self.endpoint = inbound.endpoint
-        self._attempt()
-
-    def _go_internal(self) -> None:
-        """Sends the call, headers untouched, to the gateway's full gRPC server."""
-        if self.relay.internal_address is None:
-            # A sidecar's outbound has no gRPC server behind it (no Admin, health or
-            # reflection of its own): such a call is refused by name.
-            self._fail_early(grpc.StatusCode.UNIMPLEMENTED, f"{self.path}: not a mesh method")
-            return
-        self.internal = True
-        self.keep = False
-        if self.record is not None and self.relay.telemetry is not None:
-            self.relay.telemetry.abandon(self.record)
-            self.record = None
-        self._attempt()
-
-    def _upstream_headers(self, per_try: float | None, address: str) -> list[Header]:
-        decision = self.decision
-        if decision is None:
-            telemetry, record = self.relay.telemetry, self.record
-            if self.internal or telemetry is None or record is None:
-                return self.headers
-            return [*self.headers, *telemetry.attempt(record, address, self.attempt)]
-        metadata = decision.metadata
-        telemetry, record = self.relay.telemetry, self.record
-        traced: list[Header] = []
-        if telemetry is not None and record is not None:
-            # This hop's span is the upstream's parent, in place of the caller's.
-            metadata = tuple((k, v) for k, v in metadata if k not in TRACE_HEADERS)
-            traced = telemetry.attempt(record, address, self.attempt)
-        out = self._base_headers(metadata, traced)
-        remaining = self._remaining(per_try)
-        if remaining is not None:
-            out.append((b"grpc-timeout", policy.format_timeout(remaining)))
-        return out
-
-    def _base_headers(self, metadata: md.Metadata, extra: Iterable[Header] = ()) -> list[Header]:
-        """A routed call's request headers upstream, less its grpc-timeout: pseudo-headers,
-        gRPC's transport headers and binary metadata as they came, then ``extra``, then
-        the decision's (edited) text metadata."""
-        out: list[Header] = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", self.path.encode("latin-1")),
-        ]
-        if self.authority:
-            out.append((b":authority", self.authority))
-        for name, value in self.headers:
-            if name in policy.TRANSPORT or (name.endswith(b"-bin") and name[:1] != b":"):
-                out.append((name, value))
-        out.extend(extra)
-        out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata)
-        return out
-
-    def _remaining(self, per_try: float | None) -> float | None:
-        return policy.attempt_budget(self.deadline, self.relay.loop.time(), per_try)
-
-    # -- attempts -------------------------------------------------------------------------
-
-    def _attempt(self) -> None:
-        relay = self.relay
-        self.attempt += 1
-        self._leave_pending()  # an attempt replaced while pending waits no more
-        self._held_headers, self._held, self._held_bytes = None, [], 0
-        decision = self.decision
-        if self.internal:
-            assert relay.internal_address is not None  # _go_internal checked
-            address = relay.internal_address
-            self.endpoint = None
-            per_try = None
-        elif decision is None:  # inbound: the worker (_route_inbound)
-            assert self.endpoint is not None
-            address = self.endpoint.address
-            per_try = None
-        else:
-            # Past the last candidate a retry goes round again: as Envoy's previous-hosts
-            # predicate, it avoids endpoints already tried only while another is left.
-            self.endpoint = decision.candidates[self.attempt % len(decision.candidates)]
-            address = self.endpoint.address
-            per_try = decision.retries.per_try_timeout
-            relay.state.tracker.start(address, self.key)
-            self._tracked = True
-        remaining = self._remaining(per_try)
-        if remaining is not None and remaining <= 0:
-            self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before an attempt")
-            return
-        # The client's own deadline needs no timer here: the client ends the call (and the
-        # relay then resets the upstream), and the upstream got it as grpc-timeout. A
-        # route timeout or per-try timeout is the relay's to enforce, pending time included.
-        if decision is not None and (per_try is not None or decision.timeout is not None):
-            self._arm_timer(remaining)
-        cluster = None if self.internal else self.cluster
-        if cluster is None:
-            self._send_on(relay.pool.get(address))
-            return
-        got = relay.pool.acquire(self, address, cluster)
-        if isinstance(got, str):
-            self._overloaded(circuit.PENDING, cluster.policy.connection_pool.max_pending_requests)
-        elif got is not None:
-            self._send_on(got)
-        # else queued: the pool places it when a connection has room (place)
-
-    def place(self, conn: Upstream) -> None:
-        """The pool found room for this queued attempt on ``conn``."""
-        if conn.connected:
-            self._leave_pending()
-        self._send_on(conn)
-
-    def upstream_connected(self) -> None:
-        """The connection this attempt's stream waited for is up: no longer pending."""
-        self._leave_pending()
-
-    def unplaced(self, detail: str) -> None:
-        """The queued attempt's endpoint left: it never reached it (a connection failure)."""
-        self._unprocessed(detail)
-
-    def _leave_pending(self) -> None:
-        if self.queue is not None:
-            self.queue.waiting.remove(self)
-            self.queue = None
-        if self.pending is not None:
-            self.pending.remove_pending()
-            self.pending = None
-
-    def _overloaded(self, kind: str, limit: int) -> None:
-        """A circuit breaker shed the call (Envoy's 503 overflow, never retried)."""
-        self.relay.overflowed(self, kind)
-        self._end_attempt(grpc.StatusCode.UNAVAILABLE, blame=False)
-        target = self.decision.target if self.decision is not None else self.path
-        self._give_up(
-            grpc.StatusCode.UNAVAILABLE,
-            f"{target}: {kind} overflow ({circuit.FIELDS[kind]}: {limit})",
-            (OVERLOADED,),
-        )
-
-    def _send_on(self, conn: Upstream) -> None:
-        """Opens the attempt's stream on ``conn`` and sends what the client sent so far."""
-        address = conn.address
-        decision = self.decision
-        per_try = decision.retries.per_try_timeout if decision is not None else None
-        up = self.up = conn.open_stream(self)
-        body = self.body
-        up.send_headers(
-            self._upstream_headers(per_try, address), end_stream=self.request_ended and not body
-        )
-        last = len(body) - 1
-        credit = self.down.credit_back
-        for i, (payload, flow) in enumerate(body):
-            end = self.request_ended and i == last
-            up.send_data(payload, end_stream=end, on_sent=credit if flow else None, flow=flow)
-        if self.keep:
-            self.body = [(p, 0) for p, _ in body]
-        else:
-            self.body = []
-            self.body_bytes = 0
-
-    def _arm_timer(self, remaining: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if remaining is not None:
-            self._timer = self.relay.deadlines.call_later(remaining, self._expired)
-
-    def _expired(self) -> None:
-        self._timer = None
-        if self.done:
-            return
-        overall = self.deadline is not None and self.relay.loop.time() >= self.deadline - 1e-3
-        if self.up is not None:
-            self.up.reset(f.CANCEL)
-        # A timeout is the upstream's failure only when it had the whole request: one
-        # that is waiting for the client's message is not slow, the client is; nor is
-        # one still pending (never sent: it waited for a connection).
-        blame = self.request_ended and self.pending is None
-        if overall:
-            self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=blame)
-            self._give_up(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "deadline exceeded" if blame else "deadline exceeded before the request ended",
-            )
-            return
-        self._failed_attempt(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            "per-try timeout",
-            connection_failure=False,
-            blame=blame,
-        )
-
-    def check_timers(self, now: float, stream_idle: float) -> None:
-        """The relay's tick (gateway/relay/relay.py): the stream idle timeout, and the
-        deadline of a call still waiting for the message it is routed on."""
-        if self.done:
-            # Answered, its response still queued for a client that does not read.
-            if stream_idle and now - self.active >= stream_idle and self.down.open:
-                self.down.reset(f.CANCEL)
-            return
-        if stream_idle and now - self.active >= stream_idle:
-            self._timed_out(f"stream idle for {stream_idle:g}s")
-            return
-        if self.decision is None and not self.internal:
-            if not self._deadline_known:
-                self._deadline_known = True
-                self.deadline = self._unrouted_deadline()
-            if self.deadline is not None and now >= self.deadline:
-                self._timed_out("deadline exceeded before the request message arrived")
-
-    def _upstreams_fault(self, code: grpc.StatusCode) -> bool:
-        """Whether an upstream's status counts against it: a deadline it reached while
-        still waiting for the client's request (it had the grpc-timeout the relay
-        passed on) is the client's doing, like the relay's own timeout then."""
-        return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self.request_ended
-
-    def _timed_out(self, message: str) -> None:
-        """The relay's own timers (stream idle, or the deadline of a call not routed
-        yet) ended the call: never an endpoint's failure (a quiet server stream is not
-        broken; an upstream that never answers a whole request meets the route timeout),
-        as Envoy's stream idle timeout is not."""
-        if self.up is not None:
-            self.up.reset(f.CANCEL)
-        self._end_attempt(grpc.StatusCode.DEADLINE_EXCEEDED, blame=False)
-        self._give_up(grpc.StatusCode.DEADLINE_EXCEEDED, message)
-
-    def _end_attempt(
-        self, code: grpc.StatusCode, *, connection_failure: bool = False, blame: bool = True
-    ) -> None:
-        """Counts the attempt's outcome for in-flight loads and, when the upstream
-        produced it (``blame``), for outlier detection: an outcome the relay or the
-        client caused (its own validation, a timeout waiting for the client, a
-        cancellation) never counts against an endpoint."""
-        self._leave_pending()
-        self._end_retry()
-        endpoint, cluster = self.endpoint, self.cluster
-        if endpoint is None or cluster is None:
-            return
-        if self._tracked:
-            self._tracked = False
-            self.relay.state.tracker.finish(endpoint.address, self.key)
-        if blame:
-            self.relay.record(self, endpoint, code, connection_failure=connection_failure)
-
-    def _may_retry(self, code: grpc.StatusCode, connection_failure: bool) -> bool:
-        decision = self.decision
-        if self.internal or self.started or decision is None or not self.keep:
-            return False
-        assert self.info is not None
-        return policy.may_retry(
-            decision.retries,
-            attempt=self.attempt,
-            idempotent=self.info.idempotent,
-            code=code,
-            connection_failure=connection_failure,
-        )
-
-    def _end_retry(self) -> None:
-        """Envoy's retry is outstanding until the outcome of its attempt is known."""
-        if self._retrying is not None:
-            self._retrying.end_retry()
-            self._retrying = None
-
-    def _admit_retry(self) -> bool:
-        """``connectionPool.http.maxRetries``: whether the cluster has room for one more
-        outstanding retry (held until that attempt ends); past it the retry is not
-        attempted and the overflow is counted."""
-        cluster = self.cluster
-        if cluster is None:
-            return True
-        breakers = self.relay.pool.breakers_for(cluster)
-        if not breakers.start_retry(cluster.policy.connection_pool):
-            self.relay.overflowed(self, circuit.RETRIES)
-            return False
-        self._retrying = breakers
-        return True
-
-    def _failed_attempt(
-        self,
-        code: grpc.StatusCode,
-        detail: str,
-        *,
-        connection_failure: bool,
-        blame: bool = True,
-        retry_admitted: bool = False,
-    ) -> None:
-        """The current attempt failed before answering: next successor or give up.
-        ``retry_admitted``: the caller has checked eligibility and taken the retry's place
-        under maxRetries already."""
-        held = self._retrying if retry_admitted else None
-        if held is not None:
-            self._retrying = None  # the new retry's place, not the ending attempt's
-        self._end_attempt(code, connection_failure=connection_failure, blame=blame)
-        self._retrying = held
-        address = self.endpoint.address if self.endpoint else self.relay.internal_address
-        if retry_admitted or (self._may_retry(code, connection_failure) and self._admit_retry()):
-            log.info(
-                "retrying %s (x-request-id %s) on the next endpoint after %s from %s",
-                self.path,
-                self._call_id(),
-                code.name,
-                address,
-            )
-            self.relay.count_retry(self)
-            self.up = None
-            self._back_off()
-            return
-        self._give_up(code, f"upstream {address}: {detail}")
-
-    def _back_off(self) -> None:
-        """Waits Envoy's jittered back-off before the next attempt (never past the call's
-        deadline). The timer slot holds it, so an ending call cancels it; request data
-        that arrives meanwhile is held and replayed by the attempt."""
-        relay = self.relay
-        delay = policy.retry_backoff(self.attempt + 1, relay.state.rng)
-        if self.deadline is not None:
-            delay = min(delay, max(self.deadline - relay.loop.time(), 0.0))
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = relay.loop.call_later(delay, self._after_back_off)
-
-    def _after_back_off(self) -> None:
-        self._timer = None
-        if not self.done:
-            self._attempt()
-
-    # -- responses ------------------------------------------------------------------------
-
-    def response_headers(self, up: Side, headers: list[Header], end_stream: bool) -> None:
-        if up is not self.up or self.done:
-            return
-        self.active = self.relay.now
-        if end_stream:
-            code = status_of(headers)
-            up.close()
-            if not self.started and code is not grpc.StatusCode.OK and self._may_retry(code, False):
-                self._end_retry()  # this attempt's own place first, as Envoy frees it
-                if self._admit_retry():
-                    self._failed_attempt(
-                        code,
-                        code.name,
-                        connection_failure=False,
-                        blame=self._upstreams_fault(code),
-                        retry_admitted=True,
-                    )
-                    return
-                # Past maxRetries: the upstream's answer goes to the client as it came.
-            self._release(up)
-            self._end_attempt(code, blame=self._upstreams_fault(code))
-            if not self.started:
-                # Trailers-only: these are the response's headers too.
-                headers = self._stamped(headers)
-                if self.response_edits:
-                    headers = md.edit_block(self.response_edits, headers)
-            self.down.send_headers(headers, end_stream=True)
-            self._finish(code, message_of(headers))
-            return
-        if self.started or self._held_headers is not None:
-            return  # a second header block without END_STREAM: not gRPC, ignored
-        if self.info is not None and not self.info.server_streaming and not self.internal:
-            # A unary response is held until its trailers (up to HOLD_LIMIT): an upstream
-            # that dies mid-response is then retried like one that died before it.
-            self._held_headers = headers
-            return
-        self._commit(headers)
-
-    def _commit(self, headers: list[Header]) -> None:
-        """Response headers go to the client: from here on no retry is possible."""
-        self.started = True
-        self.body = []
-        self.body_bytes = 0
-        self.keep = False
-        headers = self._stamped(headers)
-        if self.response_edits:
-            headers = md.edit_block(self.response_edits, headers)
-        self.down.send_headers(headers, end_stream=False)
-
-    def _release(self, up: Side) -> None:
-        """Forwards a held response's headers and data (the call is committed)."""
-        if self._held_headers is None or self.started:
-            return
-        self._commit(self._held_headers)
-        for payload, flow in self._held:
-            self.down.send_data(payload, end_stream=False, on_sent=up.credit_back, flow=flow)
-        self._held_headers, self._held, self._held_bytes = None, [], 0
-
-    def response_data(self, up: Side, payload: bytes, flow: int, end_stream: bool) -> None:
-        if up is not self.up or self.done:
-            up.credit_back(flow)
-            return
-        self.active = self.relay.now
-        if self._held_headers is not None and not self.started:
-            if not end_stream and self._held_bytes + len(payload) <= HOLD_LIMIT:
-                self._held.append((payload, flow))
-                self._held_bytes += len(payload)
-                return
-            self._release(up)
-        self.down.send_data(payload, end_stream=end_stream, on_sent=up.credit_back, flow=flow)
-        if end_stream:
-            # DATA ending a response has no trailers: gRPC calls that an internal error.
-            up.close()
-            self._end_attempt(grpc.StatusCode.INTERNAL)
-            self._finish(grpc.StatusCode.INTERNAL, "the response ended without trailers")
-
-    def upstream_reset(self, up: Side, code: int) -> None:
-        if up is not self.up or self.done:
-            return
-        if code == f.REFUSED_STREAM:
-            # RFC 9113 §8.7: the upstream did not process the stream; any call may be retried.
-            if self._transparent_retry():
-                return
-            self._unprocessed("refused the stream")
-            return
-        status = grpc.StatusCode.CANCELLED if code == f.CANCEL else grpc.StatusCode.UNAVAILABLE
-        if self.started:
-            self._end_attempt(status)
-            self._give_up(status, f"upstream reset the stream (HTTP/2 error {code})")
-            return
-        self._failed_attempt(
-            status, f"reset the stream (HTTP/2 error {code})", connection_failure=False
-        )
-
-    def upstream_lost(self, up: Side, detail: str, *, connected: bool) -> None:
-        """The upstream connection closed (``connected``) or could not be opened."""
-        if up is not self.up or self.done:
-            return
-        if not connected:
-            self._unprocessed(detail)
-            return
-        if self.started:
-            self._end_attempt(grpc.StatusCode.UNAVAILABLE)
-            self._give_up(grpc.StatusCode.UNAVAILABLE, f"upstream connection lost: {detail}")
-            return
-        self._failed_attempt(grpc.StatusCode.UNAVAILABLE, detail, connection_failure=False)
-
-    def _transparent_retry(self) -> bool:
-        """Once per call, a stream the endpoint refused or GOAWAY'd (it never ran) goes to
-        the same endpoint again, on a fresh connection, as gRPC clients retry
-        transparently: a server rotating its connections (max connection age) or briefly
-        at its stream limit is not a failure, even when it is the only endpoint."""
-        if self._retried_transparently or not self.keep or self.internal or self.started:
-            return False
-        self._retried_transparently = True
-        if self._tracked and self.endpoint is not None:
-            self._tracked = False
-            self.relay.state.tracker.finish(self.endpoint.address, self.key)
-        self.attempt -= 1  # the same candidate
-        self.up = None
-        self._attempt()
-        return True
-
-    def _unprocessed(self, detail: str) -> None:
-        """The upstream never saw the call (connect failed, refused or GOAWAY'd stream)."""
-        self._failed_attempt(grpc.StatusCode.UNAVAILABLE, detail, connection_failure=True)
-
-    # -- the client's side -----------------------------------------------------------------
-
-    def client_reset(self) -> None:
-        """The client cancelled (RST_STREAM) or its connection went away."""
-        if self.done:
-            return
-        if self.up is not None:
-            self.up.reset(f.CANCEL)
-        self._end_attempt(grpc.StatusCode.CANCELLED, blame=False)
-        self._finish(grpc.StatusCode.CANCELLED, "cancelled by the client")
-
-    def _reject(self, rejection: Rejection) -> None:
-        """Answers a malformed call (mesh/routing/callcheck.py) without any upstream: one
-        already opened is cancelled, and nothing counts against its endpoint."""
-        if self.up is not None and self.up.open:
-            self.up.reset(f.CANCEL)
-        self._end_attempt(rejection.code, blame=False)
-        self._give_up(rejection.code, rejection.message, rejection.headers)
-
-    def _fail_early(
-        self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
-        """Answers without any upstream (refused, or routing failed)."""
-        headers = error_headers(code, message, trailers_only=True)
-        headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers)
-        self.down.send_headers(self._stamped(headers), end_stream=True)
-        self._finish(code, message)
-
-    def _give_up(self, code: grpc.StatusCode, message: str, extra: tuple[Header, ...] = ()) -> None:
-        if self.up is not None and self.up.open:
-            self.up.reset(f.CANCEL)
-        headers = error_headers(code, message, trailers_only=not self.started)
-        headers.extend(extra)
-        if not self.started:
-            headers = self._stamped(headers)
-        self.down.send_headers(headers, end_stream=True)
-        self._finish(code, message)
-
-    def _finish(self, code: grpc.StatusCode, message: str | None) -> None:
-        """Ends the exchange with the status the client was sent."""
-        if self.done:
-            return
-        self.done = True
-        if self.mirror is not None:
-            if not self.request_ended:
-                # The copy's request would never end: it goes with the primary.
-                self.mirror.drop()
-            self.mirror = None
-        if self.record is not None and self.relay.telemetry is not None:
-            self.relay.telemetry.finish(self.record, code, message)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._tracked and self.endpoint is not None:
-            self._tracked = False
-            self.relay.state.tracker.finish(self.endpoint.address, self.key)
-        self._leave_pending()
-        self._end_retry()
-        if self._limited and self.relay.inbound is not None:
-            self._limited = False
-            self.relay.inbound.limit.release()
-        # A client still sending is told to stop once the response is out (RFC 9113 §8.1
-        # allows RST_STREAM NO_ERROR after a complete response).
-        self.down.finish(reset=not self.request_ended)
-        if self.up is not None:
-            self.up.close()
-        self.body = []
-        self.relay.exchanges.discard(self)
-        # Streams closed before the call was done still point at it (connection.Ended).
-        for side in (self.down, self.up):
-            if side is not None and not side.open:
-                side.exchange = ENDED

@@ -27,9 +27,11 @@ import grpc
 
 from mesh.balance.endpoints import Endpoint
 from mesh.proxy import frames as f
+from mesh.proxy.call_state import CallState
 from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
 from mesh.proxy.deadlines import DeadlineQueue
-from mesh.proxy.exchange import Exchange, error_headers
+from mesh.proxy.exchange import Exchange
+from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
 from mesh.proxy.pool import UpstreamPool
@@ -373,7 +375,7 @@ class Relay:
 
     def record(
         self,
-        exchange: Exchange,
+        exchange: CallState,
         endpoint: Endpoint,
         code: grpc.StatusCode,
         *,
@@ -389,14 +391,14 @@ class Relay:
             if self.metrics is not None:
                 self.metrics.ejected(decision.target, endpoint.address)
 
-    def overflowed(self, exchange: Exchange, kind: str) -> None:
+    def overflowed(self, exchange: CallState, kind: str) -> None:
         """A circuit breaker of the call's cluster overflowed (mesh/routing/circuit.py;
         the breakers count it themselves): exported as ``meshserve.overflows``."""
         decision = exchange.decision
         if self.metrics is not None and decision is not None:
             self.metrics.overflowed(decision.target, kind)
 
-    def count_retry(self, exchange: Exchange) -> None:
+    def count_retry(self, exchange: CallState) -> None:
         decision = exchange.decision
         if self.metrics is not None and decision is not None:
             self.metrics.retried(labels(route=decision.route, destination=decision.target))

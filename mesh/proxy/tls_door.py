@@ -22,7 +22,7 @@ from typing import cast
 import grpc
 
 from mesh.proxy import frames as f
-from mesh.proxy.exchange import error_headers
+from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import HeaderEncoder
 
 #: The first byte of a TLS record carrying a handshake (RFC 8446 §5.1): a ClientHello.

@@ -1,7 +1,8 @@
 """Per-call policy, pure and written once: which request headers routing sees (the
 hop-by-hop filter), the request id (and its echo in responses), the deadline budget,
-``http2MaxRequests`` admission and retry eligibility. The relay (mesh/proxy/exchange.py) is its one caller
-today; a sidecar's outbound mode uses the same functions."""
+``http2MaxRequests`` admission and retry eligibility. The relay (mesh/proxy/exchange.py
+and the layers under it) is its one caller today; a sidecar's outbound mode uses the
+same functions."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Envoy's circuit breakers for one cluster, as DestinationRule ``connectionPool`` sets them.
 
-Pure counters and decisions; the relay (mesh/proxy/relay.py, exchange.py) is their one
+Pure counters and decisions; the relay (mesh/proxy/relay.py, pool.py and the layers of exchange.py) is their one
 caller, in every mode that routes (the gateway, a sidecar's outbound). What each limit
 means, for HTTP/2 upstreams as Envoy applies them:
 

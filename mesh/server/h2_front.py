@@ -9,7 +9,7 @@ request to the same servicer method grpc.aio would call (with a small context th
 offers what those methods use), and writes the response, its trailers and any error
 status itself. Every other call (health, reflection, model control, statistics) goes,
 frames untouched, to the full grpc.aio server on a private Unix socket, as the gateway's
-relay hands its own services to its server (mesh/proxy/exchange.py ``_go_internal``).
+relay hands its own services to its server (mesh/proxy/call_routing.py ``_go_internal``).
 
 What a gRPC server does for a call the front does too: deadlines (``grpc-timeout``:
 DEADLINE_EXCEEDED, handler cancelled), cancellation (RST_STREAM cancels the handler),
@@ -34,7 +34,7 @@ import grpc
 
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, ClientConnection, Connection, Flusher, Side
-from mesh.proxy.exchange import error_headers
+from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.routing import callpolicy as policy
 from mesh.routing.callcheck import PREFIX, Rejection, check_compressed, check_end, check_headers
