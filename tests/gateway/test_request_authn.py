@@ -100,7 +100,9 @@ async def test_a_forged_payload_header_never_reaches_the_worker(
     rsa, ec = Issuer.rsa("https://login.example.com"), Issuer.ec("https://ec.example.com")
     for file in (REPO / "config").glob("*.yaml"):
         shutil.copy(file, tmp_path / file.name)
-    text = policies(rsa, ec, "http://127.0.0.1:9/jwks.json").split("---")[0]
+    # The first document only; split on the separator line, as a JWKS (base64url) may hold
+    # "---" itself.
+    text = policies(rsa, ec, "http://127.0.0.1:9/jwks.json").split("\n---\n")[0]
     (tmp_path / "users.yaml").write_text(text)
     async with mesh(1, tmp_path) as m:
         stub = pb_grpc.GRPCInferenceServiceStub(m.channel)
