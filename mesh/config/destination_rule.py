@@ -134,10 +134,14 @@ ANNOTATION_HOT_KEY_THRESHOLD = "meshserve.io/hot-key-threshold"
 ANNOTATION_COLD_SPILL = "meshserve.io/cold-spill"
 ANNOTATION_RING_POINTS = "meshserve.io/ring-points"
 ANNOTATION_RETRY_ORDER = "meshserve.io/retry-order"
+ANNOTATION_RETRY_METHODS = "meshserve.io/retry-methods"
 #: ``meshserve.io/ring-points``: Envoy's whole ring (Istio's) or points per endpoint.
 RING_POINTS = ("whole-ring", "per-endpoint")
 #: ``meshserve.io/retry-order``: Envoy's rehashed picks (Istio's) or ring successors.
 RETRY_ORDERS = ("rehash", "ring-successor")
+#: ``meshserve.io/retry-methods``: every method ``retryOn`` covers (Envoy's, Istio's) or
+#: only idempotent ones on a status (a call the upstream never saw is retried either way).
+RETRY_METHODS = ("any", "idempotent")
 DEFAULT_COLD_SPILL = 2.0
 #: The factor the docs suggest (and config/inference.yaml sets); bounded loads are off
 #: unless the annotation asks for them.
@@ -168,6 +172,9 @@ class Extensions:
     per_endpoint_ring: bool = False
     #: Retries (and spills) go to ring successors clockwise; False: Envoy's rehashed picks.
     successor_retries: bool = False
+    #: A status ``retryOn`` lists is retried only for idempotent methods (the upstream may
+    #: have run the call); False: for any method, as Envoy does.
+    retry_idempotent_only: bool = False
     #: How the host's replicas follow load (``meshserve.io/autoscale-*``; used by an
     #: autoscaler: ``up --autoscale``, or the Kubernetes adapter).
     autoscale: AutoscaleSettings = field(default_factory=AutoscaleSettings)
@@ -531,6 +538,7 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
         ANNOTATION_COLD_SPILL,
         ANNOTATION_RING_POINTS,
         ANNOTATION_RETRY_ORDER,
+        ANNOTATION_RETRY_METHODS,
         *AUTOSCALE_ANNOTATIONS,
     )
     for key in annotations:
@@ -581,6 +589,12 @@ def parse_extensions(node: Node, annotations: dict[str, str]) -> Extensions:
                 f"must be one of {', '.join(RETRY_ORDERS)}, got {text!r}"
             )
         ext = replace(ext, successor_retries=text == "ring-successor")
+    if (text := annotations.get(ANNOTATION_RETRY_METHODS)) is not None:
+        if text not in RETRY_METHODS:
+            node.child(ANNOTATION_RETRY_METHODS).fail(
+                f"must be one of {', '.join(RETRY_METHODS)}, got {text!r}"
+            )
+        ext = replace(ext, retry_idempotent_only=text == "idempotent")
     replicas = _count(node, annotations, ANNOTATION_HOT_KEY_REPLICAS, ext.hot_key_replicas)
     threshold = _count(node, annotations, ANNOTATION_HOT_KEY_THRESHOLD, ext.hot_key_threshold)
     return replace(

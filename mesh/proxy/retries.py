@@ -30,12 +30,14 @@ class Retries(Attempts):
         if self.internal or self.started or decision is None or not self.keep:
             return False
         assert self.info is not None
+        cluster = self.cluster
         return policy.may_retry(
             decision.retries,
             attempt=self.attempt,
             idempotent=self.info.idempotent,
             code=code,
             connection_failure=connection_failure,
+            idempotent_only=cluster is not None and cluster.extensions.retry_idempotent_only,
         )
 
     def _admit_retry(self) -> bool:

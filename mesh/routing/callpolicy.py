@@ -131,17 +131,24 @@ def may_retry(
     idempotent: bool,
     code: grpc.StatusCode,
     connection_failure: bool,
+    idempotent_only: bool = False,
 ) -> bool:
     """Whether a failed attempt (0-based ``attempt``) is tried again: within
     ``retries.attempts`` (on another endpoint while one is left, else on one already
-    tried, as Envoy does); a connection failure (the upstream never saw the call)
-    whenever ``retryOn`` covers it, any other status only for an idempotent method whose
-    ``retryOn`` lists it."""
+    tried, as Envoy does); a connection failure (the upstream never saw the call) only
+    when ``retryOn`` names one (``connect-failure``, ``refused-stream``, ``reset``,
+    ``5xx``: a gRPC status token matches an upstream's answer, and there was none); a
+    status ``retryOn`` lists for any method, as Envoy retries, or only for an idempotent
+    one when the destination asks for that (``idempotent_only``:
+    ``meshserve.io/retry-methods: idempotent``, since the upstream may have run the call
+    before it failed)."""
     if attempt >= retries.attempts:
         return False
-    if connection_failure and retries.retries_connection_failures():
-        return True
-    return idempotent and retries.should_retry(code, connection_failure=connection_failure)
+    if connection_failure:
+        return retries.retries_connection_failures()
+    if idempotent_only and not idempotent:
+        return False
+    return retries.should_retry(code)
 
 
 def retry_backoff(retry: int, rng: random.Random) -> float:

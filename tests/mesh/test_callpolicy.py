@@ -136,23 +136,30 @@ NONE = RetryPolicy(attempts=0)
 
 
 @pytest.mark.parametrize(
-    ("retries", "attempt", "idempotent", "code", "connection", "retry"),
+    ("retries", "attempt", "idempotent", "only", "code", "connection", "retry"),
     [
-        (DEFAULT, 0, True, U, False, True),
-        (DEFAULT, 0, False, U, False, False),  # not idempotent: the upstream ran it
-        (DEFAULT, 0, False, U, True, True),  # it never saw the call
-        (DEFAULT, 1, True, U, False, True),
-        (DEFAULT, 2, True, U, False, False),  # attempts spent
-        (DEFAULT, 0, True, grpc.StatusCode.INTERNAL, False, False),
-        (CODES_ONLY, 0, False, U, True, False),  # retryOn has no connection token
-        (CODES_ONLY, 2, True, U, False, True),
-        (NONE, 0, True, U, True, False),
+        (DEFAULT, 0, True, False, U, False, True),
+        # Envoy retries any method retryOn covers (Istio's default) ...
+        (DEFAULT, 0, False, False, U, False, True),
+        # ... unless the destination retries only idempotent ones: the upstream may have run it.
+        (DEFAULT, 0, False, True, U, False, False),
+        (DEFAULT, 0, True, True, U, False, True),
+        (DEFAULT, 0, False, True, U, True, True),  # it never saw the call
+        (DEFAULT, 1, True, False, U, False, True),
+        (DEFAULT, 2, True, False, U, False, False),  # attempts spent
+        (DEFAULT, 0, True, False, grpc.StatusCode.INTERNAL, False, False),
+        # A gRPC status token matches an upstream's answer; a connection failure had none.
+        (CODES_ONLY, 0, False, False, U, True, False),
+        (CODES_ONLY, 0, True, False, U, True, False),
+        (CODES_ONLY, 2, True, False, U, False, True),
+        (NONE, 0, True, False, U, True, False),
     ],
 )
 def test_may_retry(
     retries: RetryPolicy,
     attempt: int,
     idempotent: bool,
+    only: bool,
     code: grpc.StatusCode,
     connection: bool,
     retry: bool,
@@ -166,6 +173,7 @@ def test_may_retry(
             idempotent=idempotent,
             code=code,
             connection_failure=connection,
+            idempotent_only=only,
         )
         is retry
     )
