@@ -52,10 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-import yaml
 
 from gateway.ratelimit import Clock, RateLimit, RateLimiter
-from mesh.config.fields import ConfigError, Node, Where
+from mesh.config.fields import Node, Where
+from mesh.config.loader import load_yaml
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import AuthorizationPolicy
 from mesh.config.views import DEFAULT_INGRESS_LABELS
@@ -137,10 +137,7 @@ class AuthConfig:
 
     @classmethod
     def load(cls, path: Path) -> AuthConfig:
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raw = load_yaml(path.read_text(), str(path))
         return parse_auth_config(Node(raw, Where(str(path))), path.parent)
 
 

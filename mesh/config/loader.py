@@ -86,15 +86,29 @@ def _time_as_text(loader: _KubernetesLoader, node: yaml.Node) -> Any:
 _KubernetesLoader.add_constructor(_TIMESTAMP, _time_as_text)
 
 
+def _yaml_error(source: str, exc: yaml.YAMLError) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return ConfigError(f"{source}:{where}: not valid YAML: {problem}")
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """One YAML document as the Kubernetes API reads it (times stay text), for the other
+    files meshserve reads (the gateway's auth file); errors are ConfigErrors naming
+    ``source``."""
+    try:
+        return yaml.load(text, Loader=_KubernetesLoader)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(source, exc) from exc
+
+
 def parse_yaml(text: str, source: str) -> list[Document]:
     """Every resource in a multi-document YAML text; ``source`` names it in errors."""
     try:
         raw_documents = list(yaml.load_all(text, Loader=_KubernetesLoader))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}:{where}: not valid YAML: {problem}") from exc
+        raise _yaml_error(source, exc) from exc
     documents = []
     for index, raw in enumerate(raw_documents):
         if raw is None:  # an empty document between '---' separators

@@ -157,6 +157,9 @@ def test_refused_credentials(config_file: Path, headers: dict[str, str], problem
             "rateLimit.requestsPerSecond: must be a number",
         ),
         ("apiKey: []", "unknown field"),
+        # A date-like value is text, as Kubernetes reads YAML (PyYAML raised ValueError).
+        ("apiKeys: [{client: 2000-13-01, sha256: xyz}]", r"apiKeys\[0\]\.sha256"),
+        ("apiKeys: [{client: a", "line 1, column 21: not valid YAML"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path: Path, text: str, problem: str) -> None:
