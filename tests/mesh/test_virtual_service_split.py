@@ -3,8 +3,10 @@
 Istio accepts several VirtualServices for one host. In the sidecars (``mesh``) only one
 may apply (a second is a conflict, IST0109): meshserve refuses it naming both. At an
 ingress Istio appends each bound VirtualService's rules to the host's virtual host, in
-creation order, then name, then namespace; meshserve has no creation time and uses the
-name order (docs/configuration.md). Asserted through the routing core.
+creation order, then name, then namespace; meshserve does the same with a copied
+``creationTimestamp`` (a hand-written file has none: Istio's zero time, so the name
+decides), and moves catch-all routes last as Istio does (docs/configuration.md).
+Asserted through the routing core.
 """
 
 from __future__ import annotations
