@@ -25,6 +25,12 @@ NUMPY_DTYPES: dict[int, str] = {
     data_pb2.DATA_TYPE_FP32: "<f4",
     data_pb2.DATA_TYPE_FP64: "<f8",
 }
+#: A data service that answers nothing for this long (a stream that neither sends nor
+#: fails, a port now held by something else) ends the attempt with UNAVAILABLE, so the
+#: job restarts from its checkpoint instead of waiting forever.
+STALL_TIMEOUT_S = 30.0
+#: GetDataset's deadline.
+CALL_TIMEOUT_S = 30.0
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -79,11 +85,16 @@ class StreamRequest:
 Batch = dict[str, torch.Tensor]
 
 
+class StalledStream(ConnectionError):
+    """The data service stopped sending without ending or failing the stream."""
+
+
 class DataClient:
     """A blocking client for the training process (which runs no event loop)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, stall_timeout: float = STALL_TIMEOUT_S) -> None:
         self.address = address
+        self.stall_timeout = stall_timeout
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = data_pb2_grpc.DataServiceStub(self._channel)
 
@@ -92,14 +103,15 @@ class DataClient:
 
     def get_dataset(self, name: str, version: str) -> data_pb2.Dataset:
         reply: data_pb2.Dataset = self._stub.GetDataset(
-            data_pb2.GetDatasetRequest(name=name, version=version)
+            data_pb2.GetDatasetRequest(name=name, version=version), timeout=CALL_TIMEOUT_S
         )
         return reply
 
     def batches(self, request: StreamRequest, prefetch: int = 4) -> Iterator[Batch]:
         """Yields decoded batches; the next ones arrive and decode while this one trains.
 
-        Closing the generator early cancels the stream.
+        Closing the generator early cancels the stream. No batch for ``stall_timeout``
+        seconds raises StalledStream (the stream is cancelled).
         """
         stream = self._stub.StreamBatches(request.to_proto())
         out: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=prefetch)
@@ -126,7 +138,13 @@ class DataClient:
         thread.start()
         try:
             while True:
-                item = out.get()
+                try:
+                    item = out.get(timeout=self.stall_timeout)
+                except queue.Empty:
+                    raise StalledStream(
+                        f"the data service at {self.address} sent no batch of "
+                        f"{request.dataset} for {self.stall_timeout:g} s"
+                    ) from None
                 if item is None:
                     return
                 if isinstance(item, BaseException):

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from torch.multiprocessing.spawn import ProcessExitedException
 
+from workers.training.batches import StalledStream
 from workers.training.loop import RunConfig, TrainingFailed, train
 
 #: How long ranks wait for each other before a collective fails the job.
@@ -54,11 +55,14 @@ EXIT_RETRY = 75  # EX_TEMPFAIL
 
 
 def _transient(exc: BaseException) -> bool:
-    """The data service went away: worth another attempt from the checkpoint."""
+    """The data service went away, or stopped answering: worth another attempt from the
+    checkpoint."""
     if isinstance(exc, ProcessExitedException):  # a rank that exited for this reason
         return exc.exit_code == EXIT_RETRY
+    if isinstance(exc, StalledStream):
+        return True
     code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
-    return code == grpc.StatusCode.UNAVAILABLE
+    return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def _reason(exc: BaseException) -> str:
