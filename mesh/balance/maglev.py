@@ -18,13 +18,12 @@ import hashlib
 from collections.abc import Iterator, Sequence
 
 from mesh.balance.endpoints import Endpoint
-from mesh.balance.ring import _SUCCESSOR_CACHE, HOST_SELECTION_ATTEMPTS, hash_key
+from mesh.balance.ring import OrderedByKey, hash_key, rehash_positions
 
 #: Envoy's (and Istio's) default table size: a prime.
 DEFAULT_TABLE_SIZE = 65537
 #: Envoy's largest accepted table size (Istio's documented limit).
 MAX_TABLE_SIZE = 5000011
-_MASK = 2**64 - 1
 
 
 def is_prime(n: int) -> bool:
@@ -83,7 +82,7 @@ def build_table(endpoints: Sequence[Endpoint], size: int) -> list[int]:
     return table
 
 
-class MaglevTable:
+class MaglevTable(OrderedByKey):
     """An immutable Maglev lookup table with :class:`~mesh.balance.ring.HashRing`'s interface."""
 
     __slots__ = (
@@ -117,13 +116,7 @@ class MaglevTable:
         self.generation = generation
         self.total_weight = sum(e.weight for e in self.endpoints)
         self._table = build_table(self.endpoints, table_size)
-        self._successors: dict[tuple[str, bool], tuple[Endpoint, ...]] = {}
-
-    def __len__(self) -> int:
-        return len(self.endpoints)
-
-    def __bool__(self) -> bool:
-        return bool(self.endpoints)
+        self._successors = {}
 
     def _at(self, position: int) -> Endpoint:
         return self.endpoints[self._table[position % self.vnodes]]
@@ -131,26 +124,14 @@ class MaglevTable:
     def primary(self, key: str) -> Endpoint | None:
         return self._at(hash_key(key)) if self.endpoints else None
 
-    def order(self, key: str, *, successors: bool = True) -> tuple[Endpoint, ...]:
-        """The endpoints to try for ``key``, owner first (memoised per key, as the ring's)."""
-        found = self._successors.get((key, successors))
-        if found is None:
-            if len(self._successors) >= _SUCCESSOR_CACHE:
-                self._successors.clear()
-            found = tuple(self.successors(key) if successors else self.rehashed(key))
-            self._successors[(key, successors)] = found
-        return found
-
     def rehashed(self, key: str) -> Iterator[Endpoint]:
-        """Envoy's Maglev retry choices: the key's hash mutated per host-selection attempt
-        (``hash ^ (~0 - attempt + 1)``), as its ring does."""
+        """Envoy's Maglev retry choices: the owners of :func:`rehash_positions`, as its
+        ring does."""
         if not self.endpoints:
             return
-        position = hash_key(key)
         seen: set[str] = set()
-        for attempt in range(HOST_SELECTION_ATTEMPTS + 1):
-            mutated = position if attempt == 0 else position ^ ((_MASK - attempt + 1) & _MASK)
-            owner = self._at(mutated)
+        for position in rehash_positions(key):
+            owner = self._at(position)
             if owner.address not in seen:
                 seen.add(owner.address)
                 yield owner

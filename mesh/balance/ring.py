@@ -56,6 +56,51 @@ def envoy_points(weights: Sequence[int], minimum_ring_size: int) -> list[int]:
     return counts
 
 
+def rehash_positions(key: str) -> Iterator[int]:
+    """The positions Envoy's hash balancers try for ``key``'s retries, which Istio asks to
+    avoid hosts already tried: the key's hash, then that hash mutated for each
+    host-selection attempt (``hash ^ (~0 - attempt + 1)``, at most
+    :data:`HOST_SELECTION_ATTEMPTS`). The ring and the Maglev table map them to owners."""
+    position = hash_key(key)
+    yield position
+    for attempt in range(1, HOST_SELECTION_ATTEMPTS + 1):
+        yield position ^ ((_MASK - attempt + 1) & _MASK)
+
+
+class OrderedByKey:
+    """What the ring and the Maglev table share: their size, and each key's endpoint order
+    (its successors, or Envoy's rehashed picks) memoised, since hot keys repeat. The table
+    never changes once built, so entries never go stale; a plain dict is safe to share (a
+    racing writer stores the same value)."""
+
+    __slots__ = ()
+    endpoints: tuple[Endpoint, ...]
+    _successors: dict[tuple[str, bool], tuple[Endpoint, ...]]
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+    def __bool__(self) -> bool:
+        return bool(self.endpoints)
+
+    def order(self, key: str, *, successors: bool = True) -> tuple[Endpoint, ...]:
+        """The endpoints to try for ``key``, owner first: its :meth:`successors` in table
+        order, or with ``successors=False`` Envoy's :meth:`rehashed` retry choices."""
+        found = self._successors.get((key, successors))
+        if found is None:
+            if len(self._successors) >= _SUCCESSOR_CACHE:
+                self._successors.clear()
+            found = tuple(self.successors(key) if successors else self.rehashed(key))
+            self._successors[(key, successors)] = found
+        return found
+
+    def successors(self, key: str) -> Iterator[Endpoint]:
+        raise NotImplementedError
+
+    def rehashed(self, key: str) -> Iterator[Endpoint]:
+        raise NotImplementedError
+
+
 class KeyTable(Protocol):
     """What :func:`choose` and the admin API read of a hash table: the ring below, or
     Envoy's Maglev table (``mesh.balance.maglev``)."""
@@ -78,7 +123,7 @@ class KeyTable(Protocol):
     def points(self) -> dict[str, int]: ...
 
 
-class HashRing:
+class HashRing(OrderedByKey):
     """An immutable ring, sized as Envoy's by default or per endpoint (meshserve's).
 
     Envoy's (``per_endpoint=False``, Istio's behaviour): ``vnodes`` (the DestinationRule's
@@ -139,15 +184,7 @@ class HashRing:
         self._points: tuple[int, ...] = tuple(p for p, _ in points)
         self._owners: tuple[str, ...] = tuple(name for _, name in points)
         self.total_weight = sum(e.weight for e in self.endpoints)
-        # Successor orders of recently seen keys. The ring never changes, so entries never
-        # go stale; a plain dict is safe to share (a racing writer stores the same value).
-        self._successors: dict[tuple[str, bool], tuple[Endpoint, ...]] = {}
-
-    def __len__(self) -> int:
-        return len(self.endpoints)
-
-    def __bool__(self) -> bool:
-        return bool(self.endpoints)
+        self._successors = {}
 
     def _position(self, key: str) -> int:
         index = bisect(self._points, hash_key(key))
@@ -159,34 +196,18 @@ class HashRing:
             return None
         return self._by_address[self._owners[self._position(key)]]
 
-    def order(self, key: str, *, successors: bool = True) -> tuple[Endpoint, ...]:
-        """The endpoints to try for ``key``, owner first, memoised per key (hot keys
-        repeat): its :meth:`successors` clockwise, or with ``successors=False`` Envoy's
-        :meth:`rehashed` retry choices."""
-        found = self._successors.get((key, successors))
-        if found is None:
-            if len(self._successors) >= _SUCCESSOR_CACHE:
-                self._successors.clear()
-            found = tuple(self.successors(key) if successors else self.rehashed(key))
-            self._successors[(key, successors)] = found
-        return found
-
     def _owner_at(self, position: int) -> str:
         index = bisect(self._points, position)
         return self._owners[0 if index == len(self._points) else index]
 
     def rehashed(self, key: str) -> Iterator[Endpoint]:
-        """Distinct endpoints as Envoy's ring picks them for retries, which Istio asks to
-        avoid hosts already tried: the owner, then the owners of the key's hash mutated
-        for each host-selection attempt (``hash ^ (~0 - attempt + 1)``, at most
-        :data:`HOST_SELECTION_ATTEMPTS`); a retry past them reuses one."""
+        """Distinct endpoints as Envoy's ring picks them for retries: the owners of
+        :func:`rehash_positions`; a retry past them reuses one."""
         if not self._points:
             return
-        position = hash_key(key)
         seen: set[str] = set()
-        for attempt in range(HOST_SELECTION_ATTEMPTS + 1):
-            mutated = position if attempt == 0 else position ^ ((_MASK - attempt + 1) & _MASK)
-            owner = self._owner_at(mutated)
+        for position in rehash_positions(key):
+            owner = self._owner_at(position)
             if owner not in seen:
                 seen.add(owner)
                 yield self._by_address[owner]
