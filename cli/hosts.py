@@ -31,6 +31,7 @@ from cli.supervision.janitor import Janitor
 from cli.supervision.policy import RestartPolicy
 from cli.supervision.processes import Component, Running, after
 from cli.supervision.supervisor import Supervisor
+from cli.up import ensure_mesh_ca
 from mesh.cli_error import CliError
 from registry.connect import StoreSettings
 from registry.state_dir import UP_FILE, UpEndpoints
@@ -221,14 +222,6 @@ def plan_mesh(
     return store, units, gateway
 
 
-def _ensure_certs(state: Path) -> None:
-    from mesh.security.ca import CA_CERT_FILE, CertificateAuthority
-    from mesh.security.identity import DEFAULT_TRUST_DOMAIN
-
-    if not (state / "certs" / CA_CERT_FILE).exists():
-        CertificateAuthority.create(DEFAULT_TRUST_DOMAIN).save(state / "certs")
-
-
 def run_up(args: argparse.Namespace) -> int:
     network = netns.Network(subnet=args.subnet, prefix=args.prefix)
     state = Path(args.state_dir).resolve()
@@ -267,7 +260,7 @@ def run_up(args: argparse.Namespace) -> int:
         netns.create(network)
         for host in network.hosts:
             out.print(f"host {host.name}: {host.address} (ip netns exec {host.namespace} …)")
-        _ensure_certs(state)
+        ensure_mesh_ca(state)
         store, units, gateway_component = plan_mesh(
             network, state, config, device=args.device, traces=args.traces
         )

@@ -106,7 +106,9 @@ def check_port_free(host: str, port: int) -> None:
             raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def _ensure_certs(state: Path) -> None:
+def ensure_mesh_ca(state: Path) -> None:
+    """The mesh CA under ``<state>/certs`` (``meshserve certs init``), unless one is there:
+    ``up`` and ``hosts up`` issue every unit's certificate from it."""
     if (state / "certs" / "ca.pem").exists():
         return
     from cli.main import main as cli
@@ -459,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
     if args.autoscale is not None:
         scaling = autoscale_settings(Path(args.config), "inference")
     try:
-        _ensure_certs(state)
+        ensure_mesh_ca(state)
         es = args.es
         if not es:
             es = launch(store_component(args, state)).address
