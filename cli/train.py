@@ -160,11 +160,10 @@ def wait_served(channel: grpc.Channel, model: str, version: str, timeout: float)
     deadline = time.monotonic() + timeout
     while True:
         serves = fleet_serves(channel, model, version)
-        if serves is not None:
-            if serves:
-                return True
-        else:
+        if serves is None:
             return False
+        if serves:
+            return True
         if time.monotonic() >= deadline:
             raise CliError(
                 f"{model} version {version} is published but not served by every inference "
