@@ -34,6 +34,7 @@ from cli.supervision.supervisor import Supervisor
 from cli.up import ensure_mesh_ca
 from mesh.cli_error import CliError
 from registry.connect import StoreSettings
+from registry.locate import STORE_SUBDIR
 from registry.state_dir import UP_FILE, UpEndpoints
 
 out = Console()
@@ -131,7 +132,7 @@ def plan_mesh(
             "registry",
             "serve-store",
             "--data-dir",
-            str(state / "store"),
+            str(state / STORE_SUBDIR),
             "--host",
             store_host.address,
             "--port",

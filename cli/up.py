@@ -51,6 +51,7 @@ from protos.meshserve.data.v1 import data_pb2 as data_pb
 from protos.meshserve.data.v1 import data_pb2_grpc
 from registry.connect import StoreSettings
 from registry.embedded import free_port
+from registry.locate import STORE_SUBDIR
 from registry.state_dir import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
 
 out = Console()
@@ -360,7 +361,7 @@ def store_component(args: argparse.Namespace, state: Path) -> Component:
             "registry",
             "serve-store",
             "--data-dir",
-            str(state / "store"),
+            str(state / STORE_SUBDIR),
             "--host",
             args.host,
             "--port",
