@@ -35,7 +35,8 @@ from h2.events import DataReceived, StreamEnded
 from bench.relay_cpu import BODY, REQUEST_HEADERS, RESPONSE_HEADERS, TRAILERS, MemoryTransport
 from bench.relay_cpu import run as relay_run
 from mesh.proxy import frames as f
-from mesh.proxy.connection import Connection, Flusher, Side
+from mesh.proxy.connection import Connection, Side
+from mesh.proxy.flusher import Flusher
 from mesh.proxy.hpack_codec import Header
 
 #: Both peers grant all the window there is (as relay_cpu's do): nothing ever queues.

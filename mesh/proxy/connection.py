@@ -9,8 +9,7 @@ is credited as DATA arrives (RFC 9113 §5.2.2): held for queued data, a few stal
 streams would stall every call on the connection.
 
 Writes are batched: every frame a pass over the input produces is joined and written
-once at its end (and a scheduled flush catches writes made from timers), because on a
-proxied unary call the syscalls, not the framing, are what cost.
+once at its end (mesh/proxy/flusher.py).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from mesh.proxy import frames as f
+from mesh.proxy.flusher import Flusher
 from mesh.proxy.hpack_codec import (
     Header,
     HeaderDecoder,
@@ -627,26 +627,3 @@ class ClientConnection(Connection):
         if self.going_away and not self.streams and self.transport is not None:
             # Retired (GOAWAY, replaced, stream ids spent): closes when its last call ends.
             self.transport.close()
-
-
-class Flusher:
-    """Writes every connection's batched frames once per pass over the input."""
-
-    def __init__(self) -> None:
-        self._dirty: list[Connection] = []
-        self._scheduled = False
-        #: Input passes under way: each flushes when it ends, so nothing is scheduled.
-        self.passes = 0
-
-    def mark(self, conn: Connection) -> None:
-        self._dirty.append(conn)
-        if not self._scheduled and not self.passes:
-            # Writes from timers and tasks have no input pass to end: flush them soon.
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            conn.flush_output()

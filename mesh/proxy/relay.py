@@ -28,9 +28,10 @@ import grpc
 from mesh.balance.endpoints import Endpoint
 from mesh.proxy import frames as f
 from mesh.proxy.call_state import CallState
-from mesh.proxy.connection import MAX_STREAMS, Connection, Flusher, Side
+from mesh.proxy.connection import MAX_STREAMS, Connection, Side
 from mesh.proxy.deadlines import DeadlineQueue
 from mesh.proxy.exchange import Exchange
+from mesh.proxy.flusher import Flusher
 from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
