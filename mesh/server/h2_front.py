@@ -33,7 +33,8 @@ from typing import Any
 import grpc
 
 from mesh.proxy import frames as f
-from mesh.proxy.connection import MAX_STREAMS, ClientConnection, Connection, Side
+from mesh.proxy.client_connection import ClientConnection
+from mesh.proxy.connection import MAX_STREAMS, Connection, Side
 from mesh.proxy.flusher import Flusher
 from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
