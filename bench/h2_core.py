@@ -35,9 +35,10 @@ from h2.events import DataReceived, StreamEnded
 from bench.relay_cpu import BODY, REQUEST_HEADERS, RESPONSE_HEADERS, TRAILERS, MemoryTransport
 from bench.relay_cpu import run as relay_run
 from mesh.proxy import frames as f
-from mesh.proxy.connection import Connection, Side
+from mesh.proxy.connection import Connection
 from mesh.proxy.flusher import Flusher
 from mesh.proxy.hpack_codec import Header
+from mesh.proxy.stream import Side
 
 #: Both peers grant all the window there is (as relay_cpu's do): nothing ever queues.
 ENDLESS = f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW}) + f.window_update(

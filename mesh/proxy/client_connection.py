@@ -14,9 +14,10 @@ import asyncio
 from typing import Any
 
 from mesh.proxy import frames as f
-from mesh.proxy.connection import Connection, Side
+from mesh.proxy.connection import Connection
 from mesh.proxy.flusher import Flusher
 from mesh.proxy.hpack_codec import Header
+from mesh.proxy.stream import Side
 
 
 class ClientConnection(Connection):

@@ -23,7 +23,7 @@ from mesh.balance.cluster import Cluster
 from mesh.config.client_tls import ISTIO_MUTUAL, ClientTls
 from mesh.config.destination_rule import ConnectionPool
 from mesh.proxy.client_connection import ClientConnection
-from mesh.proxy.connection import Side
+from mesh.proxy.stream import Side
 from mesh.proxy.upstream_tls import UpstreamTls
 from mesh.routing import circuit
 from mesh.routing.circuit import CircuitBreakers

@@ -28,7 +28,7 @@ import grpc
 from mesh.balance.endpoints import Endpoint
 from mesh.proxy import frames as f
 from mesh.proxy.call_state import CallState
-from mesh.proxy.connection import MAX_STREAMS, Connection, Side
+from mesh.proxy.connection import MAX_STREAMS, Connection
 from mesh.proxy.deadlines import DeadlineQueue
 from mesh.proxy.exchange import Exchange
 from mesh.proxy.flusher import Flusher
@@ -36,6 +36,7 @@ from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller, Inbound
 from mesh.proxy.pool import UpstreamPool
+from mesh.proxy.stream import Side
 from mesh.proxy.telemetry import RelayTelemetry
 from mesh.proxy.tls_door import TlsDoor
 from mesh.routing import callpolicy as policy

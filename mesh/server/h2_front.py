@@ -34,10 +34,11 @@ import grpc
 
 from mesh.proxy import frames as f
 from mesh.proxy.client_connection import ClientConnection
-from mesh.proxy.connection import MAX_STREAMS, Connection, Side
+from mesh.proxy.connection import MAX_STREAMS, Connection
 from mesh.proxy.flusher import Flusher
 from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
+from mesh.proxy.stream import Side
 from mesh.routing import callpolicy as policy
 from mesh.routing.callcheck import PREFIX, Rejection, check_compressed, check_end, check_headers
 from mesh.server.app import ServerSettings, Service, Serving, start_server
