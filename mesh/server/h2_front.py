@@ -22,7 +22,6 @@ flight finish within the grace).
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import logging
 import zlib
@@ -42,6 +41,7 @@ from mesh.proxy.stream import Side
 from mesh.routing import callpolicy as policy
 from mesh.routing.callcheck import PREFIX, Rejection, check_compressed, check_end, check_headers
 from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.server.call_context import CallContext
 from mesh.server.interceptor import status_for
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import SecretCheck
@@ -59,11 +59,6 @@ _RESPONSE_HEADERS: list[Header] = [
     (b"grpc-accept-encoding", ACCEPT_ENCODING),
 ]
 _OK: list[Header] = [(b"grpc-status", b"0")]
-#: Request headers that are transport, not the caller's metadata (grpc.aio leaves them
-#: out of ``invocation_metadata`` too, but for user-agent).
-_NOT_METADATA = frozenset(
-    {b"content-type", b"te", b"grpc-encoding", b"grpc-accept-encoding", b"grpc-timeout"}
-)
 _WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 
 
@@ -79,44 +74,6 @@ class HotMethod:
     #: server-streaming one ``(request iterator, context) -> response iterator``.
     behaviour: Callable[..., Any]
     streaming: bool = False
-
-
-class CallContext:
-    """What the servicer's hot methods use of grpc.aio's ServicerContext."""
-
-    __slots__ = ("_deadline", "_headers", "_loop", "_metadata", "trailers")
-
-    def __init__(
-        self, headers: list[Header], deadline: float | None, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self._headers = headers
-        self._deadline = deadline
-        self._loop = loop
-        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
-        self.trailers: tuple[tuple[str, str], ...] = ()
-
-    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        """As grpc gives it: text values as str, ``-bin`` values base64-decoded bytes."""
-        if self._metadata is None:
-            out: list[tuple[str, str | bytes]] = []
-            for name, value in self._headers:
-                if name[:1] == b":" or name in _NOT_METADATA:
-                    continue
-                key = name.decode("latin-1")
-                if name.endswith(b"-bin"):
-                    out.append((key, base64.b64decode(value + b"=" * (-len(value) % 4))))
-                else:
-                    out.append((key, value.decode("latin-1")))
-            self._metadata = tuple(out)
-        return self._metadata
-
-    def time_remaining(self) -> float | None:
-        if self._deadline is None:
-            return None
-        return max(self._deadline - self._loop.time(), 0.0)
-
-    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self.trailers = tuple(metadata)
 
 
 class _Ended(Exception):
