@@ -43,6 +43,7 @@ from mesh.routing.callcheck import PREFIX, Rejection, check_compressed, check_en
 from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.server.call_context import CallContext
 from mesh.server.interceptor import status_for
+from mesh.server.passthrough import Passthrough
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import SecretCheck
 
@@ -412,75 +413,6 @@ def _current_task() -> asyncio.Task[Any] | None:
 
 
 _END = object()
-
-
-class Passthrough:
-    """A call for the grpc.aio server behind the front: frames relayed both ways, unchanged."""
-
-    __slots__ = ("done", "down", "front", "request_ended", "started", "up")
-
-    def __init__(self, front: H2Front, down: Side, headers: list[Header], end: bool) -> None:
-        self.front = front
-        self.down = down
-        down.exchange = self
-        self.request_ended = end
-        self.started = False
-        self.done = False
-        front.calls.add(self)
-        self.up = front.backend().open_stream(self)
-        self.up.send_headers(headers, end_stream=end)
-
-    def request_data(self, payload: bytes, flow: int, end_stream: bool) -> None:
-        if self.done:
-            self.down.credit_back(flow)
-            return
-        self.request_ended = end_stream
-        self.up.send_data(payload, end_stream=end_stream, on_sent=self.down.credit_back, flow=flow)
-
-    def request_trailers(self, end_stream: bool) -> None:
-        self.request_data(b"", 0, end_stream)
-
-    def response_headers(self, up: Side, headers: list[Header], end_stream: bool) -> None:
-        if self.done:
-            return
-        self.started = True
-        self.down.send_headers(headers, end_stream=end_stream)
-        if end_stream:
-            up.close()
-            self._finish()
-
-    def response_data(self, up: Side, payload: bytes, flow: int, end_stream: bool) -> None:
-        if self.done:
-            up.credit_back(flow)
-            return
-        self.down.send_data(payload, end_stream=end_stream, on_sent=up.credit_back, flow=flow)
-        if end_stream:
-            up.close()
-            self._finish()
-
-    def upstream_reset(self, up: Side, code: int) -> None:
-        self._lost(f"the server behind the front reset the call (HTTP/2 error {code})")
-
-    def upstream_lost(self, up: Side, detail: str, *, connected: bool) -> None:
-        self._lost(f"the server behind the front is unreachable: {detail}")
-
-    def _lost(self, detail: str) -> None:
-        if self.done:
-            return
-        headers = error_headers(grpc.StatusCode.UNAVAILABLE, detail, trailers_only=not self.started)
-        self.down.send_headers(headers, end_stream=True)
-        self._finish()
-
-    def client_reset(self) -> None:
-        if not self.done:
-            self.up.reset(f.CANCEL)
-            self._finish()
-
-    def _finish(self) -> None:
-        self.done = True
-        self.down.finish(reset=not self.request_ended)
-        self.up.close()
-        self.front.calls.discard(self)
 
 
 class FrontConnection(Connection):
