@@ -12,10 +12,10 @@ each side of a connection:
 - **client side** (what its ``Upstream`` is to a worker): request headers and message
   encoded and framed out, the response's bytes in, decoded, credited back.
 
-(a) is ``mesh.proxy.connection`` (frames.py + hpack_codec.py, ``Side`` flow control) as
-the relay uses it; (b) is ``h2.connection.H2Connection`` (receive_data → events,
-send_headers/send_data → data_to_send). The input bytes are the same for both, encoded
-as gRPC's C core encodes them (incremental indexing, no Huffman). Routing, the exchange
+(a) is ``mesh.proxy.connection`` (frames.py + hpack_codec.py, ``Side`` flow control in
+stream.py) as the relay uses it; (b) is ``h2.connection.H2Connection`` (receive_data →
+events, send_headers/send_data → data_to_send). The input bytes are the same for both,
+encoded as gRPC's C core encodes them (incremental indexing, no Huffman). Routing, the exchange
 and the event loop are not counted: bench.relay_cpu's figure for the whole relay, from
 the same run, is printed beside them for scale, with what a swap would add to it.
 """
@@ -35,8 +35,10 @@ from h2.events import DataReceived, StreamEnded
 from bench.relay_cpu import BODY, REQUEST_HEADERS, RESPONSE_HEADERS, TRAILERS, MemoryTransport
 from bench.relay_cpu import run as relay_run
 from mesh.proxy import frames as f
-from mesh.proxy.connection import Connection, Flusher, Side
+from mesh.proxy.connection import Connection
+from mesh.proxy.flusher import Flusher
 from mesh.proxy.hpack_codec import Header
+from mesh.proxy.stream import Side
 
 #: Both peers grant all the window there is (as relay_cpu's do): nothing ever queues.
 ENDLESS = f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW}) + f.window_update(

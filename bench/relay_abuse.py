@@ -23,8 +23,8 @@ import grpc.aio
 from bench.children import ENV, REPO, process
 from bench.relay_idle import gateway
 from mesh.proxy import frames as f
+from mesh.proxy.downstream import PREMATURE_RESETS
 from mesh.proxy.hpack_codec import HeaderEncoder
-from mesh.proxy.relay import PREMATURE_RESETS
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 

@@ -29,10 +29,11 @@ from mesh.config.loader import load_path, parse_yaml
 from mesh.config.security import AuthorizationPolicy
 from mesh.config.snapshot import EMPTY
 from mesh.proxy import frames as f
+from mesh.proxy.downstream import Downstream
 from mesh.proxy.hpack_codec import Header, HeaderEncoder
 from mesh.proxy.inbound import Caller, ConcurrencyLimit, Inbound
 from mesh.proxy.pool import Upstream
-from mesh.proxy.relay import Downstream, Relay
+from mesh.proxy.relay import Relay
 from mesh.routing.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from mesh.routing.state import GatewayState
 from mesh.security.authz import Authorizer, RequestAttributes

@@ -18,7 +18,7 @@ from mesh.routing import callpolicy as policy
 from mesh.routing.decision import route_timeout
 
 if TYPE_CHECKING:
-    from mesh.proxy.relay import Downstream
+    from mesh.proxy.downstream import Downstream
 
 
 class Timers(Retries):

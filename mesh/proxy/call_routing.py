@@ -30,7 +30,7 @@ from mesh.routing.faults import fault_action, mirror_target
 from mesh.security.request_authn import JwtIdentity
 
 if TYPE_CHECKING:
-    from mesh.proxy.relay import Downstream
+    from mesh.proxy.downstream import Downstream
 
 #: How much of a first message routing reads for ``model_name``/``model_version``.
 FIELD_PREFIX = 1 << 16

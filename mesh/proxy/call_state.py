@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from mesh.balance.cluster import Cluster
 from mesh.balance.endpoints import Endpoint
 from mesh.config.virtual_service import HeaderOperations
-from mesh.proxy.connection import Side
 from mesh.proxy.deadlines import Deadline
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.mirror import Mirror
+from mesh.proxy.stream import Side
 from mesh.proxy.telemetry import CallRecord
 from mesh.routing import callpolicy as policy
 from mesh.routing.callcheck import MessageFramer

@@ -1,16 +1,12 @@
 """One HTTP/2 connection of the relay: framing, settings, pings, flow control, batched writes.
 
 The relay forwards frames between two connections, so flow control is end to end per
-stream: bytes received on a stream are credited back to their sender (WINDOW_UPDATE)
-only once they have been written to the other side. A slow reader therefore slows its
-writer instead of growing the relay's memory, which stays bounded by the stream window
-it advertises times the streams open. The connection window, shared by every stream,
-is credited as DATA arrives (RFC 9113 §5.2.2): held for queued data, a few stalled
-streams would stall every call on the connection.
+stream (each stream's window, queue and credit: mesh/proxy/stream.py). The connection
+window, shared by every stream, is credited as DATA arrives (RFC 9113 §5.2.2): held for
+queued data, a few stalled streams would stall every call on the connection.
 
 Writes are batched: every frame a pass over the input produces is joined and written
-once at its end (and a scheduled flush catches writes made from timers), because on a
-proxied unary call the syscalls, not the framing, are what cost.
+once at its end (mesh/proxy/flusher.py).
 """
 
 from __future__ import annotations
@@ -18,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 from mesh.proxy import frames as f
+from mesh.proxy.flusher import Flusher
 from mesh.proxy.hpack_codec import (
     Header,
     HeaderDecoder,
@@ -30,6 +25,9 @@ from mesh.proxy.hpack_codec import (
     HeaderError,
     HeaderListTooLarge,
 )
+
+if TYPE_CHECKING:
+    from mesh.proxy.stream import Side
 
 log = logging.getLogger(__name__)
 
@@ -46,197 +44,6 @@ MAX_STREAMS = 4096
 CONTROL_FRAMES_PER_SECOND = 1000
 #: The largest header list accepted (gRPC's own default limit is 16 KiB).
 MAX_HEADER_LIST = 1 << 16
-
-OnSent = Callable[[int], None]
-
-
-class Ended:
-    """What a closed stream of a finished call points at, in place of its exchange.
-
-    An exchange and its streams refer to each other. Left so, every call would be garbage
-    that only the cycle collector frees (some 20 objects a call: the exchange, its
-    streams, their queues and header lists), and its collections took ~10 % of a relay's
-    CPU under load (docs/benchmarks.md, "The relay's per-call cost"). Once a stream is
-    closed and its call done, the stream is sent no more frames, but the code that closed
-    it may still tell the call (a reset, a lost connection): this answers as a finished
-    exchange does, by ignoring it, and the call's objects are freed by reference counting.
-    """
-
-    __slots__ = ()
-    done = True
-    request_ended = True
-
-    def request_data(self, payload: bytes, flow: int, end_stream: bool) -> None:
-        pass
-
-    def request_trailers(self, end_stream: bool) -> None:
-        pass
-
-    def client_reset(self) -> None:
-        pass
-
-    def check_timers(self, now: float, stream_idle: float) -> None:
-        pass
-
-    def response_headers(self, up: Side, headers: list[Header], end_stream: bool) -> None:
-        pass
-
-    def response_data(self, up: Side, payload: bytes, flow: int, end_stream: bool) -> None:
-        pass
-
-    def upstream_reset(self, up: Side, code: int) -> None:
-        pass
-
-    def upstream_lost(self, up: Side, detail: str, *, connected: bool) -> None:
-        pass
-
-    def upstream_connected(self) -> None:
-        pass
-
-
-ENDED = Ended()
-
-
-class Side:
-    """One stream as one connection sees it: send window, queued data, credit owed."""
-
-    __slots__ = (
-        "conn",
-        "credit",
-        "ending",
-        "exchange",
-        "id",
-        "open",
-        "queue",
-        "recv_window",
-        "send_window",
-    )
-
-    def __init__(self, conn: Connection, stream_id: int, exchange: Any) -> None:
-        self.conn = conn
-        self.id = stream_id
-        self.send_window = conn.peer_initial_window
-        #: DATA waiting for window: (payload, end_stream, called with the flow length once
-        #: written, that flow length).
-        self.queue: deque[tuple[bytes, bool, OnSent | None, int]] = deque()
-        #: Bytes received on this stream, forwarded, not yet credited back.
-        self.credit = 0
-        #: What the peer may still send on this stream (our SETTINGS_INITIAL_WINDOW_SIZE
-        #: plus the WINDOW_UPDATEs we sent, less what it sent).
-        self.recv_window = STREAM_WINDOW
-        self.exchange = exchange
-        self.open = True
-        #: Set by :meth:`finish`: close (and maybe reset) once the queue is written.
-        self.ending: int | None = None
-
-    def send_headers(self, headers: list[Header], *, end_stream: bool) -> None:
-        conn = self.conn
-        block = conn.encoder.encode(headers)
-        if self.queue:
-            # Trailers must follow the data queued before them.
-            self.queue.append((block, end_stream, None, -1))
-            return
-        conn.write(f.headers(self.id, block, end_stream=end_stream, max_size=conn.peer_max_frame))
-
-    def send_data(
-        self, payload: bytes, *, end_stream: bool, on_sent: OnSent | None = None, flow: int = 0
-    ) -> None:
-        """DATA now if the windows allow, else queued; ``on_sent(flow)`` once it is written."""
-        conn = self.conn
-        size = len(payload)
-        if (
-            not self.queue
-            and size <= self.send_window
-            and size <= conn.send_window
-            and not conn.paused
-        ):
-            self.send_window -= size
-            conn.send_window -= size
-            conn.write(f.frame(f.DATA, f.END_STREAM if end_stream else 0, self.id, payload))
-            if on_sent is not None:
-                on_sent(flow)
-            return
-        self.queue.append((payload, end_stream, on_sent, flow))
-        self.flush()
-
-    def flush(self) -> None:
-        """Writes queued frames as far as the stream and connection windows allow."""
-        conn = self.conn
-        queue = self.queue
-        while queue:
-            if conn.paused:
-                return  # the socket is full: resume_writing flushes again
-            payload, end_stream, on_sent, flow = queue[0]
-            if flow < 0:  # a queued header block
-                queue.popleft()
-                conn.write(
-                    f.headers(self.id, payload, end_stream=end_stream, max_size=conn.peer_max_frame)
-                )
-                continue
-            room = min(self.send_window, conn.send_window)
-            size = len(payload)
-            if size > room:
-                if room <= 0:
-                    if conn.send_window <= 0:
-                        conn.blocked[self.id] = self
-                    return
-                # Send what fits; the rest waits (it carries the end flag and the credit).
-                head, rest = payload[:room], payload[room:]
-                queue[0] = (rest, end_stream, on_sent, flow)
-                self.send_window -= room
-                conn.send_window -= room
-                conn.write(f.frame(f.DATA, 0, self.id, head))
-                continue
-            queue.popleft()
-            self.send_window -= size
-            conn.send_window -= size
-            conn.write(f.frame(f.DATA, f.END_STREAM if end_stream else 0, self.id, payload))
-            if on_sent is not None:
-                on_sent(flow)
-        if self.ending is not None:
-            self._end()
-
-    def finish(self, *, reset: bool = False) -> None:
-        """Closes the stream once what is queued on it is written; with ``reset``, then
-        sends RST_STREAM NO_ERROR (the peer may stop sending)."""
-        self.ending = f.NO_ERROR if reset else -1
-        if not self.queue:
-            self._end()
-
-    def _end(self) -> None:
-        if self.ending is not None and self.ending >= 0 and self.open:
-            self.conn.write(f.rst_stream(self.id, self.ending))
-        self.close()
-
-    def reset(self, code: int) -> None:
-        if self.open:
-            self.conn.write(f.rst_stream(self.id, code))
-        self.close()
-
-    def close(self) -> None:
-        """Forgets the stream on its connection (no frames are written). Data still queued
-        is dropped and credited back to where it came from."""
-        if self.open:
-            self.open = False
-            if self.queue:  # most streams close with nothing queued: no new deque
-                queued, self.queue = self.queue, deque()
-                for _, _, on_sent, flow in queued:
-                    if on_sent is not None and flow > 0:
-                        on_sent(flow)
-            self.conn.stream_closed(self)
-            if getattr(self.exchange, "done", False):
-                self.exchange = ENDED  # see Ended
-
-    def credit_back(self, flow: int) -> None:
-        """Returns stream receive window for ``flow`` bytes of this stream that were
-        forwarded (the connection's was returned when they arrived)."""
-        conn = self.conn
-        if self.open:
-            self.credit += flow
-            if self.credit >= STREAM_WINDOW // 2:
-                conn.write(f.window_update(self.id, self.credit))
-                self.recv_window += self.credit
-                self.credit = 0
 
 
 class Connection(asyncio.Protocol):
@@ -561,92 +368,3 @@ class Connection(asyncio.Protocol):
 
     def settings_changed(self) -> None:
         """The peer's SETTINGS were applied."""
-
-
-class ClientConnection(Connection):
-    """The client side of a connection: the streams it opens, each for one call, and the
-    peer's answers passed on to that call (its ``response_headers``/``response_data``/
-    ``upstream_reset``/``upstream_lost``). The relay's upstreams and the worker's front
-    (to the grpc.aio server behind it) are both this."""
-
-    client_side = True
-
-    def __init__(self, flusher: Flusher) -> None:
-        super().__init__(flusher)
-        self.next_id = 1
-        self.connected = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.connected = True
-        super().connection_made(transport)
-        if self.going_away and not self.streams:
-            # Retired while connecting, its calls gone: stream_closed had no transport.
-            transport.close()
-
-    def open_stream(self, call: Any) -> Side:
-        side = Side(self, self.next_id, call)
-        self.streams[self.next_id] = side
-        self.next_id += 2
-        if self.next_id > (1 << 30):
-            # Far from the 2^31 limit, a fresh connection takes over new streams.
-            self.going_away = True
-        return side
-
-    def on_headers(self, stream_id: int, headers: list[Header], end_stream: bool) -> None:
-        side = self.streams.get(stream_id)
-        if side is not None:
-            side.exchange.response_headers(side, headers, end_stream)
-
-    def on_data(self, side: Side, payload: bytes, flow: int, end_stream: bool) -> None:
-        side.exchange.response_data(side, payload, flow, end_stream)
-
-    def on_reset(self, side: Side, code: int) -> None:
-        side.exchange.upstream_reset(side, code)
-
-    def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
-        side = self.streams.get(stream_id)
-        if side is not None:
-            side.reset(f.CANCEL)
-            side.exchange.upstream_reset(side, f.INTERNAL_ERROR)
-
-    def on_goaway(self, last_stream_id: int, code: int) -> None:
-        # Streams above the last one the peer processed never ran: safe to retry.
-        for side in [s for s in self.streams.values() if s.id > last_stream_id]:
-            side.close()
-            side.exchange.upstream_reset(side, f.REFUSED_STREAM)
-
-    def lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        detail = str(exc) if exc else "connection closed"
-        for side in list(self.streams.values()):
-            side.close()
-            side.exchange.upstream_lost(side, detail, connected=self.connected)
-
-    def stream_closed(self, side: Side) -> None:
-        super().stream_closed(side)
-        if self.going_away and not self.streams and self.transport is not None:
-            # Retired (GOAWAY, replaced, stream ids spent): closes when its last call ends.
-            self.transport.close()
-
-
-class Flusher:
-    """Writes every connection's batched frames once per pass over the input."""
-
-    def __init__(self) -> None:
-        self._dirty: list[Connection] = []
-        self._scheduled = False
-        #: Input passes under way: each flushes when it ends, so nothing is scheduled.
-        self.passes = 0
-
-    def mark(self, conn: Connection) -> None:
-        self._dirty.append(conn)
-        if not self._scheduled and not self.passes:
-            # Writes from timers and tasks have no input pass to end: flush them soon.
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            conn.flush_output()

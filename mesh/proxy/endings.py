@@ -16,9 +16,9 @@ import grpc
 
 from mesh.proxy import frames as f
 from mesh.proxy.call_state import CallState
-from mesh.proxy.connection import ENDED
 from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import Header
+from mesh.proxy.stream import ENDED
 from mesh.routing.callcheck import Rejection
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class Endings(CallState):
             self.up.close()
         self.body = []
         self.relay.exchanges.discard(self)
-        # Streams closed before the call was done still point at it (connection.Ended).
+        # Streams closed before the call was done still point at it (stream.Ended).
         for side in (self.down, self.up):
             if side is not None and not side.open:
                 side.exchange = ENDED

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mesh.proxy.connection import Side
 from mesh.proxy.hpack_codec import Header
 from mesh.proxy.responses import Responses
+from mesh.proxy.stream import Side
 from mesh.routing import callpolicy as policy
 from mesh.routing.callcheck import (
     MessageFramer,

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 from mesh.config.client_tls import ISTIO_MUTUAL, ClientTls
 from mesh.proxy import frames as f
-from mesh.proxy.connection import STREAM_WINDOW, Side
+from mesh.proxy.connection import STREAM_WINDOW
 from mesh.proxy.hpack_codec import Header
+from mesh.proxy.stream import Side
 
 if TYPE_CHECKING:
     from mesh.proxy.relay import Relay

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from mesh.balance.cluster import Cluster
 from mesh.config.client_tls import ISTIO_MUTUAL, ClientTls
 from mesh.config.destination_rule import ConnectionPool
-from mesh.proxy.connection import ClientConnection, Side
+from mesh.proxy.client_connection import ClientConnection
+from mesh.proxy.stream import Side
 from mesh.proxy.upstream_tls import UpstreamTls
 from mesh.routing import circuit
 from mesh.routing.circuit import CircuitBreakers

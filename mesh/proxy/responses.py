@@ -13,12 +13,13 @@ import grpc
 
 from mesh.proxy import frames as f
 from mesh.proxy.call_routing import Routing
-from mesh.proxy.connection import STREAM_WINDOW, Side
+from mesh.proxy.connection import STREAM_WINDOW
 from mesh.proxy.grpc_status import (
     message_of,
     status_of,
 )
 from mesh.proxy.hpack_codec import Header
+from mesh.proxy.stream import Side
 from mesh.routing import headers as md
 
 #: A unary response is held back up to this many bytes until its trailers (then it is

@@ -17,8 +17,8 @@ import pytest
 from gateway.app import Gateway
 from mesh.proxy import frames as f
 from mesh.proxy.connection import CONTROL_FRAMES_PER_SECOND, MAX_STREAMS
+from mesh.proxy.downstream import PREMATURE_RESETS
 from mesh.proxy.hpack_codec import Header, HeaderDecoder, HeaderEncoder
-from mesh.proxy.relay import PREMATURE_RESETS
 from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings, Service, Serving
 from mesh.server.testing import serve

@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.errors import NotFound
 from mesh.server.app import ServerSettings, Serving
-from mesh.server.h2_front import CallContext, HotMethod, start_fronted_server
+from mesh.server.call_context import CallContext
+from mesh.server.h2_front import HotMethod, start_fronted_server
 from mesh.server.sidecar_secret import HEADER, new_secret
 
 ECHO = "/meshserve.test.Front/Echo"

@@ -20,8 +20,9 @@ from typing import Any
 from mesh.config.client_tls import ClientTls
 from mesh.config.loader import load_path
 from mesh.config.snapshot import EMPTY
+from mesh.proxy.downstream import Downstream
 from mesh.proxy.pool import Upstream, UpstreamPool
-from mesh.proxy.relay import Downstream, Relay
+from mesh.proxy.relay import Relay
 from mesh.routing.discovery import EndpointTable, StaticDiscovery, StaticInstance
 from mesh.routing.state import GatewayState
 

@@ -92,7 +92,7 @@ def test_a_call_crosses_the_relays_mutual_tls_on_each_loop(choice: str) -> None:
 
 
 def test_finished_calls_are_freed_without_the_cycle_collector() -> None:
-    """A call's exchange and streams refer to each other until it ends (connection.Ended):
+    """A call's exchange and streams refer to each other until it ends (stream.Ended):
     left as a cycle, each call was garbage for the collector, ~10 % of a relay's CPU."""
     _, reply, left = eventloop.run(_call_through_mtls_relays(calls=20), choice="asyncio")
     assert reply.endswith(b"|hi")
