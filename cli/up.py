@@ -52,7 +52,13 @@ from protos.meshserve.data.v1 import data_pb2_grpc
 from registry.connect import StoreSettings
 from registry.embedded import free_port
 from registry.locate import STORE_SUBDIR
-from registry.state_dir import DEFAULT_STATE_DIR, UP_FILE, UpEndpoints
+from registry.state_dir import (
+    DEFAULT_STATE_DIR,
+    FALLBACK_STATE_DIR,
+    STATE_DIR_ENV,
+    UP_FILE,
+    UpEndpoints,
+)
 
 out = Console()
 
@@ -223,7 +229,22 @@ def _print_ready(units: Sequence[UnitStatus], gateway: str, state: Path, took: f
     out.print(table)
     out.print(f"gateway: [bold]{gateway}[/]   state: {state}   logs: {state / 'logs'}\n")
     out.print("[bold]Try, from another terminal:[/]")
-    for command in (
+    for command in try_commands(gateway, state):
+        out.print(f"  {command}", highlight=False, soft_wrap=True)
+    out.print("\nCtrl-C stops everything.", highlight=False)
+
+
+def try_commands(gateway: str, state: Path) -> list[str]:
+    """The commands ``up`` suggests once ready, as they work pasted into another terminal."""
+    # The CLI finds a running up through its state folder (.meshserve unless told): with
+    # another --state-dir, a pasted `meshserve status` would look for a different up.
+    export = (
+        []
+        if state == FALLBACK_STATE_DIR.resolve()
+        else [f"export {STATE_DIR_ENV}={shlex.quote(str(state))}   (this up's state folder)"]
+    )
+    return [
+        *export,
         "meshserve status",
         "meshserve restart inference-1   (a rolling restart: drains, then starts it again)",
         "meshserve models list",
@@ -237,9 +258,7 @@ def _print_ready(units: Sequence[UnitStatus], gateway: str, state: Path, took: f
         f"meshserve route explain --model {DEMO_MODEL}",
         f"meshserve bench {DEMO_MODEL} -c 1 8",
         "meshserve trace   (with up --traces)",
-    ):
-        out.print(f"  {command}", highlight=False, soft_wrap=True)
-    out.print("\nCtrl-C stops everything.", highlight=False)
+    ]
 
 
 def plan_workers(args: argparse.Namespace, es: str) -> list[Component]:

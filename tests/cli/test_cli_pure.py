@@ -13,6 +13,7 @@ from cli.call import split_target
 from cli.endpoints import default_gateway
 from cli.infer import build_request, decode_outputs, parse_inputs
 from cli.trace import trace_tree
+from cli.up import try_commands
 from mesh.cli_error import CliError
 from protos.inference import grpc_service_pb2 as pb
 from registry.state_dir import UpEndpoints
@@ -124,3 +125,16 @@ def test_up_json_names_the_gateway_only_while_its_up_process_lives(
     (tmp_path / "up.json").write_text(json.dumps(raw))
     assert UpEndpoints.read(tmp_path) is None
     assert default_gateway(tmp_path) == "127.0.0.1:8080"
+
+
+def test_ups_suggestions_name_its_state_folder_unless_it_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "my state"
+    suggested = try_commands("127.0.0.1:8080", other.resolve())
+    assert suggested[0].startswith(f"export MESHSERVE_STATE_DIR='{other.resolve()}' ")
+    assert "meshserve status" in suggested
+    default = try_commands("127.0.0.1:8080", (tmp_path / ".meshserve").resolve())
+    assert not any("MESHSERVE_STATE_DIR" in command for command in default)
+    assert "grpcurl -plaintext 127.0.0.1:8080 list" in default
