@@ -111,7 +111,8 @@ def _compare_rules(
             if _policy(before) != _policy(after):
                 # A timeout, retry, fault or header edit: not in the one-line description.
                 new_text += "; and its timeout, retries, fault or header edits changed"
-            elif old_text == new_text:
+            elif old_text == new_text and before.route != after.route:
+                # A rename alone is said by the subject; only destinations hide more.
                 new_text += "; its destinations' header edits changed"
             subject = _rule_subject(host, after)
             if before.name != after.name:

@@ -87,6 +87,13 @@ def test_a_destination_header_edit_alone_is_still_reported() -> None:
     assert all(c.after.endswith("its destinations' header edits changed") for c in changes)
 
 
+def test_a_renamed_rule_is_said_by_its_subject_alone() -> None:
+    renamed = applied(CANARY.replace("- name: canary-stream", "- name: stream", 1))
+    changes = routing_diff(applied(CANARY), renamed).changes
+    assert [c.subject for c in changes] == ["inference http[1] (canary-stream → stream)"]
+    assert changes[0].after == changes[0].before  # no edit claimed that was not made
+
+
 def test_binding_changes_show_gateways_and_gateway_resources() -> None:
     shipped = (REPO / "config" / "inference.yaml").read_text().split("---\n", 1)[0]
     mesh_only = shipped.replace("    - meshserve-gateway\n", "")
