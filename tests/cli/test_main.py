@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import subprocess
 import sys
 
@@ -132,3 +134,49 @@ def test_errors_read_as_one_line_named_like_a_grpc_status() -> None:
     )
     assert one_line_error(CliError("no input")) == "no input"
     assert one_line_error(KeyError("bug")) is None  # a bug keeps its traceback
+
+
+#: The pages a new user copies commands from.
+DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+#: A word that starts a meshserve command line in a shell block (after VAR=value words).
+ENTRY = re.compile(r"^(?:sudo )?(?:\.venv/bin/)?meshserve$")
+
+
+def _shell_commands(page: str) -> list[str]:
+    """The page's ```sh lines, continuations joined; fails on a continuation that lost
+    the backslash before it (pasted, it would run as a command of its own)."""
+    text = (REPO / page).read_text()
+    commands: list[str] = []
+    for block in re.findall(r"^\s*```sh\n(.*?)^\s*```", text, flags=re.M | re.S):
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            assert not line.strip().startswith("-"), f"{page}: no backslash before: {line}"
+            commands.append(line.strip())
+    return commands
+
+
+def _meshserve_argv(line: str) -> list[str] | None:
+    """The arguments of a meshserve command line, or None for any other line. A synopsis's
+    optional parts (``[--days 3650]``, ``[FILE...]``) are taken as given."""
+    line = re.sub(r"\[((?:-|[A-Z])[^\[\]]*?)(?:\.\.\.)?\](?:\.\.\.)?", r"\1", line)
+    words = shlex.split(line, comments=True)
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+        words.pop(0)
+    if not words or not ENTRY.match(" ".join(words[:2]) if words[0] == "sudo" else words[0]):
+        return None
+    words = words[2:] if words[0] == "sudo" else words[1:]
+    return words[:-1] if words[-1:] == ["&"] else words
+
+
+@pytest.mark.parametrize("page", DOCS)
+def test_every_meshserve_command_in_the_docs_parses(
+    page: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flag or command the docs still show after it was renamed or removed fails here."""
+    for line in _shell_commands(page):
+        argv = _meshserve_argv(line)
+        if argv is None:
+            continue
+        try:
+            build_parser(argv).parse_args(argv)
+        except SystemExit as exit:
+            assert not exit.code, f"{page}: {line}\n{capsys.readouterr().err}"
