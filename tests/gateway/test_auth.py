@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -167,6 +168,24 @@ def test_config_errors_name_the_field(tmp_path: Path, text: str, problem: str) -
     path.write_text(text)
     with pytest.raises(ConfigError, match=problem):
         AuthConfig.load(path)
+
+
+def test_the_auth_file_of_docs_security_md_loads_as_written(tmp_path: Path) -> None:
+    """The sample a user copies: only its elided digests and the key files it names are
+    filled in, so a field the loader renamed or stopped taking fails here."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    (sample,) = re.findall(r"```yaml\n(apiKeys:.*?)```", page, flags=re.S)
+    digests = iter([hash_key(KEY), hash_key("the ops key")])
+    text = re.sub(r'"[0-9a-f]{4}\.\.\."', lambda _: f'"{next(digests)}"', sample)
+    (tmp_path / "jwt.secret").write_bytes(SECRET)
+    (tmp_path / "issuer-rsa.pem").write_bytes(pem_public(RSA_KEY))
+    (tmp_path / "issuer-ec.pem").write_bytes(pem_public(EC_KEY))
+    (tmp_path / "auth.yaml").write_text(text)
+    config = AuthConfig.load(tmp_path / "auth.yaml")
+    assert sorted(config.api_keys.values()) == ["analytics", "ops"]
+    assert config.key_scopes == {hash_key("the ops key"): frozenset({"admin"})}
+    assert config.jwt is not None and len(config.jwt.keys) == 3
+    assert config.client_limits["analytics"].rate == 5.0
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
