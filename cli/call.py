@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from rich.console import Console
 
 from cli.endpoints import gateway_from_args
+from cli.headers import Metadata, add_header_argument, parse_headers
 from mesh.cli_error import CliError
 from registry.state_dir import add_state_dir_argument
 
@@ -61,7 +62,7 @@ def call(
     channel: grpc.Channel,
     method: MethodDescriptor,
     body: str,
-    metadata: list[tuple[str, str]],
+    metadata: Metadata,
     timeout: float,
 ) -> Iterator[dict[str, Any]]:
     """Sends one request built from JSON; yields the response(s) as JSON objects as they come."""
@@ -94,14 +95,7 @@ def call(
 
 def run(args: argparse.Namespace) -> int:
     address = gateway_from_args(args, args.address)
-    metadata = []
-    for pair in args.header:
-        key, sep, value = pair.partition(":")
-        if not sep:
-            key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CliError(f"-H needs KEY: VALUE, got {pair!r}")
-        metadata.append((key.strip().lower(), value.strip()))
+    metadata = parse_headers(args.header)
     body = args.data or ""
     if body.startswith("@"):
         with open(body[1:], encoding="utf-8") as file:
@@ -128,9 +122,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("target", help="SERVICE/METHOD, or `list`")
     parser.add_argument("-d", "--data", default="", help="request as JSON; @FILE reads a file")
-    parser.add_argument(
-        "-H", "--header", action="append", default=[], metavar="KEY: VALUE", help="metadata"
-    )
+    add_header_argument(parser)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
     parser.add_argument(
         "--address", default=None, help="server (default: the running up's gateway)"

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.endpoints import gateway_from_args
+from cli.headers import add_header_argument, parse_headers
 from mesh.cli_error import CliError
 from mesh.routing import headers as md
 from protos.inference import grpc_service_pb2 as pb
@@ -123,13 +124,14 @@ def decode_outputs(response: pb.ModelInferResponse) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     inputs = parse_inputs(args.data, args.input, [])
     address = gateway_from_args(args, args.address)
-    metadata_headers: tuple[tuple[str, str], ...] = (
-        ((md.MODEL_VERSION, args.version),) if args.version else ()
-    )
+    headers = parse_headers(args.header)
+    metadata_headers = (*headers, *(((md.MODEL_VERSION, args.version),) if args.version else ()))
     with grpc.insecure_channel(address) as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         metadata = stub.ModelMetadata(
-            pb.ModelMetadataRequest(name=args.model, version=args.version), timeout=args.timeout
+            pb.ModelMetadataRequest(name=args.model, version=args.version),
+            timeout=args.timeout,
+            metadata=headers,
         )
         request = build_request(args.model, args.version, metadata, inputs)
         response = stub.ModelInfer(request, timeout=args.timeout, metadata=metadata_headers)
@@ -180,5 +182,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
     parser.add_argument("--address", default=None, help="gateway (default: the running up)")
+    add_header_argument(parser)
     add_state_dir_argument(parser)
     parser.set_defaults(handler=run)
