@@ -18,6 +18,10 @@ Statuses (from what grpc-core's server and Envoy answer; where they differ, note
   own status table reserves for "something very broken".)
 - ``:path`` not ``/Service/Method``: UNIMPLEMENTED, as every gRPC server answers a method
   it does not have.
+- a header name gRPC metadata cannot have (upper case, empty, outside ``0-9 a-z _ - .``),
+  a connection-specific header, or a pseudo-header that is unknown or repeated (RFC 9113
+  §8.2.1, §8.2.2, §8.3: a malformed request): INTERNAL, as grpc-core answers ("Illegal
+  header key"). Forwarded, the upstream's INTERNAL counted against it.
 - a message with the compressed flag and no ``grpc-encoding`` (or ``identity``):
   INTERNAL, as grpc-core does; an encoding the mesh's servers do not offer:
   UNIMPLEMENTED with ``grpc-accept-encoding`` (gRPC's compression spec).
@@ -53,6 +57,35 @@ class Rejection:
     headers: tuple[Header, ...] = ()
 
 
+#: The pseudo-headers a request may carry (RFC 9113 §8.3.1; ``:protocol`` needs extended
+#: CONNECT, which the relay does not offer).
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
+#: RFC 9113 §8.2.2: headers of HTTP/1.1 connections, malformed in an HTTP/2 request.
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+#: gRPC's Header-Name characters ("0-9 a-z _ - ."): what every gRPC server accepts.
+_NAME_CHARS = b"0123456789abcdefghijklmnopqrstuvwxyz_-."
+
+
+def _malformed(message: str) -> Rejection:
+    return Rejection(grpc.StatusCode.INTERNAL, message)
+
+
+def _check_name(name: bytes) -> Rejection | None:
+    """A regular header's name judged as gRPC metadata and HTTP/2 require."""
+    if not name or name.translate(None, _NAME_CHARS):
+        return _malformed(
+            f"malformed header name {name.decode('latin-1')!r} "
+            "(gRPC metadata names are lower case: 0-9 a-z _ - .)"
+        )
+    if name in _CONNECTION_SPECIFIC:
+        return _malformed(
+            f"connection-specific header {name.decode('latin-1')!r} is not allowed in HTTP/2"
+        )
+    return None
+
+
 def _is_grpc_content_type(value: bytes) -> bool:
     # gRPC over HTTP/2: "application/grpc" [("+proto" / "+json" / {custom})], and
     # parameters after ";" are allowed.
@@ -62,18 +95,36 @@ def _is_grpc_content_type(value: bytes) -> bool:
     return rest == b"" or rest[:1] in (b"+", b";")
 
 
+_GOOD = Rejection(grpc.StatusCode.OK, "")
+#: :func:`_check_name` by name (``_GOOD``: fine): every call asks it of the same names.
+_checked_names: dict[bytes, Rejection] = {}
+
+
 def check_headers(headers: Iterable[Header]) -> Rejection | None:
     """The request's header block judged as gRPC over HTTP/2 requires."""
     method = scheme = path = content_type = te = None
+    pseudo: set[bytes] = set()
     for name, value in headers:
         if name[:1] == b":":
+            if name not in _REQUEST_PSEUDO or name in pseudo:
+                problem = "duplicate" if name in pseudo else "unknown"
+                return _malformed(f"{problem} pseudo-header {name.decode('latin-1')!r}")
+            pseudo.add(name)
             if name == b":method":
                 method = value
             elif name == b":scheme":
                 scheme = value
             elif name == b":path":
                 path = value
-        elif name == b"content-type":
+            continue
+        bad = _checked_names.get(name)
+        if bad is None:
+            bad = _check_name(name) or _GOOD
+            if len(_checked_names) < 4096:  # names are the caller's: bounded
+                _checked_names[name] = bad
+        if bad is not _GOOD:
+            return bad
+        if name == b"content-type":
             content_type = value
         elif name == b"te":
             te = value

@@ -197,6 +197,36 @@ MALFORMED: list[tuple[str, list[Header], list[bytes] | None, grpc.StatusCode, by
         grpc.StatusCode.INTERNAL,
         b":scheme",
     ),
+    # Forwarded, these made the worker's gRPC server answer INTERNAL ("Illegal header
+    # key"), which ejected it: header names gRPC and HTTP/2 forbid.
+    (
+        "upper-case name",
+        [*BASE, (b"X-Model-Version", b"1")],
+        [_message(REQUEST)],
+        grpc.StatusCode.INTERNAL,
+        b"header name 'X-Model-Version'",
+    ),
+    (
+        "empty name",
+        [*BASE, (b"", b"x")],
+        [_message(REQUEST)],
+        grpc.StatusCode.INTERNAL,
+        b"header name ''",
+    ),
+    (
+        "connection-specific",
+        [*BASE, (b"connection", b"close")],
+        [_message(REQUEST)],
+        grpc.StatusCode.INTERNAL,
+        b"connection-specific",
+    ),
+    (
+        "unknown pseudo-header",
+        [*BASE, (b":foo", b"x")],
+        [_message(REQUEST)],
+        grpc.StatusCode.INTERNAL,
+        b"pseudo-header ':foo'",
+    ),
 ]
 
 

@@ -59,6 +59,51 @@ def test_malformed_headers_are_rejected_with_a_named_problem(
 
 
 @pytest.mark.parametrize(
+    ("headers", "words"),
+    [
+        ([*GOOD, (b"X-Model-Version", b"1")], "'X-Model-Version'"),
+        ([*GOOD, (b"", b"x")], "''"),
+        ([*GOOD, (b"a b", b"x")], "'a b'"),
+        ([*GOOD, (b"x:y", b"x")], "'x:y'"),
+        ([*GOOD, (b"connection", b"keep-alive")], "connection-specific header 'connection'"),
+        ([*GOOD, (b"keep-alive", b"5")], "connection-specific header 'keep-alive'"),
+        ([*GOOD, (b"proxy-connection", b"x")], "connection-specific header 'proxy-connection'"),
+        ([*GOOD, (b"transfer-encoding", b"chunked")], "connection-specific header"),
+        ([*GOOD, (b"upgrade", b"h2c")], "connection-specific header 'upgrade'"),
+        ([*GOOD, (b":foo", b"x")], "pseudo-header ':foo'"),
+        ([*GOOD, (b":protocol", b"websocket")], "pseudo-header ':protocol'"),
+        ([*GOOD, (b":status", b"200")], "pseudo-header ':status'"),
+        ([*GOOD, (b":path", b"/x.Y/Z")], "duplicate pseudo-header ':path'"),
+        ([*GOOD, (b":authority", b"other")], "duplicate pseudo-header ':authority'"),
+    ],
+)
+def test_header_names_http2_or_grpc_forbid_are_rejected_by_name(
+    headers: list[tuple[bytes, bytes]], words: str
+) -> None:
+    """RFC 9113 §8.2-8.3 and gRPC's metadata names (0-9 a-z _ - .): forwarded, such a
+    header made the worker's gRPC server answer INTERNAL ("Illegal header key"), which
+    counted against the worker in outlier detection."""
+    rejected = check_headers(headers)
+    assert rejected is not None
+    assert rejected.code is grpc.StatusCode.INTERNAL
+    assert words in rejected.message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (b"x-model-version", b"1"),
+        (b"my_key.v2-bin", b"AAEC"),
+        (b"grpc-timeout", b"1S"),
+        (b"user-agent", b"grpc-python/1.70"),
+        (b"x-value", b"any value: with spaces\tand \xff bytes"),
+    ],
+)
+def test_grpc_metadata_names_pass(extra: tuple[bytes, bytes]) -> None:
+    assert check_headers([*GOOD, extra]) is None
+
+
+@pytest.mark.parametrize(
     "content_type",
     [b"application/grpc", b"application/grpc+proto", b"application/grpc;charset=utf-8"],
 )
