@@ -22,6 +22,8 @@ Statuses (from what grpc-core's server and Envoy answer; where they differ, note
   a connection-specific header, or a pseudo-header that is unknown or repeated (RFC 9113
   §8.2.1, §8.2.2, §8.3: a malformed request): INTERNAL, as grpc-core answers ("Illegal
   header key"). Forwarded, the upstream's INTERNAL counted against it.
+- a ``grpc-timeout`` that is not at most 8 digits and a unit: INTERNAL, as grpc-core and
+  grpc-go answer (ignored, the call would run with no deadline at all).
 - a message with the compressed flag and no ``grpc-encoding`` (or ``identity``):
   INTERNAL, as grpc-core does; an encoding the mesh's servers do not offer:
   UNIMPLEMENTED with ``grpc-accept-encoding`` (gRPC's compression spec).
@@ -38,6 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
+
+from mesh.routing.callpolicy import parse_timeout
 
 Header = tuple[bytes, bytes]
 
@@ -128,6 +132,11 @@ def check_headers(headers: Iterable[Header]) -> Rejection | None:
             content_type = value
         elif name == b"te":
             te = value
+        elif name == b"grpc-timeout" and parse_timeout(value) is None:
+            return _malformed(
+                f"malformed grpc-timeout {value.decode('latin-1')!r} "
+                "(want at most 8 digits and a unit: H M S m u n)"
+            )
     if method != b"POST" or content_type is None or not _is_grpc_content_type(content_type):
         got = f"{(method or b'').decode('latin-1')} {(content_type or b'').decode('latin-1')!r}"
         return Rejection(grpc.StatusCode.UNIMPLEMENTED, f"the gateway serves gRPC only (got {got})")

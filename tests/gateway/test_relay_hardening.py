@@ -220,6 +220,14 @@ MALFORMED: list[tuple[str, list[Header], list[bytes] | None, grpc.StatusCode, by
         grpc.StatusCode.INTERNAL,
         b"connection-specific",
     ),
+    # Was ignored (the call ran without a deadline), where a gRPC server answers INTERNAL.
+    (
+        "malformed grpc-timeout",
+        [*BASE, (b"grpc-timeout", b"1.5S")],
+        [_message(REQUEST)],
+        grpc.StatusCode.INTERNAL,
+        b"grpc-timeout '1.5S'",
+    ),
     (
         "unknown pseudo-header",
         [*BASE, (b":foo", b"x")],

@@ -90,6 +90,24 @@ def test_header_names_http2_or_grpc_forbid_are_rejected_by_name(
 
 
 @pytest.mark.parametrize(
+    "value", [b"abc", b"1", b"S", b"-1S", b"1.5S", b"1s", b" 1S", b"123456789S", b""]
+)
+def test_a_malformed_grpc_timeout_is_rejected_not_ignored(value: bytes) -> None:
+    """gRPC's TimeoutValue is at most 8 digits and a unit (H M S m u n); grpc-core and
+    grpc-go answer anything else INTERNAL. The relay ignored it: the call ran with no
+    deadline at all."""
+    rejected = check_headers([*GOOD, (b"grpc-timeout", value)])
+    assert rejected is not None
+    assert rejected.code is grpc.StatusCode.INTERNAL
+    assert f"grpc-timeout {value.decode()!r}" in rejected.message
+
+
+@pytest.mark.parametrize("value", [b"1S", b"99999999H", b"0n", b"250m", b"10u", b"5M"])
+def test_a_well_formed_grpc_timeout_passes(value: bytes) -> None:
+    assert check_headers([*GOOD, (b"grpc-timeout", value)]) is None
+
+
+@pytest.mark.parametrize(
     "extra",
     [
         (b"x-model-version", b"1"),
