@@ -305,6 +305,8 @@ class Connection(asyncio.Protocol):
                 self.peer_initial_window = value
                 for side in self.streams.values():
                     side.send_window += delta
+                    if side.send_window > f.MAX_WINDOW:  # RFC 9113 §6.9.2
+                        raise f.ProtocolError("a stream window over 2^31-1", f.FLOW_CONTROL_ERROR)
             elif key == f.MAX_FRAME_SIZE:
                 if not f.MIN_MAX_FRAME_SIZE <= value <= (1 << 24) - 1:
                     raise f.ProtocolError("MAX_FRAME_SIZE out of range")
@@ -322,6 +324,8 @@ class Connection(asyncio.Protocol):
             raise f.ProtocolError("WINDOW_UPDATE of 0")
         if stream_id == 0:
             self.send_window += increment
+            if self.send_window > f.MAX_WINDOW:  # RFC 9113 §6.9.1
+                raise f.ProtocolError("connection window over 2^31-1", f.FLOW_CONTROL_ERROR)
             blocked = list(self.blocked.values())
             self.blocked.clear()
             for waiting in blocked:
@@ -331,6 +335,11 @@ class Connection(asyncio.Protocol):
         side = self.streams.get(stream_id)
         if side is not None:
             side.send_window += increment
+            if side.send_window > f.MAX_WINDOW:
+                # A stream error (RFC 9113 §6.9.1): the call ends as if the peer reset it.
+                side.reset(f.FLOW_CONTROL_ERROR)
+                self.on_reset(side, f.FLOW_CONTROL_ERROR)
+                return
             if side.queue:
                 side.flush()
 

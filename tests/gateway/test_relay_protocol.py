@@ -647,3 +647,50 @@ async def test_a_unary_call_whose_upstream_dies_mid_response_is_retried() -> Non
         for server in servers:
             server.close()
             await server.wait_closed()
+
+
+async def _first_error(client: RawClient, stream_id: int) -> tuple[str, int] | None:
+    """("stream", code) for an RST_STREAM on ``stream_id``, ("connection", code) for a
+    GOAWAY with an error; None: the connection ended without either."""
+    while True:
+        got = await client.next_frame()
+        if got is None:
+            return None
+        kind, _, sid, payload = got
+        if kind == f.GOAWAY and f.parse_goaway(payload)[1] != f.NO_ERROR:
+            return "connection", f.parse_goaway(payload)[1]
+        if kind == f.RST_STREAM and sid == stream_id:
+            return "stream", f.parse_u32(payload)
+
+
+@pytest.mark.parametrize(
+    "overflow",
+    [
+        [f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW), f.window_update(0, 1)],
+        [f.window_update(1, 10), f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW})],
+    ],
+    ids=["connection window", "stream window by SETTINGS"],
+)
+async def test_a_window_past_the_largest_is_a_connection_flow_control_error(
+    overflow: list[bytes],
+) -> None:
+    """RFC 9113 §6.9.1-2: a WINDOW_UPDATE that takes the connection's window past 2^31-1,
+    or a SETTINGS_INITIAL_WINDOW_SIZE that takes a stream's there, is a connection
+    FLOW_CONTROL_ERROR. The relay added it up and went on."""
+    async with relayed() as s, connect_raw(s.serving.address) as client:
+        client.request(1, BIDI, end=False)
+        client.send(b"".join(overflow))
+        assert await _first_error(client, 1) == ("connection", f.FLOW_CONTROL_ERROR)
+
+
+async def test_a_stream_window_past_the_largest_fails_that_stream_only() -> None:
+    async with relayed() as s, connect_raw(s.serving.address) as client:
+        client.request(1, BIDI, end=False)
+        client.send(f.window_update(1, f.MAX_WINDOW))
+        assert await _first_error(client, 1) == ("stream", f.FLOW_CONTROL_ERROR)
+        # The connection goes on serving.
+        client.request(3, UNARY, end=False)
+        client.message(3, b"abc", end=True)
+        data, trailers = await client.until_end(3)
+        assert trailers is not None and b"grpc-status: 0\n" in trailers
+        assert data.endswith(b"cba")
