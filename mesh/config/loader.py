@@ -93,6 +93,12 @@ def _yaml_error(source: str, exc: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"{source}:{where}: not valid YAML: {problem}")
 
 
+def _too_deep(source: str) -> ConfigError:
+    # PyYAML composes (and dumps) recursively: a few thousand '[' exhaust Python's stack,
+    # and its RecursionError is not a YAMLError.
+    return ConfigError(f"{source}: not valid YAML: nested too deeply")
+
+
 def load_yaml(text: str, source: str) -> Any:
     """One YAML document as the Kubernetes API reads it (times stay text), for the other
     files meshserve reads (the gateway's auth file); errors are ConfigErrors naming
@@ -101,6 +107,8 @@ def load_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_KubernetesLoader)
     except yaml.YAMLError as exc:
         raise _yaml_error(source, exc) from exc
+    except RecursionError:
+        raise _too_deep(source) from None
 
 
 def parse_yaml(text: str, source: str) -> list[Document]:
@@ -109,12 +117,17 @@ def parse_yaml(text: str, source: str) -> list[Document]:
         raw_documents = list(yaml.load_all(text, Loader=_KubernetesLoader))
     except yaml.YAMLError as exc:
         raise _yaml_error(source, exc) from exc
+    except RecursionError:
+        raise _too_deep(source) from None
     documents = []
     for index, raw in enumerate(raw_documents):
         if raw is None:  # an empty document between '---' separators
             continue
-        resource = parse_resource(raw, source, index + 1)
-        documents.append(Document(resource, yaml.safe_dump(raw, sort_keys=False)))
+        try:
+            resource = parse_resource(raw, source, index + 1)
+            documents.append(Document(resource, yaml.safe_dump(raw, sort_keys=False)))
+        except RecursionError:
+            raise _too_deep(source) from None
     return documents
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.config.fields import ConfigError
-from mesh.config.loader import parse_resource, parse_yaml
+from mesh.config.loader import load_yaml, parse_resource, parse_yaml
 from mesh.config.resource import API_VERSIONS
 from mesh.config.snapshot import MeshConfig
 from mesh.config.views import MESH_VIEW, ingress_view
@@ -435,3 +436,28 @@ def test_yaml_text_to_snapshot_raises_only_config_errors(raws: list[Any]) -> Non
     # Every view's route table builds from whatever the snapshot accepted.
     for view in (MESH_VIEW, ingress_view(port=8080), ingress_view(port=None)):
         config.routes(view)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 5000 + "]" * 5000, "a: " + "{b: " * 3000 + "c" + "}" * 3000],
+    ids=["lists", "mappings"],
+)
+def test_yaml_nested_too_deeply_is_a_config_error(text: str) -> None:
+    """Such a file raised RecursionError from PyYAML's recursive composer: a traceback
+    from ``meshserve apply``, an INTERNAL from the Admin API."""
+    with pytest.raises(ConfigError, match=r"^deep\.yaml: .*nested too deeply"):
+        parse_yaml(text, "deep.yaml")
+    with pytest.raises(ConfigError, match=r"^deep\.yaml: .*nested too deeply"):
+        load_yaml(text, "deep.yaml")
+
+
+def test_an_ignored_status_nested_too_deeply_to_dump_is_a_config_error() -> None:
+    """Deep enough to parse, too deep for the dump every Document keeps."""
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\n"
+        "spec: {hosts: [x], http: [{route: [{destination: {host: x}}]}]}\n"
+        "status: " + "[" * 450 + "]" * 450
+    )
+    with pytest.raises(ConfigError, match=r"^deep\.yaml: .*nested too deeply"):
+        parse_yaml(text, "deep.yaml")
