@@ -186,9 +186,15 @@ def apply_config(args: argparse.Namespace) -> int:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise CliError(f"{file}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise CliError(f"{file}: not UTF-8 text (byte {exc.start})") from exc
         # Validated here first so errors name the file; the gateway validates again,
         # against the running config and the mesh (cross-references, hosts, versions).
-        incoming.extend(parse_yaml(text, str(file)))
+        documents = parse_yaml(text, str(file))
+        if not documents:
+            # As kubectl refuses "no objects passed to apply" (a file emptied by mistake).
+            raise CliError(f"{file}: no resources to apply")
+        incoming.extend(documents)
         texts.append(text)
     request = admin_pb2.ApplyConfigRequest(
         yaml="\n---\n".join(texts), expected_version=args.expected_version, dry_run=args.dry_run

@@ -259,7 +259,12 @@ class ConfigPipeline:
         source = "admin"
         self._expect(expected_version)
         try:
-            overlay = overlaid(self.overlay_docs, parse_yaml(text, source))
+            incoming = parse_yaml(text, source)
+            if not incoming:
+                # Else a new version identical to the running one: the rollback after it
+                # would restore nothing (kubectl: "no objects passed to apply").
+                raise ConfigError(f"{source}: no resources to apply")
+            overlay = overlaid(self.overlay_docs, incoming)
             config = self.build(self.base, overlay, self.overlay)
         except ConfigError as exc:
             if not dry_run:

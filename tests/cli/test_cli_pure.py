@@ -12,6 +12,7 @@ import pytest
 from cli.call import split_target
 from cli.endpoints import default_gateway
 from cli.infer import build_request, decode_outputs, parse_inputs
+from cli.main import main
 from cli.trace import trace_tree
 from cli.up import try_commands
 from mesh.cli_error import CliError
@@ -53,6 +54,27 @@ def test_npy_inputs_are_read_by_name(tmp_path: Path) -> None:
 def test_bad_inputs_are_one_line_errors(data: str | None, files: list[str], message: str) -> None:
     with pytest.raises(CliError, match=message):
         parse_inputs(data, files, [])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty.yaml: no resources to apply"),
+        (b"---\n# nothing\n---\n", "empty.yaml: no resources to apply"),
+        (b"\xff\xfekind: x\n", "empty.yaml: not UTF-8 text"),
+    ],
+)
+def test_apply_refuses_files_without_resources_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    """Checked before any gateway is called (this one does not exist). An empty file
+    was applied as a new version; a binary one failed without naming the file."""
+    path = tmp_path / "empty.yaml"
+    path.write_bytes(content)
+    code = main(["config", "apply", "--gateway", "127.0.0.1:1", "--api-key", "k", str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_inputs_must_match_the_model() -> None:

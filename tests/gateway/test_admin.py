@@ -122,6 +122,22 @@ async def test_rejected_apply_keeps_the_running_config_and_is_shown() -> None:
         assert (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version == version
 
 
+@pytest.mark.parametrize("text", ["", "---\n---\n", "# only a comment\n"])
+async def test_an_apply_with_no_resources_is_refused_and_makes_no_version(text: str) -> None:
+    """As ``kubectl apply`` refuses "no objects passed to apply": an empty file made a new
+    config version identical to the running one, so the ``config rollback`` after it
+    restored nothing the operator could see."""
+    async with mesh(1) as m:
+        stub = admin(m.admin_channel)
+        version = (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version
+        for dry_run in (True, False):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=text, dry_run=dry_run))
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details() == "admin: no resources to apply"
+        assert (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version == version
+
+
 async def test_explain_route_ring_and_endpoints_agree_with_real_routing() -> None:
     async with mesh() as m:
         stub = admin(m.admin_channel)
