@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import grpc
 
+#: The most of a status message sent (UTF-8 bytes). grpc-message travels in the trailers'
+#: header block, which peers cap (grpc-core's metadata limit is 8 KiB by default, the
+#: relay's header list 64 KiB, percent-encoding triples non-ASCII bytes): an error quoting
+#: a client's 4 MB value failed its call UNAVAILABLE instead of with its own status.
+MAX_MESSAGE_BYTES = 2048
+
+
+def clamp_message(message: str) -> str:
+    """``message``, cut to at most MAX_MESSAGE_BYTES of UTF-8, saying how much was cut."""
+    data = message.encode()
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    kept = data[: MAX_MESSAGE_BYTES - 32].decode(errors="ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} bytes cut)"
+
 
 class MeshError(Exception):
     """Base of every error a servicer may raise on purpose.

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 import grpc
 import grpc.aio
 
-from mesh.errors import MeshError
+from mesh.errors import MeshError, clamp_message
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     so a call gets the same answer whichever of them served it.
     """
     if isinstance(exc, MeshError):
-        return exc.code, exc.message, exc.trailers
+        return exc.code, clamp_message(exc.message), exc.trailers
     # Anything else is a bug: log it whole here, tell the client only a reference
     # it can quote, never the exception text (it may hold paths or secrets).
     ref = uuid.uuid4().hex[:12]

@@ -138,6 +138,25 @@ async def test_an_apply_with_no_resources_is_refused_and_makes_no_version(text: 
         assert (await stub.DumpConfig(admin_pb2.DumpConfigRequest())).version == version
 
 
+async def test_an_error_quoting_a_huge_value_keeps_its_status_and_is_cut_short() -> None:
+    """A ConfigError quotes the offending value: one of 4 MB made a grpc-message no
+    header block could carry, and the call failed UNAVAILABLE ("connection closed",
+    "reset the stream") instead of INVALID_ARGUMENT."""
+    huge = "a" * 1_000_000
+    yaml_text = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        f"metadata: {{name: {huge}}}\nspec: {{hosts: [x]}}\n"
+    )
+    async with mesh(1) as m:
+        stub = admin(m.admin_channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml_text, dry_run=True))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        assert details.startswith("admin: VirtualService/aaa")
+        assert 1000 < len(details.encode()) <= 2048 and details.endswith("bytes cut)")
+
+
 async def test_explain_route_ring_and_endpoints_agree_with_real_routing() -> None:
     async with mesh() as m:
         stub = admin(m.admin_channel)
