@@ -197,14 +197,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+#: The most of an error line printed: a config error quotes the value it refuses, which
+#: may be a whole 4 MB file.
+MAX_ERROR_LINE = 2000
+
+
 def one_line_error(exc: BaseException) -> str | None:
-    """What ``meshserve`` prints for an error a command may raise; None for anything else
-    (a bug: its traceback is worth more than a line).
+    """What ``meshserve`` prints for an error a command may raise (cut to MAX_ERROR_LINE);
+    None for anything else (a bug: its traceback is worth more than a line).
 
     Mesh errors and gRPC errors are named like a gRPC status: the same failure reads the
     same from any command. Their modules are looked at only if a command imported them
     (an exception of a class never imported cannot have been raised).
     """
+    line = _error_text(exc)
+    if line is not None and len(line) > MAX_ERROR_LINE:
+        line = f"{line[:MAX_ERROR_LINE]}... ({len(line) - MAX_ERROR_LINE} characters cut)"
+    return line
+
+
+def _error_text(exc: BaseException) -> str | None:
     if "mesh.errors" in sys.modules:
         from mesh.errors import MeshError
 

@@ -180,3 +180,10 @@ def test_every_meshserve_command_in_the_docs_parses(
             build_parser(argv).parse_args(argv)
         except SystemExit as exit:
             assert not exit.code, f"{page}: {line}\n{capsys.readouterr().err}"
+
+
+def test_an_error_quoting_a_huge_value_is_cut_to_a_readable_line() -> None:
+    """``meshserve apply`` of a file holding one 4 MB string printed all of it."""
+    line = one_line_error(CliError("spec: must be a mapping, got a string ('" + "x" * 10**6 + "')"))
+    assert line is not None and len(line) < 2100
+    assert line.startswith("spec: must be a mapping") and line.endswith("characters cut)")
