@@ -47,7 +47,12 @@ def parse_inputs(data: str | None, files: list[str], names: list[str]) -> dict[s
     """
     inputs: dict[str, Any] = {}
     if data is not None:
-        text = Path(data[1:]).read_text() if data.startswith("@") else data
+        text = data
+        if data.startswith("@"):
+            try:
+                text = Path(data[1:]).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CliError(f"cannot read input {data[1:]}: {exc}") from exc
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -69,6 +74,25 @@ def parse_inputs(data: str | None, files: list[str], names: list[str]) -> dict[s
     if "" in inputs and len(inputs) > 1:
         raise CliError("an unnamed input is only allowed when it is the only one")
     return inputs
+
+
+def _cast(name: str, value: Any, datatype: str) -> Any:
+    """``value`` as a contiguous array of the input's datatype, refused where the cast
+    would change the numbers (a complex part, a fraction or an overflow dropped); float
+    precision may go (FP64 values sent as FP32)."""
+    try:
+        array = np.asarray(value)
+    except ValueError as exc:  # ragged lists
+        raise CliError(f"input {name}: {exc}") from exc
+    target = np.dtype(NUMPY[datatype])
+    refused = CliError(f"input {name}: cannot send {array.dtype} values as {datatype}")
+    if array.dtype.kind not in "biuf":
+        raise refused
+    with np.errstate(all="ignore"):
+        cast = array.astype(target)
+        if target.kind in "biu" and not np.array_equal(cast.astype(array.dtype), array):
+            raise refused
+    return np.ascontiguousarray(cast)
 
 
 def build_request(
@@ -97,7 +121,7 @@ def build_request(
         else:
             if datatype not in NUMPY:
                 raise CliError(f"input {name}: datatype {datatype} is not supported by the CLI")
-            array = np.ascontiguousarray(np.asarray(value, dtype=NUMPY[datatype]))
+            array = _cast(name, value, datatype)
             raw, shape = array.tobytes(), array.shape
         request.inputs.add(name=name, datatype=datatype, shape=list(shape))
         request.raw_input_contents.append(raw)

@@ -56,6 +56,14 @@ def test_bad_inputs_are_one_line_errors(data: str | None, files: list[str], mess
         parse_inputs(data, files, [])
 
 
+def test_a_data_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """``-d @FILE`` of a binary file said only "'utf-8' codec can't decode byte 0xff"."""
+    path = tmp_path / "input.json"
+    path.write_bytes(b"\xff\xfe[1]")
+    with pytest.raises(CliError, match=r"cannot read input .*input\.json: 'utf-8' codec"):
+        parse_inputs(f"@{path}", [], [])
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -75,6 +83,34 @@ def test_apply_refuses_files_without_resources_by_name(
     err = capsys.readouterr().err
     assert code == 1 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "datatype", "words"),
+    [
+        (np.array([[1 + 2j, 3]], dtype=np.complex64), "FP32", "complex64 values as FP32"),
+        ([[1.5, 2.0]], "INT32", "float64 values as INT32"),
+        ([["a", "b"]], "FP32", "<U1 values as FP32"),
+        ([[-1, 2]], "UINT8", "int64 values as UINT8"),
+    ],
+)
+def test_values_an_input_cannot_hold_are_refused_not_cast(
+    value: object, datatype: str, words: str
+) -> None:
+    """numpy's cast dropped the imaginary part of complex numbers and the fraction of
+    floats sent to an integer model (with a warning on stderr at best): the model saw
+    other numbers than the user's, and answered for them."""
+    with pytest.raises(CliError, match=rf"input x: cannot send {words}"):
+        build_request("m", "", metadata(("x", datatype)), {"x": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "datatype"),
+    [([[1, 2]], "FP32"), ([[1.5, 2]], "FP16"), ([[True, False]], "FP32"), ([[1, 2]], "INT8")],
+)
+def test_values_of_the_same_kind_are_cast(value: object, datatype: str) -> None:
+    request = build_request("m", "", metadata(("x", datatype)), {"x": value})
+    assert list(request.inputs[0].shape) == [1, 2]
 
 
 def test_inputs_must_match_the_model() -> None:
