@@ -27,6 +27,9 @@ SCHEDULES = {
     training_pb2.SCHEDULE_KIND_COSINE,
 }
 MODEL_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+#: A model name is a directory of the repository (filesystems allow 255 bytes): bounded
+#: as dataset names are (workers/data/schema.py).
+MAX_MODEL_NAME = 128
 MAX_WORLD_SIZE = 64
 
 
@@ -38,6 +41,8 @@ def validate_spec(spec: training_pb2.JobSpec) -> None:
             f"model_name: must be letters, digits, '.', '_' or '-' and not start with '.', "
             f"got {name!r}"
         )
+    if len(name) > MAX_MODEL_NAME:
+        raise InvalidArgument(f"model_name: at most {MAX_MODEL_NAME} characters, got {len(name)}")
     if spec.architecture.WhichOneof("kind") is None:
         raise InvalidArgument(
             "architecture: unknown or missing; choose one of mlp, cnn, transformer"

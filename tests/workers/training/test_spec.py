@@ -79,6 +79,14 @@ def test_bad_specs_name_the_field(mutation: str, field: str) -> None:
     assert info.value.message.startswith(f"{field}:")
 
 
+def test_a_model_name_too_long_for_a_directory_is_refused_before_training() -> None:
+    """A 300-character name was accepted: the whole job trained, then failed to publish
+    with "File name too long" and the repository's path in the error."""
+    with pytest.raises(InvalidArgument, match=r"^model_name: at most 128 characters, got 300"):
+        spec.validate_spec(with_("s.model_name = 'n' * 300"))
+    spec.validate_spec(with_("s.model_name = 'n' * 128"))
+
+
 def test_a_good_spec_passes_and_plans_equal_steps_per_rank() -> None:
     s = mlp_spec(world_size=3, batch_size=16)
     spec.validate_spec(s)
