@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import grpc
 from rich.console import Console
@@ -174,7 +175,7 @@ def wait_served(channel: grpc.Channel, model: str, version: str, timeout: float)
 
 
 def run(args: argparse.Namespace) -> int:
-    hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
+    hidden: list[int] = args.hidden
     if args.optimizer not in _OPTIMIZERS:
         raise CliError(f"unknown optimizer {args.optimizer!r}: one of {', '.join(_OPTIMIZERS)}")
     spec = mlp_spec(
@@ -206,6 +207,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranged(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer the JobSpec field can hold (protobuf's own check
+    said only "Value out of range", naming no flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range [{low}, {high}]")
+        return value
+
+    return parse
+
+
+_INT32 = _ranged(-(1 << 31), (1 << 31) - 1)
+_UINT64 = _ranged(0, (1 << 64) - 1)
+
+
+def _sizes(text: str) -> list[int]:
+    """--hidden: comma-separated layer widths."""
+    return [_INT32(part.strip()) for part in text.split(",") if part.strip()]
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -215,16 +241,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("model", help="model name; the job publishes its next version")
     parser.add_argument("--dataset", required=True, help="dataset name (latest version)")
-    parser.add_argument("--hidden", default="32", help="hidden layer sizes, comma separated")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--hidden", type=_sizes, default=[32], help="hidden layer sizes, comma separated"
+    )
+    parser.add_argument("--epochs", type=_INT32, default=3)
+    parser.add_argument("--batch-size", type=_INT32, default=64)
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate")
     parser.add_argument("--optimizer", default="adam", help=", ".join(_OPTIMIZERS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_UINT64, default=0)
     parser.add_argument("--device", default="", help="cpu, cuda or empty (worker's default)")
     parser.add_argument(
         "--world-size",
-        type=int,
+        type=_INT32,
         default=0,
         help="DDP processes (0 or 1: one); a worker of a node group spreads its group's "
         "world size across hosts",

@@ -196,3 +196,24 @@ def test_ups_suggestions_name_its_state_folder_unless_it_is_the_default(
     default = try_commands("127.0.0.1:8080", (tmp_path / ".meshserve").resolve())
     assert not any("MESHSERVE_STATE_DIR" in command for command in default)
     assert "grpcurl -plaintext 127.0.0.1:8080 list" in default
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--epochs", "99999999999999999999", "argument --epochs: 99999999999999999999 is out"),
+        ("--batch-size", "99999999999", "argument --batch-size: 99999999999 is out of range"),
+        ("--seed", "-1", "argument --seed: -1 is out of range [0, "),
+        ("--hidden", "32,a", "argument --hidden: not an integer: 'a'"),
+        ("--world-size", "x", "argument --world-size: not an integer: 'x'"),
+    ],
+)
+def test_train_flags_out_of_a_job_specs_range_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str, words: str
+) -> None:
+    """Protobuf's own check answered "error: Value out of range: 99999999999999999999",
+    naming no flag; and "--hidden 32,a" "invalid literal for int() with base 10"."""
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "demo", "--dataset", "d", flag, value])
+    assert exited.value.code == 2
+    assert words in capsys.readouterr().err
