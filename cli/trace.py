@@ -36,10 +36,26 @@ def read_spans(path: Path) -> list[dict[str, Any]]:
         ) from exc
     for line in lines:
         try:
-            spans.append(json.loads(line))
+            span = json.loads(line)
         except ValueError:
             continue
+        if _is_span(span):  # a stray line (or a file of something else) is skipped
+            spans.append(span)
     return spans
+
+
+def _is_span(value: Any) -> bool:
+    """Whether ``value`` has what the tree reads of a span (OpenTelemetry's JSON)."""
+    if not isinstance(value, dict):
+        return False
+    context = value.get("context")
+    return (
+        isinstance(context, dict)
+        and all(isinstance(context.get(k), str) for k in ("trace_id", "span_id"))
+        and all(isinstance(value.get(k), str) for k in ("name", "kind", "start_time", "end_time"))
+        and isinstance(value.get("attributes", {}), dict)
+        and isinstance(value.get("resource", {}), dict)
+    )
 
 
 def _millis(span: dict[str, Any]) -> float:

@@ -13,7 +13,7 @@ from cli.call import split_target
 from cli.endpoints import default_gateway
 from cli.infer import build_request, decode_outputs, parse_inputs
 from cli.main import main
-from cli.trace import trace_tree
+from cli.trace import read_spans, trace_tree
 from cli.up import try_commands
 from mesh.cli_error import CliError
 from protos.inference import grpc_service_pb2 as pb
@@ -165,6 +165,20 @@ def test_trace_tree_nests_spans_under_their_parents_whatever_the_file_order() ->
     assert "sidecar/inference" in str(child.label)
     with pytest.raises(CliError, match="no spans"):
         trace_tree(spans, "0xdef")
+
+
+def test_lines_of_a_span_file_that_are_not_spans_are_skipped(tmp_path: Path) -> None:
+    """``meshserve trace --file`` of a JSON-lines file of something else (or a span file
+    with a stray line) failed with a traceback: AttributeError: 'int' object has no
+    attribute 'get'."""
+    good = _span("0x1", None, "gateway", "1")
+    stray = ["1", "[]", "{}", '{"context": 5}', '{"name": 3, "context": {}}', "not json"]
+    path = tmp_path / "traces.jsonl"
+    path.write_text("\n".join([*stray, json.dumps(good)]) + "\n")
+    assert read_spans(path) == [good]
+    path.write_text("\n".join(stray) + "\n")
+    code = main(["trace", "--file", str(path)])
+    assert code == 1  # "no ... request traced in FILE yet", not a traceback
 
 
 def test_up_json_names_the_gateway_only_while_its_up_process_lives(
