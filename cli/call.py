@@ -98,8 +98,11 @@ def run(args: argparse.Namespace) -> int:
     metadata = parse_headers(args.header)
     body = args.data or ""
     if body.startswith("@"):
-        with open(body[1:], encoding="utf-8") as file:
-            body = file.read()
+        try:
+            with open(body[1:], encoding="utf-8") as file:
+                body = file.read()
+        except UnicodeDecodeError as exc:
+            raise CliError(f"{body[1:]}: not UTF-8 text (byte {exc.start})") from exc
     with grpc.insecure_channel(address) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         if args.target == "list":

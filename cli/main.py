@@ -211,6 +211,9 @@ def one_line_error(exc: BaseException) -> str | None:
     (an exception of a class never imported cannot have been raised).
     """
     line = _error_text(exc)
+    if line is not None and "\n" in line:
+        # One line, as scripts grep it (protobuf's JSON errors carry a second line).
+        line = " ".join(part.strip() for part in line.splitlines() if part.strip())
     if line is not None and len(line) > MAX_ERROR_LINE:
         line = f"{line[:MAX_ERROR_LINE]}... ({len(line) - MAX_ERROR_LINE} characters cut)"
     return line

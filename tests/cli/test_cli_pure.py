@@ -231,3 +231,13 @@ def test_train_flags_out_of_a_job_specs_range_are_usage_errors(
         main(["train", "demo", "--dataset", "d", flag, value])
     assert exited.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_call_names_a_request_file_that_is_not_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said only "'utf-8' codec can't decode byte 0xff in position 0"."""
+    path = tmp_path / "req.json"
+    path.write_bytes(b"\xff{}")
+    code = main(["call", "--address", "127.0.0.1:1", "x.Y/Z", "-d", f"@{path}"])
+    assert code == 1 and "req.json: not UTF-8 text (byte 0)" in capsys.readouterr().err

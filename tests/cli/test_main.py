@@ -187,3 +187,11 @@ def test_an_error_quoting_a_huge_value_is_cut_to_a_readable_line() -> None:
     line = one_line_error(CliError("spec: must be a mapping, got a string ('" + "x" * 10**6 + "')"))
     assert line is not None and len(line) < 2100
     assert line.startswith("spec: must be a mapping") and line.endswith("characters cut)")
+
+
+def test_an_error_of_several_lines_prints_as_one() -> None:
+    """`meshserve call -d '{"nope": 5}'` printed protobuf's two-line message."""
+    text = 'Message type "x.Y" has no field named "nope".\n Available Fields: "[\'name\']"'
+    assert one_line_error(ValueError(text)) == (
+        'Message type "x.Y" has no field named "nope". Available Fields: "[\'name\']"'
+    )
