@@ -40,7 +40,10 @@ CONNECTION_WINDOW = 1 << 24
 MAX_STREAMS = 4096
 #: PING and SETTINGS frames a peer may send per second: each costs the relay a reply, so
 #: more is a flood (CVE-2019-9512, -9515), answered with GOAWAY(ENHANCE_YOUR_CALM). gRPC
-#: peers send a few per second (BDP probes, keepalives).
+#: peers send a few per second (BDP probes, keepalives). Frames that carry nothing to
+#: relay count too (CVE-2019-9518: empty DATA or CONTINUATION, PRIORITY, unknown types):
+#: they cost a parse each and no flow-control window, so nothing else bounds them, and
+#: gRPC peers send none.
 CONTROL_FRAMES_PER_SECOND = 1000
 #: The largest header list accepted (gRPC's own default limit is 16 KiB).
 MAX_HEADER_LIST = 1 << 16
@@ -79,7 +82,8 @@ class Connection(asyncio.Protocol):
         self.going_away = False
         #: The transport's write buffer is over its high-water mark: DATA waits.
         self.paused = False
-        #: PING/SETTINGS frames received in the current one-second window, and its start.
+        #: PING/SETTINGS (and empty) frames received in the current one-second window,
+        #: and its start.
         self._control_frames = 0
         self._control_window = 0.0
 
@@ -225,7 +229,10 @@ class Connection(asyncio.Protocol):
             side.recv_window -= flow
             if side.recv_window < 0:
                 raise f.ProtocolError("DATA past the stream window", f.FLOW_CONTROL_ERROR)
-            self.on_data(side, f.unpad(payload, flags), flow, bool(flags & f.END_STREAM))
+            data = f.unpad(payload, flags)
+            if not data and not flags & f.END_STREAM:
+                self._count_control_frame()
+            self.on_data(side, data, flow, bool(flags & f.END_STREAM))
         elif kind == f.HEADERS:
             if stream_id == 0:
                 raise f.ProtocolError("HEADERS on stream 0")
@@ -239,6 +246,8 @@ class Connection(asyncio.Protocol):
             pending = self._continuation
             if pending is None or pending[0] != stream_id:
                 raise f.ProtocolError("unexpected CONTINUATION")
+            if not payload and not flags & f.END_HEADERS:
+                self._count_control_frame()
             pending[2].extend(payload)
             if len(pending[2]) > 4 * MAX_HEADER_LIST:
                 raise f.ProtocolError("header block too large", f.ENHANCE_YOUR_CALM)
@@ -270,7 +279,10 @@ class Connection(asyncio.Protocol):
             self.on_goaway(last, code)
         elif kind == f.PUSH_PROMISE:
             raise f.ProtocolError("PUSH_PROMISE with push disabled")
-        # PRIORITY and unknown frame types are ignored (RFC 9113 §4.1, §5.3.2).
+        else:
+            # PRIORITY and unknown frame types are ignored (RFC 9113 §4.1, §5.3.2), but
+            # counted: they carry nothing to relay.
+            self._count_control_frame()
 
     @property
     def awaiting_continuation(self) -> bool:
@@ -283,7 +295,7 @@ class Connection(asyncio.Protocol):
         self._control_frames += 1
         if self._control_frames > CONTROL_FRAMES_PER_SECOND:
             raise f.ProtocolError(
-                f"over {CONTROL_FRAMES_PER_SECOND} PING/SETTINGS frames in a second",
+                f"over {CONTROL_FRAMES_PER_SECOND} PING, SETTINGS or empty frames in a second",
                 f.ENHANCE_YOUR_CALM,
             )
 

@@ -493,6 +493,40 @@ async def test_a_ping_flood_is_answered_with_goaway_and_a_cool_off() -> None:
         assert await s.unary(b"abc", timeout=10) == b"cba"
 
 
+@pytest.mark.parametrize(
+    "flood",
+    [
+        [f.frame(f.DATA, 0, 1, b"")],
+        [f.frame(f.DATA, f.PADDED, 1, b"\x02\x00\x00")],  # padding only
+        [f.frame(f.PRIORITY, 0, 3, b"\x00\x00\x00\x01\x10")],
+        [f.frame(0x77, 0, 0, b"")],  # an unknown type
+    ],
+    ids=["empty DATA", "padding-only DATA", "PRIORITY", "unknown type"],
+)
+async def test_a_flood_of_frames_that_carry_nothing_is_answered_with_goaway(
+    flood: list[bytes],
+) -> None:
+    """CVE-2019-9518 ("empty frames flood"): frames with nothing to relay cost the relay a
+    parse each and no flow-control window, so one connection could send them at line
+    rate. Measured before the limit (loaded machine): other clients' median unary latency
+    went from 2 ms to 110-310 ms while one connection sent them."""
+    async with relayed() as s:
+        async with connect_raw(s.serving.address, source=ABUSER) as client:
+            client.request(1, BIDI, end=False)
+            client.send(b"".join(flood) * (CONTROL_FRAMES_PER_SECOND + 1))
+            assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
+        assert await s.unary(b"abc", timeout=10) == b"cba"
+
+
+async def test_an_empty_continuation_flood_is_answered_with_goaway() -> None:
+    async with relayed() as s:
+        async with connect_raw(s.serving.address, source=ABUSER) as client:
+            block = client.encoder.encode([(b":method", b"POST")])
+            client.send(f.frame(f.HEADERS, 0, 1, block))
+            client.send(f.frame(f.CONTINUATION, 0, 1, b"") * (CONTROL_FRAMES_PER_SECOND + 1))
+            assert await _goaway_code(client) == f.ENHANCE_YOUR_CALM
+
+
 async def test_rapid_reset_is_answered_with_goaway_and_a_few_cancels_are_not() -> None:
     """HTTP/2 "rapid reset" (CVE-2023-44487): streams opened and reset at once."""
     async with relayed() as s:
