@@ -79,6 +79,8 @@ class ElasticJobStore:
         )
 
     async def get(self, job_id: str) -> training_pb2.Job | None:
+        if not job_id:
+            return None  # no document has an empty id (the client raises ValueError)
         try:
             response = await self._es.get(index=self._jobs, id=job_id)
         except NotFoundError:

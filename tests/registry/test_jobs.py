@@ -41,6 +41,12 @@ async def test_jobs_round_trip_upsert_and_list_newest_first(
     assert [j.id for j in await other.list()] == ["b", "c", "a"]
 
 
+async def test_an_empty_job_id_is_no_job(es: AsyncElasticsearch, indices: Indices) -> None:
+    """GetJob, CancelJob and WatchJob with job_id "" failed INTERNAL (the client raises
+    ValueError for an empty document id), counted against the training worker."""
+    assert await ElasticJobStore(es, indices).get("") is None
+
+
 async def test_events_from_a_sequence_in_order(es: AsyncElasticsearch, indices: Indices) -> None:
     store = ElasticJobStore(es, indices)
     for seq in (3, 1, 2, 4):
