@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,8 @@ from workers.data.schema import Array, DType, Schema, Task, TensorSpec
 #: Bounds that keep one generated dataset comfortably in one worker's memory.
 MAX_EXAMPLES = 10_000_000
 MAX_ELEMENTS = 100_000_000
+#: Classes a built-in classification dataset may have.
+MAX_CLASSES = 1000
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,22 @@ def _check_size(num_examples: int, width: int) -> None:
         )
 
 
+def _check_classes(kind: str, num_classes: int) -> None:
+    # The class centres are num_classes x num_features (a billion classes was a
+    # MemoryError, INTERNAL), and a model trained on them has an output per class.
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise InvalidArgument(
+            f"{kind} need num_classes >= 2 and num_classes <= {MAX_CLASSES}, got {num_classes}"
+        )
+
+
+def _check_noise(kind: str, noise: float) -> None:
+    """``kind``: "spirals need", "regression needs"."""
+    # NaN passed a "< 0" test and infinity any: a dataset of NaN or inf was written.
+    if not (noise >= 0 and math.isfinite(noise)):
+        raise InvalidArgument(f"{kind} noise >= 0 (finite), got {noise}")
+
+
 def _classification(x: Array, y: Array, num_classes: int, source: str, text: str) -> Generated:
     features = (TensorSpec("x", DType.FP32, (x.shape[1],)),)
     labels = (TensorSpec("y", DType.INT64, ()),)
@@ -80,12 +99,11 @@ def _classification(x: Array, y: Array, num_classes: int, source: str, text: str
 
 
 def blobs(spec: Blobs, seed: int) -> Generated:
-    if spec.num_classes < 2:
-        raise InvalidArgument(f"blobs need num_classes >= 2, got {spec.num_classes}")
+    _check_classes("blobs", spec.num_classes)
     if spec.num_features < 1:
         raise InvalidArgument(f"blobs need num_features >= 1, got {spec.num_features}")
-    if not spec.cluster_std > 0:
-        raise InvalidArgument(f"blobs need cluster_std > 0, got {spec.cluster_std}")
+    if not (spec.cluster_std > 0 and math.isfinite(spec.cluster_std)):
+        raise InvalidArgument(f"blobs need cluster_std > 0 (finite), got {spec.cluster_std}")
     _check_size(spec.num_examples, spec.num_features)
     rng = np.random.Generator(np.random.PCG64(seed))
     centers = rng.uniform(-10.0, 10.0, size=(spec.num_classes, spec.num_features))
@@ -99,10 +117,8 @@ def blobs(spec: Blobs, seed: int) -> Generated:
 
 
 def spirals(spec: Spirals, seed: int) -> Generated:
-    if spec.num_classes < 2:
-        raise InvalidArgument(f"spirals need num_classes >= 2, got {spec.num_classes}")
-    if spec.noise < 0:
-        raise InvalidArgument(f"spirals need noise >= 0, got {spec.noise}")
+    _check_classes("spirals", spec.num_classes)
+    _check_noise("spirals need", spec.noise)
     _check_size(spec.num_examples, 2)
     rng = np.random.Generator(np.random.PCG64(seed))
     y = rng.integers(0, spec.num_classes, size=spec.num_examples)
@@ -119,8 +135,7 @@ def spirals(spec: Spirals, seed: int) -> Generated:
 def regression(spec: Regression, seed: int) -> Generated:
     if spec.num_features < 1:
         raise InvalidArgument(f"regression needs num_features >= 1, got {spec.num_features}")
-    if spec.noise < 0:
-        raise InvalidArgument(f"regression needs noise >= 0, got {spec.noise}")
+    _check_noise("regression needs", spec.noise)
     _check_size(spec.num_examples, spec.num_features)
     rng = np.random.Generator(np.random.PCG64(seed))
     weights = rng.normal(0.0, 1.0, size=spec.num_features)

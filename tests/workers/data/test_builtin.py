@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -54,6 +55,13 @@ def test_blob_labels_cover_the_classes() -> None:
         (builtin.Blobs(10, num_classes=1), "num_classes >= 2"),
         (builtin.Blobs(10, cluster_std=-1.0), "cluster_std > 0"),
         (builtin.Spirals(10, noise=-0.1), "noise >= 0"),
+        # Were accepted (a dataset of NaN or inf) or failed INTERNAL (MemoryError).
+        (builtin.Blobs(10, cluster_std=math.inf), "cluster_std > 0"),
+        (builtin.Spirals(10, noise=math.nan), "noise >= 0"),
+        (builtin.Regression(10, noise=math.inf), "noise >= 0"),
+        (builtin.Regression(10, noise=math.nan), "noise >= 0"),
+        (builtin.Blobs(10, num_classes=10**9), "num_classes <= 1000"),
+        (builtin.Spirals(10, num_classes=10**9), "num_classes <= 1000"),
         (builtin.Regression(10, num_features=0), "num_features >= 1"),
         (builtin.Regression(builtin.MAX_EXAMPLES, num_features=1000), "exceed the built-in limit"),
     ],
