@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from gateway.auth import ADMIN_SCOPE, API_KEY_HEADER, hash_key, new_key
+from mesh.cli_error import CliError
 from registry.state_dir import DEFAULT_STATE_DIR
 
 ADMIN_KEY_FILE = "admin.key"
@@ -60,10 +61,23 @@ def ensure_admin_credential(state_dir: Path) -> Path:
 def admin_key(explicit: str | None = None, state_dir: Path = DEFAULT_STATE_DIR) -> str | None:
     """The key to send: ``--api-key``, else ``$MESHSERVE_ADMIN_KEY``, else the state folder's."""
     if explicit:
-        return explicit
+        return _sendable(explicit, "--api-key")
     if os.environ.get(ADMIN_KEY_ENV):
-        return os.environ[ADMIN_KEY_ENV]
-    return _read_key(state_dir / ADMIN_KEY_FILE)
+        return _sendable(os.environ[ADMIN_KEY_ENV], f"${ADMIN_KEY_ENV}")
+    path = state_dir / ADMIN_KEY_FILE
+    key = _read_key(path)
+    return None if key is None else _sendable(key, str(path))
+
+
+def _sendable(key: str, source: str) -> str:
+    """``key``, if gRPC can send it as metadata (printable ASCII): grpc refuses anything
+    else deep in the call, and the command ended in its traceback."""
+    if not key.isascii() or not key.isprintable():
+        raise CliError(
+            f"the admin key from {source} is not printable ASCII "
+            "(a stray character or line ending?)"
+        )
+    return key
 
 
 def admin_metadata(
