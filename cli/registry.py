@@ -17,6 +17,7 @@ from rich.table import Table
 
 from cli.endpoints import gateway_from_args
 from cli.supervision.report import print_units
+from mesh.cli_args import port_number
 from registry.catalog import ANY
 from registry.connect import (
     StoreSettings,
@@ -300,7 +301,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "serve-store", help="run the local Elasticsearch-compatible store in the foreground"
     )
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="data directory")
-    serve.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    serve.add_argument("--port", type=port_number, default=None, help="port (default: a free one)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.set_defaults(handler=cmd_serve_store)
     sweep = registry_sub.add_parser(

@@ -41,6 +41,7 @@ from cli.supervision.supervisor import Supervisor
 from cli.supervision.units import UnitStatus
 from cli.train import fleet_serves, mlp_spec, print_result, submit_and_watch
 from gateway.app import DEFAULT_PORT
+from mesh.cli_args import port_number
 from mesh.cli_error import CliError
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.config.fields import ConfigError
@@ -592,10 +593,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "everything.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the components bind")
-    parser.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
+    parser.add_argument(
+        "--port", type=port_number, default=8080, help="gateway port (0: any free port)"
+    )
     parser.add_argument(
         "--service-port",
-        type=int,
+        type=port_number,
         default=DEFAULT_PORT,
         metavar="N",
         help="the port Gateway servers name for up's gateway, whatever --port it listens on "

@@ -11,6 +11,7 @@ from pathlib import Path
 from gateway.app import DEFAULT_PORT, Gateway
 from gateway.auth import AuthConfig, ClientGuard
 from mesh.balance.locality import Locality
+from mesh.cli_args import port_number
 from mesh.cli_error import CliError
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.views import DEFAULT_INGRESS_LABELS
@@ -44,7 +45,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)"
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help="port to listen on (0: any free port)",
     )
     parser.add_argument(
         "--labels",

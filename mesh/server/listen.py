@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mesh.cli_args import port_number
 from mesh.server.app import ServerSettings
 from mesh.server.sidecar_secret import read_secret
 
@@ -22,7 +23,7 @@ def add_listen_arguments(parser: argparse.ArgumentParser, *, default_port: int |
     port_help = "TCP port to listen on (0: any free)"
     parser.add_argument(
         "--port",
-        type=int,
+        type=port_number,
         default=default_port,
         help=port_help if default_port is None else f"{port_help}; default {default_port}",
     )

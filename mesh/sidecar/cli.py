@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.cli_args import port_number
 from mesh.config.resource import DEFAULT_NAMESPACE
 from mesh.config.security import MTLS_MODES, MtlsMode
 from mesh.config.snapshot import config_from_path
@@ -166,14 +167,16 @@ def run(args: argparse.Namespace) -> int:
 
 def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``meshserve sidecar`` other than --service and --app (shared with run)."""
-    parser.add_argument("--port", type=int, default=0, help="inbound port (0: any free port)")
+    parser.add_argument(
+        "--port", type=port_number, default=0, help="inbound port (0: any free port)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="inbound address to listen on")
     parser.add_argument(
-        "--outbound-port", type=int, help="localhost port for the worker's outgoing calls"
+        "--outbound-port", type=port_number, help="localhost port for the worker's outgoing calls"
     )
     parser.add_argument(
         "--plaintext-port",
-        type=int,
+        type=port_number,
         help="PERMISSIVE: also serve callers outside the mesh in plaintext on this port",
     )
     parser.add_argument(

@@ -52,3 +52,26 @@ def test_up_fails_at_once_on_a_taken_port_and_starts_nothing(taken: int, tmp_pat
     assert "✓" not in result.stdout and "starting" not in result.stdout
     assert not (state / "certs").exists() and not (state / UP_FILE).exists()
     assert not naming(state)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["up", "--port", "70000"],
+        ["up", "--service-port", "-1"],
+        ["gateway", "--port", "65536"],
+        ["registry", "serve-store", "--port", "99999"],
+        ["up", "--port", "http"],
+    ],
+)
+def test_a_port_out_of_range_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``up --port 70000`` ended in a traceback: OverflowError from bind()."""
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "a port is 0-65535" in err or "not a port number: 'http'" in err
