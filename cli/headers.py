@@ -56,6 +56,8 @@ def parse_headers(pairs: Sequence[str]) -> Metadata:
                 )
             except binascii.Error:
                 raise CliError(f"-H {key!r}: a -bin value is base64, got {value!r}") from None
+        elif not (value.isascii() and value.isprintable()):
+            raise CliError(f"-H {key!r}: the value must be printable ASCII (or use a -bin key)")
         else:
             metadata.append((key, value))
     return tuple(metadata)

@@ -32,6 +32,9 @@ def test_pairs_take_grpcurls_forms_and_bin_values_are_base64() -> None:
         ("bad key: v", "'bad key'"),
         ("grpc-timeout: 1S", "'grpc-timeout'"),
         ("x-bin: ***", "base64"),
+        # grpc refused these deep in the call: "INTERNAL: Invalid metadata".
+        ("k: caf\u00e9", "'k': the value must be printable ASCII"),
+        ("k: a\x01b", "'k': the value must be printable ASCII"),
     ],
 )
 def test_a_bad_pair_is_named(pair: str, named: str) -> None:
