@@ -129,6 +129,11 @@ _LIMIT_FLAGS: tuple[tuple[str, type[float] | type[int], str], ...] = (
     ("max_streams_per_source", int, "open streams one client address may hold"),
     ("max_streams", int, "open streams in all"),
     ("abuse_cool_off", float, "seconds a client closed for abuse is refused"),
+    (
+        "max_source_share",
+        float,
+        "the most of a destination's http2MaxRequests one client address may hold, 0-1",
+    ),
 )
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, cast
 
 import grpc
 
+from mesh.config.destination_rule import UNLIMITED
 from mesh.config.virtual_service import Destination
 from mesh.errors import MeshError
 from mesh.proxy.attempt_timers import Timers
@@ -140,7 +141,8 @@ class Routing(Timers):
             return
         cluster = clusters.cluster(decision.host, decision.subset)
         limit = cluster.policy.connection_pool.http2_max_requests
-        if policy.over_request_limit(limit, relay.state.tracker.total(cluster.healthy)):
+        in_flight = relay.state.tracker.total(cluster.healthy)
+        if policy.over_request_limit(limit, in_flight):
             relay.pool.breakers_for(cluster).shed_request()
             self.decision = decision
             relay.overflowed(self, circuit.REQUESTS)
@@ -151,6 +153,14 @@ class Routing(Timers):
                 (OVERLOADED_TEXT,),
             )
             return
+        if limit < UNLIMITED:
+            source = cast("Downstream", self.down.conn).source
+            refused = relay.limiter.over_share(source, limit, in_flight)
+            if refused is not None:
+                # The client's own quota, not the destination's overflow: it alone is shed.
+                self.decision = decision
+                self._fail_early(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+                return
         self.decision, self.cluster = decision, cluster
         self.response_edits = decision.response_headers
         if self.record is not None and relay.telemetry is not None:

@@ -19,14 +19,18 @@ timeout rather than held until the stream idle timeout.
 
 Per-source limits play the part of Envoy's connection limits and overload manager,
 keyed on the client's address so that one client's abuse costs that client: connections
-and open streams per source, open streams in all, and a cool-off during which a source
-whose connection was closed for abuse (rapid reset, floods) is refused.
+and open streams per source, open streams in all, a cool-off during which a source
+whose connection was closed for abuse (rapid reset, floods) is refused, and a source's
+share of a destination's ``http2MaxRequests``: without it, one client holding streams
+open (a message sent, END_STREAM never) filled the destination's circuit breaker, and
+every other client was shed until the route timeout, again and again.
 
 :class:`SourceLimiter` is pure bookkeeping with an injected clock.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -44,12 +48,21 @@ class RelayLimits:
     max_streams_per_source: int = 8192
     max_streams: int = 65536
     abuse_cool_off: float = 30.0
+    #: The most of a destination's ``http2MaxRequests`` one source may hold once that
+    #: destination is that full (rounded up; 0: no cap): the rest stays for the others.
+    #: Off in a sidecar, whose callers are one worker or the gateway's few connections.
+    max_source_share: float = 0.75
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{field.name} must be a number >= 0, got {value!r}")
+        if self.max_source_share > 1:
+            raise ValueError(
+                f"max_source_share is a fraction of http2MaxRequests (0 to 1), "
+                f"got {self.max_source_share!r}"
+            )
 
     @property
     def tick(self) -> float:
@@ -138,6 +151,26 @@ class SourceLimiter:
             self.streams[source] = count
         else:
             self.streams.pop(source, None)
+
+    def over_share(self, source: str, limit: int, in_flight: int) -> str | None:
+        """Why ``source`` may not add a call to a destination whose ``http2MaxRequests`` is
+        ``limit`` with ``in_flight`` calls, or None. Its streams here stand for its calls
+        there (this call's own stream is counted already, so it holds one fewer): a
+        source at ``max_source_share`` of the limit is refused only while the destination
+        is that full too, so a client alone may still use it all but for the share's
+        headroom, and a client holding streams elsewhere is not refused for them."""
+        share = self.limits.max_source_share
+        if not share:
+            return None
+        cap = math.ceil(limit * share)
+        held = self.streams.get(source, 0) - 1
+        if in_flight < cap or held < cap:
+            return None
+        return self._refuse(
+            "source_share",
+            f"{source} holds {held} calls: one client may hold at most {cap} of a "
+            f"destination's http2MaxRequests {limit} (max_source_share {share:g})",
+        )
 
     def penalize(self, source: str) -> None:
         """``source`` was closed for abuse: refuse it for the cool-off period."""

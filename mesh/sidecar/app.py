@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 #: The inbound relay's limits: the edge's, but no abuse cool-off. A sidecar's callers are
 #: mesh peers over mTLS, and one gateway connection multiplexes many clients: a client's
 #: rapid reset relayed through it may still get that connection a GOAWAY, but locking the
-#: gateway's address out for a while would cut every client off this worker.
-INBOUND_LIMITS = RelayLimits(abuse_cool_off=0.0)
+#: gateway's address out for a while would cut every client off this worker. (The
+#: per-source share of http2MaxRequests applies where calls are routed: not here.)
+INBOUND_LIMITS = RelayLimits(abuse_cool_off=0.0, max_source_share=0.0)
 
 #: Matches the gateway's service names (``mesh.routing.services``): the inbound service.
 INBOUND_SERVICE = "meshserve.sidecar.Inbound"

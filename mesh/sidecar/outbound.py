@@ -40,8 +40,9 @@ from mesh.telemetry.setup import Telemetry
 
 log = logging.getLogger(__name__)
 #: The only client is this unit's own worker, on loopback: an abuse cool-off would lock
-#: the worker out of the mesh and protect nobody.
-OUTBOUND_LIMITS = RelayLimits(abuse_cool_off=0.0)
+#: the worker out of the mesh and protect nobody, and a per-source share of a
+#: destination's http2MaxRequests would keep it from the whole limit its config sets.
+OUTBOUND_LIMITS = RelayLimits(abuse_cool_off=0.0, max_source_share=0.0)
 
 
 class Outbound:

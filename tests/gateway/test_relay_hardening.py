@@ -412,6 +412,48 @@ async def test_per_source_limits_hold_while_another_client_keeps_its_throughput(
         await until(lambda: relay.limiter.total_streams == 0)
 
 
+#: No route timeout (held streams stay held) and a circuit breaker of 4 calls in flight.
+SHARED = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: inference}
+spec:
+  hosts: [inference]
+  http: [{route: [{destination: {host: inference}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: inference}
+spec:
+  host: inference
+  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 4}}}
+"""
+
+
+async def test_one_source_cannot_fill_a_destinations_circuit_breaker(tmp_path: Path) -> None:
+    """A client holding calls open (headers sent, its message never) gets at most its
+    share of http2MaxRequests (ceil(4 x 0.75) = 3): the fourth call stays for the others."""
+    async with (
+        edge(tmp_path, config=SHARED) as e,
+        connect_raw(e.serving.address, source=ABUSER) as a,
+    ):
+        relay = e.gateway.relay
+        assert relay is not None
+        tracker, cluster = e.gateway.state.tracker, e.gateway.state.clusters.cluster("inference")
+        for sid in (1, 3, 5):
+            _send(a, sid, INFER, BASE, end=False)
+        await until(lambda: tracker.total(cluster.healthy) == 3)
+        _send(a, 7, INFER, BASE, end=False)
+        _, trailers = await a.until_end(7)
+        assert _status(trailers) == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert trailers is not None and b"127.0.0.2 holds 3 calls" in trailers
+        # Another client's call takes the fourth place and completes.
+        reply = await e.inference.ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=20)
+        assert reply.model_name == "m"
+        assert tracker.total(cluster.healthy) == 3  # the abuser's three, still held
+        assert relay.limiter.refused.get("source_share") == 1
+
+
 @pytest.mark.parametrize("path", [STREAM])
 async def test_a_bidi_stream_may_end_without_a_message(tmp_path: Path, path: str) -> None:
     """Client streaming methods are not judged by message count."""

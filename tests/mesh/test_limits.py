@@ -67,7 +67,13 @@ def test_an_abusive_source_cools_off_and_is_forgiven() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"stream_idle_timeout": -1}, {"max_streams": -5}, {"idle_timeout": "1h"}]
+    "bad",
+    [
+        {"stream_idle_timeout": -1},
+        {"max_streams": -5},
+        {"idle_timeout": "1h"},
+        {"max_source_share": 1.5},
+    ],
 )
 def test_limits_are_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -78,3 +84,39 @@ def test_the_tick_follows_the_shortest_timeout() -> None:
     assert RelayLimits().tick == 1.0
     assert RelayLimits(stream_idle_timeout=0.4).tick == pytest.approx(0.1)
     assert RelayLimits(request_headers_timeout=0, stream_idle_timeout=0).tick == 1.0
+
+
+def _holding(limiter: SourceLimiter, source: str, streams: int) -> None:
+    for _ in range(streams):
+        assert limiter.admit_stream(source) is None
+
+
+# (held by the source before this call, in flight at the destination, refused?)
+@pytest.mark.parametrize(
+    ("held", "in_flight", "refused"),
+    [
+        (2, 2, False),  # under the cap (ceil(4 x 0.75) = 3)
+        (3, 3, True),  # at the cap, and the destination that full
+        (3, 2, False),  # its streams are elsewhere: the destination has room
+        (1, 3, False),  # others fill the destination: this source is under its share
+    ],
+)
+def test_a_source_holds_at_most_its_share_of_a_full_destination(
+    held: int, in_flight: int, refused: bool
+) -> None:
+    limiter = SourceLimiter(RelayLimits(max_source_share=0.75), Clock())
+    _holding(limiter, "a", held + 1)  # this call's own stream is open already
+    why = limiter.over_share("a", 4, in_flight)
+    assert (why is not None) is refused
+    if refused:
+        assert why is not None and "a holds 3 calls" in why and "at most 3 of" in why
+        assert limiter.refused == {"source_share": 1}
+
+
+def test_a_client_alone_still_reaches_a_small_limit_and_zero_turns_the_share_off() -> None:
+    limiter = SourceLimiter(RelayLimits(), Clock())
+    _holding(limiter, "a", 2)
+    assert limiter.over_share("a", 2, 1) is None  # ceil(2 x 0.75) = 2: both calls
+    off = SourceLimiter(RelayLimits(max_source_share=0), Clock())
+    _holding(off, "a", 100)
+    assert off.over_share("a", 4, 3) is None
