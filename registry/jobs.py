@@ -5,19 +5,17 @@ from __future__ import annotations
 import base64
 import builtins
 import contextlib
-import functools
 import logging
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 from elasticsearch import AsyncElasticsearch, ConflictError, NotFoundError
 from google.protobuf.message import DecodeError
 
-from mesh.errors import InvalidArgument, MeshError, Unavailable
+from mesh.errors import InvalidArgument
 from protos.meshserve.training.v1 import training_pb2
-from registry.connect import is_unreachable
+from registry.connect import unreachable_as_unavailable
 from registry.instances import WallClock, format_time, parse_time, utc_now
 from registry.schema import Indices
 
@@ -45,32 +43,6 @@ def _event_id(job_id: str, sequence: int) -> str:
     return f"{job_id}/{sequence:012d}"
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-S = TypeVar("S")
-
-
-def _store_down_is_unavailable(
-    method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
-    """A store that cannot be reached (restarting, a network cut) raises ``Unavailable``:
-    callers can tell a transient outage from a bug, and gRPC callers get UNAVAILABLE
-    (which they retry or wait out) instead of INTERNAL."""
-
-    @functools.wraps(method)
-    async def guarded(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(self, *args, **kwargs)
-        except MeshError:
-            raise
-        except Exception as exc:
-            if not is_unreachable(exc):
-                raise
-            raise Unavailable(f"the job store is unreachable: {type(exc).__name__}") from exc
-
-    return guarded
-
-
 class ElasticJobStore:
     """Satisfies the training worker's ``JobStore`` protocol on Elasticsearch.
 
@@ -88,7 +60,7 @@ class ElasticJobStore:
         self._events = indices.job_events
         self._clock = clock
 
-    @_store_down_is_unavailable
+    @unreachable_as_unavailable("the job store")
     async def put(self, job: training_pb2.Job) -> None:
         """Inserts or replaces the job with ``job.id``."""
         if not job.id:
@@ -108,7 +80,7 @@ class ElasticJobStore:
             refresh=True,
         )
 
-    @_store_down_is_unavailable
+    @unreachable_as_unavailable("the job store")
     async def get(self, job_id: str) -> training_pb2.Job | None:
         try:
             response = await self._es.get(index=self._jobs, id=job_id)
@@ -116,7 +88,7 @@ class ElasticJobStore:
             return None
         return self._decode_job(response["_id"], response["_source"])
 
-    @_store_down_is_unavailable
+    @unreachable_as_unavailable("the job store")
     async def list(self) -> builtins.list[training_pb2.Job]:
         """Every job, newest first (by creation time, then id for a stable order)."""
         response = await self._es.search(
@@ -129,7 +101,7 @@ class ElasticJobStore:
         jobs = (self._decode_job(h["_id"], h["_source"]) for h in response["hits"]["hits"])
         return [job for job in jobs if job is not None]
 
-    @_store_down_is_unavailable
+    @unreachable_as_unavailable("the job store")
     async def unfinished(self) -> builtins.list[training_pb2.Job]:
         """Jobs not in a final state, oldest first: the ones a worker may resume."""
         response = await self._es.search(
@@ -142,7 +114,7 @@ class ElasticJobStore:
         jobs = (self._decode_job(h["_id"], h["_source"]) for h in response["hits"]["hits"])
         return [job for job in jobs if job is not None]
 
-    @_store_down_is_unavailable
+    @unreachable_as_unavailable("the job store")
     async def append_event(self, job_id: str, event: training_pb2.JobEvent) -> None:
         if event.sequence < 1:
             raise InvalidArgument(f"job {job_id!r} event sequence must start at 1")
@@ -159,7 +131,7 @@ class ElasticJobStore:
             refresh=True,
         )
 
-    @_store_down_is_unavailable
+    @unreachable_as_unavailable("the job store")
     async def events(self, job_id: str, from_event: int) -> builtins.list[training_pb2.JobEvent]:
         """Events with ``sequence >= from_event``, ascending."""
         response = await self._es.search(
