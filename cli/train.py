@@ -22,6 +22,10 @@ from registry.state_dir import add_state_dir_argument
 
 out = Console()
 
+#: How long a watch waits for the training service to answer again: `up` restarts a dead
+#: training worker after a backoff (at most 8 s) and its start (imports torch: up to a
+#: minute on a loaded machine).
+SERVICE_OUTAGE_S = 120.0
 _FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 _OPTIMIZERS = {
     "sgd": pb.OPTIMIZER_KIND_SGD,
@@ -58,8 +62,19 @@ def mlp_spec(
     )
 
 
-def submit_and_watch(channel: grpc.Channel, spec: pb.JobSpec, console: Console = out) -> pb.Job:
-    """SubmitJob, then a progress bar fed by WatchJob until the job ends; returns the final job."""
+def submit_and_watch(
+    channel: grpc.Channel,
+    spec: pb.JobSpec,
+    console: Console = out,
+    *,
+    outage_s: float = SERVICE_OUTAGE_S,
+) -> pb.Job:
+    """SubmitJob, then a progress bar fed by WatchJob until the job ends; returns the final job.
+
+    A watch that breaks because the training service is unavailable (its worker died and
+    is restarting: the job resumes from its checkpoint there) is waited out for up to
+    ``outage_s`` seconds, then resumed from the last event seen.
+    """
     stub = training_pb2_grpc.TrainingServiceStub(channel)
     job = stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=30)
     console.print(f"job [bold]{job.id}[/]: training {spec.model_name} on {spec.dataset.name}")
@@ -86,6 +101,9 @@ def submit_and_watch(channel: grpc.Channel, spec: pb.JobSpec, console: Console =
                             .removeprefix("JOB_STATE_")
                             .lower(),
                         )
+                        if event.state_changed.message:
+                            # Why: a resume from a checkpoint, a failure's reason.
+                            progress.console.print(event.state_changed.message, highlight=False)
                     elif kind == "step_loss":
                         s = event.step_loss
                         if progress.tasks[task].total is None:
@@ -108,7 +126,7 @@ def submit_and_watch(channel: grpc.Channel, spec: pb.JobSpec, console: Console =
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
-            job = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10)
+            job = _get_job_once_back(stub, job.id, progress.console, outage_s)
             if job.state in _FINAL:
                 if job.total_steps:
                     progress.update(task, total=job.total_steps, completed=job.step)
@@ -119,6 +137,28 @@ def submit_and_watch(channel: grpc.Channel, spec: pb.JobSpec, console: Console =
             f"job {job.id} {pb.JobState.Name(job.state)[10:].lower()}: {job.message or 'no reason'}"
         )
     return job
+
+
+def _get_job_once_back(
+    stub: training_pb2_grpc.TrainingServiceStub, job_id: str, console: Console, outage_s: float
+) -> pb.Job:
+    """GetJob, retried while the training service is unavailable, for up to ``outage_s``."""
+    deadline = time.monotonic() + outage_s
+    told = False
+    while True:
+        try:
+            return stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
+                raise
+            if not told:
+                console.print(
+                    f"training service unavailable ({exc.details()}); waiting up to "
+                    f"{outage_s:.0f} s for it to come back",
+                    highlight=False,
+                )
+                told = True
+        time.sleep(1.0)
 
 
 def print_result(job: pb.Job, console: Console = out) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from elasticsearch import AsyncElasticsearch, ConflictError
 
 from mesh.errors import Aborted, InvalidArgument, MeshError, NotFound
-from registry.connect import Sleep, backoff_delays
+from registry.connect import Sleep, backoff_delays, unreachable_as_unavailable
 from registry.instances import (
     MalformedDocument,
     WallClock,
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 #: The routing configuration of a mesh; other names may hold other documents sets.
 DEFAULT_NAME = "routing"
 DEFAULT_POLL_INTERVAL = 1.0
+#: How long reading or applying a version may take before the store counts as not
+#: answering: under the CLI's 10 s deadline, so that `meshserve apply` against a frozen
+#: store says why instead of DEADLINE_EXCEEDED.
+STORE_DEADLINE_S = 5.0
 #: Validates YAML text; raises (InvalidArgument or ValueError) naming the problem.
 Validator = Callable[[str], object]
 
@@ -94,21 +98,25 @@ class ConfigStore:
         self._validator = validator
         self._clock = clock
 
+    @unreachable_as_unavailable("the config store", deadline_s=STORE_DEADLINE_S)
     async def current(self) -> ConfigVersion | None:
         """The latest applied version, or None before the first apply."""
         found = await self._search({"range": {"version": {"gte": 1}}}, size=1, order="desc")
         return found[0] if found else None
 
+    @unreachable_as_unavailable("the config store", deadline_s=STORE_DEADLINE_S)
     async def get(self, version: int) -> ConfigVersion:
         found = await self._search({"term": {"version": version}}, size=1, order="desc")
         if not found:
             raise NotFound(f"config {self._name!r} has no version {version}")
         return found[0]
 
+    @unreachable_as_unavailable("the config store", deadline_s=STORE_DEADLINE_S)
     async def history(self, after: int = 0, size: int = 1000) -> list[ConfigVersion]:
         """Versions above ``after``, oldest first."""
         return await self._search({"range": {"version": {"gt": after}}}, size=size, order="asc")
 
+    @unreachable_as_unavailable("the config store", deadline_s=STORE_DEADLINE_S)
     async def apply(
         self, text: str, *, expected_version: int | None = None, applied_by: str = ""
     ) -> ConfigVersion:

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from elasticsearch import AsyncElasticsearch, ConnectionTimeout
 from elasticsearch import TransportError as _TransportError
 from elasticsearch.exceptions import ApiError
 
-from mesh.errors import FailedPrecondition, InvalidArgument, Unavailable
+from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,45 @@ def is_unreachable(exc: BaseException) -> bool:
         return True
     # 5xx from a proxy or an overloaded cluster is just as transient.
     return isinstance(exc, ApiError) and exc.status_code >= 500
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+def unreachable_as_unavailable(
+    what: str, *, deadline_s: float | None = None
+) -> Callable[
+    [Callable[Concatenate[S, P], Coroutine[Any, Any, R]]],
+    Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
+]:
+    """Decorates a store-backed async method: a store that cannot be reached (restarting, a
+    network cut) or, with ``deadline_s``, does not answer in time (frozen) raises
+    ``Unavailable`` naming ``what``. Callers tell a transient outage from a bug, and gRPC
+    callers get UNAVAILABLE (which they retry or wait out) instead of INTERNAL, or their
+    own deadline running out with no word on why."""
+
+    def decorate(
+        method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
+    ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
+        @functools.wraps(method)
+        async def guarded(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                async with asyncio.timeout(deadline_s):
+                    return await method(self, *args, **kwargs)
+            except MeshError:
+                raise
+            except Exception as exc:
+                if deadline_s is not None and is_timeout(exc):
+                    raise Unavailable(f"{what} did not answer within {deadline_s:g} s") from exc
+                if not is_unreachable(exc):
+                    raise
+                raise Unavailable(f"{what} is unreachable: {type(exc).__name__}") from exc
+
+        return guarded
+
+    return decorate
 
 
 async def connect(

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from mesh.errors import InvalidArgument
 from protos.meshserve.training.v1 import training_pb2
+from registry.connect import unreachable_as_unavailable
 from registry.instances import WallClock, format_time, parse_time, utc_now
 from registry.schema import Indices
 
@@ -59,6 +60,7 @@ class ElasticJobStore:
         self._events = indices.job_events
         self._clock = clock
 
+    @unreachable_as_unavailable("the job store")
     async def put(self, job: training_pb2.Job) -> None:
         """Inserts or replaces the job with ``job.id``."""
         if not job.id:
@@ -78,6 +80,7 @@ class ElasticJobStore:
             refresh=True,
         )
 
+    @unreachable_as_unavailable("the job store")
     async def get(self, job_id: str) -> training_pb2.Job | None:
         if not job_id:
             return None  # no document has an empty id (the client raises ValueError)
@@ -87,6 +90,7 @@ class ElasticJobStore:
             return None
         return self._decode_job(response["_id"], response["_source"])
 
+    @unreachable_as_unavailable("the job store")
     async def list(self) -> builtins.list[training_pb2.Job]:
         """Every job, newest first (by creation time, then id for a stable order)."""
         response = await self._es.search(
@@ -99,6 +103,7 @@ class ElasticJobStore:
         jobs = (self._decode_job(h["_id"], h["_source"]) for h in response["hits"]["hits"])
         return [job for job in jobs if job is not None]
 
+    @unreachable_as_unavailable("the job store")
     async def unfinished(self) -> builtins.list[training_pb2.Job]:
         """Jobs not in a final state, oldest first: the ones a worker may resume."""
         response = await self._es.search(
@@ -111,6 +116,7 @@ class ElasticJobStore:
         jobs = (self._decode_job(h["_id"], h["_source"]) for h in response["hits"]["hits"])
         return [job for job in jobs if job is not None]
 
+    @unreachable_as_unavailable("the job store")
     async def append_event(self, job_id: str, event: training_pb2.JobEvent) -> None:
         if event.sequence < 1:
             raise InvalidArgument(f"job {job_id!r} event sequence must start at 1")
@@ -127,6 +133,7 @@ class ElasticJobStore:
             refresh=True,
         )
 
+    @unreachable_as_unavailable("the job store")
     async def events(self, job_id: str, from_event: int) -> builtins.list[training_pb2.JobEvent]:
         """Events with ``sequence >= from_event``, ascending."""
         response = await self._es.search(

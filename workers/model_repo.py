@@ -63,6 +63,10 @@ class ModelRepo:
     def version_path(self, model: str, version: int) -> str:
         return posixpath.join(self.root, model, str(version))
 
+    def present(self) -> bool:
+        """Whether the repository's root exists (an empty one does)."""
+        return bool(self.fs.exists(self.root))
+
     def list_models(self) -> list[str]:
         """Models that have a config file, sorted."""
         fs = self.fs

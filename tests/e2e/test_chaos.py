@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from registry.embedded import free_port
@@ -228,3 +229,59 @@ def test_sigkill_of_the_gateway_brings_it_back_on_its_port(mesh: Up) -> None:
         outage = max(o.ended for o in failed) - fault.struck
         assert outage < GATEWAY_BACK_S, fault.summary()
     assert fault.load.succeeded_after(max((o.ended for o in failed), default=fault.struck))
+
+
+def ring_owner_port(mesh: Up, model: str) -> str:
+    """The port of the inference endpoint the gateway's ring gives ``model`` now."""
+    explained = cli("route", "explain", "--model", model, "--state-dir", str(mesh.state))
+    assert explained.returncode == 0, explained.stderr
+    line = next(line for line in explained.stdout.splitlines() if line.startswith(" endpoint"))
+    return port(line.split()[1])
+
+
+def test_a_hung_inference_worker_is_routed_around_and_serves_again_once_it_answers(
+    mesh: Up,
+) -> None:
+    """SIGSTOP, a hang rather than a death: the worker's connection and its health stream
+    stay open, so only its sidecar's health probe (missed deadlines) can tell. The gateway
+    stops routing to it and `status` shows it NOT_SERVING; once resumed it is routed again.
+    Only calls already sent to it before that fail (on their deadline), and nothing
+    restarts it."""
+    settled(mesh)
+    gateway = mesh.endpoints()["gateway"]
+    owner = ring_owner_port(mesh, "demo")
+    ((slug, unit),) = [(s, u) for s, u in mesh.units().items() if port(u["address"]) == owner]
+    worker = worker_pid(unit)
+    with InferLoad(gateway, callers=CALLERS) as load:
+        started = time.monotonic()
+        poll("the load to get through", lambda: load.succeeded_after(started), 30)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            poll(
+                "the gateway to stop routing to the hung worker",
+                lambda: owner not in routed_inference_ports(gateway, mesh.state),
+                SETTLED_TIMEOUT_S,
+            )
+            around = time.monotonic()
+            poll(
+                "a call to succeed around the hung worker", lambda: load.succeeded_after(around), 30
+            )
+            status = cli("status", "--state-dir", str(mesh.state))
+            assert status.returncode == 0, status.stderr
+            # The instances table (the units table names 127.0.0.1: its unit runs on).
+            row = next(line for line in status.stdout.splitlines() if f"localhost:{owner}" in line)
+            assert "NOT_SERVING" in row, status.stdout
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        poll(
+            "the gateway to route to the resumed worker",
+            lambda: owner in routed_inference_ports(gateway, mesh.state),
+            SETTLED_TIMEOUT_S,
+        )
+        again = time.monotonic()
+        poll("a call to succeed after the resume", lambda: load.succeeded_after(again), 30)
+    failed = [o for o in load.outcomes if o.code is not None]
+    assert all(o.started < around for o in failed), failed
+    assert {o.code for o in failed} <= {grpc.StatusCode.DEADLINE_EXCEEDED}, failed
+    assert mesh.units()[slug]["pid"] == unit["pid"]
+    assert mesh.units()[slug]["restarts"] == unit["restarts"]

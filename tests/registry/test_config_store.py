@@ -7,9 +7,12 @@ import asyncio
 import pytest
 from elasticsearch import AsyncElasticsearch
 
-from mesh.errors import Aborted, InvalidArgument, NotFound
-from registry.config_store import ConfigStore
+from mesh.errors import Aborted, InvalidArgument, NotFound, Unavailable
+from registry.config_store import STORE_DEADLINE_S, ConfigStore
+from registry.connect import StoreSettings
+from registry.embedded import free_port
 from registry.schema import Indices
+from tests.registry.test_deadlines import frozen_url  # noqa: F401  (fixture)
 
 VS = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\n"
 
@@ -73,3 +76,23 @@ async def test_config_names_are_independent(es: AsyncElasticsearch, indices: Ind
     other = ConfigStore(es, indices, name="security")
     assert await other.current() is None
     assert (await other.apply(VS)).version == 1
+
+
+async def test_a_store_that_is_down_or_frozen_is_unavailable_naming_the_config_store(
+    frozen_url: str,  # noqa: F811
+) -> None:
+    """`meshserve apply` reaches the gateway, whose store is restarting (refused) or frozen
+    (SIGSTOP): UNAVAILABLE saying so, before the CLI's own 10 s deadline."""
+    down = StoreSettings(f"http://127.0.0.1:{free_port()}", request_timeout=30).client()
+    frozen = StoreSettings(frozen_url, request_timeout=30).client()
+    try:
+        with pytest.raises(Unavailable, match=r"^the config store is unreachable: "):
+            await ConfigStore(down, Indices("down")).apply(VS)
+        with pytest.raises(Unavailable) as frozen_out:
+            await ConfigStore(frozen, Indices("frozen")).apply(VS)
+        assert frozen_out.value.message == (
+            f"the config store did not answer within {STORE_DEADLINE_S:g} s"
+        )
+    finally:
+        await down.close()
+        await frozen.close()

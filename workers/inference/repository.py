@@ -107,6 +107,8 @@ class ModelRepository:
         #: A start that scanned without loading: :meth:`preload` says what to load first.
         self.awaiting_preload = False
         self._defer_loads = False
+        #: The repository's root was missing at the last poll (warned once per outage).
+        self._repo_missing = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -204,6 +206,21 @@ class ModelRepository:
         """Brings the served state in line with the repository (one scan)."""
         async with self._lock:
             names = await asyncio.to_thread(self.repo.list_models)
+            if not names and self._models and not await asyncio.to_thread(self.repo.present):
+                # The whole repository gone (a deleted or unmounted folder, an object store
+                # prefix unreachable) is a storage fault, not every model's removal: the
+                # loaded weights keep serving (last known good) until it is back. Removing
+                # the models themselves still unloads them, as Triton's poll mode does.
+                if not self._repo_missing:
+                    log.warning(
+                        "model repository %s is missing; serving the models already loaded",
+                        self.repo.url,
+                    )
+                self._repo_missing = True
+                return
+            if self._repo_missing:
+                log.info("model repository %s is back", self.repo.url)
+                self._repo_missing = False
             for gone in set(self._models) - set(names):
                 log.info("model %s left the repository; unloading it", gone)
                 self._drop(self._models.pop(gone))

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: First wait before retrying a crashed process or an unavailable data service; doubles.
 RETRY_BACKOFF_SECONDS = 1.0
+#: How long a job's event or state waits for an unreachable job store (``up`` restarts its
+#: store in seconds) before the job fails; retried after 0.1 s, doubling up to 2 s.
+STORE_OUTAGE_SECONDS = 60.0
 TERMINAL = {
     training_pb2.JOB_STATE_SUCCEEDED,
     training_pb2.JOB_STATE_FAILED,
@@ -177,13 +180,30 @@ class JobManager:
         event = training_pb2.JobEvent(
             sequence=job.last_event + 1, time=_timestamp(self._clock()), **kind
         )
-        await self.store.append_event(job.id, event)
+        await self._stored(lambda: self.store.append_event(job.id, event))
         job.last_event = event.sequence
-        await self.store.put(job)
+        await self._stored(lambda: self.store.put(job))
         if job is not run.job:
             run.job.CopyFrom(job)
         run.saved = job.SerializeToString()
         self._notify(job.id)
+
+    async def _stored(self, write: Callable[[], Awaitable[None]]) -> None:
+        """A job-store write, waiting out a store that is briefly unreachable: a job must
+        not fail because the store restarted (its training process keeps going; its
+        reports wait in the pipe meanwhile)."""
+        deadline = time.monotonic() + STORE_OUTAGE_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                await write()
+                return
+            except Unavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s; retrying in %.1f s", exc.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
 
     def _notify(self, job_id: str) -> None:
         signal = self._signals.pop(job_id, None)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc.aio
+import pytest
 
 from mesh.server.app import ServerSettings, start_server
 from mesh.sidecar.health import HealthMirror
+from tests.support.processes import Launched
 
 
 async def test_mirror_follows_watch_and_treats_a_lost_worker_as_not_serving() -> None:
@@ -40,3 +43,54 @@ async def test_mirror_follows_watch_and_treats_a_lost_worker_as_not_serving() ->
         await asyncio.gather(task, return_exceptions=True)
         await channel.close()
         await worker.drain(grace=0)
+
+
+async def test_a_hung_worker_is_not_serving_until_it_answers_again() -> None:
+    """SIGSTOP keeps the worker's connection and Watch stream open, so only a missed Check
+    deadline shows the hang; SIGCONT brings it back."""
+    seen: list[bool] = []
+    changed = asyncio.Event()
+
+    async def record(serving: bool) -> None:
+        seen.append(serving)
+        changed.set()
+
+    async def next_change(timeout: float) -> bool:
+        await asyncio.wait_for(changed.wait(), timeout=timeout)
+        changed.clear()
+        return seen[-1]
+
+    worker = Launched("tests.support.bare_server")
+    try:
+        address = await asyncio.to_thread(worker.address)
+        channel = grpc.aio.insecure_channel(address)
+        mirror = HealthMirror(
+            channel, record, probe_interval=0.2, probe_timeout=0.5, probe_failures=2
+        )
+        task = asyncio.create_task(mirror.run())
+        try:
+            assert await next_change(10) is True
+            worker.kill(signal.SIGSTOP)
+            # Two missed 0.5 s deadlines, 0.2 s apart, and a margin for a loaded machine.
+            assert await next_change(10) is False
+            worker.kill(signal.SIGCONT)
+            assert await next_change(10) is True
+            assert seen == [True, False, True]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await channel.close()
+    finally:
+        worker.kill(signal.SIGCONT)
+        worker.stop()
+
+
+async def test_probe_settings_are_checked() -> None:
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
+
+    async def record(serving: bool) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="probe_failures"):
+        HealthMirror(channel, record, probe_failures=0)
+    await channel.close()

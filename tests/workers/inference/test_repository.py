@@ -95,6 +95,23 @@ async def test_a_model_that_leaves_the_repository_is_unloaded(tmp_path: Path) ->
         await served.acquire("mlp", "")
 
 
+async def test_a_missing_repository_keeps_its_models_serving_until_it_is_back(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "models"
+    testing.publish(str(root), testing.mlp_config(), testing.seeded(testing.MLP(), 1))
+    served = repository(root)
+    await served.poll_once()
+    root.rename(tmp_path / "moved")
+    await served.poll_once()
+    assert served.names() == ["mlp"]
+    assert (await served.acquire("mlp", "")).model.version == 1
+    (tmp_path / "moved").rename(root)
+    (root / "mlp" / "config.pbtxt").unlink()
+    await served.poll_once()  # back, without the model: that is a removal
+    assert served.names() == []
+
+
 async def test_torch_export_archives_are_served(tmp_path: Path) -> None:
     module = testing.seeded(testing.MLP(), 4)
     config = testing.mlp_config("exported", platform=EXPORT_PLATFORM)
