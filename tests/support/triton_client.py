@@ -72,6 +72,17 @@ def main(url: str, inputs: dict[str, Any]) -> dict[str, Any]:
     results["bytes_length"] = response.as_numpy("length").tolist()
     results["bytes_upper"] = [[v.decode() for v in row] for row in response.as_numpy("upper")]
 
+    # Triton's request-level parameters, as tritonclient types them: accepted, and (none of
+    # these models being a sequence model or having priority levels) without effect.
+    response = client.infer(
+        "mlp",
+        [fp32_input("x", inputs["x"])],
+        priority=1,
+        timeout=10_000_000,
+        parameters={"tag": "bench", "retry": 2, "trace": True},
+    )
+    results["with_parameters"] = response.as_numpy("y").tolist()
+
     # tritonclient calls back with keywords: callback(result=..., error=...).
     done: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client.async_infer(

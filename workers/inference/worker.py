@@ -10,6 +10,7 @@ from mesh.errors import InvalidArgument, MeshError
 from protos.inference import grpc_service_pb2 as pb
 from workers.inference.model import ModelError
 from workers.inference.repository import ModelRepository
+from workers.inference.request_parameters import check_request_parameters, classification_count
 from workers.inference.shared_memory import SharedMemoryRegistry
 from workers.inference.stats import Statistics
 from workers.inference.tensors import decode_inputs, encode_output
@@ -49,6 +50,8 @@ class InferenceWorker:
         ok = False
         try:
             # None unless the request names a shared-memory region (Triton's extension).
+            if request.parameters:
+                check_request_parameters(request.parameters)
             shared = self.shared_memory.plan(request)
             if shared is not None:
                 request = shared.request
@@ -111,8 +114,7 @@ def _requested_outputs(request: pb.ModelInferRequest, declared: Sequence[str]) -
             raise InvalidArgument(
                 f"unknown output {output.name!r}; the model returns {', '.join(declared)}"
             )
-        class_count = output.parameters.get("classification")
-        if class_count is not None and class_count.int64_param > 0:
+        if classification_count(output) > 0:
             raise InvalidArgument(f"output {output.name!r}: classification is not supported")
         if output.name not in names:
             names.append(output.name)

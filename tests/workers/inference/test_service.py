@@ -176,6 +176,24 @@ async def test_every_error_status(client: Client) -> None:
     unknown_out = infer_request("mlp", {"x": x})
     unknown_out.outputs.add(name="nope")
     cases.append((unknown_out, grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'nope'"))
+    # Request parameters typed as Triton types them, with Triton's words.
+    for key, kind, value, expected in (
+        ("priority", "string_param", "high", "expected int64_param or uint64_param."),
+        ("priority", "int64_param", -1, "invalid value for 'priority', expected value >= 0."),
+        ("timeout", "uint64_param", 5, "'timeout' parameter, expected int64_param."),
+        ("sequence_start", "int64_param", 1, "'sequence_start' parameter, expected bool_param."),
+        ("sequence_id", "bool_param", True, "expected int64_param or string_param."),
+        ("custom", "double_param", 0.5, "expected int64_param, bool_param, or string_param."),
+        ("triton_x", "bool_param", True, "keys starting with 'triton_' are reserved"),
+    ):
+        typed = infer_request("mlp", {"x": x})
+        setattr(typed.parameters[key], kind, value)
+        cases.append((typed, grpc.StatusCode.INVALID_ARGUMENT, expected))
+    classified = infer_request("mlp", {"x": x})
+    classified.outputs.add(name="y").parameters["classification"].string_param = "3"
+    cases.append(
+        (classified, grpc.StatusCode.INVALID_ARGUMENT, "'classification' parameter, expected int64")
+    )
     fragile = infer_request("fragile", {"x": -torch.ones(1, 2)})
     cases.append(
         (

@@ -120,6 +120,7 @@ def test_errors_carry_their_status_and_statistics_count_requests(results: dict[s
 
 def test_async_and_stream_infer(results: dict[str, Any], template_repo: Template) -> None:
     assert results["async_error"] is None
+    assert results["with_parameters"] == mlp(template_repo, INPUTS["x"])
     assert results["async"] == mlp(template_repo, INPUTS["x"])
     expected = {str(i): mlp(template_repo, [row]) for i, row in enumerate(INPUTS["x"])}
     assert results["stream"] == expected
