@@ -39,6 +39,7 @@ from mesh.server.app import ServerSettings, Service, Serving, start_server
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 from mesh.sidecar.health import HealthMirror
+from mesh.sidecar.liveness import Hung, Liveness
 from mesh.sidecar.load import LoadProbe, model_refs, registry_load
 from mesh.sidecar.outbound import Outbound
 from mesh.sidecar.preload import send_preload
@@ -98,12 +99,21 @@ class SidecarSettings:
     #: The worker's secret, sent with every call to it (a worker on a TCP port checks it:
     #: mesh.server.sidecar_secret); None: the worker is on a private Unix socket.
     app_secret: str | None = field(default=None, repr=False)
+    #: Seconds the worker may answer no health check before the sidecar gives up on it
+    #: (``hung`` is set: ``meshserve run`` kills the worker, to be restarted); 0: never. Off
+    #: for a sidecar alone, which cannot restart its worker (in a pod the kubelet's
+    #: livenessProbe on the worker's container does).
+    liveness_window: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.service or not self.app_address:
             raise InvalidArgument("sidecar: service and app address are required")
         if self.drain_delay < 0 or self.grace_seconds < 0:
             raise InvalidArgument("sidecar: drain delay and grace must be >= 0")
+        if not self.liveness_window >= 0:
+            raise InvalidArgument(
+                f"sidecar: the liveness window must be >= 0 s, got {self.liveness_window}"
+            )
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise InvalidArgument(
                 f"sidecar: max concurrency must be >= 1, got {self.max_concurrency}"
@@ -186,6 +196,9 @@ class Sidecar:
         self.mode: MtlsMode = "DISABLE"
         #: What the joining worker was told to preload (False: nothing was sent).
         self.preloaded: frozenset[Version] | bool | None = False
+        #: Set once the worker has been silent for the liveness window (why: ``hang``).
+        self.hung = asyncio.Event()
+        self.hang: Hung | None = None
 
     async def _publish_load(self) -> None:
         """Load rides on the heartbeats (once a second): advisory, like Consul's.
@@ -298,7 +311,14 @@ class Sidecar:
             await self._start_health(s.host, s.health_port)
         if s.outbound_port is not None:
             await self._start_outbound(s.outbound_port)
-        mirror = HealthMirror(self.channel, self._worker_health, metadata=self.app_metadata)
+        liveness = Liveness(s.liveness_window) if s.liveness_window > 0 else None
+        mirror = HealthMirror(
+            self.channel,
+            self._worker_health,
+            metadata=self.app_metadata,
+            liveness=liveness,
+            on_hung=self._worker_hung if liveness is not None else None,
+        )
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(mirror.run()),
@@ -424,6 +444,10 @@ class Sidecar:
         if found is not None:
             log.info("the ring gives this worker keys %s", ", ".join(found.keys) or "none")
         return None if found is None else found.owned
+
+    async def _worker_hung(self, hang: Hung) -> None:
+        self.hang = hang
+        self.hung.set()
 
     async def _worker_health(self, serving: bool) -> None:
         if self._draining or self.registration is None or self.serving is None:
