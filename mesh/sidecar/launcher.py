@@ -19,7 +19,7 @@ from mesh.server.lifeline import FOLDER_ENV, Lifeline, die_with_parent
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import write_secret
 from mesh.sidecar.cli import SidecarPlan, add_sidecar_arguments, plan, running
-from mesh.sidecar.liveness import DEFAULT_WINDOW_S, window_from_text
+from mesh.sidecar.liveness import DEFAULT_WINDOW_S, HUNG_EXIT_STATUS, window_from_text
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -
     lifeline = Lifeline()
     worker: Process | None = None
     pump: asyncio.Task[None] | None = None
+    killed_hung = False
     try:
         worker = await _spawn(command, door.env, lifeline)
         try:
@@ -213,14 +214,16 @@ async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -
             await asyncio.wait({signalled, exited, hung}, return_when=asyncio.FIRST_COMPLETED)
             if hung.done() and not exited.done() and not signalled.done():
                 # A livenessProbe's restart: SIGKILL, since a hung worker would not act on
-                # SIGTERM (a stopped one cannot); its death ends the unit as a crash does,
-                # so the supervisor restarts it with backoff, counted toward its limit.
+                # SIGTERM (a stopped one cannot); its death ends the unit as a crash does
+                # (HUNG_EXIT_STATUS says why), so the supervisor restarts it with backoff,
+                # counted toward its restart limit.
                 log.error(
                     "the worker answered no health check for %.0f s (liveness window): "
                     "killing it; its sidecar drains and the unit exits to be restarted",
                     sidecar.hang.silent_s if sidecar.hang is not None else 0.0,
                 )
                 worker.kill()
+                killed_hung = True
                 await exited
             if exited.done():
                 log.error("the worker exited (%s): draining its sidecar", worker.returncode)
@@ -231,7 +234,8 @@ async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -
             take_signals()  # the sidecar released them
             # Leaving ``running`` drains the sidecar (DRAINING, deregister, in-flight done)
             # before the worker is stopped, so no forwarded call loses its worker.
-        return await _stop(worker, sidecar_plan.settings.grace_seconds)
+        status = await _stop(worker, sidecar_plan.settings.grace_seconds)
+        return HUNG_EXIT_STATUS if killed_hung else status
     except asyncio.CancelledError:
         if not stopped_by:
             raise

@@ -20,6 +20,9 @@ DEFAULT_WINDOW_S = 30.0
 #: worker NOT_SERVING (``health.PROBE_FAILURES``), so a worker is always taken out of routing
 #: before it is killed, and one slow answer never kills it.
 MIN_FAILURES = 2
+#: The exit status of a unit that killed its hung worker (``timeout(1)``'s "timed out"), so
+#: that the supervisor can say why it restarts the unit rather than report a bare SIGKILL.
+HUNG_EXIT_STATUS = 124
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from mesh.sidecar.launcher import (
     unit_status,
     worker_command,
 )
+from mesh.sidecar.liveness import HUNG_EXIT_STATUS
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from registry.directory import read_live
@@ -219,7 +220,7 @@ async def test_a_worker_silent_for_the_liveness_window_is_killed_and_the_unit_ex
 ) -> None:
     """SIGSTOP: the worker's connection stays open, only its health checks go unanswered.
     After the window (set through the environment, as ``up`` passes it) the unit kills its
-    worker and exits as a crash (137, as a shell reports SIGKILL), to be restarted."""
+    worker and exits with a status that says so, to be restarted as after a crash."""
     monkeypatch.setenv(LIVENESS_ENV, "2")
     process = _launch(store_url, indices)
     stopped: list[int] = []
@@ -233,7 +234,7 @@ async def test_a_worker_silent_for_the_liveness_window_is_killed_and_the_unit_ex
         os.kill(unit.worker_pid, signal.SIGSTOP)
         stopped.append(unit.worker_pid)
         await _until(lambda: process.poll() is not None, "the unit gives up on its worker")
-        assert process.returncode == 128 + signal.SIGKILL
+        assert process.returncode == HUNG_EXIT_STATUS
         assert not _alive(unit.worker_pid)
     finally:
         for pid in stopped:  # should the unit not have killed it
