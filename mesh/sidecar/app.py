@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc.aio
-from grpc_health.v1 import health_pb2_grpc
 
 from mesh.balance.endpoints import endpoint_from_instance
 from mesh.balance.locality import own_locality
@@ -36,6 +35,7 @@ from mesh.security.request_authn import RequestAuthenticator
 from mesh.security.rotation import CertificateSource
 from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.server.health_port import serve_health_port
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 from mesh.sidecar.health import HealthMirror
@@ -190,8 +190,8 @@ class Sidecar:
         self.registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
-        #: The plaintext health listener (``health_port``) and the address it bound.
-        self._health_server: grpc.aio.Server | None = None
+        #: The plaintext health listener's address (``health_port``), once bound; it stops
+        #: with ``serving``.
         self.health_address: str | None = None
         self.mode: MtlsMode = "DISABLE"
         #: What the joining worker was told to preload (False: nothing was sent).
@@ -341,16 +341,11 @@ class Sidecar:
         """Serves the sidecar's own health servicer, and nothing else, in plaintext: it
         tells SERVING or NOT_SERVING, which the registry publishes anyway."""
         assert self.serving is not None
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.serving.health, server)
         try:
-            bound = server.add_insecure_port(f"{host}:{port}")
-            await server.start()
+            self.health_address = await serve_health_port(self.serving, host, port)
         except BaseException:
             await self.drain()
             raise
-        self._health_server = server
-        self.health_address = f"{host}:{bound}"
 
     async def _start_outbound(self, port: int) -> None:
         """The worker's way out: the relay in routing mode on localhost, mTLS to peers.
@@ -484,8 +479,6 @@ class Sidecar:
         # Outbound last: in-flight inbound calls may have needed it to finish.
         if self.outbound is not None:
             await self.outbound.drain(self.settings.grace_seconds)
-        if self._health_server is not None:
-            await self._health_server.stop(grace=None)
         await self.channel.close()
 
     async def run_until_signal(self) -> None:
