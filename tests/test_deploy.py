@@ -21,6 +21,7 @@ from cli.main import main as meshserve
 from mesh.config.loader import parse_yaml
 from mesh.security.ca import CA_KEY_FILE, CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
+from mesh.server.health_port import LIVENESS_SERVICE
 from mesh.sidecar.cli import certificates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,32 @@ def test_sidecars_are_strict_and_ready_when_their_plaintext_health_port_says_so(
     assert sidecar["readinessProbe"]["grpc"]["port"] == health
     assert health != int(_flag(args, "--port"))
     assert {"name": "health", "containerPort": health} in sidecar["ports"]
+
+
+@pytest.mark.parametrize("name", ["inference", "training", "data"])
+def test_a_hung_worker_is_restarted_by_the_kubelets_liveness_probe_on_its_health_port(
+    name: str,
+) -> None:
+    """The worker listens on localhost behind its sidecar's secret, out of the kubelet's
+    reach: it answers health alone on a plaintext port, whose liveness service stays SERVING
+    while it loads (readiness is the sidecar's probe). Kubernetes' defaults: 10 s x 3."""
+    _, containers = _containers(name)
+    worker = containers["worker"]
+    health = int(_flag(worker["args"], "--health-port"))
+    assert health != int(_flag(worker["args"], "--port"))
+    assert {"name": "liveness", "containerPort": health} in worker["ports"]
+    probe = worker["livenessProbe"]
+    assert probe["grpc"] == {"port": health, "service": LIVENESS_SERVICE}
+    assert probe["periodSeconds"] * probe["failureThreshold"] == 30
+    # A probe's deadline covers a loaded worker's answer (the sidecar's own probe: 2 s).
+    assert probe["timeoutSeconds"] >= 2
+    # Liveness waits until the worker has started (imports, CUDA): at least a minute.
+    startup = worker["startupProbe"]
+    assert startup["grpc"] == probe["grpc"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    # The sidecar's ports are other ports.
+    sidecar_ports = {p["containerPort"] for p in containers["sidecar"]["ports"]}
+    assert health not in sidecar_ports
 
 
 @pytest.mark.parametrize("name", ["gateway", "inference", "training", "data"])

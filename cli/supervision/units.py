@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from mesh.sidecar.liveness import HUNG_EXIT_STATUS
+
 
 class UnitState(StrEnum):
     STARTING = "starting"
@@ -84,6 +86,9 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             name = f"signal {-returncode}"
         return f"killed by {name}"
+    if returncode == HUNG_EXIT_STATUS:
+        # ``meshserve run`` killed its worker: no health check answered for its liveness window.
+        return f"exited with status {returncode} (worker hung)"
     if returncode > 128 and returncode - 128 in signal.Signals._value2member_map_:
         # A shell-style status: the process re-raised a signal's number as its exit code.
         return f"exited with status {returncode} ({signal.Signals(returncode - 128).name})"

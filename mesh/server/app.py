@@ -15,6 +15,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from mesh.security.guard import GuardInterceptor
 from mesh.server import memory, reflection
+from mesh.server.health_port import serve_health_port
 from mesh.server.interceptor import ErrorMappingInterceptor
 from mesh.server.sidecar_secret import SecretCheck
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_MESSAGE_BYTES_LIMIT = 2**31 - 1
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: Where a health port listens: every interface, since the kubelet dials the pod's IP while
+#: the worker itself may listen on localhost only (behind its sidecar).
+HEALTH_PORT_HOST = "0.0.0.0"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class ServerSettings:
     grace_seconds: float = 10.0
     #: Serve only calls carrying this secret (the sidecar's; see mesh.server.sidecar_secret).
     sidecar_secret: str | None = field(default=None, repr=False)
+    #: Also answer gRPC health, alone and in plaintext, on this port of every interface (0:
+    #: any free), for the kubelet's probes (mesh.server.health_port); None: no such port.
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -50,6 +57,8 @@ class ServerSettings:
             )
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
 
     @property
     def unix(self) -> bool:
@@ -86,6 +95,8 @@ class Serving:
     port: int
     settings: ServerSettings
     service_names: tuple[str, ...]
+    #: The plaintext health-only listener (``settings.health_port``), once bound.
+    health_address: str | None = None
     _on_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _before_stop: list[Callable[[float], Awaitable[None]]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -177,6 +188,15 @@ async def start_server(
     await server.start()
     started = Serving(server, health, port, settings, names)
     await started.set_serving(serving)
+    if settings.health_port is not None:
+        try:
+            started.health_address = await serve_health_port(
+                started, HEALTH_PORT_HOST, settings.health_port
+            )
+        except BaseException:
+            await started.drain(0)
+            raise
+        log.info("health only, in plaintext, on %s", started.health_address)
     log.info("serving %s on %s", ", ".join(names), started.address)
     return started
 

@@ -13,7 +13,7 @@ from mesh.server.sidecar_secret import read_secret
 
 def add_listen_arguments(parser: argparse.ArgumentParser, *, default_port: int | None) -> None:
     """``--host``, ``--port`` (required when ``default_port`` is None, unless ``--listen``),
-    ``--listen`` and ``--sidecar-secret-file``."""
+    ``--listen``, ``--sidecar-secret-file`` and ``--health-port``."""
     parser.add_argument(
         "--listen",
         metavar="unix:PATH",
@@ -36,6 +36,14 @@ def add_listen_arguments(parser: argparse.ArgumentParser, *, default_port: int |
         "--app-secret-file): how a worker on a TCP port refuses local callers that bypass "
         "its sidecar",
     )
+    parser.add_argument(
+        "--health-port",
+        type=port_number,
+        metavar="PORT",
+        help="also answer gRPC health, and nothing else, in plaintext on this port of every "
+        "interface: for the kubelet's livenessProbe (grpc, service meshserve.liveness: "
+        "SERVING while the worker answers at all, loading models or not)",
+    )
 
 
 def server_settings(args: argparse.Namespace, **fields: Any) -> ServerSettings:
@@ -44,7 +52,15 @@ def server_settings(args: argparse.Namespace, **fields: Any) -> ServerSettings:
     if args.listen is not None:
         if not args.listen.startswith("unix:") or len(args.listen) <= len("unix:"):
             raise ValueError(f"--listen takes unix:PATH, got {args.listen!r}")
-        return ServerSettings(host=args.listen, sidecar_secret=secret, **fields)
+        return ServerSettings(
+            host=args.listen, sidecar_secret=secret, health_port=args.health_port, **fields
+        )
     if args.port is None:
         raise ValueError("give --port (0: any free port) or --listen unix:PATH")
-    return ServerSettings(host=args.host, port=args.port, sidecar_secret=secret, **fields)
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        sidecar_secret=secret,
+        health_port=args.health_port,
+        **fields,
+    )

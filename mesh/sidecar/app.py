@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc.aio
-from grpc_health.v1 import health_pb2_grpc
 
 from mesh.balance.endpoints import endpoint_from_instance
 from mesh.balance.locality import own_locality
@@ -36,9 +35,11 @@ from mesh.security.request_authn import RequestAuthenticator
 from mesh.security.rotation import CertificateSource
 from mesh.security.workload import Workload
 from mesh.server.app import ServerSettings, Service, Serving, start_server
+from mesh.server.health_port import serve_health_port
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import HEADER as SECRET_HEADER
 from mesh.sidecar.health import HealthMirror
+from mesh.sidecar.liveness import Hung, Liveness
 from mesh.sidecar.load import LoadProbe, model_refs, registry_load
 from mesh.sidecar.outbound import Outbound
 from mesh.sidecar.preload import send_preload
@@ -98,12 +99,21 @@ class SidecarSettings:
     #: The worker's secret, sent with every call to it (a worker on a TCP port checks it:
     #: mesh.server.sidecar_secret); None: the worker is on a private Unix socket.
     app_secret: str | None = field(default=None, repr=False)
+    #: Seconds the worker may answer no health check before the sidecar gives up on it
+    #: (``hung`` is set: ``meshserve run`` kills the worker, to be restarted); 0: never. Off
+    #: for a sidecar alone, which cannot restart its worker (in a pod the kubelet's
+    #: livenessProbe on the worker's container does).
+    liveness_window: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.service or not self.app_address:
             raise InvalidArgument("sidecar: service and app address are required")
         if self.drain_delay < 0 or self.grace_seconds < 0:
             raise InvalidArgument("sidecar: drain delay and grace must be >= 0")
+        if not self.liveness_window >= 0:
+            raise InvalidArgument(
+                f"sidecar: the liveness window must be >= 0 s, got {self.liveness_window}"
+            )
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise InvalidArgument(
                 f"sidecar: max concurrency must be >= 1, got {self.max_concurrency}"
@@ -180,12 +190,15 @@ class Sidecar:
         self.registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
-        #: The plaintext health listener (``health_port``) and the address it bound.
-        self._health_server: grpc.aio.Server | None = None
+        #: The plaintext health listener's address (``health_port``), once bound; it stops
+        #: with ``serving``.
         self.health_address: str | None = None
         self.mode: MtlsMode = "DISABLE"
         #: What the joining worker was told to preload (False: nothing was sent).
         self.preloaded: frozenset[Version] | bool | None = False
+        #: Set once the worker has been silent for the liveness window (why: ``hang``).
+        self.hung = asyncio.Event()
+        self.hang: Hung | None = None
 
     async def _publish_load(self) -> None:
         """Load rides on the heartbeats (once a second): advisory, like Consul's.
@@ -298,7 +311,14 @@ class Sidecar:
             await self._start_health(s.host, s.health_port)
         if s.outbound_port is not None:
             await self._start_outbound(s.outbound_port)
-        mirror = HealthMirror(self.channel, self._worker_health, metadata=self.app_metadata)
+        liveness = Liveness(s.liveness_window) if s.liveness_window > 0 else None
+        mirror = HealthMirror(
+            self.channel,
+            self._worker_health,
+            metadata=self.app_metadata,
+            liveness=liveness,
+            on_hung=self._worker_hung if liveness is not None else None,
+        )
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(mirror.run()),
@@ -321,16 +341,11 @@ class Sidecar:
         """Serves the sidecar's own health servicer, and nothing else, in plaintext: it
         tells SERVING or NOT_SERVING, which the registry publishes anyway."""
         assert self.serving is not None
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.serving.health, server)
         try:
-            bound = server.add_insecure_port(f"{host}:{port}")
-            await server.start()
+            self.health_address = await serve_health_port(self.serving, host, port)
         except BaseException:
             await self.drain()
             raise
-        self._health_server = server
-        self.health_address = f"{host}:{bound}"
 
     async def _start_outbound(self, port: int) -> None:
         """The worker's way out: the relay in routing mode on localhost, mTLS to peers.
@@ -425,6 +440,10 @@ class Sidecar:
             log.info("the ring gives this worker keys %s", ", ".join(found.keys) or "none")
         return None if found is None else found.owned
 
+    async def _worker_hung(self, hang: Hung) -> None:
+        self.hang = hang
+        self.hung.set()
+
     async def _worker_health(self, serving: bool) -> None:
         if self._draining or self.registration is None or self.serving is None:
             return
@@ -460,8 +479,6 @@ class Sidecar:
         # Outbound last: in-flight inbound calls may have needed it to finish.
         if self.outbound is not None:
             await self.outbound.drain(self.settings.grace_seconds)
-        if self._health_server is not None:
-            await self._health_server.stop(grace=None)
         await self.channel.close()
 
     async def run_until_signal(self) -> None:

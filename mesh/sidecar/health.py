@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.sidecar.liveness import Hung, Liveness
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ class HealthMirror:
     for as long as it hangs while every call sent to it times out. A ``Check`` every
     ``probe_interval`` seconds catches that: ``probe_failures`` deadlines missed in a row
     make the worker not serving until it answers again.
+
+    With ``liveness``, a hang that lasts its window is reported once to ``on_hung`` (the
+    unit then kills the worker, to be restarted: Kubernetes' livenessProbe); ``clock`` times
+    the probes for it.
     """
 
     def __init__(
@@ -52,12 +59,20 @@ class HealthMirror:
         probe_interval: float = PROBE_INTERVAL_S,
         probe_timeout: float = PROBE_TIMEOUT_S,
         probe_failures: int = PROBE_FAILURES,
+        liveness: Liveness | None = None,
+        on_hung: Callable[[Hung], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if probe_interval <= 0 or probe_timeout <= 0 or probe_failures < 1:
             raise ValueError(
                 "probe_interval and probe_timeout must be > 0 and probe_failures >= 1, got "
                 f"{probe_interval}, {probe_timeout}, {probe_failures}"
             )
+        if (liveness is None) != (on_hung is None):
+            raise ValueError("liveness and on_hung go together")
+        self._liveness = liveness
+        self._on_hung = on_hung
+        self._clock = clock
         self._metadata = metadata
         self._stub = health_pb2_grpc.HealthStub(channel)
         self._on_change = on_change
@@ -115,6 +130,7 @@ class HealthMirror:
         missed = 0
         while True:
             await self._sleep(self._probe_interval)
+            sent_at = self._clock()
             try:
                 await self._stub.Check(
                     request, timeout=self._probe_timeout, metadata=self._metadata
@@ -136,3 +152,15 @@ class HealthMirror:
                         self._probe_timeout,
                     )
                 await self._publish()
+            if self._liveness is not None and self._on_hung is not None:
+                hung = self._liveness.probed(sent_at, answered, self._clock())
+                if hung is not None:
+                    log.error(
+                        "worker answered no health check for %.1f s (%d missed in a row, "
+                        "liveness window %.1f s): giving up on it",
+                        hung.silent_s,
+                        hung.missed,
+                        self._liveness.window_s,
+                    )
+                    on_hung, self._on_hung = self._on_hung, None  # once: the unit ends
+                    await on_hung(hung)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -18,6 +19,7 @@ from mesh.server.lifeline import FOLDER_ENV, Lifeline, die_with_parent
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import write_secret
 from mesh.sidecar.cli import SidecarPlan, add_sidecar_arguments, plan, running
+from mesh.sidecar.liveness import DEFAULT_WINDOW_S, HUNG_EXIT_STATUS, window_from_text
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,9 @@ LISTEN_ENV = "MESHSERVE_WORKER_LISTEN"
 #: ...or, with ``--worker-listen tcp``, the file holding the secret calls must carry.
 SECRET_FILE_ENV = "MESHSERVE_SIDECAR_SECRET_FILE"
 WORKER_LISTEN_MODES = ("unix", "tcp")
+#: ``--liveness-window``'s default when set: ``meshserve up`` and ``hosts up`` pass their
+#: environment to every unit, so one variable sets it for the whole mesh.
+LIVENESS_ENV = "MESHSERVE_LIVENESS_WINDOW"
 Process = asyncio.subprocess.Process
 WORKER_START_TIMEOUT = 60.0
 
@@ -139,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
     private = PrivateSocket.create("meshserve-worker-", "worker.sock")
     try:
         unit_door = door(args.worker_listen, private)
-        sidecar_plan.settings = replace(sidecar_plan.settings, app_secret=unit_door.secret)
+        sidecar_plan.settings = replace(
+            sidecar_plan.settings,
+            app_secret=unit_door.secret,
+            liveness_window=args.liveness_window,
+        )
         command = worker_command(args.kind, args.worker_command, extra, unit_door)
         return eventloop.run(_run_unit(command, unit_door, sidecar_plan))
     finally:
@@ -186,6 +195,7 @@ async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -
     lifeline = Lifeline()
     worker: Process | None = None
     pump: asyncio.Task[None] | None = None
+    killed_hung = False
     try:
         worker = await _spawn(command, door.env, lifeline)
         try:
@@ -200,16 +210,32 @@ async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -
         async with running(sidecar_plan) as sidecar:
             signalled = asyncio.create_task(sidecar.run_until_signal())
             exited = asyncio.create_task(worker.wait())
-            await asyncio.wait({signalled, exited}, return_when=asyncio.FIRST_COMPLETED)
+            hung = asyncio.create_task(sidecar.hung.wait())
+            await asyncio.wait({signalled, exited, hung}, return_when=asyncio.FIRST_COMPLETED)
+            if hung.done() and not exited.done() and not signalled.done():
+                # A livenessProbe's restart: SIGKILL, since a hung worker would not act on
+                # SIGTERM (a stopped one cannot); its death ends the unit as a crash does
+                # (HUNG_EXIT_STATUS says why), so the supervisor restarts it with backoff,
+                # counted toward its restart limit.
+                log.error(
+                    "the worker answered no health check for %.0f s (liveness window): "
+                    "killing it; its sidecar drains and the unit exits to be restarted",
+                    sidecar.hang.silent_s if sidecar.hang is not None else 0.0,
+                )
+                worker.kill()
+                killed_hung = True
+                await exited
             if exited.done():
                 log.error("the worker exited (%s): draining its sidecar", worker.returncode)
-            signalled.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await signalled
+            for task in (signalled, hung):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             take_signals()  # the sidecar released them
             # Leaving ``running`` drains the sidecar (DRAINING, deregister, in-flight done)
             # before the worker is stopped, so no forwarded call loses its worker.
-        return await _stop(worker, sidecar_plan.settings.grace_seconds)
+        status = await _stop(worker, sidecar_plan.settings.grace_seconds)
+        return HUNG_EXIT_STATUS if killed_hung else status
     except asyncio.CancelledError:
         if not stopped_by:
             raise
@@ -224,6 +250,13 @@ async def _run_unit(command: list[str], door: Door, sidecar_plan: SidecarPlan) -
             pump.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def _liveness_window(text: str) -> float:
+    try:
+        return window_from_text(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -252,6 +285,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "on a free 127.0.0.1 port, serving only calls that carry a secret its sidecar sends",
     )
     add_sidecar_arguments(parser)
+    parser.add_argument(
+        "--liveness-window",
+        type=_liveness_window,
+        default=os.environ.get(LIVENESS_ENV, str(DEFAULT_WINDOW_S)),
+        metavar="SECONDS",
+        help="kill the worker, so that the unit is restarted, once it has answered no "
+        "health check for this long (Kubernetes' livenessProbe: 10 s x 3 by default); "
+        f"0: never (default ${LIVENESS_ENV}, else {DEFAULT_WINDOW_S:.0f})",
+    )
     parser.add_argument(
         "--worker-args",
         default="",

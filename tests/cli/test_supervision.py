@@ -110,6 +110,8 @@ def test_policy_refuses_nonsense(kwargs: dict[str, float]) -> None:
         (1, "exited with status 1"),
         (0, "exited with status 0"),
         (137, "exited with status 137 (SIGKILL)"),
+        # meshserve run killed its worker, silent for its liveness window.
+        (124, "exited with status 124 (worker hung)"),
     ],
 )
 def test_exit_reasons_read_as_words(code: int, words: str) -> None:

@@ -246,7 +246,8 @@ def test_a_hung_inference_worker_is_routed_around_and_serves_again_once_it_answe
     stay open, so only its sidecar's health probe (missed deadlines) can tell. The gateway
     stops routing to it and `status` shows it NOT_SERVING; once resumed it is routed again.
     Only calls already sent to it before that fail (on their deadline), and nothing
-    restarts it."""
+    restarts it: the hang is shorter than the liveness window (30 s; test_liveness.py has
+    one that outlasts it)."""
     settled(mesh)
     gateway = mesh.endpoints()["gateway"]
     owner = ring_owner_port(mesh, "demo")

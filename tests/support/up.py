@@ -98,7 +98,14 @@ def kill_leftovers(state: Path) -> None:
 class Up:
     """One `meshserve up` subprocess; its output goes to a log file."""
 
-    def __init__(self, state: Path, port: int, log: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        state: Path,
+        port: int,
+        log: Path,
+        extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.state = state
         self.log = log
         with log.open("a") as sink:
@@ -117,7 +124,7 @@ class Up:
                     *extra,
                 ],
                 cwd=ROOT,
-                env=ENV,
+                env={**ENV, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=sink,
                 stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
@@ -20,17 +21,20 @@ import grpc.aio
 import pytest
 from elasticsearch import AsyncElasticsearch
 
+from cli.main import build_parser
 from mesh.server.lifeline import FOLDER_ENV
 from mesh.server.private import PrivateSocket
 from mesh.server.sidecar_secret import HEADER, read_secret
 from mesh.sidecar.launcher import (
     LISTEN_ENV,
+    LIVENESS_ENV,
     SECRET_FILE_ENV,
     door,
     parse_ready,
     unit_status,
     worker_command,
 )
+from mesh.sidecar.liveness import HUNG_EXIT_STATUS
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from registry.directory import read_live
@@ -208,6 +212,48 @@ async def test_a_dying_worker_takes_its_sidecar_down(
         return not live.instances
 
     await _until(deregistered, "the instance is deregistered")
+
+
+@pytest.mark.e2e
+async def test_a_worker_silent_for_the_liveness_window_is_killed_and_the_unit_exits(
+    store_url: str, indices: Indices, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP: the worker's connection stays open, only its health checks go unanswered.
+    After the window (set through the environment, as ``up`` passes it) the unit kills its
+    worker and exits with a status that says so, to be restarted as after a crash."""
+    monkeypatch.setenv(LIVENESS_ENV, "2")
+    process = _launch(store_url, indices)
+    stopped: list[int] = []
+    try:
+        unit = _started(process)
+        async with grpc.aio.insecure_channel(unit.sidecar) as channel:
+            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                pb.ModelInferRequest(model_name="m"), timeout=10
+            )
+        assert reply.id == "w9"
+        os.kill(unit.worker_pid, signal.SIGSTOP)
+        stopped.append(unit.worker_pid)
+        await _until(lambda: process.poll() is not None, "the unit gives up on its worker")
+        assert process.returncode == HUNG_EXIT_STATUS
+        assert not _alive(unit.worker_pid)
+    finally:
+        for pid in stopped:  # should the unit not have killed it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _end(process)
+
+
+def test_the_liveness_window_defaults_to_kubernetes_and_refuses_a_negative(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(LIVENESS_ENV, raising=False)
+    assert build_parser().parse_args(["run", "data"]).liveness_window == 30.0
+    assert build_parser().parse_args(["run", "data", "--liveness-window=0"]).liveness_window == 0
+    monkeypatch.setenv(LIVENESS_ENV, "4")
+    assert build_parser().parse_args(["run", "data"]).liveness_window == 4.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "data", "--liveness-window=-1"])
+    assert "must be >= 0 seconds" in capsys.readouterr().err
 
 
 @pytest.mark.e2e
