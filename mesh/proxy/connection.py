@@ -16,6 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, cast
 
+from mesh.header_limits import MAX_HEADER_LIST
 from mesh.proxy import frames as f
 from mesh.proxy.flusher import Flusher
 from mesh.proxy.hpack_codec import (
@@ -45,8 +46,6 @@ MAX_STREAMS = 4096
 #: they cost a parse each and no flow-control window, so nothing else bounds them, and
 #: gRPC peers send none.
 CONTROL_FRAMES_PER_SECOND = 1000
-#: The largest header list accepted (gRPC's own default limit is 16 KiB).
-MAX_HEADER_LIST = 1 << 16
 
 
 class Connection(asyncio.Protocol):
