@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mesh.cli_error import CliError
 from mesh.config.autoscale import AutoscaleSettings
 from mesh.scaling.autoscaler import Autoscaler, Bounds, Candidate, Decision, least_loaded
+from registry.store_url import store_url
 
 if TYPE_CHECKING:
     from registry.store import Store
@@ -207,7 +208,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--namespace", default="meshserve")
     parser.add_argument("--selector", default=None, help="the pods' labels (default app=SERVICE)")
     parser.add_argument("--config", required=True, help="the routing YAML folder")
-    parser.add_argument("--es", default=None, help="Elasticsearch URL (else MESHSERVE_ES_URL)")
+    parser.add_argument(
+        "--es", type=store_url, default=None, help="Elasticsearch URL (else MESHSERVE_ES_URL)"
+    )
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between readings")
     parser.set_defaults(handler=_handler)
 

@@ -60,6 +60,7 @@ from registry.state_dir import (
     UP_FILE,
     UpEndpoints,
 )
+from registry.store_url import store_url
 
 out = Console()
 
@@ -613,7 +614,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--config", default=str(REPO_CONFIG), help="routing YAML folder (default: config/)"
     )
     parser.add_argument(
-        "--es", default=None, help="an Elasticsearch URL instead of the embedded store"
+        "--es",
+        type=store_url,
+        default=None,
+        help="an Elasticsearch URL instead of the embedded store",
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="worker device"

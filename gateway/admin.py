@@ -20,6 +20,7 @@ from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from mesh.routing.decision import RequestInfo
 from mesh.routing.discovery import EndpointTable
 from mesh.routing.hashkey import RequestFields
+from mesh.routing.services import split_method
 from mesh.routing.state import GatewayState
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -192,6 +193,13 @@ class Admin(admin_pb2_grpc.AdminServicer):
     async def ExplainRoute(
         self, request: admin_pb2.ExplainRouteRequest, context: Context
     ) -> admin_pb2.ExplainRouteResponse:
+        if request.method and split_method(request.method) is None:
+            # The argument is malformed, not a call: the data plane's UNIMPLEMENTED (what
+            # a gRPC server answers an unknown path) would read as "no route matches".
+            raise InvalidArgument(
+                f"method: {request.method!r} is not a gRPC method path "
+                "(want /package.Service/Method)"
+            )
         fields = None
         if request.model_name or request.model_version:
             fields = RequestFields(request.model_name, request.model_version)

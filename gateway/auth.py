@@ -23,7 +23,7 @@ Configured by a small YAML file (``meshserve gateway --auth-config FILE``)::
     exemptMethods: ["/grpc.health.v1.Health/*"]         # the default
     dataPlane: authenticated      # or open: calls without credentials pass (Admin never does)
 
-Clients send ``x-api-key: <key>`` or ``authorization: Bearer <key or JWT>``. Failures are
+Clients send ``x-api-key: <key>`` or ``authorization: Bearer <key or JWT>``, once. Failures are
 UNAUTHENTICATED naming what was wrong; a client over its rate gets RESOURCE_EXHAUSTED with
 the ``grpc-retry-pushback-ms`` trailer (gRFC A6) saying when to retry.
 
@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
+CREDENTIAL_HEADERS = (API_KEY_HEADER, AUTHORIZATION_HEADER)
 #: gRFC A6: the server's pushback, in milliseconds, as a trailer.
 RETRY_PUSHBACK_TRAILER = md.RETRY_PUSHBACK
 #: The algorithms an edge key may be configured with (one per key).
@@ -244,6 +245,13 @@ class Authenticator:
         self.config = config
 
     def authenticate(self, headers: Mapping[str, str]) -> Client:
+        for name in CREDENTIAL_HEADERS:
+            if name in md.repeated(headers) and name in headers:
+                # Which one is meant is a guess; the last one winning let a proxy that
+                # appends a header override the client's credential, or the reverse.
+                raise Unauthenticated(
+                    f"more than one {name!r} header: send one credential per call"
+                )
         api_key = headers.get(API_KEY_HEADER)
         authorization = headers.get(AUTHORIZATION_HEADER)
         if api_key is None and authorization is None:
@@ -446,8 +454,10 @@ class ClientGuard:
             self._authorize(method, self._admin(method, headers), headers)
 
 
-def _text_metadata(context: Context) -> dict[str, str]:
-    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+def _text_metadata(context: Context) -> md.TextHeaders:
+    return md.text_headers(
+        (k.lower(), v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
+    )
 
 
 #: The guard of a gateway started without an auth file: the data plane stays open, and

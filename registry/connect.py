@@ -18,6 +18,7 @@ from elasticsearch import TransportError as _TransportError
 from elasticsearch.exceptions import ApiError
 
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, Unavailable
+from registry.store_url import store_url, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,9 @@ class StoreSettings:
     request_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidArgument(
-                f"Elasticsearch URL {self.url!r} must look like http(s)://host:port"
-            )
+        problem = url_problem(self.url)
+        if problem is not None:
+            raise InvalidArgument(problem)
         # Index names must be lowercase and cannot start with '-', '_' or '+'.
         if (
             not self.prefix
@@ -135,6 +134,7 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("discovery store")
     group.add_argument(
         "--es",
+        type=store_url,
         metavar="URL",
         help=f"Elasticsearch URL (default: ${ES_URL_ENV}, else the local store of `meshserve up`)",
     )

@@ -16,6 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, cast
 
+from mesh.header_limits import MAX_HEADER_LIST
 from mesh.proxy import frames as f
 from mesh.proxy.flusher import Flusher
 from mesh.proxy.hpack_codec import (
@@ -45,14 +46,14 @@ MAX_STREAMS = 4096
 #: they cost a parse each and no flow-control window, so nothing else bounds them, and
 #: gRPC peers send none.
 CONTROL_FRAMES_PER_SECOND = 1000
-#: The largest header list accepted (gRPC's own default limit is 16 KiB).
-MAX_HEADER_LIST = 1 << 16
 
 
 class Connection(asyncio.Protocol):
     """The framing and bookkeeping both sides of the relay share; subclasses own streams."""
 
     client_side = False
+    #: The largest header list accepted from the peer (see mesh.header_limits).
+    max_header_list = MAX_HEADER_LIST
 
     def __init__(self, flusher: Flusher) -> None:
         self.flusher = flusher
@@ -61,7 +62,7 @@ class Connection(asyncio.Protocol):
         self._preface_pending = not self.client_side
         self._out: list[bytes] = []
         self._dirty = False
-        self.decoder = HeaderDecoder(max_list_size=MAX_HEADER_LIST)
+        self.decoder = HeaderDecoder(max_list_size=self.max_header_list)
         self.encoder = HeaderEncoder()
         self.streams: dict[int, Side] = {}
         #: Sides waiting for connection-level window, in arrival order.
@@ -110,7 +111,7 @@ class Connection(asyncio.Protocol):
                 f.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
                 f.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 f.MAX_FRAME_SIZE: f.MIN_MAX_FRAME_SIZE,
-                f.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                f.MAX_HEADER_LIST_SIZE: self.max_header_list,
             }
         )
         opening = settings + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
@@ -249,7 +250,7 @@ class Connection(asyncio.Protocol):
             if not payload and not flags & f.END_HEADERS:
                 self._count_control_frame()
             pending[2].extend(payload)
-            if len(pending[2]) > 4 * MAX_HEADER_LIST:
+            if len(pending[2]) > 4 * self.max_header_list:
                 raise f.ProtocolError("header block too large", f.ENHANCE_YOUR_CALM)
             if flags & f.END_HEADERS:
                 self._continuation = None
@@ -378,7 +379,7 @@ class Connection(asyncio.Protocol):
         raise NotImplementedError
 
     def on_oversized_headers(self, stream_id: int, end_stream: bool, detail: str) -> None:
-        """A header block on ``stream_id`` decoded to more than MAX_HEADER_LIST."""
+        """A header block on ``stream_id`` decoded to more than ``max_header_list``."""
         raise NotImplementedError
 
     def on_goaway(self, last_stream_id: int, code: int) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from mesh.header_limits import INBOUND_HEADER_LIST
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, Connection
 from mesh.proxy.exchange import Exchange
@@ -42,6 +43,9 @@ class Downstream(Connection):
     client_side = False
 
     def __init__(self, relay: Relay) -> None:
+        if relay.inbound is not None:
+            # A sidecar's inbound: its callers are relays that add to what they forward.
+            self.max_header_list = INBOUND_HEADER_LIST
         super().__init__(relay.flusher)
         self.relay = relay
         self.last_stream = 0

@@ -3,7 +3,7 @@ edits (remove, set, add) applied to it or to an HTTP/2 header block."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from mesh.config.virtual_service import HeaderOperations
 
@@ -37,6 +37,32 @@ def as_dict(metadata: Sequence[tuple[str, str]]) -> dict[str, str]:
     for key, value in metadata:
         merged[key] = f"{merged[key]},{value}" if key in merged else value
     return merged
+
+
+class TextHeaders(dict[str, str]):
+    """A call's text headers by name, the last value of a repeated name kept, with the
+    names sent more than once (``repeated``): a check that must see one value of a header
+    (a credential) refuses the call rather than read the last."""
+
+    repeated: frozenset[str] = frozenset()
+
+
+def text_headers(pairs: Iterable[tuple[str, str]], repeated: Iterable[str] = ()) -> TextHeaders:
+    """``pairs`` as :class:`TextHeaders`; ``repeated``: names known repeated besides (those
+    of the headers ``pairs`` was filtered from)."""
+    headers = TextHeaders()
+    seen_twice = set(repeated)
+    for key, value in pairs:
+        if key in headers:
+            seen_twice.add(key)
+        headers[key] = value
+    headers.repeated = frozenset(seen_twice)
+    return headers
+
+
+def repeated(headers: Mapping[str, str]) -> frozenset[str]:
+    """The names sent more than once (none known for a plain mapping)."""
+    return headers.repeated if isinstance(headers, TextHeaders) else frozenset()
 
 
 def apply(operations: HeaderOperations, metadata: Sequence[tuple[str, str]]) -> Metadata:

@@ -13,6 +13,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from mesh.header_limits import MAX_SERVER_METADATA
 from mesh.security.guard import GuardInterceptor
 from mesh.server import memory, reflection
 from mesh.server.health_port import serve_health_port
@@ -167,6 +168,9 @@ async def start_server(
         options=[
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # Whatever the relay in front accepted and forwarded (see mesh.header_limits).
+            ("grpc.max_metadata_size", MAX_SERVER_METADATA),
+            ("grpc.absolute_max_metadata_size", MAX_SERVER_METADATA),
             # Two servers must never share a port silently.
             ("grpc.so_reuseport", 0),
         ],

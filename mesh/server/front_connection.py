@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from mesh.header_limits import MAX_SERVER_METADATA
 from mesh.proxy import frames as f
 from mesh.proxy.connection import MAX_STREAMS, Connection
 from mesh.proxy.grpc_status import error_headers
@@ -31,6 +32,8 @@ class FrontConnection(Connection):
     """A client's connection to the front: each new stream is a LocalCall or a Passthrough."""
 
     client_side = False
+    #: As the gRPC server behind it: reached through the sidecar's inbound.
+    max_header_list = MAX_SERVER_METADATA
 
     def __init__(self, front: H2Front) -> None:
         super().__init__(front.flusher)

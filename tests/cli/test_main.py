@@ -164,7 +164,18 @@ def _meshserve_argv(line: str) -> list[str] | None:
     if not words or not ENTRY.match(" ".join(words[:2]) if words[0] == "sudo" else words[0]):
         return None
     words = words[2:] if words[0] == "sudo" else words[1:]
+    # A flag whose value is checked as it is parsed needs one in the right form where the
+    # docs show a placeholder (a synopsis's URL, a shell variable).
+    words = [
+        EXAMPLE_VALUES.get(before, {}).get(word, word)
+        for before, word in zip(["", *words], words, strict=False)
+    ]
     return words[:-1] if words[-1:] == ["&"] else words
+
+
+EXAMPLE_VALUES = {
+    "--es": {"URL": "http://es.example.com:9200", "$MESHSERVE_ES_URL": "https://es.example.com"}
+}
 
 
 @pytest.mark.parametrize("page", DOCS)

@@ -417,3 +417,20 @@ async def test_rollback_restores_the_config_before_the_last_apply() -> None:
         assert again.resources == ["VirtualService/inference"]
         dump = await stub.DumpConfig(admin_pb2.DumpConfigRequest())
         assert any("fault" in r.yaml for r in dump.resources)
+
+
+@pytest.mark.parametrize("method", ["garbage", "/inference.GRPCInferenceService", "a/b/c", "//"])
+async def test_explain_route_refuses_a_malformed_method_naming_the_form(method: str) -> None:
+    """``route explain --method garbage`` answered UNIMPLEMENTED, which reads as "no route
+    matches"; a well-formed method no service serves keeps that answer."""
+    async with mesh(1) as m:
+        stub = admin(m.admin_channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ExplainRoute(admin_pb2.ExplainRouteRequest(method=method))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == (
+            f"method: {method!r} is not a gRPC method path (want /package.Service/Method)"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ExplainRoute(admin_pb2.ExplainRouteRequest(method="/foo.Bar/Baz"))
+        assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED

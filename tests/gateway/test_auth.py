@@ -290,3 +290,16 @@ spec:
     assert guard.limiter.take("bob") == 0.0
     # API-key clients carry no request principal: the DENY on bob does not touch them.
     assert guard.admit(path, {"x-api-key": KEY})[0] is not None
+
+
+async def test_two_api_keys_are_refused_by_the_interceptor_too(
+    guarded: tuple[grpc.aio.Channel, Clock],
+) -> None:
+    channel, _ = guarded
+    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/meshtest.Echo/Echo"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await method(b"hi", metadata=(("x-api-key", "nope"), ("x-api-key", KEY)), timeout=10)
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "more than one 'x-api-key' header" in (refused.value.details() or "")

@@ -9,10 +9,11 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.main import main
 from gateway.app import Gateway
-from gateway.auth import AuthConfig, ClientGuard, hash_key
+from gateway.auth import AuthConfig, ClientGuard, hash_key, new_key
 from mesh.routing.discovery import StaticDiscovery, StaticInstance
 from mesh.server.app import ServerSettings
 from mesh.server.testing import serve
@@ -85,5 +86,51 @@ async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_on
                 assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
                 trailers = dict(limited.value.trailing_metadata() or ())
                 assert int(trailers["grpc-retry-pushback-ms"]) > 0
+        finally:
+            await serving.drain(grace=0)
+
+
+async def test_two_credentials_of_one_kind_on_a_call_are_refused_naming_the_header(
+    tmp_path: Path,
+) -> None:
+    """With two x-api-key headers the last one won: a valid key after an invalid one was
+    admitted as its client. Which credential is meant is ambiguous: refused, as the guard
+    behind the relay (its own services) refuses it too."""
+    good, other = new_key(), new_key()
+    (tmp_path / "auth.yaml").write_text(
+        f"apiKeys:\n  - {{client: a, sha256: {hash_key(good)}}}\n"
+        f"  - {{client: b, sha256: {hash_key(other)}}}\n"
+    )
+    guard = ClientGuard(AuthConfig.load(tmp_path / "auth.yaml"))
+    worker = FakeWorker("w0")
+    async with serve(worker.services()) as (backend, _):
+        discovery = StaticDiscovery([StaticInstance("inference", "w0", backend.address)])
+        gateway = Gateway(discovery, config_dir=REPO / "config", guard=guard)
+        serving = await gateway.start(ServerSettings())
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while not gateway.state.snapshot.endpoints("inference"):
+                assert asyncio.get_running_loop().time() < deadline, "no endpoint discovered"
+                await asyncio.wait_for(gateway.endpoints_changed.wait(), timeout=10)
+            async with grpc.aio.insecure_channel(serving.address) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                health = health_pb2_grpc.HealthStub(channel)
+                request = pb.ModelInferRequest(model_name="m")
+                reply = await stub.ModelInfer(request, metadata=(("x-api-key", good),), timeout=10)
+                assert reply.id == "w0"
+                for name, values in [
+                    ("x-api-key", ("not a key", good)),
+                    ("x-api-key", (good, other)),
+                    ("authorization", (f"Bearer {good}", f"Bearer {other}")),
+                ]:
+                    metadata = tuple((name, v) for v in values)
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.ModelInfer(request, metadata=metadata, timeout=10)
+                    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                    assert refused.value.details() == (
+                        f"more than one {name!r} header: send one credential per call"
+                    )
+                # Health is exempt: credentials are not read there at all.
+                await health.Check(health_pb2.HealthCheckRequest(), metadata=metadata)
         finally:
             await serving.drain(grace=0)

@@ -20,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.errors import NotFound
+from mesh.header_limits import HOP_ALLOWANCE, INBOUND_HEADER_LIST, MAX_SERVER_METADATA
 from mesh.server.app import ServerSettings, Serving
 from mesh.server.call_context import CallContext
 from mesh.server.h2_front import HotMethod, start_fronted_server
@@ -223,3 +224,25 @@ async def test_binary_metadata_is_decoded_as_grpc_does() -> None:
     context = CallContext(headers, None, asyncio.get_running_loop())
     assert context.invocation_metadata() == (("k-bin", b"\x01\x02"), ("k", "v"))
     assert context.time_remaining() is None
+
+
+async def test_the_front_and_the_server_behind_it_accept_what_the_inbound_forwards() -> None:
+    """A worker sits behind its sidecar's inbound, which accepts INBOUND_HEADER_LIST and
+    adds to it: hot methods (the front) and relayed ones (grpc.aio behind it) take both."""
+    big = (("x-big", "v" * (INBOUND_HEADER_LIST + HOP_ALLOWANCE // 2)),)
+    async with front(Probe()) as (_, channel):
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert await echo(b"ab", timeout=10) == b"ba"  # grpc-core's limits follow SETTINGS
+        assert await echo(b"ab", metadata=big, timeout=10) == b"ba"
+        request = health_pb2.HealthCheckRequest()
+        reply = await health.Check(request, metadata=big, timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        over = (("x-big", "v" * MAX_SERVER_METADATA),)
+        for call in (
+            echo(b"ab", metadata=over, timeout=10),
+            health.Check(request, metadata=over, timeout=10),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

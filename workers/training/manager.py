@@ -17,10 +17,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mesh.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos.meshserve.data.v1 import data_pb2
 from protos.meshserve.training.v1 import training_pb2
-from workers.model_repo import ModelRepo
+from workers.model_repo import ModelRepo, RepositoryError
 from workers.training import spec as specs
 from workers.training.checkpoint import JobArtifacts
 from workers.training.datasets import Datasets
+from workers.training.failures import job_failure, publication_failure
 from workers.training.jobstore import JobStore
 from workers.training.loop import RunConfig
 from workers.training.nodes import NodeGroup
@@ -472,9 +473,7 @@ class JobManager:
             async with run.lock:
                 if run.job.state not in TERMINAL:
                     try:
-                        await self._finish(
-                            run, training_pb2.JOB_STATE_FAILED, f"worker error: {exc}"
-                        )
+                        await self._finish(run, training_pb2.JOB_STATE_FAILED, job_failure(exc))
                     except OwnershipLost:
                         self._runs.pop(run.job.id, None)
         finally:
@@ -641,7 +640,14 @@ class JobManager:
         def write() -> training_pb2.PublishedVersion:
             return publish(self.repo, job, dataset, artifacts.read_export(), record)
 
-        published = await asyncio.to_thread(write)
+        try:
+            published = await asyncio.to_thread(write)
+        except (OSError, RepositoryError) as exc:
+            # The client learns the kind of failure; the paths stay in this log.
+            log.exception("job %s: publishing failed", job.id)
+            message = publication_failure(job.spec.model_name, exc)
+            await self._finish(run, training_pb2.JOB_STATE_FAILED, message)
+            return
         job.published.CopyFrom(published)
         await self.recorder.record(
             published.model_name, int(published.version), published.uri, record

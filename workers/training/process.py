@@ -24,6 +24,7 @@ import grpc
 from torch.multiprocessing.spawn import ProcessExitedException
 
 from workers.training.batches import StalledStream
+from workers.training.failures import os_failure
 from workers.training.loop import RunConfig, TrainingFailed, train
 
 #: How long ranks wait for each other before a collective fails the job.
@@ -68,6 +69,8 @@ def _transient(exc: BaseException) -> bool:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TrainingFailed):
         return str(exc)
+    if isinstance(exc, OSError):  # its str names the worker's paths; the log keeps them
+        return f"storage failed: {os_failure(exc)}"
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -19,6 +19,7 @@ from mesh.config.loader import parse_yaml
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.snapshot import config_from_yaml
 from mesh.errors import InvalidArgument
+from mesh.header_limits import HOP_ALLOWANCE, INBOUND_HEADER_LIST, MAX_HEADER_LIST
 from mesh.security.ca import CertificateAuthority
 from mesh.security.identity import WorkloadIdentity
 from mesh.security.rotation import CertificateSource
@@ -500,3 +501,20 @@ async def test_request_authentication_at_the_sidecar_inbound(
         assert await code(ch, wrong_aud) is grpc.StatusCode.UNAUTHENTICATED
         forged = Issuer.rsa(rsa.iss).token(groups=["ml"])
         assert await code(ch, forged) is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_inbound_accepts_an_edge_sized_header_list_with_what_a_hop_added(
+    rig: Rig,
+) -> None:
+    """The gateway accepts MAX_HEADER_LIST from a client and adds its own headers: the
+    sidecar behind it refused that forward RESOURCE_EXHAUSTED at the same limit."""
+    size = MAX_HEADER_LIST + HOP_ALLOWANCE // 2
+    async with rig.client("gateway") as channel:
+        peer = b"spiffe://cluster.local/ns/meshserve/sa/gateway|"
+        assert await call(channel) == peer + b"hi"  # grpc-core applies limits after SETTINGS
+        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+        reply = await method(b"big", metadata=(("x-big", "v" * size),), timeout=10)
+        assert reply == peer + b"big"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await method(b"big", metadata=(("x-big", "v" * INBOUND_HEADER_LIST),), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
