@@ -16,6 +16,7 @@ from typing import Any
 
 from mesh.config.request_authn import JwtRule, RequestAuthentication
 from mesh.errors import Unauthenticated
+from mesh.routing.headers import repeated
 from mesh.security.jwks import JwksCache
 from mesh.security.jwt_verify import JwtCheck, JwtKey, unverified_issuer, verify
 from mesh.security.workload import ROOT_NAMESPACE, Workload, applies_to
@@ -128,6 +129,10 @@ def authenticate(
         value = headers.get(header)
         if value is None:
             continue
+        if header in repeated(headers):
+            # Which of two tokens to verify would be a guess, and the other one would still
+            # reach the worker: one token per call.
+            raise Unauthenticated(f"more than one {header!r} header: send one token per call")
         for prefix in prefixes:
             token = _extract(value, prefix)
             if token is None:

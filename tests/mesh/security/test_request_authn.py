@@ -14,6 +14,7 @@ import pytest
 from mesh.config.fields import ConfigError
 from mesh.config.snapshot import MeshConfig, config_from_yaml
 from mesh.errors import Unauthenticated
+from mesh.routing.headers import text_headers
 from mesh.security.authz import RequestAttributes, evaluate
 from mesh.security.jwks import JwksCache
 from mesh.security.request_authn import AuthnOutcome, RequestAuthenticator
@@ -84,6 +85,15 @@ INVALID = [
 def test_an_invalid_token_is_unauthenticated_naming_why(token: str, says: str) -> None:
     with pytest.raises(Unauthenticated, match=says):
         authn(BOTH)(bearer(token))
+
+
+def test_two_tokens_in_one_header_name_are_unauthenticated() -> None:
+    """Which to verify would be a guess (and the other would still go on to the worker)."""
+    token = RSA.token()
+    twice = text_headers([("authorization", "Bearer junk"), ("authorization", f"Bearer {token}")])
+    with pytest.raises(Unauthenticated, match="more than one 'authorization' header"):
+        authn(BOTH)(twice)
+    assert authn(BOTH)(text_headers([("authorization", f"Bearer {token}")])).identity is not None
 
 
 # -- fields ----------------------------------------------------------------------------
