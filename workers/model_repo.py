@@ -103,7 +103,9 @@ class ModelRepo:
         try:
             text_format.Parse(text, config)
         except text_format.ParseError as exc:
-            raise RepositoryError(f"{path}: {exc}") from exc
+            # Named by model, not by path: the message reaches clients (Evaluate, a failed
+            # load's status), which need not learn where the server keeps its repository.
+            raise RepositoryError(f"model {model!r}: {CONFIG_FILE} does not parse: {exc}") from exc
         if not config.name:
             config.name = model
         return config

@@ -43,5 +43,6 @@ def test_missing_or_malformed_config_is_a_clear_error(tmp_path: Path) -> None:
         repo.read_config("ghost")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.pbtxt").write_text("max_batch_size: banana")
-    with pytest.raises(RepositoryError, match=r"config\.pbtxt"):
+    with pytest.raises(RepositoryError, match=r"model 'bad': config\.pbtxt does not parse") as bad:
         repo.read_config("bad")
+    assert str(tmp_path) not in str(bad.value)  # clients see it: no server paths
