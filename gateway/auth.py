@@ -447,7 +447,8 @@ class ClientGuard:
 
 
 def _text_metadata(context: Context) -> dict[str, str]:
-    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    # Repeated names joined: a credential or policy header sent twice is read whole.
+    return md.as_dict(md.normalise(context.invocation_metadata() or ()))
 
 
 #: The guard of a gateway started without an auth file: the data plane stays open, and

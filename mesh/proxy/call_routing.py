@@ -69,11 +69,7 @@ class Routing(Timers):
         if guard is not None and relay.guard_when is not None and not relay.guard_when():
             guard = None
         if guard is not None or authn is not None:
-            headers = {
-                n.decode("latin-1"): v.decode("latin-1")
-                for n, v in self.headers
-                if n[:1] != b":" and not n.endswith(b"-bin")
-            }
+            headers = md.text_headers(self.headers)
             try:
                 # The end-user JWT first: the guard authorizes with its principal. The
                 # header edits come after the guard, which reads the headers as sent.

@@ -31,12 +31,28 @@ def normalise(metadata: Iterable[tuple[str, str | bytes]]) -> Metadata:
     return tuple((k.lower(), v) for k, v in metadata if isinstance(v, str))
 
 
-def as_dict(metadata: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """One value per key; repeated keys join with "," as HTTP/2 header folding does."""
+def as_dict(metadata: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """One value per key; repeated keys join with "," as HTTP/2 header folding does.
+
+    Every policy that reads a header (AuthorizationPolicy's ``request.headers``, the JWT
+    of RequestAuthentication, the gateway's credentials) reads it through this: keeping
+    one value of several let a caller repeat a header to dodge a DENY on it while the
+    worker still read the denied value (Envoy's CVE-2020-25017, fixed the same way).
+    """
     merged: dict[str, str] = {}
     for key, value in metadata:
         merged[key] = f"{merged[key]},{value}" if key in merged else value
     return merged
+
+
+def text_headers(headers: Iterable[RawHeader]) -> dict[str, str]:
+    """An HTTP/2 header block's text metadata as policies read it: no pseudo-headers or
+    binary (``-bin``) values, names lower-case, repeated names joined (:func:`as_dict`)."""
+    return as_dict(
+        (name.decode("latin-1").lower(), value.decode("latin-1"))
+        for name, value in headers
+        if name[:1] != b":" and not name.endswith(b"-bin")
+    )
 
 
 def apply(operations: HeaderOperations, metadata: Sequence[tuple[str, str]]) -> Metadata:

@@ -500,3 +500,44 @@ async def test_request_authentication_at_the_sidecar_inbound(
         assert await code(ch, wrong_aud) is grpc.StatusCode.UNAUTHENTICATED
         forged = Issuer.rsa(rsa.iss).token(groups=["ml"])
         assert await code(ch, forged) is grpc.StatusCode.UNAUTHENTICATED
+
+
+DENY_ADMIN_HEADER = tuple(
+    d.resource
+    for d in parse_yaml(
+        """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admins}
+spec:
+  selector: {matchLabels: {app: inference}}
+  action: DENY
+  rules: [{when: [{key: "request.headers[x-user]", values: ["admin*"]}]}]
+""",
+        "policy.yaml",
+    )
+    if isinstance(d.resource, AuthorizationPolicy)
+)
+
+
+async def test_a_repeated_header_cannot_dodge_a_deny_on_it(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    """``x-user: admin`` then ``x-user: bob``: the worker reads both values, so the policy
+    reads both (joined by ",", as Envoy matches them); it read only the last and let the
+    call through to the worker."""
+
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
+            service="inference", app_address=address, mtls="STRICT", drain_delay=0.0
+        )
+
+    policies = SidecarPolicies(authorization_policies=DENY_ADMIN_HEADER)
+    async with rigged(es, indices, settings, policies=policies) as rig:
+        async with rig.client("gateway") as channel:
+            method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+            assert await method(b"hi", timeout=10, metadata=(("x-user", "bob"),))
+            for sent in (("admin", "bob"), ("bob", "admin")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await method(b"hi", timeout=10, metadata=[("x-user", v) for v in sent])
+                assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED, sent
