@@ -455,9 +455,9 @@ class ClientGuard:
 
 
 def _text_metadata(context: Context) -> md.TextHeaders:
-    return md.text_headers(
-        (k.lower(), v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
-    )
+    # Repeated names joined and noted: a policy header sent twice is read whole, a
+    # credential sent twice is refused.
+    return md.as_dict(md.normalise(context.invocation_metadata() or ()))
 
 
 #: The guard of a gateway started without an auth file: the data plane stays open, and

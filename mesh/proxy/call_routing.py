@@ -69,11 +69,7 @@ class Routing(Timers):
         if guard is not None and relay.guard_when is not None and not relay.guard_when():
             guard = None
         if guard is not None or authn is not None:
-            headers = md.text_headers(
-                (n.decode("latin-1"), v.decode("latin-1"))
-                for n, v in self.headers
-                if n[:1] != b":" and not n.endswith(b"-bin")
-            )
+            headers = md.text_headers(self.headers)
             try:
                 # The end-user JWT first: the guard authorizes with its principal. The
                 # header edits come after the guard, which reads the headers as sent.
@@ -84,7 +80,7 @@ class Routing(Timers):
                     if outcome is not None and outcome.consumed:
                         # An end-user token is not an edge credential (an open data plane
                         # admits the call; AuthorizationPolicy sees the end user).
-                        headers = md.text_headers(
+                        headers = md.as_dict(
                             ((k, v) for k, v in headers.items() if k not in outcome.consumed),
                             md.repeated(headers),
                         )

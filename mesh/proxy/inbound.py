@@ -57,7 +57,7 @@ def edit_headers(
 
 class TextHeaders(Mapping[str, str]):
     """A call's text metadata as AuthorizationPolicy sees it (keys lower-case, no pseudo or
-    binary headers), decoded on first read: only a policy condition on
+    binary headers, a repeated name's values joined by ","), decoded on first read: only a policy condition on
     ``request.headers[...]`` reads it, and without one the sidecar's relay would build
     and throw away a dict of every header on every call."""
 
@@ -70,11 +70,7 @@ class TextHeaders(Mapping[str, str]):
     def _decoded(self) -> dict[str, str]:
         text = self._text
         if text is None:
-            text = self._text = {
-                name.decode("latin-1").lower(): value.decode("latin-1")
-                for name, value in self._headers
-                if name[:1] != b":" and not name.endswith(b"-bin")
-            }
+            text = self._text = md.text_headers(self._headers)
         return text
 
     def __getitem__(self, key: str) -> str:

@@ -105,8 +105,9 @@ class Relay:
         self.pool = UpstreamPool(self, ssl_context)
         self.exchanges: set[Exchange] = set()
         self.downstreams: set[Downstream] = set()
-        #: Plaintext clients of a TLS listener, being told why not (mesh.proxy.tls_door).
-        self.refused: set[asyncio.Transport] = set()
+        #: Connections at a TLS listener's door (mesh.proxy.tls_door): handshakes not
+        #: finished, and plaintext clients being told why not. Closed at drain.
+        self.at_door: set[asyncio.Transport] = set()
         self.draining = False
         self._servers: list[asyncio.Server] = []
         self._needs_message: dict[str, bool] = {}
@@ -122,7 +123,13 @@ class Relay:
         else:
             # Through the door: a plaintext client is told that TLS is required, at once,
             # instead of redialling a dropped connection until its deadline.
-            factory = lambda: TlsDoor(lambda: Downstream(self), tls, self.refused)  # noqa: E731
+            factory = lambda: TlsDoor(  # noqa: E731
+                lambda: Downstream(self),
+                tls,
+                self.at_door,
+                self.limiter,
+                handshake_timeout=self.limits.request_headers_timeout or None,
+            )
         try:
             server = await self.loop.create_server(factory, host, port, reuse_address=True)
         except OSError as exc:
@@ -204,7 +211,7 @@ class Relay:
             self._tick = None
         for server in self._servers:
             server.close()
-        for transport in list(self.refused):
+        for transport in list(self.at_door):
             transport.abort()
         for conn in list(self.downstreams):
             conn.write(f.goaway(conn.last_stream, f.NO_ERROR))

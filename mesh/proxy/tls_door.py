@@ -14,6 +14,8 @@ required, then GOAWAY and close, so the client fails at once and says why. Anyth
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
@@ -24,6 +26,9 @@ import grpc
 from mesh.proxy import frames as f
 from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import HeaderEncoder
+from mesh.routing.limits import SourceLimiter
+
+log = logging.getLogger(__name__)
 
 #: The first byte of a TLS record carrying a handshake (RFC 8446 §5.1): a ClientHello.
 TLS_HANDSHAKE = 0x16
@@ -49,20 +54,33 @@ def refusal_message(tls: ssl.SSLContext) -> str:
 
 
 class TlsDoor(asyncio.Protocol):
-    """Decides, on a connection's first bytes, between the TLS path and a refusal."""
+    """Decides, on a connection's first bytes, between the TLS path and a refusal.
+
+    Until its handshake ends a connection is the door's: counted against its source's
+    limit (``limiter``), closed if the handshake takes longer than ``handshake_timeout``
+    (None: the standard library's 60 s), and held in ``at_door`` so that its owner can
+    close it when it stops.
+    """
 
     def __init__(
         self,
         app_protocol: Callable[[], asyncio.Protocol],
         tls: ssl.SSLContext,
-        refused: set[asyncio.Transport],
+        at_door: set[asyncio.Transport],
+        limiter: SourceLimiter | None = None,
+        *,
+        handshake_timeout: float | None = None,
     ) -> None:
         self._app_protocol = app_protocol
-        #: The listener's refused connections, open until they close: its owner closes
-        #: what is left when it stops (they are not the relay's connections).
-        self._refused = refused
+        #: The listener's connections not handed to the relay (handshaking or refused),
+        #: open until they close: its owner closes what is left when it stops.
+        self._at_door = at_door
+        self._limiter = limiter
+        self._handshake_timeout = handshake_timeout
         self._tls = tls
         self._transport: asyncio.Transport | None = None
+        #: The source counted against the limiter, until released.
+        self._source: str | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._refusal: _Refusal | None = None
 
@@ -70,11 +88,29 @@ class TlsDoor(asyncio.Protocol):
         # Not an isinstance check: uvloop's transports implement asyncio.Transport
         # without inheriting from it (see Connection.connection_made).
         self._transport = cast(asyncio.Transport, transport)
+        if self._limiter is not None:
+            peer = transport.get_extra_info("peername")
+            source = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
+            refused = self._limiter.admit_handshake(source)
+            if refused is not None:
+                # No TLS session to say why in: closed at once, costing nothing held.
+                log.info("refusing a connection at the TLS door: %s", refused)
+                self._transport.abort()
+                return
+            self._source = source
+        self._at_door.add(self._transport)
         self._timer = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT_S, transport.close)
+
+    def _release(self) -> None:
+        if self._source is not None and self._limiter is not None:
+            self._limiter.release_handshake(self._source)
+        self._source = None
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
         assert transport is not None
+        if transport.is_closing():
+            return
         if self._refusal is not None:
             self._refusal.feed(data)
             return
@@ -84,20 +120,34 @@ class TlsDoor(asyncio.Protocol):
         if data[0] == TLS_HANDSHAKE:
             self._hand_over(transport, data)
         else:
-            self._refused.add(transport)
             self._refusal = _Refusal(transport, refusal_message(self._tls))
             self._refusal.feed(data)
+
+    def _handshake_ended(self, transport: asyncio.Transport, done: asyncio.Future[None]) -> None:
+        # Done, failed, timed out or closed: the connection is the relay's (or gone).
+        self._at_door.discard(transport)
+        self._release()
+        # A failed handshake is the client's problem (the TLS layer logs it and closes),
+        # so its exception is only taken off the future.
+        if not done.cancelled():
+            done.exception()
 
     def _hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
         """From here the standard library's TLS protocol owns the connection, exactly as
         with ``create_server(ssl=...)``; the bytes already read are fed to it first."""
         loop = asyncio.get_running_loop()
-        # Told how the handshake ended; a failed one is the client's problem (the TLS
-        # layer logs it and closes), so its exception is only taken off the future.
-        handshake = loop.create_future()
-        handshake.add_done_callback(lambda done: done.cancelled() or done.exception())
+        handshake: asyncio.Future[None] = loop.create_future()
+        handshake.add_done_callback(lambda done: self._handshake_ended(transport, done))
         tls_protocol = sslproto.SSLProtocol(
-            loop, self._app_protocol(), self._tls, handshake, server_side=True
+            loop,
+            self._app_protocol(),
+            self._tls,
+            handshake,
+            server_side=True,
+            # Whole seconds, as the standard library's signature has it.
+            ssl_handshake_timeout=(
+                None if self._handshake_timeout is None else math.ceil(self._handshake_timeout)
+            ),
         )
         transport.set_protocol(tls_protocol)
         tls_protocol.connection_made(transport)
@@ -110,10 +160,12 @@ class TlsDoor(asyncio.Protocol):
             view = view[n:]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Only before a hand-over: after it, the TLS protocol is told instead.
         if self._timer is not None:
             self._timer.cancel()
         if self._transport is not None:
-            self._refused.discard(self._transport)
+            self._at_door.discard(self._transport)
+        self._release()
 
 
 class _Refusal:

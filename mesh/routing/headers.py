@@ -31,33 +31,44 @@ def normalise(metadata: Iterable[tuple[str, str | bytes]]) -> Metadata:
     return tuple((k.lower(), v) for k, v in metadata if isinstance(v, str))
 
 
-def as_dict(metadata: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """One value per key; repeated keys join with "," as HTTP/2 header folding does."""
-    merged: dict[str, str] = {}
-    for key, value in metadata:
-        merged[key] = f"{merged[key]},{value}" if key in merged else value
-    return merged
-
-
 class TextHeaders(dict[str, str]):
-    """A call's text headers by name, the last value of a repeated name kept, with the
-    names sent more than once (``repeated``): a check that must see one value of a header
-    (a credential) refuses the call rather than read the last."""
+    """A call's text headers by name, with the names sent more than once (``repeated``):
+    a check that must see one value of a header (a credential) refuses the call rather
+    than guess which value is meant."""
 
     repeated: frozenset[str] = frozenset()
 
 
-def text_headers(pairs: Iterable[tuple[str, str]], repeated: Iterable[str] = ()) -> TextHeaders:
-    """``pairs`` as :class:`TextHeaders`; ``repeated``: names known repeated besides (those
-    of the headers ``pairs`` was filtered from)."""
-    headers = TextHeaders()
+def as_dict(metadata: Iterable[tuple[str, str]], repeated: Iterable[str] = ()) -> TextHeaders:
+    """One value per key; repeated keys join with "," as HTTP/2 header folding does, and
+    are noted in ``repeated`` (with ``repeated`` given: names known repeated besides, those
+    of the headers ``metadata`` was filtered from).
+
+    Every policy that reads a header (AuthorizationPolicy's ``request.headers``, the JWT
+    of RequestAuthentication, the gateway's credentials) reads it through this: keeping
+    one value of several let a caller repeat a header to dodge a DENY on it while the
+    worker still read the denied value (Envoy's CVE-2020-25017, fixed the same way).
+    """
+    merged = TextHeaders()
     seen_twice = set(repeated)
-    for key, value in pairs:
-        if key in headers:
+    for key, value in metadata:
+        if key in merged:
             seen_twice.add(key)
-        headers[key] = value
-    headers.repeated = frozenset(seen_twice)
-    return headers
+            merged[key] = f"{merged[key]},{value}"
+        else:
+            merged[key] = value
+    merged.repeated = frozenset(seen_twice)
+    return merged
+
+
+def text_headers(headers: Iterable[RawHeader]) -> TextHeaders:
+    """An HTTP/2 header block's text metadata as policies read it: no pseudo-headers or
+    binary (``-bin``) values, names lower-case, repeated names joined (:func:`as_dict`)."""
+    return as_dict(
+        (name.decode("latin-1").lower(), value.decode("latin-1"))
+        for name, value in headers
+        if name[:1] != b":" and not name.endswith(b"-bin")
+    )
 
 
 def repeated(headers: Mapping[str, str]) -> frozenset[str]:

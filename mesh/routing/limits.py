@@ -91,6 +91,9 @@ class SourceLimiter:
         self.limits = limits
         self._clock = clock
         self.connections: dict[str, int] = {}
+        #: TLS handshakes in progress by source (a connection counts in ``connections``
+        #: once its handshake is done, and here until then).
+        self.handshakes: dict[str, int] = {}
         self.streams: dict[str, int] = {}
         self.total_streams = 0
         #: Source → end of its cool-off.
@@ -125,6 +128,25 @@ class SourceLimiter:
             return self._refuse("connections", f"{source} has {count} connections open")
         self.connections[source] = count + 1
         return None
+
+    def admit_handshake(self, source: str) -> str | None:
+        """A TLS connection before its handshake ends: at most ``max_connections_per_source``
+        of them per source. Uncounted, a client that opened connections and stalled their
+        handshakes held a socket and the TLS layer's buffers (~300 KB) for each, without
+        limit, until the handshake timed out."""
+        limit = self.limits.max_connections_per_source
+        count = self.handshakes.get(source, 0)
+        if limit and count >= limit:
+            return self._refuse("handshakes", f"{source} has {count} TLS handshakes in progress")
+        self.handshakes[source] = count + 1
+        return None
+
+    def release_handshake(self, source: str) -> None:
+        count = self.handshakes.get(source, 0) - 1
+        if count > 0:
+            self.handshakes[source] = count
+        else:
+            self.handshakes.pop(source, None)
 
     def release_connection(self, source: str) -> None:
         count = self.connections.get(source, 0) - 1

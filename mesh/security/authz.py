@@ -19,6 +19,7 @@ from mesh.config.security import (
     path_template,
 )
 from mesh.errors import PermissionDenied
+from mesh.routing import headers as md
 from mesh.security.guard import Context
 from mesh.security.peer import PeerInfo, peer_from_context
 from mesh.security.workload import ROOT_NAMESPACE, Workload, applies_to
@@ -226,6 +227,19 @@ def condition_matches(cond: Condition, request: RequestAttributes, *, deny: bool
         return deny
     if cond.key in ("source.ip", "remote.ip"):
         return _ip_field(cond.values, cond.not_values, values[0] if values else None)
+    if deny and values and cond.key.startswith("request.headers["):
+        # A repeated header arrives joined ("admin,bob" or "bob,admin"), which Envoy
+        # matches whole, so a DENY on "admin" or "admin*" misses it while the worker still
+        # reads "admin". A DENY also matches each comma-separated element (RFC 9110 §5.3:
+        # a list header means the same folded or repeated); ``notValues`` still meet the
+        # whole value, so neither half can dodge. ALLOW matches the whole value only.
+        whole = values[0]
+        pieces = tuple(v.strip() for v in whole.split(",")) if "," in whole else ()
+        if cond.values and not any(
+            match_value(p, v) for p in cond.values for v in (whole, *pieces)
+        ):
+            return False
+        return not any(match_value(p, whole) for p in cond.not_values)
     # A multi-valued attribute (a list claim, several audiences) matches ``values`` when
     # any of its values does, and is excluded by ``notValues`` when any does.
     if cond.values and not any(match_value(p, v) for p in cond.values for v in values):
@@ -332,10 +346,9 @@ def attributes_from_context(
 ) -> RequestAttributes:
     """Gathers a call's attributes from grpc: metadata, peer address and TLS identity."""
     peer = peer or peer_from_context(context)
-    headers: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
-        if isinstance(value, str):
-            headers[key.lower()] = value
+    # Repeated names joined (mesh/routing/headers.py as_dict): one value of several would
+    # let a caller repeat a header to dodge a DENY on it.
+    headers = md.as_dict(md.normalise(context.invocation_metadata() or ()))
     identity = peer.identity
     return RequestAttributes(
         path=path,

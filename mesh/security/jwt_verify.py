@@ -55,6 +55,8 @@ class JwtCheck:
     leeway_seconds: float = 0.0
     #: Claims that must be present (the gateway's edge credential requires ``exp``).
     require: tuple[str, ...] = ()
+    #: Refuse a token whose ``iat`` is in the future (Envoy's jwt_authn never does).
+    verify_iat: bool = True
 
 
 def describe_error(exc: jwt.PyJWTError, check: JwtCheck) -> str:
@@ -121,7 +123,11 @@ def verify(token: str, keys: Sequence[JwtKey], check: JwtCheck) -> dict[str, Any
                 audience=list(check.audiences) or None,
                 issuer=check.issuer,
                 leeway=dt.timedelta(seconds=check.leeway_seconds),
-                options={"require": list(check.require), "verify_aud": bool(check.audiences)},
+                options={
+                    "require": list(check.require),
+                    "verify_aud": bool(check.audiences),
+                    "verify_iat": check.verify_iat,
+                },
             )
         except jwt.InvalidSignatureError as exc:
             error = exc  # another key of the same algorithm may verify it

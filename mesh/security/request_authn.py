@@ -180,7 +180,19 @@ def _verify(
         raise Unauthenticated(
             f"the JWKS of issuer {issuer!r} ({rule.jwks_uri}) has not been fetched yet"
         )
-    return rule, verify(token, found, JwtCheck(rule.issuer, rule.audiences))
+    return rule, verify(token, found, _check(rule))
+
+
+#: Envoy's jwt_authn allows this much clock skew on ``exp`` and ``nbf`` (its
+#: ``clock_skew_seconds`` default, which Istio does not expose) and never judges ``iat``:
+#: without it, a token fresh from an issuer whose clock ran ahead was refused.
+CLOCK_SKEW_SECONDS = 60.0
+
+
+def _check(rule: JwtRule) -> JwtCheck:
+    return JwtCheck(
+        rule.issuer, rule.audiences, leeway_seconds=CLOCK_SKEW_SECONDS, verify_iat=False
+    )
 
 
 class RequestAuthenticator:

@@ -120,3 +120,16 @@ def test_a_client_alone_still_reaches_a_small_limit_and_zero_turns_the_share_off
     off = SourceLimiter(RelayLimits(max_source_share=0), Clock())
     _holding(off, "a", 100)
     assert off.over_share("a", 4, 3) is None
+
+
+def test_handshakes_are_counted_per_source_until_released() -> None:
+    limiter = SourceLimiter(RelayLimits(max_connections_per_source=2), Clock())
+    assert limiter.admit_handshake("a") is None
+    assert limiter.admit_handshake("a") is None
+    assert "2 TLS handshakes" in (limiter.admit_handshake("a") or "")
+    assert limiter.admit_handshake("b") is None
+    # Handshakes and connections are counted apart: a finished one becomes a connection.
+    assert limiter.admit_connection("a") is None
+    limiter.release_handshake("a")
+    assert limiter.admit_handshake("a") is None
+    assert limiter.refused == {"handshakes": 1}

@@ -122,3 +122,14 @@ def test_the_average_in_flight_is_time_weighted_and_starts_over() -> None:
     # Both ended at once: the next second saw none, though an instant count at 1.0 saw two.
     assert limit.average() == 0.0
     assert limit.try_acquire() and limit.average() == 1.0  # no time passed: the count now
+
+
+def test_a_repeated_header_is_checked_with_all_its_values() -> None:
+    # Envoy joins a repeated header's values with "," for policy matching (CVE-2020-25017):
+    # keeping only the last let `x-user: admin` then `x-user: bob` dodge a DENY on
+    # "admin*" while the worker still read "admin".
+    check = Recorder()
+    Inbound("localhost:1", check, ConcurrencyLimit(None)).admit(
+        INFER, request(INFER, (b"x-user", b"admin"), (b"x-user", b"bob")), MESH
+    )
+    assert check.seen[0][1].headers["x-user"] == "admin,bob"

@@ -243,3 +243,84 @@ def test_request_principals_are_those_of_a_verified_jwt_and_absent_without_one()
     bob = RequestAttributes(INFER, request_principal="https://login.example.com//bob")
     assert evaluate(JWT_RULES, WORKLOAD, alice).allowed
     assert "deny-bob" in evaluate(JWT_RULES, WORKLOAD, bob).reason
+
+
+DENY_ADMIN_HEADER = policies(
+    """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admins}
+spec:
+  action: DENY
+  rules: [{when: [{key: "request.headers[x-user]", values: ["admin*"]}]}]
+"""
+)
+
+
+@pytest.mark.parametrize(
+    "sent", [(("x-user", "admin"),), (("x-user", "admin"), ("x-user", "bob"))], ids=str
+)
+async def test_a_repeated_header_cannot_dodge_a_deny_on_it(
+    sent: tuple[tuple[str, str], ...],
+) -> None:
+    # The server's handler sees every value; the policy must too (Envoy joins them with
+    # ","), or the header repeated after the denied value slips past the DENY.
+    td = "cluster.local"
+    ca = CertificateAuthority.create(td)
+    server = CertificateSource(ca, WorkloadIdentity(td, "meshserve", "inference"))
+    gateway = CertificateSource(ca, WorkloadIdentity(td, "meshserve", "gateway"))
+    authorizer = Authorizer(lambda: DENY_ADMIN_HEADER, WORKLOAD)
+    async with tls_server(server.server_credentials(), [GuardInterceptor(authorizer)]) as serving:
+        target = f"localhost:{serving.port}"
+        async with grpc.aio.secure_channel(target, gateway.channel_credentials()) as channel:
+            assert await call_who(channel) == f"spiffe://{GATEWAY}"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call_who(channel, metadata=sent)
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "AuthorizationPolicy/no-admins" in (refused.value.details() or "")
+
+
+DENY_UNLESS_TRUSTED = policies(
+    """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: trusted-only}
+spec:
+  action: DENY
+  rules: [{when: [{key: "request.headers[x-user]", notValues: ["trusted"]}]}]
+"""
+)
+ALLOW_TRUSTED = policies(
+    """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: trusted}
+spec:
+  action: ALLOW
+  rules: [{when: [{key: "request.headers[x-user]", values: ["trusted"]}]}]
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("rules", "sent", "allowed"),
+    [
+        # A DENY meets every element of a repeated (joined) header, in either order...
+        (DENY_ADMIN_HEADER, "admin,bob", False),
+        (DENY_ADMIN_HEADER, "bob,admin", False),
+        (DENY_ADMIN_HEADER, "bob, administrator", False),
+        (DENY_ADMIN_HEADER, "bob", True),
+        # ...its notValues the whole value: "trusted" beside another is not "trusted".
+        (DENY_UNLESS_TRUSTED, "trusted", True),
+        (DENY_UNLESS_TRUSTED, "trusted,evil", False),
+        (DENY_UNLESS_TRUSTED, "evil,trusted", False),
+        # ALLOW matches the whole value, as Envoy does.
+        (ALLOW_TRUSTED, "trusted", True),
+        (ALLOW_TRUSTED, "trusted,evil", False),
+    ],
+)
+def test_repeated_header_values_favour_the_deny(
+    rules: tuple[AuthorizationPolicy, ...], sent: str, allowed: bool
+) -> None:
+    request = RequestAttributes(path=INFER, headers={"x-user": sent})
+    assert evaluate(rules, WORKLOAD, request).allowed is allowed

@@ -14,7 +14,7 @@ import pytest
 from mesh.config.fields import ConfigError
 from mesh.config.snapshot import MeshConfig, config_from_yaml
 from mesh.errors import Unauthenticated
-from mesh.routing.headers import text_headers
+from mesh.routing.headers import as_dict
 from mesh.security.authz import RequestAttributes, evaluate
 from mesh.security.jwks import JwksCache
 from mesh.security.request_authn import AuthnOutcome, RequestAuthenticator
@@ -71,7 +71,8 @@ def test_a_valid_token_yields_iss_slash_sub_and_its_claims(issuer: Issuer) -> No
 
 INVALID = [
     ("bad signature", OTHER.token(), "signature does not verify"),
-    ("expired", RSA.token(exp=int(time.time()) - 60), "expired"),
+    ("expired", RSA.token(exp=int(time.time()) - 120), "expired"),
+    ("not valid yet", RSA.token(nbf=int(time.time()) + 120), "not valid yet"),
     ("wrong audience", EC.token(aud="training"), "audience"),
     ("unknown issuer", Issuer.rsa("https://evil.example.com").token(), "is not accepted here"),
     ("not a JWT", "not-a-jwt", "not a JWT"),
@@ -90,10 +91,25 @@ def test_an_invalid_token_is_unauthenticated_naming_why(token: str, says: str) -
 def test_two_tokens_in_one_header_name_are_unauthenticated() -> None:
     """Which to verify would be a guess (and the other would still go on to the worker)."""
     token = RSA.token()
-    twice = text_headers([("authorization", "Bearer junk"), ("authorization", f"Bearer {token}")])
+    twice = as_dict([("authorization", "Bearer junk"), ("authorization", f"Bearer {token}")])
     with pytest.raises(Unauthenticated, match="more than one 'authorization' header"):
         authn(BOTH)(twice)
-    assert authn(BOTH)(text_headers([("authorization", f"Bearer {token}")])).identity is not None
+    assert authn(BOTH)(as_dict([("authorization", f"Bearer {token}")])).identity is not None
+
+
+def test_clock_skew_of_a_minute_is_allowed_and_iat_is_not_checked() -> None:
+    """Envoy's jwt_authn (what Istio configures, with no knob) allows 60 s of clock skew
+    on exp and nbf and does not judge iat: a token fresh from an issuer whose clock ran a
+    second ahead was refused here ("not valid yet") until the mesh's clock caught up."""
+    now = int(time.time())
+    check = authn(BOTH)
+    for token in (
+        RSA.token(iat=now + 5, nbf=now + 5),
+        RSA.token(iat=now + 3600),
+        RSA.token(exp=now - 30),
+    ):
+        outcome = check(bearer(token))
+        assert outcome.identity is not None and outcome.identity.subject == "alice"
 
 
 # -- fields ----------------------------------------------------------------------------

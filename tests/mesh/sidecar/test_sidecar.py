@@ -518,3 +518,44 @@ async def test_the_inbound_accepts_an_edge_sized_header_list_with_what_a_hop_add
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await method(b"big", metadata=(("x-big", "v" * INBOUND_HEADER_LIST),), timeout=10)
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+DENY_ADMIN_HEADER = tuple(
+    d.resource
+    for d in parse_yaml(
+        """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admins}
+spec:
+  selector: {matchLabels: {app: inference}}
+  action: DENY
+  rules: [{when: [{key: "request.headers[x-user]", values: ["admin*"]}]}]
+""",
+        "policy.yaml",
+    )
+    if isinstance(d.resource, AuthorizationPolicy)
+)
+
+
+async def test_a_repeated_header_cannot_dodge_a_deny_on_it(
+    es: AsyncElasticsearch, indices: Indices
+) -> None:
+    """``x-user: admin`` then ``x-user: bob``: the worker reads both values, so the policy
+    reads both (joined by ",", as Envoy matches them); it read only the last and let the
+    call through to the worker."""
+
+    def settings(address: str) -> SidecarSettings:
+        return SidecarSettings(
+            service="inference", app_address=address, mtls="STRICT", drain_delay=0.0
+        )
+
+    policies = SidecarPolicies(authorization_policies=DENY_ADMIN_HEADER)
+    async with rigged(es, indices, settings, policies=policies) as rig:
+        async with rig.client("gateway") as channel:
+            method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+            assert await method(b"hi", timeout=10, metadata=(("x-user", "bob"),))
+            for sent in (("admin", "bob"), ("bob", "admin")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await method(b"hi", timeout=10, metadata=[("x-user", v) for v in sent])
+                assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED, sent
