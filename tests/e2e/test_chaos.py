@@ -22,9 +22,8 @@ from typing import Any
 import grpc
 import pytest
 
-from registry.embedded import free_port
 from tests.support.load import InferLoad, Outcome, routed_inference_ports
-from tests.support.up import Up, children, cli, cmdline, kill_leftovers
+from tests.support.up import Up, children, cli, cmdline, running_up
 from workers.inference.repository import COLD_LOAD
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -53,17 +52,8 @@ def port(address: str) -> str:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    base = tmp_path_factory.mktemp("chaos")
-    state = base / "state"
-    up = Up(state, free_port(), base / "up.log")
-    try:
-        up.wait_ready()
+    with running_up(tmp_path_factory.mktemp("chaos")) as up:
         yield up
-        up.interrupt()
-        assert up.process.returncode == 0, up.output()[-3000:]
-    finally:
-        up.kill()
-        kill_leftovers(state)
 
 
 def settled(up: Up) -> None:

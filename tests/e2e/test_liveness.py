@@ -21,7 +21,6 @@ import pytest
 from cli.supervision.units import describe_exit
 from mesh.sidecar.launcher import LIVENESS_ENV
 from mesh.sidecar.liveness import HUNG_EXIT_STATUS
-from registry.embedded import free_port
 from tests.e2e.test_chaos import (
     BACK_TIMEOUT_S,
     CALLERS,
@@ -33,7 +32,7 @@ from tests.e2e.test_chaos import (
     worker_pid,
 )
 from tests.support.load import InferLoad, routed_inference_ports
-from tests.support.up import Up, alive, cli, kill_leftovers
+from tests.support.up import Up, alive, cli, running_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -42,17 +41,8 @@ WINDOW_S = 4.0
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    base = tmp_path_factory.mktemp("liveness")
-    state = base / "state"
-    up = Up(state, free_port(), base / "up.log", env={LIVENESS_ENV: str(WINDOW_S)})
-    try:
-        up.wait_ready()
+    with running_up(tmp_path_factory.mktemp("liveness"), env={LIVENESS_ENV: str(WINDOW_S)}) as up:
         yield up
-        up.interrupt()
-        assert up.process.returncode == 0, up.output()[-3000:]
-    finally:
-        up.kill()
-        kill_leftovers(state)
 
 
 def test_a_worker_hung_past_the_liveness_window_is_restarted_under_load(mesh: Up) -> None:

@@ -14,12 +14,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from registry.embedded import free_port
 from registry.state_dir import UP_FILE
 from tests.support.processes import process_stats
 
@@ -165,3 +166,19 @@ class Up:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+@contextlib.contextmanager
+def running_up(base: Path, env: dict[str, str] | None = None) -> Iterator[Up]:
+    """An ``up`` under ``base`` (``state/``, ``up.log``) for the block, then Ctrl-C, which
+    must end it cleanly (exit 0), and whatever it left behind killed."""
+    state = base / "state"
+    up = Up(state, free_port(), base / "up.log", env=env)
+    try:
+        up.wait_ready()
+        yield up
+        up.interrupt()
+        assert up.process.returncode == 0, up.output()[-3000:]
+    finally:
+        up.kill()
+        kill_leftovers(state)
