@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -69,21 +69,32 @@ def test_a_valid_token_yields_iss_slash_sub_and_its_claims(issuer: Issuer) -> No
     assert "authorization" in outcome.remove
 
 
-INVALID = [
-    ("bad signature", OTHER.token(), "signature does not verify"),
-    ("expired", RSA.token(exp=int(time.time()) - 120), "expired"),
-    ("not valid yet", RSA.token(nbf=int(time.time()) + 120), "not valid yet"),
-    ("wrong audience", EC.token(aud="training"), "audience"),
-    ("unknown issuer", Issuer.rsa("https://evil.example.com").token(), "is not accepted here"),
-    ("not a JWT", "not-a-jwt", "not a JWT"),
-    ("alg none", "eyJhbGciOiJub25lIn0.eyJpc3MiOiJodHRwczovL2xvZ2luLmV4YW1wbGUuY29tIn0.", "alg"),
+#: (case, the token made when the test runs, what the refusal says): times are relative to
+#: the call, not to the module's import, which in a whole suite comes minutes earlier.
+INVALID: list[tuple[str, Callable[[], str], str]] = [
+    ("bad signature", lambda: OTHER.token(), "signature does not verify"),
+    ("expired", lambda: RSA.token(exp=int(time.time()) - 120), "expired"),
+    ("not valid yet", lambda: RSA.token(nbf=int(time.time()) + 120), "not valid yet"),
+    ("wrong audience", lambda: EC.token(aud="training"), "audience"),
+    (
+        "unknown issuer",
+        lambda: Issuer.rsa("https://evil.example.com").token(),
+        "is not accepted here",
+    ),
+    ("not a JWT", lambda: "not-a-jwt", "not a JWT"),
+    (
+        "alg none",
+        lambda: "eyJhbGciOiJub25lIn0.eyJpc3MiOiJodHRwczovL2xvZ2luLmV4YW1wbGUuY29tIn0.",
+        "alg",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("token", "says"), [(t, s) for _, t, s in INVALID], ids=[i for i, _, _ in INVALID]
+    ("make", "says"), [(t, s) for _, t, s in INVALID], ids=[i for i, _, _ in INVALID]
 )
-def test_an_invalid_token_is_unauthenticated_naming_why(token: str, says: str) -> None:
+def test_an_invalid_token_is_unauthenticated_naming_why(make: Callable[[], str], says: str) -> None:
+    token = make()
     with pytest.raises(Unauthenticated, match=says):
         authn(BOTH)(bearer(token))
 
