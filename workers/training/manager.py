@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mesh.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos.meshserve.data.v1 import data_pb2
 from protos.meshserve.training.v1 import training_pb2
+from registry.connect import backoff_delays
 from workers.model_repo import ModelRepo, RepositoryError
 from workers.training import spec as specs
 from workers.training.checkpoint import JobArtifacts
@@ -194,8 +195,7 @@ class JobManager:
         not fail because the store restarted (its training process keeps going; its
         reports wait in the pipe meanwhile)."""
         deadline = time.monotonic() + STORE_OUTAGE_SECONDS
-        delay = 0.1
-        while True:
+        for delay in backoff_delays(0.1, 2.0, 2.0):
             try:
                 await write()
                 return
@@ -204,7 +204,6 @@ class JobManager:
                     raise
                 log.warning("%s; retrying in %.1f s", exc.message, delay)
             await asyncio.sleep(delay)
-            delay = min(2.0, delay * 2)
 
     def _notify(self, job_id: str) -> None:
         signal = self._signals.pop(job_id, None)
