@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.sidecar.liveness import Hung, Liveness
+from mesh.sidecar.liveness import MIN_FAILURES, Hung, Liveness
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,9 @@ Sleep = Callable[[float], Awaitable[None]]
 #: to a hung worker well within a client's deadline).
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
-PROBE_FAILURES = 2
+#: The same count liveness needs before a verdict: a worker is out of routing before it
+#: can be killed.
+PROBE_FAILURES = MIN_FAILURES
 
 
 class HealthMirror:

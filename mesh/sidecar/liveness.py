@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 #: Kubernetes' livenessProbe defaults, periodSeconds 10 x failureThreshold 3.
 DEFAULT_WINDOW_S = 30.0
-#: Missed probes in a row a verdict needs however short the window: the number that makes the
-#: worker NOT_SERVING (``health.PROBE_FAILURES``), so a worker is always taken out of routing
-#: before it is killed, and one slow answer never kills it.
+#: Missed probes in a row a verdict needs however short the window; also the number that
+#: makes the worker NOT_SERVING (``health.PROBE_FAILURES`` is this), so a worker is always
+#: taken out of routing before it is killed, and one slow answer never kills it.
 MIN_FAILURES = 2
 #: The exit status of a unit that killed its hung worker (``timeout(1)``'s "timed out"), so
 #: that the supervisor can say why it restarts the unit rather than report a bare SIGKILL.
