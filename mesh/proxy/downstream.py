@@ -26,7 +26,7 @@ from mesh.proxy.hpack_codec import Header
 from mesh.proxy.inbound import Caller
 from mesh.proxy.stream import Side
 from mesh.routing import callpolicy as policy
-from mesh.routing.limits import RelayLimits
+from mesh.routing.limits import LOCAL_SOURCE, RelayLimits, source_of
 
 if TYPE_CHECKING:
     from mesh.proxy.relay import Relay
@@ -55,8 +55,8 @@ class Downstream(Connection):
         self.reset_early = 0
         #: Inbound mode: what the connection proved about the client (its TLS identity).
         self.caller: Caller | None = None
-        #: The client's address: what per-source limits count ("local" for a Unix socket).
-        self.source = "local"
+        #: The client's address: what per-source limits count (LOCAL_SOURCE for a Unix socket).
+        self.source = LOCAL_SOURCE
         #: The client's IP address (useSourceIp), "" for a Unix socket.
         self.source_ip = ""
         #: The listener port the connection arrived on (match.port); None for a Unix socket.
@@ -73,9 +73,9 @@ class Downstream(Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.source = self.source_ip = str(peer[0])
+        self.source = source_of(transport.get_extra_info("peername"))
+        if self.source != LOCAL_SOURCE:
+            self.source_ip = self.source
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple) and len(local) >= 2:
             self.local_port = int(local[1])

@@ -26,7 +26,7 @@ import grpc
 from mesh.proxy import frames as f
 from mesh.proxy.grpc_status import error_headers
 from mesh.proxy.hpack_codec import HeaderEncoder
-from mesh.routing.limits import SourceLimiter
+from mesh.routing.limits import SourceLimiter, source_of
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ class TlsDoor(asyncio.Protocol):
         # without inheriting from it (see Connection.connection_made).
         self._transport = cast(asyncio.Transport, transport)
         if self._limiter is not None:
-            peer = transport.get_extra_info("peername")
-            source = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
+            source = source_of(transport.get_extra_info("peername"))
             refused = self._limiter.admit_handshake(source)
             if refused is not None:
                 # No TLS session to say why in: closed at once, costing nothing held.

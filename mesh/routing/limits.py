@@ -82,6 +82,28 @@ class RelayLimits:
         return min([1.0, *(t / 4 for t in timeouts)])
 
 
+#: The source of a client with no IP address (a Unix-socket peer).
+LOCAL_SOURCE = "local"
+
+
+def source_of(peername: object) -> str:
+    """What per-source limits count a connection under: its peer's IP address, or
+    ``LOCAL_SOURCE`` (``peername`` as ``get_extra_info("peername")`` gives it)."""
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return LOCAL_SOURCE
+
+
+def _drop_one(counts: dict[str, int], source: str) -> None:
+    """One fewer for ``source``; a source at none leaves the map (it must not grow with
+    every address ever seen)."""
+    count = counts.get(source, 0) - 1
+    if count > 0:
+        counts[source] = count
+    else:
+        counts.pop(source, None)
+
+
 class SourceLimiter:
     """Counts connections and open streams per client address against :class:`RelayLimits`,
     and remembers sources in cool-off. Each ``admit_*`` returns None (admitted, counted)
@@ -142,18 +164,10 @@ class SourceLimiter:
         return None
 
     def release_handshake(self, source: str) -> None:
-        count = self.handshakes.get(source, 0) - 1
-        if count > 0:
-            self.handshakes[source] = count
-        else:
-            self.handshakes.pop(source, None)
+        _drop_one(self.handshakes, source)
 
     def release_connection(self, source: str) -> None:
-        count = self.connections.get(source, 0) - 1
-        if count > 0:
-            self.connections[source] = count
-        else:
-            self.connections.pop(source, None)
+        _drop_one(self.connections, source)
 
     def admit_stream(self, source: str) -> str | None:
         limits = self.limits
@@ -168,11 +182,7 @@ class SourceLimiter:
 
     def release_stream(self, source: str) -> None:
         self.total_streams -= 1
-        count = self.streams.get(source, 0) - 1
-        if count > 0:
-            self.streams[source] = count
-        else:
-            self.streams.pop(source, None)
+        _drop_one(self.streams, source)
 
     def over_share(self, source: str, limit: int, in_flight: int) -> str | None:
         """Why ``source`` may not add a call to a destination whose ``http2MaxRequests`` is
