@@ -443,21 +443,15 @@ class ClientGuard:
         return client
 
     async def __call__(self, method: str, context: Context) -> None:
-        self.check(method, _text_metadata(context))
+        self.check(method, md.from_invocation(context.invocation_metadata()))
 
     async def admin_only(self, method: str, context: Context) -> None:
         """The admin check alone, for the gRPC server behind a relay that has already
         admitted the call: Admin stays guarded on that path too, and no second rate-limit
         token is spent (admission is the relay's)."""
         if method.startswith(ADMIN_METHODS):
-            headers = _text_metadata(context)
+            headers = md.from_invocation(context.invocation_metadata())
             self._authorize(method, self._admin(method, headers), headers)
-
-
-def _text_metadata(context: Context) -> md.TextHeaders:
-    # Repeated names joined and noted: a policy header sent twice is read whole, a
-    # credential sent twice is refused.
-    return md.as_dict(md.normalise(context.invocation_metadata() or ()))
 
 
 #: The guard of a gateway started without an auth file: the data plane stays open, and

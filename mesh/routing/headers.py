@@ -71,6 +71,12 @@ def text_headers(headers: Iterable[RawHeader]) -> TextHeaders:
     )
 
 
+def from_invocation(metadata: Iterable[tuple[str, str | bytes]] | None) -> TextHeaders:
+    """A gRPC server's ``invocation_metadata()`` as policies read it (:func:`normalise`,
+    then :func:`as_dict`): what a guard behind grpc sees as the relay's guards see it."""
+    return as_dict(normalise(metadata or ()))
+
+
 def repeated(headers: Mapping[str, str]) -> frozenset[str]:
     """The names sent more than once (none known for a plain mapping)."""
     return headers.repeated if isinstance(headers, TextHeaders) else frozenset()

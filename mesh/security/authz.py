@@ -348,7 +348,7 @@ def attributes_from_context(
     peer = peer or peer_from_context(context)
     # Repeated names joined (mesh/routing/headers.py as_dict): one value of several would
     # let a caller repeat a header to dodge a DENY on it.
-    headers = md.as_dict(md.normalise(context.invocation_metadata() or ()))
+    headers = md.from_invocation(context.invocation_metadata())
     identity = peer.identity
     return RequestAttributes(
         path=path,
