@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cli.headers import sendable
 from gateway.auth import ADMIN_SCOPE, API_KEY_HEADER, hash_key, new_key
 from mesh.cli_error import CliError
 from registry.state_dir import DEFAULT_STATE_DIR
@@ -72,7 +73,7 @@ def admin_key(explicit: str | None = None, state_dir: Path = DEFAULT_STATE_DIR) 
 def _sendable(key: str, source: str) -> str:
     """``key``, if gRPC can send it as metadata (printable ASCII): grpc refuses anything
     else deep in the call, and the command ended in its traceback."""
-    if not key.isascii() or not key.isprintable():
+    if not sendable(key):
         raise CliError(
             f"the admin key from {source} is not printable ASCII "
             "(a stray character or line ending?)"

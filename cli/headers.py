@@ -21,6 +21,12 @@ _KEY = re.compile(r"[0-9a-z_.\-]+")
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
+def sendable(value: str) -> bool:
+    """Whether gRPC sends ``value`` as a text metadata value (printable ASCII); anything
+    else it refuses deep in the call ("Invalid metadata"), in a traceback."""
+    return value.isascii() and value.isprintable()
+
+
 def add_header_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-H",
@@ -56,7 +62,7 @@ def parse_headers(pairs: Sequence[str]) -> Metadata:
                 )
             except binascii.Error:
                 raise CliError(f"-H {key!r}: a -bin value is base64, got {value!r}") from None
-        elif not (value.isascii() and value.isprintable()):
+        elif not sendable(value):
             raise CliError(f"-H {key!r}: the value must be printable ASCII (or use a -bin key)")
         else:
             metadata.append((key, value))
