@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,26 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.meshserve.mesh.v1 import admin_pb2, admin_pb2_grpc
 from tests.gateway.backends import FakeWorker
 from tests.gateway.harness import REPO
+
+
+@asynccontextmanager
+async def guarded_gateway(guard: ClientGuard) -> AsyncIterator[str]:
+    """A gateway with ``guard`` in front of one fake worker ("w0"), once it routes to it;
+    yields its address."""
+    worker = FakeWorker("w0")
+    async with serve(worker.services()) as (backend, _):
+        discovery = StaticDiscovery([StaticInstance("inference", "w0", backend.address)])
+        gateway = Gateway(discovery, config_dir=REPO / "config", guard=guard)
+        serving = await gateway.start(ServerSettings())
+        assert gateway.relay is not None
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while not gateway.state.snapshot.endpoints("inference"):
+                assert asyncio.get_running_loop().time() < deadline, "no endpoint discovered"
+                await asyncio.wait_for(gateway.endpoints_changed.wait(), timeout=10)
+            yield serving.address
+        finally:
+            await serving.drain(grace=0)
 
 
 async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_ones(
@@ -44,50 +66,36 @@ async def test_gateway_refuses_unauthenticated_calls_and_routes_authenticated_on
         f"apiKeys:\n{entry}\n{admin_entry}\nrateLimit: {{requestsPerSecond: 1, burst: 2}}\n"
     )
     guard = ClientGuard(AuthConfig.load(tmp_path / "auth.yaml"))
-
-    worker = FakeWorker("w0")
-    async with serve(worker.services()) as (backend, _):
-        discovery = StaticDiscovery([StaticInstance("inference", "w0", backend.address)])
-        gateway = Gateway(discovery, config_dir=REPO / "config", guard=guard)
-        serving = await gateway.start(ServerSettings())
-        assert gateway.relay is not None
-        try:
-            deadline = asyncio.get_running_loop().time() + 10
-            while not gateway.state.snapshot.endpoints("inference"):
-                assert asyncio.get_running_loop().time() < deadline, "no endpoint discovered"
-                await asyncio.wait_for(gateway.endpoints_changed.wait(), timeout=10)
-            async with grpc.aio.insecure_channel(serving.address) as channel:
-                stub = pb_grpc.GRPCInferenceServiceStub(channel)
-                request = pb.ModelInferRequest(model_name="m")
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub.ModelInfer(request, timeout=10)
-                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-                auth = (("authorization", f"Bearer {key.group(1)}"),)
-                reply = await stub.ModelInfer(request, metadata=auth, timeout=10)
-                assert reply.id == "w0"
-                # The gateway's own services are guarded too (the relay hands them over
-                # after its check; the server behind it does not check again). Admin
-                # needs the admin scope: a data-plane key is known but not allowed.
-                admin = admin_pb2_grpc.AdminStub(channel)
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await admin.DumpConfig(admin_pb2.DumpConfigRequest(), timeout=10)
-                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-                with pytest.raises(grpc.aio.AioRpcError) as denied:
-                    await admin.DumpConfig(admin_pb2.DumpConfigRequest(), metadata=auth, timeout=10)
-                assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
-                assert "lacks the 'admin' scope" in (denied.value.details() or "")
-                ops = (("x-api-key", admin_key.group(1)),)
-                await admin.DumpConfig(admin_pb2.DumpConfigRequest(), metadata=ops, timeout=10)
-                # A refused call spends no token; ops has a bucket of its own.
-                await stub.ModelInfer(request, metadata=auth, timeout=10)
-                # Two tokens spent (both ModelInfer): the next call waits.
-                with pytest.raises(grpc.aio.AioRpcError) as limited:
-                    await stub.ModelInfer(request, metadata=auth, timeout=10)
-                assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                trailers = dict(limited.value.trailing_metadata() or ())
-                assert int(trailers["grpc-retry-pushback-ms"]) > 0
-        finally:
-            await serving.drain(grace=0)
+    async with guarded_gateway(guard) as address, grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="m")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ModelInfer(request, timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        auth = (("authorization", f"Bearer {key.group(1)}"),)
+        reply = await stub.ModelInfer(request, metadata=auth, timeout=10)
+        assert reply.id == "w0"
+        # The gateway's own services are guarded too (the relay hands them over
+        # after its check; the server behind it does not check again). Admin
+        # needs the admin scope: a data-plane key is known but not allowed.
+        admin = admin_pb2_grpc.AdminStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.DumpConfig(admin_pb2.DumpConfigRequest(), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await admin.DumpConfig(admin_pb2.DumpConfigRequest(), metadata=auth, timeout=10)
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "lacks the 'admin' scope" in (denied.value.details() or "")
+        ops = (("x-api-key", admin_key.group(1)),)
+        await admin.DumpConfig(admin_pb2.DumpConfigRequest(), metadata=ops, timeout=10)
+        # A refused call spends no token; ops has a bucket of its own.
+        await stub.ModelInfer(request, metadata=auth, timeout=10)
+        # Two tokens spent (both ModelInfer): the next call waits.
+        with pytest.raises(grpc.aio.AioRpcError) as limited:
+            await stub.ModelInfer(request, metadata=auth, timeout=10)
+        assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(limited.value.trailing_metadata() or ())
+        assert int(trailers["grpc-retry-pushback-ms"]) > 0
 
 
 async def test_two_credentials_of_one_kind_on_a_call_are_refused_naming_the_header(
@@ -102,35 +110,23 @@ async def test_two_credentials_of_one_kind_on_a_call_are_refused_naming_the_head
         f"  - {{client: b, sha256: {hash_key(other)}}}\n"
     )
     guard = ClientGuard(AuthConfig.load(tmp_path / "auth.yaml"))
-    worker = FakeWorker("w0")
-    async with serve(worker.services()) as (backend, _):
-        discovery = StaticDiscovery([StaticInstance("inference", "w0", backend.address)])
-        gateway = Gateway(discovery, config_dir=REPO / "config", guard=guard)
-        serving = await gateway.start(ServerSettings())
-        try:
-            deadline = asyncio.get_running_loop().time() + 10
-            while not gateway.state.snapshot.endpoints("inference"):
-                assert asyncio.get_running_loop().time() < deadline, "no endpoint discovered"
-                await asyncio.wait_for(gateway.endpoints_changed.wait(), timeout=10)
-            async with grpc.aio.insecure_channel(serving.address) as channel:
-                stub = pb_grpc.GRPCInferenceServiceStub(channel)
-                health = health_pb2_grpc.HealthStub(channel)
-                request = pb.ModelInferRequest(model_name="m")
-                reply = await stub.ModelInfer(request, metadata=(("x-api-key", good),), timeout=10)
-                assert reply.id == "w0"
-                for name, values in [
-                    ("x-api-key", ("not a key", good)),
-                    ("x-api-key", (good, other)),
-                    ("authorization", (f"Bearer {good}", f"Bearer {other}")),
-                ]:
-                    metadata = tuple((name, v) for v in values)
-                    with pytest.raises(grpc.aio.AioRpcError) as refused:
-                        await stub.ModelInfer(request, metadata=metadata, timeout=10)
-                    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-                    assert refused.value.details() == (
-                        f"more than one {name!r} header: send one credential per call"
-                    )
-                # Health is exempt: credentials are not read there at all.
-                await health.Check(health_pb2.HealthCheckRequest(), metadata=metadata)
-        finally:
-            await serving.drain(grace=0)
+    async with guarded_gateway(guard) as address, grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        request = pb.ModelInferRequest(model_name="m")
+        reply = await stub.ModelInfer(request, metadata=(("x-api-key", good),), timeout=10)
+        assert reply.id == "w0"
+        for name, values in [
+            ("x-api-key", ("not a key", good)),
+            ("x-api-key", (good, other)),
+            ("authorization", (f"Bearer {good}", f"Bearer {other}")),
+        ]:
+            metadata = tuple((name, v) for v in values)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ModelInfer(request, metadata=metadata, timeout=10)
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert refused.value.details() == (
+                f"more than one {name!r} header: send one credential per call"
+            )
+        # Health is exempt: credentials are not read there at all.
+        await health.Check(health_pb2.HealthCheckRequest(), metadata=metadata)
